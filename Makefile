@@ -1,0 +1,36 @@
+# llmpath — two commands for a newcomer: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PARTS := instrumentation backends gateway slo dashboards runbooks
+STAMP := $(VENV)/.llmpath-installed
+
+.PHONY: install demo test lint regen clean
+
+# Editable installs of every part (and the `llmpath` CLI at .venv/bin/llmpath), redone when a pyproject changes.
+$(STAMP): pyproject.toml $(foreach p,$(PARTS),$(p)/pyproject.toml) scripts/bootstrap.sh
+	PYTHON=$(PYTHON) scripts/bootstrap.sh $(VENV)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	scripts/system-deps.sh demo
+	$(BIN)/llmpath demo $(DEMO_ARGS)
+
+test: $(STAMP)
+	scripts/system-deps.sh test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+# Rewrite the committed generated artefacts (dashboards and runbooks of the default SLO spec).
+regen: $(STAMP)
+	$(BIN)/llmpath dashboards build --slo slo/specs -o dashboards/generated
+	$(BIN)/llmpath runbooks build --slo slo/specs -o runbooks/generated
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .ruff_cache

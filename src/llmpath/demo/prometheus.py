@@ -1,0 +1,222 @@
+"""A real Prometheus (and optionally Alertmanager) on loopback, configured for llmpath, plus a small query client."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from llmpath.demo.supervisor import ManagedProcess, Supervisor, free_port
+
+ALERTMANAGER_BINARIES = ("prometheus-alertmanager", "alertmanager")
+
+
+def find_prometheus() -> str | None:
+    """Path of the ``prometheus`` binary (Debian package ``prometheus``), or None."""
+    return shutil.which("prometheus")
+
+
+def find_alertmanager() -> str | None:
+    """Path of Alertmanager (Debian ships it as ``prometheus-alertmanager``), or None."""
+    return next((p for b in ALERTMANAGER_BINARIES if (p := shutil.which(b))), None)
+
+
+@dataclass(frozen=True)
+class ScrapeTarget:
+    job: str
+    address: str  # host:port
+    labels: Mapping[str, str] | None = None
+
+
+def prometheus_config(
+    targets: Sequence[ScrapeTarget],
+    rule_files: Sequence[Path],
+    *,
+    scrape_interval: str = "5s",
+    evaluation_interval: str = "5s",
+    alertmanager: str | None = None,
+) -> dict[str, Any]:
+    """A prometheus.yml document scraping ``targets`` (grouped by job) and loading ``rule_files``."""
+    jobs: dict[str, list[dict[str, Any]]] = {}
+    for t in targets:
+        group: dict[str, Any] = {"targets": [t.address]}
+        if t.labels:
+            group["labels"] = dict(t.labels)
+        jobs.setdefault(t.job, []).append(group)
+    config: dict[str, Any] = {
+        "global": {"scrape_interval": scrape_interval, "evaluation_interval": evaluation_interval},
+        "rule_files": [str(p) for p in rule_files],
+        "scrape_configs": [{"job_name": job, "static_configs": groups} for job, groups in jobs.items()],
+    }
+    if alertmanager:
+        config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    return config
+
+
+class PrometheusClient:
+    """The few Prometheus HTTP API calls llmpath needs (instant queries, alerts, rules, targets)."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _get(self, path: str, **params: Any) -> Any:
+        resp = self._http.get(path, params=params)
+        body = resp.json()
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus {path} failed: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """Instant query; returns the result vector (``[{"metric": {...}, "value": [ts, "v"]}, ...]``)."""
+        params: dict[str, Any] = {"query": expr}
+        if at is not None:
+            params["time"] = at
+        data = self._get("/api/v1/query", **params)
+        result = data["result"]
+        if data["resultType"] == "scalar":
+            return [{"metric": {}, "value": result}]
+        return result
+
+    def query_value(self, expr: str) -> float | None:
+        """The single value of an instant query, or None when it returns nothing."""
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Active alerts (pending and firing)."""
+        return self._get("/api/v1/alerts")["alerts"]
+
+    def rule_groups(self) -> list[dict[str, Any]]:
+        return self._get("/api/v1/rules")["groups"]
+
+    def targets_up(self) -> dict[str, bool]:
+        """scrapeUrl → whether the last scrape succeeded."""
+        active = self._get("/api/v1/targets")["activeTargets"]
+        return {t["scrapeUrl"]: t["health"] == "up" for t in active}
+
+    def wait_for_scrapes(self, timeout: float = 30.0) -> None:
+        """Wait until every target has been scraped successfully at least once."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            up = self.targets_up()
+            if up and all(up.values()):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"Prometheus targets not all up after {timeout}s: {self.targets_up()}")
+
+
+@dataclass
+class PrometheusServer:
+    """A Prometheus process started by a :class:`Supervisor`."""
+
+    process: ManagedProcess
+    url: str
+    config_path: Path
+
+    def client(self) -> PrometheusClient:
+        return PrometheusClient(self.url)
+
+
+def start_prometheus(
+    supervisor: Supervisor,
+    workdir: Path,
+    config: Mapping[str, Any],
+    *,
+    port: int | None = None,
+    binary: str | None = None,
+    retention: str = "1d",
+) -> PrometheusServer:
+    """Write ``config`` into ``workdir`` and start Prometheus on 127.0.0.1 (lifecycle API enabled for reloads)."""
+    binary = binary or find_prometheus()
+    if binary is None:
+        raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = supervisor.spawn(
+        "prometheus",
+        [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--storage.tsdb.retention.time={retention}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--web.enable-lifecycle",
+            "--enable-feature=exemplar-storage",
+        ],
+        ready_url=f"{url}/-/ready",
+        timeout=60,
+    )
+    return PrometheusServer(proc, url, config_path)
+
+
+def alertmanager_config(receivers: Mapping[str, str], *, route_label: str = "sloth_severity") -> dict[str, Any]:
+    """Route alerts by ``route_label`` value (e.g. page/ticket) to webhook URLs; fast grouping for short tests."""
+    names = list(receivers)
+    return {
+        "route": {
+            "receiver": names[0],
+            "group_by": ["alertname", route_label],
+            "group_wait": "1s",
+            "group_interval": "1s",
+            "repeat_interval": "1h",
+            "routes": [{"receiver": n, "matchers": [f'{route_label}="{n}"']} for n in names],
+        },
+        "receivers": [
+            {"name": n, "webhook_configs": [{"url": url, "send_resolved": True}]} for n, url in receivers.items()
+        ],
+    }
+
+
+@dataclass
+class AlertmanagerServer:
+    process: ManagedProcess
+    url: str
+
+    @property
+    def address(self) -> str:
+        return self.url.removeprefix("http://")
+
+
+def start_alertmanager(
+    supervisor: Supervisor,
+    workdir: Path,
+    config: Mapping[str, Any],
+    *,
+    port: int | None = None,
+    binary: str | None = None,
+) -> AlertmanagerServer:
+    """Start Alertmanager on 127.0.0.1 with clustering disabled."""
+    binary = binary or find_alertmanager()
+    if binary is None:
+        raise FileNotFoundError("alertmanager is not installed (Debian: apt-get install prometheus-alertmanager)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "alertmanager.yml"
+    config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = supervisor.spawn(
+        "alertmanager",
+        [
+            binary,
+            f"--config.file={config_path}",
+            f"--storage.path={workdir / 'am-data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--cluster.listen-address=",
+        ],
+        ready_url=f"{url}/-/ready",
+        timeout=60,
+    )
+    return AlertmanagerServer(proc, url)

@@ -1,0 +1,135 @@
+"""Start real child processes, wait until they answer over HTTP, and always stop them by PID.
+
+Used by ``llmpath demo`` and by the end-to-end tests: every process runs in its own session (so its children
+die with it), logs to a file, and is stopped with SIGTERM then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class ProcessFailed(RuntimeError):
+    """A child process exited or never became ready; the message ends with the tail of its log."""
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class Supervisor:
+    """Owns a set of child processes; use as a context manager so they are stopped on any exit."""
+
+    log_dir: Path
+    processes: list[ManagedProcess] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
+
+    def spawn(
+        self,
+        name: str,
+        cmd: Sequence[str],
+        *,
+        ready_url: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        timeout: float = 60.0,
+    ) -> ManagedProcess:
+        """Start ``cmd``; when ``ready_url`` is given, wait until it answers with a status below 500."""
+        log_path = self.log_dir / f"{name}.log"
+        with log_path.open("wb") as log:
+            popen = subprocess.Popen(
+                list(cmd),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=cwd,
+                start_new_session=True,
+            )
+        proc = ManagedProcess(name, popen, log_path)
+        self.processes.append(proc)
+        if ready_url is not None:
+            wait_ready(proc, ready_url, timeout)
+        return proc
+
+    def stop(self, proc: ManagedProcess, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        """Stop one process (and its session) by PID: ``sig`` first, SIGKILL after ``timeout`` seconds."""
+        if proc.popen.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.popen.wait(timeout=timeout)
+
+    def stop_all(self) -> None:
+        """Stop every process, most recently started first."""
+        for proc in reversed(self.processes):
+            self.stop(proc)
+
+    def logs(self) -> str:
+        """The tail of every process's log, for failure reports."""
+        return "\n".join(
+            f"----- {p.name} (pid {p.pid}, rc {p.popen.returncode}) -----\n{p.log_tail()}" for p in self.processes
+        )
+
+
+def wait_ready(proc: ManagedProcess, url: str, timeout: float) -> None:
+    """Poll ``url`` until it answers below 500; raise :class:`ProcessFailed` if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise ProcessFailed(f"{proc.name} exited with code {proc.popen.returncode}:\n{proc.log_tail()}")
+            try:
+                if client.get(url).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+    raise ProcessFailed(f"{proc.name} did not answer at {url} within {timeout:.0f}s:\n{proc.log_tail()}")
