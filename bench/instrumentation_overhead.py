@@ -1,0 +1,201 @@
+"""Benchmark P1: µs per request that instrumentation adds to a FastAPI app, measured side by side in one run.
+
+Variants of the same app, driven in-process by direct ASGI calls (no sockets):
+  (a) bare;
+  (b) stock ``FastAPIInstrumentor.instrument_app`` with the OTel SDK, a BatchSpanProcessor and a null exporter;
+  (c) llmpath: 8 stage spans (6 ``stage()`` blocks + 2 ``record_stage``) + metrics + a JSONL usage record,
+      same SDK, processor and exporter.
+(b) and (c) run with an always-on sampler and with a parent-based 10% ratio sampler (the production setting).
+Rounds interleave the variants so machine noise hits all of them alike; medians are reported.
+
+    .venv/bin/python bench/instrumentation_overhead.py [--requests 20000] [--rounds 5]
+
+Targets (issue 2): (c−a)/(b−a) ≤ 1.0 at 100% sampling and ≤ 0.5 at 10% sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from time import perf_counter
+from typing import Any
+
+from fastapi import FastAPI
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from prometheus_client import CollectorRegistry
+
+from llmpath.instrumentation import (
+    JsonlUsageSink,
+    instrument_app,
+    mark_first_token,
+    record_stage,
+    record_usage,
+    set_request_labels,
+    stage,
+)
+
+PATH = "/v1/chat/completions"
+BODY = json.dumps({"model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}).encode()
+RESPONSE = {"id": "x", "object": "chat.completion", "choices": [{"index": 0, "message": {"content": "ok"}}]}
+
+
+class NullExporter(SpanExporter):
+    """Drops spans, counting them (to check none were lost to a full queue)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.count += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def bare_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post(PATH)
+    async def chat(body: dict[str, Any]) -> dict[str, Any]:
+        return RESPONSE
+
+    return app
+
+
+def llmpath_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.post(PATH)
+    async def chat(body: dict[str, Any]) -> dict[str, Any]:
+        with stage("auth"):
+            pass
+        with stage("validate"):
+            pass
+        with stage("route"):
+            set_request_labels(route="chat", tenant="acme")
+        with stage("assemble"):
+            pass
+        with stage("cache_lookup"):
+            pass
+        with stage("schedule"):
+            pass
+        record_stage("prefill", 0.0002)  # measured by the backend
+        mark_first_token()
+        record_stage("decode", 0.0001)
+        record_usage(input_tokens=812, cached_tokens=768, output_tokens=8, model="llama")
+        return RESPONSE
+
+    return app
+
+
+def provider(sampler: Sampler) -> tuple[TracerProvider, NullExporter]:
+    exporter = NullExporter()
+    tp = TracerProvider(sampler=sampler)
+    tp.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=65536, max_export_batch_size=512))
+    return tp, exporter
+
+
+async def drive(app: Any, n: int) -> float:
+    """Seconds for ``n`` sequential requests through the ASGI app."""
+    scope_base = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": PATH,
+        "raw_path": PATH.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 50000),
+    }
+    headers = [(b"host", b"bench"), (b"content-type", b"application/json"), (b"content-length", b"%d" % len(BODY))]
+    request = {"type": "http.request", "body": BODY, "more_body": False}
+
+    async def receive() -> dict[str, Any]:
+        return request
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    t0 = perf_counter()
+    for _ in range(n):
+        await app({**scope_base, "headers": list(headers)}, receive, send)
+    return perf_counter() - t0
+
+
+def build_variants(tmp: str) -> dict[str, tuple[Any, Callable[[], int]]]:
+    """name → (ASGI app, exported-span counter)."""
+    variants: dict[str, tuple[Any, Callable[[], int]]] = {"a": (bare_app(), lambda: 0)}
+    for tag, sampler in (("100", ALWAYS_ON), ("10", ParentBased(TraceIdRatioBased(0.1)))):
+        tp_b, exp_b = provider(sampler)
+        app_b = bare_app()
+        FastAPIInstrumentor.instrument_app(app_b, tracer_provider=tp_b)
+        variants[f"b{tag}"] = (app_b, lambda e=exp_b, t=tp_b: (t.force_flush(), e.count)[1])
+        tp_c, exp_c = provider(sampler)
+        app_c = instrument_app(
+            llmpath_app(),
+            registry=CollectorRegistry(),
+            tracer_provider=tp_c,
+            usage_sink=JsonlUsageSink(Path(tmp) / f"usage-{tag}.jsonl"),
+        )
+        variants[f"c{tag}"] = (app_c, lambda e=exp_c, t=tp_c: (t.force_flush(), e.count)[1])
+    return variants
+
+
+async def run(requests: int, rounds: int) -> dict[str, list[float]]:
+    per_round = requests // rounds
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = build_variants(tmp)
+        for app, _ in variants.values():  # build middleware stacks, warm caches
+            await drive(app, 500)
+        spans_before = {name: count() for name, (_, count) in variants.items()}
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for r in range(rounds):
+            order = list(variants) if r % 2 == 0 else list(reversed(variants))
+            for name in order:
+                gc.collect()
+                seconds = await drive(variants[name][0], per_round)
+                samples[name].append(seconds / per_round * 1e6)
+        spans = {name: (count() - spans_before[name]) / (per_round * rounds) for name, (_, count) in variants.items()}
+    for name in samples:
+        print(f"  {name:>4}: " + " ".join(f"{x:7.1f}" for x in samples[name]) + f"   spans/request {spans[name]:.2f}")
+    return samples
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=20000, help="requests per variant (default 20000)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    args = parser.parse_args(argv)
+    print(f"µs/request per round ({args.requests} requests per variant, {args.rounds} rounds):")
+    samples = asyncio.run(run(args.requests, args.rounds))
+    med = {name: statistics.median(v) for name, v in samples.items()}
+    a = med["a"]
+    print(f"\n(a) bare: {a:.1f} µs/request (median)")
+    ok = True
+    for tag, target in (("100", 1.0), ("10", 0.5)):
+        b, c = med[f"b{tag}"] - a, med[f"c{tag}"] - a
+        ratio = c / b
+        ok &= ratio <= target
+        print(
+            f"sampling {tag:>3}%: (b) stock adds {b:6.1f} µs, (c) llmpath adds {c:6.1f} µs, "
+            f"(c−a)/(b−a) = {ratio:.2f} (target ≤ {target}) {'OK' if ratio <= target else 'MISSED'}"
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

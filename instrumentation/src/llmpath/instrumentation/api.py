@@ -1,0 +1,255 @@
+"""The functions a gateway calls while serving a request: stages, first token, usage, labels, annotations.
+
+All of them act on the current request (a context variable set by the middleware) and are cheap no-ops outside
+one, so library code can call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import math
+from collections.abc import Callable, Mapping
+from time import perf_counter
+from types import TracebackType
+from typing import Any, TypeVar
+
+from opentelemetry import context, trace
+from opentelemetry.trace import NonRecordingSpan, Status, StatusCode
+
+from llmpath.instrumentation.catalog import ATTR_TIMING_SOURCE, TIMING_SOURCES, validate_stage_name
+from llmpath.instrumentation.request import CURRENT, RequestTelemetry
+from llmpath.instrumentation.spans import clean_attribute, current_span_context
+
+logger = logging.getLogger("llmpath.instrumentation")
+
+F = TypeVar("F", bound=Callable[..., Any])
+_VALID_NAMES: set[str] = set()
+
+
+def _check_name(name: str) -> str:
+    if name not in _VALID_NAMES:
+        validate_stage_name(name)
+        _VALID_NAMES.add(name)
+    return name
+
+
+class StageScope:
+    """One run of a stage: a context manager (sync or async) and, via :func:`stage`, a decorator.
+
+    The handle it yields has ``set_attribute(key, value)`` for the stage span (ignored when not sampled).
+    """
+
+    __slots__ = ("_ctx", "_parent", "_req", "_span", "_t0", "_token", "attributes", "name")
+
+    def __init__(self, name: str, attributes: dict[str, Any] | None = None) -> None:
+        if name not in _VALID_NAMES:
+            _check_name(name)
+        self.name = name
+        self.attributes = attributes
+        self._req: RequestTelemetry | None = None
+
+    def __enter__(self) -> StageScope:
+        req = CURRENT.get()
+        if req is not None:
+            self._req = req
+            if req.sampled:
+                self._enter_sampled(req)
+            else:
+                self._t0 = perf_counter()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        req = self._req
+        if req is not None:
+            t1 = perf_counter()
+            req.stages.append((self.name, self._t0, t1, "gateway"))
+            self._req = None
+            if req.sampled:
+                self._exit_sampled(req, t1, exc_type)
+
+    def _enter_sampled(self, req: RequestTelemetry) -> None:
+        emitter = req.emitter
+        self._span = None
+        if emitter is not None:  # SDK fast path: a span context now, the span when the request ends
+            parent = self._parent = current_span_context()
+            ctx = self._ctx = emitter.child_context(parent)
+            self._token = context.attach(trace.set_span_in_context(NonRecordingSpan(ctx)))
+            if self.attributes is not None:
+                self.attributes = dict(self.attributes)
+            self._t0 = perf_counter()
+        else:
+            self._ctx = None
+            t0 = self._t0 = perf_counter()
+            self._span, self._token = req.instrumentation.start_stage_span(req, self.name, t0, self.attributes)
+
+    def _exit_sampled(self, req: RequestTelemetry, t1: float, exc_type: type[BaseException] | None) -> None:
+        error = None if exc_type is None else exc_type.__qualname__
+        context.detach(self._token)  # type: ignore[arg-type]
+        ctx = self._ctx
+        if ctx is not None:
+            stage = (self.name, ctx, self._parent, self.attributes, self._t0, t1, error)
+            req.pending_stages.append(stage)  # type: ignore[union-attr]
+            self._ctx = None
+            return
+        span = self._span
+        if span is not None:
+            if error is not None:
+                span.set_attribute("error.type", error)
+                span.set_status(Status(StatusCode.ERROR, error))
+            req.pending_spans.append((span, t1))  # type: ignore[union-attr]  # ended with the request
+            self._span = None
+
+    async def __aenter__(self) -> StageScope:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        """Set an attribute on the stage span (e.g. the routing decision); a no-op when not sampled."""
+        if getattr(self, "_ctx", None) is not None:
+            if self.attributes is None:
+                self.attributes = {}
+            self.attributes[key] = clean_attribute(value)
+        elif (span := getattr(self, "_span", None)) is not None:
+            span.set_attribute(key, value)
+
+    def __call__(self, fn: F) -> F:
+        """Use as a decorator: every call of ``fn`` (sync or async) runs inside a fresh scope of this stage."""
+        name, attributes = self.name, self.attributes
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with StageScope(name, attributes):
+                    return await fn(*args, **kwargs)
+
+            return async_wrapper  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with StageScope(name, attributes):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+
+def stage(name: str, **attributes: Any) -> StageScope:
+    """Time a stage of the current request: one child span of the request (when sampled) and one observation in
+    ``llmpath_stage_duration_seconds{stage,route}``. An exception marks the span as error and propagates.
+
+    Works as ``with stage("route") as s: s.set_attribute("llmpath.backend", b)``, ``async with``, and as a
+    decorator ``@stage("auth")`` on sync and async functions. Outside a request it does nothing.
+    """
+    return StageScope(name, {k: clean_attribute(v) for k, v in attributes.items()} if attributes else None)
+
+
+def record_stage(
+    name: str,
+    seconds: float,
+    *,
+    end: float | None = None,
+    source: str = "backend",
+    attributes: Mapping[str, Any] | None = None,
+) -> None:
+    """Add a stage measured elsewhere (e.g. SGLang's queue time) to the current request's timeline, ending at
+    ``end`` (a ``time.perf_counter()`` value; default now). Repeated stages are summed into one observation.
+    Negative durations (clock skew between processes) count as zero; NaN is ignored.
+    """
+    _check_name(name)
+    if source not in TIMING_SOURCES:
+        raise ValueError(f"source must be one of {TIMING_SOURCES}, got {source!r}")
+    req = CURRENT.get()
+    if req is None:
+        return
+    seconds = float(seconds)
+    if math.isnan(seconds):
+        logger.debug("llmpath: ignoring NaN duration for stage %s", name)
+        return
+    t1 = perf_counter() if end is None else float(end)
+    t0 = t1 - max(0.0, seconds)
+    req.stages.append((name, t0, t1, source))
+    if req.sampled:
+        emitter = req.emitter
+        if emitter is not None:
+            attrs = {k: clean_attribute(v) for k, v in attributes.items()} if attributes else {}
+            attrs[ATTR_TIMING_SOURCE] = source
+            parent = current_span_context()
+            req.pending_stages.append((name, emitter.child_context(parent), parent, attrs, t0, t1, None))  # type: ignore[union-attr]
+        else:
+            req.instrumentation.record_stage_span(req, name, t0, t1, source, attributes)
+
+
+def mark_first_token(at: float | None = None) -> None:
+    """The first token was sent (``at``: a ``time.perf_counter()`` value, default now). Only the first call
+    counts; without any call the first non-empty body chunk of the response is the first token."""
+    req = CURRENT.get()
+    if req is not None and req.first_token is None:
+        req.first_token = perf_counter() if at is None else float(at)
+
+
+def record_usage(
+    *, input_tokens: int, cached_tokens: int, output_tokens: int, model: str, tenant: str | None = None
+) -> None:
+    """Token accounting for the current request: ``input_tokens`` counts every prompt token, ``cached_tokens`` the
+    subset served from cache. Calling it again (a request with several model calls) adds to the counts; ``model``
+    and ``tenant`` become the request's labels unless :func:`set_request_labels` set them."""
+    counts = [int(input_tokens), int(cached_tokens), int(output_tokens)]
+    if min(counts) < 0:
+        raise ValueError(f"token counts must be >= 0, got input={counts[0]} cached={counts[1]} output={counts[2]}")
+    if counts[1] > counts[0]:
+        raise ValueError(f"cached_tokens ({counts[1]}) cannot exceed input_tokens ({counts[0]})")
+    req = CURRENT.get()
+    if req is None:
+        return
+    if req.usage is None:
+        req.usage = counts
+    else:
+        for i, n in enumerate(counts):
+            req.usage[i] += n
+    if req.model is None:
+        req.model = str(model)
+    if tenant is not None and req.tenant is None:
+        req.tenant = str(tenant)
+
+
+def set_request_labels(
+    *, route: str | None = None, model: str | None = None, tenant: str | None = None, provider: str | None = None
+) -> None:
+    """Labels of the current request: the gateway's route name (instead of the route template), the model
+    (default ``unknown``), the tenant (only on ``llmpath_tokens_total`` and the usage record) and the GenAI
+    provider name. ``None`` leaves a label as it is."""
+    req = CURRENT.get()
+    if req is None:
+        return
+    if route is not None:
+        req.route = str(route)
+    if model is not None:
+        req.model = str(model)
+    if tenant is not None:
+        req.tenant = str(tenant)
+    if provider is not None:
+        req.provider = str(provider)
+
+
+def annotate_request(**fields: Any) -> None:
+    """Extra fields for the current request's usage record (``extra``): backend, routing reason, matched prefix
+    tokens... Values should be JSON-serialisable (others are stored with ``str``). Never put prompt text here."""
+    req = CURRENT.get()
+    if req is None:
+        return
+    if req.extra is None:
+        req.extra = dict(fields)
+    else:
+        req.extra.update(fields)
+
+
+def current_request() -> RequestTelemetry | None:
+    """The live telemetry of the request being served (id, trace id, start, stage timeline), or ``None``."""
+    return CURRENT.get()

@@ -1,0 +1,150 @@
+"""Pure ASGI middleware: one SERVER span, stage timeline, metrics and one usage record per request."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from time import perf_counter
+from typing import Any
+
+from llmpath.instrumentation.catalog import REQUEST_ID_HEADER
+from llmpath.instrumentation.exposition import serve_metrics
+from llmpath.instrumentation.request import CURRENT
+from llmpath.instrumentation.telemetry import Instrumentation
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.encode()
+#: Status recorded when the client went away before the response completed (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
+
+
+class LLMPathMiddleware:
+    """llmpath for any ASGI app: ``LLMPathMiddleware(app, **options)`` with :func:`instrument_app`'s options.
+
+    Serves ``metrics_path`` itself; passes websocket traffic and excluded paths through untouched; on lifespan
+    shutdown closes the usage sinks (and marks the worker dead in prometheus-client multiprocess mode).
+    """
+
+    def __init__(self, app: ASGIApp, *, instrumentation: Instrumentation | None = None, **options: Any) -> None:
+        if instrumentation is not None and options:
+            raise TypeError("pass either instrumentation= or options, not both")
+        self.app = app
+        self.instrumentation = instrumentation if instrumentation is not None else Instrumentation(**options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        instr = self.instrumentation
+        path = scope["path"]
+        if path == instr.metrics_path:
+            await serve_metrics(instr.registry, scope, send)
+            return
+        if instr.is_excluded(path) or CURRENT.get() is not None:
+            await self.app(scope, receive, send)
+            return
+
+        req, ctx_token = instr.start_request(scope)  # type: ignore[arg-type]
+        var_token = CURRENT.set(req)
+        request_id = req.request_id.encode("latin-1")
+        disconnected: list[bool] = []
+
+        async def send_with_telemetry(message: Message) -> None:
+            kind = message["type"]
+            if kind == "http.response.body":
+                if req.first_token is None and message.get("body"):
+                    req.first_token = perf_counter()
+                if not message.get("more_body", False):
+                    instr.finish(req)  # before the last byte leaves: a completed response is always recorded
+            elif kind == "http.response.start":
+                req.status_code = message["status"]
+                req.response_started = True
+                headers = message.get("headers") or []
+                for key, _ in headers:  # ASGI header names are lowercase
+                    if key == _REQUEST_ID_KEY:
+                        break
+                else:
+                    message = {**message, "headers": [*headers, (_REQUEST_ID_KEY, request_id)]}
+            elif kind == "http.response.pathsend":
+                instr.finish(req)
+            try:
+                await send(message)
+            except OSError:  # the server could not deliver it: the client is gone
+                disconnected.append(True)
+                raise
+
+        try:
+            await self.app(scope, receive, send_with_telemetry)
+        except BaseException as exc:
+            if not req.finished:
+                _classify_failure(req, exc, bool(disconnected))
+                instr.finish(req)
+            raise
+        else:
+            if not req.finished:
+                # The app returned without completing the response: the client went away mid-stream (or the
+                # app never answered, which the server turns into a 500).
+                if req.response_started:
+                    req.status_code, req.error = CLIENT_CLOSED_REQUEST, "client_disconnect"
+                else:
+                    req.status_code, req.error = 500, "no_response"
+                instr.finish(req)
+        finally:
+            CURRENT.reset(var_token)
+            instr.close(req, ctx_token)
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def send_and_watch(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                self.instrumentation.shutdown()
+            await send(message)
+
+        await self.app(scope, receive, send_and_watch)
+
+
+def _classify_failure(req: Any, exc: BaseException, send_failed: bool) -> None:
+    """Status and error type of a request the app failed (content-free: the exception's class name only)."""
+    if isinstance(exc, asyncio.CancelledError):
+        req.status_code, req.error = CLIENT_CLOSED_REQUEST, "cancelled"
+        return
+    if send_failed or type(exc).__name__ == "ClientDisconnect":  # starlette.requests.ClientDisconnect
+        req.status_code, req.error = CLIENT_CLOSED_REQUEST, "client_disconnect"
+        return
+    if not req.response_started:
+        req.status_code = 500
+    req.error = type(exc).__qualname__
+
+
+def instrument_app(app: Any, **options: Any) -> Any:
+    """Instrument a FastAPI or Starlette app in place (returns it), or wrap any other ASGI app (returns the
+    wrapper). Options: ``registry``, ``tracer_provider``, ``meter_provider``, ``usage_sink``, ``metrics_path``,
+    ``catalog``, ``excluded_paths``, ``max_label_values``, ``latency_buckets``, ``tpot_buckets``, ``exemplars``,
+    ``trust_request_id`` (see :class:`~llmpath.instrumentation.telemetry.Instrumentation`).
+
+    The :class:`Instrumentation` is ``app.state.llmpath`` (and :func:`get_instrumentation` finds it).
+    """
+    instrumentation = Instrumentation(**options)
+    if hasattr(app, "add_middleware") and hasattr(app, "state"):
+        app.add_middleware(LLMPathMiddleware, instrumentation=instrumentation)
+        app.state.llmpath = instrumentation
+        return app
+    return LLMPathMiddleware(app, instrumentation=instrumentation)
+
+
+def get_instrumentation(app: Any) -> Instrumentation:
+    """The :class:`Instrumentation` of an app instrumented by :func:`instrument_app` (or the middleware)."""
+    if isinstance(app, LLMPathMiddleware):
+        return app.instrumentation
+    found = getattr(getattr(app, "state", None), "llmpath", None)
+    if not isinstance(found, Instrumentation):
+        raise LookupError(f"{app!r} is not instrumented by llmpath (call instrument_app first)")
+    return found

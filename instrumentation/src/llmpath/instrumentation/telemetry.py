@@ -1,0 +1,411 @@
+"""The instrumentation core: configuration, request start, and the once-per-request recording of spans,
+Prometheus metrics, GenAI metrics and the usage record."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from operator import itemgetter
+from time import perf_counter, time_ns
+from typing import Any
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics import MetricWrapperBase
+
+from llmpath.instrumentation.catalog import (
+    ATTR_MODEL,
+    ATTR_REQUEST_ID,
+    ATTR_ROUTE,
+    ATTR_STAGE,
+    ATTR_STAGE_OWNER,
+    ATTR_TENANT,
+    ATTR_TIMING_SOURCE,
+    LATENCY_BUCKETS,
+    REQUEST_ID_HEADER,
+    STAGE_SPAN_NAME,
+    STAGES,
+    TPOT_BUCKETS,
+    UNATTRIBUTED,
+    StageCatalog,
+)
+from llmpath.instrumentation.exposition import multiprocess_dir
+from llmpath.instrumentation.genai import OPERATION, PROVIDER, REQUEST_MODEL, GenAIMetrics
+from llmpath.instrumentation.guard import DEFAULT_MAX_LABEL_VALUES, CardinalityGuard
+from llmpath.instrumentation.metrics import metrics_for
+from llmpath.instrumentation.request import RequestTelemetry, StageInterval
+from llmpath.instrumentation.spans import SdkSpanEmitter, SdkTracer
+from llmpath.instrumentation.tracing import ASGI_GETTER, INSTRUMENTATION_NAME
+from llmpath.instrumentation.usage import SinkLike, StageTiming, UsageDispatcher, UsageRecord
+
+try:
+    __version__ = version("llmpath-instrumentation")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree without metadata
+    __version__ = "0"
+
+logger = logging.getLogger("llmpath.instrumentation")
+
+#: Paths that get no spans, metrics or usage records by default (probes, not LLM traffic).
+DEFAULT_EXCLUDED_PATHS: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz", "/ready", "/favicon.ico")
+#: ``route`` label of requests no route of a Starlette/FastAPI router matched (keeps 404 scans bounded).
+UNMATCHED_ROUTE = "__unmatched__"
+_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.encode()
+_BY_START = itemgetter(1)
+
+
+class Instrumentation:
+    """Everything one instrumented app shares: registry, tracer, meter, usage sinks and options.
+
+    Created by :func:`~llmpath.instrumentation.instrument_app` (available as ``app.state.llmpath``) or
+    :class:`~llmpath.instrumentation.LLMPathMiddleware`. The gateway creates its own catalog metrics on the same
+    registry with :meth:`metric`.
+    """
+
+    def __init__(
+        self,
+        *,
+        registry: CollectorRegistry | None = None,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: Any = None,
+        usage_sink: SinkLike | Sequence[SinkLike] | None = None,
+        metrics_path: str | None = "/metrics",
+        catalog: StageCatalog = STAGES,
+        excluded_paths: Iterable[str] = DEFAULT_EXCLUDED_PATHS,
+        max_label_values: int | Mapping[str, int] = DEFAULT_MAX_LABEL_VALUES,
+        latency_buckets: Sequence[float] = LATENCY_BUCKETS,
+        tpot_buckets: Sequence[float] = TPOT_BUCKETS,
+        exemplars: bool = True,
+        trust_request_id: bool = True,
+        fast_spans: bool = True,
+    ) -> None:
+        self.metrics = metrics_for(registry, latency_buckets=latency_buckets, tpot_buckets=tpot_buckets)
+        self.registry: CollectorRegistry = self.metrics.registry
+        self.tracer = trace.get_tracer(INSTRUMENTATION_NAME, __version__, tracer_provider=tracer_provider)
+        self.genai = GenAIMetrics(meter_provider, __version__)
+        self.guard = CardinalityGuard(max_label_values)
+        self.usage = UsageDispatcher(usage_sink)
+        self.metrics_path = metrics_path
+        self.catalog = catalog
+        self.owners = {s.name: s.owner for s in catalog}
+        self.owners[UNATTRIBUTED] = catalog.owner(UNATTRIBUTED)
+        excluded = tuple(excluded_paths)
+        self.excluded_exact = frozenset(p for p in excluded if not p.endswith("*"))
+        self.excluded_prefixes = tuple(p[:-1] for p in excluded if p.endswith("*"))
+        self.exemplars = exemplars and multiprocess_dir() is None  # prometheus-client has none in multiprocess mode
+        self.trust_request_id = trust_request_id
+        self.fast_spans = fast_spans
+        self._emitter: SdkSpanEmitter | None = None
+        self._emitter_key: object = None
+        self._textmap: object = None
+        self._trace_fields: frozenset[bytes] = frozenset()
+
+    # ---- public helpers -------------------------------------------------------------------
+
+    def metric(self, name: str, **kwargs: Any) -> MetricWrapperBase:
+        """The catalog metric ``name`` on this instrumentation's registry, created on first use."""
+        return self.metrics.metric(name, **kwargs)
+
+    def is_excluded(self, path: str) -> bool:
+        """True for paths that get no telemetry (``excluded_paths``; entries ending in ``*`` are prefixes)."""
+        return path in self.excluded_exact or (bool(self.excluded_prefixes) and path.startswith(self.excluded_prefixes))
+
+    def shutdown(self) -> None:
+        """Close the usage sinks and, in multiprocess mode, mark this worker dead (for ``live*`` gauges)."""
+        self.usage.close()
+        if multiprocess_dir() is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
+
+    # ---- request lifecycle ----------------------------------------------------------------
+
+    def _propagation_fields(self) -> frozenset[bytes]:
+        textmap = propagate.get_global_textmap()
+        if textmap is not self._textmap:
+            self._trace_fields = frozenset(f.lower().encode("latin-1") for f in textmap.fields)
+            self._textmap = textmap
+        return self._trace_fields
+
+    def start_request(self, scope: dict[str, Any]) -> tuple[RequestTelemetry, object | None]:
+        """Begin a request: its id, its SERVER span (or the one an outer instrumentation made) and sampling.
+
+        Returns the request and the context token to detach at the end (``None`` if nothing was attached).
+        """
+        start = perf_counter()
+        start_ns = time_ns()
+        headers = scope.get("headers") or ()
+        fields = self._propagation_fields()
+        request_id: str | None = None
+        traced = False
+        for key, value in headers:
+            if key == _REQUEST_ID_KEY:
+                if self.trust_request_id and _REQUEST_ID_RE.match(value):
+                    request_id = value.decode("latin-1")
+            elif key in fields:
+                traced = True
+        req = RequestTelemetry(self, request_id or os.urandom(16).hex(), start, start_ns)
+        req.scope = scope
+        req.method = method = scope.get("method", "GET")
+        req.path = path = scope.get("path", "")
+
+        current = trace.get_current_span()
+        current_ctx = current.get_span_context()
+        token = None
+        if current_ctx.is_valid and not current_ctx.is_remote and _is_server_span(current):
+            span = current  # opentelemetry-instrumentation-fastapi (or another outer middleware) made it
+            span.set_attribute(ATTR_REQUEST_ID, req.request_id)
+        else:
+            parent = propagate.extract(headers, getter=ASGI_GETTER) if traced else None
+            span = self.tracer.start_span(
+                method,
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes={
+                    "http.request.method": method,
+                    "url.path": path,
+                    "url.scheme": scope.get("scheme", "http"),
+                    ATTR_REQUEST_ID: req.request_id,
+                },
+                start_time=start_ns,
+            )
+            if not span.get_span_context().is_valid and parent is not None:
+                span = trace.get_current_span(parent)  # no SDK: pass the caller's trace context through
+            else:
+                req.owns_span = True
+            token = context.attach(trace.set_span_in_context(span, parent))
+        req.span = span
+        req.trace_id_int = span.get_span_context().trace_id
+        if span.is_recording():
+            req.sampled = True
+            req.emitter = emitter = self._span_emitter()
+            if emitter is not None:
+                req.pending_stages = []
+            else:
+                req.pending_spans = []
+        return req, token
+
+    def _span_emitter(self) -> SdkSpanEmitter | None:
+        """The SDK fast path for stage spans, when our tracer is an OTel SDK tracer (see ``spans``)."""
+        if not self.fast_spans or SdkTracer is None:
+            return None
+        tracer = self.tracer
+        key = tracer if isinstance(tracer, SdkTracer) else trace.get_tracer_provider()
+        if key is not self._emitter_key:
+            if not isinstance(tracer, SdkTracer):
+                tracer = key.get_tracer(INSTRUMENTATION_NAME, __version__)
+            self._emitter = (
+                SdkSpanEmitter(tracer, INSTRUMENTATION_NAME, __version__) if isinstance(tracer, SdkTracer) else None
+            )
+            self._emitter_key = key
+        return self._emitter
+
+    def default_route(self, req: RequestTelemetry) -> str:
+        """The ``route`` label when the gateway set none: the matched route template, else the path."""
+        scope = req.scope
+        if scope is not None:
+            template = getattr(scope.get("route"), "path", None)
+            if template:
+                return template
+            if "router" in scope:
+                return UNMATCHED_ROUTE
+        return req.path
+
+    def start_stage_span(
+        self, req: RequestTelemetry, name: str, t0: float, attributes: Mapping[str, Any] | None
+    ) -> tuple[trace.Span, object]:
+        """A live stage span (current while the stage runs, so spans made inside it nest under it)."""
+        span = self._stage_span(req, name, t0, "gateway", attributes)
+        return span, context.attach(trace.set_span_in_context(span))
+
+    def record_stage_span(
+        self,
+        req: RequestTelemetry,
+        name: str,
+        t0: float,
+        t1: float,
+        source: str,
+        attributes: Mapping[str, Any] | None,
+    ) -> None:
+        """A stage span for a stage measured elsewhere, placed at ``[t0, t1]``."""
+        span = self._stage_span(req, name, t0, source, attributes)
+        req.pending_spans.append((span, t1))  # type: ignore[union-attr]
+
+    def _stage_span(
+        self, req: RequestTelemetry, name: str, t0: float, source: str, attributes: Mapping[str, Any] | None
+    ) -> trace.Span:
+        attrs: dict[str, Any] = {ATTR_STAGE: name, ATTR_TIMING_SOURCE: source}
+        owner = self.owners.get(name)
+        if owner is not None:
+            attrs[ATTR_STAGE_OWNER] = owner
+        if attributes:
+            attrs.update(attributes)
+        return self.tracer.start_span(STAGE_SPAN_NAME.format(stage=name), start_time=req.epoch_ns(t0), attributes=attrs)
+
+    def finish(self, req: RequestTelemetry) -> None:
+        """Record the finished request: Prometheus and GenAI metrics, then the usage record.
+
+        Runs once, before the response's last message is sent, so that a completed response is always in the
+        ledger. Never raises.
+        """
+        if req.finished:
+            return
+        req.finished = True
+        end = req.end = perf_counter()
+        try:
+            self._record(req, end)
+            if req.sampled:
+                self._annotate_server_span(req)  # now: an outer instrumentation ends its span with the response
+        except Exception:
+            logger.exception("llmpath: recording request %s failed", req.request_id)
+
+    def _record(self, req: RequestTelemetry, end: float) -> None:
+        start = req.start
+        duration = end - start
+        ft = req.first_token
+        stages = req.stages
+        stages.sort(key=_BY_START)
+        sums, covered = _sum_and_cover(stages, start, ft)
+        ttft = unattributed = None
+        if ft is not None:
+            ttft = ft - start
+            unattributed = ttft - covered
+            if unattributed < 0.0:
+                unattributed = 0.0
+            sums[UNATTRIBUTED] = unattributed
+        usage = req.usage
+        tpot = None
+        if usage is not None and ft is not None and usage[2] > 1:
+            tpot = (end - ft) / (usage[2] - 1)
+        route = req.route
+        model = req.model or "unknown"
+        code = req.status_code
+        exemplar = {"trace_id": req.trace_id} if req.sampled and self.exemplars else None  # type: ignore[dict-item]
+        self.metrics.observe_request(
+            self.guard, route, model, req.tenant, code, duration, ttft, tpot, sums, usage, exemplar
+        )
+        if req.model is not None:
+            error = req.error if req.error is not None else (str(code) if code >= 500 else None)
+            self.genai.record_server(
+                {OPERATION: "chat", PROVIDER: req.provider or "unknown", REQUEST_MODEL: model},
+                duration=duration,
+                ttft=ttft,
+                tpot=tpot,
+                error_type=error,
+            )
+        if self.usage:
+            make = StageTiming._make
+            self.usage.emit(
+                UsageRecord(
+                    req.request_id,
+                    req.trace_id,
+                    req.start_ns / 1e9,
+                    req.tenant,
+                    route,
+                    model,
+                    usage[0] if usage else 0,
+                    usage[1] if usage else 0,
+                    usage[2] if usage else 0,
+                    [make((name, s - start, e - s, source)) for name, s, e, source in stages],
+                    ttft,
+                    duration,
+                    code,
+                    unattributed,
+                    tpot,
+                    req.error,
+                    req.extra or {},
+                )
+            )
+
+    def close(self, req: RequestTelemetry, token: object | None) -> None:
+        """End the request's spans (after the response is sent) and restore the context."""
+        try:
+            if req.sampled:
+                self._end_spans(req)
+        except Exception:
+            logger.exception("llmpath: ending the spans of request %s failed", req.request_id)
+        finally:
+            if token is not None:
+                context.detach(token)  # type: ignore[arg-type]
+
+    def _end_spans(self, req: RequestTelemetry) -> None:
+        route = req.route
+        emitter = req.emitter
+        if emitter is not None:
+            owners = self.owners
+            epoch_ns = req.epoch_ns
+            for name, ctx, parent, attributes, t0, t1, error in req.pending_stages or ():
+                attrs = {ATTR_STAGE: name, ATTR_TIMING_SOURCE: "gateway", ATTR_ROUTE: route}
+                owner = owners.get(name)
+                if owner is not None:
+                    attrs[ATTR_STAGE_OWNER] = owner
+                if attributes:
+                    attrs.update(attributes)
+                if error is not None:
+                    attrs["error.type"] = error
+                emitter.emit(STAGE_SPAN_NAME.format(stage=name), ctx, parent, attrs, epoch_ns(t0), epoch_ns(t1), error)
+        for span, t1 in req.pending_spans or ():
+            span.set_attribute(ATTR_ROUTE, route)
+            span.end(end_time=req.epoch_ns(t1))
+        if req.owns_span and req.span is not None:
+            req.span.end()  # now: the server span covers sending the last message
+
+    def _annotate_server_span(self, req: RequestTelemetry) -> None:
+        span = req.span
+        if span is None:
+            return
+        code = req.status_code
+        attrs: dict[str, Any] = {ATTR_ROUTE: req.route, "http.response.status_code": code}
+        if req.model is not None:
+            attrs[ATTR_MODEL] = req.model
+        if req.tenant is not None:
+            attrs[ATTR_TENANT] = req.tenant
+        template = getattr((req.scope or {}).get("route"), "path", None)
+        if template:
+            attrs["http.route"] = template
+        if req.error is not None:
+            attrs["error.type"] = req.error
+        span.set_attributes(attrs)
+        if code >= 500:
+            span.set_status(Status(StatusCode.ERROR, req.error or str(code)))
+        if req.owns_span:
+            span.update_name(f"{req.method} {template}" if template else req.method)
+
+
+def _is_server_span(span: trace.Span) -> bool:
+    """An outer instrumentation's server span (SDK spans expose ``kind``; an unsampled one is non-recording)."""
+    kind = getattr(span, "kind", None)
+    return kind is SpanKind.SERVER or (kind is None and not span.is_recording())
+
+
+def _sum_and_cover(stages: Sequence[StageInterval], lo: float, hi: float | None) -> tuple[dict[str, float], float]:
+    """Per-stage totals, and the length of the union of the intervals clipped to ``[lo, hi]`` (0 without ``hi``).
+
+    ``stages`` must be sorted by start.
+    """
+    sums: dict[str, float] = {}
+    get = sums.get
+    if hi is None:
+        for name, s, e, _ in stages:
+            sums[name] = get(name, 0.0) + (e - s)
+        return sums, 0.0
+    covered = 0.0
+    cur_s = cur_e = lo
+    for name, s, e, _ in stages:
+        sums[name] = get(name, 0.0) + (e - s)
+        if s < lo:
+            s = lo
+        if e > hi:
+            e = hi
+        if e <= s:
+            continue
+        if s > cur_e:
+            covered += cur_e - cur_s
+            cur_s, cur_e = s, e
+        elif e > cur_e:
+            cur_e = e
+    return sums, covered + (cur_e - cur_s)

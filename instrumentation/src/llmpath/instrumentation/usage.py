@@ -1,0 +1,348 @@
+"""The usage ledger: one record per finished request, written to durable sinks (JSON lines, SQLite).
+
+Records carry ids, labels, token counts and timings only — never prompt or completion text, never API keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+logger = logging.getLogger("llmpath.instrumentation.usage")
+
+
+class StageTiming(NamedTuple):
+    """One occurrence of a stage in a request: offset from the request start, duration, and who measured it."""
+
+    name: str
+    start_s: float
+    duration_s: float
+    source: str = "gateway"
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    """Token accounting and timings of one finished request (success or failure)."""
+
+    request_id: str
+    trace_id: str | None
+    #: Request start, seconds since the epoch.
+    time: float
+    tenant: str | None
+    route: str
+    model: str
+    input_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    stages: list[StageTiming]
+    ttft_s: float | None
+    duration_s: float
+    status_code: int
+    #: Pre-first-token time no stage covers (``None`` without a first token).
+    unattributed_s: float | None = None
+    #: Mean time per output token after the first (``None`` with fewer than two output tokens).
+    tpot_s: float | None = None
+    #: ``None`` on success; else a short, content-free error type (exception class, ``client_disconnect``).
+    error: str | None = None
+    #: Fields the gateway added with ``annotate_request`` (backend, routing reason, matched prefix tokens, ...).
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (stages as a list of dicts)."""
+        return {
+            "request_id": self.request_id,
+            "trace_id": self.trace_id,
+            "time": self.time,
+            "tenant": self.tenant,
+            "route": self.route,
+            "model": self.model,
+            "input_tokens": self.input_tokens,
+            "cached_tokens": self.cached_tokens,
+            "output_tokens": self.output_tokens,
+            "stages": [s._asdict() for s in self.stages],
+            "ttft_s": self.ttft_s,
+            "duration_s": self.duration_s,
+            "status_code": self.status_code,
+            "unattributed_s": self.unattributed_s,
+            "tpot_s": self.tpot_s,
+            "error": self.error,
+            "extra": self.extra,
+        }
+
+    def to_json(self) -> str:
+        """One compact JSON line (no trailing newline); times in seconds with microsecond precision.
+
+        Hand-rolled for the hot path (about 4x faster than ``json.dumps(to_dict())``) with the same keys.
+        """
+        enc = encode_basestring
+        return _RECORD_JSON % (
+            enc(self.request_id),
+            _json_str(self.trace_id),
+            self.time,
+            _json_str(self.tenant),
+            enc(self.route),
+            enc(self.model),
+            self.input_tokens,
+            self.cached_tokens,
+            self.output_tokens,
+            stages_json(self.stages),
+            _json_float(self.ttft_s),
+            self.duration_s,
+            self.status_code,
+            _json_float(self.unattributed_s),
+            _json_float(self.tpot_s),
+            _json_str(self.error),
+            json.dumps(self.extra, separators=(",", ":"), default=str) if self.extra else "{}",
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> UsageRecord:
+        """The inverse of :meth:`to_dict` (unknown keys are ignored, for forward compatibility)."""
+        known = {f: data[f] for f in cls.__dataclass_fields__ if f in data}
+        known["stages"] = [StageTiming(**s) for s in data.get("stages", ())]
+        known.setdefault("extra", {})
+        return cls(**known)
+
+
+_RECORD_JSON = (
+    '{"request_id":%s,"trace_id":%s,"time":%.6f,"tenant":%s,"route":%s,"model":%s,'
+    '"input_tokens":%d,"cached_tokens":%d,"output_tokens":%d,"stages":%s,"ttft_s":%s,"duration_s":%.6f,'
+    '"status_code":%d,"unattributed_s":%s,"tpot_s":%s,"error":%s,"extra":%s}'
+)
+_STAGE_JSON = '{"name":%s,"start_s":%.6f,"duration_s":%.6f,"source":%s}'
+
+
+def stages_json(stages: Iterable[StageTiming]) -> str:
+    """The ``stages`` list as JSON (microsecond precision)."""
+    enc = encode_basestring
+    return "[" + ",".join([_STAGE_JSON % (enc(n), s, d, enc(src)) for n, s, d, src in stages]) + "]"
+
+
+def _json_str(value: str | None) -> str:
+    return "null" if value is None else encode_basestring(value)
+
+
+def _json_float(value: float | None) -> str:
+    return "null" if value is None else format(value, ".6f")
+
+
+@runtime_checkable
+class UsageSink(Protocol):
+    """Anything with ``write(record)``; ``close()`` is optional. A plain callable ``f(record)`` also works."""
+
+    def write(self, record: UsageRecord) -> None: ...
+
+
+SinkLike = UsageSink | Callable[[UsageRecord], Any]
+
+
+class JsonlUsageSink:
+    """Appends one JSON line per record to ``path`` and hands it to the kernel before returning.
+
+    Each record is a single ``write(2)`` on an ``O_APPEND`` descriptor, so records survive the process being
+    killed (SIGKILL) as soon as ``write`` returns, and several worker processes can share one file without
+    interleaving lines. ``fsync=True`` also survives power loss, at the cost of a disk flush per record.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = False) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _reopen_after_fork(ref))
+
+    def _forget_descriptor(self) -> None:
+        """In a forked child: drop the parent's descriptor; the next write opens the file again."""
+        fd, self._fd = self._fd, None
+        self._lock = threading.Lock()
+        if fd is not None:
+            os.close(fd)
+
+    def write(self, record: UsageRecord) -> None:
+        """Append ``record`` as one line."""
+        line = (record.to_json() + "\n").encode()
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                fd = self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            written = os.write(fd, line)
+            while written < len(line):  # only on a full disk or a signal; keep the line whole
+                written += os.write(fd, line[written:])
+            if self.fsync:
+                os.fsync(fd)
+
+    def close(self) -> None:
+        """Close the file (a later ``write`` reopens it)."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"JsonlUsageSink({str(self.path)!r})"
+
+
+def _reopen_after_fork(ref: weakref.ref[JsonlUsageSink]) -> None:
+    sink = ref()
+    if sink is not None:
+        sink._forget_descriptor()
+
+
+def read_jsonl(path: str | os.PathLike[str]) -> Iterator[UsageRecord]:
+    """Records of a JSON-lines ledger; a torn last line (a crash mid-write) is skipped."""
+    with Path(path).open(encoding="utf-8") as fh:
+        for line in fh:
+            if not line.endswith("\n"):
+                return
+            if line.strip():
+                yield UsageRecord.from_dict(json.loads(line))
+
+
+_SCALAR_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("request_id", "TEXT NOT NULL"),
+    ("trace_id", "TEXT"),
+    ("time", "REAL NOT NULL"),
+    ("tenant", "TEXT"),
+    ("route", "TEXT NOT NULL"),
+    ("model", "TEXT NOT NULL"),
+    ("input_tokens", "INTEGER NOT NULL"),
+    ("cached_tokens", "INTEGER NOT NULL"),
+    ("output_tokens", "INTEGER NOT NULL"),
+    ("ttft_s", "REAL"),
+    ("duration_s", "REAL NOT NULL"),
+    ("status_code", "INTEGER NOT NULL"),
+    ("unattributed_s", "REAL"),
+    ("tpot_s", "REAL"),
+    ("error", "TEXT"),
+)
+_JSON_COLUMNS: tuple[str, ...] = ("stages", "extra")
+_COLUMNS: tuple[str, ...] = (*(c for c, _ in _SCALAR_COLUMNS), *_JSON_COLUMNS)
+
+
+class SqliteUsageSink:
+    """Inserts one row per record into table ``usage`` of a SQLite database in WAL mode, committed per record.
+
+    WAL with ``synchronous=NORMAL`` keeps every committed record across a process crash (SIGKILL); use
+    ``synchronous="FULL"`` to survive power loss too. ``stages`` and ``extra`` are JSON text columns.
+    Several processes may write to one database (``busy_timeout`` serialises them).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike[str], *, synchronous: str = "NORMAL", busy_timeout_ms: int = 5000
+    ) -> None:
+        if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, got {synchronous!r}")
+        self.path = Path(path)
+        self.synchronous = synchronous.upper()
+        self.busy_timeout_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        self._insert = f"INSERT INTO usage ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _connection(self) -> sqlite3.Connection:
+        pid = os.getpid()
+        if self._conn is None or self._pid != pid:  # never share a connection across a fork
+            conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            columns = ", ".join(f"{c} {t}" for c, t in _SCALAR_COLUMNS)
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS usage "
+                f"(id INTEGER PRIMARY KEY, {columns}, stages TEXT NOT NULL, extra TEXT)"
+            )
+            conn.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
+            conn.execute("CREATE INDEX IF NOT EXISTS usage_tenant_time ON usage (tenant, time)")
+            self._conn, self._pid = conn, pid
+        return self._conn
+
+    def write(self, record: UsageRecord) -> None:
+        """Insert and commit ``record``."""
+        values = [getattr(record, c) for c, _ in _SCALAR_COLUMNS]
+        values.append(stages_json(record.stages))
+        values.append(json.dumps(record.extra, separators=(",", ":"), default=str) if record.extra else "{}")
+        with self._lock:
+            self._connection().execute(self._insert, values)  # autocommit: one transaction per record
+
+    def read_all(self) -> list[UsageRecord]:
+        """Every record, in insertion order (for tests, exports and small ledgers)."""
+        with self._lock:
+            cur = self._connection().execute(f"SELECT {', '.join(_COLUMNS)} FROM usage ORDER BY id")
+            rows = cur.fetchall()
+        out = []
+        for row in rows:
+            data = dict(zip(_COLUMNS, row, strict=True))
+            data["stages"] = json.loads(data["stages"])
+            data["extra"] = json.loads(data["extra"] or "{}")
+            out.append(UsageRecord.from_dict(data))
+        return out
+
+    def close(self) -> None:
+        """Close the connection (a later ``write`` reopens it)."""
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __repr__(self) -> str:
+        return f"SqliteUsageSink({str(self.path)!r})"
+
+
+class UsageDispatcher:
+    """Hands each record to every sink; a failing sink is logged (type and message only) and never raises."""
+
+    __slots__ = ("_sinks",)
+
+    def __init__(self, sinks: SinkLike | Sequence[SinkLike] | None) -> None:
+        if sinks is None:
+            items: Iterable[SinkLike] = ()
+        elif isinstance(sinks, list | tuple):
+            items = sinks
+        else:
+            items = (sinks,)
+        resolved: list[tuple[str, Callable[[UsageRecord], Any], object]] = []
+        for sink in items:
+            write = getattr(sink, "write", None)
+            if callable(write):
+                resolved.append((repr(sink), write, sink))
+            elif callable(sink):
+                resolved.append((getattr(sink, "__qualname__", repr(sink)), sink, sink))
+            else:
+                raise TypeError(f"usage_sink must be a sink with write(record), a callable or a list; got {sink!r}")
+        self._sinks = tuple(resolved)
+
+    def __bool__(self) -> bool:
+        return bool(self._sinks)
+
+    def emit(self, record: UsageRecord) -> None:
+        """Write ``record`` to every sink."""
+        for name, write, _ in self._sinks:
+            try:
+                write(record)
+            except Exception as exc:  # a ledger failure must never break the request
+                logger.error(
+                    "usage sink %s failed for request %s: %s: %s", name, record.request_id, type(exc).__name__, exc
+                )
+
+    def close(self) -> None:
+        """Close the sinks that have ``close()``."""
+        for _, _, sink in self._sinks:
+            close = getattr(sink, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as exc:
+                    logger.warning("closing usage sink %r failed: %s", sink, exc)

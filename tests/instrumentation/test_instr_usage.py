@@ -1,0 +1,153 @@
+"""The usage ledger: record contents, sinks (JSONL, SQLite, callables, lists), failures and privacy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+
+import pytest
+from fastapi import FastAPI
+
+from llmpath.instrumentation import (
+    JsonlUsageSink,
+    SqliteUsageSink,
+    StageTiming,
+    UsageRecord,
+    instrument_app,
+    read_jsonl,
+)
+
+BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "SECRET-PROMPT-TEXT"}]}
+
+
+def sample_record(**overrides) -> UsageRecord:
+    fields = {
+        "request_id": "r1",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "time": 1_790_000_000.25,
+        "tenant": "acme",
+        "route": "chat",
+        "model": "tiny-llama",
+        "input_tokens": 120,
+        "cached_tokens": 96,
+        "output_tokens": 5,
+        "stages": [StageTiming("auth", 0.001, 0.002, "gateway"), StageTiming("prefill", 0.01, 0.02, "backend")],
+        "ttft_s": 0.031,
+        "duration_s": 0.05,
+        "status_code": 200,
+        "unattributed_s": 0.008,
+        "tpot_s": 0.00475,
+        "error": None,
+        "extra": {"backend": "engine-a", "matched_prefix_tokens": 96},
+    }
+    fields.update(overrides)
+    return UsageRecord(**fields)
+
+
+async def test_record_contents(harness):
+    async with harness.client() as c:
+        r = await c.post("/v1/chat/completions", json=BODY)
+    [rec] = harness.records
+    assert rec.request_id == r.headers["x-request-id"]
+    assert rec.trace_id == format(harness.span("POST /v1/chat/completions").context.trace_id, "032x")
+    assert (rec.tenant, rec.route, rec.model) == ("acme", "chat", "tiny-llama")
+    assert (rec.input_tokens, rec.cached_tokens, rec.output_tokens) == (120, 96, 5)
+    assert rec.status_code == 200 and rec.error is None
+    names = [s.name for s in rec.stages]
+    assert names == ["auth", "validate", "route", "assemble", "cache_lookup", "schedule", "prefill", "decode"]
+    assert all(b.start_s >= a.start_s for a, b in zip(rec.stages, rec.stages[1:], strict=False))
+    assert rec.stages[0].source == "gateway" and rec.stages[-1].source == "backend"
+    assert rec.extra == {"backend": "engine-a", "matched_prefix_tokens": 96}
+    assert 0 < rec.ttft_s < rec.duration_s
+    assert "SECRET-PROMPT-TEXT" not in rec.to_json()
+
+
+async def test_every_request_gets_exactly_one_record_success_or_failure(harness):
+    async with harness.client() as c:
+        await c.post("/v1/chat/completions", json=BODY)
+        await c.get("/teapot")
+        await c.get("/nowhere")
+        await c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+        with pytest.raises(RuntimeError):
+            await c.get("/boom")
+    codes = [r.status_code for r in harness.records]
+    assert codes == [200, 418, 404, 422, 500]
+    assert len({r.request_id for r in harness.records}) == 5
+    assert harness.records[-1].error == "RuntimeError"
+    assert all(r.error is None for r in harness.records[:-1])
+
+
+def test_json_roundtrip_and_microsecond_precision():
+    rec = sample_record(extra={"odd": {1, 2}, "backend": "a"})
+    data = json.loads(rec.to_json())
+    assert data["extra"]["backend"] == "a" and isinstance(data["extra"]["odd"], str)
+    back = UsageRecord.from_dict(data)
+    assert back.stages == rec.stages
+    assert back.ttft_s == pytest.approx(rec.ttft_s, abs=1e-6)
+    assert json.loads(sample_record().to_json()) == json.loads(json.dumps(sample_record().to_dict()))
+    assert UsageRecord.from_dict({**sample_record().to_dict(), "future_field": 1}).request_id == "r1"
+
+
+def test_jsonl_sink_appends_flushed_lines_and_reader_skips_a_torn_tail(tmp_path):
+    path = tmp_path / "ledger" / "usage.jsonl"
+    sink = JsonlUsageSink(path)
+    sink.write(sample_record(request_id="a"))
+    sink.write(sample_record(request_id="b", tenant=None, trace_id=None, ttft_s=None))
+    # Without close(): the lines are already in the file.
+    assert [r.request_id for r in read_jsonl(path)] == ["a", "b"]
+    with path.open("a") as fh:
+        fh.write('{"request_id": "torn"')  # a crash mid-write
+    assert [r.request_id for r in read_jsonl(path)] == ["a", "b"]
+    sink.close()
+    sink.write(sample_record(request_id="c"))  # reopens
+    assert path.read_text().count("\n") == 3
+
+
+def test_sqlite_sink_wal_roundtrip(tmp_path):
+    path = tmp_path / "usage.sqlite"
+    sink = SqliteUsageSink(path)
+    sink.write(sample_record(request_id="a"))
+    sink.write(sample_record(request_id="b", error="client_disconnect", status_code=499))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        rows = conn.execute("SELECT request_id, status_code, stages, extra FROM usage ORDER BY id").fetchall()
+    assert [r[0] for r in rows] == ["a", "b"]
+    assert json.loads(rows[0][2])[1] == {"name": "prefill", "start_s": 0.01, "duration_s": 0.02, "source": "backend"}
+    assert json.loads(rows[0][3]) == {"backend": "engine-a", "matched_prefix_tokens": 96}
+    back = sink.read_all()
+    assert back[1].error == "client_disconnect" and back[1].stages == sample_record().stages
+    sink.close()
+    with pytest.raises(ValueError, match="synchronous"):
+        SqliteUsageSink(path, synchronous="sometimes")
+
+
+async def test_sink_forms_and_a_failing_sink_never_breaks_requests(make_harness, tmp_path, caplog):
+    seen: list[str] = []
+
+    class Broken:
+        def write(self, record: UsageRecord) -> None:
+            raise OSError("disk full")
+
+    jsonl = JsonlUsageSink(tmp_path / "u.jsonl")
+    h = make_harness(usage_sink=[Broken(), lambda r: seen.append(r.request_id), jsonl])
+    with caplog.at_level(logging.ERROR, logger="llmpath.instrumentation.usage"):
+        async with h.client() as c:
+            r = await c.post("/v1/chat/completions", json=BODY)
+    assert r.status_code == 200
+    assert seen == [r.headers["x-request-id"]]
+    assert [x.request_id for x in read_jsonl(tmp_path / "u.jsonl")] == seen
+    assert "disk full" in caplog.text and r.headers["x-request-id"] in caplog.text
+    assert "SECRET-PROMPT-TEXT" not in caplog.text
+
+
+def test_bad_sink_is_a_clear_error():
+    with pytest.raises(TypeError, match="usage_sink"):
+        instrument_app(FastAPI(), usage_sink=42)
+
+
+async def test_no_sink_means_no_records_but_metrics(make_harness):
+    h = make_harness(usage_sink=None)
+    async with h.client() as c:
+        await c.post("/v1/chat/completions", json=BODY)
+    assert h.value("llmpath_requests_total", route="chat", model="tiny-llama", code="200") == 1
