@@ -1,0 +1,397 @@
+"""SLO validation: Sloth's rules (same messages) plus Prometheus 2.42 label rules and the llmpath extensions."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterator
+
+import promql_parser
+
+from llmpath.instrumentation import catalog
+from llmpath.slo.gofmt import format_duration, go_float, parse_duration
+from llmpath.slo.gotemplate import WINDOW_VAR, TemplateError, render_window
+from llmpath.slo.model import PERIOD_RULE_COUNT, AlertMeta, SLOSpec
+from llmpath.slo.windows import AlertWindows
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]*[A-Za-z0-9]$")
+LABEL_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+METRIC_NAME_RE = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+RESERVED_PREFIX = "sloth_"
+#: Labels the compiler sets on llmpath alerts.
+LLMPATH_ALERT_LABELS = ("stage", "owner")
+
+Problem = tuple[str, str]  # (logical field, message)
+QueryValidator = Callable[[str], str | None]
+
+
+def promql_error(query: str) -> str | None:
+    """The parser's message if ``query`` (rendered with ``window=1m``) is not valid PromQL, else ``None``."""
+    try:
+        rendered = render_window(query, "1m")
+    except TemplateError as exc:
+        return str(exc)
+    try:
+        promql_parser.parse(rendered)
+    except ValueError as exc:
+        return str(exc) or "invalid PromQL"
+    return None
+
+
+def metricsql_error(query: str) -> str | None:
+    """A light check for VictoriaMetrics' MetricsQL (no Python parser exists): template and bracket balance."""
+    try:
+        rendered = render_window(query, "1m")
+    except TemplateError as exc:
+        return str(exc)
+    stack: list[str] = []
+    pairs = {")": "(", "]": "[", "}": "{"}
+    quote: str | None = None
+    prev = ""
+    for ch in rendered:
+        if quote:
+            if ch == quote and prev != "\\":
+                quote = None
+        elif ch in "\"'`":
+            quote = ch
+        elif ch in "([{":
+            stack.append(ch)
+        elif ch in pairs and (not stack or stack.pop() != pairs[ch]):
+            return f"unbalanced {ch!r}"
+        prev = ch
+    if quote or stack:
+        return "unclosed quote or bracket"
+    return None
+
+
+def name_error(value: str) -> str | None:
+    if not value:
+        return "required"
+    if not NAME_RE.match(value):
+        return "name must start and end with an alphanumeric and can only contain alphanumeric, '.', '_', and '-'"
+    return None
+
+
+def label_key_error(key: str) -> str | None:
+    if key == "__name__":
+        return 'the label key "__name__" is not allowed'
+    if not LABEL_NAME_RE.match(key):
+        return f"the label key {key!r} is not valid (Prometheus label names match [a-zA-Z_][a-zA-Z0-9_]*)"
+    if key.startswith(RESERVED_PREFIX):
+        return f"the label key {key!r} is reserved: sloth_* labels identify the SLO's series and cannot be set"
+    return None
+
+
+def _labels(labels: dict[str, str], field: str, what: str) -> Iterator[Problem]:
+    for key, value in labels.items():
+        if msg := label_key_error(key):
+            yield f"{field}.{key}", f"invalid {what} label key {key!r}: {msg}"
+        elif value == "":
+            yield f"{field}.{key}", f"invalid {what} label value for {key!r}: the label value is required"
+
+
+def _annotations(annotations: dict[str, str], field: str) -> Iterator[Problem]:
+    for key, value in annotations.items():
+        if not LABEL_NAME_RE.match(key):
+            yield f"{field}.{key}", f"invalid alert annotation key {key!r}: the annotation key {key!r} is not valid"
+        elif value == "":
+            yield f"{field}.{key}", f"invalid alert annotation key {key!r}: the annotation value is required"
+
+
+def _query(query: str | None, field: str, what: str, check: QueryValidator) -> Iterator[Problem]:
+    if not query:
+        yield field, f"invalid SLI: sli {what} query template: query template is required: required"
+        return
+    if not WINDOW_VAR.search(query):
+        yield field, f"invalid SLI: sli {what} query template: template must contain the {{{{ .window }}}} variable"
+        return
+    if msg := check(query):
+        yield field, f"invalid SLI: sli {what} query expression: {msg}"
+
+
+def sloth_problems(slo: SLOSpec, check: QueryValidator = promql_error) -> list[Problem]:
+    """Sloth's ``ValidateSLO`` (all problems, Sloth's messages) plus the reserved/2.42 label-name rules."""
+    out: list[Problem] = []
+    if msg := name_error(slo.id):
+        out.append(("name", f"invalid SLO ID: {msg}"))
+    if msg := name_error(slo.name):
+        out.append(("name", f"invalid SLO name: {msg}"))
+    if msg := name_error(slo.service):
+        out.append(("^service", f"invalid SLO service: {msg}"))
+    if not 0 < slo.objective <= 100 or math.isnan(slo.objective):
+        out.append(("objective", f"objective must >0 and <=100 (got {go_float(slo.objective)})"))
+    out += [(f, m) for f, m in _labels(slo.labels, "labels", "SLO")]
+    sli = slo.sli
+    if sli.kind == "none":
+        out.append(("sli", "invalid SLI: at least one SLI type is required"))
+    elif sli.kind == "multiple":
+        out.append(("sli", "invalid SLI: only one SLI type is allowed"))
+    elif sli.kind == "events":
+        if sli.error_query == sli.total_query:
+            out.append(("sli.events", "invalid SLI: both error and total queries can't be the same"))
+        out += _query(sli.error_query, "sli.events.error_query", "error", check)
+        out += _query(sli.total_query, "sli.events.total_query", "total", check)
+    elif sli.kind == "raw":
+        out += _query(sli.error_ratio_query, "sli.raw.error_ratio_query", "raw", check)
+    for severity, alert in (("page", slo.page), ("ticket", slo.ticket)):
+        out += _alert(alert, severity)
+    return out
+
+
+def _alert(alert: AlertMeta, severity: str) -> Iterator[Problem]:
+    field = f"alerting.{severity}_alert"
+    if alert.disable:
+        return
+    if not alert.name:
+        yield "alerting.name", f"invalid alert: {severity} alert: alert name is required"
+    for f, m in _labels(alert.labels, f"{field}.labels", "alert"):
+        yield f, f"invalid alert: {severity} alert: {m}"
+    for f, m in _annotations(alert.annotations, f"{field}.annotations"):
+        yield f, f"invalid alert: {severity} alert: {m}"
+
+
+def plugin_problems(slo: SLOSpec) -> list[Problem]:
+    if slo.override_default_plugins and not slo.plugins:
+        return [("plugins", "invalid plugins: override plugins is set but no plugins are defined")]
+    return [("plugins", "invalid plugins: plugin ID is required") for p in slo.plugins if not p.id]
+
+
+# --------------------------------------------------------------------------------------------
+# llmpath extensions.
+# --------------------------------------------------------------------------------------------
+
+
+def stage_owner(stage: str) -> str | None:
+    """The owning team of a stage or stage group from the catalog; ``None`` if unknown."""
+    if stage in catalog.STAGE_GROUPS_BY_NAME:
+        return catalog.STAGE_GROUPS_BY_NAME[stage].owner
+    if stage in catalog.STAGES:
+        return catalog.STAGES.owner(stage)
+    return None
+
+
+def _known_metric(name: str) -> catalog.MetricSpec | None:
+    return catalog.METRICS_BY_NAME.get(name)
+
+
+def _selector(text: str) -> promql_parser.VectorSelector | str:
+    try:
+        expr = promql_parser.parse(text)
+    except ValueError as exc:
+        return str(exc) or "invalid selector"
+    if not isinstance(expr, promql_parser.VectorSelector) or not expr.name:
+        return 'must be a plain series selector such as metric_name{label="value"} (no functions or ranges)'
+    return expr
+
+
+def selector_labels(text: str) -> tuple[str | None, list[tuple[str, str, str]]]:
+    """(metric name, [(label, op, value)]) of a plain selector (``op`` is ``=``, ``!=``, ``=~``, ``!~``)."""
+    expr = _selector(text)
+    if isinstance(expr, str):
+        raise ValueError(expr)
+    ops = {"Equal": "=", "NotEqual": "!=", "Re": "=~", "NotRe": "!~"}
+    matchers = [(m.name, ops[str(m.op).split(".")[-1]], m.value) for m in expr.matchers.matchers]
+    return expr.name, matchers
+
+
+def _bucket_hint(threshold: float, buckets: tuple[float, ...]) -> str:
+    lower = [b for b in buckets if b < threshold]
+    upper = [b for b in buckets if b > threshold]
+    near = [go_float(b) for b in (lower[-1:] + upper[:1])]
+    return f"nearest buckets: {', '.join(near)}" if near else ""
+
+
+def _check_labels_of(metric: str | None, labels: list[str], field: str) -> Iterator[Problem]:
+    spec = _known_metric(metric) if metric else None
+    if spec is None:
+        return
+    allowed = set(spec.labels) | ({"le"} if spec.kind == "histogram" else set())
+    for label in labels:
+        if label not in allowed:
+            yield field, f"{metric} has no label {label!r} (its labels: {', '.join(spec.labels)})"
+
+
+def llmpath_problems(slo: SLOSpec) -> list[Problem]:
+    """Checks for llmpath/v1 specs beyond Sloth's (stages, histograms, selectors, alert options)."""
+    out: list[Problem] = []
+    if slo.stage is not None and stage_owner(slo.stage) is None:
+        known = ", ".join([*catalog.STAGES.names, *catalog.STAGE_GROUPS_BY_NAME])
+        out.append(("stage", f"unknown stage {slo.stage!r}; stages and stage groups: {known}"))
+    for key in slo.labels:
+        if key in LLMPATH_ALERT_LABELS:
+            out.append((f"labels.{key}", f"label {key!r} is set by the compiler from `{key}:`; use that key instead"))
+    for label in slo.group_by:
+        if not LABEL_NAME_RE.match(label) or label.startswith(RESERVED_PREFIX) or label == "le":
+            out.append(("group_by", f"invalid grouping label {label!r}"))
+        elif label in slo.labels or label in slo.service_labels:
+            out.append(("group_by", f"grouping label {label!r} is also a static label of the SLO"))
+    sli = slo.sli
+    if slo.group_by and sli.kind not in ("latency", "ratio"):
+        out.append(
+            ("group_by", "group_by works with latency and ratio SLIs; write `sum by (...)` in events/raw queries")
+        )
+    if slo.period_rule == PERIOD_RULE_COUNT and sli.kind not in ("events", "latency", "ratio"):
+        out.append(("period_rule", "ratio_of_counts needs an events, latency or ratio SLI (error and total counts)"))
+    if sli.kind == "latency":
+        out += _latency_problems(slo)
+    elif sli.kind == "ratio":
+        out += _ratio_problems(slo)
+    out += _alert_option_problems(slo)
+    return out
+
+
+def _latency_problems(slo: SLOSpec) -> Iterator[Problem]:
+    sli = slo.sli
+    hist = sli.histogram or ""
+    if not METRIC_NAME_RE.match(hist):
+        yield "sli.latency.histogram", f"invalid metric name {hist!r}"
+        return
+    if hist.endswith(("_bucket", "_count", "_sum")):
+        base, suffix = hist.rsplit("_", 1)
+        yield "sli.latency.histogram", f"give the histogram's base name ({base!r}), not a {suffix} series"
+        return
+    threshold = sli.threshold if sli.threshold is not None else float("nan")
+    if not (threshold > 0 and math.isfinite(threshold)):
+        yield "sli.latency.threshold", f"threshold must be a positive number of seconds, got {threshold!r}"
+    spec = _known_metric(hist)
+    if spec is not None:
+        if spec.kind != "histogram":
+            yield "sli.latency.histogram", f"{hist} is a {spec.kind}, not a histogram"
+            return
+        buckets = catalog.TPOT_BUCKETS if hist == catalog.TIME_PER_OUTPUT_TOKEN else catalog.LATENCY_BUCKETS
+        if threshold > 0 and threshold not in buckets:
+            yield (
+                "sli.latency.threshold",
+                f"{go_float(threshold)} s is not a bucket boundary of {hist}, so no bucket series would match "
+                f"({_bucket_hint(threshold, buckets)})",
+            )
+    for key in sli.selector:
+        if not LABEL_NAME_RE.match(key) or key == "le":
+            yield f"sli.latency.selector.{key}", f"invalid selector label {key!r}"
+    yield from _check_labels_of(hist, [*sli.selector, *slo.group_by], "sli.latency.selector")
+    if sli.filter:
+        expr = _selector(f"{hist}{{{sli.filter}}}")
+        if isinstance(expr, str):
+            yield "sli.latency.filter", f"invalid label matchers {sli.filter!r}: {expr}"
+        else:
+            yield from _check_labels_of(hist, [m.name for m in expr.matchers.matchers], "sli.latency.filter")
+
+
+def _ratio_problems(slo: SLOSpec) -> Iterator[Problem]:
+    sli = slo.sli
+    if (sli.good is None) == (sli.bad is None):
+        yield "sli.ratio", "give exactly one of `good` and `bad`, plus `total`"
+    for key in ("good", "bad", "total"):
+        text = getattr(sli, key)
+        if text is None:
+            continue
+        try:
+            metric, matchers = selector_labels(text)
+        except ValueError as exc:
+            yield f"sli.ratio.{key}", f"invalid selector {text!r}: {exc}"
+            continue
+        spec = _known_metric(metric or "")
+        if spec is not None and spec.kind != "counter":
+            yield f"sli.ratio.{key}", f"{metric} is a {spec.kind}; ratio SLIs need counters"
+        yield from _check_labels_of(metric, [m[0] for m in matchers] + list(slo.group_by), f"sli.ratio.{key}")
+    if (sli.good is not None and sli.good == sli.total) or (sli.bad is not None and sli.bad == sli.total):
+        yield "sli.ratio", "the good/bad and total selectors can't be the same"
+
+
+def _duration_problem(value: str | None, field: str) -> Iterator[Problem]:
+    if value is None:
+        return
+    try:
+        parse_duration(value)
+    except ValueError as exc:
+        yield field, str(exc)
+
+
+def _alert_option_problems(slo: SLOSpec) -> Iterator[Problem]:
+    for severity, alert in (("page", slo.page), ("ticket", slo.ticket)):
+        field = f"alerting.{severity}_alert"
+        yield from _duration_problem(alert.for_, f"{field}.for")
+        if alert.disable and (alert.labels or alert.annotations or alert.for_):
+            yield (
+                field,
+                f"the {severity} alert is disabled but has labels, annotations or `for`; remove them or enable it",
+            )
+    for extra in slo.extra_alerts:
+        field = f"alerting.{extra.kind}_alert"
+        if not extra.name:
+            yield f"{field}.name", f"alert name is required: set alerting.name or {field}.name"
+        yield from _duration_problem(extra.for_, f"{field}.for")
+        for f, m in _labels(extra.labels, f"{field}.labels", "alert"):
+            yield f, m
+        for f, m in _annotations(extra.annotations, f"{field}.annotations"):
+            yield f, m
+        if extra.kind == "threshold":
+            if (extra.short_window is None) != (extra.long_window is None):
+                yield field, "give both short_window and long_window, or neither (the catalog's ticket-slow pair)"
+            yield from _duration_problem(extra.short_window, f"{field}.short_window")
+            yield from _duration_problem(extra.long_window, f"{field}.long_window")
+            try:
+                if extra.short_window and parse_duration(extra.short_window) >= parse_duration(extra.long_window or ""):
+                    yield field, "short_window must be shorter than long_window"
+            except ValueError:
+                pass
+            if not (extra.factor or 0) > 0:
+                yield f"{field}.factor", "factor must be positive"
+
+
+def reachability_problems(slo: SLOSpec, windows: AlertWindows) -> tuple[list[Problem], list[Problem]]:
+    """(errors, warnings) for alerts whose threshold an error ratio (at most 1) can never cross.
+
+    A burn-rate pair fires when the error ratio exceeds ``factor x budget``; when that is 1 or more it never can.
+    An alert whose every pair is unreachable is an error for llmpath specs (a warning for Sloth inputs, which
+    Sloth accepts); a partly reachable alert is a warning.
+    """
+    from llmpath.slo.rules import threshold_windows
+
+    budget = (100 - slo.objective) / 100
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    if not 0 < budget < 1:
+        return errors, warnings
+    for severity, alert in (("page", slo.page), ("ticket", slo.ticket)):
+        if alert.disable:
+            continue
+        pairs = windows.burn_windows(severity)
+        dead = [p for p in pairs if p.factor * budget >= 1]
+        if not dead:
+            continue
+        detail = ", ".join(
+            f"{go_float(p.factor)}x over {p.long}/{p.short} needs an error ratio above {go_float(p.factor * budget)}"
+            for p in dead
+        )
+        field = f"alerting.{severity}_alert"
+        if len(dead) == len(pairs):
+            errors.append(
+                (
+                    field,
+                    f"the {severity} alert can never fire with a {go_float(slo.objective)}% objective ({detail}); "
+                    "disable it and use threshold_alert, or lower the objective",
+                )
+            )
+        else:
+            warnings.append((field, f"part of the {severity} alert can never fire ({detail})"))
+    for extra in slo.extra_alerts:
+        if extra.kind != "threshold":
+            continue
+        field = "alerting.threshold_alert"
+        try:
+            _short, long = threshold_windows(extra, windows)
+        except ValueError:
+            continue
+        if long >= windows.period_ms:
+            errors.append(
+                (field, f"long_window {format_duration(long)} must be shorter than the {windows.period} period")
+            )
+        if (extra.factor or 0) * budget >= 1:
+            errors.append(
+                (
+                    field,
+                    f"factor {go_float(extra.factor or 0)} x budget {go_float(budget)} >= 1: the alert can never fire",
+                )
+            )
+    return errors, warnings

@@ -1,0 +1,230 @@
+"""`llmpath slo`: compile, validate and start SLO specs (Sloth-compatible, plus LLM extensions)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+if TYPE_CHECKING:
+    from llmpath.slo import CompileOptions, CompileResult
+
+app = typer.Typer(
+    help="Compile Sloth-compatible SLO specs into Prometheus rules, validate them, or start from the default spec.",
+    no_args_is_help=True,
+)
+
+_PERIOD_HELP = "Default SLO period: 30d, 28d or 7d built in; any Prometheus duration with a matching --windows file."
+_WINDOWS_HELP = (
+    "Sloth AlertWindows catalog (file or folder); adds or replaces the catalog for its period. "
+    "With one file and no --period, its period is the default."
+)
+_PLUGINS_HELP = "Python plugin file or module defining SLI_PLUGINS / SLO_PLUGINS (Sloth plugin ids)."
+
+
+def _err(text: str) -> None:
+    typer.echo(text, err=True)
+
+
+def _fail(lines: list[str], out: str | None = None) -> None:
+    for line in lines:
+        _err(line)
+    suffix = f"; nothing was written to {out}" if out else ""
+    _err(f"{len(lines)} error{'s' if len(lines) != 1 else ''}{suffix}.")
+    raise typer.Exit(1)
+
+
+def _parse_labels(values: list[str]) -> dict[str, str]:
+    labels = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--extra-label")
+        labels[key] = value
+    return labels
+
+
+def _load_plugins(refs: list[str]) -> tuple[dict, dict]:
+    from llmpath.slo.plugins import load_plugin_module
+
+    sli: dict = {}
+    slo: dict = {}
+    for ref in refs:
+        try:
+            more_sli, more_slo = load_plugin_module(ref)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--plugins") from None
+        sli.update(more_sli)
+        slo.update(more_slo)
+    return sli, slo
+
+
+def _compile(inputs: list[Path], options: CompileOptions, out: str | None) -> CompileResult:
+    from llmpath.slo import SpecError, compile_slos, load_specs
+
+    try:
+        docs = load_specs(inputs, strict=options.strict)
+        result = compile_slos(docs, options)
+    except SpecError as exc:
+        _fail([str(i) for i in exc.issues], out)
+    for warning in result.warnings:
+        _err(str(warning))
+    return result
+
+
+def write_atomically(out_dir: Path, files: dict[str, str]) -> None:
+    """Write ``files`` (relative name → text) under ``out_dir`` all-or-nothing as far as the filesystem allows.
+
+    Everything is written to a staging folder next to the targets first; only when every file is written are
+    they renamed into place (a rename within one filesystem is atomic). A new ``out_dir`` appears in one rename.
+    """
+    out_dir = out_dir.resolve()
+    fresh = not out_dir.exists()
+    parent = out_dir.parent if fresh else out_dir
+    parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    try:
+        for name, text in files.items():
+            target = stage / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+        if fresh:
+            stage.rename(out_dir)
+            return
+        for name in files:
+            dest = out_dir / name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (stage / name).replace(dest)
+    finally:
+        if stage.exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+@app.command("compile")
+def compile_cmd(
+    inputs: list[Path] = typer.Argument(..., help="Spec files or folders (every .yaml/.yml inside, recursively)."),
+    out: str = typer.Option(
+        ..., "--out", "-o", help="Output folder (one rule file per input document), a .yaml file, or - for stdout."
+    ),
+    period: str | None = typer.Option(None, "--period", "-p", help=_PERIOD_HELP),
+    windows: list[Path] = typer.Option([], "--windows", "-w", help=_WINDOWS_HELP),
+    fmt: str | None = typer.Option(
+        None, "--format", help="prometheus or prometheus-operator (default: PrometheusRule for Kubernetes CRs only)."
+    ),
+    extra_label: list[str] = typer.Option([], "--extra-label", "-l", help="KEY=VALUE added to every rule."),
+    disable_alerts: bool = typer.Option(False, "--disable-alerts", help="Recording rules only."),
+    disable_recordings: bool = typer.Option(False, "--disable-recordings", help="Alerting rules only."),
+    tests: bool = typer.Option(False, "--tests", help="Also write promtool test files (OUT/tests/<slo>.test.yaml)."),
+    strict: bool = typer.Option(False, "--strict", help="Treat warnings (unknown keys, …) as errors."),
+    runbook_base_url: str | None = typer.Option(
+        None, "--runbook-base-url", help="runbook_url base (default for llmpath specs: runbooks/generated)."
+    ),
+    dashboard_base_url: str | None = typer.Option(
+        None,
+        "--dashboard-base-url",
+        help="Grafana base for dashboard_url (default for llmpath specs: http://localhost:3000).",
+    ),
+    plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
+) -> None:
+    """Compile specs into Prometheus recording and multi-window multi-burn-rate alert rules."""
+    from llmpath.slo import CompileOptions
+
+    if fmt not in (None, "prometheus", "prometheus-operator"):
+        raise typer.BadParameter("use prometheus or prometheus-operator", param_hint="--format")
+    if out == "-" and tests:
+        raise typer.BadParameter("--tests needs an output folder", param_hint="--out")
+    target = Path(out)
+    single_file = out != "-" and target.suffix in (".yaml", ".yml")
+    if single_file and tests:
+        raise typer.BadParameter("--tests needs an output folder, not a .yaml file", param_hint="--out")
+    if single_file and target.is_dir():
+        raise typer.BadParameter(f"{out} is a folder", param_hint="--out")
+    if out != "-" and not single_file and target.exists() and not target.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
+    sli_plugins, slo_plugins = _load_plugins(plugins)
+    options = CompileOptions(
+        period=period,
+        windows_file=list(windows) or None,
+        extra_labels=_parse_labels(extra_label),
+        runbook_base_url=runbook_base_url,
+        dashboard_base_url=dashboard_base_url,
+        disable_alerts=disable_alerts,
+        disable_recordings=disable_recordings,
+        format=fmt,
+        tests=tests,
+        strict=strict,
+        sli_plugins=sli_plugins,
+        slo_plugins=slo_plugins,
+    )
+    result = _compile(inputs, options, out)
+    if out == "-":
+        sys.stdout.write("".join(result.files.values()))
+        return
+    if single_file:
+        if len(result.files) != 1:
+            _fail([f"{len(result.files)} output documents need an output folder, not the single file {out}"], out)
+        write_atomically(target.parent, {target.name: next(iter(result.files.values()))})
+        written = [target]
+    else:
+        files = dict(result.files)
+        files.update({f"tests/{name}": text for name, text in result.test_files.items()})
+        write_atomically(target, files)
+        written = [target / name for name in files]
+    _err(
+        f"compiled {len(result.slos)} SLOs into {len(result.files)} rule file(s)"
+        + (f" and {len(result.test_files)} promtool test file(s)" if result.test_files else "")
+        + f" under {out}"
+    )
+    for path in written:
+        typer.echo(str(path))
+
+
+@app.command("validate")
+def validate_cmd(
+    inputs: list[Path] = typer.Argument(..., help="Spec files or folders."),
+    period: str | None = typer.Option(None, "--period", "-p", help=_PERIOD_HELP),
+    windows: list[Path] = typer.Option([], "--windows", "-w", help=_WINDOWS_HELP),
+    strict: bool = typer.Option(False, "--strict", help="Treat warnings (unknown keys, …) as errors."),
+    plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
+) -> None:
+    """Validate specs without writing anything; duplicate SLO IDs across files are an error."""
+    from llmpath.slo import CompileOptions
+
+    sli_plugins, slo_plugins = _load_plugins(plugins)
+    options = CompileOptions(
+        period=period,
+        windows_file=list(windows) or None,
+        strict=strict,
+        sli_plugins=sli_plugins,
+        slo_plugins=slo_plugins,
+    )
+    result = _compile(inputs, options, None)
+    files = {s.source for s in result.slos}
+    typer.echo(f"OK: {len(result.slos)} SLOs in {len(files)} file(s) are valid.")
+
+
+@app.command("init")
+def init_cmd(
+    path: str = typer.Argument("slos.yaml", help="Where to write the spec (- for stdout)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing file."),
+) -> None:
+    """Write the default LLM API spec (availability, TTFT, gateway overhead, scheduling, prefill, cache hit rate)."""
+    from llmpath.slo import default_spec_path
+
+    text = default_spec_path().read_text(encoding="utf-8")
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    target = Path(path)
+    if target.is_dir():
+        _err(f"{target} is a folder; give a file name.")
+        raise typer.Exit(1)
+    if target.exists() and not force:
+        _err(f"{target} already exists; pass --force to overwrite it.")
+        raise typer.Exit(1)
+    write_atomically(target.parent, {target.name: text})
+    _err(f"wrote the default LLM API SLO spec to {target}; next: llmpath slo compile {target} -o rules/ --tests")
