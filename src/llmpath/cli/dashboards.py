@@ -1,0 +1,74 @@
+"""`llmpath dashboards`: Generate Grafana dashboards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="Generate Grafana dashboards.", no_args_is_help=True)
+
+SLO_HELP = "SLO spec file or folder (repeatable). Default: the spec packaged with llmpath (llmpath slo init)."
+PERIOD_HELP = "SLO period, as for `llmpath slo compile` (30d, 28d, 7d; any duration with --windows)."
+WINDOWS_HELP = "Sloth AlertWindows file for a custom period, as for `llmpath slo compile`."
+CHECK_HELP = "Write nothing; exit 1 and name each file in OUT that is missing, out of date or no longer generated."
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``message`` to stderr and return the exit to raise."""
+    typer.echo(message, err=True)
+    return typer.Exit(code)
+
+
+def sync(out: Path, files: dict[str, str], check: bool, is_generated, what: str, command: str) -> None:
+    """Write ``files`` into ``out``, or with ``check`` verify that ``out`` already holds exactly them."""
+    from llmpath.dashboards.outputs import drift, write
+
+    if check:
+        stale = drift(out, files, is_generated)
+        if stale:
+            lines = "\n".join(stale.describe(out))
+            raise fail(f"{lines}\n{what} in {out} are stale; regenerate with: {command}")
+        typer.echo(f"{out}: {len(files)} {what} up to date")
+        return
+    changed = write(out, files, is_generated)
+    typer.echo(f"{out}: {len(files)} {what} ({len(changed.missing) + len(changed.changed)} written, "
+               f"{len(changed.extra)} removed)")  # fmt: skip
+
+
+def compile_or_exit(slo: list[Path] | None, period: str | None, windows: Path | None, **urls: str | None):
+    """Compile the specs (the default one when none are given); bad input exits 2 with the compiler's message."""
+    from llmpath.dashboards.specs import SpecOptions, compile_specs
+    from llmpath.slo import SpecError
+
+    options = SpecOptions(tuple(slo or ()), period, windows, **urls)
+    try:
+        return compile_specs(options)
+    except SpecError as exc:
+        raise fail(str(exc), 2) from None
+
+
+@app.command("build")
+def build(
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder for the dashboard JSON files."),
+    slo: list[Path] | None = typer.Option(None, "--slo", help=SLO_HELP),
+    check: bool = typer.Option(False, "--check", help=CHECK_HELP),
+    period: str | None = typer.Option(None, "--period", help=PERIOD_HELP),
+    windows: Path | None = typer.Option(None, "--windows", help=WINDOWS_HELP),
+) -> None:
+    """Build the LLM API path, SLOs and Backends dashboards (Grafana JSON) into OUT.
+
+    Every dashboard is checked before anything is written: Grafana's JSON schema, unique stable panel ids, units
+    and descriptions, and every query parsed with its metrics and labels checked against the stage catalog, the
+    engine's metrics and the SLO recording rules.
+    """
+    from llmpath.dashboards.build import DashboardError, build_dashboards, is_generated, render_all
+    from llmpath.dashboards.specs import recording_rule_names, slo_views
+
+    result = compile_or_exit(slo, period, windows)
+    try:
+        dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()))
+    except DashboardError as exc:
+        raise fail(str(exc)) from None
+    command = "llmpath dashboards build" + "".join(f" --slo {p}" for p in slo or ()) + f" -o {out}"
+    sync(out, render_all(dashboards), check, is_generated, "dashboards", command)

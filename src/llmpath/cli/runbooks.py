@@ -1,0 +1,45 @@
+"""`llmpath runbooks`: Generate per-alert runbooks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from llmpath.cli.dashboards import CHECK_HELP, PERIOD_HELP, SLO_HELP, WINDOWS_HELP, compile_or_exit, fail, sync
+
+app = typer.Typer(help="Generate per-alert runbooks.", no_args_is_help=True)
+
+DEFAULT_GRAFANA_URL = "http://localhost:3000"
+
+
+@app.command("build")
+def build(
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder for the runbooks and their index (README.md)."),
+    slo: list[Path] | None = typer.Option(None, "--slo", help=SLO_HELP),
+    check: bool = typer.Option(False, "--check", help=CHECK_HELP),
+    period: str | None = typer.Option(None, "--period", help=PERIOD_HELP),
+    windows: Path | None = typer.Option(None, "--windows", help=WINDOWS_HELP),
+    runbook_base_url: str | None = typer.Option(
+        None, "--runbook-base-url", help="Base of the alerts' runbook_url (default: runbooks/generated)."
+    ),
+    dashboard_base_url: str | None = typer.Option(
+        None, "--dashboard-base-url", help=f"Grafana URL for dashboard links (default: {DEFAULT_GRAFANA_URL})."
+    ),
+) -> None:
+    """Write one Markdown runbook per alert of the specs (file = the alert's runbook_file), plus an index mapping
+    every alert to its owning stage and team."""
+    from llmpath.dashboards import DashboardError, build_dashboards, panel_directory
+    from llmpath.dashboards.specs import recording_rule_names, slo_views
+    from llmpath.runbooks import KnowledgeError, RunbookError, build_runbooks, is_generated
+
+    result = compile_or_exit(
+        slo, period, windows, runbook_base_url=runbook_base_url, dashboard_base_url=dashboard_base_url
+    )
+    try:
+        dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()))
+        files = build_runbooks(result.slos, dashboard_base_url or DEFAULT_GRAFANA_URL, None, panel_directory(dashboards))
+    except (DashboardError, KnowledgeError, RunbookError) as exc:
+        raise fail(str(exc)) from None
+    command = "llmpath runbooks build" + "".join(f" --slo {p}" for p in slo or ()) + f" -o {out}"
+    sync(out, files, check, is_generated, "runbooks", command)
