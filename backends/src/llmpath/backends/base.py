@@ -1,0 +1,194 @@
+"""The Backend interface: one async, streaming protocol every model server adapter implements.
+
+A backend takes a normalized :class:`BackendRequest` and yields typed events in this order::
+
+    Scheduled → FirstToken → TokenDelta* → Done
+
+``Scheduled`` and ``FirstToken`` may arrive together (SGLang reports queue time with its first chunk).
+Failures raise one of the :class:`BackendError` subclasses; ``BackendUnavailable`` raised before any
+event was yielded means the request can safely be retried on another backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol, runtime_checkable
+
+
+class TimingSource(StrEnum):
+    """Where a stage timing came from: the backend's own clock, or the gateway's clock around the call."""
+
+    BACKEND = "backend"
+    GATEWAY = "gateway"
+
+
+@dataclass(slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(slots=True)
+class BackendRequest:
+    """A normalized generation request. Exactly one of ``messages``, ``prompt`` or ``input_ids`` is set."""
+
+    request_id: str
+    model: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    input_ids: list[int] | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = True
+    #: Isolates cached prefixes per tenant (SGLang ``cache_salt``).
+    cache_salt: str | None = None
+    #: W3C trace context headers (``traceparent``, ``tracestate``) to propagate.
+    trace_headers: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        given = sum(x is not None for x in (self.messages, self.prompt, self.input_ids))
+        if given != 1:
+            raise ValueError("exactly one of messages, prompt or input_ids must be set")
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class Scheduled:
+    """The backend took the request off its queue and started prefill."""
+
+    queue_seconds: float
+    source: TimingSource
+
+
+@dataclass(slots=True)
+class FirstToken:
+    """The first output token is ready."""
+
+    prefill_seconds: float
+    prompt_tokens: int
+    cached_tokens: int
+    source: TimingSource
+
+
+@dataclass(slots=True)
+class TokenDelta:
+    """New output text (a delta, never cumulative) and the number of tokens it covers."""
+
+    text: str
+    num_tokens: int = 1
+
+
+@dataclass(slots=True)
+class BackendTimings:
+    """Per-request timings as the backend reported them (seconds); ``None`` where not reported."""
+
+    queue_seconds: float | None = None
+    prefill_seconds: float | None = None
+    first_token_seconds: float | None = None
+    e2e_seconds: float | None = None
+    source: TimingSource = TimingSource.GATEWAY
+
+
+@dataclass(slots=True)
+class Done:
+    usage: Usage
+    finish_reason: str  # "stop" | "length" | "abort"
+    timings: BackendTimings
+
+
+BackendEvent = Scheduled | FirstToken | TokenDelta | Done
+
+
+class BackendError(Exception):
+    """Base class of backend failures."""
+
+    #: HTTP status the gateway should answer with.
+    status_code: int = 502
+
+
+class BackendUnavailable(BackendError):
+    """Connection refused/reset or the backend answered 503/429: retry elsewhere if nothing was streamed yet."""
+
+    status_code = 503
+
+    def __init__(self, message: str = "backend unavailable", retry_after: float | None = None) -> None:
+        super().__init__(message)
+        #: Seconds from the backend's ``Retry-After`` header, when it sent one.
+        self.retry_after = retry_after
+
+
+class BackendTimeout(BackendError):
+    """Connect or read timeout."""
+
+    status_code = 504
+
+
+class BackendProtocolError(BackendError):
+    """The backend answered something that does not follow its protocol."""
+
+    status_code = 502
+
+
+class BackendServerError(BackendError):
+    """The backend answered a 5xx other than 503 (an internal error): the request failed there."""
+
+    status_code = 502
+
+    def __init__(self, message: str, upstream_status: int = 500) -> None:
+        super().__init__(message)
+        #: The status the backend answered with.
+        self.upstream_status = upstream_status
+
+
+class BackendBadRequest(BackendError):
+    """The backend rejected the request (4xx); the client's fault, never retried."""
+
+    def __init__(self, message: str, status_code: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.param = param
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model server adapter."""
+
+    #: Stable short name used in metrics and spans (e.g. ``"engine-0"`` or the URL).
+    name: str
+    url: str
+    #: Where this backend's stage timings come from.
+    timing_source: TimingSource
+
+    def generate(self, request: BackendRequest) -> AsyncIterator[BackendEvent]:
+        """Run one request, yielding events; cancelling the iteration aborts the request at the backend."""
+        ...
+
+    async def health(self) -> bool:
+        """True when the backend answers its health check."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections."""
+        ...

@@ -1,0 +1,85 @@
+"""Chat templating for backends whose native API takes text (SGLang's ``/generate``).
+
+The default is ChatML, the template of the embedded engine's byte tokenizer, so ``/generate`` with a rendered
+conversation and the engine's own ``/v1/chat/completions`` see the same tokens (and share radix-cache prefixes).
+For a real model, pass the model's Jinja template (or its ``tokenizer_config.json``) so the prompt matches what
+SGLang's chat endpoint would build.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+Messages = Sequence[dict[str, str]]
+
+#: ChatML as a Hugging Face Jinja chat template (what :func:`render_chatml` renders).
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def render_chatml(messages: Messages, add_generation_prompt: bool = True) -> str:
+    """``<|im_start|>role\\ncontent<|im_end|>\\n`` per message, then the assistant header."""
+    out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+def jinja_template(source: str, **special_tokens: str) -> Callable[[Messages], str]:
+    """A renderer for a Hugging Face Jinja chat template (needs ``jinja2``)."""
+    try:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError:
+        raise ValueError("a Jinja chat template needs the 'jinja2' package: pip install jinja2") from None
+
+    def raise_exception(message: str) -> None:
+        raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    template = env.from_string(source)
+
+    def render(messages: Messages) -> str:
+        return template.render(messages=list(messages), add_generation_prompt=True, **special_tokens)
+
+    return render
+
+
+def load_chat_template(spec: str | Callable[[Messages], str] | None) -> Callable[[Messages], str]:
+    """``None``/``"chatml"``: ChatML; a callable: used as is; a path to a ``tokenizer_config.json`` (or a directory
+    holding one): its ``chat_template``; any other string: a Jinja template source."""
+    if spec is None or spec == "chatml":
+        return render_chatml
+    if callable(spec):
+        return spec
+    path = Path(spec)
+    if "{" not in spec and (path.is_dir() or path.suffix == ".json"):
+        cfg_path = path / "tokenizer_config.json" if path.is_dir() else path
+        try:
+            cfg: dict[str, Any] = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{cfg_path}: cannot read a chat template: {exc}") from None
+        source = named_template(cfg.get("chat_template"))
+        if source is None:
+            raise ValueError(f"{cfg_path}: no chat_template")
+        specials = {k: token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        return jinja_template(source, **{k: v for k, v in specials.items() if v is not None})
+    return jinja_template(spec)
+
+
+def named_template(source: object) -> str | None:
+    """A ``chat_template`` value: a string, or a list of named templates (the ``default`` one is used)."""
+    if isinstance(source, list):
+        named = {t["name"]: t["template"] for t in source if isinstance(t, dict)}
+        source = named.get("default", next(iter(named.values()), None))
+    return source if isinstance(source, str) else None
+
+
+def token_text(value: object) -> str | None:
+    """The text of a special token in ``tokenizer_config.json`` (a string or an AddedToken object)."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None

@@ -1,0 +1,16 @@
+"""The embedded SGLang-compatible engine (needs the ``engine`` extra: torch, fastapi, uvicorn).
+
+A real Llama-style transformer in torch with a token-slot KV pool, a radix-tree prefix cache and a
+continuous-batching scheduler, served over SGLang's HTTP protocol. Start it with ``llmpath engine serve`` or
+:func:`llmpath.backends.engine.serve.serve`.
+"""
+
+import warnings
+
+# torch warns at import when numpy is absent; the engine itself never needs numpy.
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+from llmpath.backends.engine.presets import PRESETS, ModelConfig  # noqa: E402
+from llmpath.backends.engine.runtime import Engine, EngineArgs  # noqa: E402
+
+__all__ = ["PRESETS", "Engine", "EngineArgs", "ModelConfig"]

@@ -1,0 +1,66 @@
+"""KV memory as a preallocated pool of token slots (SGLang's ``TokenToKVPool`` design).
+
+Every layer owns a K and a V buffer of shape ``[num_slots + 1, kv_heads, head_dim]``; a token's KV lives in one
+slot, the same index in every layer. Slot 0 is reserved as a padding target. The allocator hands out slot indices
+from a free list; the radix cache and running requests hold them until they are freed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVPoolFull(RuntimeError):
+    """Not enough free slots (after eviction) for an allocation."""
+
+
+class TokenSlotPool:
+    """Preallocated per-layer K/V buffers plus a free list of slot indices."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        if num_slots < 1:
+            raise ValueError("the KV pool needs at least one slot")
+        self.size = num_slots
+        self.device = device
+        shape = (num_slots + 1, kv_heads, head_dim)
+        self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._free = torch.arange(1, num_slots + 1, dtype=torch.int64, device=device)
+
+    @property
+    def available(self) -> int:
+        """Free slots."""
+        return int(self._free.numel())
+
+    def alloc(self, n: int) -> torch.Tensor:
+        """``n`` free slot indices; raises :class:`KVPoolFull` when fewer are free."""
+        if n > self._free.numel():
+            raise KVPoolFull(f"need {n} KV slots, {self._free.numel()} free")
+        out, self._free = self._free[:n], self._free[n:]
+        return out
+
+    def free(self, slots: torch.Tensor) -> None:
+        """Return slots to the free list."""
+        if slots.numel():
+            self._free = torch.cat((self._free, slots.to(self.device, torch.int64)))
+
+    def clear(self) -> None:
+        """Mark every slot free (after a cache flush with nothing running)."""
+        self._free = torch.arange(1, self.size + 1, dtype=torch.int64, device=self.device)
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new tokens' K/V (``[tokens, kv_heads, head_dim]``) of one layer."""
+        self.k_buffers[layer][slots] = k
+        self.v_buffers[layer][slots] = v
+
+    def nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in (*self.k_buffers, *self.v_buffers))

@@ -1,0 +1,276 @@
+"""A Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) whose attention reads and writes the
+token-slot KV pool, so a request's prefix KV can come from the radix cache and only its suffix is computed.
+
+One forward runs a batch of sequences: projections and MLPs over all new tokens at once, attention for each
+sequence over its own KV slots (padded into one batched call when there are several).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llmpath.backends.engine.kv_pool import TokenSlotPool
+from llmpath.backends.engine.presets import ModelConfig
+
+
+@dataclass(slots=True)
+class SeqInput:
+    """One sequence of a forward batch: the new tokens, how many tokens precede them in the KV, and the KV slots
+    of all ``prefix_len + len(new_ids)`` tokens (the new tokens' slots last)."""
+
+    new_ids: Sequence[int]
+    prefix_len: int
+    slots: torch.Tensor
+
+
+class ForwardBatch:
+    """Tensors derived once per forward from the sequences: flattened inputs and the attention layout."""
+
+    def __init__(self, seqs: Sequence[SeqInput], device: torch.device) -> None:
+        self.num_seqs = len(seqs)
+        self.q_lens = [len(s.new_ids) for s in seqs]
+        self.kv_lens = [s.prefix_len + len(s.new_ids) for s in seqs]
+        self.prefix_lens = [s.prefix_len for s in seqs]
+        ids: list[int] = []
+        pos: list[int] = []
+        for s in seqs:
+            ids.extend(s.new_ids)
+            pos.extend(range(s.prefix_len, s.prefix_len + len(s.new_ids)))
+        self.input_ids = torch.tensor(ids, dtype=torch.int64, device=device)
+        self.positions = torch.tensor(pos, dtype=torch.int64, device=device)
+        self.out_slots = torch.cat([s.slots[s.prefix_len :] for s in seqs]).to(device)
+        #: Index of each sequence's last new token in the flattened batch (for the LM head).
+        self.last_token_index = torch.tensor(self.q_lens, device=device).cumsum(0) - 1
+        if self.num_seqs == 1:
+            self.kv_slots = seqs[0].slots.to(device)
+            q, kv, p = self.q_lens[0], self.kv_lens[0], self.prefix_lens[0]
+            self.is_causal = p == 0 and q > 1
+            self.mask = None
+            if p > 0 and q > 1:  # the suffix attends to the whole cached prefix and causally to itself
+                rows = torch.arange(q, device=device).unsqueeze(1) + p
+                self.mask = torch.arange(kv, device=device).unsqueeze(0) <= rows
+            return
+        max_q, max_kv = max(self.q_lens), max(self.kv_lens)
+        self.is_causal = False
+        kv_index = torch.zeros((self.num_seqs, max_kv), dtype=torch.int64, device=device)  # slot 0 = padding
+        for i, s in enumerate(seqs):
+            kv_index[i, : self.kv_lens[i]] = s.slots
+        self.kv_index = kv_index
+        cols = torch.arange(max_kv, device=device).view(1, 1, max_kv)
+        prefix = torch.tensor(self.prefix_lens, device=device).view(-1, 1, 1)
+        rows = torch.arange(max_q, device=device).view(1, max_q, 1) + prefix
+        kv_lens = torch.tensor(self.kv_lens, device=device).view(-1, 1, 1)
+        self.mask = ((cols <= rows) & (cols < kv_lens)).unsqueeze(1)  # [B, 1, max_q, max_kv]
+        # Where each flattened token goes in the padded [B, max_q] layout.
+        flat = [i * max_q + j for i, q in enumerate(self.q_lens) for j in range(q)]
+        self.pad_index = torch.tensor(flat, dtype=torch.int64, device=device)
+        self.max_q = max_q
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Rotary:
+    """RoPE in Hugging Face Llama's rotate-half layout; cos/sin tables computed once up to the context length."""
+
+    def __init__(self, head_dim: int, max_pos: int, theta: float, device: torch.device, dtype: torch.dtype) -> None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32, device=device), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(dtype)
+        self.sin = emb.sin().to(dtype)
+
+    def apply(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[tokens, heads, head_dim]``."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(h, h, bias=False)
+        self.k_proj = nn.Linear(h, kv, bias=False)
+        self.v_proj = nn.Linear(h, kv, bias=False)
+        self.o_proj = nn.Linear(h, h, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, pool: TokenSlotPool, rope: Rotary) -> torch.Tensor:
+        t = x.shape[0]
+        q = rope.apply(self.q_proj(x).view(t, self.num_heads, self.head_dim), batch.positions)
+        k = rope.apply(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), batch.positions)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        pool.write(self.layer_id, batch.out_slots, k, v)
+        k_buf, v_buf = pool.k_buffers[self.layer_id], pool.v_buffers[self.layer_id]
+        if batch.num_seqs == 1:
+            keys = k_buf[batch.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, d]
+            vals = v_buf[batch.kv_slots].transpose(0, 1).unsqueeze(0)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0), keys, vals, attn_mask=batch.mask, is_causal=batch.is_causal,
+                enable_gqa=True,
+            )  # fmt: skip
+            out = out.squeeze(0).transpose(0, 1)
+        else:
+            b = batch.num_seqs
+            keys = k_buf[batch.kv_index].transpose(1, 2)  # [B, kv_heads, max_kv, d]
+            vals = v_buf[batch.kv_index].transpose(1, 2)
+            q_pad = q.new_zeros((b * batch.max_q, self.num_heads, self.head_dim))
+            q_pad[batch.pad_index] = q
+            q_pad = q_pad.view(b, batch.max_q, self.num_heads, self.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q_pad, keys, vals, attn_mask=batch.mask, enable_gqa=True)
+            out = out.transpose(1, 2).reshape(b * batch.max_q, self.num_heads, self.head_dim)[batch.pad_index]
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_id)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, pool: TokenSlotPool, rope: Rotary) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, pool, rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    """The decoder; parameter names match Hugging Face's ``LlamaForCausalLM`` state dict."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rope: Rotary | None = None
+
+    def init_random(self, seed: int) -> None:
+        """Deterministic random weights (normal, std 0.02, as Llama's initializer_range)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("layernorm.weight") or name == "norm.weight":
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move to the device/dtype and build the RoPE tables."""
+        self.to(device=device, dtype=dtype)
+        cfg = self.config
+        self.rope = Rotary(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, device, dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: TokenSlotPool) -> torch.Tensor:
+        """Logits of each sequence's last new token: ``[num_seqs, vocab]`` (float32)."""
+        assert self.rope is not None, "call prepare() first"
+        x = self.embed_tokens(batch.input_ids)
+        for layer in self.layers:
+            x = layer(x, batch, pool, self.rope)
+        last = self.norm(x[batch.last_token_index])
+        return self.lm_head(last).float()
+
+
+_HF_PREFIX = "model."
+
+
+def load_safetensors(model: LlamaModel, model_dir: Path) -> None:
+    """Load a Hugging Face Llama checkpoint (``*.safetensors``) into ``model``; names and shapes are checked."""
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir}: no *.safetensors files")
+    expected = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for path in files:
+        for hf_name, tensor in load_file(str(path)).items():
+            name = hf_name.removeprefix(_HF_PREFIX)
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            param = expected.get(name)
+            if param is None:
+                raise ValueError(f"{path.name}: unexpected tensor {hf_name!r}")
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ValueError(
+                    f"{path.name}: {hf_name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(tensor.to(param.dtype))
+            loaded.add(name)
+    missing = set(expected) - loaded
+    if "lm_head.weight" in missing and (model.config.tie_word_embeddings or "embed_tokens.weight" in loaded):
+        missing.discard("lm_head.weight")
+        model.lm_head.weight = model.embed_tokens.weight
+    if missing:
+        raise ValueError(f"{model_dir}: checkpoint lacks {sorted(missing)[:5]}{' …' if len(missing) > 5 else ''}")
+
+
+def save_safetensors(model: LlamaModel, model_dir: Path) -> None:
+    """Write ``model`` as a Hugging Face Llama checkpoint (``config.json`` + ``model.safetensors``)."""
+    from safetensors.torch import save_file
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        (n if n == "lm_head.weight" else _HF_PREFIX + n): p.detach().contiguous().cpu()
+        for n, p in model.named_parameters()
+    }
+    save_file(tensors, str(model_dir / "model.safetensors"))
+    cfg = model.config
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+    (model_dir / "config.json").write_text(json.dumps(hf, indent=2))

@@ -1,0 +1,43 @@
+"""Run the engine's HTTP server (what ``llmpath engine serve`` calls)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from llmpath.backends.engine.runtime import Engine, EngineArgs
+
+log = logging.getLogger("llmpath.engine")
+
+
+def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 30000, log_level: str = "info") -> None:
+    """Build the engine, start its scheduler and serve HTTP until interrupted (SIGINT/SIGTERM)."""
+    import uvicorn
+
+    from llmpath.backends.engine.server import create_app
+    from llmpath.backends.engine.tracing import shutdown_tracing
+
+    logging.basicConfig(
+        level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    engine = Engine(args)
+    try:
+        engine.start()
+        app = create_app(engine)
+        cfg = engine.config
+        log.info(
+            "llmpath engine %s: %s (%.1fM params, %s, %s), KV pool %d tokens, max running %d, on http://%s:%d",
+            engine.model_name,
+            "checkpoint" if args.model_path else f"preset {args.preset}",
+            cfg.num_parameters() / 1e6,
+            args.device,
+            str(engine.dtype).removeprefix("torch."),
+            engine.pool.size,
+            args.max_running,
+            host,
+            port,
+        )
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        engine.stop()
+        shutdown_tracing()

@@ -1,0 +1,173 @@
+"""A backend for any OpenAI-compatible server (OpenAI, vLLM, SGLang's ``/v1`` routes, the embedded engine).
+
+Chat messages go to ``/v1/chat/completions``, a prompt or token ids to ``/v1/completions``; streams ask for
+``stream_options.include_usage`` so the final usage (with ``prompt_tokens_details.cached_tokens``) arrives.
+OpenAI's protocol carries no server timings, so every timing is the gateway's clock (``TimingSource.GATEWAY``):
+queue is reported as 0 and the time to the first content chunk as prefill. Prompt and cached token counts are
+known only at the end: ``FirstToken`` carries them when the server sends usage on every chunk
+(``continuous_usage=True``, a vLLM/SGLang extension), else 0; ``Done.usage`` is always authoritative.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from llmpath.backends._http import error_for_status, make_client, raise_stream_error, sse_json, transport_error
+from llmpath.backends.base import (
+    BackendEvent,
+    BackendProtocolError,
+    BackendRequest,
+    BackendTimings,
+    Done,
+    FirstToken,
+    Scheduled,
+    TimingSource,
+    TokenDelta,
+    Usage,
+)
+
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "content_filter": "stop", "tool_calls": "stop"}
+
+
+def openai_body(request: BackendRequest, model: str | None, continuous_usage: bool) -> tuple[str, dict[str, Any]]:
+    """The route and JSON body of a normalized request."""
+    s = request.sampling
+    body: dict[str, Any] = {"model": model or request.model, "max_tokens": s.max_tokens, "temperature": s.temperature,
+                            "top_p": s.top_p, "stream": request.stream}  # fmt: skip
+    if s.top_k > 0:
+        body["top_k"] = s.top_k
+    if s.stop:
+        body["stop"] = list(s.stop)
+    if s.seed is not None:
+        body["seed"] = s.seed
+    if s.ignore_eos:
+        body["ignore_eos"] = True
+    if request.stream:
+        body["stream_options"] = {
+            "include_usage": True,
+            **({"continuous_usage_stats": True} if continuous_usage else {}),
+        }
+    if request.cache_salt:
+        body["cache_salt"] = request.cache_salt
+    if request.messages is not None:
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        return "/v1/chat/completions", body
+    body["prompt"] = request.prompt if request.prompt is not None else list(request.input_ids or [])
+    return "/v1/completions", body
+
+
+def _usage(obj: Any) -> Usage | None:
+    if not isinstance(obj, dict) or "prompt_tokens" not in obj:
+        return None
+    details = obj.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    return Usage(int(obj["prompt_tokens"]), int(obj.get("completion_tokens") or 0), int(cached or 0))
+
+
+class OpenAIBackend:
+    """A :class:`~llmpath.backends.base.Backend` for an OpenAI-compatible HTTP server."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 300.0,
+        continuous_usage: bool = False,
+        headers: dict[str, str] | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.name = name or self.url
+        self.timing_source = TimingSource.GATEWAY
+        #: Overrides ``BackendRequest.model`` (the upstream's model id), when set.
+        self.model = model
+        self._continuous_usage = continuous_usage
+        hdrs = dict(headers or {})
+        if api_key:
+            hdrs["Authorization"] = f"Bearer {api_key}"
+        self._client = client or make_client(self.url, connect_timeout, read_timeout, hdrs)
+        self._owns_client = client is None
+
+    async def generate(self, request: BackendRequest) -> AsyncIterator[BackendEvent]:
+        path, body = openai_body(request, self.model, self._continuous_usage)
+        chat = path.endswith("chat/completions")
+        started = time.monotonic()
+        first_at: float | None = None
+        usage: Usage | None = None
+        finish: str | None = None
+        try:
+            async with self._client.stream("POST", path, json=body, headers=dict(request.trace_headers)) as resp:
+                if resp.status_code >= 400:
+                    raise error_for_status(resp.status_code, await resp.aread(), resp.headers.get("retry-after"))
+                chunks = sse_json(resp) if request.stream else _single(resp)
+                async for chunk in chunks:
+                    raise_stream_error(chunk)
+                    usage = _usage(chunk.get("usage")) or usage
+                    for choice in chunk.get("choices") or []:
+                        text = _choice_text(choice, chat)
+                        if first_at is None and (text or choice.get("finish_reason")):
+                            first_at = time.monotonic()
+                            yield Scheduled(0.0, TimingSource.GATEWAY)
+                            yield FirstToken(first_at - started, usage.prompt_tokens if usage else 0,
+                                             usage.cached_tokens if usage else 0, TimingSource.GATEWAY)  # fmt: skip
+                        if text:
+                            # A non-streamed answer covers all tokens; a stream chunk is one token in practice.
+                            yield TokenDelta(text, usage.completion_tokens if usage and not request.stream else 1)
+                        if choice.get("finish_reason"):
+                            finish = _FINISH.get(choice["finish_reason"], "stop")
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.url) from exc
+        if finish is None:
+            raise BackendProtocolError(f"{path} finished without a finish_reason")
+        if usage is None:
+            raise BackendProtocolError(f"{path} sent no usage (the server ignored stream_options.include_usage)")
+        end = time.monotonic()
+        timings = BackendTimings(
+            queue_seconds=None,
+            prefill_seconds=(first_at or end) - started,
+            first_token_seconds=(first_at or end) - started,
+            e2e_seconds=end - started,
+            source=TimingSource.GATEWAY,
+        )
+        yield Done(usage, finish, timings)
+
+    async def health(self) -> bool:
+        try:
+            resp = await self._client.get("/v1/models")
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    def __repr__(self) -> str:
+        return f"OpenAIBackend({self.name!r}, url={self.url!r})"
+
+
+def _choice_text(choice: dict[str, Any], chat: bool) -> str:
+    if chat:
+        part = choice.get("delta") or choice.get("message") or {}
+        return (part.get("content") or "") if isinstance(part, dict) else ""
+    return choice.get("text") or ""
+
+
+async def _single(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    raw = await resp.aread()
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError:
+        raise BackendProtocolError(f"response is not JSON: {raw[:200]!r}") from None
+    if not isinstance(obj, dict):
+        raise BackendProtocolError("response is not a JSON object")
+    yield obj

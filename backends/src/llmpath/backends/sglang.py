@@ -1,0 +1,249 @@
+"""The SGLang backend: SGLang's native ``/generate`` over HTTP, with its per-request timings mapped to stages.
+
+* schedule = ``meta_info.queue_time``; prefill = ``prefill_finished_time − forward_entry_time`` (or
+  ``first_token_latency − queue_time``); cached tokens = ``meta_info.cached_tokens``. These keys exist only when
+  the server runs with ``--enable-metrics``; without them the gateway's own clock is used (time to the first
+  chunk counts as prefill, queue as 0) and every event says ``TimingSource.GATEWAY``.
+* Streams in cumulative (SGLang's default) and incremental (``--incremental-streaming-output``) text modes;
+  the mode is detected from ``output_ids`` unless fixed with ``incremental_output=``.
+* Chat messages are rendered client-side with a chat template (default ChatML, see
+  :mod:`llmpath.backends.chat_template`), because ``/generate`` takes text and is the route that reports timings.
+* ``traceparent``/``tracestate`` from ``BackendRequest.trace_headers`` are sent along; closing the event iterator
+  closes the HTTP stream, and SGLang aborts a request whose client went away.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from llmpath.backends._http import error_for_status, make_client, raise_stream_error, sse_json, transport_error
+from llmpath.backends.base import (
+    BackendEvent,
+    BackendProtocolError,
+    BackendRequest,
+    BackendTimings,
+    Done,
+    FirstToken,
+    Scheduled,
+    TimingSource,
+    TokenDelta,
+    Usage,
+)
+from llmpath.backends.chat_template import Messages, load_chat_template
+
+
+def generate_body(request: BackendRequest, render_chat: Callable[[Messages], str]) -> dict[str, Any]:
+    """The ``/generate`` JSON body of a normalized request."""
+    s = request.sampling
+    params: dict[str, Any] = {"max_new_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+                              "top_k": s.top_k, "ignore_eos": s.ignore_eos}  # fmt: skip
+    if s.stop:
+        params["stop"] = list(s.stop)
+    if s.seed is not None:
+        params["sampling_seed"] = s.seed
+    body: dict[str, Any] = {"sampling_params": params, "stream": request.stream, "rid": request.request_id}
+    if request.messages is not None:
+        body["text"] = render_chat([{"role": m.role, "content": m.content} for m in request.messages])
+    elif request.prompt is not None:
+        body["text"] = request.prompt
+    else:
+        body["input_ids"] = list(request.input_ids or [])
+    if request.cache_salt:
+        body["cache_salt"] = request.cache_salt
+    return body
+
+
+class GenerateStreamParser:
+    """Turns ``/generate`` outputs (SSE chunks or one JSON body) into backend events."""
+
+    def __init__(self, started: float, incremental_output: bool | None = None) -> None:
+        self.started = started
+        self.incremental = incremental_output
+        self.text = ""
+        self.completion_tokens = 0
+        self.first_token_at: float | None = None
+        self.source = TimingSource.GATEWAY
+        self.queue_seconds: float | None = None
+        self.prefill_seconds: float | None = None
+        self.done = False
+
+    def feed(self, chunk: dict[str, Any]) -> list[BackendEvent]:
+        """Events for one output object (raises typed errors for in-stream errors and malformed chunks)."""
+        raise_stream_error(chunk)
+        meta = chunk.get("meta_info")
+        if not isinstance(meta, dict) or "completion_tokens" not in meta or "prompt_tokens" not in meta:
+            raise BackendProtocolError(f"/generate output without meta_info counts: {json.dumps(chunk)[:200]}")
+        if self.done:
+            raise BackendProtocolError("/generate output after the final one")
+        events: list[BackendEvent] = []
+        if self.first_token_at is None:
+            events.extend(self._first(meta))
+        delta, n = self._delta(chunk.get("text") or "", chunk.get("output_ids"), int(meta["completion_tokens"]))
+        if delta or n:
+            events.append(TokenDelta(delta, n))
+        if meta.get("finish_reason"):
+            events.append(self._done(meta))
+        return events
+
+    def _first(self, meta: dict[str, Any]) -> list[BackendEvent]:
+        now = time.monotonic()
+        self.first_token_at = now
+        gateway_ttft = now - self.started
+        queue = meta.get("queue_time")
+        if isinstance(queue, int | float):
+            self.source = TimingSource.BACKEND
+            self.queue_seconds = float(queue)
+            fet, pft = meta.get("forward_entry_time"), meta.get("prefill_finished_time")
+            if isinstance(fet, int | float) and isinstance(pft, int | float):
+                self.prefill_seconds = max(float(pft) - float(fet), 0.0)
+            elif isinstance(meta.get("first_token_latency"), int | float):
+                self.prefill_seconds = max(float(meta["first_token_latency"]) - self.queue_seconds, 0.0)
+            else:
+                self.prefill_seconds = max(gateway_ttft - self.queue_seconds, 0.0)
+        else:
+            self.queue_seconds, self.prefill_seconds = 0.0, gateway_ttft
+        return [
+            Scheduled(self.queue_seconds, self.source),
+            FirstToken(
+                self.prefill_seconds, int(meta["prompt_tokens"]), int(meta.get("cached_tokens") or 0), self.source
+            ),  # fmt: skip
+        ]
+
+    def _delta(self, text: str, output_ids: Any, completion: int) -> tuple[str, int]:
+        new_tokens = completion - self.completion_tokens
+        if self.incremental is None and isinstance(output_ids, list) and self.completion_tokens > 0:
+            self.incremental = len(output_ids) != completion
+        cumulative = (not self.incremental) if self.incremental is not None else text.startswith(self.text)
+        if cumulative:
+            if text.startswith(self.text):
+                delta = text[len(self.text) :]
+                self.text = text
+            else:  # SGLang trims a matched stop string at the end; never emit negative deltas
+                delta = ""
+                if self.text.startswith(text):
+                    self.text = text
+        else:
+            delta = text
+            self.text += text
+        self.completion_tokens = completion
+        return delta, max(new_tokens, 0)
+
+    def _done(self, meta: dict[str, Any]) -> Done:
+        self.done = True
+        reason = meta["finish_reason"]
+        kind = reason.get("type") if isinstance(reason, dict) else str(reason)
+        if kind == "abort" and isinstance(reason, dict):
+            status = reason.get("status_code")
+            message = reason.get("message") or "request aborted by the backend"
+            if isinstance(status, int) and status >= 400 and status != 499:
+                raise error_for_status(status, json.dumps({"error": {"message": message}}).encode())
+        now = time.monotonic()
+        if self.source is TimingSource.BACKEND:
+            timings = BackendTimings(
+                queue_seconds=self.queue_seconds,
+                prefill_seconds=self.prefill_seconds,
+                first_token_seconds=_num(meta.get("first_token_latency")),
+                e2e_seconds=_num(meta.get("e2e_latency")),
+                source=TimingSource.BACKEND,
+            )
+        else:
+            timings = BackendTimings(
+                queue_seconds=None,
+                prefill_seconds=self.prefill_seconds,
+                first_token_seconds=(self.first_token_at or now) - self.started,
+                e2e_seconds=now - self.started,
+                source=TimingSource.GATEWAY,
+            )
+        usage = Usage(int(meta["prompt_tokens"]), int(meta["completion_tokens"]), int(meta.get("cached_tokens") or 0))
+        return Done(usage, kind if kind in ("stop", "length", "abort") else "stop", timings)
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+class SGLangBackend:
+    """A :class:`~llmpath.backends.base.Backend` for an SGLang server (or the embedded engine)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 300.0,
+        chat_template: str | Callable[[Messages], str] | None = None,
+        incremental_output: bool | None = None,
+        headers: dict[str, str] | None = None,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.name = name or self.url
+        #: The server's clock when it reports timings (--enable-metrics); events say which was used.
+        self.timing_source = TimingSource.BACKEND
+        self._render_chat = load_chat_template(chat_template)
+        self._incremental = incremental_output
+        self._client = client or make_client(self.url, connect_timeout, read_timeout, headers)
+        self._owns_client = client is None
+
+    async def generate(self, request: BackendRequest) -> AsyncIterator[BackendEvent]:
+        """Run ``request`` on ``/generate``; see the module docstring for the mapping."""
+        body = generate_body(request, self._render_chat)
+        parser = GenerateStreamParser(time.monotonic(), self._incremental)
+        headers = dict(request.trace_headers)
+        try:
+            async with self._client.stream("POST", "/generate", json=body, headers=headers) as resp:
+                if resp.status_code >= 400:
+                    raise error_for_status(resp.status_code, await resp.aread(), resp.headers.get("retry-after"))
+                if request.stream:
+                    async for chunk in sse_json(resp):
+                        for event in parser.feed(chunk):
+                            yield event
+                else:
+                    payload = _json(await resp.aread())
+                    if isinstance(payload, list) and len(payload) == 1:
+                        payload = payload[0]
+                    if not isinstance(payload, dict):
+                        raise BackendProtocolError("/generate answered something other than an object")
+                    for event in parser.feed(payload):
+                        yield event
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.url) from exc
+        if not parser.done:
+            raise BackendProtocolError("/generate finished without a final output (finish_reason)")
+
+    async def health(self) -> bool:
+        try:
+            resp = await self._client.get("/health")
+        except httpx.HTTPError:
+            return False
+        return resp.status_code == 200
+
+    async def server_info(self) -> dict[str, Any]:
+        """``GET /server_info`` (SGLang's server arguments and load)."""
+        try:
+            resp = await self._client.get("/server_info")
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, self.url) from exc
+        if resp.status_code >= 400:
+            raise error_for_status(resp.status_code, resp.content)
+        return _json(resp.content)
+
+    async def aclose(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    def __repr__(self) -> str:
+        return f"SGLangBackend({self.name!r}, url={self.url!r})"
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        raise BackendProtocolError(f"response is not JSON: {raw[:200]!r}") from None
