@@ -3,8 +3,8 @@
 Variants of the same app, driven in-process by direct ASGI calls (no sockets):
   (a) bare;
   (b) stock ``FastAPIInstrumentor.instrument_app`` with the OTel SDK, a BatchSpanProcessor and a null exporter;
-  (c) llmpath: 8 stage spans (6 ``stage()`` blocks + 2 ``record_stage``) + metrics + a JSONL usage record,
-      same SDK, processor and exporter.
+  (c) llmpath: 8 stage spans (6 ``stage()`` blocks + 2 ``record_stage``) + metrics + a usage record written to a
+      JSONL file (``--sink memory`` keeps it in an in-memory ring instead), same SDK, processor and exporter.
 (b) and (c) run with an always-on sampler and with a parent-based 10% ratio sampler (the production setting).
 Rounds interleave the variants so machine noise hits all of them alike; medians are reported.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import gc
 import json
 import statistics
@@ -136,7 +137,16 @@ async def drive(app: Any, n: int) -> float:
     return perf_counter() - t0
 
 
-def build_variants(tmp: str) -> dict[str, tuple[Any, Callable[[], int]]]:
+def usage_sink(kind: str, path: Path) -> Any:
+    """The sink of variant (c): a durable JSONL file (default), an in-memory ring, or none."""
+    if kind == "jsonl":
+        return JsonlUsageSink(path)
+    if kind == "memory":
+        return collections.deque(maxlen=1000).append
+    return None
+
+
+def build_variants(tmp: str, sink: str) -> dict[str, tuple[Any, Callable[[], int]]]:
     """name → (ASGI app, exported-span counter)."""
     variants: dict[str, tuple[Any, Callable[[], int]]] = {"a": (bare_app(), lambda: 0)}
     for tag, sampler in (("100", ALWAYS_ON), ("10", ParentBased(TraceIdRatioBased(0.1)))):
@@ -149,16 +159,16 @@ def build_variants(tmp: str) -> dict[str, tuple[Any, Callable[[], int]]]:
             llmpath_app(),
             registry=CollectorRegistry(),
             tracer_provider=tp_c,
-            usage_sink=JsonlUsageSink(Path(tmp) / f"usage-{tag}.jsonl"),
+            usage_sink=usage_sink(sink, Path(tmp) / f"usage-{tag}.jsonl"),
         )
         variants[f"c{tag}"] = (app_c, lambda e=exp_c, t=tp_c: (t.force_flush(), e.count)[1])
     return variants
 
 
-async def run(requests: int, rounds: int) -> dict[str, list[float]]:
+async def run(requests: int, rounds: int, sink: str) -> dict[str, list[float]]:
     per_round = requests // rounds
     with tempfile.TemporaryDirectory() as tmp:
-        variants = build_variants(tmp)
+        variants = build_variants(tmp, sink)
         for app, _ in variants.values():  # build middleware stacks, warm caches
             await drive(app, 500)
         spans_before = {name: count() for name, (_, count) in variants.items()}
@@ -179,9 +189,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20000, help="requests per variant (default 20000)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    parser.add_argument(
+        "--sink",
+        choices=("jsonl", "memory", "none"),
+        default="jsonl",
+        help="usage-record sink of (c): a durable JSONL file (default), an in-memory ring, or none",
+    )
     args = parser.parse_args(argv)
-    print(f"µs/request per round ({args.requests} requests per variant, {args.rounds} rounds):")
-    samples = asyncio.run(run(args.requests, args.rounds))
+    print(f"µs/request per round ({args.requests} requests per variant, {args.rounds} rounds, sink={args.sink}):")
+    samples = asyncio.run(run(args.requests, args.rounds, args.sink))
     med = {name: statistics.median(v) for name, v in samples.items()}
     a = med["a"]
     print(f"\n(a) bare: {a:.1f} µs/request (median)")

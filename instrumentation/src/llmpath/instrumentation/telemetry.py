@@ -9,6 +9,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from operator import itemgetter
+from random import getrandbits
 from time import perf_counter, time_ns
 from typing import Any
 
@@ -148,7 +149,7 @@ class Instrumentation:
                     request_id = value.decode("latin-1")
             elif key in fields:
                 traced = True
-        req = RequestTelemetry(self, request_id or os.urandom(16).hex(), start, start_ns)
+        req = RequestTelemetry(self, request_id or format(getrandbits(128), "032x"), start, start_ns)
         req.scope = scope
         req.method = method = scope.get("method", "GET")
         req.path = path = scope.get("path", "")
@@ -298,7 +299,7 @@ class Instrumentation:
                 error_type=error,
             )
         if self.usage:
-            make = StageTiming._make
+            new = tuple.__new__  # StageTiming is a NamedTuple: build it without the Python-level constructor
             self.usage.emit(
                 UsageRecord(
                     req.request_id,
@@ -310,7 +311,7 @@ class Instrumentation:
                     usage[0] if usage else 0,
                     usage[1] if usage else 0,
                     usage[2] if usage else 0,
-                    [make((name, s - start, e - s, source)) for name, s, e, source in stages],
+                    [new(StageTiming, (name, s - start, e - s, source)) for name, s, e, source in stages],
                     ttft,
                     duration,
                     code,

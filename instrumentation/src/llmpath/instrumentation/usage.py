@@ -118,13 +118,26 @@ _RECORD_JSON = (
     '"input_tokens":%d,"cached_tokens":%d,"output_tokens":%d,"stages":%s,"ttft_s":%s,"duration_s":%.6f,'
     '"status_code":%d,"unattributed_s":%s,"tpot_s":%s,"error":%s,"extra":%s}'
 )
-_STAGE_JSON = '{"name":%s,"start_s":%.6f,"duration_s":%.6f,"source":%s}'
+_STAGE_JSON = '{"name":%s,"start_s":%%.6f,"duration_s":%%.6f,"source":%s}'
+#: ``(name, source)`` → the stage's JSON template with the two floats left to fill (names are a small set).
+_STAGE_TEMPLATES: dict[tuple[str, str], str] = {}
+
+
+def _stage_template(name: str, source: str) -> str:
+    template = _STAGE_JSON % (encode_basestring(name), encode_basestring(source))
+    if len(_STAGE_TEMPLATES) < 4096:
+        _STAGE_TEMPLATES[(name, source)] = template
+    return template
 
 
 def stages_json(stages: Iterable[StageTiming]) -> str:
     """The ``stages`` list as JSON (microsecond precision)."""
-    enc = encode_basestring
-    return "[" + ",".join([_STAGE_JSON % (enc(n), s, d, enc(src)) for n, s, d, src in stages]) + "]"
+    templates = _STAGE_TEMPLATES
+    parts = []
+    for n, s, d, src in stages:
+        template = templates.get((n, src)) or _stage_template(n, src)
+        parts.append(template % (s, d))
+    return "[" + ",".join(parts) + "]"
 
 
 def _json_str(value: str | None) -> str:
