@@ -1,0 +1,135 @@
+"""The transformer against an independent eager reference, prefix reuse exactness, batching, checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmpath.backends.engine.kv_pool import TokenSlotPool
+from llmpath.backends.engine.model import ForwardBatch, LlamaModel, SeqInput, load_safetensors, save_safetensors
+from llmpath.backends.engine.presets import PRESETS, config_from_hf
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaModel:
+    m = LlamaModel(PRESETS["tiny"])
+    m.init_random(seed=7)
+    m.prepare(CPU, torch.float32)
+    return m
+
+
+def new_pool(m: LlamaModel, slots: int = 512) -> TokenSlotPool:
+    c = m.config
+    return TokenSlotPool(slots, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype=torch.float32, device=CPU)
+
+
+def reference_logits(m: LlamaModel, ids: list[int]) -> torch.Tensor:
+    """A plain eager forward (no KV pool, explicit GQA repeat and softmax) giving every position's logits."""
+    c = m.config
+    n, h, kv, d = len(ids), c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    inv = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2).float() / d))
+    ang = torch.outer(torch.arange(n).float(), inv)
+    cos, sin = torch.cat((ang, ang), -1).cos(), torch.cat((ang, ang), -1).sin()
+
+    def rope(x: torch.Tensor) -> torch.Tensor:  # [n, heads, d]
+        rot = torch.cat((-x[..., d // 2 :], x[..., : d // 2]), -1)
+        return x * cos[:, None] + rot * sin[:, None]
+
+    def rms(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + c.rms_norm_eps))
+
+    with torch.no_grad():
+        x = m.embed_tokens.weight[torch.tensor(ids)]
+        for layer in m.layers:
+            a = layer.self_attn
+            hx = rms(x, layer.input_layernorm.weight)
+            q = rope((hx @ a.q_proj.weight.T).view(n, h, d))
+            k = rope((hx @ a.k_proj.weight.T).view(n, kv, d)).repeat_interleave(h // kv, dim=1)
+            v = (hx @ a.v_proj.weight.T).view(n, kv, d).repeat_interleave(h // kv, dim=1)
+            scores = torch.einsum("qhd,khd->hqk", q, k) / d**0.5
+            scores = scores.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+            out = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(n, h * d)
+            x = x + out @ a.o_proj.weight.T
+            hx = rms(x, layer.post_attention_layernorm.weight)
+            mlp = layer.mlp
+            x = x + (F.silu(hx @ mlp.gate_proj.weight.T) * (hx @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
+        return rms(x, m.norm.weight) @ m.lm_head.weight.T
+
+
+def ids_of(n: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_full_prefill_matches_the_eager_reference(model: LlamaModel) -> None:
+    ids = ids_of(40)
+    pool = new_pool(model)
+    got = model(ForwardBatch([SeqInput(ids, 0, pool.alloc(40))], CPU), pool)
+    want = reference_logits(model, ids)[-1]
+    assert torch.allclose(got[0], want, atol=1e-4), (got[0] - want).abs().max()
+
+
+def test_suffix_prefill_on_cached_prefix_equals_full_prefill(model: LlamaModel) -> None:
+    ids = ids_of(64, seed=1)
+    pool = new_pool(model)
+    prefix = pool.alloc(48)
+    model(ForwardBatch([SeqInput(ids[:48], 0, prefix)], CPU), pool)  # fills the prefix KV
+    slots = torch.cat((prefix, pool.alloc(16)))  # the suffix gets slots elsewhere in the pool
+    warm = model(ForwardBatch([SeqInput(ids[48:], 48, slots)], CPU), pool)
+    assert torch.allclose(warm[0], reference_logits(model, ids)[-1], atol=1e-4)
+
+
+def test_decode_steps_match_the_reference_at_each_position(model: LlamaModel) -> None:
+    ids = ids_of(20, seed=2)
+    pool = new_pool(model)
+    slots = pool.alloc(12)
+    model(ForwardBatch([SeqInput(ids[:12], 0, slots)], CPU), pool)
+    ref = reference_logits(model, ids)
+    for i in range(12, 20):
+        slots = torch.cat((slots, pool.alloc(1)))
+        out = model(ForwardBatch([SeqInput([ids[i]], i, slots)], CPU), pool)
+        assert torch.allclose(out[0], ref[i], atol=1e-4)
+
+
+def test_ragged_batch_equals_separate_forwards(model: LlamaModel) -> None:
+    pool = new_pool(model)
+    a, b = ids_of(30, seed=3), ids_of(9, seed=4)
+    pa = pool.alloc(20)
+    model(ForwardBatch([SeqInput(a[:20], 0, pa)], CPU), pool)
+    sa, sb = torch.cat((pa, pool.alloc(10))), pool.alloc(9)
+    batched = model(ForwardBatch([SeqInput(a[20:], 20, sa), SeqInput(b, 0, sb)], CPU), pool)
+    assert torch.allclose(batched[0], reference_logits(model, a)[-1], atol=1e-4)
+    assert torch.allclose(batched[1], reference_logits(model, b)[-1], atol=1e-4)
+
+
+def test_random_weights_are_deterministic() -> None:
+    one, two = LlamaModel(PRESETS["tiny"]), LlamaModel(PRESETS["tiny"])
+    one.init_random(0)
+    two.init_random(0)
+    assert all(torch.equal(p, q) for p, q in zip(one.parameters(), two.parameters(), strict=True))
+
+
+def test_checkpoint_round_trip(model: LlamaModel, tmp_path: Path) -> None:
+    save_safetensors(model, tmp_path)
+    cfg = config_from_hf(tmp_path)
+    assert replace(cfg, name=model.config.name) == model.config
+    loaded = LlamaModel(cfg)
+    load_safetensors(loaded, tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), loaded.parameters(), strict=True))
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="config.json: not found"):
+        config_from_hf(tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": ["BertModel"], "vocab_size": 10}')
+    with pytest.raises(ValueError, match="not Llama-style"):
+        config_from_hf(tmp_path)
+    small = LlamaModel(replace(PRESETS["tiny"], hidden_size=32))
+    save_safetensors(small, tmp_path)
+    with pytest.raises(ValueError, match="shape"):
+        load_safetensors(LlamaModel(PRESETS["tiny"]), tmp_path)
