@@ -1,0 +1,150 @@
+"""Stage ``schedule`` (gateway side): global concurrency with a bounded FIFO queue, per-tenant token buckets.
+
+A request first takes a token from its tenant's bucket (refused at once with the time until the next token:
+429 + ``Retry-After``), then a concurrency slot: free → immediately; otherwise it waits in a FIFO queue of at
+most ``max_queue`` requests for at most ``queue_timeout_s``; a full queue or a timeout is a 429.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmpath.gateway.config import RateConfig
+
+
+class AdmissionRejected(Exception):
+    """Not admitted; ``reason`` is ``queue_full``, ``queue_timeout`` or ``rate_limited``."""
+
+    def __init__(self, reason: str, retry_after_s: float, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``capacity``; starts full."""
+
+    __slots__ = ("_stamp", "_tokens", "capacity", "clock", "rate")
+
+    def __init__(self, rate: float, capacity: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.capacity = capacity
+        self.clock = clock
+        self._tokens = capacity
+        self._stamp = clock()
+
+    def take(self, n: float = 1.0) -> float:
+        """Take ``n`` tokens: 0.0 on success, else the seconds until ``n`` tokens will be there."""
+        now = self.clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= n:
+            self._tokens -= n
+            return 0.0
+        return (n - self._tokens) / self.rate
+
+
+class TenantRateLimiter:
+    """One token bucket per tenant; a tenant's own ``rate`` overrides the default; rate 0 = unlimited."""
+
+    def __init__(self, default: RateConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.default = default
+        self.clock = clock
+        self._buckets: dict[str, TokenBucket | None] = {}
+
+    def check(self, tenant: str, override: RateConfig | None = None) -> None:
+        """Raise :class:`AdmissionRejected` (``rate_limited``) when the tenant is over its rate."""
+        bucket = self._buckets.get(tenant, ...)
+        if bucket is ...:
+            rate = override or self.default
+            bucket = (
+                TokenBucket(rate.requests_per_second, rate.capacity, self.clock) if rate.requests_per_second else None
+            )
+            self._buckets[tenant] = bucket
+        if bucket is None:
+            return
+        wait = bucket.take()
+        if wait:
+            raise AdmissionRejected("rate_limited", wait, "Rate limit reached for this API key; retry later.")
+
+
+@dataclass(slots=True)
+class _Waiter:
+    future: asyncio.Future[None]
+
+
+class Admission:
+    """Global concurrency limit with a bounded FIFO wait queue (asyncio; one event loop)."""
+
+    def __init__(self, max_concurrency: int, max_queue: int, queue_timeout_s: float) -> None:
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.queue_timeout_s = queue_timeout_s
+        self.inflight = 0
+        self._waiters: deque[_Waiter] = deque()
+        #: Called with (inflight, queue depth) whenever either changes (metrics gauges).
+        self.on_change: Callable[[int, int], None] | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self) -> float:
+        """Wait for a slot; returns the seconds waited. Raises :class:`AdmissionRejected`."""
+        if self.inflight < self.max_concurrency and not self._waiters:
+            self.inflight += 1
+            self._changed()
+            return 0.0
+        if len(self._waiters) >= self.max_queue:
+            raise AdmissionRejected(
+                "queue_full", self._retry_hint(), "The gateway is at capacity and its queue is full; retry later."
+            )
+        start = time.perf_counter()
+        waiter = _Waiter(asyncio.get_running_loop().create_future())
+        self._waiters.append(waiter)
+        self._changed()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), self.queue_timeout_s)
+        except TimeoutError:
+            if waiter.future.done():  # granted just as the timer fired: keep the slot
+                return time.perf_counter() - start
+            self._remove(waiter)
+            raise AdmissionRejected(
+                "queue_timeout", self._retry_hint(), "Timed out waiting for capacity in the gateway; retry later."
+            ) from None
+        except asyncio.CancelledError:
+            if waiter.future.done():  # granted, but the client went away: pass the slot on
+                self.release()
+            else:
+                self._remove(waiter)
+            raise
+        return time.perf_counter() - start
+
+    def release(self) -> None:
+        """Give a slot back: the oldest waiter gets it, else the in-flight count drops."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(None)  # the slot passes on; inflight unchanged
+                self._changed()
+                return
+        self.inflight -= 1
+        self._changed()
+
+    def _remove(self, waiter: _Waiter) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        waiter.future.cancel()
+        self._changed()
+
+    def _retry_hint(self) -> float:
+        return 1.0 + len(self._waiters) / max(1, self.max_concurrency)
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.inflight, len(self._waiters))

@@ -1,0 +1,350 @@
+"""The FastAPI app: OpenAI-compatible endpoints, probes, metrics, the waterfall page and admin endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmpath.backends.base import Backend
+from llmpath.backends.chat_template import load_chat_template
+from llmpath.gateway import errors
+from llmpath.gateway.assembly import RouteAssembler
+from llmpath.gateway.config import BackendConfig, GatewayConfig, LimitsConfig, RouteConfig
+from llmpath.gateway.errors import APIError
+from llmpath.gateway.metrics import GatewayMetrics
+from llmpath.gateway.otel import setup_from_env
+from llmpath.gateway.pool import BackendPool, BackendState
+from llmpath.gateway.prompt_cache import PromptCache
+from llmpath.gateway.routing import PrefixIndex, Router, Tokenization
+from llmpath.gateway.schemas import (
+    SSE_EVENT_SCHEMA,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    ModelList,
+    error_responses,
+)
+from llmpath.gateway.service import DEFAULT_ROUTE, Gateway, RouteRuntime
+from llmpath.gateway.waterfall import WaterfallStore, render_html, to_json
+from llmpath.instrumentation import DEFAULT_EXCLUDED_PATHS, JsonlUsageSink, SqliteUsageSink, instrument_app
+
+log = logging.getLogger("llmpath.gateway")
+
+try:
+    __version__ = version("llmpath-gateway")
+except PackageNotFoundError:  # pragma: no cover
+    __version__ = "0"
+
+BackendFactory = Callable[[BackendConfig, GatewayConfig], Backend]
+#: Paths that are not LLM traffic: no spans, stage metrics or usage records.
+EXCLUDED_PATHS = (*DEFAULT_EXCLUDED_PATHS, "/v1/models", "/openapi.json", "/debug/*", "/admin/*")
+
+
+def default_backend_factory(backend: BackendConfig, config: GatewayConfig) -> Backend:
+    """A backend client for ``backend`` (``llmpath.backends.create_backend``) with the configured timeouts."""
+    from llmpath.backends import create_backend
+
+    timeouts = config.limits.timeouts
+    options: dict[str, Any] = {"connect_timeout": timeouts.connect_s, "read_timeout": timeouts.read_s}
+    if backend.kind == "openai":
+        options["api_key"] = os.environ.get(backend.api_key_env) if backend.api_key_env else None
+    else:
+        options["chat_template"] = config.tokenizer.chat_template
+    return create_backend(backend.kind, backend.base_url, name=backend.display_name, **options)
+
+
+def build_gateway(config: GatewayConfig, backend_factory: BackendFactory = default_backend_factory) -> Gateway:
+    """The gateway's components from a configuration."""
+    states = [
+        BackendState(backend=backend_factory(b, config), config=b, name=b.display_name, weight=b.weight)
+        for b in config.backends
+    ]
+    pc = config.prompt_cache
+    tokenization = Tokenization(block_tokens=pc.block_tokens, chars_per_token=config.tokenizer.chars_per_token)
+    index = PrefixIndex(max_blocks_per_backend=pc.max_blocks_per_backend, ttl_s=pc.ttl_s)
+    prompt_cache = PromptCache(index, tokenization, min_prefix_tokens=pc.min_prefix_tokens, enabled=pc.enabled)
+    routing = config.routing
+    router = Router(
+        routing.policy,
+        min_match_ratio=routing.min_match_ratio,
+        min_blocks=max(1, -(-pc.min_prefix_tokens // pc.block_tokens)),
+        balance_abs=routing.balance_abs_threshold,
+        balance_rel=routing.balance_rel_threshold,
+    )
+    render_chat = load_chat_template(config.tokenizer.chat_template)
+    if config.routes:
+        routes = {r.name: RouteRuntime(r, RouteAssembler(r, render_chat=render_chat)) for r in config.routes}
+    else:
+        default = RouteConfig(name=DEFAULT_ROUTE)
+        routes = {
+            DEFAULT_ROUTE: RouteRuntime(default, RouteAssembler(default, render_chat=render_chat), passthrough=True)
+        }
+    pool = BackendPool(states, config.health, on_eject=lambda s: prompt_cache.forget_backend(s.name))
+    return Gateway(config, pool=pool, prompt_cache=prompt_cache, router=router, routes=routes)
+
+
+def _open_ledger(config: GatewayConfig) -> Any:
+    path = config.usage.ledger
+    if path is None:
+        return None
+    if path.suffix in (".db", ".sqlite", ".sqlite3"):
+        return SqliteUsageSink(path)
+    return JsonlUsageSink(path)
+
+
+class FlushRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    #: Flush one tenant's cached prefixes; everyone's when omitted.
+    tenant: str | None = Field(default=None, max_length=128)
+
+
+def _request_body(model: type[BaseModel], defs: dict[str, Any], *, required: bool = True) -> dict[str, Any]:
+    """An ``openapi_extra`` request body for ``model`` (the handlers parse bodies themselves, after auth);
+    nested models are collected into ``defs`` for ``components.schemas``."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    defs.update(schema.pop("$defs", {}))
+    defs[model.__name__] = schema
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": required, "content": {"application/json": {"schema": ref}}}}
+
+
+def _with_components(app: FastAPI, defs: dict[str, Any], limits: LimitsConfig) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` with the request-body schemas in ``components.schemas`` and the configured limits
+    (``max_tokens``, messages, stop sequences) as their maxima."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(copy.deepcopy(defs))
+            error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(error_schema.pop("$defs", {}))
+            schemas["ErrorResponse"] = error_schema
+            _document_limits(schemas, limits)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
+def _document_limits(schemas: dict[str, Any], limits: LimitsConfig) -> None:
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        props = schemas[name]["properties"]
+        for field in ("max_tokens", "max_completion_tokens"):
+            for branch in props.get(field, {}).get("anyOf", ()):
+                if branch.get("type") == "integer":
+                    branch["maximum"] = limits.max_tokens
+        for branch in props["stop"]["anyOf"]:
+            if branch.get("type") == "array":
+                branch["maxItems"] = limits.max_stop_sequences
+    schemas["ChatCompletionRequest"]["properties"]["messages"]["maxItems"] = limits.max_messages
+
+
+def create_app(
+    config: GatewayConfig,
+    *,
+    backend_factory: BackendFactory = default_backend_factory,
+    registry: Any = None,
+    tracer_provider: Any = None,
+) -> FastAPI:
+    """The gateway as an ASGI app (instrumented; OTel export from the environment unless a provider is given)."""
+    gateway = build_gateway(config, backend_factory)
+    waterfall = WaterfallStore(config.debug.waterfall_requests)
+    ledger = _open_ledger(config)
+    otel = setup_from_env() if tracer_provider is None else None
+    if otel is not None and otel.tracer_provider is not None:
+        tracer_provider = otel.tracer_provider
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.pool.check_all()
+        gateway.pool.start()
+        expirer = asyncio.get_running_loop().create_task(_expire_loop(gateway), name="llmpath-cache-expiry")
+        try:
+            yield
+        finally:
+            expirer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expirer
+            await gateway.pool.stop()
+            if otel is not None:
+                otel.shutdown()
+
+    app = FastAPI(
+        title="llmpath gateway",
+        version=__version__,
+        description="OpenAI-compatible LLM gateway whose seven request stages are instrumented (llmpath).",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
+    app.state.gateway = gateway
+    app.state.waterfall = waterfall
+    _install_error_handlers(app)
+
+    defs: dict[str, Any] = {}
+    chat_schema = _request_body(ChatCompletionRequest, defs)
+    completion_schema = _request_body(CompletionRequest, defs)
+    flush_schema = _request_body(FlushRequest, defs, required=False)
+    admin = [Depends(_admin_dependency(gateway))]  # runs before query parameters are validated
+    stream_doc = {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}
+    completion_errors = error_responses(400, 401, 404, 413, 422, 429, 502, 503, 504)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={200: {"content": stream_doc}, **completion_errors},
+        openapi_extra=chat_schema,
+        summary="Create a chat completion (stream or not)",
+    )
+    async def chat_completions(request: Request) -> Response:
+        return await gateway.handle(request, "chat")
+
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses={200: {"content": stream_doc}, **completion_errors},
+        openapi_extra=completion_schema,
+        summary="Create a text completion (stream or not)",
+    )
+    async def completions(request: Request) -> Response:
+        return await gateway.handle(request, "text")
+
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses(401), summary="List the routes")
+    async def models(request: Request) -> dict[str, Any]:
+        gateway.authenticate(request)
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "llmpath"} for name in gateway.routes],
+        }
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: at least one backend is available")
+    async def readyz() -> JSONResponse:
+        ready = gateway.pool.ready()
+        body = {"status": "ready" if ready else "unavailable", "backends": gateway.pool.status()}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get(
+        "/debug/requests",
+        response_class=HTMLResponse,
+        responses=error_responses(400, 401, 403),
+        dependencies=admin,
+        summary="Waterfall of recent requests (admin; browsers may use Basic auth with the key as password)",
+    )
+    async def debug_requests(
+        limit: Annotated[int, Query(ge=1, le=100_000, description="Rows (newest first).")] = 50,
+        axis: Annotated[
+            Literal["request", "ttft"], Query(description="Time axis: whole requests or TTFT.")
+        ] = "request",
+    ) -> HTMLResponse:
+        limit = min(limit, config.debug.waterfall_requests)
+        html = render_html(waterfall.recent(limit), axis=axis, limit=limit)
+        return HTMLResponse(html, headers={"cache-control": "no-store"})
+
+    @app.get(
+        "/debug/requests.json",
+        responses=error_responses(400, 401, 403),
+        dependencies=admin,
+        summary="Recent requests as JSON (admin)",
+    )
+    async def debug_requests_json(
+        limit: Annotated[int, Query(ge=1, le=100_000, description="Records (newest first).")] = 200,
+    ) -> JSONResponse:
+        limit = min(limit, config.debug.waterfall_requests)
+        return JSONResponse(to_json(waterfall.recent(limit)), headers={"cache-control": "no-store"})
+
+    @app.post(
+        "/admin/prompt-cache/flush",
+        responses=error_responses(400, 401, 403),
+        openapi_extra=flush_schema,
+        dependencies=admin,
+        summary="Invalidate cached prefixes of one tenant or everyone (admin)",
+    )
+    async def flush_prompt_cache(request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        body = FlushRequest()
+        if raw.strip():
+            try:
+                body = FlushRequest.model_validate_json(raw)
+            except ValidationError as exc:
+                raise errors.from_validation_error(exc) from None
+        gateway.prompt_cache.flush(body.tenant)
+        log.info("prompt cache flushed (%s)", "one tenant" if body.tenant else "all tenants")
+        return {"flushed": True, "tenant": body.tenant}
+
+    sinks: list[Any] = [waterfall]
+    if ledger is not None:
+        sinks.append(ledger)
+    instrument_app(
+        app,
+        registry=registry,
+        tracer_provider=tracer_provider,
+        meter_provider=otel.meter_provider if otel is not None else None,
+        usage_sink=sinks,
+        excluded_paths=EXCLUDED_PATHS,
+    )
+    gateway.bind_metrics(GatewayMetrics(app.state.llmpath.metric))
+    app.openapi = _with_components(app, defs, config.limits)  # type: ignore[method-assign]
+    return app
+
+
+def _admin_dependency(gateway: Gateway) -> Callable[[Request], None]:
+    def require_admin(request: Request) -> None:
+        try:
+            gateway.authenticate(request, admin=True)
+        except APIError as exc:
+            if exc.status_code == 401:  # let a browser ask for the key (user name ignored, key as password)
+                exc.headers["WWW-Authenticate"] = 'Basic realm="llmpath gateway admin", charset="UTF-8"'
+            raise
+
+    return require_admin
+
+
+async def _expire_loop(gateway: Gateway, interval_s: float = 30.0) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        gateway.prompt_cache.index.expire()
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("query", "body", "path", "header")]
+        param = ".".join(loc) or None
+        return APIError(400, f"{err.get('msg', 'invalid request')}: '{param}'.", param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}))
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error serving %s %s", request.method, request.url.path)
+        return APIError(500, "Internal server error.", type="server_error", code="internal_error").response()

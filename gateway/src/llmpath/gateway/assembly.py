@@ -1,0 +1,273 @@
+"""Stage ``assemble``: retrieval and prompt assembly.
+
+A route may add a system prompt (a sandboxed Jinja2 template) and retrieved context. The order keeps
+prompts cache-friendly: the stable system prompt first, the client's conversation next, and the retrieved
+context (which changes with every question) as a system message just before the last user message, so that
+everything before it stays a reusable prefix.
+
+The :class:`Retriever` protocol has one built-in implementation, :class:`FolderRetriever`: BM25 over
+paragraph chunks of the text files in a local folder, reloaded when the files change.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from jinja2 import StrictUndefined, Template, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from llmpath.backends.base import ChatMessage
+from llmpath.backends.chat_template import Messages, render_chatml
+from llmpath.gateway.config import RetrieverConfig, RouteConfig
+
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A retrieved chunk: where it came from, its text and its score."""
+
+    source: str
+    text: str
+    score: float
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Finds documents relevant to a query."""
+
+    def retrieve(self, query: str, k: int) -> list[Document]: ...
+
+
+class FolderRetriever:
+    """BM25 (k1=1.2, b=0.75) over paragraph chunks of the text files under a folder.
+
+    Files are read at construction and re-read when their modification times change (checked at most every
+    ``refresh_s`` seconds).
+    """
+
+    k1 = 1.2
+    b = 0.75
+
+    def __init__(self, config: RetrieverConfig, *, refresh_s: float = 5.0) -> None:
+        self.config = config
+        self.refresh_s = refresh_s
+        self._checked = 0.0
+        self._fingerprint: tuple[tuple[str, float, int], ...] = ()
+        self._chunks: list[tuple[str, str, Counter[str], int]] = []
+        self._df: Counter[str] = Counter()
+        self._avg_len = 1.0
+        self._load()
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def retrieve(self, query: str, k: int | None = None) -> list[Document]:
+        """The top ``k`` chunks for ``query`` (``config.top_k`` by default), best first."""
+        self._maybe_reload()
+        k = k or self.config.top_k
+        terms = set(_terms(query))
+        if not terms or not self._chunks:
+            return []
+        n = len(self._chunks)
+        scored: list[tuple[float, int]] = []
+        for i, (_, _, tf, length) in enumerate(self._chunks):
+            score = 0.0
+            for term in terms:
+                f = tf.get(term)
+                if not f:
+                    continue
+                df = self._df[term]
+                idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+                score += idf * f * (self.k1 + 1) / (f + self.k1 * (1 - self.b + self.b * length / self._avg_len))
+            if score > self.config.min_score and score > 0:
+                scored.append((score, i))
+        scored.sort(key=lambda x: (-x[0], x[1]))
+        return [Document(self._chunks[i][0], self._chunks[i][1], s) for s, i in scored[:k]]
+
+    def _files(self) -> list[Path]:
+        root = self.config.path
+        found = {p for pattern in self.config.patterns for p in root.glob(pattern) if p.is_file()}
+        return sorted(found)
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < self.refresh_s:
+            return
+        self._checked = now
+        if self._stat() != self._fingerprint:
+            self._load()
+
+    def _stat(self) -> tuple[tuple[str, float, int], ...]:
+        out = []
+        for p in self._files():
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out.append((str(p), st.st_mtime, st.st_size))
+        return tuple(out)
+
+    def _load(self) -> None:
+        self._checked = time.monotonic()
+        self._fingerprint = self._stat()
+        chunks: list[tuple[str, str, Counter[str], int]] = []
+        root = self.config.path
+        for name, _, _ in self._fingerprint:
+            path = Path(name)
+            try:
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            source = str(path.relative_to(root))
+            for chunk in _chunk(text, self.config.chunk_chars):
+                terms = _terms(chunk)
+                if terms:
+                    chunks.append((source, chunk, Counter(terms), len(terms)))
+        df: Counter[str] = Counter()
+        for _, _, tf, _ in chunks:
+            df.update(tf.keys())
+        self._chunks = chunks
+        self._df = df
+        self._avg_len = sum(c[3] for c in chunks) / len(chunks) if chunks else 1.0
+
+
+def _terms(text: str) -> list[str]:
+    return _WORD_RE.findall(text.lower())
+
+
+def _chunk(text: str, size: int) -> list[str]:
+    """Split on blank lines, packing paragraphs into chunks of at most about ``size`` characters."""
+    out: list[str] = []
+    current: list[str] = []
+    length = 0
+    for para in re.split(r"\n\s*\n", text):
+        para = para.strip()
+        if not para:
+            continue
+        while len(para) > size:  # a huge paragraph is cut hard
+            if current:
+                out.append("\n\n".join(current))
+                current, length = [], 0
+            out.append(para[:size])
+            para = para[size:]
+        if length + len(para) > size and current:
+            out.append("\n\n".join(current))
+            current, length = [], 0
+        current.append(para)
+        length += len(para) + 2
+    if current:
+        out.append("\n\n".join(current))
+    return out
+
+
+class AssemblyError(Exception):
+    """A route's template failed to render (a configuration problem, never the client's)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Assembled:
+    """The prompt to send: chat messages or text, plus what went into it (for spans and the waterfall)."""
+
+    messages: list[ChatMessage] | None
+    prompt: str | None
+    #: The text the prefix cache hashes: the prompt exactly as the backend will see it (chat template applied).
+    cache_text: str
+    documents: tuple[Document, ...]
+    system_prompt: bool
+
+
+class RouteAssembler:
+    """Renders one route's templates (compiled once, sandboxed) and calls its retriever."""
+
+    _env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+    def __init__(
+        self,
+        route: RouteConfig,
+        retriever: Retriever | None = None,
+        render_chat: Callable[[Messages], str] = render_chatml,
+    ) -> None:
+        self.route = route
+        self.render_chat = render_chat
+        try:
+            self._system = self._env.from_string(route.system_prompt) if route.system_prompt else None
+            self._context = self._env.from_string(route.context_template)
+        except TemplateError as exc:
+            raise AssemblyError(f"route {route.name!r}: template syntax error: {exc}") from None
+        if retriever is None and route.retriever is not None:
+            retriever = FolderRetriever(route.retriever)
+        self.retriever = retriever
+        self._system_cache: dict[str, str] = {}
+        # Render once with sample values so a template error surfaces at startup, not on a request.
+        self._render_system("example-tenant")
+        self._render_context([Document("example.txt", "example", 1.0)], "example question")
+
+    def assemble_chat(self, messages: Sequence[ChatMessage], *, tenant: str) -> Assembled:
+        out = list(messages)
+        system = self._render_system(tenant)
+        if system:
+            out.insert(0, ChatMessage("system", system))
+        documents: tuple[Document, ...] = ()
+        if self.retriever is not None:
+            last_user = next((i for i in range(len(out) - 1, -1, -1) if out[i].role == "user"), None)
+            if last_user is not None:
+                documents = tuple(self.retriever.retrieve(out[last_user].content, self._top_k()))
+                if documents:
+                    context = self._render_context(documents, out[last_user].content)
+                    out.insert(last_user, ChatMessage("system", context))
+        return Assembled(out, None, render_messages(self.render_chat, out), documents, bool(system))
+
+    def assemble_completion(self, prompt: str, *, tenant: str) -> Assembled:
+        parts: list[str] = []
+        system = self._render_system(tenant)
+        if system:
+            parts.append(system)
+        documents: tuple[Document, ...] = ()
+        if self.retriever is not None:
+            documents = tuple(self.retriever.retrieve(prompt, self._top_k()))
+            if documents:
+                parts.append(self._render_context(documents, prompt))
+        parts.append(prompt)
+        text = "\n\n".join(parts) if len(parts) > 1 else prompt
+        return Assembled(None, text, text, documents, bool(system))
+
+    def _top_k(self) -> int:
+        return self.route.retriever.top_k if self.route.retriever else 3
+
+    def _render_system(self, tenant: str) -> str:
+        if self._system is None:
+            return ""
+        cached = self._system_cache.get(tenant)
+        if cached is None:
+            cached = self._render(self._system, tenant=tenant, route=self.route.name, model=self.route.backend_model)
+            if len(self._system_cache) < 10_000:
+                self._system_cache[tenant] = cached
+        return cached
+
+    def _render_context(self, documents: Sequence[Document], query: str) -> str:
+        return self._render(
+            self._context,
+            documents=documents,
+            query=query,
+            route=self.route.name,
+            model=self.route.backend_model,
+        )
+
+    def _render(self, template: Template, **variables: object) -> str:
+        try:
+            return template.render(**variables)
+        except TemplateError as exc:
+            raise AssemblyError(f"route {self.route.name!r}: template failed to render: {exc}") from None
+
+
+def render_messages(render_chat: Callable[[Messages], str], messages: Sequence[ChatMessage]) -> str:
+    """The conversation rendered with the backend's chat template (what the backend tokenizes)."""
+    return render_chat([{"role": m.role, "content": m.content} for m in messages])

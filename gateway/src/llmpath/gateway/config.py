@@ -1,0 +1,385 @@
+"""The gateway's configuration: a validated YAML file, with command-line overrides.
+
+Every section has defaults, so an empty file (or no file plus ``--backend``/``--api-key`` flags) is a
+working configuration. Unknown keys are errors (typos must not be silently ignored). Errors name the file,
+the field path and, where the YAML has one, the line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ListenConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8000
+
+
+class BackendConfig(_Strict):
+    """One model server behind the gateway."""
+
+    url: AnyHttpUrl
+    kind: Literal["sglang", "openai"] = "sglang"
+    #: Relative capacity: round_robin sends proportionally more, load comparisons divide by it.
+    weight: PositiveFloat = 1.0
+    #: Name used in metrics, spans and logs; defaults to ``host:port``.
+    name: str | None = None
+    #: Name of the environment variable holding the bearer key the gateway sends to this backend, if any.
+    api_key_env: str | None = None
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"{self.url.host}:{self.url.port}"
+
+    @property
+    def base_url(self) -> str:
+        return str(self.url).rstrip("/")
+
+
+class RoutingConfig(_Strict):
+    """How a backend is chosen (see docs/gateway.md, "Routing")."""
+
+    policy: Literal["prefix", "round_robin", "least_load"] = "prefix"
+    #: prefix: the minimum fraction of the prompt's blocks a backend must hold to win on affinity.
+    min_match_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1
+    #: prefix: fall back to the least loaded backend when the affine one has more than this many requests in
+    #: flight beyond the least loaded one ...
+    balance_abs_threshold: NonNegativeFloat = 4
+    #: ... and more than this multiple of its load.
+    balance_rel_threshold: Annotated[float, Field(ge=1)] = 1.5
+    #: How many times a request is retried on another backend when the connection fails before any byte came.
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 2
+
+
+class HealthConfig(_Strict):
+    """Active health checks and passive ejection."""
+
+    interval_s: PositiveFloat = 5.0
+    timeout_s: PositiveFloat = 2.0
+    #: Consecutive failures (health checks, connections that failed, 5xx answers) before a backend is ejected.
+    eject_after_failures: PositiveInt = 3
+    #: How long an ejected backend stays out before it is probed again.
+    eject_for_s: PositiveFloat = 30.0
+
+
+class RetrieverConfig(_Strict):
+    """The built-in retriever over a folder of text documents."""
+
+    kind: Literal["folder"] = "folder"
+    path: Path
+    #: Glob patterns of the files to index, relative to ``path``.
+    patterns: tuple[str, ...] = ("**/*.txt", "**/*.md")
+    top_k: Annotated[int, Field(ge=1, le=50)] = 3
+    #: Documents are split into chunks of about this many characters (on paragraph boundaries).
+    chunk_chars: Annotated[int, Field(ge=100, le=100_000)] = 1200
+    #: Minimum BM25 score for a chunk to be used.
+    min_score: NonNegativeFloat = 0.0
+
+
+class RouteConfig(_Strict):
+    """A route: what clients send as ``model``, mapped to a backend model and a prompt recipe."""
+
+    name: str
+    #: The model name sent to the backend; defaults to the route name.
+    model: str | None = None
+    #: Jinja2 template (sandboxed) of the system prompt. Variables: ``tenant``, ``route``, ``model``.
+    system_prompt: str | None = None
+    #: Jinja2 template of the message that carries retrieved documents (``documents``, ``query``).
+    context_template: str = (
+        "Use the following context to answer.\n"
+        "{% for doc in documents %}[{{ doc.source }}]\n{{ doc.text }}\n\n{% endfor %}"
+    )
+    retriever: RetrieverConfig | None = None
+    #: ``tenant``: prefixes are cached per tenant (default); ``shared``: tenants share cached prefixes;
+    #: ``off``: nothing is cached or reused for this route.
+    cache: Literal["tenant", "shared", "off"] = "tenant"
+    #: Names of the backends this route may use; all when empty.
+    backends: tuple[str, ...] = ()
+    #: Per-route override of ``limits.max_tokens``.
+    max_tokens: PositiveInt | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _route_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("must be 1-128 characters of letters, digits and . _ : / - (starting alphanumeric)")
+        return value
+
+    @property
+    def backend_model(self) -> str:
+        return self.model or self.name
+
+
+class RateConfig(_Strict):
+    """A token bucket: ``requests_per_second`` refill, ``burst`` capacity. 0 disables the limit."""
+
+    requests_per_second: NonNegativeFloat = 0.0
+    burst: PositiveInt | None = None
+
+    @property
+    def capacity(self) -> float:
+        return float(self.burst) if self.burst is not None else max(1.0, self.requests_per_second)
+
+
+class ApiKeyConfig(_Strict):
+    """An API key, stored as the hex sha256 of the key (``llmpath gateway hash-key`` prints it)."""
+
+    sha256: str = Field(repr=False)
+    tenant: str
+    #: Admin keys may read /debug/requests and flush the prompt cache.
+    admin: bool = False
+    #: Per-tenant rate override (else ``limits.tenant_rate``).
+    rate: RateConfig | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _SHA256_RE.match(value):
+            raise ValueError("must be the 64 hex digits of the key's sha256 (see `llmpath gateway hash-key`)")
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _tenant_name(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError("must be 1-128 characters of letters, digits and . _ : / - (starting alphanumeric)")
+        return value
+
+
+class TimeoutsConfig(_Strict):
+    connect_s: PositiveFloat = 5.0
+    #: Longest silence between two chunks from a backend.
+    read_s: PositiveFloat = 120.0
+    #: Longest a request may wait for admission.
+    queue_s: PositiveFloat = 30.0
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: PositiveInt = 1_048_576
+    max_messages: PositiveInt = 512
+    #: Estimated prompt tokens (see ``tokenizer.chars_per_token``) of the assembled prompt.
+    max_prompt_tokens: PositiveInt = 128_000
+    #: Upper bound of ``max_tokens`` / ``max_completion_tokens``.
+    max_tokens: PositiveInt = 4096
+    #: ``max_tokens`` when the client sends none.
+    default_max_tokens: PositiveInt = 256
+    max_stop_sequences: Annotated[int, Field(ge=0, le=64)] = 4
+    #: Requests running at once in the gateway; more wait in the admission queue.
+    max_concurrency: PositiveInt = 64
+    #: Requests that may wait for admission; beyond it, 429.
+    max_queue: Annotated[int, Field(ge=0)] = 256
+    #: Default per-tenant rate limit (off by default).
+    tenant_rate: RateConfig = RateConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> LimitsConfig:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        return self
+
+
+class TokenizerConfig(_Strict):
+    """The gateway has no model tokenizer: it approximates tokens as characters (UTF-8 bytes) / chars_per_token.
+
+    ``1.0`` is exact for byte-level tokenizers (the embedded engine); about 4 for BPE models on English text.
+    """
+
+    chars_per_token: Annotated[float, Field(ge=0.5, le=16)] = 4.0
+    #: How chat messages become the backend's prompt text (SGLang's ``/generate`` takes text): ``chatml``
+    #: (the embedded engine's), a Jinja chat template, or a model's ``tokenizer_config.json`` (or its folder).
+    #: The prompt cache hashes exactly this text.
+    chat_template: str = "chatml"
+
+
+class PromptCacheConfig(_Strict):
+    """The prompt-caching layer (see docs/prompt-caching.md)."""
+
+    enabled: bool = True
+    #: Tokens per block: prefixes are tracked and predicted at this granularity (align with the engine's page).
+    block_tokens: Annotated[int, Field(ge=1, le=4096)] = 16
+    #: Prompts whose matched prefix is shorter than this are treated as misses (not worth routing for).
+    min_prefix_tokens: Annotated[int, Field(ge=0)] = 64
+    #: A block not used for this long is forgotten (the engine has likely evicted it).
+    ttl_s: PositiveFloat = 600.0
+    #: LRU bound of blocks remembered per backend (approximate the engine's KV capacity / block_tokens).
+    max_blocks_per_backend: PositiveInt = 65_536
+
+
+class UsageConfig(_Strict):
+    """Usage ledger: one record per finished request (``.jsonl`` → JSON lines, ``.db``/``.sqlite`` → SQLite)."""
+
+    ledger: Path | None = None
+
+
+class DebugConfig(_Strict):
+    #: How many recent requests the waterfall page keeps in memory.
+    waterfall_requests: Annotated[int, Field(ge=1, le=100_000)] = 200
+
+
+class GatewayConfig(_Strict):
+    """The whole gateway configuration (the YAML file's top level)."""
+
+    listen: ListenConfig = ListenConfig()
+    backends: tuple[BackendConfig, ...] = ()
+    routing: RoutingConfig = RoutingConfig()
+    health: HealthConfig = HealthConfig()
+    routes: tuple[RouteConfig, ...] = ()
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+    #: Serve without authentication (every request is tenant ``anonymous``; admin endpoints are open).
+    insecure_no_auth: bool = False
+    limits: LimitsConfig = LimitsConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    prompt_cache: PromptCacheConfig = PromptCacheConfig()
+    usage: UsageConfig = UsageConfig()
+    debug: DebugConfig = DebugConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> GatewayConfig:
+        names = [b.display_name for b in self.backends]
+        dup = _first_duplicate(names)
+        if dup:
+            raise ValueError(f"backends: two backends are named {dup!r}; give them distinct `name`s")
+        dup = _first_duplicate([r.name for r in self.routes])
+        if dup:
+            raise ValueError(f"routes: route {dup!r} is defined twice")
+        dup = _first_duplicate([k.sha256 for k in self.api_keys])
+        if dup:
+            raise ValueError("api_keys: the same key hash is listed twice")
+        for i, route in enumerate(self.routes):
+            unknown = sorted(set(route.backends) - set(names))
+            if unknown:
+                raise ValueError(f"routes[{i}].backends: unknown backend(s) {', '.join(unknown)}; known: {names}")
+        return self
+
+
+def _first_duplicate(values: list[str]) -> str | None:
+    seen: set[str] = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None
+
+
+def hash_key(key: str) -> str:
+    """The hex sha256 of an API key, as stored in ``api_keys[].sha256``."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the user (file, field, line and reason)."""
+
+
+def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> GatewayConfig:
+    """Load and validate a YAML config file (or the defaults when ``path`` is None), then apply ``overrides``.
+
+    ``overrides`` are top-level sections merged over the file (a dict merges key by key, anything else
+    replaces). Raises :class:`ConfigError` with every problem found.
+    """
+    data: dict[str, Any] = {}
+    root: yaml.Node | None = None
+    where = "<command line>"
+    if path is not None:
+        where = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{where}: the top level must be a mapping of sections (listen, backends, ...)")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(where, exc, root)) from None
+    _check_files(where, config)
+    return config
+
+
+def _check_files(where: str, config: GatewayConfig) -> None:
+    from llmpath.backends.chat_template import load_chat_template
+
+    try:
+        load_chat_template(config.tokenizer.chat_template)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: tokenizer.chat_template: {exc}") from None
+    for i, route in enumerate(config.routes):
+        if route.retriever is not None and not route.retriever.path.is_dir():
+            raise ConfigError(f"{where}: routes[{i}].retriever.path: {route.retriever.path} is not a directory")
+
+
+def _format_errors(where: str, exc: ValidationError, root: yaml.Node | None) -> str:
+    lines = [f"{where}: invalid configuration ({exc.error_count()} problem(s)):"]
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        field = _format_loc(loc) or "(top level)"
+        line = _line_of(root, loc)
+        at = f" (line {line})" if line else ""
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see docs/gateway.md)"
+        lines.append(f"  {field}{at}: {msg}")
+    return "\n".join(lines)
+
+
+def _format_loc(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _line_of(root: yaml.Node | None, loc: list[Any]) -> int | None:
+    """The 1-based line of the YAML node at ``loc``, or of its deepest existing parent."""
+    node = root
+    line = None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+            if node is not None:
+                line = node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            node = None
+    return line

@@ -1,0 +1,108 @@
+"""OpenAI-style errors: ``{"error": {"message", "type", "param", "code"}}`` with the right HTTP status.
+
+Messages never contain prompt text or keys: they name the field (``param``) and the rule that failed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+
+class APIError(Exception):
+    """An error answered to the client; ``headers`` are added to the response (e.g. ``Retry-After``)."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+    def sse_event(self) -> bytes:
+        """The error as one SSE event (for failures after a stream has started)."""
+        return b"data: " + json.dumps(self.body()).encode() + b"\n\n"
+
+
+def unauthorized() -> APIError:
+    # No detail on purpose: the same answer for a missing, malformed or unknown key.
+    return APIError(401, "Invalid or missing API key.", type="authentication_error", code="invalid_api_key")
+
+
+def forbidden() -> APIError:
+    return APIError(403, "This API key may not use this endpoint.", type="permission_error", code="forbidden")
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
+
+
+def invalid_json(reason: str) -> APIError:
+    return APIError(400, f"The request body is not valid JSON: {reason}.", code="invalid_json")
+
+
+def limit_exceeded(param: str, message: str, code: str = "limit_exceeded") -> APIError:
+    return APIError(422, message, param=param, code=code)
+
+
+def model_not_found(model: str) -> APIError:
+    return APIError(
+        404,
+        f"The model {model!r} does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def rate_limited(message: str, retry_after_s: float, code: str) -> APIError:
+    seconds = max(1, int(retry_after_s + 0.999))
+    return APIError(429, message, type="rate_limit_error", code=code, headers={"Retry-After": str(seconds)})
+
+
+def no_backend(message: str = "No healthy backend is available.") -> APIError:
+    return APIError(503, message, type="service_unavailable", code="no_backend", headers={"Retry-After": "1"})
+
+
+def from_validation_error(exc: ValidationError) -> APIError:
+    """A 400 naming the first invalid field as OpenAI does (``messages[0].role``)."""
+    err = exc.errors(include_url=False, include_input=False)[0]
+    param = _param_path(err["loc"])
+    msg = err["msg"]
+    if err["type"] == "missing":
+        msg = "Missing required parameter"
+    elif err["type"] == "extra_forbidden":
+        msg = "Unrecognized request argument supplied"
+    detail = f"{msg}: '{param}'." if param else f"{msg}."
+    return APIError(400, detail, param=param or None, code="invalid_value" if err["type"] != "missing" else "missing")
+
+
+def _param_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and (part.startswith("function-") or part in {"str", "list[...]"}):
+            continue  # pydantic's union/validator branch names are not fields
+        else:
+            out += f".{part}" if out else str(part)
+    return out

@@ -1,0 +1,143 @@
+"""Stage ``cache_lookup``: the prompt-caching layer (semantics in docs/prompt-caching.md).
+
+What is cached is the backend's KV for a prompt prefix (in SGLang's radix cache / the embedded engine's);
+the gateway keeps an *index* of which prefixes it sent where, per tenant, at block granularity, and uses it
+to (1) predict how many prompt tokens the backend will serve from cache, and (2) route to that backend.
+
+Isolation: each tenant's prefixes are hashed under its own seed and sent with its own ``cache_salt``, so
+neither the index nor the backend's radix cache ever matches one tenant's prompt against another's. A flush
+moves a tenant (or everyone) to a new *epoch*: new seeds and salts, so nothing cached before is reused,
+in the gateway or in the backend.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from llmpath.gateway.routing import PrefixIndex, Tokenization, block_hashes
+
+
+class CacheResult(StrEnum):
+    """The ``result`` label of ``llmpath_prompt_cache_lookups_total``."""
+
+    HIT = "hit"  #: every full block of the prompt is held by some backend
+    PARTIAL = "partial"  #: a prefix of at least ``min_prefix_tokens`` is held
+    MISS = "miss"  #: nothing (or less than the minimum) is held
+    BYPASS = "bypass"  #: caching is off for this route (or globally)
+
+
+class CacheMode(StrEnum):
+    TENANT = "tenant"
+    SHARED = "shared"
+    OFF = "off"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    """The prompt as the cache sees it: its block hashes, estimated tokens, and the backend salt."""
+
+    hashes: tuple[int, ...]
+    prompt_tokens: int
+    #: Sent to the backend as ``cache_salt`` (SGLang isolates radix-cache prefixes by it).
+    cache_salt: str | None
+    mode: CacheMode
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLookup:
+    result: CacheResult
+    #: Leading blocks each candidate backend holds.
+    matches: dict[str, int]
+    best_blocks: int
+    total_blocks: int
+
+
+class PromptCache:
+    """Per-tenant prefix index with block granularity, minimum prefix, idle TTL, LRU bound and flush."""
+
+    def __init__(
+        self,
+        index: PrefixIndex,
+        tokenization: Tokenization,
+        *,
+        min_prefix_tokens: int = 64,
+        enabled: bool = True,
+    ) -> None:
+        self.index = index
+        self.tokenization = tokenization
+        self.min_prefix_tokens = min_prefix_tokens
+        self.enabled = enabled
+        self._global_epoch = 0
+        self._tenant_epochs: dict[str, int] = {}
+        self._seeds: dict[tuple[str, int, int], tuple[int, str]] = {}
+
+    @property
+    def block_tokens(self) -> int:
+        return self.tokenization.block_tokens
+
+    def key(self, text: str, *, tenant: str, route: str, model: str, mode: CacheMode | str) -> CacheKey:
+        """Block hashes and backend salt of an assembled prompt for ``tenant`` under the route's cache mode."""
+        mode = CacheMode(mode)
+        data = text.encode("utf-8", "surrogatepass")
+        tokens = int(-(-len(data) // self.tokenization.chars_per_token))
+        if mode is CacheMode.OFF or not self.enabled:
+            # A fresh salt per request: the backend reuses nothing, the index records nothing.
+            return CacheKey((), tokens, f"nocache-{uuid.uuid4().hex}", CacheMode.OFF)
+        scope = f"tenant:{tenant}" if mode is CacheMode.TENANT else f"route:{route}"
+        seed, salt = self._seed(scope, model)
+        return CacheKey(tuple(block_hashes(data, self.tokenization.block_bytes, seed)), tokens, salt, mode)
+
+    def lookup(self, key: CacheKey, backends: Iterable[str]) -> CacheLookup:
+        """How much of the prompt each backend holds, classified hit / partial / miss / bypass."""
+        if key.mode is CacheMode.OFF:
+            return CacheLookup(CacheResult.BYPASS, {}, 0, 0)
+        matches = self.index.match(key.hashes, backends)
+        best = max(matches.values(), default=0)
+        total = len(key.hashes)
+        if best and best == total and best * self.block_tokens >= self.min_prefix_tokens:
+            result = CacheResult.HIT
+        elif best * self.block_tokens >= max(1, self.min_prefix_tokens):
+            result = CacheResult.PARTIAL
+        else:
+            result = CacheResult.MISS
+        return CacheLookup(result, matches, best, total)
+
+    def predicted_tokens(self, lookup: CacheLookup, backend: str) -> int:
+        """Prompt tokens ``backend`` is predicted to serve from its cache (0 below the minimum prefix)."""
+        blocks = lookup.matches.get(backend, 0)
+        tokens = blocks * self.block_tokens
+        return tokens if tokens >= self.min_prefix_tokens else 0
+
+    def record(self, key: CacheKey, backend: str, hashes: Sequence[int] | None = None) -> None:
+        """Remember that ``backend`` now holds the prompt's blocks (call when the request is sent to it)."""
+        if key.mode is not CacheMode.OFF:
+            self.index.insert(backend, key.hashes if hashes is None else hashes)
+
+    def flush(self, tenant: str | None = None) -> None:
+        """Invalidate one tenant's cached prefixes (``None``: everyone's) by moving to a new epoch."""
+        if tenant is None:
+            self._global_epoch += 1
+            self._tenant_epochs.clear()
+            self._seeds.clear()
+            self.index.forget()
+        else:
+            scope = f"tenant:{tenant}"
+            self._tenant_epochs[scope] = self._tenant_epochs.get(scope, 0) + 1
+
+    def forget_backend(self, backend: str) -> None:
+        """A backend restarted or was ejected: its cache is gone."""
+        self.index.forget(backend)
+
+    def _seed(self, scope: str, model: str) -> tuple[int, str]:
+        epoch = self._tenant_epochs.get(scope, 0)
+        memo_key = (f"{scope}\x00{model}", self._global_epoch, epoch)
+        found = self._seeds.get(memo_key)
+        if found is None:
+            digest = hashlib.sha256(f"llmpath\x00{memo_key[0]}\x00{self._global_epoch}.{epoch}".encode()).digest()
+            found = (int.from_bytes(digest[:8], "big"), digest[8:20].hex())
+            self._seeds[memo_key] = found
+        return found

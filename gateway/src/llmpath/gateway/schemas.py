@@ -1,0 +1,228 @@
+"""OpenAI-compatible request and response models (the subset the gateway serves), validated with pydantic.
+
+Requests are strict like OpenAI's API: unknown fields are rejected, nothing is coerced, and fields the gateway
+cannot honour (tools, n > 1, logprobs, ...) are rejected with a 400 naming them rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+class _Request(BaseModel):
+    # Strict like OpenAI: no coercion ("5" is not 5, 0 is not false); ints are accepted for floats.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(_Request):
+    role: Role
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(default=None, max_length=256)
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """The message content as one string (text parts joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _Sampling(_Request):
+    """Sampling fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    #: SGLang extension: top-k sampling (-1 = off).
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    n: Annotated[int, Field(ge=1, le=1)] | None = Field(default=None, description="Only n=1 is supported.")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=64)] | None = None
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
+    presence_penalty: Annotated[float, Field(ge=0, le=0)] | None = Field(
+        default=None, description="Only 0 is supported."
+    )
+    frequency_penalty: Annotated[float, Field(ge=0, le=0)] | None = Field(
+        default=None, description="Only 0 is supported."
+    )
+    user: str | None = Field(default=None, max_length=256)
+    #: SGLang extension: keep generating past the end-of-sequence token.
+    ignore_eos: bool | None = None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def wants_stream(self) -> bool:
+        return bool(self.stream)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatCompletionRequest(_Sampling):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self) -> ChatCompletionRequest:
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ValueError("give either max_tokens or max_completion_tokens, not both")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions`` (one text prompt)."""
+
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    echo: Literal[False] | None = Field(default=None, description="echo is not supported.")
+    suffix: None = Field(default=None, description="suffix is not supported.")
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Responses (documented in the OpenAPI schema; the handlers build plain dicts of the same shape).
+# ------------------------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageOut
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageOut
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given error statuses (always JSON, whatever the success type)."""
+    ref = {"$ref": "#/components/schemas/ErrorResponse"}
+    return {
+        code: {"description": _ERROR_DESCRIPTIONS[code], "content": {"application/json": {"schema": ref}}}
+        for code in codes
+    }
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed JSON or a request that does not follow the schema (error.param names the field).",
+    401: "Missing or invalid API key.",
+    403: "The key may not use this endpoint.",
+    404: "Unknown model (route).",
+    413: "Request body larger than limits.max_body_bytes.",
+    422: "A configured limit is exceeded (error.param names the field).",
+    429: "Admission queue full, queue timeout or tenant rate limit (see Retry-After).",
+    502: "The backend failed.",
+    503: "No healthy backend.",
+    504: "The backend timed out.",
+}
+
+#: One event of a streamed completion (OpenAPI 3.1: the per-event schema of ``text/event-stream``).
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "A JSON chunk (chat.completion.chunk or text_completion; with "
+            "stream_options.include_usage a last chunk with empty choices and the usage), an error object, "
+            "or the final [DONE].",
+        },
+        "event": {"type": "string"},
+    },
+}

@@ -1,0 +1,683 @@
+"""The request path: the seven stages, in the order the data needs, each under its ``stage(...)``.
+
+``auth → validate → assemble → cache_lookup → route → schedule`` run in the endpoint; the backend call
+(``prefill`` and ``decode`` from the backend's events, plus the backend's share of ``schedule``) runs in
+:class:`BackendCallResponse`, in the same task, so the model-call span and the trace context stay intact
+from the first byte to the last. Errors before the first byte get their proper HTTP status (a connection
+failure is retried on another backend); errors after it are sent as an SSE error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, MutableMapping
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from llmpath.backends.base import (
+    BackendBadRequest,
+    BackendError,
+    BackendEvent,
+    BackendRequest,
+    BackendServerError,
+    BackendTimeout,
+    BackendUnavailable,
+    ChatMessage,
+    Done,
+    FirstToken,
+    SamplingParams,
+    Scheduled,
+    TimingSource,
+    TokenDelta,
+)
+from llmpath.gateway import errors
+from llmpath.gateway.admission import Admission, AdmissionRejected, TenantRateLimiter
+from llmpath.gateway.assembly import Assembled, AssemblyError, RouteAssembler, render_messages
+from llmpath.gateway.auth import KeyStore, Principal
+from llmpath.gateway.config import GatewayConfig, RouteConfig
+from llmpath.gateway.errors import APIError
+from llmpath.gateway.metrics import GatewayMetrics
+from llmpath.gateway.openai_format import SSE_DONE, ResponseFormat, openai_finish_reason
+from llmpath.gateway.pool import BackendPool
+from llmpath.gateway.prompt_cache import CacheKey, CacheLookup, PromptCache
+from llmpath.gateway.routing import RouteDecision, Router, RouteReason
+from llmpath.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from llmpath.instrumentation import (
+    ModelCallSpan,
+    StageScope,
+    annotate_request,
+    inject_trace_headers,
+    mark_first_token,
+    model_call_span,
+    record_stage,
+    record_usage,
+    set_request_labels,
+    stage,
+)
+
+log = logging.getLogger("llmpath.gateway")
+
+#: The route used when the configuration defines none: any model name, the client's messages as they are.
+DEFAULT_ROUTE = "default"
+
+
+@dataclass(slots=True)
+class RouteRuntime:
+    config: RouteConfig
+    assembler: RouteAssembler
+    #: When no routes are configured, the client's ``model`` is sent to the backend as it is.
+    passthrough: bool = False
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A request that passed every stage up to admission: what the backend call needs."""
+
+    kind: str  # "chat" | "text"
+    principal: Principal
+    route: RouteRuntime
+    backend_model: str
+    stream: bool
+    include_usage: bool
+    sampling: SamplingParams
+    assembled: Assembled
+    key: CacheKey
+    lookup: CacheLookup
+    decision: RouteDecision
+    fmt: ResponseFormat
+    #: Backends already tried (connection failures), for the retry.
+    tried: list[str] = field(default_factory=list)
+    admitted: bool = False
+    holds_backend: bool = False
+
+
+class Gateway:
+    """The gateway's components and its request path (framework glue lives in :mod:`llmpath.gateway.app`)."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        pool: BackendPool,
+        prompt_cache: PromptCache,
+        router: Router,
+        routes: dict[str, RouteRuntime],
+    ) -> None:
+        self.config = config
+        self.keys = KeyStore(config.api_keys, insecure_no_auth=config.insecure_no_auth)
+        self.pool = pool
+        self.prompt_cache = prompt_cache
+        self.router = router
+        self.routes = routes
+        self.admission = Admission(
+            config.limits.max_concurrency, config.limits.max_queue, config.limits.timeouts.queue_s
+        )
+        self.rates = TenantRateLimiter(config.limits.tenant_rate)
+        self.metrics: GatewayMetrics | None = None
+
+    # ---- helpers for the app ------------------------------------------------------------------
+
+    def authenticate(self, request: Request, *, admin: bool = False) -> Principal:
+        principal = self.keys.authenticate(request.headers.get("authorization"))
+        if principal is None:
+            raise errors.unauthorized()
+        if admin and not principal.admin:
+            raise errors.forbidden()
+        return principal
+
+    def bind_metrics(self, metrics: GatewayMetrics) -> None:
+        """Start publishing backend and admission state to ``metrics``."""
+        self.metrics = metrics
+        clock = self.pool.clock
+        self.pool.on_change = lambda s: metrics.backend_state(s.name, up=s.available(clock()), inflight=s.inflight)
+        self.admission.on_change = metrics.admission
+        for state in self.pool.states.values():
+            metrics.backend_state(state.name, up=state.available(clock()), inflight=state.inflight)
+        metrics.admission(0, 0)
+
+    # ---- the request path ---------------------------------------------------------------------
+
+    async def handle(self, request: Request, kind: str) -> Response:
+        """Serve ``POST /v1/chat/completions`` (``kind="chat"``) or ``/v1/completions`` (``"text"``)."""
+        with stage("auth"):
+            principal = self.authenticate(request)
+        with stage("validate") as st:
+            body = await self._read_json(request)
+            parsed, route = self._validate(body, kind)
+            st.set_attribute("llmpath.stream", parsed.wants_stream)
+        backend_model = parsed.model if route.passthrough else route.config.backend_model
+        set_request_labels(route=route.config.name, model=backend_model, tenant=principal.tenant)
+        with stage("assemble") as st:
+            assembled = self._assemble(parsed, route, principal.tenant)
+            st.set_attribute("llmpath.assemble.documents", len(assembled.documents))
+            st.set_attribute("llmpath.assemble.system_prompt", assembled.system_prompt)
+        if assembled.documents:
+            annotate_request(documents=len(assembled.documents))
+        with stage("cache_lookup") as st:
+            key = self.prompt_cache.key(
+                assembled.cache_text,
+                tenant=principal.tenant,
+                route=route.config.name,
+                model=backend_model,
+                mode=route.config.cache,
+            )
+            self._check_prompt_tokens(key.prompt_tokens, kind)
+            candidates = self.pool.candidates(route.config.backends)
+            lookup = self.prompt_cache.lookup(key, [c.name for c in candidates])
+            st.set_attribute("llmpath.cache.result", lookup.result.value)
+            st.set_attribute("llmpath.cache.matched_tokens", lookup.best_blocks * self.prompt_cache.block_tokens)
+            st.set_attribute("llmpath.cache.prompt_tokens", key.prompt_tokens)
+        if self.metrics is not None:
+            self.metrics.cache_lookup(route.config.name, lookup.result.value)
+        prepared = Prepared(
+            kind=kind,
+            principal=principal,
+            route=route,
+            backend_model=backend_model,
+            stream=parsed.wants_stream,
+            include_usage=parsed.include_usage,
+            sampling=self._sampling(parsed, route.config),
+            assembled=assembled,
+            key=key,
+            lookup=lookup,
+            decision=RouteDecision("", RouteReason.NO_PREFIX, 0, 0),
+            fmt=ResponseFormat(
+                kind,
+                f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+                int(time.time()),
+                parsed.model,
+            ),
+        )
+        try:
+            with stage("route") as st:
+                self.route_request(prepared, st)
+            with stage("schedule") as st:
+                await self._admit(prepared, st)
+        except BaseException:
+            self.release(prepared)
+            raise
+        return BackendCallResponse(self, prepared)
+
+    async def _read_json(self, request: Request) -> Any:
+        limit = self.config.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise errors.body_too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise errors.body_too_large(limit)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        if not raw.strip():
+            raise errors.invalid_json("the body is empty")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
+            raise errors.invalid_json(reason) from None
+        except RecursionError:
+            raise errors.invalid_json("nested too deeply") from None
+
+    def _validate(self, body: Any, kind: str) -> tuple[ChatCompletionRequest | CompletionRequest, RouteRuntime]:
+        if not isinstance(body, dict):
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_type")
+        model_cls = ChatCompletionRequest if kind == "chat" else CompletionRequest
+        try:
+            parsed = model_cls.model_validate(body)
+        except ValidationError as exc:
+            raise errors.from_validation_error(exc) from None
+        route = self.routes.get(parsed.model)
+        if route is None:
+            route = self.routes.get(DEFAULT_ROUTE)
+            if route is None or not route.passthrough:
+                raise errors.model_not_found(parsed.model)
+        limits = self.config.limits
+        if isinstance(parsed, ChatCompletionRequest) and len(parsed.messages) > limits.max_messages:
+            raise errors.limit_exceeded(
+                "messages", f"Too many messages: {len(parsed.messages)} > the limit of {limits.max_messages}."
+            )
+        cap = route.config.max_tokens or limits.max_tokens
+        requested = parsed.requested_max_tokens
+        if requested is not None and requested > cap:
+            param = "max_tokens"
+            if isinstance(parsed, ChatCompletionRequest) and parsed.max_completion_tokens is not None:
+                param = "max_completion_tokens"
+            raise errors.limit_exceeded(param, f"{param} is {requested}, above the limit of {cap}.")
+        if len(parsed.stop_list()) > limits.max_stop_sequences:
+            raise errors.limit_exceeded("stop", f"At most {limits.max_stop_sequences} stop sequences are allowed.")
+        return parsed, route
+
+    def _check_prompt_tokens(self, tokens: int, kind: str) -> None:
+        limit = self.config.limits.max_prompt_tokens
+        if tokens > limit:
+            raise errors.limit_exceeded(
+                "messages" if kind == "chat" else "prompt",
+                f"The prompt is about {tokens} tokens, above the limit of {limit}.",
+                code="context_length_exceeded",
+            )
+
+    def _assemble(
+        self, parsed: ChatCompletionRequest | CompletionRequest, route: RouteRuntime, tenant: str
+    ) -> Assembled:
+        try:
+            if isinstance(parsed, ChatCompletionRequest):
+                messages = [ChatMessage(m.role, m.text()) for m in parsed.messages]
+                return route.assembler.assemble_chat(messages, tenant=tenant)
+            return route.assembler.assemble_completion(parsed.prompt_text(), tenant=tenant)
+        except AssemblyError as exc:
+            log.error("prompt assembly failed: %s", exc)
+            raise APIError(500, "Prompt assembly failed.", type="server_error", code="assembly_failed") from None
+
+    def _sampling(self, parsed: ChatCompletionRequest | CompletionRequest, route: RouteConfig) -> SamplingParams:
+        max_tokens = parsed.requested_max_tokens or min(
+            self.config.limits.default_max_tokens, route.max_tokens or self.config.limits.max_tokens
+        )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if parsed.temperature is None else parsed.temperature,
+            top_p=1.0 if parsed.top_p is None else parsed.top_p,
+            top_k=-1 if parsed.top_k is None else parsed.top_k,
+            stop=parsed.stop_list(),
+            seed=parsed.seed,
+            ignore_eos=bool(parsed.ignore_eos),
+        )
+
+    def route_request(self, p: Prepared, st: StageScope, *, retry: bool = False) -> None:
+        """Choose a backend (excluding those already tried) and hold an in-flight slot on it."""
+        candidates = self.pool.candidates(p.route.config.backends, exclude=p.tried)
+        if not candidates:
+            raise errors.no_backend(
+                "No healthy backend is available." if not p.tried else "Every backend failed; retry later."
+            )
+        decision = self.router.choose(candidates, p.lookup.matches, p.lookup.total_blocks)
+        if retry:
+            decision = RouteDecision(
+                decision.backend, RouteReason.RETRY, decision.matched_blocks, decision.best_matched_blocks
+            )
+        p.decision = decision
+        self.pool.acquire(decision.backend)
+        p.holds_backend = True
+        predicted = self.prompt_cache.predicted_tokens(p.lookup, decision.backend)
+        # Recorded now, not when the backend answers: a burst of same-prefix requests must see it (as
+        # sglang-router and llm-d do). A backend that fails is ejected, and its index entries with it.
+        self.prompt_cache.record(p.key, decision.backend)
+        matched_tokens = decision.matched_blocks * self.prompt_cache.block_tokens
+        st.set_attribute("llmpath.route.backend", decision.backend)
+        st.set_attribute("llmpath.route.reason", decision.reason.value)
+        st.set_attribute("llmpath.route.matched_prefix_tokens", matched_tokens)
+        st.set_attribute("llmpath.route.predicted_cached_tokens", predicted)
+        st.set_attribute("llmpath.route.candidates", len(candidates))
+        if self.metrics is not None:
+            self.metrics.route_decision(decision.backend, decision.reason.value)
+            self.metrics.predicted_tokens(p.route.config.name, predicted)
+        annotate_request(
+            backend=decision.backend,
+            routing_reason=decision.reason.value,
+            matched_prefix_tokens=matched_tokens,
+            predicted_cached_tokens=predicted,
+            cache_result=p.lookup.result.value,
+            retries=len(p.tried),
+        )
+
+    async def _admit(self, p: Prepared, st: StageScope) -> None:
+        try:
+            self.rates.check(p.principal.tenant, p.principal.rate)
+            waited = await self.admission.acquire()
+        except AdmissionRejected as exc:
+            if self.metrics is not None:
+                self.metrics.rejection(exc.reason)
+            raise errors.rate_limited(str(exc), exc.retry_after_s, exc.reason) from None
+        p.admitted = True
+        st.set_attribute("llmpath.schedule.gateway_queue_s", waited)
+        annotate_request(gateway_queue_s=round(waited, 6))
+
+    def release(self, p: Prepared) -> None:
+        """Give back what the request holds (idempotent)."""
+        if p.admitted:
+            p.admitted = False
+            self.admission.release()
+        self.release_backend(p)
+
+    def release_backend(self, p: Prepared) -> None:
+        if p.holds_backend:
+            p.holds_backend = False
+            self.pool.release(p.decision.backend)
+
+    def backend_request(self, p: Prepared) -> BackendRequest:
+        assembled = p.assembled
+        return BackendRequest(
+            request_id=p.fmt.id,
+            model=p.backend_model,
+            messages=assembled.messages,
+            prompt=assembled.prompt,
+            sampling=p.sampling,
+            stream=True,
+            cache_salt=p.key.cache_salt,
+            trace_headers=dict(inject_trace_headers({})),
+        )
+
+    def record_output(self, p: Prepared, output: str) -> None:
+        """After a chat reply: remember that the backend now also holds prompt + reply (the next turn's prefix;
+        the backend's radix cache keeps generated tokens too)."""
+        if p.kind != "chat" or not output:
+            return
+        messages = [*(p.assembled.messages or []), ChatMessage("assistant", output)]
+        text = render_messages(p.route.assembler.render_chat, messages)
+        key = self.prompt_cache.key(
+            text,
+            tenant=p.principal.tenant,
+            route=p.route.config.name,
+            model=p.backend_model,
+            mode=p.key.mode,
+        )
+        self.prompt_cache.record(key, p.decision.backend)
+
+
+Scope = MutableMapping[str, Any]
+
+
+class BackendCallResponse(Response):
+    """The backend call as an ASGI response: connects (retrying on connection failure), then streams SSE or
+    sends one JSON body. A client disconnect cancels the backend request."""
+
+    def __init__(self, gateway: Gateway, prepared: Prepared) -> None:
+        self.gateway = gateway
+        self.p = prepared
+        self.status_code = 200
+        self.background = None
+        self._finished = False
+        self._disconnected = False
+        self._started = False
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        main = asyncio.current_task()
+        assert main is not None
+
+        async def watch_disconnect() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not self._finished:
+                        self._disconnected = True
+                        main.cancel()
+                    return
+
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
+        try:
+            await self._run(send)
+        except asyncio.CancelledError:
+            if not self._disconnected:
+                raise
+            main.uncancel()
+            annotate_request(client_disconnect=True)
+            if not self._started:  # nobody will read it; it records the request as closed by the client (499)
+                with contextlib.suppress(OSError):
+                    await send({"type": "http.response.start", "status": 499, "headers": []})
+                    await send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
+            self.gateway.release(self.p)
+
+    async def _run(self, send: Any) -> None:
+        try:
+            scope, call, events = await self._connect()
+        except APIError as exc:
+            await self._send_error(send, exc)
+            return
+        with scope:  # the model-call span, current from connect to the last event
+            try:
+                if self.p.stream:
+                    await self._stream(send, call, events)
+                else:
+                    await self._complete(send, call, events)
+            finally:
+                await events.aclose()
+
+    async def _connect(self) -> tuple[contextlib.ExitStack, ModelCallSpan, _Prefetched]:
+        """Open the backend stream and wait for its first event; retry elsewhere on connection failure."""
+        gw, p = self.gateway, self.p
+        retries = gw.config.routing.max_retries
+        while True:
+            state = gw.pool[p.decision.backend]
+            scope = contextlib.ExitStack()
+            call = scope.enter_context(
+                model_call_span(
+                    p.backend_model,
+                    provider=state.config.kind,
+                    server_address=state.config.url.host,
+                    server_port=state.config.url.port,
+                    stream=p.stream,
+                    operation="chat" if p.kind == "chat" else "text_completion",
+                    max_tokens=p.sampling.max_tokens,
+                    temperature=p.sampling.temperature,
+                    top_p=p.sampling.top_p,
+                )
+            )
+            events = _Prefetched(state.backend.generate(gw.backend_request(p)))
+            try:
+                await events.prefetch()
+            except BackendUnavailable as exc:
+                await events.aclose()
+                call.set_error("unavailable")
+                scope.close()
+                if isinstance(exc.__cause__, httpx.TransportError):  # no answer at all (not a busy 503)
+                    gw.pool.report_failure(state.name, f"connection failed: {type(exc.__cause__).__name__}")
+                p.tried.append(state.name)
+                gw.release_backend(p)
+                if len(p.tried) > retries:
+                    raise errors.no_backend("Every backend tried failed; retry later.") from None
+                with stage("route") as st:
+                    gw.route_request(p, st, retry=True)
+                continue
+            except BackendError as exc:
+                await events.aclose()
+                call.set_error(type(exc).__name__)
+                scope.close()
+                if isinstance(exc, BackendServerError):  # consecutive 5xx answers eject, like outlier detection
+                    gw.pool.report_failure(state.name, f"answered {exc.upstream_status}")
+                raise _api_error(exc) from None
+            except BaseException as exc:
+                await events.aclose()
+                scope.__exit__(type(exc), exc, exc.__traceback__)
+                raise
+            gw.pool.report_success(state.name)
+            return scope, call, events
+
+    async def _stream(self, send: Any, call: ModelCallSpan, events: AsyncIterator[BackendEvent]) -> None:
+        p, fmt = self.p, self.p.fmt
+        tracker = _Tracker(self.gateway, p, call)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
+        self._started = True
+        first = True
+        try:
+            async for event in events:
+                if isinstance(event, TokenDelta):
+                    tracker.delta(event)
+                    if event.text or first:
+                        if first:
+                            mark_first_token()
+                            call.mark_first_chunk()
+                        chunk = fmt.chunk(event.text, first=first)
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        first = False
+                elif isinstance(event, Done):
+                    tracker.done(event)
+                    tail = fmt.chunk("", first=first, finish_reason=openai_finish_reason(event.finish_reason))
+                    if p.include_usage:
+                        tail += fmt.usage_chunk(event.usage)
+                    self._finished = True
+                    await send({"type": "http.response.body", "body": tail + SSE_DONE, "more_body": False})
+                    return
+                else:
+                    tracker.event(event)
+            raise BackendError("the backend stream ended without a final event")
+        except BackendError as exc:
+            error = _api_error(exc)
+            call.set_error(type(exc).__name__)
+            annotate_request(stream_error=error.code or type(exc).__name__)
+            self._finished = True
+            await send({"type": "http.response.body", "body": error.sse_event() + SSE_DONE, "more_body": False})
+
+    async def _complete(self, send: Any, call: ModelCallSpan, events: AsyncIterator[BackendEvent]) -> None:
+        tracker = _Tracker(self.gateway, self.p, call)
+        try:
+            async for event in events:
+                if isinstance(event, TokenDelta):
+                    tracker.delta(event)
+                elif isinstance(event, Done):
+                    tracker.done(event)
+                    body = self.p.fmt.full(tracker.text(), openai_finish_reason(event.finish_reason), event.usage)
+                    self._finished = True
+                    await self._send_json(send, 200, body)
+                    return
+                else:
+                    tracker.event(event)
+            raise BackendError("the backend stream ended without a final event")
+        except BackendError as exc:
+            call.set_error(type(exc).__name__)
+            await self._send_error(send, _api_error(exc))
+
+    async def _send_error(self, send: Any, exc: APIError) -> None:
+        self._finished = True
+        headers = {k.lower(): v for k, v in exc.headers.items()}
+        await self._send_json(send, exc.status_code, exc.body(), headers)
+
+    async def _send_json(self, send: Any, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+        self._started = True
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class _Prefetched:
+    """An async iterator over backend events whose first event can be awaited ahead (to detect failures
+    before anything is sent to the client)."""
+
+    __slots__ = ("_agen", "_first")
+
+    def __init__(self, agen: AsyncIterator[BackendEvent]) -> None:
+        self._agen = agen
+        self._first: list[BackendEvent] = []
+
+    async def prefetch(self) -> None:
+        try:
+            self._first.append(await anext(self._agen))
+        except StopAsyncIteration:
+            raise BackendError("the backend answered no events") from None
+
+    def __aiter__(self) -> _Prefetched:
+        return self
+
+    async def __anext__(self) -> BackendEvent:
+        if self._first:
+            return self._first.pop()
+        return await anext(self._agen)
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._agen, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class _Tracker:
+    """Turns backend events into stage timings, usage and the model-call span's attributes."""
+
+    __slots__ = ("_call", "_chunks", "_first_token_at", "_gateway", "_p", "_scheduled")
+
+    def __init__(self, gateway: Gateway, p: Prepared, call: ModelCallSpan) -> None:
+        self._gateway = gateway
+        self._p = p
+        self._call = call
+        self._scheduled: Scheduled | None = None
+        self._first_token_at: float | None = None
+        self._chunks: list[str] = []
+
+    def event(self, event: BackendEvent) -> None:
+        if isinstance(event, Scheduled):
+            self._scheduled = event
+        elif isinstance(event, FirstToken):
+            self._first_token(event)
+
+    def delta(self, event: TokenDelta) -> None:
+        if self._first_token_at is None:  # a backend that reports no FirstToken: the gateway clock
+            self._first_token_at = perf_counter()
+        self._chunks.append(event.text)
+
+    def text(self) -> str:
+        return "".join(self._chunks)
+
+    def _first_token(self, event: FirstToken) -> None:
+        now = self._first_token_at = perf_counter()
+        if not self._p.stream:
+            mark_first_token(now)
+        prefill = max(0.0, event.prefill_seconds)
+        record_stage("prefill", prefill, end=now, source=event.source.value)
+        queued = self._scheduled
+        if queued is not None and queued.source is TimingSource.BACKEND:
+            record_stage(
+                "schedule",
+                queued.queue_seconds,
+                end=now - prefill,
+                source="backend",
+                attributes={"llmpath.schedule.backend_queue_s": queued.queue_seconds},
+            )
+            annotate_request(backend_queue_s=round(queued.queue_seconds, 6))
+
+    def done(self, event: Done) -> None:
+        now = perf_counter()
+        p, usage = self._p, event.usage
+        if self._first_token_at is not None:
+            record_stage("decode", now - self._first_token_at, end=now, source="gateway")
+        cached = min(usage.cached_tokens, usage.prompt_tokens)
+        record_usage(
+            input_tokens=usage.prompt_tokens,
+            cached_tokens=cached,
+            output_tokens=usage.completion_tokens,
+            model=p.backend_model,
+            tenant=p.principal.tenant,
+        )
+        self._call.set_usage(
+            input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens, cached_tokens=cached
+        )
+        self._call.set_finish_reasons([event.finish_reason])
+        self._call.set_response(response_id=p.fmt.id, response_model=p.backend_model)
+        annotate_request(finish_reason=event.finish_reason)
+        self._gateway.record_output(p, self.text())
+
+
+def _api_error(exc: BackendError) -> APIError:
+    if isinstance(exc, BackendBadRequest):
+        return APIError(
+            exc.status_code, f"The backend rejected the request: {exc}", param=exc.param, code="backend_rejected"
+        )
+    if isinstance(exc, BackendTimeout):
+        return APIError(504, "The backend timed out.", type="server_error", code="backend_timeout")
+    if isinstance(exc, BackendUnavailable):
+        return errors.no_backend("The backend is unavailable; retry later.")
+    return APIError(502, "The backend failed.", type="server_error", code="backend_error")

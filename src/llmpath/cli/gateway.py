@@ -1,0 +1,166 @@
+"""`llmpath gateway`: the reference gateway (serve, check a config, hash an API key)."""
+
+from __future__ import annotations
+
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    help="The reference gateway: seven instrumented stages in front of SGLang-compatible engines.",
+    no_args_is_help=True,
+)
+
+
+class BackendKind(StrEnum):
+    sglang = "sglang"
+    openai = "openai"
+
+
+class Policy(StrEnum):
+    prefix = "prefix"
+    round_robin = "round_robin"
+    least_load = "least_load"
+
+
+def _overrides(
+    host: str | None,
+    port: int | None,
+    backends: list[str],
+    backend_kind: BackendKind | None,
+    policy: Policy | None,
+    api_keys: list[str],
+    admin_keys: list[str],
+    insecure_no_auth: bool,
+) -> dict[str, Any]:
+    from llmpath.gateway.config import hash_key
+
+    overrides: dict[str, Any] = {}
+    listen = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if listen:
+        overrides["listen"] = listen
+    if backends:
+        kind = (backend_kind or BackendKind.sglang).value
+        overrides["backends"] = [{"url": url, "kind": kind} for url in backends]
+    if policy is not None:
+        overrides["routing"] = {"policy": policy.value}
+    keys = [{"sha256": hash_key(k), "tenant": "default"} for k in api_keys]
+    keys += [{"sha256": hash_key(k), "tenant": "admin", "admin": True} for k in admin_keys]
+    if keys:
+        overrides["api_keys"] = keys  # replaces the file's keys: the command line wins
+    if insecure_no_auth:
+        overrides["insecure_no_auth"] = True
+    return overrides
+
+
+def _load(config: Path | None, overrides: dict[str, Any]) -> Any:
+    from llmpath.gateway.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML configuration file (docs/gateway.md)."),
+    host: str | None = typer.Option(None, help="Listen address (default: 127.0.0.1, or the config's)."),
+    port: int | None = typer.Option(None, help="Listen port (default: 8000, or the config's)."),
+    backend: list[str] = typer.Option(
+        [], "--backend", help="Backend URL (repeatable); replaces the config's backends."
+    ),
+    backend_kind: BackendKind | None = typer.Option(None, help="Protocol of the --backend URLs (default: sglang)."),
+    policy: Policy | None = typer.Option(None, help="Routing policy (default: prefix, or the config's)."),
+    api_key: list[str] = typer.Option(
+        [],
+        "--api-key",
+        envvar="LLMPATH_GATEWAY_API_KEYS",
+        help="API key for tenant 'default' (repeatable; replaces the config's keys). Prefer the environment "
+        "variable: arguments are visible to other users of the machine.",
+    ),
+    admin_key: list[str] = typer.Option(
+        [],
+        "--admin-key",
+        envvar="LLMPATH_GATEWAY_ADMIN_KEYS",
+        help="Admin key (tenant 'admin'): /debug/requests and the prompt-cache flush.",
+    ),
+    insecure_no_auth: bool = typer.Option(
+        False, "--insecure-no-auth", help="Serve without API keys (every caller is an anonymous admin)."
+    ),
+    log_level: str = typer.Option("info", help="Log level (debug, info, warning, error)."),
+    access_log: bool = typer.Option(False, help="Log one line per request (method, path, status; no bodies)."),
+) -> None:
+    """Serve the OpenAI-compatible gateway."""
+    import logging
+
+    overrides = _overrides(host, port, backend, backend_kind, policy, api_key, admin_key, insecure_no_auth)
+    cfg = _load(config, overrides)
+    if not cfg.api_keys and not cfg.insecure_no_auth:
+        typer.echo(
+            "error: no API keys configured: add `api_keys` to the config, pass --api-key KEY "
+            "(or LLMPATH_GATEWAY_API_KEYS), or pass --insecure-no-auth to serve without authentication",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if not cfg.backends:
+        typer.echo("error: no backends: add `backends` to the config or pass --backend URL", err=True)
+        raise typer.Exit(2)
+    if cfg.insecure_no_auth:
+        typer.echo("warning: serving WITHOUT authentication (--insecure-no-auth)", err=True)
+
+    import uvicorn
+
+    from llmpath.gateway.app import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend call is noise
+    application = create_app(cfg)
+    uvicorn.run(
+        application,
+        host=cfg.listen.host,
+        port=cfg.listen.port,
+        log_level=log_level.lower(),
+        access_log=access_log,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command("check-config")
+def check_config(config: Path = typer.Argument(..., help="YAML configuration file.")) -> None:
+    """Validate a configuration file and summarise it (exit code 2 with the problems otherwise)."""
+    from llmpath.gateway.assembly import AssemblyError, RouteAssembler
+
+    cfg = _load(config, {})
+    try:
+        for route in cfg.routes:
+            RouteAssembler(route)
+    except AssemblyError as exc:
+        typer.echo(f"error: {config}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{config}: OK")
+    typer.echo(f"  listen      {cfg.listen.host}:{cfg.listen.port}")
+    typer.echo(f"  backends    {', '.join(f'{b.display_name} ({b.kind})' for b in cfg.backends) or '(none)'}")
+    typer.echo(f"  routing     {cfg.routing.policy}")
+    typer.echo(f"  routes      {', '.join(r.name for r in cfg.routes) or '(passthrough: any model)'}")
+    typer.echo(f"  api keys    {len(cfg.api_keys)} ({sum(k.admin for k in cfg.api_keys)} admin)")
+    typer.echo(f"  ledger      {cfg.usage.ledger or '(none)'}")
+
+
+@app.command("hash-key")
+def hash_key_command(
+    key: str | None = typer.Argument(None, help="The key; read from standard input when omitted (safer)."),
+) -> None:
+    """Print the sha256 of an API key, for `api_keys[].sha256` in the configuration."""
+    from llmpath.gateway.config import hash_key
+
+    if key is None:
+        key = sys.stdin.readline().rstrip("\r\n")
+    if not key:
+        typer.echo("error: empty key", err=True)
+        raise typer.Exit(2)
+    typer.echo(hash_key(key))

@@ -1,0 +1,353 @@
+"""Gateway test fixtures: module-scoped real engines and gateways, an OTLP/HTTP collector, headless Chromium.
+
+Processes are started with the ``llmpath`` CLI and managed by the root conftest's ``ProcessManager`` (looked up
+through pytest's plugin manager: conftest modules cannot be imported in importlib mode), so they are always
+stopped by PID.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from llmpath.gateway.config import hash_key
+
+LLMPATH = str(Path(sys.executable).parent / "llmpath")
+
+
+class Keys:
+    """The test API keys: tenants ``acme`` and ``beta``, ``slow`` (rate limited) and the admin ``ops``."""
+
+    user = "sk-acme-0f4c2a9d7e1b"
+    other = "sk-beta-5d8e3c1a9b7f"
+    limited = "sk-slow-2b6d9f1e4c8a"
+    admin = "sk-admin-7a3e9c5b1d2f"
+    tenants = {user: "acme", other: "beta", limited: "slow", admin: "ops"}
+
+    @staticmethod
+    def auth(key: str = user) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    @classmethod
+    def config(cls) -> list[dict[str, Any]]:
+        """The ``api_keys`` section (stored as sha256 digests)."""
+        out: list[dict[str, Any]] = []
+        for key, tenant in cls.tenants.items():
+            entry: dict[str, Any] = {"sha256": hash_key(key), "tenant": tenant}
+            if key == cls.admin:
+                entry["admin"] = True
+            if key == cls.limited:
+                entry["rate"] = {"requests_per_second": 0.2, "burst": 1}
+            out.append(entry)
+        return out
+
+
+@pytest.fixture(scope="session")
+def keys() -> type[Keys]:
+    return Keys
+
+
+def _process_manager_class(config: pytest.Config) -> Any:
+    for plugin in config.pluginmanager.get_plugins():
+        cls = getattr(plugin, "ProcessManager", None)
+        if cls is not None:
+            return cls
+    raise RuntimeError("the root conftest's ProcessManager is not loaded")
+
+
+def parse_metrics(text: str, prefix: str) -> dict[str, float]:
+    """``{'name{labels}': value}`` for samples starting with ``prefix`` plus ``{'name': sum}`` per series name."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        series, _, value = line.rpartition(" ")
+        out[series] = float(value)
+        name = series.split("{", 1)[0]
+        if name != series:
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+@dataclass
+class Engine:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def metrics(self) -> dict[str, float]:
+        """``sglang:*`` samples of the engine's /metrics (and their sums over labels)."""
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=5).text, "sglang:")
+
+
+@dataclass
+class GatewayProc:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    config: dict[str, Any]
+    ledger: Path | None = None
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def metrics(self, prefix: str = "llmpath_") -> dict[str, float]:
+        return parse_metrics(httpx.get(f"{self.url}/metrics", timeout=5).text, prefix)
+
+    def requests_json(self, limit: int = 200) -> list[dict[str, Any]]:
+        resp = httpx.get(f"{self.url}/debug/requests.json", params={"limit": limit}, headers=Keys.auth(Keys.admin))
+        resp.raise_for_status()
+        return resp.json()["requests"]
+
+    def record(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The waterfall record of one request (records are written when the response completes)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for rec in self.requests_json():
+                if rec["request_id"] == request_id:
+                    return rec
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no record of request {request_id}")
+            time.sleep(0.05)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    """Engines and gateways of one test module."""
+
+    manager: Any
+    tmp: Path
+    engines: list[Engine] = field(default_factory=list)
+
+    def start_engines(
+        self, count: int, *extra: str, env: dict[str, str] | None = None, port: int | None = None, name: str = ""
+    ) -> list[Engine]:
+        """``count`` tiny engines (one torch thread each), started together; ``port``/``name`` for a restart."""
+        started = []
+        for i in range(count):
+            port = port or _free_port()
+            name = name or f"e{len(self.engines) + i}"
+            cmd = [LLMPATH, "engine", "serve", "--preset", "tiny", "--threads", "1", "--port", str(port), *extra]
+            proc = self.manager.spawn(name, cmd, env=env)
+            started.append(Engine(name, f"http://127.0.0.1:{port}", proc))
+            port, name = None, ""
+        for eng in started:  # started together, waited for together: the imports overlap
+            self.manager.wait_ready(eng.name, eng.proc, f"{eng.url}/health", 90, self.tmp / f"{eng.name}.log")
+        self.engines.extend(started)
+        return started
+
+    def start_gateway(
+        self, name: str, config: dict[str, Any], *extra: str, env: dict[str, str] | None = None
+    ) -> GatewayProc:
+        port = _free_port()
+        config = {**config, "listen": {"host": "127.0.0.1", "port": port}}
+        path = self.tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        url = f"http://127.0.0.1:{port}"
+        cmd = [LLMPATH, "gateway", "serve", "--config", str(path), *extra]
+        proc = self.manager.spawn(name, cmd, ready_url=f"{url}/readyz", env=env, timeout=60)
+        ledger = config.get("usage", {}).get("ledger")
+        return GatewayProc(url, proc, self.tmp / f"{name}.log", config, Path(ledger) if ledger else None)
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Real processes shared by one test module; stopped by PID at the end, logs printed if a test failed."""
+    tmp = tmp_path_factory.mktemp("stack")
+    manager = _process_manager_class(request.config)(tmp)
+    failed_before = request.session.testsfailed
+    try:
+        yield Stack(manager, tmp)
+    finally:
+        manager.stop_all()
+        if request.session.testsfailed > failed_before:
+            print(manager.logs())
+
+
+# --------------------------------------------------------------------------------------------------
+# An OTLP/HTTP trace collector (protobuf), for trace-propagation tests.
+# --------------------------------------------------------------------------------------------------
+
+
+class OtlpCollector:
+    """Receives ``POST /v1/traces`` (OTLP/HTTP protobuf) and keeps the spans as dicts."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+        spans: list[dict[str, Any]] = []
+        lock = threading.Lock()
+        self.spans = spans
+        self._lock = lock
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                req = ExportTraceServiceRequest()
+                req.ParseFromString(body)
+                with lock:
+                    for rs in req.resource_spans:
+                        service = next(
+                            (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), ""
+                        )
+                        for ss in rs.scope_spans:
+                            for sp in ss.spans:
+                                spans.append(
+                                    {
+                                        "service": service,
+                                        "name": sp.name,
+                                        "trace_id": sp.trace_id.hex(),
+                                        "span_id": sp.span_id.hex(),
+                                        "parent_id": sp.parent_span_id.hex(),
+                                        "kind": sp.kind,
+                                        "attributes": {a.key: _any_value(a.value) for a in sp.attributes},
+                                    }
+                                )
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 15) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                snapshot = list(self.spans)
+            if predicate(snapshot):
+                return snapshot
+            time.sleep(0.1)
+        raise AssertionError(f"spans never matched; got {[(s['service'], s['name']) for s in self.spans]}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _any_value(value: Any) -> Any:
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_any_value(v) for v in value.array_value.values]
+    return getattr(value, kind) if kind else None
+
+
+@pytest.fixture(scope="module")
+def otlp_collector() -> Iterator[OtlpCollector]:
+    """Request it before ``stack`` so that it outlives the processes exporting to it."""
+    collector = OtlpCollector()
+    yield collector
+    collector.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Headless Chromium over the DevTools protocol.
+# --------------------------------------------------------------------------------------------------
+
+
+class Chromium:
+    """A headless Chromium process driven over the DevTools protocol (one page)."""
+
+    FLAGS = (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--remote-debugging-port=0",
+        "--window-size=1400,900",
+    )
+
+    def __init__(self, binary: str, manager: Any, profile: Path) -> None:
+        profile.mkdir(parents=True, exist_ok=True)
+        cmd = [binary, *self.FLAGS, f"--user-data-dir={profile}", "about:blank"]
+        self.proc = manager.spawn("chromium", cmd)
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text().strip():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"chromium did not start (rc={self.proc.poll()})")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text().split()[0])
+
+    def evaluate_page(self, url: str, expression: str, headers: dict[str, str] | None = None) -> tuple[int | None, Any]:
+        """Load ``url`` (with extra request headers) and return (HTTP status, value of ``expression``)."""
+        return asyncio.run(self._evaluate(url, expression, headers or {}))
+
+    async def _evaluate(self, url: str, expression: str, headers: dict[str, str]) -> tuple[int | None, Any]:
+        import aiohttp
+
+        async with httpx.AsyncClient() as client:
+            targets = (await client.get(f"http://127.0.0.1:{self.port}/json/list")).json()
+        ws_url = next(t["webSocketDebuggerUrl"] for t in targets if t["type"] == "page")
+        async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
+            ids = iter(range(1, 1_000_000))
+            events: list[dict[str, Any]] = []
+
+            async def call(method: str, **params: Any) -> dict[str, Any]:
+                msg_id = next(ids)
+                await ws.send_str(json.dumps({"id": msg_id, "method": method, "params": params}))
+                while True:
+                    msg = json.loads((await ws.receive()).data)
+                    if msg.get("id") == msg_id:
+                        if "error" in msg:
+                            raise RuntimeError(f"{method}: {msg['error']}")
+                        return msg.get("result", {})
+                    events.append(msg)
+
+            await call("Network.enable")
+            await call("Page.enable")
+            await call("Network.setExtraHTTPHeaders", headers=headers)
+            await call("Page.navigate", url=url)
+            deadline = time.monotonic() + 20
+            while not any(e.get("method") == "Page.loadEventFired" for e in events):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("page did not load")
+                events.append(json.loads((await asyncio.wait_for(ws.receive(), 20)).data))
+            status = next(
+                (
+                    e["params"]["response"]["status"]
+                    for e in events
+                    if e.get("method") == "Network.responseReceived" and e["params"]["type"] == "Document"
+                ),
+                None,
+            )
+            result = await call("Runtime.evaluate", expression=expression, returnByValue=True)
+            return status, result.get("result", {}).get("value")
+
+
+@pytest.fixture(scope="module")
+def chromium(stack: Stack) -> Chromium:
+    binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if binary is None:
+        pytest.skip("chromium not installed (make test installs it via apt-get)")
+    return Chromium(binary, stack.manager, stack.tmp / "chromium-profile")

@@ -1,0 +1,104 @@
+"""Admission: bounded FIFO queue, timeouts, cancellation, and per-tenant token buckets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llmpath.gateway.admission import Admission, AdmissionRejected, TenantRateLimiter, TokenBucket
+from llmpath.gateway.config import RateConfig
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_fifo_queue_and_queue_full() -> None:
+    adm = Admission(max_concurrency=1, max_queue=2, queue_timeout_s=5)
+    seen: list[tuple[int, int]] = []
+    adm.on_change = lambda inflight, depth: seen.append((inflight, depth))
+    assert await adm.acquire() == 0.0
+    order: list[str] = []
+
+    async def waiter(name: str) -> None:
+        await adm.acquire()
+        order.append(name)
+
+    t1 = asyncio.create_task(waiter("first"))
+    t2 = asyncio.create_task(waiter("second"))
+    await asyncio.sleep(0)
+    assert adm.queue_depth == 2
+    with pytest.raises(AdmissionRejected) as rej:
+        await adm.acquire()
+    assert rej.value.reason == "queue_full" and rej.value.retry_after_s >= 1
+    adm.release()
+    await t1
+    adm.release()
+    await t2
+    assert order == ["first", "second"]
+    adm.release()
+    assert (adm.inflight, adm.queue_depth) == (0, 0)
+    assert seen[-1] == (0, 0) and (1, 2) in seen
+
+
+async def test_queue_timeout() -> None:
+    adm = Admission(max_concurrency=1, max_queue=4, queue_timeout_s=0.05)
+    await adm.acquire()
+    with pytest.raises(AdmissionRejected) as rej:
+        await adm.acquire()
+    assert rej.value.reason == "queue_timeout"
+    assert adm.queue_depth == 0 and adm.inflight == 1
+
+
+async def test_cancelled_waiter_leaves_the_queue_and_slots_are_not_lost() -> None:
+    adm = Admission(max_concurrency=1, max_queue=4, queue_timeout_s=5)
+    await adm.acquire()
+    task = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert adm.queue_depth == 0
+    adm.release()
+    assert adm.inflight == 0
+    assert await adm.acquire() == 0.0
+
+
+async def test_waits_are_measured() -> None:
+    adm = Admission(max_concurrency=1, max_queue=4, queue_timeout_s=5)
+    await adm.acquire()
+    task = asyncio.create_task(adm.acquire())
+    await asyncio.sleep(0.05)
+    adm.release()
+    assert 0.04 < await task < 1
+
+
+def test_token_bucket_refills() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=2, capacity=3, clock=clock)
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take() == pytest.approx(0.5)
+    clock.now += 0.5
+    assert bucket.take() == 0.0
+    clock.now += 100
+    assert [bucket.take() for _ in range(4)][-1] == pytest.approx(0.5)  # capped at capacity
+
+
+def test_tenant_rate_limits_and_overrides() -> None:
+    clock = Clock()
+    limiter = TenantRateLimiter(RateConfig(requests_per_second=1, burst=1), clock=clock)
+    limiter.check("a")
+    with pytest.raises(AdmissionRejected) as rej:
+        limiter.check("a")
+    assert rej.value.reason == "rate_limited" and rej.value.retry_after_s == pytest.approx(1)
+    limiter.check("b")  # tenants have their own buckets
+    for _ in range(100):
+        limiter.check("vip", RateConfig(requests_per_second=0))  # 0 = unlimited
+    unlimited = TenantRateLimiter(RateConfig())
+    for _ in range(100):
+        unlimited.check("x")

@@ -1,0 +1,97 @@
+"""Prompt assembly: sandboxed Jinja2 templates and the folder retriever."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmpath.backends.base import ChatMessage
+from llmpath.backends.chat_template import render_chatml
+from llmpath.gateway.assembly import AssemblyError, FolderRetriever, RouteAssembler, render_messages
+from llmpath.gateway.config import RetrieverConfig, RouteConfig
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "refunds.md").write_text(
+        "# Refunds\n\nRefunds are issued within 14 days of purchase.\n\nContact billing for refund questions."
+    )
+    (tmp_path / "sub" / "shipping.txt").write_text("Shipping takes 3 to 5 business days.\n\nWe ship worldwide.")
+    (tmp_path / "ignored.bin").write_text("refund refund refund")
+    return tmp_path
+
+
+def test_folder_retriever_ranks_by_bm25(corpus: Path) -> None:
+    retriever = FolderRetriever(RetrieverConfig(path=corpus, top_k=2, chunk_chars=100))
+    assert len(retriever) == 2  # one chunk per (short) file
+    docs = retriever.retrieve("how long do refunds take?")
+    assert docs and docs[0].source == "refunds.md" and "14 days" in docs[0].text
+    assert all(d.source != "ignored.bin" for d in docs)
+    assert retriever.retrieve("shipping worldwide")[0].source == "sub/shipping.txt"
+    assert retriever.retrieve("zebra") == []
+
+
+def test_long_documents_are_chunked_on_paragraphs(tmp_path: Path) -> None:
+    paragraphs = [f"paragraph {i} " + "word " * 30 for i in range(10)]
+    (tmp_path / "long.txt").write_text("\n\n".join(paragraphs) + "\n\n" + "x" * 450)
+    retriever = FolderRetriever(RetrieverConfig(path=tmp_path, chunk_chars=400))
+    assert len(retriever) == 7  # 5 chunks of 2 paragraphs; the 450-char run cut hard at 400 (+ 50)
+    chunks = [d.text for d in retriever.retrieve("paragraph word", k=50)]
+    assert len(chunks) == 5 and all(len(c) <= 400 and c.count("paragraph") == 2 for c in chunks)
+
+
+def test_folder_retriever_reloads_changed_files(corpus: Path) -> None:
+    retriever = FolderRetriever(RetrieverConfig(path=corpus), refresh_s=0)
+    assert retriever.retrieve("warranty") == []
+    (corpus / "warranty.txt").write_text("The warranty lasts two years.")
+    assert retriever.retrieve("warranty")[0].source == "warranty.txt"
+
+
+def test_chat_assembly_order_keeps_the_prefix_stable(corpus: Path) -> None:
+    route = RouteConfig(
+        name="support",
+        system_prompt="You are the support bot of {{ tenant }} on route {{ route }}.",
+        retriever=RetrieverConfig(path=corpus, top_k=1),
+    )
+    asm = RouteAssembler(route)
+    history = [ChatMessage("user", "hi"), ChatMessage("assistant", "hello"), ChatMessage("user", "refunds?")]
+    out = asm.assemble_chat(history, tenant="acme")
+    assert out.messages is not None
+    assert [m.role for m in out.messages] == ["system", "user", "assistant", "system", "user"]
+    assert out.messages[0].content == "You are the support bot of acme on route support."
+    assert "[refunds.md]" in out.messages[3].content and "14 days" in out.messages[3].content
+    assert out.system_prompt and len(out.documents) == 1
+    assert out.cache_text == render_messages(render_chatml, out.messages)  # what the engine will tokenize
+    assert out.cache_text.startswith("<|im_start|>system\nYou are the support bot of acme")
+    # the system prompt + history is a prefix of the text: only the retrieved context varies per question
+    prefix = render_chatml([{"role": m.role, "content": m.content} for m in out.messages[:3]], False)
+    assert out.cache_text.startswith(prefix)
+
+
+def test_completion_assembly() -> None:
+    asm = RouteAssembler(RouteConfig(name="c", system_prompt="SYS"))
+    out = asm.assemble_completion("Once upon a time", tenant="t")
+    assert out.prompt == "SYS\n\nOnce upon a time" and out.messages is None
+    assert RouteAssembler(RouteConfig(name="plain")).assemble_completion("p", tenant="t").prompt == "p"
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("{% if %}", "template syntax error"),
+        ("{{ undefined_variable }}", "failed to render"),
+        ("{{ tenant.__class__.__mro__ }}", "failed to render"),  # the sandbox refuses internals
+        ("{{ ''.__class__ }}", "failed to render"),
+    ],
+)
+def test_bad_templates_fail_at_startup(template: str, message: str) -> None:
+    with pytest.raises(AssemblyError, match=message):
+        RouteAssembler(RouteConfig(name="bad", system_prompt=template))
+
+
+def test_sandbox_blocks_mutation() -> None:
+    route = RouteConfig(name="m", system_prompt="{% set x = [1] %}{{ x.append(2) }}")
+    with pytest.raises(AssemblyError):
+        RouteAssembler(route)

@@ -1,0 +1,488 @@
+"""The gateway over real HTTP in front of three real tiny engines: every stage, errors, the prompt cache,
+routing, cancellation, token accounting against the engines' own metrics, trace propagation and the waterfall
+page in headless Chromium."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+from httpx_sse import connect_sse
+
+from llmpath.instrumentation import STAGES
+
+pytestmark = pytest.mark.slow
+
+SYSTEM_A = "You are a careful assistant for the ACME support desk. " * 8  # 440 bytes
+SYSTEM_B = "Answer in the voice of a lighthouse keeper, briefly and kindly. " * 7
+SYSTEM_C = "You translate everything into formal legal English with citations. " * 7
+SYSTEM_D = "Reply only with haiku about distributed systems and their failures. " * 7
+
+
+@pytest.fixture(scope="module")
+def gw(otlp_collector, stack, keys, tmp_path_factory: pytest.TempPathFactory):
+    docs = tmp_path_factory.mktemp("docs")
+    (docs / "refunds.md").write_text("Refunds are issued within 14 days of purchase to the original card.")
+    (docs / "shipping.txt").write_text("Shipping takes 3 to 5 business days; we ship worldwide.")
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": otlp_collector.url, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+    engines = stack.start_engines(3, env=otel)
+    config = {
+        "backends": [{"url": e.url, "name": e.name} for e in engines],
+        "routing": {"policy": "prefix", "balance_abs_threshold": 2, "balance_rel_threshold": 1.5},
+        "health": {"interval_s": 1, "timeout_s": 1},
+        "tokenizer": {"chars_per_token": 1},
+        "prompt_cache": {"block_tokens": 16, "min_prefix_tokens": 32},
+        "routes": [
+            {"name": "tiny"},
+            {
+                "name": "support",
+                "model": "tiny",
+                "system_prompt": "You are the support bot of {{ tenant }}.",
+                "retriever": {"path": str(docs), "top_k": 1},
+            },
+            {"name": "private", "model": "tiny", "cache": "off"},
+        ],
+        "api_keys": keys.config(),
+        "limits": {
+            "max_body_bytes": 65536,
+            "max_tokens": 64,
+            "default_max_tokens": 8,
+            "max_messages": 16,
+            "max_prompt_tokens": 3000,
+        },
+        "usage": {"ledger": str(stack.tmp / "usage.jsonl")},
+    }
+    return stack.start_gateway("gateway", config, env=otel)
+
+
+@pytest.fixture
+def client(gw):
+    with gw.client() as c:
+        yield c
+
+
+def chat(client: httpx.Client, keys, messages: list[dict[str, str]], *, key: str | None = None, **extra: Any):
+    body = {"model": "tiny", "messages": messages, "max_tokens": 4, **extra}
+    return client.post("/v1/chat/completions", json=body, headers=keys.auth(key or keys.user))
+
+
+def convo(system: str, question: str = "hello?") -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}, {"role": "user", "content": question}]
+
+
+def test_chat_runs_every_stage(gw, client, keys) -> None:
+    resp = chat(client, keys, convo(SYSTEM_D, "first question"), max_tokens=6, temperature=0)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "chat.completion" and body["model"] == "tiny"
+    assert body["choices"][0]["message"]["role"] == "assistant" and body["choices"][0]["finish_reason"] == "length"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 6 and usage["prompt_tokens"] > 400
+    assert set(usage["prompt_tokens_details"]) == {"cached_tokens"}
+    rec = gw.record(resp.headers["x-request-id"])
+    assert rec["status_code"] == 200 and rec["tenant"] == "acme" and rec["route"] == "tiny"
+    assert (rec["input_tokens"], rec["output_tokens"]) == (usage["prompt_tokens"], 6)
+    names = [s["name"] for s in sorted(rec["stages"], key=lambda s: s["start_s"])]
+    assert set(names) == set(STAGES.names)
+    # the order the data needs: the prompt is assembled before the cache index and the router look at it
+    order = ["auth", "validate", "assemble", "cache_lookup", "route", "schedule", "prefill", "decode"]
+    assert [n for i, n in enumerate(names) if n not in names[:i]] == order
+    sources = {(s["name"], s["source"]) for s in rec["stages"]}
+    assert {("schedule", "gateway"), ("schedule", "backend"), ("prefill", "backend")} <= sources
+    assert rec["extra"]["backend"] in {"e0", "e1", "e2"} and rec["extra"]["routing_reason"] in {"no_prefix", "prefix"}
+    assert rec["ttft_s"] > 0 and rec["duration_s"] >= rec["ttft_s"]
+
+
+def test_stream_with_usage_chunk(gw, client, keys) -> None:
+    body = {
+        "model": "tiny",
+        "messages": convo(SYSTEM_D, "stream please"),
+        "max_tokens": 12,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with connect_sse(client, "POST", "/v1/chat/completions", json=body, headers=keys.auth()) as source:
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        request_id = source.response.headers["x-request-id"]
+        data = [e.data for e in source.iter_sse()]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == 12
+    # the same system prompt as the previous test: the engine served most of it from its radix cache
+    assert usage["prompt_tokens_details"]["cached_tokens"] > 400
+    rec = gw.record(request_id)
+    assert rec["cached_tokens"] == usage["prompt_tokens_details"]["cached_tokens"]
+    assert rec["extra"]["routing_reason"] == "prefix" and rec["extra"]["cache_result"] in {"hit", "partial"}
+    assert len(text.encode()) <= 12 * 4
+
+
+def test_text_completions(gw, client, keys) -> None:
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 5}
+    resp = client.post("/v1/completions", json=body, headers=keys.auth())
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["object"] == "text_completion" and out["usage"]["completion_tokens"] == 5
+    assert out["usage"]["prompt_tokens"] == len("Once upon a time") + 1  # bytes + BOS
+    with connect_sse(client, "POST", "/v1/completions", json={**body, "stream": True}, headers=keys.auth()) as src:
+        events = [e.data for e in src.iter_sse()]
+    chunks = [json.loads(d) for d in events[:-1]]
+    assert events[-1] == "[DONE]" and all(c["object"] == "text_completion" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_models_and_probes(gw, client, keys) -> None:
+    resp = client.get("/v1/models", headers=keys.auth())
+    assert resp.status_code == 200
+    assert [m["id"] for m in resp.json()["data"]] == ["tiny", "support", "private"]
+    assert client.get("/v1/models").status_code == 401
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert {b["name"]: b["available"] for b in ready.json()["backends"]} == {"e0": True, "e1": True, "e2": True}
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer sk-wrong", "Bearer", "Basic Zm9vOmJhcg==", "sk-acme-0f4c2a9d7e1b", "Bearer sk-acme-0f4c2a9d7e1"],
+)
+def test_bad_keys_get_401_without_detail(client, keys, header: str | None) -> None:
+    headers = {"Authorization": header} if header is not None else {}
+    resp = client.post("/v1/chat/completions", json={"model": "tiny", "messages": convo("x")}, headers=headers)
+    assert resp.status_code == 401
+    assert resp.json() == {
+        "error": {
+            "message": "Invalid or missing API key.",
+            "type": "authentication_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+
+
+def test_admin_endpoints_need_the_admin_key(client, keys) -> None:
+    assert client.get("/debug/requests.json", headers=keys.auth()).status_code == 403
+    anonymous = client.get("/debug/requests")
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Basic")
+    assert client.post("/admin/prompt-cache/flush", headers=keys.auth()).status_code == 403
+    basic = httpx.BasicAuth("anyone", keys.admin)
+    assert client.get("/debug/requests", auth=basic).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "code"),
+    [
+        (b"{not json", 400, None, "invalid_json"),
+        (b"[1, 2]", 400, None, "invalid_type"),
+        (b"", 400, None, "invalid_json"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, 400, "model", "missing"),
+        ({"model": "tiny", "messages": []}, 400, "messages", "invalid_value"),
+        ({"model": "tiny", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role", None),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 5},
+            400,
+            "temperature",
+            None,
+        ),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n", None),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools", None),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream", None),
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found"),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 422, "max_tokens", None),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 1000},
+            422,
+            "max_completion_tokens",
+            None,
+        ),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}] * 17}, 422, "messages", "limit_exceeded"),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "x" * 3500}]},
+            422,
+            "messages",
+            "context_length_exceeded",
+        ),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 422, "stop", None),
+    ],
+)
+def test_bad_bodies_name_the_param(gw, client, keys, body: Any, status: int, param: str | None, code: str | None):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {**keys.auth(), "content-type": "application/json"}
+    resp = client.post("/v1/chat/completions", content=content, headers=headers)
+    assert resp.status_code == status, resp.text
+    err = resp.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+    if code is not None:
+        assert err["code"] == code
+    assert "x" * 50 not in resp.text  # nothing of the prompt is echoed back
+
+
+def test_oversize_bodies_get_413(gw, keys) -> None:
+    big = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "y" * 70_000}]}).encode()
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", content=big, headers=keys.auth())
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for i in range(0, len(big), 8192):
+            yield big[i : i + 8192]
+
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", content=chunks(), headers=keys.auth())
+    assert resp.status_code == 413
+
+
+def test_prompt_cache_prediction_and_tenant_isolation(gw, client, keys) -> None:
+    before = gw.metrics()
+    first = chat(client, keys, convo(SYSTEM_C, "q1"))
+    again = chat(client, keys, convo(SYSTEM_C, "q2"))
+    other = chat(client, keys, convo(SYSTEM_C, "q2"), key=keys.other)
+    assert first.status_code == again.status_code == other.status_code == 200
+    r1, r2, r3 = (gw.record(r.headers["x-request-id"]) for r in (first, again, other))
+    assert r1["extra"]["cache_result"] == "miss" and r1["extra"]["predicted_cached_tokens"] == 0
+    assert r2["extra"]["cache_result"] == "partial" and r2["extra"]["backend"] == r1["extra"]["backend"]
+    actual = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    predicted = r2["extra"]["predicted_cached_tokens"]
+    assert actual > 400 and predicted > 400  # the engine confirms the prediction ...
+    assert abs(predicted - actual) <= 0.15 * actual  # ... to within the block size and template overhead
+    # another tenant: its own index entries and its own cache_salt at the engine
+    assert r3["extra"]["cache_result"] == "miss"
+    assert other.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    after = gw.metrics()
+    lookups = 'llmpath_prompt_cache_lookups_total{result="%s",route="tiny"}'
+    assert after[lookups % "miss"] - before.get(lookups % "miss", 0) == 2
+    assert after[lookups % "partial"] - before.get(lookups % "partial", 0) == 1
+    predicted_metric = 'llmpath_prompt_cache_predicted_tokens_total{route="tiny"}'
+    assert after[predicted_metric] - before.get(predicted_metric, 0) == predicted
+
+
+def test_admin_flush_invalidates_a_tenant(gw, client, keys) -> None:
+    warm = convo(SYSTEM_B, "flush me")
+    assert chat(client, keys, warm).status_code == 200
+    hit = chat(client, keys, warm)
+    assert hit.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 300
+    resp = client.post("/admin/prompt-cache/flush", json={"tenant": "acme"}, headers=keys.auth(keys.admin))
+    assert resp.status_code == 200 and resp.json() == {"flushed": True, "tenant": "acme"}
+    after = chat(client, keys, warm)
+    rec = gw.record(after.headers["x-request-id"])
+    assert rec["extra"]["cache_result"] == "miss"
+    # a new epoch means a new cache_salt: the engine does not reuse the tenant's old KV either
+    assert after.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    bad = client.post("/admin/prompt-cache/flush", json={"tenant": 5}, headers=keys.auth(keys.admin))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tenant"
+
+
+def test_cache_off_route_bypasses(gw, client, keys) -> None:
+    for _ in range(2):
+        resp = chat(client, keys, convo(SYSTEM_A, "private"), model="private")
+        assert resp.status_code == 200
+        rec = gw.record(resp.headers["x-request-id"])
+        assert rec["extra"]["cache_result"] == "bypass"
+        assert resp.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_retrieval_and_system_prompt_are_assembled(gw, client, keys) -> None:
+    plain = chat(client, keys, [{"role": "user", "content": "How long do refunds take?"}])
+    support = chat(client, keys, [{"role": "user", "content": "How long do refunds take?"}], model="support")
+    assert plain.status_code == support.status_code == 200
+    extra_tokens = support.json()["usage"]["prompt_tokens"] - plain.json()["usage"]["prompt_tokens"]
+    system = len("You are the support bot of acme.")
+    document = len("Refunds are issued within 14 days of purchase to the original card.")
+    assert extra_tokens > system + document  # both the system prompt and the retrieved document reached the engine
+    rec = gw.record(support.headers["x-request-id"])
+    assert rec["route"] == "support" and rec["extra"]["documents"] == 1
+
+
+def test_same_prefix_requests_land_together(gw, client, keys) -> None:
+    systems = [SYSTEM_A, SYSTEM_B.replace("kindly", "warmly"), SYSTEM_C.replace("formal", "plain")]
+    placed: dict[int, list[str]] = {i: [] for i in range(len(systems))}
+    for turn in range(4):
+        for i, system in enumerate(systems):
+            resp = chat(client, keys, convo(system, f"question {turn}"), key=keys.other)
+            assert resp.status_code == 200
+            placed[i].append(gw.record(resp.headers["x-request-id"])["extra"]["backend"])
+    for group in placed.values():
+        assert len(set(group)) == 1, placed  # each shared prefix stays on one engine
+    assert len({group[0] for group in placed.values()}) == 3, placed  # new prefixes spread over the engines
+
+
+def test_imbalance_falls_back_to_least_loaded(gw, keys) -> None:
+    """Concurrent long requests with one prefix: beyond the thresholds (2 in flight, 1.5×) load wins."""
+    body = {"model": "tiny", "messages": convo(SYSTEM_A, "imbalance"), "max_tokens": 60, "ignore_eos": True}
+
+    def one(_: int) -> str:
+        r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(), timeout=60)
+        assert r.status_code == 200
+        return r.headers["x-request-id"]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(one, range(8)))
+    reasons = Counter(gw.record(i)["extra"]["routing_reason"] for i in ids)
+    backends = Counter(gw.record(i)["extra"]["backend"] for i in ids)
+    assert reasons["imbalanced"] >= 1, reasons
+    assert len(backends) >= 2, backends
+
+
+def test_stream_cancellation_aborts_the_backend_request(gw, stack, keys) -> None:
+    engines_before = {e.name: e.metrics() for e in stack.engines}
+    body = {
+        "model": "tiny",
+        "messages": convo(SYSTEM_D.upper(), "long story"),
+        "max_tokens": 64,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=gw.url, timeout=30) as c,
+        c.stream("POST", "/v1/chat/completions", json=body, headers=keys.auth()) as resp,
+    ):
+        request_id = resp.headers["x-request-id"]
+        for line in resp.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then hang up
+    rec = gw.record(request_id, timeout=10)
+    assert rec["status_code"] == 499 and rec["extra"]["client_disconnect"] is True
+    backend = rec["extra"]["backend"]
+    engine = next(e for e in stack.engines if e.name == backend)
+    aborted_before = engines_before[backend].get("sglang:num_aborted_requests_total", 0)
+    deadline = time.monotonic() + 10
+    while True:
+        aborted = engine.metrics().get("sglang:num_aborted_requests_total", 0) - aborted_before
+        if aborted == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert aborted == 1  # the engine stopped generating for the client that left
+    assert gw.metrics()[f'llmpath_backend_inflight_requests{{backend="{backend}"}}'] == 0
+    assert gw.metrics()["llmpath_admission_inflight_requests"] == 0
+
+
+def _sum_engines(stack) -> Counter[str]:
+    total: Counter[str] = Counter()
+    for engine in stack.engines:
+        total.update({k: v for k, v in engine.metrics().items() if "{" not in k})
+    return total
+
+
+def test_token_accounting_matches_the_engines(gw, stack, client, keys) -> None:
+    """The gateway's token counters equal the engines' own sglang:*_tokens_total over the same requests."""
+    time.sleep(0.2)
+    before_gw = gw.metrics()
+    before_engines = _sum_engines(stack)
+    for i in range(6):
+        resp = chat(client, keys, convo(SYSTEM_B, f"count {i % 2}"), max_tokens=3 + i)
+        assert resp.status_code == 200
+    time.sleep(0.2)
+    after_gw = gw.metrics()
+    after_engines = _sum_engines(stack)
+
+    def gw_tokens(kind: str) -> float:
+        key = f'llmpath_tokens_total{{model="tiny",route="tiny",tenant="acme",type="{kind}"}}'
+        return after_gw.get(key, 0) - before_gw.get(key, 0)
+
+    def engine_tokens(name: str) -> float:
+        return after_engines.get(name, 0) - before_engines.get(name, 0)
+
+    assert gw_tokens("input") == engine_tokens("sglang:prompt_tokens_total") > 0
+    assert gw_tokens("output") == engine_tokens("sglang:generation_tokens_total") == sum(3 + i for i in range(6))
+    assert gw_tokens("cached") == engine_tokens("sglang:cached_tokens_total") > 0
+
+
+def test_usage_ledger_has_every_request(gw, client, keys) -> None:
+    resp = chat(client, keys, convo(SYSTEM_B, "ledger"))
+    request_id = resp.headers["x-request-id"]
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [json.loads(line) for line in gw.ledger.read_text().splitlines()]
+        found = [r for r in lines if r["request_id"] == request_id]
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(found) == 1 and found[0]["output_tokens"] == 4 and found[0]["tenant"] == "acme"
+    statuses = Counter(r["status_code"] for r in lines)
+    assert statuses[200] > 5 and statuses[401] >= 5 and statuses[400] >= 5  # failures are accounted too
+
+
+def test_no_keys_or_prompt_text_in_the_logs(gw, client, keys) -> None:
+    secret = "TOP-SECRET-PROMPT-7731"
+    assert chat(client, keys, convo(secret, secret)).status_code == 200
+    assert (
+        client.post("/v1/chat/completions", json={}, headers={"Authorization": f"Bearer {secret}"}).status_code == 401
+    )
+    time.sleep(0.3)
+    logs = gw.log.read_text() + gw.ledger.read_text()
+    assert secret not in logs
+    for key in keys.tenants:
+        assert key not in logs
+
+
+def test_trace_spans_per_stage_and_propagation_to_the_engine(gw, client, keys, otlp_collector) -> None:
+    """Gateway and engines export to one OTLP collector; the engine's spans are children of the model call."""
+    resp = chat(client, keys, convo(SYSTEM_A, "trace me"))
+    assert resp.status_code == 200
+    trace_id = gw.record(resp.headers["x-request-id"])["trace_id"]
+    assert trace_id and len(trace_id) == 32
+
+    def complete(spans: list[dict[str, Any]]) -> bool:
+        mine = [s for s in spans if s["trace_id"] == trace_id]
+        return {"llmpath-gateway", "llmpath-engine"} <= {s["service"] for s in mine} and len(mine) >= 10
+
+    spans = [s for s in otlp_collector.wait_for(complete) if s["trace_id"] == trace_id]
+    gateway = [s for s in spans if s["service"] == "llmpath-gateway"]
+    server = next(s for s in gateway if s["kind"] == 2)  # SPAN_KIND_SERVER
+    call = next(s for s in gateway if s["kind"] == 3)  # SPAN_KIND_CLIENT: the model call
+    assert call["name"] == "chat tiny" and call["parent_id"] == server["span_id"]
+    assert call["attributes"]["gen_ai.usage.output_tokens"] == 4
+    assert "gen_ai.usage.cache_read.input_tokens" in call["attributes"]
+    stage_spans = [s for s in gateway if "llmpath.stage" in s["attributes"]]
+    assert {s["attributes"]["llmpath.stage"] for s in stage_spans} == set(STAGES.names)
+    for span in stage_spans:
+        measured_by = span["attributes"]["llmpath.timing.source"]
+        if span["attributes"]["llmpath.stage"] in ("prefill", "decode") or measured_by == "backend":
+            assert span["parent_id"] in (server["span_id"], call["span_id"])  # during the model call
+        else:
+            assert span["parent_id"] == server["span_id"], span
+    route = next(s for s in stage_spans if s["attributes"]["llmpath.stage"] == "route")
+    assert route["attributes"]["llmpath.route.backend"] in {"e0", "e1", "e2"}
+    prefill = next(s for s in stage_spans if s["attributes"]["llmpath.stage"] == "prefill")
+    assert prefill["attributes"]["llmpath.timing.source"] == "backend"
+    engine_root = next(s for s in spans if s["service"] == "llmpath-engine" and s["parent_id"] == call["span_id"])
+    assert engine_root["name"].startswith("Req ")
+    for span in spans:  # no prompt text on any span
+        assert SYSTEM_A[:40] not in json.dumps(span["attributes"])
+
+
+def test_waterfall_page_in_headless_chromium(gw, client, keys, chromium) -> None:
+    for i in range(3):
+        assert chat(client, keys, convo(SYSTEM_C, f"waterfall {i}")).status_code == 200
+    expression = """JSON.stringify([...document.querySelectorAll('tr.request')].map(tr => ({
+        id: tr.dataset.requestId,
+        cells: tr.querySelectorAll('td').length,
+        bars: [...tr.querySelectorAll('.bar')].map(b => {
+            const r = b.getBoundingClientRect();
+            return {stage: b.dataset.stage, width: r.width, height: r.height,
+                    colour: getComputedStyle(b).backgroundColor, visible: r.width > 0 && r.height > 0};
+        }),
+        ttft: tr.querySelector('.ttft') !== null,
+    })))"""
+    status, value = chromium.evaluate_page(f"{gw.url}/debug/requests?limit=5", expression, keys.auth(keys.admin))
+    assert status == 200
+    rows = json.loads(value)
+    assert len(rows) == 5
+    ok_rows = [r for r in rows if len(r["bars"]) >= len(STAGES.names)]
+    assert ok_rows, rows
+    for row in ok_rows:
+        drawn = {b["stage"] for b in row["bars"] if b["visible"]}
+        assert drawn == set(STAGES.names), row  # every stage's bar is drawn
+        colours = {b["stage"]: b["colour"] for b in row["bars"]}
+        assert len(set(colours.values())) == len(STAGES.names)  # one colour per stage
+        assert row["ttft"] and row["cells"] == 10
+    denied, _ = chromium.evaluate_page(f"{gw.url}/debug/requests", "document.title", keys.auth(keys.user))
+    assert denied == 403

@@ -1,0 +1,173 @@
+"""Admission (429s, queue waits), backend errors, failover when an engine process is killed, ejection and
+reinstatement by health checks — real engines with fault injection behind a real gateway."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+PREFIX = "Failover drill: keep answering even when an engine dies. " * 6
+
+
+@pytest.fixture(scope="module")
+def gw(stack, keys):
+    engines = stack.start_engines(2, "--enable-fault-injection")
+    config = {
+        "backends": [{"url": e.url, "name": e.name} for e in engines],
+        "routing": {"policy": "prefix", "max_retries": 2},
+        "health": {"interval_s": 1, "timeout_s": 0.5, "eject_after_failures": 2, "eject_for_s": 1.5},
+        "tokenizer": {"chars_per_token": 1},
+        "api_keys": keys.config(),
+        "limits": {"max_concurrency": 2, "max_queue": 1, "timeouts": {"queue_s": 0.6, "connect_s": 1}},
+    }
+    return stack.start_gateway("gateway", config)
+
+
+def post(gw, keys, content: str, *, key: str | None = None, **extra: Any) -> httpx.Response:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": 3, **extra}
+    return httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(key or keys.user), timeout=30)
+
+
+def faults(stack, **state: float) -> None:
+    for engine in stack.engines:
+        if engine.proc.poll() is None:
+            if state:
+                httpx.post(f"{engine.url}/debug/fault", json=state).raise_for_status()
+            else:
+                httpx.delete(f"{engine.url}/debug/fault").raise_for_status()
+
+
+def test_tenant_rate_limit(gw, keys) -> None:
+    assert post(gw, keys, "first", key=keys.limited).status_code == 200
+    limited = post(gw, keys, "second", key=keys.limited)
+    assert limited.status_code == 429
+    assert limited.json()["error"]["code"] == "rate_limited" and limited.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(limited.headers["retry-after"]) <= 5  # 0.2 requests/s: the next token in at most 5 s
+    assert post(gw, keys, "another tenant").status_code == 200  # tenants have their own buckets
+    assert gw.metrics()['llmpath_admission_rejections_total{reason="rate_limited"}'] >= 1
+
+
+def test_admission_queue_full_and_queue_timeout(gw, stack, keys) -> None:
+    faults(stack, queue_delay_s=1.2)  # every request holds its admission slot for > 1.2 s
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            running = [pool.submit(post, gw, keys, f"slow {i}") for i in range(2)]
+            time.sleep(0.3)
+            queued = pool.submit(post, gw, keys, "queued")
+            time.sleep(0.15)
+            gauges = gw.metrics()
+            full = post(gw, keys, "no room")
+            results = [f.result() for f in running]
+            timed_out = queued.result()
+    finally:
+        faults(stack)
+    assert gauges["llmpath_admission_inflight_requests"] == 2 and gauges["llmpath_admission_queue_depth"] == 1
+    assert [r.status_code for r in results] == [200, 200]
+    assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full" and "retry-after" in full.headers
+    assert timed_out.status_code == 429 and timed_out.json()["error"]["code"] == "queue_timeout"
+    metrics = gw.metrics()
+    assert metrics['llmpath_admission_rejections_total{reason="queue_full"}'] >= 1
+    assert metrics['llmpath_admission_rejections_total{reason="queue_timeout"}'] >= 1
+    assert metrics["llmpath_admission_inflight_requests"] == metrics["llmpath_admission_queue_depth"] == 0
+
+
+def test_schedule_stage_is_gateway_wait_plus_backend_queue(gw, stack, keys) -> None:
+    faults(stack, queue_delay_s=0.3)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            first = [pool.submit(post, gw, keys, f"hold {i}") for i in range(2)]
+            time.sleep(0.1)
+            waited = post(gw, keys, "waits for a slot")
+            assert all(f.result().status_code == 200 for f in first)
+    finally:
+        faults(stack)
+    assert waited.status_code == 200
+    rec = gw.record(waited.headers["x-request-id"])
+    schedule = {s["source"]: s["duration_s"] for s in rec["stages"] if s["name"] == "schedule"}
+    assert 0.1 < schedule["gateway"] < 0.6  # waited for a slot in the gateway ...
+    assert 0.25 < schedule["backend"] < 1.0  # ... and then in the engine's queue
+    assert rec["extra"]["gateway_queue_s"] == pytest.approx(schedule["gateway"], abs=0.01)
+    assert rec["extra"]["backend_queue_s"] == pytest.approx(schedule["backend"], abs=0.01)
+
+
+def test_backend_errors_are_openai_errors(gw, stack, keys) -> None:
+    faults(stack, error_rate=1.0)
+    try:
+        resp = post(gw, keys, "boom")
+        streamed = post(gw, keys, "boom", stream=True)
+    finally:
+        faults(stack)
+    assert resp.status_code == streamed.status_code == 502
+    assert resp.json()["error"] == {
+        "message": "The backend failed.",
+        "type": "server_error",
+        "param": None,
+        "code": "backend_error",
+    }
+    assert post(gw, keys, "healthy again").status_code == 200
+
+
+def test_failover_when_an_engine_is_killed(gw, stack, keys) -> None:
+    warm = post(gw, keys, PREFIX + "warm")
+    victim_name = gw.record(warm.headers["x-request-id"])["extra"]["backend"]
+    victim = next(e for e in stack.engines if e.name == victim_name)
+    survivor = next(e for e in stack.engines if e.name != victim_name)
+    os.killpg(victim.proc.pid, signal.SIGKILL)
+    victim.proc.wait(10)
+
+    # affine to the dead engine: the connection fails before any byte, the request is retried elsewhere
+    resp = post(gw, keys, PREFIX + "after the crash")
+    assert resp.status_code == 200, resp.text
+    rec = gw.record(resp.headers["x-request-id"])
+    assert rec["extra"]["backend"] == survivor.name and rec["extra"]["routing_reason"] == "retry"
+    assert rec["extra"]["retries"] == 1
+    routes = [s for s in rec["stages"] if s["name"] == "route"]
+    assert len(routes) == 2  # the first choice and the retry, both in the waterfall
+
+    # streaming requests fail over too (nothing was streamed yet)
+    streamed = post(gw, keys, PREFIX + "streamed", stream=True)
+    assert streamed.status_code == 200 and streamed.text.rstrip().endswith("data: [DONE]")
+
+    _wait_until(lambda: _availability(gw).get(victim_name) is False)
+    assert _availability(gw)[survivor.name] is True
+    assert httpx.get(f"{gw.url}/readyz").status_code == 200  # one backend is enough to be ready
+    assert gw.metrics()[f'llmpath_backend_up{{backend="{victim_name}"}}'] == 0
+    for i in range(3):  # ejected: not even tried
+        resp = post(gw, keys, PREFIX + f"later {i}")
+        assert resp.status_code == 200
+        assert gw.record(resp.headers["x-request-id"])["extra"]["retries"] == 0
+
+    # the engine comes back on the same port: a passing health check reinstates it
+    port = int(victim.url.rsplit(":", 1)[1])
+    restarted = stack.start_engines(1, "--enable-fault-injection", port=port, name=f"{victim_name}-restarted")[0]
+    _wait_until(lambda: _availability(gw).get(victim_name) is True, timeout=15)
+    assert gw.metrics()[f'llmpath_backend_up{{backend="{victim_name}"}}'] == 1
+
+    # every engine down: 503 with Retry-After, and not ready
+    for engine in (restarted, survivor):
+        os.killpg(engine.proc.pid, signal.SIGKILL)
+        engine.proc.wait(10)
+    resp = post(gw, keys, "nobody home")
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_backend" and "retry-after" in resp.headers
+    _wait_until(lambda: httpx.get(f"{gw.url}/readyz").status_code == 503)
+
+
+def _availability(gw) -> dict[str, bool]:
+    return {b["name"]: b["available"] for b in httpx.get(f"{gw.url}/readyz").json()["backends"]}
+
+
+def _wait_until(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.1)
