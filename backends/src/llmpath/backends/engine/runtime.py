@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import tempfile
 import time
@@ -28,6 +29,26 @@ from llmpath.backends.engine.tracing import setup_tracer
 #: Default KV pool size (token slots) per preset; a checkpoint gets 8 × its context length.
 DEFAULT_KV_TOKENS = {"tiny": 65536, "small": 32768, "llama-8b": 131072}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _export_byte_tokenizer(tokenizer: ByteTokenizer) -> Path:
+    """The byte tokenizer's Hugging Face files in a per-user cache directory (written once, atomically, shared by
+    every engine; nothing to clean up)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmpath" / "byte-tokenizer-v1"
+    if (cache / "tokenizer_config.json").exists():
+        return cache
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".byte-tokenizer-", dir=cache.parent))
+        tokenizer.write_hf_files(staging)
+        staging.chmod(0o755)
+        try:
+            staging.rename(cache)
+        except OSError:  # another engine won the race
+            shutil.rmtree(staging, ignore_errors=True)
+        return cache
+    except OSError:  # read-only home: a private temporary copy
+        return tokenizer.write_hf_files(Path(tempfile.mkdtemp(prefix="llmpath-tokenizer-")))
 
 
 class RequestError(ValueError):
@@ -129,12 +150,10 @@ class Engine:
         self.config: ModelConfig = with_context(cfg, args.context_length)
         self.model_name = args.served_model_name or (str(args.model_path) if args.model_path else self.config.name)
         self.tokenizer: Tokenizer = load_tokenizer(args.model_path, self.config.vocab_size, self.config.eos_token_ids)
-        #: Where the tokenizer files live (the checkpoint, or the byte tokenizer exported to a temp directory).
+        #: Where the tokenizer files live: the checkpoint, or the byte tokenizer exported to a cache directory.
         self.tokenizer_dir: Path | None = args.model_path
-        self._exported_tokenizer: str | None = None
         if isinstance(self.tokenizer, ByteTokenizer):
-            self._exported_tokenizer = tempfile.mkdtemp(prefix="llmpath-tokenizer-")
-            self.tokenizer_dir = self.tokenizer.write_hf_files(Path(self._exported_tokenizer))
+            self.tokenizer_dir = _export_byte_tokenizer(self.tokenizer)
         started = time.monotonic()
         self.model = LlamaModel(self.config)
         if args.model_path:
@@ -185,8 +204,6 @@ class Engine:
 
     def stop(self) -> None:
         self.scheduler.stop()
-        if self._exported_tokenizer:
-            shutil.rmtree(self._exported_tokenizer, ignore_errors=True)
 
     # ----------------------------------------------------------------- request preparation
 

@@ -21,9 +21,14 @@ def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 30000, log_leve
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     engine = Engine(args)
+
+    def shutdown() -> None:
+        engine.stop()
+        shutdown_tracing()  # flush the spans still batched
+
     try:
         engine.start()
-        app = create_app(engine)
+        app = create_app(engine, on_shutdown=shutdown)
         cfg = engine.config
         log.info(
             "llmpath engine %s: %s (%.1fM params, %s, %s), KV pool %d tokens, max running %d, on http://%s:%d",
@@ -39,5 +44,4 @@ def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 30000, log_leve
         )
         uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     finally:
-        engine.stop()
-        shutdown_tracing()
+        shutdown()  # when uvicorn returns normally (shutdown is idempotent)

@@ -8,6 +8,7 @@ Prompt text is never logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -98,9 +99,19 @@ def _namespace(extra_key: str | None, cache_salt: str | None) -> str:
     return f"{extra_key or ''}\x00{cache_salt or ''}" if (extra_key or cache_salt) else ""
 
 
-def create_app(engine: Engine) -> FastAPI:
-    """The FastAPI app serving ``engine`` (whose scheduler must be started)."""
-    app = FastAPI(title="llmpath engine", docs_url=None, redoc_url=None, openapi_url=None)
+def create_app(engine: Engine, on_shutdown: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app serving ``engine`` (whose scheduler must be started); ``on_shutdown`` runs when the server
+    stops (uvicorn re-raises SIGTERM after its graceful shutdown, so a ``finally`` around it would not run)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                on_shutdown()
+
+    app = FastAPI(title="llmpath engine", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     args = engine.args
 
     def inject_fault() -> None:
