@@ -1,0 +1,297 @@
+"""The "LLM API path" dashboard: the request's stages in order, from traffic to tokens."""
+
+from __future__ import annotations
+
+from grafanalib.core import Dashboard
+
+from llmpath.dashboards import common
+from llmpath.dashboards.panels import Board, Query, steps
+from llmpath.dashboards.promql import mean, quantile, ratio, sel, sum_increase, sum_rate, zero_if_absent
+from llmpath.instrumentation import catalog
+from llmpath.instrumentation.catalog import STAGES, UNATTRIBUTED
+
+ERROR_STEPS = steps(("green", None), ("yellow", 0.01), ("red", 0.05))
+PERCENTILES = (0.5, 0.95, 0.99)
+
+
+def stage_latency_key(stage: str) -> str:
+    """Panel key of a stage's p50/p95/p99 panel (``unattributed`` and stage groups included)."""
+    return f"stage:{stage}:latency"
+
+
+def _requests(*matchers: str) -> str:
+    return sel(catalog.REQUESTS_TOTAL, *matchers)
+
+
+def _error_ratio(group: tuple[str, ...] = ()) -> str:
+    total = sum_rate(_requests(), group)
+    errors = sum_rate(_requests('code=~"5.."'), group)
+    return ratio(zero_if_absent(errors, total), total)
+
+
+def _tokens(token_type: str) -> str:
+    return sel(catalog.TOKENS_TOTAL, f'type="{token_type}"')
+
+
+def _cache_hit_rate(group: tuple[str, ...] = ()) -> str:
+    prompt = sum_rate(_tokens("input"), group)
+    return ratio(zero_if_absent(sum_rate(_tokens("cached"), group), prompt), prompt)
+
+
+def _percentiles(histogram: str, *matchers: str) -> list[Query]:
+    return [Query(quantile(q, histogram, *matchers), f"p{round(q * 100)}") for q in PERCENTILES]
+
+
+def _stage_description(stage: str) -> tuple[str, str]:
+    if stage == UNATTRIBUTED:
+        meaning = "Pre-first-token time no stage covers (gaps between stages, event-loop delays)."
+    else:
+        meaning = STAGES[stage].meaning
+    return meaning, STAGES.owner(stage)
+
+
+def build() -> Dashboard:
+    """Build the LLM API path dashboard (grafanalib object; see :func:`llmpath.dashboards.grafana.finalize`)."""
+    b = Board(common.SAMPLE_VARIABLES)
+    _overview(b)
+    _traffic(b)
+    _where_time_goes(b)
+    _stage_percentiles(b)
+    _ttft_tpot(b)
+    _routing_admission(b)
+    _prompt_cache(b)
+    _tokens_row(b)
+    return common.dashboard(
+        "api_path",
+        "llmpath / LLM API path",
+        "Every stage of an LLM API request, in request order: traffic and errors, where the time before the first "
+        "token goes, per-stage latency, TTFT and time per output token, routing and admission, prompt cache, tokens.",
+        b,
+        common.llmpath_variables(),
+        tags=["api-path"],
+    )
+
+
+def _overview(b: Board) -> None:
+    b.row("row:overview", "Overview")
+    b.stat(
+        "overview:requests", "Requests/s", "Finished requests per second (all status codes).", "reqps",
+        [Query(sum_rate(_requests()))],
+    )  # fmt: skip
+    b.stat(
+        "overview:errors", "Error ratio (5xx)", "Share of requests answered with a 5xx status.", "percentunit",
+        [Query(_error_ratio())], thresholds=ERROR_STEPS, decimals=2,
+    )  # fmt: skip
+    b.stat(
+        "overview:ttft_p95", "TTFT p95", "95th percentile of time to first token measured by the gateway.", "s",
+        [Query(quantile(0.95, catalog.TIME_TO_FIRST_TOKEN))],
+    )  # fmt: skip
+    b.stat(
+        "overview:overhead_p95",
+        "Gateway overhead p95",
+        "95th percentile of the time the gateway adds before calling the backend (auth … cache_lookup).",
+        "s",
+        [Query(quantile(0.95, catalog.STAGE_GROUP_DURATION, 'group="gateway_overhead"'))],
+    )
+    b.stat(
+        "overview:cache_hit_rate", "Prompt-cache hit rate", "Cached prompt tokens ÷ all prompt tokens.", "percentunit",
+        [Query(_cache_hit_rate())], decimals=1,
+    )  # fmt: skip
+    b.stat(
+        "overview:tokens", "Tokens/s", "Input and output tokens per second (cached tokens are part of input).",
+        "short", [Query(sum_rate(sel(catalog.TOKENS_TOTAL, 'type=~"input|output"')))],
+    )  # fmt: skip
+
+
+def _traffic(b: Board) -> None:
+    b.row("row:traffic", "Traffic and errors")
+    b.timeseries(
+        "traffic:requests_by_route", "Requests/s by route", "Finished requests per second, per route.", "reqps",
+        [Query(sum_rate(_requests(), ["route"]), "{{route}}")], w=8,
+    )  # fmt: skip
+    b.timeseries(
+        "traffic:error_ratio_by_route",
+        "Error ratio (5xx) by route",
+        "Share of each route's requests answered with a 5xx status (the availability SLI).",
+        "percentunit",
+        [Query(_error_ratio(("route",)), "{{route}}")],
+        w=8, thresholds=ERROR_STEPS, threshold_style="line", minimum=0,
+    )  # fmt: skip
+    b.timeseries(
+        "traffic:responses_by_code", "Responses/s by status code",
+        "Responses per second by HTTP status: 4xx are client errors (auth, validation, rate limits), 5xx ours.",
+        "reqps", [Query(sum_rate(_requests(), ["code"]), "{{code}}")], w=8,
+    )  # fmt: skip
+
+
+def _where_time_goes(b: Board) -> None:
+    b.row("row:time", "Where the time goes (before the first token)")
+    pre_first_token = [s for s in STAGES.names_with_unattributed if s == UNATTRIBUTED or STAGES[s].before_first_token]
+    stage_sum = sel(f"{catalog.STAGE_DURATION}_sum", f'stage=~"{"|".join(pre_first_token)}"')
+    queries = [Query(mean(catalog.STAGE_DURATION, f'stage="{s}"'), s) for s in pre_first_token]
+    b.timeseries(
+        "stages:mean",
+        "Mean time per stage, stacked in pipeline order",
+        "Mean time each request spends in each stage before the first token, stacked in request order; "
+        "'unattributed' is the time no stage covers, so the top of the stack is the mean time to first token. "
+        "Means add up; percentiles do not.",
+        "s",
+        queries,
+        w=16, h=9, stacked=True,
+    )  # fmt: skip
+    share = (
+        f"sum by (stage) (increase({stage_sum}[$__range]))\n/ ignoring (stage) group_left ()\n"
+        f"(sum(increase({stage_sum}[$__range])) > 0)"
+    )
+    b.table(
+        "stages:share",
+        "Share of time before the first token, by stage",
+        "Each stage's share of all pre-first-token time over the selected time range: the stage to look at first.",
+        "percentunit",
+        [Query(share, instant=True)],
+        w=8, h=9, sort_by="Value",
+    )  # fmt: skip
+
+
+def _stage_percentiles(b: Board) -> None:
+    b.row("row:stages", "Latency per stage (p50 / p95 / p99)")
+    for stage in STAGES.names_with_unattributed:
+        meaning, owner = _stage_description(stage)
+        b.timeseries(
+            stage_latency_key(stage),
+            f"{stage} — p50 / p95 / p99 (owner: {owner})",
+            f"{meaning} Owned by {owner}. Percentiles over the selected routes.",
+            "s",
+            _percentiles(catalog.STAGE_DURATION, f'stage="{stage}"'),
+            w=8, h=7,
+        )  # fmt: skip
+    for group in catalog.STAGE_GROUPS:
+        b.timeseries(
+            stage_latency_key(group.name),
+            f"{group.name} — p50 / p95 / p99 (owner: {group.owner})",
+            f"{group.meaning} Stages: {', '.join(group.stages)}. Owned by {group.owner}.",
+            "s",
+            _percentiles(catalog.STAGE_GROUP_DURATION, f'group="{group.name}"'),
+            w=8, h=7,
+        )  # fmt: skip
+
+
+def _ttft_tpot(b: Board) -> None:
+    b.row("row:ttft", "Time to first token and time per output token")
+    b.timeseries(
+        "ttft:latency", "Time to first token — p50 / p95 / p99",
+        "Time from the request's arrival at the gateway to the first output token (all stages before decode).",
+        "s", _percentiles(catalog.TIME_TO_FIRST_TOKEN),
+    )  # fmt: skip
+    b.timeseries(
+        "ttft:p95_by_route", "Time to first token p95 by route", "95th percentile of TTFT for each route.", "s",
+        [Query(quantile(0.95, catalog.TIME_TO_FIRST_TOKEN, group=["route"]), "{{route}}")],
+    )  # fmt: skip
+    b.timeseries(
+        "tpot:latency", "Time per output token — p50 / p95 / p99",
+        "Mean time per output token after the first, per request (the decode speed users feel while streaming).",
+        "s", _percentiles(catalog.TIME_PER_OUTPUT_TOKEN),
+    )  # fmt: skip
+    b.timeseries(
+        "request:latency", "Request duration — p50 / p95 / p99",
+        "Whole request duration at the gateway, to the last byte.", "s",
+        _percentiles(catalog.REQUEST_DURATION),
+    )  # fmt: skip
+
+
+def _routing_admission(b: Board) -> None:
+    b.row("row:route_schedule", "Routing and admission")
+    decisions = sel(catalog.ROUTE_DECISIONS_TOTAL)
+    b.timeseries(
+        "route:decisions_by_backend", "Routing decisions/s by backend",
+        "Requests sent to each backend per second; a skew shows prefix affinity or an ejected backend.", "reqps",
+        [Query(sum_rate(decisions, ["backend"]), "{{backend}}")], w=8,
+    )  # fmt: skip
+    b.timeseries(
+        "route:decisions_by_reason", "Routing decisions/s by reason",
+        "Why the router chose a backend (prefix affinity, least load, fallback …).", "reqps",
+        [Query(sum_rate(decisions, ["reason"]), "{{reason}}")], w=8,
+    )  # fmt: skip
+    b.timeseries(
+        "route:backends_up", "Backends healthy", "1 per backend that is healthy and not ejected by the router.",
+        "none", [Query(f"sum by (backend) ({sel(catalog.BACKEND_UP)})", "{{backend}}")], w=8, minimum=0,
+    )  # fmt: skip
+    b.timeseries(
+        "schedule:admission", "Admission: running and queued",
+        "Requests admitted and running in the gateway, and requests waiting for admission.", "short",
+        [
+            Query(f"sum({sel(catalog.ADMISSION_INFLIGHT)})", "running"),
+            Query(f"sum({sel(catalog.ADMISSION_QUEUE_DEPTH)})", "queued"),
+        ],
+        w=8,
+    )  # fmt: skip
+    b.timeseries(
+        "schedule:rejections", "Admission rejections/s by reason",
+        "Requests turned away by admission control (queue full, rate limited, timed out while queued).", "reqps",
+        [Query(f"{sum_rate(sel(catalog.ADMISSION_REJECTIONS_TOTAL), ['reason'])} or vector(0)", "{{reason}}")], w=8,
+    )  # fmt: skip
+    b.timeseries(
+        "route:inflight_by_backend", "Requests in flight by backend",
+        "Requests the gateway has in flight at each backend: the load the router balances.", "short",
+        [Query(f"sum by (backend) ({sel(catalog.BACKEND_INFLIGHT)})", "{{backend}}")], w=8,
+    )  # fmt: skip
+
+
+def _prompt_cache(b: Board) -> None:
+    b.row("row:cache", "Prompt cache")
+    predicted = sel(catalog.PROMPT_CACHE_PREDICTED_TOKENS_TOTAL)
+    b.timeseries(
+        "cache:hit_rate", "Prompt-cache hit rate by route (cached ÷ prompt tokens)",
+        "Share of each route's prompt tokens the backend served from its prefix cache (KV reuse).", "percentunit",
+        [Query(_cache_hit_rate(("route",)), "{{route}}")], minimum=0, maximum=1,
+    )  # fmt: skip
+    b.timeseries(
+        "cache:predicted_vs_actual", "Cached tokens/s: predicted vs actual",
+        "Prompt tokens per second the gateway predicted would be cached, next to what the backend reported. A gap "
+        "means the gateway's view of the backends' caches has drifted (eviction, routing, TTL).", "short",
+        [
+            Query(sum_rate(predicted, ["route"]), "{{route}} predicted"),
+            Query(sum_rate(_tokens("cached"), ["route"]), "{{route}} actual"),
+        ],
+    )  # fmt: skip
+    b.timeseries(
+        "cache:lookups", "Prompt-cache lookups/s by result",
+        "Gateway prompt-cache lookups by result: hit, partial, miss, bypass.", "ops",
+        [Query(sum_rate(sel(catalog.PROMPT_CACHE_LOOKUPS_TOTAL), ["result"]), "{{result}}")],
+    )  # fmt: skip
+    b.timeseries(
+        "cache:prediction_accuracy", "Actual ÷ predicted cached tokens by route",
+        "Backend-reported cached tokens divided by the gateway's prediction; 100% means the prediction holds.",
+        "percentunit",
+        [Query(ratio(zero_if_absent(sum_rate(_tokens("cached"), ["route"]), sum_rate(predicted, ["route"])),
+                     sum_rate(predicted, ["route"])), "{{route}}")],
+        minimum=0,
+    )  # fmt: skip
+
+
+def _tokens_row(b: Board) -> None:
+    b.row("row:tokens", "Tokens and tenants")
+    tokens = sel(catalog.TOKENS_TOTAL)
+    billable = sel(catalog.TOKENS_TOTAL, 'type=~"input|output"')
+    b.timeseries(
+        "tokens:by_type", "Tokens/s by type",
+        "Tokens per second: input (all prompt tokens), cached (the part of input served from cache), output.",
+        "short", [Query(sum_rate(tokens, ["type"]), "{{type}}")], w=8,
+    )  # fmt: skip
+    b.timeseries(
+        "tokens:top_tenants_rate", "Tokens/s of the top 10 tenants",
+        "Input + output tokens per second of the ten busiest tenants.", "short",
+        [Query(f"topk(10, {sum_rate(billable, ['tenant'])})", "{{tenant}}")], w=8,
+    )  # fmt: skip
+    b.table(
+        "tokens:top_tenants", "Top tenants by tokens (time range)",
+        "The ten tenants with the most input + output tokens over the selected time range.", "short",
+        [Query(f"topk(10, {sum_increase(billable, ['tenant'])})", instant=True)], w=8, sort_by="Value",
+    )  # fmt: skip
+    b.timeseries(
+        "health:label_overflow", "Label values folded into __other__/s",
+        "The instrumentation's cardinality guard replacing new label values with __other__: raise its limits or "
+        "fix the label source (e.g. a route label built from raw paths).", "ops",
+        [Query(f"{sum_rate(sel(catalog.LABEL_OVERFLOW_TOTAL), ['metric', 'label'])} or vector(0)",
+               "{{metric}} {{label}}")], w=8,
+    )  # fmt: skip

@@ -1,0 +1,206 @@
+"""What the three dashboards contain, checked on the JSON built for the default spec: issue 6's panel list, units,
+variables, deep links, and that every query returns data from Prometheus (promtool 2.42)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft7Validator
+
+from llmpath.dashboards import SloView, build_dashboards, burn_panel_id, queries, render_all
+from llmpath.dashboards.checks import iter_panels
+from llmpath.dashboards.specs import recording_rule_names, slo_views
+from llmpath.dashboards.synthetic import promtool_returns_data
+from llmpath.instrumentation import catalog
+from llmpath.instrumentation.catalog import STAGES, UNATTRIBUTED, stable_panel_id
+
+REPO = Path(__file__).resolve().parents[2]
+PEER_SCHEMA = REPO.parent / "shared" / "peers" / "grafana" / "dashboard.jsonschema.json"
+VENDORED_SCHEMA = REPO / "dashboards" / "src" / "llmpath" / "dashboards" / "schema" / "dashboard.jsonschema.json"
+SCHEMA_SHA256 = "67451cd5b288f97e3f68eccd52ffa4f75151fc87c669b8cd93c051056b294265"
+
+
+def _panels(dashboard: dict, type_: str | None = None) -> list[dict]:
+    return [p for p in iter_panels(dashboard) if p["type"] != "row" and (type_ is None or p["type"] == type_)]
+
+
+def _by_key(dashboard: dict, key: str) -> dict:
+    pid = stable_panel_id(key)
+    return next(p for p in iter_panels(dashboard) if p["id"] == pid)
+
+
+def _exprs(panel: dict) -> list[str]:
+    return [t["expr"] for t in panel["targets"]]
+
+
+def test_vendored_schema_is_grafanas_file() -> None:
+    assert hashlib.sha256(VENDORED_SCHEMA.read_bytes()).hexdigest() == SCHEMA_SHA256
+    if PEER_SCHEMA.is_file():
+        assert PEER_SCHEMA.read_bytes() == VENDORED_SCHEMA.read_bytes()
+
+
+def test_every_dashboard_validates_against_grafanas_schema(dashboards: dict[str, dict]) -> None:
+    validator = Draft7Validator(json.loads(VENDORED_SCHEMA.read_text()))
+    assert set(dashboards) == {f"{uid}.json" for uid in catalog.DASHBOARD_UIDS.values()}
+    for name, dashboard in dashboards.items():
+        assert [e.message for e in validator.iter_errors(dashboard)] == [], name
+        assert dashboard["schemaVersion"] == 42
+        assert dashboard["uid"] == name.removesuffix(".json")
+        for legacy in ("__inputs", "rows", "style", "hideControls", "sharedCrosshair", "gnetId"):
+            assert legacy not in dashboard
+
+
+def test_every_panel_has_title_description_unit_and_bound_datasource(dashboards: dict[str, dict]) -> None:
+    for name, dashboard in dashboards.items():
+        for panel in _panels(dashboard):
+            where = (name, panel["title"])
+            assert panel["title"] and panel["description"].strip(), where
+            assert panel["fieldConfig"]["defaults"]["unit"], where
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, where
+            assert [t["refId"] for t in panel["targets"]] == [chr(65 + i) for i in range(len(panel["targets"]))]
+            assert all(t["datasource"] == panel["datasource"] for t in panel["targets"]), where
+            assert "Metrics: `" in panel["description"], where
+
+
+def test_datasource_route_and_model_variables(dashboards: dict[str, dict]) -> None:
+    for name, dashboard in dashboards.items():
+        variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+        assert set(variables) == {"datasource", "route", "model"}, name
+        assert variables["datasource"]["type"] == "datasource"
+        assert variables["datasource"]["query"] == "prometheus"
+        for var in ("route", "model"):
+            assert variables[var]["refresh"] == 2 and variables[var]["includeAll"] and variables[var]["multi"]
+            assert variables[var]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
+def test_panel_ids_are_stable_unique_and_output_is_deterministic(compiled: Any, dashboards: dict[str, dict]) -> None:
+    for dashboard in dashboards.values():
+        ids = [p["id"] for p in iter_panels(dashboard)]
+        assert len(ids) == len(set(ids))
+    again = build_dashboards(slo_views(compiled.slos), recording_rule_names(compiled.files.values()))
+    assert render_all(again) == render_all(dashboards)
+
+
+def test_api_path_rows_follow_the_request(dashboards: dict[str, dict]) -> None:
+    rows = [p["title"] for p in dashboards["llmpath-api-path.json"]["panels"] if p["type"] == "row"]
+    expected = ["Overview", "Traffic and errors", "Where the time goes", "Latency per stage", "Time to first token",
+                "Routing and admission", "Prompt cache", "Tokens"]  # fmt: skip
+    assert [next(r for r in rows if r.startswith(e)) for e in expected] == rows
+
+
+def test_where_the_time_goes_stacks_stages_in_pipeline_order(dashboards: dict[str, dict]) -> None:
+    panel = _by_key(dashboards["llmpath-api-path.json"], "stages:mean")
+    assert panel["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    legends = [t["legendFormat"] for t in panel["targets"]]
+    assert legends == [*(s.name for s in STAGES if s.before_first_token), UNATTRIBUTED]
+    for stage, expr in zip(legends, _exprs(panel), strict=True):
+        assert f'{catalog.STAGE_DURATION}_sum{{stage="{stage}"' in expr
+        assert f'{catalog.STAGE_DURATION}_count{{stage="{stage}"' in expr
+        assert "> 0)" in expr  # guarded mean
+
+
+def test_per_stage_percentile_panels_are_deep_linkable(dashboards: dict[str, dict]) -> None:
+    dashboard = dashboards["llmpath-api-path.json"]
+    for stage in (*STAGES.names_with_unattributed, *(g.name for g in catalog.STAGE_GROUPS)):
+        panel = _by_key(dashboard, f"stage:{stage}:latency")
+        assert [t["legendFormat"] for t in panel["targets"]] == ["p50", "p95", "p99"]
+        assert all(f'"{stage}"' in e and "histogram_quantile" in e for e in _exprs(panel))
+        assert panel["fieldConfig"]["defaults"]["unit"] == "s"
+
+
+def test_ttft_tpot_cache_and_token_panels(dashboards: dict[str, dict]) -> None:
+    dashboard = dashboards["llmpath-api-path.json"]
+    assert all(catalog.TIME_TO_FIRST_TOKEN in e for e in _exprs(_by_key(dashboard, "ttft:latency")))
+    assert all(catalog.TIME_PER_OUTPUT_TOKEN in e for e in _exprs(_by_key(dashboard, "tpot:latency")))
+    (hit_rate,) = _exprs(_by_key(dashboard, "cache:hit_rate"))
+    numerator, denominator = hit_rate.split("\n/\n")
+    assert 'type="cached"' in numerator and "by (route)" in numerator
+    assert 'type="input"' in denominator and denominator.endswith("> 0)")
+    predicted, actual = _exprs(_by_key(dashboard, "cache:predicted_vs_actual"))
+    assert catalog.PROMPT_CACHE_PREDICTED_TOKENS_TOTAL in predicted and 'type="cached"' in actual
+    assert "by (type)" in _exprs(_by_key(dashboard, "tokens:by_type"))[0]
+    top = _by_key(dashboard, "tokens:top_tenants")
+    assert top["type"] == "table" and top["targets"][0]["instant"]
+    assert _exprs(top)[0].startswith("topk(10, sum by (tenant) (increase(")
+
+
+def test_backends_dashboard_reads_both_sglang_spellings_and_counters(dashboards: dict[str, dict]) -> None:
+    dashboard = dashboards["llmpath-backends.json"]
+    for panel in _panels(dashboard):
+        for expr in _exprs(panel):
+            assert "sglang:" not in expr.replace("[:_]", ""), expr  # never one spelling only
+    (hit_rate,) = _exprs(_by_key(dashboard, "backends:cache_hit_rate_by_backend"))
+    assert "sglang[:_]cached_tokens_total" in hit_rate and "sglang[:_]prompt_tokens_total" in hit_rate
+    assert not any("cache_hit_rate" in e for p in _panels(dashboard) for e in _exprs(p))
+    for key in ("backends:queue_length", "backends:running_by_backend", "backends:ttft", "backends:itl",
+                "backends:kv_usage", "backends:tokens"):  # fmt: skip
+        assert _by_key(dashboard, key)
+    (share,) = _exprs(_by_key(dashboard, "backends:routing_share"))
+    assert catalog.ROUTE_DECISIONS_TOTAL in share and "by (backend)" in share
+
+
+def test_slo_dashboard_has_a_row_per_slo_and_the_panel_alerts_link_to(
+    compiled: Any, dashboards: dict[str, dict]
+) -> None:
+    dashboard = dashboards["llmpath-slos.json"]
+    rows = [p for p in dashboard["panels"] if p["type"] == "row"]
+    assert len(rows) == len(compiled.slos) + 1  # + the overview row
+    for slo in compiled.slos:
+        burn = next(p for p in iter_panels(dashboard) if p["id"] == burn_panel_id(slo.id))
+        assert burn["id"] == stable_panel_id(f"slo:{slo.id}:burn")
+        for alert in slo.alerts:
+            assert f"/d/{dashboard['uid']}?viewPanel={burn['id']}&" in alert.annotations["dashboard_url"]
+        windows = [t["legendFormat"].split()[0] for t in burn["targets"]]
+        assert {w.short for a in slo.alerts for w in a.windows} <= set(windows)
+        mine = [p for p in _panels(dashboard) if f'sloth_id="{slo.id}"' in " ".join(_exprs(p))]
+        titles = {p["title"].split(" (")[0] for p in mine}
+        assert {"Objective", "SLI", "Budget remaining", "Burn rate now", "Burn rate", "Firing alerts",
+                "Owning stage"} <= titles  # fmt: skip
+        owner = _by_key(dashboard, f"slo:{slo.id}:owner")
+        assert owner["targets"][0]["legendFormat"] == f"{slo.stage} → {slo.owner}"
+    steps = [s["value"] for s in burn["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+    assert 14.4 in steps and 1 in steps
+
+
+def test_slo_route_filter_only_where_the_sli_keeps_route() -> None:
+    views = [
+        SloView("a-grouped", "a", "grouped", 99.0, "30d", "route", "platform", "", ("5m", "1h"), (("page", 14.4),),
+                ("route",)),
+        SloView("a-flat", "a", "flat", 99.0, "30d", None, None, "", ("5m", "1h"), (("page", 14.4),), ()),
+    ]  # fmt: skip
+    rules = {"slo:sli_error:ratio_rate5m", "slo:sli_error:ratio_rate1h", "slo:objective:ratio",
+             "slo:error_budget:ratio", "slo:current_burn_rate:ratio", "slo:period_burn_rate:ratio",
+             "slo:period_error_budget_remaining:ratio", "sloth_slo_info"}  # fmt: skip
+    dashboard = build_dashboards(views, rules)["llmpath-slos.json"]
+    assert 'route=~"$route"' in _exprs(_by_key(dashboard, "slo:a-grouped:sli"))[0]
+    assert "route" not in _exprs(_by_key(dashboard, "slo:a-flat:sli"))[0]
+    assert "whole request path" in next(p["title"] for p in dashboard["panels"] if p["id"] == stable_panel_id(
+        "row:slo:a-flat"))  # fmt: skip
+
+
+def test_every_query_returns_data_from_prometheus(
+    compiled: Any, dashboards: dict[str, dict], tmp_path: Path, require_binary
+) -> None:
+    """promtool 2.42 (Prometheus' own parser and engine) evaluates every query of all three dashboards over
+    synthetic series of every catalog metric plus the default spec's recording rules: each must return data."""
+    promtool = require_binary("promtool")
+    rule_files = []
+    for name, text in compiled.files.items():
+        path = tmp_path / Path(name).name
+        path.write_text(text)
+        rule_files.append(path)
+    exprs = [q for dashboard in dashboards.values() for q in queries(dashboard)]
+    result = promtool_returns_data(promtool, tmp_path, exprs, rule_files)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert len(exprs) > 100
+
+
+def test_rate_windows_are_grafana_variables(dashboards: dict[str, dict]) -> None:
+    for dashboard in dashboards.values():
+        for panel in _panels(dashboard):
+            for expr in _exprs(panel):
+                assert set(re.findall(r"\[([^\]]+)\]", expr)) - {":_"} <= {"$__rate_interval", "$__range"}, expr
