@@ -183,14 +183,16 @@ class LlamaModel(nn.Module):
         self.rope: Rotary | None = None
 
     def init_random(self, seed: int) -> None:
-        """Deterministic random weights (normal, std 0.02, as Llama's initializer_range)."""
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+        """Deterministic random weights (normal, std 0.02, as Llama's initializer_range), drawn on the parameters'
+        device (CPU and CUDA draws differ; each is reproducible)."""
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.endswith("layernorm.weight") or name == "norm.weight":
                     p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
+                    continue
+                gen = torch.Generator(device=p.device).manual_seed(seed)
+                seed += 1
+                p.normal_(0.0, 0.02, generator=gen)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

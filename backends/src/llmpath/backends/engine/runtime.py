@@ -31,6 +31,17 @@ DEFAULT_KV_TOKENS = {"tiny": 65536, "small": 32768, "llama-8b": 131072}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _build_model(config: ModelConfig, device: torch.device, dtype: torch.dtype) -> LlamaModel:
+    """The model allocated directly on ``device`` in ``dtype`` (an 8B model never passes through host memory)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            return LlamaModel(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def _export_byte_tokenizer(tokenizer: ByteTokenizer) -> Path:
     """The byte tokenizer's Hugging Face files in a per-user cache directory (written once, atomically, shared by
     every engine; nothing to clean up)."""
@@ -155,7 +166,7 @@ class Engine:
         if isinstance(self.tokenizer, ByteTokenizer):
             self.tokenizer_dir = _export_byte_tokenizer(self.tokenizer)
         started = time.monotonic()
-        self.model = LlamaModel(self.config)
+        self.model = _build_model(self.config, self.device, self.dtype)
         if args.model_path:
             load_safetensors(self.model, args.model_path)
         else:
