@@ -22,7 +22,7 @@ from llmpath.backends.base import Backend
 from llmpath.backends.chat_template import load_chat_template
 from llmpath.gateway import errors
 from llmpath.gateway.assembly import RouteAssembler
-from llmpath.gateway.config import BackendConfig, GatewayConfig, LimitsConfig, RouteConfig
+from llmpath.gateway.config import BackendConfig, GatewayConfig, RouteConfig
 from llmpath.gateway.errors import APIError
 from llmpath.gateway.metrics import GatewayMetrics
 from llmpath.gateway.otel import setup_from_env
@@ -123,9 +123,9 @@ def _request_body(model: type[BaseModel], defs: dict[str, Any], *, required: boo
     return {"requestBody": {"required": required, "content": {"application/json": {"schema": ref}}}}
 
 
-def _with_components(app: FastAPI, defs: dict[str, Any], limits: LimitsConfig) -> Callable[[], dict[str, Any]]:
-    """``app.openapi`` with the request-body schemas in ``components.schemas`` and the configured limits
-    (``max_tokens``, messages, stop sequences) as their maxima."""
+def _with_components(app: FastAPI, defs: dict[str, Any], config: GatewayConfig) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` with the request-body schemas in ``components.schemas``, the configured limits
+    (``max_tokens``, messages, stop sequences) as their maxima and the routes as the ``model`` values."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -135,16 +135,19 @@ def _with_components(app: FastAPI, defs: dict[str, Any], limits: LimitsConfig) -
             error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(error_schema.pop("$defs", {}))
             schemas["ErrorResponse"] = error_schema
-            _document_limits(schemas, limits)
+            _document_config(schemas, config)
             app.openapi_schema = schema
         return app.openapi_schema
 
     return openapi
 
 
-def _document_limits(schemas: dict[str, Any], limits: LimitsConfig) -> None:
+def _document_config(schemas: dict[str, Any], config: GatewayConfig) -> None:
+    limits = config.limits
     for name in ("ChatCompletionRequest", "CompletionRequest"):
         props = schemas[name]["properties"]
+        if config.routes:  # only the configured routes are models; without routes any name passes through
+            props["model"]["enum"] = [r.name for r in config.routes]
         for field in ("max_tokens", "max_completion_tokens"):
             for branch in props.get(field, {}).get("anyOf", ()):
                 if branch.get("type") == "integer":
@@ -304,7 +307,7 @@ def create_app(
         excluded_paths=EXCLUDED_PATHS,
     )
     gateway.bind_metrics(GatewayMetrics(app.state.llmpath.metric))
-    app.openapi = _with_components(app, defs, config.limits)  # type: ignore[method-assign]
+    app.openapi = _with_components(app, defs, config)  # type: ignore[method-assign]
     return app
 
 

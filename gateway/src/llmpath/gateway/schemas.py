@@ -8,9 +8,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON Schema's ``integer`` includes integral numbers written as floats (``5.0``); bools are not numbers."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: An integer as JSON Schema defines it (strict otherwise: no strings, no bools).
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class _Request(BaseModel):
@@ -46,16 +57,16 @@ class _Sampling(_Request):
     """Sampling fields shared by chat and text completions."""
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[JsonInt, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     #: SGLang extension: top-k sampling (-1 = off).
-    top_k: Annotated[int, Field(ge=-1)] | None = None
-    n: Annotated[int, Field(ge=1, le=1)] | None = Field(default=None, description="Only n=1 is supported.")
+    top_k: Annotated[JsonInt, Field(ge=-1)] | None = None
+    n: Annotated[JsonInt, Field(ge=1, le=1)] | None = Field(default=None, description="Only n=1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: str | Annotated[list[str], Field(max_length=64)] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), lt=2**63)] | None = None
+    seed: Annotated[JsonInt, Field(ge=-(2**63), lt=2**63)] | None = None
     presence_penalty: Annotated[float, Field(ge=0, le=0)] | None = Field(
         default=None, description="Only 0 is supported."
     )
@@ -84,7 +95,7 @@ class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[JsonInt, Field(ge=1)] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
 
@@ -105,6 +116,13 @@ class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     echo: Literal[False] | None = Field(default=None, description="echo is not supported.")
     suffix: None = Field(default=None, description="suffix is not supported.")
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _echo_is_a_bool(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, bool):  # Literal[False] alone would accept 0
+            raise ValueError("Input should be false")
+        return value
 
     @property
     def requested_max_tokens(self) -> int | None:
