@@ -242,12 +242,8 @@ def _alert_window(alert: Any) -> str:
 
 
 def source_name(source: str) -> str:
-    """The spec file as the runbooks cite it: relative to the working directory when inside it, else its name."""
-    path = Path(source)
-    try:
-        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return path.name
+    """The spec file as the runbooks cite it: its name, so the output does not depend on where it is built."""
+    return Path(source).name
 
 
 def build_page(

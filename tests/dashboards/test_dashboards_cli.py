@@ -1,0 +1,91 @@
+"""`llmpath dashboards build` and `llmpath runbooks build` as users run them (subprocess), including `--check` on the
+artefacts committed in the repository."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DASHBOARDS = ("llmpath-api-path.json", "llmpath-backends.json", "llmpath-slos.json")
+
+
+def _run(llmpath_bin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([llmpath_bin, *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+@pytest.mark.parametrize(("part", "out"), [("dashboards", "dashboards/generated"), ("runbooks", "runbooks/generated")])
+def test_committed_artefacts_are_fresh(llmpath_bin: str, part: str, out: str) -> None:
+    """The generated files committed for the default spec match what the code generates now (`make regen`)."""
+    result = _run(llmpath_bin, part, "build", "-o", out, "--check")
+    assert result.returncode == 0, f"{result.stderr}\nrun `make regen` and commit the result"
+    assert "up to date" in result.stdout
+
+
+def test_dashboards_build_and_check_detect_every_kind_of_drift(llmpath_bin: str, tmp_path: Path) -> None:
+    out = tmp_path / "dash"
+    built = _run(llmpath_bin, "dashboards", "build", "-o", str(out))
+    assert built.returncode == 0, built.stderr
+    assert sorted(p.name for p in out.iterdir()) == sorted(DASHBOARDS)
+    for name in DASHBOARDS:
+        assert json.loads((out / name).read_text())["schemaVersion"] == 42
+    assert _run(llmpath_bin, "dashboards", "build", "-o", str(out), "--check").returncode == 0
+
+    api = out / "llmpath-api-path.json"
+    api.write_text(api.read_text().replace('"schemaVersion": 42', '"schemaVersion": 41'))
+    (out / "llmpath-backends.json").unlink()
+    (out / "llmpath-old.json").write_text("{}")
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    stale = _run(llmpath_bin, "dashboards", "build", "-o", str(out), "--check")
+    assert stale.returncode == 1
+    assert f"{api}: out of date" in stale.stderr
+    assert f"{out / 'llmpath-backends.json'}: missing" in stale.stderr
+    assert f"{out / 'llmpath-old.json'}: no longer generated" in stale.stderr
+    assert "regenerate with: llmpath dashboards build" in stale.stderr
+    assert {p.name: p.read_text() for p in out.iterdir()} == before  # --check writes nothing
+
+    fixed = _run(llmpath_bin, "dashboards", "build", "-o", str(out))
+    assert fixed.returncode == 0 and "2 written, 1 removed" in fixed.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(DASHBOARDS)
+
+
+def test_bad_spec_exits_non_zero_naming_the_file_and_writes_nothing(llmpath_bin: str, tmp_path: Path) -> None:
+    spec = tmp_path / "broken.yaml"
+    spec.write_text("version: prometheus/v1\nservice: x\nslos:\n  - name: a\n    objective: 120\n")
+    for part in ("dashboards", "runbooks"):
+        out = tmp_path / f"out-{part}"
+        result = _run(llmpath_bin, part, "build", "--slo", str(spec), "-o", str(out))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "broken.yaml" in result.stderr and "objective" in result.stderr
+        assert not out.exists()
+
+
+def test_runbooks_build_custom_spec_and_urls(llmpath_bin: str, tmp_path: Path) -> None:
+    spec = tmp_path / "svc.yaml"
+    spec.write_text(
+        "version: prometheus/v1\nservice: shop\nslos:\n"
+        "  - name: requests-availability\n    objective: 99.5\n"
+        "    sli:\n      events:\n"
+        '        error_query: sum(rate(llmpath_requests_total{code=~"5.."}[{{.window}}]))\n'
+        "        total_query: sum(rate(llmpath_requests_total[{{.window}}]))\n"
+        "    alerting:\n      name: ShopAvailability\n"
+    )
+    out = tmp_path / "rb"
+    result = _run(
+        llmpath_bin, "runbooks", "build", "--slo", str(spec), "-o", str(out),
+        "--dashboard-base-url", "https://grafana.acme.io", "--runbook-base-url", "https://runbooks.acme.io",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "ShopAvailability-page.md",
+        "ShopAvailability-ticket.md",
+    ]
+    page = (out / "ShopAvailability-page.md").read_text()
+    assert "https://grafana.acme.io/d/llmpath-slos?viewPanel=" in page
+    assert "none: the whole request path" in page  # a Sloth spec has no stage: the path entry is used
+    assert "gone in **about 2.1 days (50 hours)**" in page
+    assert _run(llmpath_bin, "runbooks", "build", "--slo", str(spec), "-o", str(out), "--check").returncode == 1
