@@ -1,0 +1,35 @@
+"""`llmpath engine`: presets listing and flag errors (file/flag, reason, exit code ≠ 0)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+
+def run(llmpath_bin: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([llmpath_bin, "engine", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_presets_lists_the_shapes(llmpath_bin: str) -> None:
+    out = run(llmpath_bin, "presets")
+    assert out.returncode == 0
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert set(lines) == {"tiny", "small", "llama-8b"}
+    assert "hidden 4096, 32 layers, 32 heads / 8 KV, vocab 128256" in lines["llama-8b"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--preset", "huge"], "unknown preset 'huge'; known presets: tiny, small, llama-8b"),
+        (["--device", "tpu"], "--device must be cpu or cuda"),
+        (["--schedule-policy", "random"], "--schedule-policy must be fcfs or lpm"),
+        (["--max-running", "0"], "--max-running must be at least 1"),
+        (["--bucket-time-to-first-token", "tse 1 x"], "bucket rule 'tse 1 x': values must be numbers"),
+    ],
+)
+def test_bad_flags_exit_2_with_the_reason(llmpath_bin: str, flags: list[str], message: str) -> None:
+    out = run(llmpath_bin, "serve", "--port", "1", *flags)
+    assert out.returncode == 2
+    assert message in out.stderr
