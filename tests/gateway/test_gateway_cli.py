@@ -1,0 +1,93 @@
+"""`llmpath gateway` on the command line: refusing unsafe or broken setups, hashing keys, checking configs,
+and serving from flags alone (passthrough route, OpenAI-compatible backend kind, round robin)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmpath.gateway.config import hash_key
+
+
+def run(llmpath_bin: str, *args: str, input: str | None = None, env: dict[str, str] | None = None):
+    return subprocess.run(
+        [llmpath_bin, "gateway", *args], capture_output=True, text=True, input=input, timeout=60, env=env
+    )
+
+
+def test_serve_refuses_to_start_without_keys(llmpath_bin: str) -> None:
+    result = run(llmpath_bin, "serve", "--backend", "http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert "no API keys configured" in result.stderr and "--insecure-no-auth" in result.stderr
+
+
+def test_serve_refuses_without_backends(llmpath_bin: str) -> None:
+    result = run(llmpath_bin, "serve", "--api-key", "sk-x")
+    assert result.returncode == 2 and "no backends" in result.stderr
+
+
+def test_bad_config_names_file_field_and_line(llmpath_bin: str, tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text("backends:\n  - url: http://127.0.0.1:1\n    wieght: 2\nrouting: {policy: fastest}\n")
+    for args in (["serve", "--config", str(path), "--insecure-no-auth"], ["check-config", str(path)]):
+        result = run(llmpath_bin, *args)
+        assert result.returncode == 2
+        assert f"{path}: invalid configuration (2 problem(s))" in result.stderr
+        assert "backends[0].wieght (line 3): unknown field" in result.stderr
+        assert "routing.policy (line 4)" in result.stderr
+
+
+def test_check_config_summarises(llmpath_bin: str, tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        "backends: [{url: 'http://127.0.0.1:1', name: a}]\n"
+        "routes: [{name: chat, system_prompt: 'Hi {{ tenant }}'}]\n"
+        f"api_keys: [{{sha256: {hash_key('k')}, tenant: t, admin: true}}]\n"
+    )
+    result = run(llmpath_bin, "check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout and "a (sglang)" in result.stdout and "chat" in result.stdout
+    assert "1 (1 admin)" in result.stdout
+    path.write_text("routes: [{name: chat, system_prompt: '{% if %}'}]\n")
+    result = run(llmpath_bin, "check-config", str(path))
+    assert result.returncode == 2 and "template syntax error" in result.stderr
+
+
+def test_hash_key_reads_stdin(llmpath_bin: str) -> None:
+    result = run(llmpath_bin, "hash-key", input="sk-secret\n")
+    assert result.returncode == 0 and result.stdout.strip() == hash_key("sk-secret")
+    assert run(llmpath_bin, "hash-key", input="\n").returncode == 2
+
+
+@pytest.mark.slow
+def test_serve_from_flags_with_an_openai_backend(llmpath_bin: str, processes, free_port) -> None:
+    """No config file: keys from the environment, the engine's OpenAI endpoints as an ``openai`` backend."""
+    engine_port, port = free_port(), free_port()
+    processes.spawn(
+        "engine",
+        [llmpath_bin, "engine", "serve", "--preset", "tiny", "--threads", "1", "--port", str(engine_port)],
+        ready_url=f"http://127.0.0.1:{engine_port}/health",
+    )
+    cmd = [
+        llmpath_bin, "gateway", "serve", "--port", str(port), "--backend", f"http://127.0.0.1:{engine_port}",
+        "--backend-kind", "openai", "--policy", "round_robin",
+    ]  # fmt: skip
+    env = {"LLMPATH_GATEWAY_API_KEYS": "sk-one sk-two", "LLMPATH_GATEWAY_ADMIN_KEYS": "sk-root"}
+    processes.spawn("gateway", cmd, ready_url=f"http://127.0.0.1:{port}/readyz", env=env)
+    url = f"http://127.0.0.1:{port}"
+    body = {"model": "anything-goes", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    for key in ("sk-one", "sk-two"):
+        resp = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["model"] == "anything-goes" and resp.json()["usage"]["completion_tokens"] == 3
+    models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-one"}).json()
+    assert [m["id"] for m in models["data"]] == ["default"]
+    records = httpx.get(f"{url}/debug/requests.json", headers={"Authorization": "Bearer sk-root"}).json()
+    rec = records["requests"][0]
+    assert rec["tenant"] == "default" and rec["route"] == "default" and rec["model"] == "anything-goes"
+    assert rec["extra"]["routing_reason"] == "round_robin"
+    prefill = next(s for s in rec["stages"] if s["name"] == "prefill")
+    assert prefill["source"] == "gateway"  # an OpenAI-compatible server reports no stage timings
