@@ -270,3 +270,23 @@ def test_duplicate_in_flight_rid_is_refused(url: str) -> None:
         next(lines)
         again = httpx.post(f"{url}/generate", json={**body, "stream": False})
     assert again.status_code == 400 and "Duplicate request ID" in again.json()["error"]["message"]
+
+
+async def test_non_streaming_client_disconnect_aborts_too(url: str) -> None:
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        before = metric((await client.get("/metrics")).text, "sglang:num_aborted_requests_total")
+        call = asyncio.create_task(client.post("/generate", json=body))
+        for _ in range(100):
+            if (await client.get("/v1/loads")).json()["loads"][0]["num_running_reqs"] == 1:
+                break
+            await asyncio.sleep(0.01)
+        call.cancel()  # the client gives up: its connection closes
+        for _ in range(100):
+            loads = (await client.get("/v1/loads")).json()["loads"][0]
+            if loads["num_running_reqs"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        after = metric((await client.get("/metrics")).text, "sglang:num_aborted_requests_total")
+    assert loads["num_running_reqs"] == 0 and loads["num_used_tokens"] == 0
+    assert after == before + 1  # aborted, not run to its 3000 tokens

@@ -247,7 +247,7 @@ def create_app(engine: Engine, on_shutdown: Callable[[], None] | None = None) ->
             stream = _native_stream(gens[0], args.incremental_streaming_output)
             return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
         bodies = []
-        for out in await asyncio.gather(*(_collect(g) for g in gens)):
+        for out in await _collect_while_connected(request, gens):
             if out.error:
                 raise ApiError(*out.error)
             meta = {**out.meta, "response_sent_to_client_ts": time.time()}
@@ -320,7 +320,7 @@ def create_app(engine: Engine, on_shutdown: Callable[[], None] | None = None) ->
             stream = _openai_stream(gen, _ChunkShape(rid, model, created, chat), include_usage, continuous,
                                     args.enable_cache_report, echo)  # fmt: skip
             return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
-        out = await _collect(gen)
+        (out,) = await _collect_while_connected(request, [gen])
         if out.error:
             raise ApiError(*out.error)
         reason = out.meta["finish_reason"] or {}
@@ -378,6 +378,20 @@ async def _collect(gen: RequestStream) -> _Final:
         await gen.aclose()
     assert last is not None
     return _Final(last, ids)
+
+
+async def _collect_while_connected(request: Request, gens: list[RequestStream]) -> list[_Final]:
+    """Collect non-streamed requests; if the client goes away first, abort them (as SGLang does)."""
+    task = asyncio.ensure_future(asyncio.gather(*(_collect(g) for g in gens)))
+    while True:
+        done, _ = await asyncio.wait([task], timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()  # each _collect closes its stream: the engine aborts the request and frees its KV
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ApiError(499, "client disconnected")
 
 
 async def _native_stream(gen: RequestStream, incremental: bool) -> AsyncIterator[str]:
