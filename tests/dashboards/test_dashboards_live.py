@@ -9,6 +9,7 @@ never appear, spellings.
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import shutil
 import socket
 import sys
@@ -148,3 +149,17 @@ def test_every_dashboard_query_returns_data(stack, dashboards: dict[str, dict]) 
             if not stack.query(expr):
                 empty.append(f"{name}: {expr}")
     assert empty == [], "queries without data:\n" + "\n\n".join(empty)
+
+
+def test_runbook_queries_run_on_the_live_stack(stack, compiled: Any, dashboards: dict[str, dict]) -> None:
+    """Every PromQL block of every runbook is accepted by Prometheus; the stage-latency diagnosis returns data."""
+    from llmpath.dashboards import panel_directory
+    from llmpath.runbooks import build_runbooks
+
+    runbooks = build_runbooks(compiled.slos, panel_titles=panel_directory(dashboards))
+    blocks = {q for text in runbooks.values() for q in re.findall(r"```promql\n(.*?)\n```", text, re.DOTALL)}
+    for query in sorted(blocks):
+        stack.query(query)  # raises on a Prometheus error
+    prefill_p95 = next(q for q in blocks if 'stage_duration_seconds_bucket{stage="prefill"}' in q)
+    assert stack.query(prefill_p95.replace("[5m]", "[1m]"))
+    assert len(blocks) > 30

@@ -18,6 +18,7 @@ from llmpath.runbooks import INDEX, KnowledgeError, RunbookError, build_runbooks
 from llmpath.runbooks.budget import exhaustion_time, humanize
 
 GRAFANA = "https://grafana.example.com"
+REPO = Path(__file__).resolve().parents[2]
 SECTIONS = ("## Meaning", "## Impact", "## Diagnosis", "## Mitigation", "## Escalation")
 PROMQL_BLOCK = re.compile(r"```promql\n(.*?)\n```", re.DOTALL)
 LINK = re.compile(r"\]\((https?://[^)]+)\)")
@@ -46,6 +47,7 @@ def test_one_runbook_per_alert_and_an_index(compiled: Any, runbooks: dict[str, s
     assert set(runbooks) == {*files, INDEX}
     for _slo, alert in _alerts(compiled):
         assert alert.annotations["runbook_url"] == f"runbooks/generated/{alert.runbook_file}"
+        assert (REPO / alert.annotations["runbook_url"]).is_file()  # the committed runbook the alert points at
         text = runbooks[alert.runbook_file]
         assert text.splitlines()[1] == f"# {alert.name} ({alert.severity})"
         assert [text.index(s) for s in SECTIONS] == sorted(text.index(s) for s in SECTIONS), alert.runbook_file
