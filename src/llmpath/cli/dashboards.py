@@ -71,4 +71,4 @@ def build(
     except DashboardError as exc:
         raise fail(str(exc)) from None
     command = "llmpath dashboards build" + "".join(f" --slo {p}" for p in slo or ()) + f" -o {out}"
-    sync(out, render_all(dashboards), check, is_generated, "dashboards", command)
+    sync(out, render_all(dashboards), check, is_generated, "dashboard files", command)

@@ -38,8 +38,10 @@ def build(
     )
     try:
         dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()))
-        files = build_runbooks(result.slos, dashboard_base_url or DEFAULT_GRAFANA_URL, None, panel_directory(dashboards))
+        files = build_runbooks(
+            result.slos, dashboard_base_url or DEFAULT_GRAFANA_URL, None, panel_directory(dashboards)
+        )
     except (DashboardError, KnowledgeError, RunbookError) as exc:
         raise fail(str(exc)) from None
     command = "llmpath runbooks build" + "".join(f" --slo {p}" for p in slo or ()) + f" -o {out}"
-    sync(out, files, check, is_generated, "runbooks", command)
+    sync(out, files, check, is_generated, "runbook files", command)
