@@ -434,6 +434,7 @@ def _assemble(
         )
     files: dict[str, str] = {}
     file_slos: dict[str, list[str]] = {}
+    operator_docs: set[int] = set()
     for doc in docs:
         items = by_doc.get(id(doc), [])
         groups = [g for item in items for g in item.rules.groups()]
@@ -442,6 +443,8 @@ def _assemble(
                 log.error("0 SLO Prometheus rules generated", file=doc.file)
             continue
         fmt = options.format or (FORMAT_OPERATOR if doc.spec == K8S_V1 else FORMAT_PROMETHEUS)
+        if fmt == FORMAT_OPERATOR:
+            operator_docs.add(id(doc))
         name = names[id(doc)]
         files[name] = render_document(doc, groups, fmt, name)
         file_slos[name] = [item.slo.id for item in items]
@@ -449,5 +452,13 @@ def _assemble(
     if options.tests and not log.errors:
         from llmpath.slo.promtool_tests import generate_tests
 
-        result.test_files = generate_tests(compiled, names, log)
+        for doc in docs:
+            if id(doc) in operator_docs and by_doc.get(id(doc)):
+                log.warn(
+                    "no promtool tests for a PrometheusRule output (promtool reads plain rule files): "
+                    "compile with --format prometheus to test it",
+                    file=doc.file,
+                )
+        testable = [item for item in compiled if id(item.doc) not in operator_docs]
+        result.test_files = generate_tests(testable, names, log)
     return result
