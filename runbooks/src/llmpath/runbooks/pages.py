@@ -276,7 +276,7 @@ def build_page(
         stage_title=entry.title,
         stage_meaning=stage_meaning(stage, knowledge),
         stage_position=stage_position(stage),
-        owner=owner or "unowned (set `owner:` in the spec)",
+        owner=owner or "unowned (an llmpath/v1 spec names it with `stage:` or `owner:`)",
         window=window,
         windows=_window_rows(alert, slo),
         sli_lines=_sli_lines(slo, window),
