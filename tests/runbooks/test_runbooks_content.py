@@ -23,19 +23,6 @@ SECTIONS = ("## Meaning", "## Impact", "## Diagnosis", "## Mitigation", "## Esca
 PROMQL_BLOCK = re.compile(r"```promql\n(.*?)\n```", re.DOTALL)
 LINK = re.compile(r"\]\((https?://[^)]+)\)")
 
-SHORT_WINDOWS = """\
-apiVersion: sloth.slok.dev/v1
-kind: AlertWindows
-spec:
-  sloPeriod: 1h
-  page:
-    quick: {errorBudgetPercent: 2, shortWindow: 1m, longWindow: 2m}
-    slow: {errorBudgetPercent: 5, shortWindow: 2m, longWindow: 5m}
-  ticket:
-    quick: {errorBudgetPercent: 10, shortWindow: 5m, longWindow: 10m}
-    slow: {errorBudgetPercent: 10, shortWindow: 10m, longWindow: 20m}
-"""
-
 
 def _alerts(compiled: Any):
     return [(slo, alert) for slo in compiled.slos for alert in slo.alerts]
@@ -131,13 +118,19 @@ def _fields(obj: Any) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
 
 
-def test_short_period_catalog(tmp_path: Path) -> None:
-    """A 1h period (what the end-to-end test uses): factor = 2% × 1h / 2m = 0.6, budget gone in 1h / 0.6."""
-    windows = tmp_path / "1h.yaml"
-    windows.write_text(SHORT_WINDOWS)
-    compiled = compile_specs(SpecOptions(period="1h", windows_file=windows))
+def test_short_period_catalog_of_the_end_to_end_test() -> None:
+    """The 1h catalog the end-to-end test uses (slo/examples/windows-1h.yaml): minute windows, budget math in
+    minutes, diagnosis queries over the alert's short window, and a dashboard for those windows."""
+    compiled = compile_specs(SpecOptions(windows_file=REPO / "slo" / "examples" / "windows-1h.yaml"))
     dashboards = build_dashboards(slo_views(compiled.slos), recording_rule_names(compiled.files.values()))
     files = build_runbooks(compiled.slos, GRAFANA, panel_titles=panel_directory(dashboards))
-    page = files["LLMAPITTFTBurn-page.md"]
-    assert "| 1m / 2m | 0.6× | 3% | 2% of 1h |" in page and "gone in **about 1.7 hours**" in page
-    assert "slo:sli_error:ratio_rate1m{" in page and "[1m]" in page  # diagnosis uses the alert's short window
+    slo = next(s for s in compiled.slos if s.id == "llm-api-ttft")
+    page = next(a for a in slo.alerts if a.severity == "page")
+    text = files[page.runbook_file]
+    assert slo.period == "1h"
+    fastest = page.windows[0]
+    assert f"| {fastest.short} / {fastest.long} | {fastest.factor:g}× |" in text
+    assert f"gone in **{humanize(exhaustion_time('1h', fastest.factor))}**" in text and "minutes" in text
+    assert f"slo:sli_error:ratio_rate{fastest.short}{{" in text and f"[{fastest.short}])" in text
+    burn = next(p for p in iter_panels(dashboards["llmpath-slos.json"]) if p["title"] == "Burn rate by window")
+    assert fastest.short in {t["legendFormat"].split()[0] for t in burn["targets"]}
