@@ -89,3 +89,20 @@ def test_runbooks_build_custom_spec_and_urls(llmpath_bin: str, tmp_path: Path) -
     assert "none: the whole request path" in page  # a Sloth spec has no stage: the path entry is used
     assert "gone in **about 2.1 days (50 hours)**" in page
     assert _run(llmpath_bin, "runbooks", "build", "--slo", str(spec), "-o", str(out), "--check").returncode == 1
+
+
+def test_lint_accepts_generated_dashboards_and_names_problems(llmpath_bin: str, tmp_path: Path) -> None:
+    generated = [str(REPO / "dashboards" / "generated" / name) for name in DASHBOARDS]
+    ok = _run(llmpath_bin, "dashboards", "lint", *generated)
+    assert ok.returncode == 0 and "3 dashboard(s) OK" in ok.stdout, ok.stderr
+    edited = json.loads((REPO / "dashboards" / "generated" / "llmpath-api-path.json").read_text())
+    edited["schemaVersion"] = "42"
+    edited["panels"][1]["targets"][0]["expr"] = "sum(rate(llmpath_request_total[$__rate_interval]))"
+    bad = tmp_path / "edited.json"
+    bad.write_text(json.dumps(edited))
+    (tmp_path / "broken.json").write_text("{not json")
+    result = _run(llmpath_bin, "dashboards", "lint", str(bad), str(tmp_path / "broken.json"))
+    assert result.returncode == 1
+    assert f"{bad}: schemaVersion: '42' is not of type 'integer'" in result.stderr
+    assert f"{bad}: panel" in result.stderr and "unknown metric 'llmpath_request_total'" in result.stderr
+    assert f"{tmp_path / 'broken.json'}: Expecting property name" in result.stderr

@@ -72,3 +72,28 @@ def build(
         raise fail(str(exc)) from None
     command = "llmpath dashboards build" + "".join(f" --slo {p}" for p in slo or ()) + f" -o {out}"
     sync(out, render_all(dashboards), check, is_generated, "dashboard files", command)
+
+
+@app.command("lint")
+def lint(
+    files: list[Path] = typer.Argument(..., help="Dashboard JSON files (e.g. edited copies of the generated ones)."),
+    slo: list[Path] | None = typer.Option(None, "--slo", help=SLO_HELP + " Their recording rules count as known."),
+) -> None:
+    """Check dashboard JSON files with the checks `build` applies (schema, ids, units, queries, metric names)."""
+    import json
+
+    from llmpath.dashboards import dashboard_problems, known_metric_names
+    from llmpath.dashboards.specs import recording_rule_names
+
+    known = known_metric_names(recording_rule_names(compile_or_exit(slo, None, None).files.values()))
+    problems = []
+    for path in files:
+        try:
+            dashboard = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            problems.append(f"{path}: {exc}")
+            continue
+        problems.extend(f"{path}: {p}" for p in dashboard_problems(dashboard, known))
+    if problems:
+        raise fail("\n".join(problems))
+    typer.echo(f"{len(files)} dashboard(s) OK")
