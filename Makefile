@@ -29,8 +29,8 @@ lint: $(STAMP)
 
 # Rewrite the committed generated artefacts (dashboards and runbooks of the default SLO spec).
 regen: $(STAMP)
-	$(BIN)/llmpath dashboards build --slo slo/specs -o dashboards/generated
-	$(BIN)/llmpath runbooks build --slo slo/specs -o runbooks/generated
+	$(BIN)/llmpath dashboards build -o dashboards/generated
+	$(BIN)/llmpath runbooks build -o runbooks/generated
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .ruff_cache
