@@ -125,9 +125,9 @@ def compile_slos(docs: list[SpecDocument], options: CompileOptions | None = None
     default_period = _default_period(options, catalog_)
     version = options.sloth_version or f"llmpath-{_version()}"
     log = IssueLog()
-    for doc in docs:
-        for w in doc.warnings:
-            log.add(w)
+    loaded = getattr(docs, "warnings", None)
+    for w in loaded if loaded is not None else [w for doc in docs for w in doc.warnings]:
+        log.add(w)
     compiled: list[Compiled] = []
     seen_ids: dict[str, str] = {}
     for doc in docs:
@@ -182,8 +182,14 @@ def _compile_one(
     try:
         slo_rules = run_chain(req, options.slo_plugins)
     except PluginError as exc:
+        seen: set[tuple[object, str]] = set()
         for field, message in exc.problems:
-            log.error(message, **slo.where(field))  # type: ignore[arg-type]
+            where = slo.where(field)
+            # A label shared by the page and ticket alerts is one problem, not two.
+            key = (where.get("field"), message.replace("page alert: ", "").replace("ticket alert: ", ""))
+            if key not in seen:
+                seen.add(key)
+                log.error(message, **where)  # type: ignore[arg-type]
         return None
     finally:
         for field, message in req.warnings:

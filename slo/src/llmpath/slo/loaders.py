@@ -427,14 +427,21 @@ def _llmpath_sli(sli: schema.LSLI) -> SLI:
     return SLI("ratio", good=ratio.good, bad=ratio.bad, total=ratio.total)
 
 
+class SpecList(list):
+    """The documents :func:`load_specs` returns, plus every warning (also for skipped files) in ``warnings``."""
+
+    warnings: list[Issue]
+
+
 def load_specs(inputs: Iterable[str | Path], strict: bool = False) -> list[SpecDocument]:
     """Load SLO specs from files and folders (any supported format, multi-document files split like Sloth).
 
     Raises :class:`~llmpath.slo.errors.SpecError` listing every problem (file, SLO, field, line); with
-    ``strict`` unknown keys and other warnings are errors too. Warnings are attached to each document.
+    ``strict`` unknown keys and other warnings are errors too. Each document carries its own warnings; the
+    returned list's ``warnings`` has them all (skipped files in folders included).
     """
     log = IssueLog()
-    docs: list[SpecDocument] = []
+    docs = SpecList()
     for item in inputs:
         path = Path(item)
         if not path.exists():
@@ -450,6 +457,7 @@ def load_specs(inputs: Iterable[str | Path], strict: bool = False) -> list[SpecD
             docs += _load_file(path, log, root=None, from_dir=False)
     for doc in docs:
         doc.warnings = [w for w in log.warnings if w.file == doc.file]
+    docs.warnings = list(log.warnings)
     log.raise_if_errors(strict)
     return docs
 

@@ -59,8 +59,14 @@ class Locator:
 
     def where(self, logical: str) -> dict[str, object]:
         """Keyword arguments for :class:`Issue` (file, field, line, column)."""
-        from llmpath.slo.yamlin import position
+        from llmpath.slo.yamlin import exists, position
 
+        parts = logical.split(".")
+        # Alert labels/annotations are merged from `alerting.*` and `<severity>_alert.*`: name where the key is.
+        if len(parts) >= 4 and parts[0] == "alerting" and parts[2] in ("labels", "annotations"):
+            shared = ".".join(["alerting", *parts[2:]])
+            if not exists(self.raw, self.path(logical)) and exists(self.raw, self.path(shared)):
+                logical = shared
         pos = position(self.raw, self.path(logical))
         return {
             "file": self.file,

@@ -134,15 +134,16 @@ def sloth_problems(slo: SLOSpec, check: QueryValidator = promql_error) -> list[P
     elif sli.kind == "raw":
         out += _query(sli.error_ratio_query, "sli.raw.error_ratio_query", "raw", check)
     for severity, alert in (("page", slo.page), ("ticket", slo.ticket)):
-        out += _alert(alert, severity)
+        unnamed_page = severity == "ticket" and not slo.page.disable and not slo.page.name
+        out += _alert(alert, severity, report_name=not unnamed_page)
     return out
 
 
-def _alert(alert: AlertMeta, severity: str) -> Iterator[Problem]:
+def _alert(alert: AlertMeta, severity: str, report_name: bool = True) -> Iterator[Problem]:
     field = f"alerting.{severity}_alert"
     if alert.disable:
         return
-    if not alert.name:
+    if not alert.name and report_name:
         yield "alerting.name", f"invalid alert: {severity} alert: alert name is required"
     for f, m in _labels(alert.labels, f"{field}.labels", "alert"):
         yield f, f"invalid alert: {severity} alert: {m}"

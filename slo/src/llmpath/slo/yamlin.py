@@ -193,6 +193,17 @@ def position(node: object, path: tuple[object, ...]) -> tuple[int, int] | None:
     return best
 
 
+def exists(node: object, path: tuple[object, ...]) -> bool:
+    """Whether every step of ``path`` exists in a loaded document."""
+    for step in path:
+        in_dict = isinstance(node, dict) and step in node
+        in_list = isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node)
+        if not (in_dict or in_list):
+            return False
+        node = node[step]  # type: ignore[index]
+    return True
+
+
 def iter_spec_files(path: Any) -> Iterator[Any]:
     """YAML files under a folder, sorted, skipping hidden entries."""
     for child in sorted(path.rglob("*")):
