@@ -1,5 +1,38 @@
-"""`llmpath demo`: Run the whole loop on the embedded default."""
+"""`llmpath demo`: run the whole loop on the embedded default."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Run the whole loop on the embedded default.", no_args_is_help=True)
+app = typer.Typer(help="Run the whole loop on the embedded default.", invoke_without_command=True)
+
+
+@app.callback()
+def demo(
+    once: bool = typer.Option(False, "--once", help="Exit after the report instead of serving until Ctrl-C."),
+    duration: float = typer.Option(90.0, "--duration", min=5, help="Longest time to drive the workload (seconds)."),
+    workdir: Path = typer.Option(Path("build"), "--workdir", help="Where rules, dashboards, runbooks, logs go."),
+    preset: str = typer.Option("small", "--preset", help="Engine preset (small, or tiny for a quick look)."),
+    conversations: int = typer.Option(36, min=1, help="Conversations in the workload (2-4 turns each)."),
+    concurrency: int = typer.Option(4, min=1, help="Conversations in flight at once."),
+) -> None:
+    """Start two embedded engines, the gateway and Prometheus on loopback, drive a shared-prefix workload,
+    and print per-stage timings, cache hit rates, tokens and SLO status."""
+    from llmpath.demo.run import DemoOptions, run_demo
+    from llmpath.demo.supervisor import ProcessFailed
+
+    opts = DemoOptions(
+        workdir=workdir,
+        duration_s=duration,
+        once=once,
+        preset=preset,
+        conversations=conversations,
+        concurrency=concurrency,
+    )
+    try:
+        run_demo(opts)
+    except ProcessFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None

@@ -1,0 +1,185 @@
+"""``llmpath demo``: start the stack, drive the workload with a progress bar, print the report, keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from llmpath.demo.report import LedgerSummary, SloRow, slo_status, summarize
+from llmpath.demo.routes import DEMO_ROUTES
+from llmpath.demo.stack import Stack, StackConfig, start_stack
+from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload
+from llmpath.instrumentation.usage import read_jsonl
+
+
+@dataclass
+class DemoOptions:
+    workdir: Path
+    duration_s: float = 90.0
+    once: bool = False
+    preset: str = "small"
+    conversations: int = 36
+    concurrency: int = 4
+    max_tokens: int = 16
+
+
+def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary:
+    """Run the demo end to end; returns the ledger summary it printed."""
+    console = console or Console()
+    started = time.perf_counter()
+    cfg = StackConfig(workdir=opts.workdir, preset=opts.preset, on_step=lambda msg: console.print(f"[dim]• {msg}[/]"))
+    with start_stack(cfg) as stack:
+        for skipped in stack.skipped:
+            console.print(f"[yellow]skipped:[/] {skipped}")
+        spec = WorkloadSpec(
+            routes=[r.name for r in DEMO_ROUTES],
+            tenants=stack.tenants,
+            conversations=opts.conversations,
+            concurrency=opts.concurrency,
+            max_tokens=opts.max_tokens,
+        )
+        _drive(stack, spec, opts.duration_s, console)
+        if stack.prometheus is not None:
+            _wait_for_rules(stack, cfg)
+        summary = summarize(read_jsonl(stack.ledger_path))
+        slo_rows = _slo_rows(stack, cfg)
+        print_report(console, summary, slo_rows, stack)
+        console.print(f"[dim]demo took {time.perf_counter() - started:.0f} s[/]")
+        if not opts.once:
+            _serve_until_interrupted(console)
+    return summary
+
+
+def _drive(stack: Stack, spec: WorkloadSpec, duration_s: float, console: Console) -> None:
+    total = planned_requests(spec)
+    columns = (TextColumn("workload"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[errors]} errors"))
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("requests", total=total, errors=0)
+        errors = 0
+
+        def on_request(res) -> None:  # noqa: ANN001 - RequestResult
+            nonlocal errors
+            errors += res.status != 200
+            progress.update(task, advance=1, errors=errors)
+
+        result = asyncio.run(run_workload(stack.gateway_url, spec, on_request=on_request, deadline_s=duration_s))
+    console.print(
+        f"sent {len(result.requests)} requests in {result.wall_s:.1f} s "
+        f"({len(result.requests) / max(result.wall_s, 1e-9):.1f} req/s), {result.failures} failed"
+    )
+
+
+def _wait_for_rules(stack: Stack, cfg: StackConfig) -> None:
+    """Let Prometheus scrape the last requests and evaluate the rules once more."""
+    from promql_parser import parse_duration
+
+    pause = (
+        parse_duration(cfg.scrape_interval).total_seconds() + parse_duration(cfg.evaluation_interval).total_seconds()
+    )
+    time.sleep(2 * pause)
+
+
+def _slo_rows(stack: Stack, cfg: StackConfig) -> list[SloRow] | None:
+    if stack.prometheus is None:
+        return None
+    from llmpath.slo import CompileOptions, compile_slos, default_spec_path, load_specs
+
+    specs = [str(p) for p in cfg.slo_specs] or [str(default_spec_path())]
+    compiled = compile_slos(load_specs(specs), CompileOptions())
+    client = stack.prometheus.client()
+    try:
+        return slo_status(client, compiled.slos)
+    finally:
+        client.close()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.1f} ms"
+
+
+def _pct(ratio: float | None) -> str:
+    return "–" if ratio is None else f"{ratio * 100:.1f}%"
+
+
+def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow] | None, stack: Stack) -> None:
+    """The report as rich tables."""
+    console.print()
+    console.rule("[bold]llmpath demo report")
+    console.print(
+        f"{summary.requests} requests, {summary.errors} server errors — "
+        f"TTFT p50 [bold]{_ms(summary.ttft_p50_s)}[/], p95 [bold]{_ms(summary.ttft_p95_s)}[/]"
+    )
+
+    stages = Table(title="Where the time goes (per request, successful requests)", title_justify="left")
+    for col in ("stage", "owner", "p50", "p95", "mean", "share of TTFT"):
+        stages.add_column(col, justify="left" if col in ("stage", "owner") else "right")
+    for row in summary.stages:
+        stages.add_row(row.stage, row.owner, _ms(row.p50_s), _ms(row.p95_s), _ms(row.mean_s), _pct(row.ttft_share))
+    console.print(stages)
+
+    cache = Table(title="Prompt cache by route (share of prompt tokens)", title_justify="left")
+    for col in ("route", "requests", "predicted hit rate", "actual hit rate", "cached / prompt tokens"):
+        cache.add_column(col, justify="left" if col == "route" else "right")
+    for c in summary.cache:
+        cache.add_row(
+            c.route,
+            str(c.requests),
+            _pct(c.predicted_hit_rate),
+            _pct(c.actual_hit_rate),
+            f"{c.cached_tokens:,} / {c.input_tokens:,}",
+        )
+    console.print(cache)
+
+    tokens = Table(title="Tokens by type", title_justify="left")
+    tokens.add_column("tenant")
+    for col in ("input", "cached", "output"):
+        tokens.add_column(col, justify="right")
+    for tenant, counts in sorted(summary.tokens_by_tenant.items()):
+        tokens.add_row(tenant, *(f"{counts[k]:,}" for k in ("input", "cached", "output")))
+    tokens.add_row("[bold]total", *(f"[bold]{summary.tokens[k]:,}" for k in ("input", "cached", "output")))
+    console.print(tokens)
+
+    if slo_rows is None:
+        console.print("[yellow]SLO status skipped: Prometheus is not running (see above).")
+    else:
+        slos = Table(title="SLOs (read back from Prometheus)", title_justify="left")
+        for col in ("SLO", "stage", "route", "objective", "SLI (short window)", "budget remaining", "firing alerts"):
+            slos.add_column(col, justify="right" if col in ("objective", "SLI (short window)") else "left")
+        for r in slo_rows:
+            slos.add_row(
+                r.slo,
+                r.stage,
+                r.route,
+                f"{r.objective:g}%",
+                _pct(r.sli),
+                _pct(r.budget_remaining),
+                ", ".join(r.alerts) or "none",
+            )
+        console.print(slos)
+
+    art = stack.artifacts
+    console.print(f"rules:      {art.rules_dir}\ndashboards: {art.dashboards_dir}\nrunbooks:   {art.runbooks_dir}")
+    console.print(f"ledger:     {stack.ledger_path}")
+    if stack.prometheus is not None:
+        console.print(f"Prometheus: {stack.prometheus.url}/alerts")
+    console.print(
+        f"waterfall:  {stack.gateway_url}/debug/requests  (browser login: any user name, password = the demo "
+        f"admin key {stack.admin_key})"
+    )
+
+
+def _serve_until_interrupted(console: Console) -> None:
+    console.print("[bold]serving until Ctrl-C[/] (run with --once to exit after the report)")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    console.print("stopping…")
