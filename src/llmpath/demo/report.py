@@ -132,17 +132,18 @@ class SloRow:
     objective: float
     sli: float | None
     budget_remaining: float | None
-    alerts: list[str]
+    #: Firing alerts as (alert name, severity) pairs.
+    alerts: list[tuple[str, str]]
 
 
 def slo_status(client: PrometheusClient, slos: Sequence[CompiledSLO]) -> list[SloRow]:
     """SLI over the shortest window and budget remaining per SLO (and route), with firing alerts, from Prometheus."""
-    firing: dict[tuple[str, str], list[str]] = defaultdict(list)
+    firing: dict[tuple[str, str], list[tuple[str, str]]] = defaultdict(list)
     for alert in client.alerts():
         if alert.get("state") == "firing":
             labels = alert["labels"]
             severity = labels.get("sloth_severity", labels.get("severity", ""))
-            firing[(labels.get("sloth_id", ""), labels.get("route", ""))].append(f"{labels['alertname']} ({severity})")
+            firing[(labels.get("sloth_id", ""), labels.get("route", ""))].append((labels["alertname"], severity))
     rows: list[SloRow] = []
     for slo in slos:
         window = min((w.short for a in slo.alerts for w in a.windows), key=_seconds, default="5m")

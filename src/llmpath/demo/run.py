@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -109,6 +110,20 @@ def _pct(ratio: float | None) -> str:
     return "–" if ratio is None else f"{ratio * 100:.1f}%"
 
 
+def _budget(ratio: float | None) -> str:
+    if ratio is None:
+        return "–"
+    return "[red]exhausted[/]" if ratio <= 0 else _pct(ratio)
+
+
+def _table(title: str, columns: dict[str, str]) -> Table:
+    """A compact table; ``columns`` maps header → justification."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header, justify in columns.items():
+        table.add_column(header, justify=justify, no_wrap=justify == "left")  # type: ignore[arg-type]
+    return table
+
+
 def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow] | None, stack: Stack) -> None:
     """The report as rich tables."""
     console.print()
@@ -118,16 +133,18 @@ def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow
         f"TTFT p50 [bold]{_ms(summary.ttft_p50_s)}[/], p95 [bold]{_ms(summary.ttft_p95_s)}[/]"
     )
 
-    stages = Table(title="Where the time goes (per request, successful requests)", title_justify="left")
-    for col in ("stage", "owner", "p50", "p95", "mean", "share of TTFT"):
-        stages.add_column(col, justify="left" if col in ("stage", "owner") else "right")
+    stages = _table(
+        "Where the time goes (per request)",
+        {"stage": "left", "owner": "left", "p50": "right", "p95": "right", "mean": "right", "of TTFT": "right"},
+    )
     for row in summary.stages:
         stages.add_row(row.stage, row.owner, _ms(row.p50_s), _ms(row.p95_s), _ms(row.mean_s), _pct(row.ttft_share))
     console.print(stages)
 
-    cache = Table(title="Prompt cache by route (share of prompt tokens)", title_justify="left")
-    for col in ("route", "requests", "predicted hit rate", "actual hit rate", "cached / prompt tokens"):
-        cache.add_column(col, justify="left" if col == "route" else "right")
+    cache = _table(
+        "Prompt cache by route (share of prompt tokens served from cache)",
+        {"route": "left", "requests": "right", "predicted": "right", "actual": "right", "cached / prompt": "right"},
+    )
     for c in summary.cache:
         cache.add_row(
             c.route,
@@ -138,10 +155,7 @@ def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow
         )
     console.print(cache)
 
-    tokens = Table(title="Tokens by type", title_justify="left")
-    tokens.add_column("tenant")
-    for col in ("input", "cached", "output"):
-        tokens.add_column(col, justify="right")
+    tokens = _table("Tokens by type", {"tenant": "left", "input": "right", "cached": "right", "output": "right"})
     for tenant, counts in sorted(summary.tokens_by_tenant.items()):
         tokens.add_row(tenant, *(f"{counts[k]:,}" for k in ("input", "cached", "output")))
     tokens.add_row("[bold]total", *(f"[bold]{summary.tokens[k]:,}" for k in ("input", "cached", "output")))
@@ -150,19 +164,24 @@ def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow
     if slo_rows is None:
         console.print("[yellow]SLO status skipped: Prometheus is not running (see above).")
     else:
-        slos = Table(title="SLOs (read back from Prometheus)", title_justify="left")
-        for col in ("SLO", "stage", "route", "objective", "SLI (short window)", "budget remaining", "firing alerts"):
-            slos.add_column(col, justify="right" if col in ("objective", "SLI (short window)") else "left")
+        slos = _table(
+            "SLOs, read back from Prometheus (SLI over the shortest alert window; budget over the period)",
+            {"SLO": "left", "stage": "left", "route": "left", "target": "right", "SLI": "right", "budget": "right",
+             "firing": "left"},
+        )  # fmt: skip
+        previous = None
         for r in slo_rows:
+            firing = "+".join(sorted({severity for _, severity in r.alerts})) or "–"
             slos.add_row(
-                r.slo,
-                r.stage,
+                r.slo if r.slo != previous else "",
+                r.stage if r.slo != previous else "",
                 r.route,
                 f"{r.objective:g}%",
                 _pct(r.sli),
-                _pct(r.budget_remaining),
-                ", ".join(r.alerts) or "none",
+                _budget(r.budget_remaining),
+                f"[red]{firing}[/]" if r.alerts else firing,
             )
+            previous = r.slo
         console.print(slos)
 
     art = stack.artifacts
