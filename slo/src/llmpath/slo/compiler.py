@@ -388,7 +388,7 @@ def _check_generated_labels(item: Compiled, log: IssueLog) -> None:
     bad: set[str] = set()
     for group in item.rules.groups():
         for rule in group.rules:
-            bad |= {k for k in (*rule.labels, *rule.annotations) if not LABEL_NAME_RE.match(k)}
+            bad |= {k for k in (*rule.labels, *rule.annotations) if not LABEL_NAME_RE.fullmatch(k)}
     for key in sorted(bad):
         log.warn(
             f"generated label or annotation name {key!r} is not valid in Prometheus 2.x (promtool check rules will "

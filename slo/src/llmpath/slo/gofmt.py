@@ -75,7 +75,7 @@ def parse_duration(text: str) -> int:
         raise ValueError("empty duration string")
     if text == "0":
         return 0
-    m = _DURATION_RE.match(text)
+    m = _DURATION_RE.fullmatch(text)
     if m is None or not any(m.groups()):
         raise ValueError(f"not a valid duration string: {text!r} (use Prometheus units, e.g. 30s, 5m, 1h30m, 28d, 4w)")
     total = 0

@@ -67,7 +67,7 @@ def metricsql_error(query: str) -> str | None:
 def name_error(value: str) -> str | None:
     if not value:
         return "required"
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         return "name must start and end with an alphanumeric and can only contain alphanumeric, '.', '_', and '-'"
     return None
 
@@ -75,7 +75,7 @@ def name_error(value: str) -> str | None:
 def label_key_error(key: str) -> str | None:
     if key == "__name__":
         return 'the label key "__name__" is not allowed'
-    if not LABEL_NAME_RE.match(key):
+    if not LABEL_NAME_RE.fullmatch(key):
         return f"the label key {key!r} is not valid (Prometheus label names match [a-zA-Z_][a-zA-Z0-9_]*)"
     if key.startswith(RESERVED_PREFIX):
         return f"the label key {key!r} is reserved: sloth_* labels identify the SLO's series and cannot be set"
@@ -92,7 +92,7 @@ def _labels(labels: dict[str, str], field: str, what: str) -> Iterator[Problem]:
 
 def _annotations(annotations: dict[str, str], field: str) -> Iterator[Problem]:
     for key, value in annotations.items():
-        if not LABEL_NAME_RE.match(key):
+        if not LABEL_NAME_RE.fullmatch(key):
             yield f"{field}.{key}", f"invalid alert annotation key {key!r}: the annotation key {key!r} is not valid"
         elif value == "":
             yield f"{field}.{key}", f"invalid alert annotation key {key!r}: the annotation value is required"
@@ -222,7 +222,7 @@ def llmpath_problems(slo: SLOSpec) -> list[Problem]:
         if key in LLMPATH_ALERT_LABELS:
             out.append((f"labels.{key}", f"label {key!r} is set by the compiler from `{key}:`; use that key instead"))
     for label in slo.group_by:
-        if not LABEL_NAME_RE.match(label) or label.startswith(RESERVED_PREFIX) or label == "le":
+        if not LABEL_NAME_RE.fullmatch(label) or label.startswith(RESERVED_PREFIX) or label == "le":
             out.append(("group_by", f"invalid grouping label {label!r}"))
         elif label in slo.labels or label in slo.service_labels:
             out.append(("group_by", f"grouping label {label!r} is also a static label of the SLO"))
@@ -244,7 +244,7 @@ def llmpath_problems(slo: SLOSpec) -> list[Problem]:
 def _latency_problems(slo: SLOSpec) -> Iterator[Problem]:
     sli = slo.sli
     hist = sli.histogram or ""
-    if not METRIC_NAME_RE.match(hist):
+    if not METRIC_NAME_RE.fullmatch(hist):
         yield "sli.latency.histogram", f"invalid metric name {hist!r}"
         return
     if hist.endswith(("_bucket", "_count", "_sum")):
@@ -267,7 +267,7 @@ def _latency_problems(slo: SLOSpec) -> Iterator[Problem]:
                 f"({_bucket_hint(threshold, buckets)})",
             )
     for key in sli.selector:
-        if not LABEL_NAME_RE.match(key) or key == "le":
+        if not LABEL_NAME_RE.fullmatch(key) or key == "le":
             yield f"sli.latency.selector.{key}", f"invalid selector label {key!r}"
     yield from _check_labels_of(hist, [*sli.selector, *slo.group_by], "sli.latency.selector")
     if sli.filter:

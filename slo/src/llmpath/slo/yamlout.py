@@ -19,6 +19,7 @@ _NON_STR_WORDS = frozenset(
     (
         *("y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF"),
         *("true", "True", "TRUE", "false", "False", "FALSE", "null", "Null", "NULL", "~", "<<"),
+        "=",  # not special to yaml.v2, but PyYAML reads a bare "=" as the YAML 1.1 value tag: quote it
         *(".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF", "-.inf", "-.Inf", "-.INF", ".nan", ".NaN", ".NAN"),
     )
 )
@@ -37,7 +38,7 @@ def _resolves_to_non_string(s: str) -> bool:
     first = s[0]
     if first in "+-0123456789.":
         plain = s.replace("_", "")
-        if _INT_RE.match(plain) or _FLOAT_RE.match(plain) or _BASE60_RE.match(s):
+        if _INT_RE.fullmatch(plain) or _FLOAT_RE.fullmatch(plain) or _BASE60_RE.fullmatch(s):
             return True
         if _TIMESTAMP_RE.match(s):
             return True
@@ -269,7 +270,7 @@ def _write_literal(w: _Writer, value: str, indent: int) -> None:
 
 def _write_scalar(w: _Writer, value: str, indent: int, *, key: bool = False) -> None:
     """Write a string scalar the way yaml.v2 marshals a Go string (``indent``: continuation indent)."""
-    if not key and _SIMPLE_PLAIN.match(value) and not _resolves_to_non_string(value):
+    if not key and _SIMPLE_PLAIN.fullmatch(value) and not _resolves_to_non_string(value):
         _write_plain(w, value, indent, True)
         return
     has_odd_break = any(b in value for b in _ODD_BREAKS)
@@ -351,5 +352,6 @@ def dump(document: Mapping[str, object]) -> str:
     """Serialise a document (nested dicts/lists of strings) as yaml.v2 would, ending with a newline."""
     w = _Writer()
     _emit_mapping(w, document, 0, inline_first=True)
-    w.write("\n")
+    if not w.parts[-1].endswith("\n"):  # a block scalar may already have ended the line
+        w.write("\n")
     return "".join(w.parts)
