@@ -531,6 +531,7 @@ class BackendCallResponse(Response):
                         tail += fmt.usage_chunk(event.usage)
                     self._finished = True
                     await send({"type": "http.response.body", "body": tail + SSE_DONE, "more_body": False})
+                    await _drain(events)
                     return
                 else:
                     tracker.event(event)
@@ -553,6 +554,7 @@ class BackendCallResponse(Response):
                     body = self.p.fmt.full(tracker.text(), openai_finish_reason(event.finish_reason), event.usage)
                     self._finished = True
                     await self._send_json(send, 200, body)
+                    await _drain(events)
                     return
                 else:
                     tracker.event(event)
@@ -573,6 +575,14 @@ class BackendCallResponse(Response):
         self._started = True
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _drain(events: AsyncIterator[BackendEvent]) -> None:
+    """Read the backend's stream to its end (``data: [DONE]``) so that its connection goes back to the pool;
+    closing it half-read would cost a new TCP connection per request."""
+    with contextlib.suppress(BackendError):
+        async for _ in events:
+            pass
 
 
 class _Prefetched:

@@ -1,0 +1,267 @@
+"""P2 — gateway overhead: the same engine called directly and through the gateway, streaming, side by side.
+
+Direct: ``POST /generate`` on the engine (what the gateway itself sends, with the chat template applied
+client-side). Through the gateway: ``POST /v1/chat/completions`` with ``stream: true`` (auth, validation,
+assembly, prompt-cache lookup, prefix routing, admission, instrumentation, SSE re-framing). TTFT is measured by
+the client: request sent → first chunk carrying a token. Modes alternate within each round, at each
+concurrency, over the same warmed prompts, so machine drift hits both alike; percentiles pool all rounds.
+
+    .venv/bin/python bench/gateway_overhead.py                  # starts a tiny engine and a gateway
+    .venv/bin/python bench/gateway_overhead.py --requests 400 --rounds 5 --concurrency 1 8 32
+
+Target (issue 4): added TTFT ≤ 1 ms at p50 and ≤ 5 ms at p99 on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import httpx
+
+LLMPATH = str(Path(sys.executable).parent / "llmpath")
+KEY = "sk-bench-overhead"
+SYSTEM = "You are a helpful assistant. Answer briefly and precisely. "
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{url} not ready after {timeout}s")
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    with log.open("wb") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _prompts(n: int, size: int) -> list[str]:
+    base = SYSTEM * (1 + size // len(SYSTEM))
+    return [f"{base[:size]} Question {i}: what is {i} squared?" for i in range(n)]
+
+
+def _chatml(user: str) -> str:
+    from llmpath.backends.chat_template import render_chatml
+
+    return render_chatml([{"role": "user", "content": user}])
+
+
+async def _direct(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> float:
+    body = {
+        "text": _chatml(prompt),
+        "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
+        "stream": True,
+    }
+    start = time.perf_counter()
+    ttft = None
+    async with client.stream("POST", f"{url}/generate", json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if ttft is None and line.startswith("data: {") and json.loads(line[6:]).get("text"):
+                ttft = time.perf_counter() - start
+    assert ttft is not None
+    return ttft
+
+
+async def _gateway(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> float:
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    ttft = None
+    async with client.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}
+    ) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if ttft is None and line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    ttft = time.perf_counter() - start
+    assert ttft is not None
+    return ttft
+
+
+Call = Callable[[httpx.AsyncClient, str, str, int], Awaitable[float]]
+
+
+async def _run(
+    call: Call, url: str, prompts: list[str], requests: int, concurrency: int, max_tokens: int
+) -> list[float]:
+    limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
+    results: list[float] = []
+    todo = iter(range(requests))
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            for i in todo:
+                results.append(await call(client, url, prompts[i % len(prompts)], max_tokens))
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return results
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _overhead_histogram(url: str) -> tuple[float, float]:
+    """From the gateway's own ``llmpath_stage_group_duration_seconds{group="gateway_overhead"}``: the share of
+    requests under 1 ms and under 2.5 ms."""
+    text = httpx.get(f"{url}/metrics").text
+    buckets: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("llmpath_stage_group_duration_seconds_bucket") and 'group="gateway_overhead"' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[le] = buckets.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    total = buckets.get("+Inf", 0.0) or 1.0
+    return buckets.get("0.001", 0.0) / total, buckets.get("0.0025", 0.0) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200, help="requests per mode, concurrency and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--max-tokens", type=int, default=4)
+    parser.add_argument("--prompt-bytes", type=int, default=400)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--engine-threads", type=int, default=1)
+    parser.add_argument(
+        "--against",
+        nargs=2,
+        metavar=("ENGINE_URL", "GATEWAY_URL"),
+        help="measure running processes instead (the gateway must route model 'bench' to the engine and "
+        f"accept the key {KEY!r})",
+    )
+    args = parser.parse_args()
+    if args.against:
+        _measure(args, *args.against)
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="llmpath-bench-gw-"))
+    engine_port, gw_port = _free_port(), _free_port()
+    engine_url, gw_url = f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{gw_port}"
+    engine_cmd = [LLMPATH, "engine", "serve", "--preset", args.preset, "--port", str(engine_port)]
+    engine_cmd += ["--threads", str(args.engine_threads), "--max-running", "64"]
+    engine = _start(engine_cmd, tmp / "engine.log")
+    gateway = None
+    try:
+        _wait(f"{engine_url}/health", engine)
+        from llmpath.gateway.config import hash_key
+
+        config = tmp / "gateway.yaml"
+        config.write_text(
+            json.dumps(
+                {
+                    "listen": {"host": "127.0.0.1", "port": gw_port},
+                    "backends": [{"url": engine_url, "name": "engine"}],
+                    "routes": [{"name": "bench", "model": "bench"}],
+                    "api_keys": [{"sha256": hash_key(KEY), "tenant": "bench"}],
+                    "tokenizer": {"chars_per_token": 1},
+                    "limits": {"max_concurrency": 256},
+                }
+            )
+        )
+        gateway = _start(
+            [LLMPATH, "gateway", "serve", "--config", str(config), "--log-level", "warning"], tmp / "gw.log"
+        )
+        _wait(f"{gw_url}/readyz", gateway)
+        _measure(args, engine_url, gw_url)
+    finally:
+        if gateway is not None:
+            _stop(gateway)
+        _stop(engine)
+
+
+def _measure(args: argparse.Namespace, engine_url: str, gw_url: str) -> None:
+    prompts = _prompts(64, args.prompt_bytes)
+    modes: dict[str, tuple[Call, str]] = {"direct": (_direct, engine_url), "gateway": (_gateway, gw_url)}
+    for call, url in modes.values():  # warm both radix namespaces (the gateway sends a tenant cache_salt)
+        asyncio.run(_run(call, url, prompts, len(prompts), 4, args.max_tokens))
+
+    samples: dict[tuple[int, str], list[float]] = {}
+    per_round: dict[tuple[int, str], list[float]] = {}
+    load_before = os.getloadavg()[0]
+    for r in range(args.rounds):
+        for c in args.concurrency:
+            order = list(modes) if r % 2 == 0 else list(reversed(modes))
+            for mode in order:
+                call, url = modes[mode]
+                ttfts = asyncio.run(_run(call, url, prompts, args.requests, c, args.max_tokens))
+                samples.setdefault((c, mode), []).extend(ttfts)
+                per_round.setdefault((c, mode), []).append(statistics.median(ttfts))
+    load_after = os.getloadavg()[0]
+
+    print(f"P2 gateway overhead — preset {args.preset}, {args.prompt_bytes}-byte prompts, {args.max_tokens} tokens,")
+    print(f"{args.rounds} rounds × {args.requests} requests per mode; load avg {load_before:.2f} → {load_after:.2f}")
+    print(f"{'conc':>4} {'mode':>8} {'TTFT p50 ms':>12} {'p99 ms':>9}")
+    verdicts = []
+    for c in args.concurrency:
+        for mode in modes:
+            values = samples[(c, mode)]
+            print(f"{c:>4} {mode:>8} {_pct(values, 0.5) * 1e3:>12.3f} {_pct(values, 0.99) * 1e3:>9.3f}")
+        d, g = samples[(c, "direct")], samples[(c, "gateway")]
+        added50 = (_pct(g, 0.5) - _pct(d, 0.5)) * 1e3
+        added99 = (_pct(g, 0.99) - _pct(d, 0.99)) * 1e3
+        round_deltas = [
+            (gw - di) * 1e3 for gw, di in zip(per_round[(c, "gateway")], per_round[(c, "direct")], strict=True)
+        ]
+        print(
+            f"     added TTFT at {c}: p50 {added50:+.3f} ms (median of per-round p50 deltas "
+            f"{statistics.median(round_deltas):+.3f} ms), p99 {added99:+.3f} ms; "
+            f"ratio gateway/direct p50 {_pct(g, 0.5) / _pct(d, 0.5):.3f}"
+        )
+        verdicts.append((c, added50 <= 1.0, added99 <= 5.0))
+    under_1ms, under_2_5ms = _overhead_histogram(gw_url)
+    print(
+        f"gateway's own gateway_overhead stage group (auth+validate+route+assemble+cache_lookup): "
+        f"{under_1ms:.1%} of requests under 1 ms, {under_2_5ms:.1%} under 2.5 ms"
+    )
+    for c, ok50, ok99 in verdicts:
+        verdict50, verdict99 = ("MET" if ok else "MISSED" for ok in (ok50, ok99))
+        print(f"target at concurrency {c}: p50 ≤ 1 ms {verdict50}; p99 ≤ 5 ms {verdict99}")
+
+
+if __name__ == "__main__":
+    main()
