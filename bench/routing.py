@@ -42,42 +42,11 @@ import httpx
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 SGLANG_ROUTER = str(Path(sys.executable).parent / "sglang-router")
 KEY = "sk-bench-routing"
-WORDS = [
-    *[
-        "account",
-        "latency",
-        "region",
-        "cluster",
-        "token",
-        "prefix",
-        "cache",
-        "policy",
-        "router",
-        "engine",
-        "batch",
-        "queue",
-        "tenant",
-        "request",
-    ],
-    *[
-        "stream",
-        "decode",
-        "prefill",
-        "budget",
-        "error",
-        "alert",
-        "window",
-        "burn",
-        "rate",
-        "owner",
-        "stage",
-        "gateway",
-        "metric",
-        "label",
-        "trace",
-        "span",
-    ],
-]
+WORDS: tuple[str, ...] = (
+    "account", "latency", "region", "cluster", "token", "prefix", "cache", "policy", "router", "engine",
+    "batch", "queue", "tenant", "request", "stream", "decode", "prefill", "budget", "error", "alert",
+    "window", "burn", "rate", "owner", "stage", "gateway", "metric", "label", "trace", "span",
+)  # fmt: skip
 
 
 def _free_port() -> int:
