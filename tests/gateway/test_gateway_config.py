@@ -59,6 +59,15 @@ usage: {{ledger: {tmp_path / "usage.jsonl"}}}
     assert config.prompt_cache.block_tokens == 32
 
 
+def test_examples_are_valid() -> None:
+    examples = Path(__file__).resolve().parents[2] / "gateway" / "examples"
+    full = load_config(examples / "gateway.yaml")
+    assert [r.cache for r in full.routes] == ["tenant", "tenant", "off"]  # unquoted YAML `off` is understood
+    assert full.api_keys[1].admin and full.usage.ledger == examples / "usage.jsonl"  # relative to the file
+    assert full.routes[1].retriever is not None and full.routes[1].retriever.path == examples / "knowledge"
+    assert load_config(examples / "minimal.yaml").backends[0].display_name == "127.0.0.1:30000"
+
+
 def test_overrides_merge_into_sections(tmp_path: Path) -> None:
     path = write(tmp_path, "listen: {host: 0.0.0.0, port: 9000}\nrouting: {policy: prefix}\n")
     config = load_config(path, {"listen": {"port": 9100}, "backends": [{"url": "http://127.0.0.1:1"}]})

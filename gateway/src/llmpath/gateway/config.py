@@ -115,6 +115,12 @@ class RouteConfig(_Strict):
     #: Per-route override of ``limits.max_tokens``.
     max_tokens: PositiveInt | None = None
 
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `off` as false.
+        return "off" if value is False else value
+
     @field_validator("name")
     @classmethod
     def _route_name(cls, value: str) -> str:
@@ -325,8 +331,25 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> G
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(where, exc, root)) from None
+    if path is not None:
+        config = _relative_to(config, path.parent)
     _check_files(where, config)
     return config
+
+
+def _relative_to(config: GatewayConfig, base: Path) -> GatewayConfig:
+    """Relative paths in a file (retriever folders, the ledger) are relative to that file's folder."""
+    routes = tuple(
+        r.model_copy(update={"retriever": r.retriever.model_copy(update={"path": base / r.retriever.path})})
+        if r.retriever is not None and not r.retriever.path.is_absolute()
+        else r
+        for r in config.routes
+    )
+    ledger = config.usage.ledger
+    usage = config.usage
+    if ledger is not None and not ledger.is_absolute():
+        usage = usage.model_copy(update={"ledger": base / ledger})
+    return config.model_copy(update={"routes": routes, "usage": usage})
 
 
 def _check_files(where: str, config: GatewayConfig) -> None:
