@@ -119,7 +119,7 @@ _keys = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_0123456789", min_size=1, ma
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(_keys, _text, max_size=6), _text, st.lists(_text, max_size=3))
 @example(labels={"a": " x", "b": "x ", "c": "- x", "d": "#x", "e": "\n"}, expr="=", items=["A\n", "a\n\n", " \nx", "'"])
-@example(labels={"0": "\n"}, expr="", items=[])
+@example(labels={"0": "\n"}, expr="0b_", items=[])
 def test_emitter_round_trips_any_string(labels, expr, items):
     doc = {"groups": [{"name": "g", "rules": [{"record": "r", "expr": expr, "labels": labels}]}], "items": items}
     if not items:

@@ -8,10 +8,14 @@ block-scalar indentation and chomping hints. Map key order is the caller's (see 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 
+import yaml
+
 BEST_WIDTH = 80
+_STR_TAG = "tag:yaml.org,2002:str"
 INDENT = 2
 
 # yaml.v2 resolve(): strings that would load back as another type must be quoted.
@@ -29,11 +33,18 @@ _BASE60_RE = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
 _TIMESTAMP_RE = re.compile(r"^\d{4}-\d\d?-\d\d?([Tt ]|$)")
 _FLOW_FIRST = frozenset("#,[]{}&*!|>'\"%@`")
 _SIMPLE_PLAIN = re.compile(r"^[A-Za-z0-9_/.()=+][A-Za-z0-9_/.()=+\-]*$")
-_ODD_BREAKS = ("\r", "\x85", "\u2028", "\u2029")
+_ODD_BREAK = re.compile("[\r\x85\u2028\u2029]")
+
+
+_PYYAML = yaml.resolver.Resolver()
 
 
 def _resolves_to_non_string(s: str) -> bool:
+    """Whether a plain scalar would load as something other than this string: yaml.v2's rules, plus YAML 1.1
+    forms PyYAML resolves (such as ``0b_``) so the files read back the same in Python tools too."""
     if s == "" or s in _NON_STR_WORDS:
+        return True
+    if s[0] in "+-0123456789.<=~yYnNtTfFoO" and _PYYAML.resolve(yaml.ScalarNode, s, (True, False)) != _STR_TAG:
         return True
     first = s[0]
     if first in "+-0123456789.":
@@ -57,110 +68,108 @@ def _printable(ch: str) -> bool:
     ) and code != 0xFEFF
 
 
-class _Analysis:
-    __slots__ = ("block_allowed", "block_plain", "multiline", "single_allowed")
+_ASCII_TEXT = re.compile(r"[\x20-\x7e\n]*")
+_COLON_INDICATOR = re.compile(r":(?=[ \t\n]|\Z)")
 
-    def __init__(self, value: str) -> None:
-        if value == "":
-            self.multiline = False
-            self.block_plain = True
-            self.single_allowed = True
-            self.block_allowed = False
-            return
-        block_ind = line_breaks = special = tabs = False
-        leading_space = leading_break = trailing_space = trailing_break = False
-        break_space = space_break = False
-        prev_space = prev_break = False
-        if value.startswith(("---", "...")):
-            block_ind = True
-        preceded_ws = True
-        n = len(value)
-        for i, ch in enumerate(value):
-            followed_ws = i + 1 >= n or value[i + 1] in " \t\n"
-            # Block-context indicators only: rule files never use flow style.
-            if i == 0:
-                if ch in _FLOW_FIRST or (ch in "?:-" and followed_ws):
-                    block_ind = True
-            elif (ch == ":" and followed_ws) or (ch == "#" and preceded_ws):
+
+@functools.lru_cache(maxsize=65536)
+def _analyze(value: str) -> tuple[bool, bool, bool, bool]:
+    """libyaml's ``analyze_scalar`` for block context: (multiline, plain allowed, single-quoted allowed, literal
+    allowed). Printable ASCII takes a regex fast path; other text the character loop."""
+    if value == "":
+        return False, True, True, False
+    if _ASCII_TEXT.fullmatch(value):
+        first = value[0]
+        followed_ws = len(value) == 1 or value[1] in " \t\n"
+        block_ind = (
+            value.startswith(("---", "..."))
+            or first in _FLOW_FIRST
+            or (first in "?:-" and followed_ws)
+            or _COLON_INDICATOR.search(value, 1) is not None
+            or " #" in value
+            or "\n#" in value
+        )
+        line_breaks = "\n" in value
+        leading = first in " \n"
+        trailing_space = value[-1] == " "
+        trailing = trailing_space or value[-1] == "\n"
+        break_space = "\n " in value
+        space_break = " \n" in value
+        block_plain = not (leading or trailing or break_space or space_break or line_breaks or block_ind)
+        single = not (break_space or space_break)
+        block = not (trailing_space or space_break)
+        return line_breaks, block_plain, single, block
+    return _analyze_chars(value)
+
+
+def _analyze_chars(value: str) -> tuple[bool, bool, bool, bool]:
+    block_ind = line_breaks = special = tabs = False
+    leading_space = leading_break = trailing_space = trailing_break = False
+    break_space = space_break = False
+    prev_space = prev_break = False
+    if value.startswith(("---", "...")):
+        block_ind = True
+    preceded_ws = True
+    n = len(value)
+    for i, ch in enumerate(value):
+        followed_ws = i + 1 >= n or value[i + 1] in " \t\n"
+        # Block-context indicators only: rule files never use flow style.
+        if i == 0:
+            if ch in _FLOW_FIRST or (ch in "?:-" and followed_ws):
                 block_ind = True
-            if ch == "\t":
-                tabs = True
-            elif not _printable(ch):
-                special = True
-            if ch == " ":
-                if i == 0:
-                    leading_space = True
-                if i == n - 1:
-                    trailing_space = True
-                if prev_break:
-                    break_space = True
-                prev_space, prev_break = True, False
-            elif ch == "\n":
-                line_breaks = True
-                if i == 0:
-                    leading_break = True
-                if i == n - 1:
-                    trailing_break = True
-                if prev_space:
-                    space_break = True
-                prev_space, prev_break = False, True
-            else:
-                prev_space = prev_break = False
-            preceded_ws = ch in " \t\n"
-        self.multiline = line_breaks
-        block_plain = single = block = True
-        if leading_space or leading_break or trailing_space or trailing_break:
-            block_plain = False
-        if trailing_space:
-            block = False
-        if break_space:
-            block_plain = single = False
-        if space_break or tabs or special:
-            block_plain = single = False
-        if space_break or special:
-            block = False
-        if line_breaks:
-            block_plain = False
-        if block_ind:
-            block_plain = False
-        self.block_plain = block_plain
-        self.single_allowed = single
-        self.block_allowed = block
+        elif (ch == ":" and followed_ws) or (ch == "#" and preceded_ws):
+            block_ind = True
+        if ch == "\t":
+            tabs = True
+        elif not _printable(ch):
+            special = True
+        if ch == " ":
+            if i == 0:
+                leading_space = True
+            if i == n - 1:
+                trailing_space = True
+            if prev_break:
+                break_space = True
+            prev_space, prev_break = True, False
+        elif ch == "\n":
+            line_breaks = True
+            if i == 0:
+                leading_break = True
+            if i == n - 1:
+                trailing_break = True
+            if prev_space:
+                space_break = True
+            prev_space, prev_break = False, True
+        else:
+            prev_space = prev_break = False
+        preceded_ws = ch in " \t\n"
+    block_plain = not (
+        leading_space
+        or leading_break
+        or trailing_space
+        or trailing_break
+        or break_space
+        or space_break
+        or tabs
+        or special
+        or line_breaks
+        or block_ind
+    )
+    single = not (break_space or space_break or tabs or special)
+    block = not (trailing_space or space_break or special)
+    return line_breaks, block_plain, single, block
 
 
-class _Writer:
-    """Accumulates output and tracks the column like libyaml's emitter."""
-
-    __slots__ = ("column", "parts")
-
-    def __init__(self) -> None:
-        self.parts: list[str] = []
-        self.column = 0
-
-    def write(self, text: str) -> None:
-        self.parts.append(text)
-        nl = text.rfind("\n")
-        self.column = len(text) - nl - 1 if nl >= 0 else self.column + len(text)
-
-    def newline(self, indent: int) -> None:
-        # libyaml's write_indent: no extra break when a block scalar already ended the line.
-        at_line_start = bool(self.parts) and self.parts[-1].endswith("\n")
-        self.parts.append(("" if at_line_start else "\n") + " " * indent)
-        self.column = indent
-
-
-def _write_plain(w: _Writer, value: str, indent: int, allow_breaks: bool) -> None:
-    if not allow_breaks or w.column + len(value) <= BEST_WIDTH + 1 or " " not in value:
-        w.write(value)
-        return
+def _plain(value: str, column: int, indent: int, allow_breaks: bool) -> str:
+    """A plain scalar starting at ``column``, folded at spaces past column 80 (libyaml's write_plain)."""
+    if not allow_breaks or column + len(value) <= BEST_WIDTH + 1 or " " not in value:
+        return value
+    out: list[str] = []
     start = 0
     spaces = False
-    i = 0
+    col = column
     n = len(value)
-    col = w.column
-    out: list[str] = []
-    while i < n:
-        ch = value[i]
+    for i, ch in enumerate(value):
         if ch == " ":
             if not spaces and col > BEST_WIDTH and (i + 1 >= n or value[i + 1] != " "):
                 out.append(value[start:i])
@@ -173,14 +182,13 @@ def _write_plain(w: _Writer, value: str, indent: int, allow_breaks: bool) -> Non
         else:
             col += 1
             spaces = False
-        i += 1
     out.append(value[start:])
-    w.write("".join(out))
+    return "".join(out)
 
 
-def _write_single(w: _Writer, value: str, indent: int, allow_breaks: bool) -> None:
+def _single(value: str, column: int, indent: int, allow_breaks: bool) -> str:
     out = ["'"]
-    col = w.column + 1
+    col = column + 1
     spaces = False
     n = len(value)
     for i, ch in enumerate(value):
@@ -200,7 +208,7 @@ def _write_single(w: _Writer, value: str, indent: int, allow_breaks: bool) -> No
             col += 1
             spaces = False
     out.append("'")
-    w.write("".join(out))
+    return "".join(out)
 
 
 _ESCAPES = {
@@ -222,9 +230,9 @@ _ESCAPES = {
 }
 
 
-def _write_double(w: _Writer, value: str, indent: int, allow_breaks: bool) -> None:
+def _double(value: str, column: int, indent: int, allow_breaks: bool) -> str:
     out = ['"']
-    col = w.column + 1
+    col = column + 1
     spaces = False
     n = len(value)
     for i, ch in enumerate(value):
@@ -252,10 +260,11 @@ def _write_double(w: _Writer, value: str, indent: int, allow_breaks: bool) -> No
             col += 1
             spaces = False
     out.append('"')
-    w.write("".join(out))
+    return "".join(out)
 
 
-def _write_literal(w: _Writer, value: str, indent: int) -> None:
+def _literal(value: str, indent: int) -> str:
+    """A literal block scalar: header with indentation/chomping hints, then the lines at ``indent``."""
     header = "|"
     if value[0] in " \n":
         header += str(INDENT)
@@ -264,94 +273,93 @@ def _write_literal(w: _Writer, value: str, indent: int) -> None:
     elif len(value) == 1 or value[-2] == "\n":
         header += "+"
     pad = " " * indent
-    body = "\n".join((pad + line) if line else "" for line in value.split("\n"))
-    w.write(header + "\n" + body)
+    return header + "\n" + "\n".join((pad + line) if line else "" for line in value.split("\n"))
 
 
-def _write_scalar(w: _Writer, value: str, indent: int, *, key: bool = False) -> None:
-    """Write a string scalar the way yaml.v2 marshals a Go string (``indent``: continuation indent)."""
+@functools.lru_cache(maxsize=65536)
+def _style(value: str, key: bool) -> str:
+    """yaml.v2's style for a Go string: requested style (literal if multiline, double if it would resolve to
+    another type, else plain), then libyaml's fallbacks when the analysis forbids it."""
     if not key and _SIMPLE_PLAIN.fullmatch(value) and not _resolves_to_non_string(value):
-        _write_plain(w, value, indent, True)
-        return
-    has_odd_break = any(b in value for b in _ODD_BREAKS)
+        return "plain"
+    has_odd_break = _ODD_BREAK.search(value) is not None
     if "\n" in value and not key and not has_odd_break:
         style = "literal"
     elif _resolves_to_non_string(value):
         style = "double"
     else:
         style = "plain"
-    a = _Analysis(value)
-    if key and a.multiline:
+    multiline, block_plain, single_allowed, block_allowed = _analyze(value)
+    if key and multiline:
         style = "double"
-    if style == "plain" and (not a.block_plain or (value == "" and key)):
+    if style == "plain" and (not block_plain or (value == "" and key)):
         style = "single"
-    if style == "single" and not a.single_allowed:
+    if style == "single" and not single_allowed:
         style = "double"
-    if style == "literal" and (not a.block_allowed or key):
+    if style == "literal" and (not block_allowed or key):
         style = "double"
-    if has_odd_break and style != "double":
+    if has_odd_break:
         style = "double"
+    return style
+
+
+@functools.lru_cache(maxsize=131072)
+def _scalar(value: str, column: int, indent: int, key: bool = False) -> str:
+    """A string scalar written as yaml.v2 would at ``column`` (``indent``: continuation/block indent). The text
+    never ends with a line break: the caller ends lines."""
+    style = _style(value, key)
     if style == "plain":
-        _write_plain(w, value, indent, not key)
-    elif style == "single":
-        _write_single(w, value, indent, not key)
-    elif style == "double":
-        _write_double(w, value, indent, not key)
-    else:
-        _write_literal(w, value, indent)
+        return _plain(value, column, indent, not key)
+    if style == "single":
+        return _single(value, column, indent, not key)
+    if style == "double":
+        return _double(value, column, indent, not key)
+    text = _literal(value, indent)
+    return text[:-1] if text.endswith("\n") else text
 
 
-def _emit_value(w: _Writer, value: object, indent: int) -> None:
-    """Write ``value`` after a ``key:`` at mapping indent ``indent``."""
-    if isinstance(value, Mapping):
-        if not value:
-            w.write(" {}")
-            return
-        _emit_mapping(w, value, indent + INDENT, inline_first=False)
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        if not value:
-            w.write(" []")
-            return
-        _emit_sequence(w, value, indent)
-    else:
-        w.write(" ")
-        _write_scalar(w, _scalar_text(value), indent + INDENT)
-
-
-def _scalar_text(value: object) -> str:
+def _text(value: object) -> str:
     if isinstance(value, str):
         return value
     raise TypeError(f"the rule-file emitter writes strings only, got {type(value).__name__}: {value!r}")
 
 
-def _emit_mapping(w: _Writer, mapping: Mapping[str, object], indent: int, *, inline_first: bool) -> None:
-    first = True
+def _mapping_lines(out: list[str], mapping: Mapping[str, object], indent: int, lead: str | None = None) -> None:
+    """Block mapping entries at ``indent``; ``lead`` replaces the first entry's indentation (``"- "`` items)."""
+    pad = " " * indent
     for key, value in mapping.items():
-        if not (first and inline_first):
-            w.newline(indent)
-        first = False
-        _write_scalar(w, key, indent, key=True)
-        w.write(":")
-        _emit_value(w, value, indent)
-
-
-def _emit_sequence(w: _Writer, items: Sequence[object], indent: int) -> None:
-    # yaml.v2 writes block sequences inside mappings without extra indentation ("key:\n- item").
-    for item in items:
-        w.newline(indent)
-        w.write("-")
-        if isinstance(item, Mapping) and item:
-            w.write(" ")
-            _emit_mapping(w, item, indent + INDENT, inline_first=True)
+        start = lead if lead is not None else pad
+        lead = None
+        head = start + _scalar(_text(key), len(start), indent, True) + ":"
+        if type(value) is str:
+            out.append(head + " " + _scalar(value, len(head) + 1, indent + INDENT))
+        elif isinstance(value, Mapping):
+            if value:
+                out.append(head)
+                _mapping_lines(out, value, indent + INDENT)
+            else:
+                out.append(head + " {}")
+        elif isinstance(value, Sequence) and not isinstance(value, str):
+            if value:
+                out.append(head)
+                _sequence_lines(out, value, indent)  # yaml.v2: sequences in mappings are not indented
+            else:
+                out.append(head + " []")
         else:
-            w.write(" ")
-            _write_scalar(w, _scalar_text(item), indent + INDENT)
+            out.append(head + " " + _scalar(_text(value), len(head) + 1, indent + INDENT))
+
+
+def _sequence_lines(out: list[str], items: Sequence[object], indent: int) -> None:
+    lead = " " * indent + "- "
+    for item in items:
+        if isinstance(item, Mapping) and item:
+            _mapping_lines(out, item, indent + INDENT, lead)
+        else:
+            out.append(lead + _scalar(_text(item), len(lead), indent + INDENT))
 
 
 def dump(document: Mapping[str, object]) -> str:
     """Serialise a document (nested dicts/lists of strings) as yaml.v2 would, ending with a newline."""
-    w = _Writer()
-    _emit_mapping(w, document, 0, inline_first=True)
-    if not w.parts[-1].endswith("\n"):  # a block scalar may already have ended the line
-        w.write("\n")
-    return "".join(w.parts)
+    out: list[str] = []
+    _mapping_lines(out, document, 0)
+    return "\n".join(out) + "\n"
