@@ -162,8 +162,12 @@ async def run_workload(
     *,
     on_request: Callable[[RequestResult], None] | None = None,
     deadline_s: float | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> WorkloadResult:
-    """Run every planned conversation (``concurrency`` at a time); stop starting new turns after ``deadline_s``."""
+    """Run every planned conversation (``concurrency`` at a time).
+
+    No new turn starts after ``deadline_s`` seconds or once ``should_stop()`` returns True.
+    """
     plan = plan_conversations(spec)
     result = WorkloadResult()
     start = time.perf_counter()
@@ -172,6 +176,8 @@ async def run_workload(
         queue.put_nowait(conv)
 
     def out_of_time() -> bool:
+        if should_stop is not None and should_stop():
+            return True
         return deadline_s is not None and time.perf_counter() - start > deadline_s
 
     async def worker(client: httpx.AsyncClient) -> None:

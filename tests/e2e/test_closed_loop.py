@@ -1,0 +1,338 @@
+"""The closed loop, end to end: real engines, gateway, Prometheus 2.42 and Alertmanager 0.25 on loopback.
+
+A steady shared-prefix workload runs throughout. Faults injected at the engines must fire the SLO alert owned by
+the right stage, reach the right Alertmanager receiver with a runbook that names that stage, and resolve once
+cleared. Then the SLI Prometheus computes from the recording rules is checked against the usage ledger, and the
+gateway's token counts against the engines' own counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmpath.dashboards import queries
+from llmpath.demo.prometheus import PrometheusClient, find_alertmanager, find_prometheus
+from llmpath.demo.routes import DEMO_ROUTES
+from llmpath.demo.stack import Stack, StackConfig, start_stack
+from llmpath.demo.workload import WorkloadSpec, run_workload
+from llmpath.instrumentation.usage import read_jsonl
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+WINDOWS = Path(__file__).with_name("windows-e2e.yaml")
+SCRAPE = 1.0  # seconds: scrape and rule-evaluation interval
+TTFT_THRESHOLD = 0.5  # the default spec's TTFT SLO: 95% of requests under 0.5 s
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Notification:
+    receiver: str
+    status: str  # firing | resolved
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    received: float
+
+
+@dataclass
+class WebhookReceiver:
+    """Alertmanager's webhook receivers (one path per receiver), served by the test over loopback."""
+
+    notifications: list[Notification] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                now = time.monotonic()
+                with receiver.lock:
+                    for alert in body["alerts"]:
+                        receiver.notifications.append(
+                            Notification(
+                                self.path.strip("/"), alert["status"], alert["labels"], alert["annotations"], now
+                            )
+                        )
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, receiver: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{receiver}"
+
+    def since(self, t0: float) -> list[Notification]:
+        with self.lock:
+            return [n for n in self.notifications if n.received >= t0]
+
+    def wait_for(self, predicate: Callable[[Notification], bool], since: float, timeout: float) -> Notification:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = next((n for n in self.since(since) if predicate(n)), None)
+            if match is not None:
+                return match
+            time.sleep(0.5)
+        seen = [(n.receiver, n.status, n.labels.get("alertname"), n.labels.get("stage")) for n in self.since(since)]
+        raise AssertionError(f"no matching notification within {timeout:.0f}s; received: {seen}")
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class Load:
+    """The demo's shared-prefix workload, running continuously in a background thread."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.spec = WorkloadSpec(
+            routes=[r.name for r in DEMO_ROUTES],
+            tenants=stack.tenants,
+            conversations=100_000,
+            turns=(2, 4),
+            max_tokens=8,
+            concurrency=3,
+        )
+        self.url = stack.gateway_url
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.statuses: list[int] = []
+
+    def _run(self) -> None:
+        asyncio.run(
+            run_workload(
+                self.url,
+                self.spec,
+                on_request=lambda r: self.statuses.append(r.status),
+                should_stop=self.stopping.is_set,
+            )
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=120)
+
+
+@dataclass
+class Loop:
+    stack: Stack
+    receiver: WebhookReceiver
+    prom: PrometheusClient
+    load: Load
+
+    def set_fault(self, **fault: float) -> None:
+        for url in self.stack.engine_urls:
+            httpx.post(f"{url}/debug/fault", json=fault, timeout=5).raise_for_status()
+
+    def clear_faults(self) -> None:
+        for url in self.stack.engine_urls:
+            httpx.delete(f"{url}/debug/fault", timeout=5).raise_for_status()
+
+    def firing(self) -> list[dict[str, Any]]:
+        return [a for a in self.prom.alerts() if a["state"] == "firing"]
+
+    def wait_until(self, predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(1.0)
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; firing: {self.firing()}")
+
+
+def runbook_text(url: str) -> str:
+    """The runbook a ``runbook_url`` annotation points at (the stack writes ``file://`` URLs)."""
+    parsed = urlparse(url)
+    assert parsed.scheme == "file", url
+    path = Path(unquote(parsed.path))
+    assert path.is_file(), f"runbook {path} does not exist"
+    return path.read_text()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """A /metrics page as {(sample name, sorted labels): value}."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def total(samples: dict, name: str, **match: str) -> float:
+    return sum(
+        v for (n, labels), v in samples.items() if n == name and all(dict(labels).get(k) == m for k, m in match.items())
+    )
+
+
+# ------------------------------------------------------------------------------------------------ fixture
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
+    if find_prometheus() is None or find_alertmanager() is None:
+        pytest.skip("prometheus and prometheus-alertmanager must be installed (make test installs them via apt-get)")
+    receiver = WebhookReceiver()
+    cfg = StackConfig(
+        workdir=tmp_path_factory.mktemp("closed-loop"),
+        engines=2,
+        preset="tiny",
+        fault_injection=True,
+        windows_file=WINDOWS,
+        scrape_interval=f"{SCRAPE:g}s",
+        evaluation_interval=f"{SCRAPE:g}s",
+        alert_receivers={"page": receiver.url("page"), "ticket": receiver.url("ticket")},
+    )
+    try:
+        with start_stack(cfg) as stack:
+            assert stack.prometheus is not None and stack.alertmanager is not None, stack.skipped
+            prom = stack.prometheus.client()
+            prom.wait_for_scrapes()
+            load = Load(stack)
+            load.start()
+            loop = Loop(stack, receiver, prom, load)
+            try:
+                # Warm-up: every route/tenant prefix reaches the engines' caches and every series exists.
+                loop.wait_until(
+                    lambda: (prom.query_value("sum(llmpath_requests_total)") or 0) >= 60, 120, "warm-up traffic"
+                )
+                yield loop
+            finally:
+                load.stop()
+                prom.close()
+                if any(load.statuses) and not all(s == 200 for s in load.statuses[-5:]):
+                    print(stack.supervisor.logs())
+    finally:
+        receiver.close()
+
+
+# -------------------------------------------------------------------------------------------------- tests
+
+
+def test_steady_load_fires_nothing_and_every_dashboard_query_has_data(loop: Loop) -> None:
+    t0 = time.monotonic()
+    # Alerts raised by the cold start (empty caches) must clear, then stay clear for half a minute of load.
+    loop.wait_until(lambda: not loop.firing(), 120, "the cold-start alerts to clear")
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < 30:
+        assert loop.firing() == [], "an alert fired under steady load"
+        time.sleep(2)
+    fired = [n for n in loop.receiver.since(quiet_since) if n.status == "firing"]
+    assert fired == [], f"notifications under steady load: {fired}"
+
+    empty = []
+    for path in sorted(loop.stack.artifacts.dashboards_dir.glob("*.json")):
+        dashboard = json.loads(path.read_text())
+        for expr in queries(dashboard, {"__rate_interval": "30s", "__range": "5m"}):
+            if not loop.prom.query(expr):
+                empty.append(f"{path.name}: {expr}")
+    assert empty == [], "dashboard queries without data:\n" + "\n\n".join(empty)
+    assert time.monotonic() - t0 < 240
+
+
+def test_slow_prefill_pages_the_prefill_owner_and_resolves(loop: Loop) -> None:
+    started = time.monotonic()
+    loop.set_fault(prefill_slowdown=1000)
+    try:
+        page = loop.receiver.wait_for(
+            lambda n: n.receiver == "page" and n.status == "firing" and n.labels.get("stage") == "prefill",
+            since=started,
+            timeout=180,
+        )
+    finally:
+        loop.clear_faults()
+    assert page.labels["sloth_severity"] == "page"
+    assert page.labels["owner"] == "serving"
+    assert page.labels["alertname"] in {"LLMAPITTFTBurn", "LLMAPIPrefillLatencyBurn"}
+    text = runbook_text(page.annotations["runbook_url"])
+    assert page.labels["alertname"] in text
+    assert "prefill" in text.lower()
+    # Nothing about this fault is an availability problem.
+    assert not any(n.labels.get("sloth_slo") == "availability" for n in loop.receiver.since(started))
+
+    cleared = time.monotonic()
+    loop.receiver.wait_for(
+        lambda n: n.status == "resolved" and n.labels["alertname"] == page.labels["alertname"]
+        and n.labels.get("route") == page.labels.get("route") and n.receiver == "page",
+        since=cleared,
+        timeout=180,
+    )  # fmt: skip
+
+
+def test_a_queue_fault_pages_the_schedule_owner(loop: Loop) -> None:
+    loop.wait_until(lambda: not loop.firing(), 240, "the prefill fault's alerts to resolve")
+    started = time.monotonic()
+    loop.set_fault(queue_delay_s=0.6)
+    try:
+        page = loop.receiver.wait_for(
+            lambda n: n.receiver == "page" and n.status == "firing" and n.labels.get("stage") == "schedule",
+            since=started,
+            timeout=180,
+        )
+    finally:
+        loop.clear_faults()
+    assert page.labels["alertname"] == "LLMAPISchedulingLatencyBurn"
+    assert page.labels["owner"] == "serving"
+    text = runbook_text(page.annotations["runbook_url"])
+    assert "LLMAPISchedulingLatencyBurn" in text and "schedule" in text.lower()
+    # A queueing fault does not make prefill itself slower.
+    assert not any(
+        n.labels.get("alertname") == "LLMAPIPrefillLatencyBurn" and n.status == "firing"
+        for n in loop.receiver.since(started)
+    )
+
+
+def test_prometheus_sli_matches_the_ledger_and_token_counts_match_the_engines(loop: Loop) -> None:
+    loop.load.stop()
+    time.sleep(4 * SCRAPE)  # the last requests are scraped and the rules evaluated
+    prom, stack = loop.prom, loop.stack
+
+    # The TTFT SLI over the whole run (the 30m period window), per route, from the recording rule.
+    period = prom.query('slo:sli_error:ratio_rate30m{sloth_slo="ttft"}')
+    assert {r["metric"]["route"] for r in period} == {r.name for r in DEMO_ROUTES}
+    records = [r for r in read_jsonl(stack.ledger_path) if r.ttft_s is not None]
+    for result in period:
+        route = result["metric"]["route"]
+        # increase() counts from each series' first sample: leave out the requests observed before it.
+        first = prom.query_value(
+            f'min_over_time(timestamp(llmpath_time_to_first_token_seconds_count{{route="{route}"}})[30m:1s])'
+        )
+        assert first is not None
+        mine = [r for r in records if r.route == route and r.time + r.ttft_s > first]
+        ledger_bad = sum(r.ttft_s > TTFT_THRESHOLD for r in mine) / len(mine)
+        prom_bad = float(result["value"][1])
+        assert abs((1 - prom_bad) - (1 - ledger_bad)) <= 0.01 * (1 - ledger_bad), (route, prom_bad, ledger_bad)
+
+    # Token accounting: the gateway's counters equal the engines' own.
+    gateway = scrape(stack.gateway_url)
+    engines = [scrape(url) for url in stack.engine_urls]
+    for kind, engine_metric in (
+        ("input", "sglang:prompt_tokens_total"),
+        ("output", "sglang:generation_tokens_total"),
+        ("cached", "sglang:cached_tokens_total"),
+    ):
+        mine = total(gateway, "llmpath_tokens_total", type=kind)
+        theirs = sum(total(e, engine_metric) for e in engines)
+        assert mine == theirs > 0, (kind, mine, theirs)
