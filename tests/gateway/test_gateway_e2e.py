@@ -373,26 +373,34 @@ def _sum_engines(stack) -> Counter[str]:
 
 def test_token_accounting_matches_the_engines(gw, stack, client, keys) -> None:
     """The gateway's token counters equal the engines' own sglang:*_tokens_total over the same requests."""
-    time.sleep(0.2)
-    before_gw = gw.metrics()
-    before_engines = _sum_engines(stack)
+    names = ("sglang:prompt_tokens_total", "sglang:generation_tokens_total", "sglang:cached_tokens_total")
+    kinds = ("input", "output", "cached")
+
+    def gateway_tokens() -> dict[str, float]:
+        metrics = gw.metrics()
+        key = 'llmpath_tokens_total{{model="tiny",route="tiny",tenant="acme",type="{}"}}'
+        return {kind: metrics.get(key.format(kind), 0.0) for kind in kinds}
+
+    def settled() -> tuple[dict[str, float], Counter[str]]:
+        """Both sides' counters once they stop moving (engines count at finish, in their scheduler thread)."""
+        previous = None
+        for _ in range(50):
+            current = (gateway_tokens(), _sum_engines(stack))
+            if current == previous:
+                return current
+            previous = current
+            time.sleep(0.1)
+        raise AssertionError("counters kept moving")
+
+    before_gw, before_engines = settled()
     for i in range(6):
         resp = chat(client, keys, convo(SYSTEM_B, f"count {i % 2}"), max_tokens=3 + i)
         assert resp.status_code == 200
-    time.sleep(0.2)
-    after_gw = gw.metrics()
-    after_engines = _sum_engines(stack)
-
-    def gw_tokens(kind: str) -> float:
-        key = f'llmpath_tokens_total{{model="tiny",route="tiny",tenant="acme",type="{kind}"}}'
-        return after_gw.get(key, 0) - before_gw.get(key, 0)
-
-    def engine_tokens(name: str) -> float:
-        return after_engines.get(name, 0) - before_engines.get(name, 0)
-
-    assert gw_tokens("input") == engine_tokens("sglang:prompt_tokens_total") > 0
-    assert gw_tokens("output") == engine_tokens("sglang:generation_tokens_total") == sum(3 + i for i in range(6))
-    assert gw_tokens("cached") == engine_tokens("sglang:cached_tokens_total") > 0
+    after_gw, after_engines = settled()
+    gateway = {kind: after_gw[kind] - before_gw[kind] for kind in kinds}
+    engines = {kind: after_engines[name] - before_engines[name] for kind, name in zip(kinds, names, strict=True)}
+    assert gateway == engines
+    assert gateway["output"] == sum(3 + i for i in range(6)) and gateway["input"] > 0 and gateway["cached"] > 0
 
 
 def test_usage_ledger_has_every_request(gw, client, keys) -> None:

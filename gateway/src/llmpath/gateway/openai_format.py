@@ -1,9 +1,12 @@
-"""OpenAI response bodies and SSE chunks for chat and text completions, built from backend events."""
+"""OpenAI response bodies and SSE chunks for chat and text completions, built from backend events.
+
+Streamed chunks differ only in their text, so each response pre-renders the JSON around it once and a chunk costs
+one ``json.dumps`` of the text.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from llmpath.backends.base import Usage
@@ -34,37 +37,42 @@ def openai_finish_reason(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-@dataclass(frozen=True, slots=True)
 class ResponseFormat:
     """Builds the bodies of one response: ``chat`` (chat.completion) or ``text`` (text_completion)."""
 
-    kind: str  # "chat" | "text"
-    id: str
-    created: int
-    model: str
+    __slots__ = ("_chunk_head", "_chunk_object", "created", "id", "kind", "model")
+
+    def __init__(self, kind: str, id: str, created: int, model: str) -> None:
+        self.kind = kind  # "chat" | "text"
+        self.id = id
+        self.created = created
+        self.model = model
+        self._chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        head = {"id": id, "object": self._chunk_object, "created": created, "model": model}
+        # '{"id":…,"model":…' + ',"choices":[{"index":0,' — the part every chunk shares.
+        self._chunk_head = b"data: " + _dumps(head)[:-1] + b',"choices":[{"index":0,'
 
     def chunk(self, text: str, *, first: bool = False, finish_reason: str | None = None) -> bytes:
         """A streamed chunk with new ``text`` (the first chat chunk also carries the assistant role)."""
         if self.kind == "chat":
-            delta: dict[str, Any] = {}
             if first:
-                delta["role"] = "assistant"
-            if text or first:
-                delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            obj = "chat.completion.chunk"
+                delta = b'{"role":"assistant","content":' + _dumps(text) + b"}"
+            elif text:
+                delta = b'{"content":' + _dumps(text) + b"}"
+            else:
+                delta = b"{}"
+            body = b'"delta":' + delta
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            obj = "text_completion"
-        return sse({"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]})
+            body = b'"text":' + _dumps(text)
+        reason = _dumps(finish_reason)
+        return self._chunk_head + body + b',"logprobs":null,"finish_reason":' + reason + b"}]}\n\n"
 
     def usage_chunk(self, usage: Usage) -> bytes:
         """The final chunk with empty ``choices`` and ``usage`` (``stream_options.include_usage``)."""
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return sse(
             {
                 "id": self.id,
-                "object": obj,
+                "object": self._chunk_object,
                 "created": self.created,
                 "model": self.model,
                 "choices": [],

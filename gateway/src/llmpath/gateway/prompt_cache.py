@@ -45,6 +45,9 @@ class CacheKey:
     #: Sent to the backend as ``cache_salt`` (SGLang isolates radix-cache prefixes by it).
     cache_salt: str | None
     mode: CacheMode
+    #: The hashed bytes and the chain's seed (to extend the key without hashing the prefix again).
+    data: bytes = b""
+    seed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +92,24 @@ class PromptCache:
             return CacheKey((), tokens, f"nocache-{uuid.uuid4().hex}", CacheMode.OFF)
         scope = f"tenant:{tenant}" if mode is CacheMode.TENANT else f"route:{route}"
         seed, salt = self._seed(scope, model)
-        return CacheKey(tuple(block_hashes(data, self.tokenization.block_bytes, seed)), tokens, salt, mode)
+        hashes = tuple(block_hashes(data, self.tokenization.block_bytes, seed))
+        return CacheKey(hashes, tokens, salt, mode, data, seed)
+
+    def extend(self, key: CacheKey, text: str) -> CacheKey:
+        """The key of ``text``, a continuation of ``key``'s prompt (e.g. prompt + reply): only the new blocks are
+        hashed. Falls back to a full key when ``text`` does not start with the original prompt."""
+        if key.mode is CacheMode.OFF:
+            return key
+        data = text.encode("utf-8", "surrogatepass")
+        tokens = int(-(-len(data) // self.tokenization.chars_per_token))
+        if not data.startswith(key.data):
+            hashes = tuple(block_hashes(data, self.tokenization.block_bytes, key.seed))
+        else:
+            size = self.tokenization.block_bytes
+            start = len(key.hashes) * size
+            tail = block_hashes(data[start:], size, key.hashes[-1] if key.hashes else key.seed)
+            hashes = key.hashes + tuple(tail)
+        return CacheKey(hashes, tokens, key.cache_salt, key.mode, data, key.seed)
 
     def lookup(self, key: CacheKey, backends: Iterable[str]) -> CacheLookup:
         """How much of the prompt each backend holds, classified hit / partial / miss / bypass."""

@@ -51,7 +51,7 @@ from llmpath.gateway.metrics import GatewayMetrics
 from llmpath.gateway.openai_format import SSE_DONE, ResponseFormat, openai_finish_reason
 from llmpath.gateway.pool import BackendPool
 from llmpath.gateway.prompt_cache import CacheKey, CacheLookup, PromptCache
-from llmpath.gateway.routing import RouteDecision, Router, RouteReason
+from llmpath.gateway.routing import Candidate, RouteDecision, Router, RouteReason
 from llmpath.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from llmpath.instrumentation import (
     ModelCallSpan,
@@ -201,7 +201,7 @@ class Gateway:
         )
         try:
             with stage("route") as st:
-                self.route_request(prepared, st)
+                self.route_request(prepared, st, candidates)
             with stage("schedule") as st:
                 await self._admit(prepared, st)
         except BaseException:
@@ -296,9 +296,12 @@ class Gateway:
             ignore_eos=bool(parsed.ignore_eos),
         )
 
-    def route_request(self, p: Prepared, st: StageScope, *, retry: bool = False) -> None:
+    def route_request(
+        self, p: Prepared, st: StageScope, candidates: list[Candidate] | None = None, *, retry: bool = False
+    ) -> None:
         """Choose a backend (excluding those already tried) and hold an in-flight slot on it."""
-        candidates = self.pool.candidates(p.route.config.backends, exclude=p.tried)
+        if candidates is None:
+            candidates = self.pool.candidates(p.route.config.backends, exclude=p.tried)
         if not candidates:
             raise errors.no_backend(
                 "No healthy backend is available." if not p.tried else "Every backend failed; retry later."
@@ -376,14 +379,7 @@ class Gateway:
         if p.kind != "chat" or not output:
             return
         messages = [*(p.assembled.messages or []), ChatMessage("assistant", output)]
-        text = render_messages(p.route.assembler.render_chat, messages)
-        key = self.prompt_cache.key(
-            text,
-            tenant=p.principal.tenant,
-            route=p.route.config.name,
-            model=p.backend_model,
-            mode=p.key.mode,
-        )
+        key = self.prompt_cache.extend(p.key, render_messages(p.route.assembler.render_chat, messages))
         self.prompt_cache.record(key, p.decision.backend)
 
 
