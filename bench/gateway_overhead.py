@@ -140,6 +140,17 @@ async def _run(
     return results
 
 
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of a process (Linux ``/proc``), 0 when unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -207,14 +218,14 @@ def main() -> None:
             [LLMPATH, "gateway", "serve", "--config", str(config), "--log-level", "warning"], tmp / "gw.log"
         )
         _wait(f"{gw_url}/readyz", gateway)
-        _measure(args, engine_url, gw_url)
+        _measure(args, engine_url, gw_url, gateway.pid)
     finally:
         if gateway is not None:
             _stop(gateway)
         _stop(engine)
 
 
-def _measure(args: argparse.Namespace, engine_url: str, gw_url: str) -> None:
+def _measure(args: argparse.Namespace, engine_url: str, gw_url: str, gateway_pid: int | None = None) -> None:
     prompts = _prompts(64, args.prompt_bytes)
     modes: dict[str, tuple[Call, str]] = {"direct": (_direct, engine_url), "gateway": (_gateway, gw_url)}
     for call, url in modes.values():  # warm both radix namespaces (the gateway sends a tenant cache_salt)
@@ -222,13 +233,17 @@ def _measure(args: argparse.Namespace, engine_url: str, gw_url: str) -> None:
 
     samples: dict[tuple[int, str], list[float]] = {}
     per_round: dict[tuple[int, str], list[float]] = {}
+    gateway_cpu = 0.0
     load_before = os.getloadavg()[0]
     for r in range(args.rounds):
         for c in args.concurrency:
             order = list(modes) if r % 2 == 0 else list(reversed(modes))
             for mode in order:
                 call, url = modes[mode]
+                cpu_before = _cpu_seconds(gateway_pid)
                 ttfts = asyncio.run(_run(call, url, prompts, args.requests, c, args.max_tokens))
+                if mode == "gateway":
+                    gateway_cpu += _cpu_seconds(gateway_pid) - cpu_before
                 samples.setdefault((c, mode), []).extend(ttfts)
                 per_round.setdefault((c, mode), []).append(statistics.median(ttfts))
     load_after = os.getloadavg()[0]
@@ -258,6 +273,9 @@ def _measure(args: argparse.Namespace, engine_url: str, gw_url: str) -> None:
         f"gateway's own gateway_overhead stage group (auth+validate+route+assemble+cache_lookup): "
         f"{under_1ms:.1%} of requests under 1 ms, {under_2_5ms:.1%} under 2.5 ms"
     )
+    if gateway_pid is not None:
+        per_request = gateway_cpu / (args.requests * args.rounds * len(args.concurrency))
+        print(f"gateway process CPU: {per_request * 1e3:.2f} ms per request (HTTP server, stages, backend client, SSE)")
     for c, ok50, ok99 in verdicts:
         verdict50, verdict99 = ("MET" if ok else "MISSED" for ok in (ok50, ok99))
         print(f"target at concurrency {c}: p50 ≤ 1 ms {verdict50}; p99 ≤ 5 ms {verdict99}")
