@@ -18,10 +18,7 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,43 +27,11 @@ from pathlib import Path
 
 import httpx
 
+from llmpath.demo.supervisor import Supervisor, free_port
+
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 KEY = "sk-bench-overhead"
 SYSTEM = "You are a helpful assistant. Answer briefly and precisely. "
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{url} not ready after {timeout}s")
-
-
-def _start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _prompts(n: int, size: int) -> list[str]:
@@ -191,14 +156,12 @@ def main() -> None:
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="llmpath-bench-gw-"))
-    engine_port, gw_port = _free_port(), _free_port()
+    engine_port, gw_port = free_port(), free_port()
     engine_url, gw_url = f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{gw_port}"
-    engine_cmd = [LLMPATH, "engine", "serve", "--preset", args.preset, "--port", str(engine_port)]
-    engine_cmd += ["--threads", str(args.engine_threads), "--max-running", "64"]
-    engine = _start(engine_cmd, tmp / "engine.log")
-    gateway = None
-    try:
-        _wait(f"{engine_url}/health", engine)
+    with Supervisor(tmp) as sup:
+        engine_cmd = [LLMPATH, "engine", "serve", "--preset", args.preset, "--port", str(engine_port)]
+        engine_cmd += ["--threads", str(args.engine_threads), "--max-running", "64"]
+        sup.spawn("engine", engine_cmd, ready_url=f"{engine_url}/health", timeout=120)
         from llmpath.gateway.config import hash_key
 
         config = tmp / "gateway.yaml"
@@ -214,15 +177,9 @@ def main() -> None:
                 }
             )
         )
-        gateway = _start(
-            [LLMPATH, "gateway", "serve", "--config", str(config), "--log-level", "warning"], tmp / "gw.log"
-        )
-        _wait(f"{gw_url}/readyz", gateway)
+        cmd = [LLMPATH, "gateway", "serve", "--config", str(config), "--log-level", "warning"]
+        gateway = sup.spawn("gateway", cmd, ready_url=f"{gw_url}/readyz")
         _measure(args, engine_url, gw_url, gateway.pid)
-    finally:
-        if gateway is not None:
-            _stop(gateway)
-        _stop(engine)
 
 
 def _measure(args: argparse.Namespace, engine_url: str, gw_url: str, gateway_pid: int | None = None) -> None:

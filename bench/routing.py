@@ -27,10 +27,7 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from llmpath.demo.supervisor import Supervisor, free_port, wait_ready
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 SGLANG_ROUTER = str(Path(sys.executable).parent / "sglang-router")
@@ -47,41 +46,6 @@ WORDS: tuple[str, ...] = (
     "batch", "queue", "tenant", "request", "stream", "decode", "prefill", "budget", "error", "alert",
     "window", "burn", "rate", "owner", "stage", "gateway", "metric", "label", "trace", "span",
 )  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:
-        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
-def _wait(url: str, proc: subprocess.Popen[bytes], timeout: float = 120, ok: tuple[int, ...] = (200,)) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{proc.args[:3]} exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code in ok:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} not ready after {timeout}s")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,24 +232,23 @@ def main() -> None:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="llmpath-bench-routing-"))
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        engines = []
+    with Supervisor(tmp) as sup:
+        engines, procs = [], []
         for i in range(args.engines):
-            port = _free_port()
+            port = free_port()
             cmd = [LLMPATH, "engine", "serve", "--preset", args.preset, "--port", str(port), "--threads", "1"]
             cmd += ["--kv-tokens", str(args.kv_tokens), "--max-running", "8"]
-            procs.append(_start(cmd, tmp / f"engine{i}.log"))
+            procs.append(sup.spawn(f"engine{i}", cmd))
             engines.append(f"http://127.0.0.1:{port}")
-        for url, proc in zip(engines, procs, strict=True):
-            _wait(f"{url}/health", proc)
+        for url, proc in zip(engines, procs, strict=True):  # started together: their imports overlap
+            wait_ready(proc, f"{url}/health", 120)
 
         from llmpath.gateway.config import hash_key
 
         convs = workload(args.groups, args.conversations, args.turns, args.system_words, args.seed)
         figures: list[PolicyFigures] = []
         for policy in ("round_robin", "prefix"):
-            port = _free_port()
+            port = free_port()
             config = tmp / f"gateway-{policy}.yaml"
             config.write_text(
                 json.dumps(
@@ -301,30 +264,22 @@ def main() -> None:
                     }
                 )
             )
-            gateway = _start([LLMPATH, "gateway", "serve", "--config", str(config)], tmp / f"gw-{policy}.log")
-            try:
-                _wait(f"http://127.0.0.1:{port}/readyz", gateway)
-                name = "llmpath" if policy == "prefix" else "round_robin"
-                figures.append(measure(name, f"http://127.0.0.1:{port}", engines, convs, args))
-            finally:
-                _stop(gateway)
+            cmd = [LLMPATH, "gateway", "serve", "--config", str(config)]
+            gateway = sup.spawn(f"gateway-{policy}", cmd, ready_url=f"http://127.0.0.1:{port}/readyz")
+            name = "llmpath" if policy == "prefix" else "round_robin"
+            figures.append(measure(name, f"http://127.0.0.1:{port}", engines, convs, args))
+            sup.stop(gateway)
 
-        port, metrics_port = _free_port(), _free_port()
+        port, metrics_port = free_port(), free_port()
         router_cmd = [SGLANG_ROUTER, "launch", "--worker-urls", *engines, "--policy", "cache_aware"]
         router_cmd += ["--host", "127.0.0.1", "--port", str(port)]
         router_cmd += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port), "--log-level", "warn"]
-        router = _start(router_cmd, tmp / "sglang-router.log")
-        try:
-            _wait(f"http://127.0.0.1:{port}/v1/models", router)
-            time.sleep(2)  # worker registration finishes after "ready"
-            figures.append(measure("sglang-router", f"http://127.0.0.1:{port}", engines, convs, args))
-        finally:
-            _stop(router)
+        router = sup.spawn("sglang-router", router_cmd, ready_url=f"http://127.0.0.1:{port}/v1/models")
+        time.sleep(2)  # worker registration finishes after "Router ready"
+        figures.append(measure("sglang-router", f"http://127.0.0.1:{port}", engines, convs, args))
+        sup.stop(router)
 
-        report(figures, args, tmp)
-    finally:
-        for proc in procs:
-            _stop(proc)
+    report(figures, args, tmp)
 
 
 def report(figures: list[PolicyFigures], args: argparse.Namespace, tmp: Path) -> None:
