@@ -28,6 +28,7 @@ def _digits(value: float) -> tuple[str, int]:
     return text, point
 
 
+@functools.lru_cache(maxsize=16384)
 def go_float(value: float) -> str:
     """Format like Go's ``%g`` / ``%v`` (shortest digits; exponent form below 1e-4 and from 1e6 up)."""
     if math.isnan(value):
@@ -58,6 +59,7 @@ def _fixed_form(digits: str, point: int) -> str:
     return digits[:point] + "." + digits[point:]
 
 
+@functools.lru_cache(maxsize=16384)
 def go_float_fixed(value: float) -> str:
     """Format like Go's ``strconv.FormatFloat(v, 'f', -1, 64)`` (shortest digits, never an exponent)."""
     if math.isnan(value) or math.isinf(value):
@@ -85,6 +87,7 @@ def parse_duration(text: str) -> int:
     return total
 
 
+@functools.lru_cache(maxsize=16384)
 def format_duration(ms: int) -> str:
     """Prometheus' ``model.Duration.String()``: ``30d``, ``4w`` (28d), ``1w`` (7d), ``1h30m``, ``0s``."""
     if ms == 0:
@@ -130,6 +133,7 @@ def duration_hours(ms: int) -> float:
     return float(ns // hour_ns) + float(ns % hour_ns) / (60 * 60 * 1e9)
 
 
+@functools.lru_cache(maxsize=16384)
 def go_quote(value: str) -> str:
     """Go's ``%q`` for a label value: double quotes with Go escapes (valid PromQL string syntax)."""
     out = ['"']

@@ -38,6 +38,9 @@ def render(template: str, data: Mapping[str, str]) -> str:
     """Render ``template`` with ``data`` (e.g. ``{"window": "5m"}``); :class:`TemplateError` on unsupported input."""
     if "{{" not in template:
         return template
+    plain_vars = template.count("{{.window}}") + template.count("{{ .window }}")
+    if "window" in data and template.count("{{") == plain_vars:  # the common case: only {{.window}} actions
+        return template.replace("{{.window}}", data["window"]).replace("{{ .window }}", data["window"])
     out: list[str] = []
     pos = 0
     for m in _ACTION.finditer(template):

@@ -132,8 +132,8 @@ class PV1Alerting(_Model):
     name: GoStr = ""
     labels: Labels = {}
     annotations: Labels = {}
-    page_alert: AlertOpt = PV1Alert()
-    ticket_alert: AlertOpt = PV1Alert()
+    page_alert: AlertOpt = Field(default_factory=PV1Alert)
+    ticket_alert: AlertOpt = Field(default_factory=PV1Alert)
 
 
 class PV1Events(_Model):
@@ -161,16 +161,16 @@ class PV1SLO(_Model):
     description: GoStr = ""
     objective: Number = 0.0
     labels: Labels = {}
-    plugins: Chain = PluginChain()
-    sli: Annotated[PV1SLI, BeforeValidator(_empty_if_none)] = PV1SLI()
-    alerting: Annotated[PV1Alerting, BeforeValidator(_empty_if_none)] = PV1Alerting()
+    plugins: Chain = Field(default_factory=PluginChain)
+    sli: Annotated[PV1SLI, BeforeValidator(_empty_if_none)] = Field(default_factory=PV1SLI)
+    alerting: Annotated[PV1Alerting, BeforeValidator(_empty_if_none)] = Field(default_factory=PV1Alerting)
 
 
 class PV1Spec(_Model):
     version: GoStr = ""
     service: GoStr = ""
     labels: Labels = {}
-    slo_plugins: Chain = PluginChain()
+    slo_plugins: Chain = Field(default_factory=PluginChain)
     slos: Annotated[list[PV1SLO], BeforeValidator(_list_if_none)] = []
 
 
@@ -183,8 +183,8 @@ class K8sAlerting(_Model):
     name: GoStr = ""
     labels: Labels = {}
     annotations: Labels = {}
-    page_alert: AlertOpt = Field(PV1Alert(), alias="pageAlert")
-    ticket_alert: AlertOpt = Field(PV1Alert(), alias="ticketAlert")
+    page_alert: AlertOpt = Field(default_factory=PV1Alert, alias="pageAlert")
+    ticket_alert: AlertOpt = Field(default_factory=PV1Alert, alias="ticketAlert")
 
 
 class K8sEvents(_Model):
@@ -207,15 +207,15 @@ class K8sSLO(_Model):
     description: GoStr = ""
     objective: Number = 0.0
     labels: Labels = {}
-    plugins: Chain = PluginChain()
-    sli: Annotated[K8sSLI, BeforeValidator(_empty_if_none)] = K8sSLI()
-    alerting: Annotated[K8sAlerting, BeforeValidator(_empty_if_none)] = K8sAlerting()
+    plugins: Chain = Field(default_factory=PluginChain)
+    sli: Annotated[K8sSLI, BeforeValidator(_empty_if_none)] = Field(default_factory=K8sSLI)
+    alerting: Annotated[K8sAlerting, BeforeValidator(_empty_if_none)] = Field(default_factory=K8sAlerting)
 
 
 class K8sSpec(_Model):
     service: GoStr = ""
     labels: Labels = {}
-    slo_plugins: Chain = Field(PluginChain(), alias="sloPlugins")
+    slo_plugins: Chain = Field(default_factory=PluginChain, alias="sloPlugins")
     slos: Annotated[list[K8sSLO], BeforeValidator(_list_if_none)] = []
 
 
@@ -238,8 +238,8 @@ class K8sMeta(_Model):
 class K8sDoc(_Model):
     api_version: GoStr = Field("", alias="apiVersion")
     kind: GoStr = ""
-    metadata: Annotated[K8sMeta, BeforeValidator(_empty_if_none)] = K8sMeta()
-    spec: Annotated[K8sSpec, BeforeValidator(_empty_if_none)] = K8sSpec()
+    metadata: Annotated[K8sMeta, BeforeValidator(_empty_if_none)] = Field(default_factory=K8sMeta)
+    spec: Annotated[K8sSpec, BeforeValidator(_empty_if_none)] = Field(default_factory=K8sSpec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,8 +254,8 @@ class OSQuery(_Model):
 
 
 class OSRatio(_Model):
-    good: Annotated[OSQuery, BeforeValidator(_empty_if_none)] = OSQuery()
-    total: Annotated[OSQuery, BeforeValidator(_empty_if_none)] = OSQuery()
+    good: Annotated[OSQuery, BeforeValidator(_empty_if_none)] = Field(default_factory=OSQuery)
+    total: Annotated[OSQuery, BeforeValidator(_empty_if_none)] = Field(default_factory=OSQuery)
     incremental: Any = None
 
 
@@ -292,8 +292,8 @@ class OSMeta(_Model):
 class OSDoc(_Model):
     api_version: GoStr = Field("", alias="apiVersion")
     kind: GoStr = ""
-    metadata: Annotated[OSMeta, BeforeValidator(_empty_if_none)] = OSMeta()
-    spec: Annotated[OSSpec, BeforeValidator(_empty_if_none)] = OSSpec()
+    metadata: Annotated[OSMeta, BeforeValidator(_empty_if_none)] = Field(default_factory=OSMeta)
+    spec: Annotated[OSSpec, BeforeValidator(_empty_if_none)] = Field(default_factory=OSSpec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,8 +336,8 @@ class LAlerting(_Model):
     labels: Labels = {}
     annotations: Labels = {}
     for_: StrictStr | None = Field(None, alias="for")
-    page_alert: Annotated[LAlert, BeforeValidator(_empty_if_none)] = LAlert()
-    ticket_alert: Annotated[LAlert, BeforeValidator(_empty_if_none)] = LAlert()
+    page_alert: Annotated[LAlert, BeforeValidator(_empty_if_none)] = Field(default_factory=LAlert)
+    ticket_alert: Annotated[LAlert, BeforeValidator(_empty_if_none)] = Field(default_factory=LAlert)
     absent_alert: LAbsentAlert | None = None
     threshold_alert: LThresholdAlert | None = None
 
@@ -381,7 +381,7 @@ class LSLO(_Model):
     group_by: StrList = []
     period_rule: Literal["mean_of_ratios", "ratio_of_counts"] = "mean_of_ratios"
     sli: LSLI
-    alerting: Annotated[LAlerting, BeforeValidator(_empty_if_none)] = LAlerting()
+    alerting: Annotated[LAlerting, BeforeValidator(_empty_if_none)] = Field(default_factory=LAlerting)
 
 
 class LSpec(_Model):

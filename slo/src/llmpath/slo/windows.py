@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -49,11 +50,7 @@ class AlertWindows:
 
     def burn_windows(self, severity: str) -> tuple[BurnWindow, BurnWindow]:
         """The (quick, slow) pairs of ``page`` or ``ticket``."""
-        pair = (self.page_quick, self.page_slow) if severity == "page" else (self.ticket_quick, self.ticket_slow)
-        return tuple(  # type: ignore[return-value]
-            BurnWindow(format_duration(w.short_ms), format_duration(w.long_ms), self.factor(w), w.budget_percent)
-            for w in pair
-        )
+        return _burn_windows(self, severity)
 
     def alert_windows_ms(self) -> list[int]:
         """Unique alert windows, ascending (the SLI recording windows, before the period)."""
@@ -62,6 +59,17 @@ class AlertWindows:
 
     def pairs(self) -> tuple[Window, Window, Window, Window]:
         return (self.page_quick, self.page_slow, self.ticket_quick, self.ticket_slow)
+
+
+@functools.lru_cache(maxsize=256)
+def _burn_windows(windows: AlertWindows, severity: str) -> tuple[BurnWindow, BurnWindow]:
+    pair = (
+        (windows.page_quick, windows.page_slow) if severity == "page" else (windows.ticket_quick, windows.ticket_slow)
+    )
+    return tuple(  # type: ignore[return-value]
+        BurnWindow(format_duration(w.short_ms), format_duration(w.long_ms), windows.factor(w), w.budget_percent)
+        for w in pair
+    )
 
 
 def _parse(data: object, source: str, log: IssueLog) -> AlertWindows | None:
