@@ -235,14 +235,15 @@ def _time_text(hours: float) -> str:
 
 
 def _description(slo: SLOSpec, pairs: tuple[BurnWindow, ...], period_ms: int) -> str:
-    conds = " or ".join(f"{go_float(round(p.factor, 2))}x over {p.long} and {p.short}" for p in pairs)
+    first, rest = pairs[0], pairs[1:]
+    conds = f"{go_float(round(first.factor, 2))}x the sustainable rate over both {first.long} and {first.short}"
+    conds += "".join(f", or {go_float(round(p.factor, 2))}x over both {p.long} and {p.short}" for p in rest)
     fastest = max(p.factor for p in pairs)
-    exhaust = _time_text(period_ms / 3_600_000 / fastest)
     where = f" (stage {slo.stage}, owner {slo.owner})" if slo.stage else ""
     return (
         f"{SERVICE_SLO}{where} is burning its {go_float(slo.objective)}% / {format_duration(period_ms)} error "
-        f"budget faster than {conds} the sustainable rate; at {go_float(round(fastest, 2))}x the whole budget "
-        f"is gone in about {exhaust}."
+        f"budget at more than {conds}. At {go_float(round(fastest, 2))}x the whole budget lasts about "
+        f"{_time_text(period_ms / 3_600_000 / fastest)}."
     )
 
 
