@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -45,6 +47,9 @@ def test_compile_default_spec_with_tests(tmp_path, llmpath_bin):
     test_file = yaml.safe_load((rules / "tests" / "llm-api-ttft.test.yaml").read_text())
     assert test_file["rule_files"] == ["../llm-api.yaml"]
     assert "compiled 6 SLOs into 1 rule file(s) and 6 promtool test file(s)" in proc.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(rules.stat().st_mode) == 0o777 & ~umask  # a new folder gets the usual permissions
     # Recompiling into the existing folder replaces the files and leaves no staging folder behind.
     (rules / "llm-api.yaml").write_text("stale\n")
     (rules / "mine.txt").write_text("kept\n")

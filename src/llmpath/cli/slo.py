@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -87,6 +88,9 @@ def write_atomically(out_dir: Path, files: dict[str, str]) -> None:
     parent = out_dir.parent if fresh else out_dir
     parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; a new output folder gets the usual permissions
     try:
         for name, text in files.items():
             target = stage / name

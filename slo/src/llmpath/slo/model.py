@@ -43,7 +43,6 @@ class Locator:
     raw: Any
     base: tuple[object, ...]
     rename: Mapping[str, str] = field(default_factory=dict)
-    display_prefix: str = ""
 
     def path(self, logical: str) -> tuple[object, ...]:
         steps: list[object] = list(self.base)
@@ -360,7 +359,7 @@ class CompiledSLO:
     source: str
     rule_file: str
     period_rule: str
-    #: The recording rules written for this SLO: record name → expression, by window where relevant.
+    #: Names of the recording rules written for this SLO (``slo:sli_error:ratio_rate5m``, …, ``sloth_slo_info``).
     recordings: tuple[str, ...] = ()
 
     @property
