@@ -142,8 +142,13 @@ def _validate(paths: list[Path]) -> None:
 def test_validate_good_files_pass(sloth_dir):
     good = sorted((sloth_dir / TESTDATA / "validate" / "good").iterdir())
     assert len(good) == 7
-    for path in good:  # each alone: the good files repeat the same SLO IDs (Sloth runs them with duplicates ignored)
-        _validate([path])
+    # Sloth validates this folder with --ignore-slo-duplicates (the good files repeat the same SLO IDs).
+    result = compile_slos(
+        load_specs([sloth_dir / TESTDATA / "validate" / "good"]), CompileOptions(ignore_duplicates=True)
+    )
+    assert len({s.source for s in result.slos}) == 7
+    with pytest.raises(SpecError, match="already exists"):
+        _validate([sloth_dir / TESTDATA / "validate" / "good"])
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ _WINDOWS_HELP = (
     "With one file and no --period, its period is the default."
 )
 _PLUGINS_HELP = "Python plugin file or module defining SLI_PLUGINS / SLO_PLUGINS (Sloth plugin ids)."
+_DUPLICATES_HELP = "Allow the same SLO ID in different files (their rules must not be loaded into one Prometheus)."
 
 
 def _err(text: str) -> None:
@@ -133,6 +134,7 @@ def compile_cmd(
         help="Grafana base for dashboard_url (default for llmpath specs: http://localhost:3000).",
     ),
     plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
+    ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
 ) -> None:
     """Compile specs into Prometheus recording and multi-window multi-burn-rate alert rules."""
     from llmpath.slo import CompileOptions
@@ -163,6 +165,7 @@ def compile_cmd(
         strict=strict,
         sli_plugins=sli_plugins,
         slo_plugins=slo_plugins,
+        ignore_duplicates=ignore_duplicates,
     )
     result = _compile(inputs, options, out)
     if out == "-":
@@ -194,6 +197,7 @@ def validate_cmd(
     windows: list[Path] = typer.Option([], "--windows", "-w", help=_WINDOWS_HELP),
     strict: bool = typer.Option(False, "--strict", help="Treat warnings (unknown keys, …) as errors."),
     plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
+    ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
 ) -> None:
     """Validate specs without writing anything; duplicate SLO IDs across files are an error."""
     from llmpath.slo import CompileOptions
@@ -205,6 +209,7 @@ def validate_cmd(
         strict=strict,
         sli_plugins=sli_plugins,
         slo_plugins=slo_plugins,
+        ignore_duplicates=ignore_duplicates,
     )
     result = _compile(inputs, options, None)
     files = {s.source for s in result.slos}

@@ -137,7 +137,7 @@ def compile_slos(docs: list[SpecDocument], options: CompileOptions | None = None
                 log.error(f"SLO ID {slo.id!r} is repeated", **slo.where("name"))  # type: ignore[arg-type]
                 continue
             doc_ids.add(slo.id)
-            if slo.id in seen_ids:
+            if slo.id in seen_ids and not options.ignore_duplicates:
                 log.error(
                     f"SLO duplicated: ID {slo.id!r} already exists in {seen_ids[slo.id]}",
                     **slo.where("name"),  # type: ignore[arg-type]

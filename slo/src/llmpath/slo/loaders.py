@@ -34,6 +34,7 @@ _K8S_API = re.compile(r"(?m)^apiVersion: +['\"]?sloth.slok.dev\/v1['\"]? *$")
 _OSLO_KIND = re.compile(r"(?m)^kind: +['\"]?SLO['\"]? *$")
 _OSLO_API = re.compile(r"(?m)^apiVersion: +['\"]?openslo\/v1alpha['\"]? *$")
 _WINDOWS_KIND = re.compile(r"(?m)^kind: +['\"]?AlertWindows['\"]? *$")
+_RULE_FILE = re.compile(r"(?m)^(groups:|kind: +['\"]?PrometheusRule['\"]? *$)")
 
 _K8S_RENAME = {
     "error_query": "errorQuery",
@@ -481,7 +482,8 @@ def _load_file(path: Path, log: IssueLog, root: Path | None, from_dir: bool) -> 
         kind = detect(raw.text)
         if kind is None and from_dir:
             if not _WINDOWS_KIND.search(raw.text):
-                log.warn("skipped: not an SLO spec", file=str(path), line=raw.first_line)
+                what = "a Prometheus rule file" if _RULE_FILE.search(raw.text) else "not an SLO spec"
+                log.warn(f"skipped: {what}", file=str(path), line=raw.first_line)
             continue
         loader = _DocLoader(path, raw, len(raw_docs), log, root)
         if (doc := loader.load(kind)) is not None:

@@ -283,6 +283,9 @@ class CompileOptions:
     sli_plugins: Mapping[str, SLIPlugin] = field(default_factory=dict)
     slo_plugins: Mapping[str, SLOPluginFactory] = field(default_factory=dict)
     sloth_version: str | None = None
+    #: Allow the same SLO ID in different input documents (Sloth's ``--ignore-slo-duplicates``); the rules of
+    #: such SLOs would write the same series if loaded into one Prometheus.
+    ignore_duplicates: bool = False
 
 
 DEFAULT_PERIOD = "30d"
