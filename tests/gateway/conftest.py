@@ -1,8 +1,7 @@
 """Gateway test fixtures: module-scoped real engines and gateways, an OTLP/HTTP collector, headless Chromium.
 
-Processes are started with the ``llmpath`` CLI and managed by the root conftest's ``ProcessManager`` (looked up
-through pytest's plugin manager: conftest modules cannot be imported in importlib mode), so they are always
-stopped by PID.
+Processes are started with the ``llmpath`` CLI under the project's process supervisor
+(:mod:`llmpath.demo.supervisor`), so they are always stopped by PID.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +23,7 @@ import httpx
 import pytest
 import yaml
 
+from llmpath.demo.supervisor import Supervisor, free_port, wait_ready
 from llmpath.gateway.config import hash_key
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
@@ -60,14 +59,6 @@ class Keys:
 @pytest.fixture(scope="session")
 def keys() -> type[Keys]:
     return Keys
-
-
-def _process_manager_class(config: pytest.Config) -> Any:
-    for plugin in config.pluginmanager.get_plugins():
-        cls = getattr(plugin, "ProcessManager", None)
-        if cls is not None:
-            return cls
-    raise RuntimeError("the root conftest's ProcessManager is not loaded")
 
 
 def parse_metrics(text: str, prefix: str) -> dict[str, float]:
@@ -126,17 +117,11 @@ class GatewayProc:
             time.sleep(0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Stack:
     """Engines and gateways of one test module."""
 
-    manager: Any
+    supervisor: Supervisor
     tmp: Path
     engines: list[Engine] = field(default_factory=list)
 
@@ -146,43 +131,43 @@ class Stack:
         """``count`` tiny engines (one torch thread each), started together; ``port``/``name`` for a restart."""
         started = []
         for i in range(count):
-            port = port or _free_port()
+            port = port or free_port()
             name = name or f"e{len(self.engines) + i}"
             cmd = [LLMPATH, "engine", "serve", "--preset", "tiny", "--threads", "1", "--port", str(port), *extra]
-            proc = self.manager.spawn(name, cmd, env=env)
-            started.append(Engine(name, f"http://127.0.0.1:{port}", proc))
+            managed = self.supervisor.spawn(name, cmd, env=env)
+            started.append((Engine(name, f"http://127.0.0.1:{port}", managed.popen), managed))
             port, name = None, ""
-        for eng in started:  # started together, waited for together: the imports overlap
-            self.manager.wait_ready(eng.name, eng.proc, f"{eng.url}/health", 90, self.tmp / f"{eng.name}.log")
-        self.engines.extend(started)
-        return started
+        for engine, managed in started:  # started together, waited for together: the imports overlap
+            wait_ready(managed, f"{engine.url}/health", 90)
+        self.engines.extend(engine for engine, _ in started)
+        return [engine for engine, _ in started]
 
     def start_gateway(
         self, name: str, config: dict[str, Any], *extra: str, env: dict[str, str] | None = None
     ) -> GatewayProc:
-        port = _free_port()
+        port = free_port()
         config = {**config, "listen": {"host": "127.0.0.1", "port": port}}
         path = self.tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         url = f"http://127.0.0.1:{port}"
         cmd = [LLMPATH, "gateway", "serve", "--config", str(path), *extra]
-        proc = self.manager.spawn(name, cmd, ready_url=f"{url}/readyz", env=env, timeout=60)
+        managed = self.supervisor.spawn(name, cmd, ready_url=f"{url}/readyz", env=env, timeout=60)
         ledger = config.get("usage", {}).get("ledger")
-        return GatewayProc(url, proc, self.tmp / f"{name}.log", config, Path(ledger) if ledger else None)
+        return GatewayProc(url, managed.popen, managed.log_path, config, Path(ledger) if ledger else None)
 
 
 @pytest.fixture(scope="module")
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Real processes shared by one test module; stopped by PID at the end, logs printed if a test failed."""
     tmp = tmp_path_factory.mktemp("stack")
-    manager = _process_manager_class(request.config)(tmp)
+    supervisor = Supervisor(tmp)
     failed_before = request.session.testsfailed
     try:
-        yield Stack(manager, tmp)
+        yield Stack(supervisor, tmp)
     finally:
-        manager.stop_all()
+        supervisor.stop_all()
         if request.session.testsfailed > failed_before:
-            print(manager.logs())
+            print(supervisor.logs())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,10 +272,10 @@ class Chromium:
         "--window-size=1400,900",
     )
 
-    def __init__(self, binary: str, manager: Any, profile: Path) -> None:
+    def __init__(self, binary: str, supervisor: Supervisor, profile: Path) -> None:
         profile.mkdir(parents=True, exist_ok=True)
         cmd = [binary, *self.FLAGS, f"--user-data-dir={profile}", "about:blank"]
-        self.proc = manager.spawn("chromium", cmd)
+        self.proc = supervisor.spawn("chromium", cmd).popen
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 30
         while not port_file.exists() or not port_file.read_text().strip():
@@ -350,4 +335,4 @@ def chromium(stack: Stack) -> Chromium:
     binary = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
     if binary is None:
         pytest.skip("chromium not installed (make test installs it via apt-get)")
-    return Chromium(binary, stack.manager, stack.tmp / "chromium-profile")
+    return Chromium(binary, stack.supervisor, stack.tmp / "chromium-profile")
