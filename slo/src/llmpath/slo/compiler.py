@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import re
 from collections import Counter, defaultdict
@@ -384,11 +385,16 @@ def render_document(doc: SpecDocument, groups: list[RuleGroup], fmt: str, name: 
     return header() + dump(body)
 
 
+@functools.lru_cache(maxsize=4096)
+def _valid_label_name(name: str) -> bool:
+    return LABEL_NAME_RE.fullmatch(name) is not None
+
+
 def _check_generated_labels(item: Compiled, log: IssueLog) -> None:
     bad: set[str] = set()
     for group in item.rules.groups():
         for rule in group.rules:
-            bad |= {k for k in (*rule.labels, *rule.annotations) if not LABEL_NAME_RE.fullmatch(k)}
+            bad |= {k for k in (*rule.labels, *rule.annotations) if not _valid_label_name(k)}
     for key in sorted(bad):
         log.warn(
             f"generated label or annotation name {key!r} is not valid in Prometheus 2.x (promtool check rules will "

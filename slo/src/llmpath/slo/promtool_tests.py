@@ -406,7 +406,7 @@ def build_fixture(item: Compiled) -> tuple[Fixture, dict[str, Tree], str]:
         grouping = "; groups " + ", ".join(_g(g) for g in groups) if groups != [{}] else ""
         how = f"counters for the SLI's selectors ({role} and total{grouping})"
         return fixture, trees, how
-    except Unsupported as exc:
+    except (Unsupported, ValueError, TypeError, AttributeError) as exc:
         return Fixture("injected", groups=[{}], burning=[True]), {}, f"injected SLI series ({exc})"
 
 

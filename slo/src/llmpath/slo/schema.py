@@ -113,7 +113,7 @@ class PluginItem(_Model):
 
 class PluginChain(_Model):
     override_previous: Flag = Field(False, alias="overridePrevious")
-    chain: Annotated[list[PluginItem], BeforeValidator(_list_if_none)] = []
+    chain: Annotated[list[PluginItem], BeforeValidator(_list_if_none)] = Field(default_factory=list)
 
 
 Chain = Annotated[PluginChain, BeforeValidator(_empty_if_none)]
@@ -121,8 +121,8 @@ Chain = Annotated[PluginChain, BeforeValidator(_empty_if_none)]
 
 class PV1Alert(_Model):
     disable: Flag = False
-    labels: Labels = {}
-    annotations: Labels = {}
+    labels: Labels = Field(default_factory=dict)
+    annotations: Labels = Field(default_factory=dict)
 
 
 AlertOpt = Annotated[PV1Alert, BeforeValidator(_empty_if_none)]
@@ -130,8 +130,8 @@ AlertOpt = Annotated[PV1Alert, BeforeValidator(_empty_if_none)]
 
 class PV1Alerting(_Model):
     name: GoStr = ""
-    labels: Labels = {}
-    annotations: Labels = {}
+    labels: Labels = Field(default_factory=dict)
+    annotations: Labels = Field(default_factory=dict)
     page_alert: AlertOpt = Field(default_factory=PV1Alert)
     ticket_alert: AlertOpt = Field(default_factory=PV1Alert)
 
@@ -147,7 +147,7 @@ class PV1Raw(_Model):
 
 class SLIPluginRef(_Model):
     id: GoStr = ""
-    options: Labels = {}
+    options: Labels = Field(default_factory=dict)
 
 
 class PV1SLI(_Model):
@@ -160,7 +160,7 @@ class PV1SLO(_Model):
     name: GoStr = ""
     description: GoStr = ""
     objective: Number = 0.0
-    labels: Labels = {}
+    labels: Labels = Field(default_factory=dict)
     plugins: Chain = Field(default_factory=PluginChain)
     sli: Annotated[PV1SLI, BeforeValidator(_empty_if_none)] = Field(default_factory=PV1SLI)
     alerting: Annotated[PV1Alerting, BeforeValidator(_empty_if_none)] = Field(default_factory=PV1Alerting)
@@ -169,9 +169,9 @@ class PV1SLO(_Model):
 class PV1Spec(_Model):
     version: GoStr = ""
     service: GoStr = ""
-    labels: Labels = {}
+    labels: Labels = Field(default_factory=dict)
     slo_plugins: Chain = Field(default_factory=PluginChain)
-    slos: Annotated[list[PV1SLO], BeforeValidator(_list_if_none)] = []
+    slos: Annotated[list[PV1SLO], BeforeValidator(_list_if_none)] = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,8 +181,8 @@ class PV1Spec(_Model):
 
 class K8sAlerting(_Model):
     name: GoStr = ""
-    labels: Labels = {}
-    annotations: Labels = {}
+    labels: Labels = Field(default_factory=dict)
+    annotations: Labels = Field(default_factory=dict)
     page_alert: AlertOpt = Field(default_factory=PV1Alert, alias="pageAlert")
     ticket_alert: AlertOpt = Field(default_factory=PV1Alert, alias="ticketAlert")
 
@@ -206,7 +206,7 @@ class K8sSLO(_Model):
     name: GoStr = ""
     description: GoStr = ""
     objective: Number = 0.0
-    labels: Labels = {}
+    labels: Labels = Field(default_factory=dict)
     plugins: Chain = Field(default_factory=PluginChain)
     sli: Annotated[K8sSLI, BeforeValidator(_empty_if_none)] = Field(default_factory=K8sSLI)
     alerting: Annotated[K8sAlerting, BeforeValidator(_empty_if_none)] = Field(default_factory=K8sAlerting)
@@ -214,9 +214,9 @@ class K8sSLO(_Model):
 
 class K8sSpec(_Model):
     service: GoStr = ""
-    labels: Labels = {}
+    labels: Labels = Field(default_factory=dict)
     slo_plugins: Chain = Field(default_factory=PluginChain, alias="sloPlugins")
-    slos: Annotated[list[K8sSLO], BeforeValidator(_list_if_none)] = []
+    slos: Annotated[list[K8sSLO], BeforeValidator(_list_if_none)] = Field(default_factory=list)
 
 
 #: Standard Kubernetes ObjectMeta fields that are accepted silently.
@@ -231,8 +231,8 @@ K8S_META_FIELDS = frozenset(
 class K8sMeta(_Model):
     name: GoStr = ""
     namespace: GoStr = ""
-    labels: Labels = {}
-    annotations: Labels = {}
+    labels: Labels = Field(default_factory=dict)
+    annotations: Labels = Field(default_factory=dict)
 
 
 class K8sDoc(_Model):
@@ -280,8 +280,10 @@ class OSSpec(_Model):
     service: GoStr = ""
     indicator: Any = None
     budgeting_method: GoStr = Field("", alias="budgetingMethod")
-    objectives: Annotated[list[OSObjective], BeforeValidator(_list_if_none)] = []
-    time_windows: Annotated[list[OSTimeWindow], BeforeValidator(_list_if_none)] = Field([], alias="timeWindows")
+    objectives: Annotated[list[OSObjective], BeforeValidator(_list_if_none)] = Field(default_factory=list)
+    time_windows: Annotated[list[OSTimeWindow], BeforeValidator(_list_if_none)] = Field(
+        default_factory=list, alias="timeWindows"
+    )
 
 
 class OSMeta(_Model):
@@ -305,8 +307,8 @@ Severity = Literal["page", "ticket"]
 
 class LAlert(_Model):
     disable: Flag = False
-    labels: Labels = {}
-    annotations: Labels = {}
+    labels: Labels = Field(default_factory=dict)
+    annotations: Labels = Field(default_factory=dict)
     for_: StrictStr | None = Field(None, alias="for")
 
 
@@ -315,8 +317,8 @@ class LAbsentAlert(_Model):
     name: StrictStr = ""
     severity: Severity = "ticket"
     for_: StrictStr | None = Field(None, alias="for")
-    labels: Labels = {}
-    annotations: Labels = {}
+    labels: Labels = Field(default_factory=dict)
+    annotations: Labels = Field(default_factory=dict)
 
 
 class LThresholdAlert(_Model):
@@ -327,14 +329,14 @@ class LThresholdAlert(_Model):
     long_window: StrictStr | None = None
     factor: Number = 1.0
     for_: StrictStr | None = Field(None, alias="for")
-    labels: Labels = {}
-    annotations: Labels = {}
+    labels: Labels = Field(default_factory=dict)
+    annotations: Labels = Field(default_factory=dict)
 
 
 class LAlerting(_Model):
     name: StrictStr = ""
-    labels: Labels = {}
-    annotations: Labels = {}
+    labels: Labels = Field(default_factory=dict)
+    annotations: Labels = Field(default_factory=dict)
     for_: StrictStr | None = Field(None, alias="for")
     page_alert: Annotated[LAlert, BeforeValidator(_empty_if_none)] = Field(default_factory=LAlert)
     ticket_alert: Annotated[LAlert, BeforeValidator(_empty_if_none)] = Field(default_factory=LAlert)
@@ -345,7 +347,7 @@ class LAlerting(_Model):
 class LLatency(_Model):
     histogram: StrictStr
     threshold: Number
-    selector: Labels = {}
+    selector: Labels = Field(default_factory=dict)
     filter: StrictStr | None = None
 
 
@@ -377,8 +379,8 @@ class LSLO(_Model):
     objective: Number
     stage: StrictStr | None = None
     owner: StrictStr | None = None
-    labels: Labels = {}
-    group_by: StrList = []
+    labels: Labels = Field(default_factory=dict)
+    group_by: StrList = Field(default_factory=list)
     period_rule: Literal["mean_of_ratios", "ratio_of_counts"] = "mean_of_ratios"
     sli: LSLI
     alerting: Annotated[LAlerting, BeforeValidator(_empty_if_none)] = Field(default_factory=LAlerting)
@@ -388,9 +390,9 @@ class LSpec(_Model):
     version: StrictStr
     service: StrictStr = ""
     description: StrictStr = ""
-    labels: Labels = {}
+    labels: Labels = Field(default_factory=dict)
     period: StrictStr | None = None
-    slos: Annotated[list[LSLO], BeforeValidator(_list_if_none)] = []
+    slos: Annotated[list[LSLO], BeforeValidator(_list_if_none)] = Field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------

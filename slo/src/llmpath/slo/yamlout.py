@@ -330,13 +330,17 @@ def _mapping_lines(out: list[str], mapping: Mapping[str, object], indent: int, l
     for key, value in mapping.items():
         start = lead if lead is not None else pad
         lead = None
-        head = start + _scalar(_text(key), len(start), indent, True) + ":"
+        head = start + _scalar(key if type(key) is str else _text(key), len(start), indent, True) + ":"
         if type(value) is str:
             out.append(head + " " + _scalar(value, len(head) + 1, indent + INDENT))
         elif isinstance(value, Mapping):
             if value:
                 out.append(head)
-                _mapping_lines(out, value, indent + INDENT)
+                items = tuple(value.items())
+                if all(type(k) is str and type(v) is str for k, v in items):
+                    out.extend(_flat_mapping_lines(items, indent + INDENT))  # labels/annotations repeat a lot
+                else:
+                    _mapping_lines(out, value, indent + INDENT)
             else:
                 out.append(head + " {}")
         elif isinstance(value, Sequence) and not isinstance(value, str):
@@ -347,6 +351,13 @@ def _mapping_lines(out: list[str], mapping: Mapping[str, object], indent: int, l
                 out.append(head + " []")
         else:
             out.append(head + " " + _scalar(_text(value), len(head) + 1, indent + INDENT))
+
+
+@functools.lru_cache(maxsize=16384)
+def _flat_mapping_lines(items: tuple[tuple[str, str], ...], indent: int) -> tuple[str, ...]:
+    out: list[str] = []
+    _mapping_lines(out, dict(items), indent)
+    return tuple(out)
 
 
 def _sequence_lines(out: list[str], items: Sequence[object], indent: int) -> None:
