@@ -1,0 +1,231 @@
+"""bench/scaling_sim.py: the cost model, the load balancer and the routing-at-scale findings, at small sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from llmpath.gateway.routing import Policy, Router, Tokenization
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "scaling_sim.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("llmpath_bench_scaling_sim", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+sim = _load()
+
+
+def _settings(seed: int = 7, workers: int = 16, gateways: tuple[int, ...] = (1, 4)):
+    return sim.Settings((workers,), gateways, sim.WorkloadSpec(requests_per_worker=60), sim.CostModel(), seed=seed)
+
+
+def _by_key(figures) -> dict[tuple[int, str, str], object]:
+    return {(f.gateways, f.lb, f.policy): f for f in figures}
+
+
+@pytest.fixture(scope="module", params=[7, 11])
+def grid(request) -> dict[tuple[int, str, str], object]:
+    return _by_key(sim.run_grid(_settings(seed=request.param)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Findings (properties, checked for two seeds)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_one_gateway_prefix_policy_beats_round_robin(grid) -> None:
+    prefix, rr = grid[1, "-", "prefix"], grid[1, "-", "round_robin"]
+    assert prefix.hit_rate > rr.hit_rate + 0.2
+    assert prefix.vs_oracle > 0.9
+    assert prefix.ttft_p50_ms < rr.ttft_p50_ms / 2
+    # round robin spreads requests evenly; prefix routing pays for its hits with some imbalance, bounded
+    assert rr.spread < 1.1
+    assert prefix.spread < 2.0
+
+
+def test_random_lb_over_replicas_loses_hits_and_affinity_recovers_them(grid) -> None:
+    one = grid[1, "-", "prefix"]
+    spread = grid[4, "random", "prefix"]
+    by_conversation = grid[4, "conversation", "prefix"]
+    by_prefix = grid[4, "prefix", "prefix"]
+    assert spread.hit_rate < 0.9 * one.hit_rate
+    assert spread.ttft_p50_ms > one.ttft_p50_ms
+    for affine in (by_conversation, by_prefix):
+        assert affine.hit_rate > spread.hit_rate + 0.05
+        assert affine.hit_rate > 0.93 * one.hit_rate
+    # prefix affinity sends each app to one replica: the popular apps make the replicas uneven
+    assert by_prefix.gateway_spread > spread.gateway_spread
+
+
+def test_hit_rate_never_exceeds_the_oracle(grid) -> None:
+    for f in grid.values():
+        assert 0 < f.hit_rate <= f.oracle_hit_rate + 1e-12
+        assert f.ttft_p50_ms <= f.ttft_p99_ms
+        assert f.requests > 0
+
+
+def test_results_are_deterministic_for_a_seed() -> None:
+    settings = _settings(workers=8, gateways=(1, 2))
+    first = sim.run_grid(settings)
+    sim._workload.cache_clear()  # rebuild the workload too
+    second = sim.run_grid(settings)
+    strip = [dataclasses.replace(f, wall_s=0.0) for f in first]
+    assert strip == [dataclasses.replace(f, wall_s=0.0) for f in second]
+    other = sim.run_grid(_settings(seed=8, workers=8, gateways=(1, 2)))
+    assert [f.hit_rate for f in other] != [f.hit_rate for f in first]
+
+
+def test_parallel_run_matches_the_serial_one() -> None:
+    settings = _settings(workers=8, gateways=(1, 2))
+    serial = [dataclasses.replace(f, wall_s=0.0) for f in sim.run_grid(settings)]
+    parallel = [dataclasses.replace(f, wall_s=0.0) for f in sim.run_grid(settings, jobs=2)]
+    assert parallel == serial
+
+
+# ------------------------------------------------------------------------------------------------
+# The parts
+# ------------------------------------------------------------------------------------------------
+
+
+def _conversation(prompt_tokens: list[int], output_tokens: list[int], blocks: int) -> object:
+    hashes = list(range(1000, 1000 + blocks))
+    return sim.Conversation(
+        id=0,
+        app=0,
+        start_s=0.0,
+        hashes=hashes,
+        prompt_blocks=[t // 16 for t in prompt_tokens],
+        full_blocks=[(p + o) // 16 for p, o in zip(prompt_tokens, output_tokens, strict=True)],
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        think_s=[0.0] * len(prompt_tokens),
+    )
+
+
+def test_worker_cost_model_prefill_of_uncached_tokens_queue_and_slots() -> None:
+    cost = sim.CostModel(slots=1, overhead_ms=10, prefill_ms_per_token=0.5, decode_ms_per_token=2, cache_tokens=1600)
+    worker = sim.Worker(cost, block_tokens=16)
+    conv = _conversation([320, 480], [32, 32], blocks=100)
+    first = sim.Request(conv, 0, arrival_s=0.0)
+    done = worker.start(first, 0.0)
+    assert first.cached_tokens == 0
+    assert first.ttft_s == pytest.approx((10 + 320 * 0.5) / 1e3)
+    assert done == pytest.approx(first.ttft_s + 32 * 2 / 1e3)
+    assert worker.free_slots == 0
+    worker.free_slots += 1
+    worker.cache.insert(first.full_hashes)  # the reply's KV is kept (the simulation does this at completion)
+    second = sim.Request(conv, 1, arrival_s=done - 0.05)  # arrived while the first ran: waited 50 ms for a slot
+    worker.start(second, done)
+    assert second.cached_tokens == (320 + 32) // 16 * 16
+    assert second.ttft_s == pytest.approx(0.05 + (10 + (480 - second.cached_tokens) * 0.5) / 1e3)
+
+
+def test_fully_cached_prompt_still_computes_its_last_token() -> None:
+    worker = sim.Worker(sim.CostModel(), block_tokens=16)
+    conv = _conversation([64], [16], blocks=10)
+    worker.cache.insert(conv.hashes)
+    req = sim.Request(conv, 0, 0.0)
+    worker.start(req, 0.0)
+    assert req.cached_tokens == 63
+
+
+def test_block_lru_evicts_a_prompts_tail_before_its_head() -> None:
+    lru = sim.BlockLRU(capacity_blocks=4)
+    lru.insert([1, 2, 3])
+    lru.insert([9, 8])  # another prompt: 2 of the first one's blocks must go, deepest first
+    assert len(lru) == 4
+    assert lru.match([1, 2, 3]) == 2
+    assert lru.match([9, 8]) == 2
+    oracle = sim.UnboundedCache()
+    oracle.insert([1, 2, 3])
+    oracle.insert([9, 8])
+    assert oracle.match([1, 2, 3, 4]) == 3
+
+
+def test_rendezvous_hashing_is_stable_and_moves_few_keys() -> None:
+    keys = [b"app/%d" % i for i in range(2000)]
+    four = [sim.rendezvous(k, 4) for k in keys]
+    assert four == [sim.rendezvous(k, 4) for k in keys]
+    counts = [four.count(b) for b in range(4)]
+    assert min(counts) > 400  # about 500 each
+    five = [sim.rendezvous(k, 5) for k in keys]
+    moved = sum(a != b for a, b in zip(four, five, strict=True))
+    assert moved == five.count(4)  # only keys that now land on the new replica move
+    assert 300 < moved < 500
+
+
+def test_load_balancer_modes() -> None:
+    workload = sim.build_workload(8, sim.WorkloadSpec(requests_per_worker=20), sim.CostModel(), Tokenization(), 3)
+    convs = workload.conversations
+    same_app = [c for c in convs if c.app == convs[0].app]
+    prefix = sim.LoadBalancer(sim.Balancing.PREFIX, 4, workload.app_keys, 3)
+    assert len({prefix.pick(c) for c in same_app}) == 1
+    conversation = sim.LoadBalancer(sim.Balancing.CONVERSATION, 4, workload.app_keys, 3)
+    assert all(conversation.pick(c) == conversation.pick(c) for c in convs)
+    assert len({conversation.pick(c) for c in same_app}) > 1
+    random_lb = sim.LoadBalancer(sim.Balancing.RANDOM, 4, workload.app_keys, 3)
+    assert len({random_lb.pick(convs[0]) for _ in range(50)}) == 4
+    assert sim.LoadBalancer(sim.Balancing.RANDOM, 1, workload.app_keys, 3).pick(convs[0]) == 0
+
+
+def test_workload_is_shared_prefix_multi_turn_at_the_requested_load() -> None:
+    spec = sim.WorkloadSpec(requests_per_worker=40)
+    cost = sim.CostModel()
+    workload = sim.build_workload(8, spec, cost, Tokenization(), 5)
+    assert workload.requests >= 8 * 40
+    convs = workload.conversations
+    assert sum(len(c.prompt_tokens) for c in convs) == workload.requests
+    assert max(len(c.prompt_tokens) for c in convs) > 1
+    for c in convs:
+        assert c.prompt_blocks == sorted(c.prompt_blocks)  # each turn's prompt extends the previous one
+        assert all(p < f for p, f in zip(c.prompt_blocks, c.full_blocks, strict=True))
+        assert len(c.hashes) == c.full_blocks[-1]
+    # conversations of one app share the system prompt's blocks; Zipf: the first app is the most popular
+    apps = [c.app for c in convs]
+    assert apps.count(0) == max(apps.count(a) for a in set(apps))
+    a, b = [c for c in convs if c.app == 0][:2]
+    assert a.hashes[:10] == b.hashes[:10] and a.hashes[-1] != b.hashes[-1]
+    # the arrival rate offers `load` prefill utilisation per worker if nothing were cached
+    miss = sum(cost.prefill_s(t) for c in convs for t in c.prompt_tokens) / workload.requests
+    assert workload.rate * miss / 8 == pytest.approx(spec.load)
+
+
+def test_gateway_replica_uses_the_gateway_router_with_its_defaults() -> None:
+    replica = sim.GatewayReplica(["a", "b"], Policy.PREFIX, 100, clock=lambda: 0.0)
+    assert isinstance(replica.router, Router)
+    assert replica.router.min_blocks == 4  # min_prefix_tokens 64 / block_tokens 16
+    replica.add_load(1, 2)
+    assert [c.load for c in replica.candidates] == [0, 2]
+
+
+def test_cli_prints_tables_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "figures.json"
+    sim.main(["--workers", "8", "--gateways", "1", "2", "--requests-per-worker", "20", "--jobs", "1"]
+             + ["--markdown", "--json", str(out)])  # fmt: skip
+    text = capsys.readouterr().out
+    assert "| workers | gateways | LB | policy | hit rate |" in text
+    assert "Hit rate × oracle, LB conversation" in text
+    data = json.loads(out.read_text())
+    assert [(f["gateways"], f["lb"]) for f in data["figures"]] == [
+        (1, "-"),
+        (1, "-"),
+        (2, "random"),
+        (2, "conversation"),
+        (2, "prefix"),
+    ]
+    with pytest.raises(SystemExit) as exc:
+        sim.main(["--workers", "0"])
+    assert exc.value.code == 2
