@@ -198,7 +198,12 @@ def test_admin_endpoints_need_the_admin_key(client, keys) -> None:
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools", None),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream", None),
         ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found"),
-        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 401}, 422, "max_tokens", None),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 401},
+            422,
+            "max_tokens",
+            None,
+        ),
         (
             {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 1000},
             422,
