@@ -112,11 +112,17 @@ class Scenario:
     gateways: int
     balancing: Balancing
     policy: Policy
+    #: One prefix index shared by every replica (each still sees only its own loads).
+    shared_index: bool = False
 
     @property
     def label(self) -> str:
         """The load balancer's part: none with one gateway."""
         return self.balancing.value if self.gateways > 1 else "-"
+
+    @property
+    def index(self) -> str:
+        return "-" if self.gateways == 1 else "shared" if self.shared_index else "own"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +134,7 @@ class Figures:
     balancing: str
     policy: str
     lb: str
+    index: str  #: "own" (one index per replica), "shared" or "-" (one gateway)
     tiebreak: str
     requests: int
     hit_rate: float  #: cached / prompt tokens
@@ -391,6 +398,25 @@ class GatewayReplica:
         self.candidates[worker] = Candidate(self.names[worker], self.inflight[worker])
 
 
+class SharedIndexView:
+    """One ``PrefixIndex`` shared by all replicas (e.g. kept in a shared store), seen through one replica's names
+    for the workers (worker ``i`` is ``w{i:04d}`` in the shared index)."""
+
+    __slots__ = ("_canonical", "index")
+
+    def __init__(self, index: PrefixIndex, names: Sequence[str]) -> None:
+        self.index = index
+        self._canonical = {n: f"w{i:04d}" for i, n in enumerate(names)}
+
+    def match(self, hashes: Sequence[int], backends: Iterable[str]) -> dict[str, int]:
+        canonical, backends = self._canonical, list(backends)
+        found = self.index.match(hashes, [canonical[b] for b in backends])
+        return {b: found[canonical[b]] for b in backends}
+
+    def insert(self, backend: str, hashes: Sequence[int]) -> None:
+        self.index.insert(self._canonical[backend], hashes)
+
+
 def rendezvous(key: bytes, buckets: int) -> int:
     """Highest-random-weight (rendezvous) hashing: stable, and moving few keys when ``buckets`` changes."""
     scores = [hashlib.blake2b(key, digest_size=8, salt=b"%d" % b).digest() for b in range(buckets)]
@@ -447,13 +473,16 @@ def simulate(
 
     capacity_blocks = max(1, cost.cache_tokens // bt)
     workers = [Worker(cost, bt) for _ in range(scenario.workers)]
+    shared = PrefixIndex(max_blocks_per_backend=capacity_blocks, ttl_s=PromptCacheConfig().ttl_s, clock=clock)
     gateways = []
     for g in range(scenario.gateways):
         order = list(range(scenario.workers))
         if tiebreak is TieBreak.PER_REPLICA:
             random.Random(f"llmpath-scaling/{seed}/replica/{g}").shuffle(order)
-        names = [f"w{i:04d}" for i in order]
-        gateways.append(GatewayReplica(names, scenario.policy, capacity_blocks, clock))
+        replica = GatewayReplica([f"w{i:04d}" for i in order], scenario.policy, capacity_blocks, clock)
+        if scenario.shared_index:
+            replica.index = SharedIndexView(shared, replica.names)
+        gateways.append(replica)
     balancer = LoadBalancer(scenario.balancing, scenario.gateways, workload.app_keys, seed)
     oracle = UnboundedCache()
 
@@ -526,6 +555,7 @@ def summarize(scenario: Scenario, tiebreak: TieBreak, measured: list[Request], w
         balancing=scenario.balancing.value,
         policy=scenario.policy.value,
         lb=scenario.label,
+        index=scenario.index,
         tiebreak=tiebreak.value,
         requests=len(measured),
         hit_rate=cached / prompt if prompt else 0.0,
@@ -566,15 +596,19 @@ class Settings:
     tiebreak: TieBreak = TieBreak.SHARED
 
 
+#: With several replicas: each balancing with one index per replica, then random balancing over a shared index.
+SETUPS: tuple[tuple[Balancing, bool], ...] = (*((b, False) for b in Balancing), (Balancing.RANDOM, True))
+
+
 def scenarios(workers: int, gateways: Sequence[int]) -> list[Scenario]:
-    """Per worker count: round robin and one gateway, then each larger replica count under each balancing."""
+    """Per worker count: round robin and one gateway, then each larger replica count in each setup."""
     out = [
         Scenario(workers, 1, Balancing.RANDOM, Policy.ROUND_ROBIN),
         Scenario(workers, 1, Balancing.RANDOM, Policy.PREFIX),
     ]
     for g in gateways:
         if g > 1:
-            out += [Scenario(workers, g, b, Policy.PREFIX) for b in Balancing]
+            out += [Scenario(workers, g, b, Policy.PREFIX, shared) for b, shared in SETUPS]
     return out
 
 
@@ -616,6 +650,7 @@ def detail_rows(figures: list[Figures]) -> tuple[list[str], list[list[str]]]:
         "workers",
         "gateways",
         "LB",
+        "index",
         "policy",
         "hit rate",
         "×oracle",
@@ -636,6 +671,7 @@ def detail_rows(figures: list[Figures]) -> tuple[list[str], list[list[str]]]:
                 str(f.workers),
                 str(f.gateways),
                 f.lb,
+                f.index,
                 f.policy,
                 f"{f.hit_rate:.3f}",
                 f"{f.vs_oracle:.3f}",
@@ -652,15 +688,16 @@ def detail_rows(figures: list[Figures]) -> tuple[list[str], list[list[str]]]:
 
 
 def matrix_rows(
-    figures: list[Figures], balancing: Balancing, value: Callable[[Figures], float]
+    figures: list[Figures], balancing: Balancing, shared_index: bool, value: Callable[[Figures], float]
 ) -> tuple[list[str], list[list[str]]]:
-    """Rows: gateway replicas; columns: workers; cells: ``value`` of the prefix policy under ``balancing``."""
+    """Rows: gateway replicas; columns: workers; cells: ``value`` of the prefix policy in one setup."""
     workers = sorted({f.workers for f in figures})
     gateways = sorted({f.gateways for f in figures})
+    index = "shared" if shared_index else "own"
     cell = {
         (f.gateways, f.workers): value(f)
         for f in figures
-        if f.policy == Policy.PREFIX and (f.gateways == 1 or f.balancing == balancing)
+        if f.policy == Policy.PREFIX and (f.gateways == 1 or (f.balancing == balancing and f.index == index))
     }
     header = ["gateways \\ workers", *map(str, workers)]
     rows = [[str(g), *(f"{cell[g, w]:.3f}" if (g, w) in cell else "-" for w in workers)] for g in gateways]
@@ -686,10 +723,9 @@ def report(figures: list[Figures], settings: Settings, wall_s: float, markdown: 
         f"Wall {wall_s:.0f} s, load avg {os.getloadavg()[0]:.2f}."
     )
     tables: list[tuple[str, tuple[list[str], list[list[str]]]]] = [("Per configuration", detail_rows(figures))]
-    for b in Balancing:
-        tables.append(
-            (f"Hit rate × oracle, LB {b.value}", matrix_rows(figures, b, lambda f: f.vs_oracle)),
-        )
+    for b, shared in SETUPS:
+        title = f"Hit rate × oracle, LB {b.value}" + (", shared index" if shared else "")
+        tables.append((title, matrix_rows(figures, b, shared, lambda f: f.vs_oracle)))
     if markdown:
         print(preamble + "\n")
         for title, (header, rows) in tables:
@@ -703,7 +739,7 @@ def report(figures: list[Figures], settings: Settings, wall_s: float, markdown: 
     for title, (header, rows) in tables:
         table = Table(title=title, title_justify="left")
         for h in header:
-            table.add_column(h, justify="left" if h in ("LB", "policy") else "right")
+            table.add_column(h, justify="left" if h in ("LB", "index", "policy") else "right")
         previous = None
         for row in rows:
             if title.startswith("Per") and previous is not None and row[0] != previous:

@@ -32,8 +32,8 @@ def _settings(seed: int = 7, workers: int = 16, gateways: tuple[int, ...] = (1, 
     return sim.Settings((workers,), gateways, sim.WorkloadSpec(requests_per_worker=60), sim.CostModel(), seed=seed)
 
 
-def _by_key(figures) -> dict[tuple[int, str, str], object]:
-    return {(f.gateways, f.lb, f.policy): f for f in figures}
+def _by_key(figures) -> dict[tuple[int, str, str, str], object]:
+    return {(f.gateways, f.lb, f.index, f.policy): f for f in figures}
 
 
 @pytest.fixture(scope="module", params=[7, 11])
@@ -47,7 +47,7 @@ def grid(request) -> dict[tuple[int, str, str], object]:
 
 
 def test_one_gateway_prefix_policy_beats_round_robin(grid) -> None:
-    prefix, rr = grid[1, "-", "prefix"], grid[1, "-", "round_robin"]
+    prefix, rr = grid[1, "-", "-", "prefix"], grid[1, "-", "-", "round_robin"]
     assert prefix.hit_rate > rr.hit_rate + 0.2
     assert prefix.vs_oracle > 0.9
     assert prefix.ttft_p50_ms < rr.ttft_p50_ms / 2
@@ -57,10 +57,10 @@ def test_one_gateway_prefix_policy_beats_round_robin(grid) -> None:
 
 
 def test_random_lb_over_replicas_loses_hits_and_affinity_recovers_them(grid) -> None:
-    one = grid[1, "-", "prefix"]
-    spread = grid[4, "random", "prefix"]
-    by_conversation = grid[4, "conversation", "prefix"]
-    by_prefix = grid[4, "prefix", "prefix"]
+    one = grid[1, "-", "-", "prefix"]
+    spread = grid[4, "random", "own", "prefix"]
+    by_conversation = grid[4, "conversation", "own", "prefix"]
+    by_prefix = grid[4, "prefix", "own", "prefix"]
     assert spread.hit_rate < 0.9 * one.hit_rate
     assert spread.ttft_p50_ms > one.ttft_p50_ms
     for affine in (by_conversation, by_prefix):
@@ -68,6 +68,15 @@ def test_random_lb_over_replicas_loses_hits_and_affinity_recovers_them(grid) -> 
         assert affine.hit_rate > 0.93 * one.hit_rate
     # prefix affinity sends each app to one replica: the popular apps make the replicas uneven
     assert by_prefix.gateway_spread > spread.gateway_spread
+
+
+def test_a_shared_index_recovers_what_random_lb_loses(grid) -> None:
+    one = grid[1, "-", "-", "prefix"]
+    own = grid[4, "random", "own", "prefix"]
+    shared = grid[4, "random", "shared", "prefix"]
+    assert shared.hit_rate > own.hit_rate + 0.05
+    assert shared.hit_rate > 0.93 * one.hit_rate
+    assert abs(shared.predicted_over_actual - 1) < abs(own.predicted_over_actual - 1) + 0.02
 
 
 def test_hit_rate_never_exceeds_the_oracle(grid) -> None:
@@ -216,15 +225,16 @@ def test_cli_prints_tables_and_writes_json(tmp_path: Path, capsys: pytest.Captur
     sim.main(["--workers", "8", "--gateways", "1", "2", "--requests-per-worker", "20", "--jobs", "1"]
              + ["--markdown", "--json", str(out)])  # fmt: skip
     text = capsys.readouterr().out
-    assert "| workers | gateways | LB | policy | hit rate |" in text
+    assert "| workers | gateways | LB | index | policy | hit rate |" in text
     assert "Hit rate × oracle, LB conversation" in text
     data = json.loads(out.read_text())
-    assert [(f["gateways"], f["lb"]) for f in data["figures"]] == [
-        (1, "-"),
-        (1, "-"),
-        (2, "random"),
-        (2, "conversation"),
-        (2, "prefix"),
+    assert [(f["gateways"], f["lb"], f["index"], f["policy"]) for f in data["figures"]] == [
+        (1, "-", "-", "round_robin"),
+        (1, "-", "-", "prefix"),
+        (2, "random", "own", "prefix"),
+        (2, "conversation", "own", "prefix"),
+        (2, "prefix", "own", "prefix"),
+        (2, "random", "shared", "prefix"),
     ]
     with pytest.raises(SystemExit) as exc:
         sim.main(["--workers", "0"])
