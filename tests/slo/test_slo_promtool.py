@@ -76,14 +76,24 @@ def test_utf8_plugin_labels_are_flagged_for_prometheus_2(sloth_dir, sloth_plugin
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("windows", [None, SHORT_WINDOWS], ids=["30d", "1h-example"])
-def test_default_spec_generated_promtool_tests_pass(tmp_path, require_binary, windows):
+@pytest.mark.parametrize(
+    ("period", "windows", "only"),
+    [
+        (None, None, None),
+        (None, SHORT_WINDOWS, None),
+        # 7 days: the page-slow factor (3.5x) is below 4x, so the slow burn must be chosen lower (2.45x).
+        ("7d", None, {"llm-api-ttft.test.yaml", "llm-api-prompt-cache-hit-rate.test.yaml"}),
+    ],
+    ids=["30d", "1h-example", "7d"],
+)
+def test_default_spec_generated_promtool_tests_pass(tmp_path, require_binary, period, windows, only):
     promtool = require_binary("promtool")
-    result = compile_slos(load_specs([default_spec_path()]), CompileOptions(windows_file=windows, tests=True))
+    options = CompileOptions(period=period, windows_file=windows, tests=True)
+    result = compile_slos(load_specs([default_spec_path()]), options)
     _write(tmp_path, result.files)
     tests = _write(tmp_path / "tests", result.test_files)
     assert {p.name for p in tests} == {f"{s.id}.test.yaml" for s in result.slos}
-    _run_tests(promtool, tests)
+    _run_tests(promtool, [t for t in tests if only is None or t.name in only])
 
 
 @pytest.mark.slow
