@@ -19,6 +19,7 @@ tests the alerting layer (windows, factors, labels, annotations) but not the SLI
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import urllib.parse
@@ -211,16 +212,17 @@ class Simulation:
         self.scenario = scenario
         self.step_s = step_s
         self.trees = trees  # record name -> tree (counters fixtures)
-        self.values: dict[int, list[int]] = {}
-        for i, s in enumerate(fixture.series):
-            burning = fixture.burning[s.group]
-            cum, total = [], 0
-            for step in range(scenario.steps + 1):
-                total += scenario.increments(s.role, burning, step)
-                cum.append(total)
-            self.values[i] = cum
+        # Cumulative counts per (group, role), shared by the series that play that role.
+        self.counts: dict[tuple[int, str], list[int]] = {}
+        for g, burning in enumerate(fixture.burning):
+            for role in ("total", "bad", "good"):
+                self.counts[(g, role)] = list(
+                    itertools.accumulate(scenario.increments(role, burning, k) for k in range(scenario.steps + 1))
+                )
+        self.values = {i: self.counts[(s.group, s.role)] for i, s in enumerate(fixture.series)}
         self.ordered = sorted(range(len(fixture.series)), key=lambda i: fixture.series[i].sort_key())
         self._cache: dict[tuple[str, int, int], Any] = {}
+        self._selection: dict[tuple[int, int], list[int]] = {}
 
     # ---- PromQL emulation -------------------------------------------------------------------
 
@@ -243,12 +245,20 @@ class Simulation:
             factor /= leaf.range_s
         return delta * factor
 
+    def _selected(self, leaf: Leaf, group: int) -> list[int]:
+        """Series of ``group`` the leaf's selector matches, in Prometheus' (label-sorted) order."""
+        key = (id(leaf), group)
+        if key not in self._selection:
+            self._selection[key] = [
+                i
+                for i in self.ordered
+                if self.fixture.series[i].group == group and matches_all(self.fixture.series[i].labels, leaf.matchers)
+            ]
+        return self._selection[key]
+
     def _leaf(self, leaf: Leaf, group: int, t: int) -> float | None:
         total: float | None = None
-        for i in self.ordered:
-            series = self.fixture.series[i]
-            if series.group != group or not matches_all(series.labels, leaf.matchers):
-                continue
+        for i in self._selected(leaf, group):
             value = self._rate(i, leaf, t)
             if value is None:
                 continue
@@ -298,9 +308,8 @@ class Simulation:
         if not self.scenario.traffic or t < 1:
             return None
         first = max(0, math.ceil((t * self.step_s - window_s) / self.step_s))
-        burning = self.fixture.burning[group]
-        err = sum(self.scenario.increments("bad", burning, k) for k in range(first + 1, t + 1))
-        tot = sum(self.scenario.increments("total", burning, k) for k in range(first + 1, t + 1))
+        bad, total = self.counts[(group, "bad")], self.counts[(group, "total")]
+        err, tot = bad[t] - bad[first], total[t] - total[first]
         return float(Fraction(err, tot)) if tot else None
 
 
