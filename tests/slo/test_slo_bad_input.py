@@ -195,6 +195,15 @@ def test_bad_spec_gets_one_clear_message(tmp_path, text, message, field, line, s
     assert str(path) in str(issue) and (slo is None or slo in str(issue)) and (field is None or field in str(issue))
 
 
+def test_yaml_error_in_a_later_document_has_file_lines(tmp_path):
+    path = tmp_path / "multi.yaml"
+    path.write_text(SLOTH_GOOD + "---\n" + _edit(SLOTH_GOOD, "objective: 99.9", "objective: [99.9"))
+    with pytest.raises(SpecError) as err:
+        load_specs([path])
+    (issue,) = err.value.issues
+    assert issue.line == 17 and "flow sequence that starts at line 16, column 16" in issue.message
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(SpecError) as err:
         load_specs([tmp_path / "nope.yaml"])

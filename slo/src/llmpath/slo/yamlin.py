@@ -138,6 +138,11 @@ def load_yaml(doc: RawDocument) -> tuple[Any, list[tuple[str, int, int]]]:
         line = mark.line + doc.first_line if mark else None
         column = mark.column + 1 if mark else None
         problem = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.context_mark and exc.problem:
+            started = exc.context_mark
+            problem += (
+                f" ({exc.context} that starts at line {started.line + doc.first_line}, column {started.column + 1})"
+            )
         raise YAMLSyntaxError(f"YAML syntax error: {problem}", line, column) from None
     except yaml.YAMLError as exc:
         raise YAMLSyntaxError(f"YAML error: {exc}", None, None) from None
