@@ -8,6 +8,9 @@ import time
 
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
@@ -277,3 +280,59 @@ async def test_usage_outside_requests_is_a_noop_and_bad_counts_are_rejected():
         record_usage(input_tokens=-1, cached_tokens=0, output_tokens=1, model="m")
     with pytest.raises(ValueError, match="cannot exceed"):
         record_usage(input_tokens=1, cached_tokens=2, output_tokens=1, model="m")
+
+
+async def test_error_responses_have_no_first_token(make_harness):
+    """A 4xx body is not a token: no TTFT/TPOT observation, no ``unattributed`` stage, ``ttft_s`` is null —
+    unless the app called ``mark_first_token()`` itself."""
+    app = FastAPI()
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    h = make_harness(app=app, meter_provider=meter_provider)
+
+    @app.get("/denied")
+    async def denied() -> JSONResponse:
+        with stage("auth"):
+            pass
+        record_usage(input_tokens=0, cached_tokens=0, output_tokens=0, model="m")
+        return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
+
+    @app.get("/limited")
+    async def limited() -> JSONResponse:
+        record_usage(input_tokens=4, cached_tokens=0, output_tokens=3, model="m")
+        return JSONResponse({"error": {"message": "slow down"}}, status_code=429)
+
+    @app.get("/marked")
+    async def marked() -> JSONResponse:
+        mark_first_token()  # the app says a token went out (e.g. a stream that then failed)
+        record_usage(input_tokens=4, cached_tokens=0, output_tokens=3, model="m")
+        return JSONResponse({"error": {"message": "failed late"}}, status_code=400)
+
+    async with h.client() as c:
+        assert (await c.get("/denied")).status_code == 401
+        assert (await c.get("/limited")).status_code == 429
+        assert (await c.get("/nowhere")).status_code == 404
+        assert (await c.get("/marked")).status_code == 400
+    v = h.value
+    for route in ("/denied", "/limited", "__unmatched__"):
+        model = "unknown" if route == "__unmatched__" else "m"
+        assert v("llmpath_request_duration_seconds_count", route=route, model=model) == 1, route
+        assert v("llmpath_time_to_first_token_seconds_count", route=route, model=model) == 0, route
+        assert v("llmpath_time_per_output_token_seconds_count", route=route, model=model) == 0, route
+        assert v("llmpath_stage_duration_seconds_count", stage=UNATTRIBUTED, route=route) == 0, route
+    assert v("llmpath_stage_duration_seconds_count", stage="auth", route="/denied") == 1
+    assert v("llmpath_time_to_first_token_seconds_count", route="/marked", model="m") == 1
+    by_route = {r.route: r for r in h.records}
+    for route in ("/denied", "/limited", "__unmatched__"):
+        assert by_route[route].ttft_s is None and by_route[route].unattributed_s is None, route
+        assert by_route[route].tpot_s is None, route
+    assert by_route["/marked"].ttft_s is not None and by_route["/marked"].unattributed_s is not None
+    genai = {
+        m.name: sum(p.count for p in m.data.data_points)
+        for rm in reader.get_metrics_data().resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    }
+    assert genai["gen_ai.server.request.duration"] == 3  # the three requests with a model
+    assert genai["gen_ai.server.time_to_first_token"] == 1  # only /marked
+    meter_provider.shutdown()

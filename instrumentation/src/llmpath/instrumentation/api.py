@@ -188,7 +188,8 @@ def record_stage(
 
 def mark_first_token(at: float | None = None) -> None:
     """The first token was sent (``at``: a ``time.perf_counter()`` value, default now). Only the first call
-    counts; without any call the first non-empty body chunk of the response is the first token."""
+    counts; without any call the first non-empty body chunk of a 2xx response is the first token (an error
+    response has none: no TTFT, TPOT or ``unattributed`` observation)."""
     req = CURRENT.get()
     if req is not None and req.first_token is None:
         req.first_token = perf_counter() if at is None else float(at)

@@ -61,7 +61,9 @@ class LLMPathMiddleware:
         async def send_with_telemetry(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.body":
-                if req.first_token is None and message.get("body"):
+                # An error body (401, 429, ...) is not a token: only a 2xx body counts as the first token
+                # (mark_first_token() counts whatever the status).
+                if req.first_token is None and message.get("body") and 200 <= req.status_code < 300:
                     req.first_token = perf_counter()
                 if not message.get("more_body", False):
                     instr.finish(req)  # before the last byte leaves: a completed response is always recorded
