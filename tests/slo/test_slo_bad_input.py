@@ -201,7 +201,7 @@ def test_yaml_error_in_a_later_document_has_file_lines(tmp_path):
     with pytest.raises(SpecError) as err:
         load_specs([path])
     (issue,) = err.value.issues
-    assert issue.line == 17 and "flow sequence that starts at line 16, column 16" in issue.message
+    assert issue.line == 18 and "flow sequence that starts at line 17, column 16" in issue.message
 
 
 def test_missing_file(tmp_path):
