@@ -75,13 +75,19 @@ def transport_error(exc: httpx.HTTPError, url: str) -> BackendError:
 
 
 async def sse_json(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of an SSE stream up to ``data: [DONE]``; anything else is a protocol error."""
+    """The JSON objects of an SSE stream up to ``data: [DONE]``; anything else is a protocol error.
+
+    After ``[DONE]`` the body is read to its end (the chunked encoding's last chunk follows it), so that the
+    connection goes back to the pool instead of being closed half-read.
+    """
+    done = False
     async for event in EventSource(response).aiter_sse():
         data = event.data
-        if not data:
+        if not data or done:
             continue
         if data.strip() == "[DONE]":
-            return
+            done = True
+            continue
         try:
             obj = json.loads(data)
         except json.JSONDecodeError:
@@ -89,7 +95,8 @@ async def sse_json(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
         if not isinstance(obj, dict):
             raise BackendProtocolError(f"stream event is not an object: {data[:200]!r}")
         yield obj
-    raise BackendProtocolError("stream ended without data: [DONE]")
+    if not done:
+        raise BackendProtocolError("stream ended without data: [DONE]")
 
 
 def raise_stream_error(obj: dict[str, Any]) -> None:
