@@ -40,8 +40,13 @@ class ManagedProcess:
     def pid(self) -> int:
         return self.popen.pid
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status (negative: killed by that signal), or None while it runs."""
+        return self.popen.poll()
+
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self.returncode is None
 
     def log_tail(self, chars: int = 3000) -> str:
         try:
