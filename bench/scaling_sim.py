@@ -61,6 +61,24 @@ class TieBreak(StrEnum):
     PER_REPLICA = "per-replica"  #: each replica in its own random order (a per-process random tie-break)
 
 
+class LoadView(StrEnum):
+    """The loads a replica's router compares."""
+
+    OWN = "own"  #: its own requests in flight per worker: what the gateway does today
+    GLOBAL = "global"  #: every replica's requests in flight (as if read from the engines' queue and running gauges)
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaModel:
+    """How gateway replicas behave beyond their own index (what the simulation can change without code changes)."""
+
+    tiebreak: TieBreak = TieBreak.SHARED
+    load_view: LoadView = LoadView.OWN
+
+    def describe(self) -> str:
+        return f"tie-break {self.tiebreak.value}, load view {self.load_view.value}"
+
+
 class Balancing(StrEnum):
     """How the load balancer in front of the gateway replicas picks one."""
 
@@ -136,6 +154,7 @@ class Figures:
     lb: str
     index: str  #: "own" (one index per replica), "shared" or "-" (one gateway)
     tiebreak: str
+    load_view: str
     requests: int
     hit_rate: float  #: cached / prompt tokens
     oracle_hit_rate: float  #: the same for one unbounded cache that sees every request
@@ -393,9 +412,9 @@ class GatewayReplica:
         self.candidates = [Candidate(n) for n in names]
         self.inflight = [0] * len(names)
 
-    def add_load(self, worker: int, delta: int) -> None:
-        self.inflight[worker] += delta
-        self.candidates[worker] = Candidate(self.names[worker], self.inflight[worker])
+    def set_load(self, worker: int, load: int) -> None:
+        self.inflight[worker] = load
+        self.candidates[worker] = Candidate(self.names[worker], load)
 
 
 class SharedIndexView:
@@ -461,7 +480,7 @@ def simulate(
     cost: CostModel,
     tokenization: Tokenization,
     seed: int,
-    tiebreak: TieBreak = TieBreak.SHARED,
+    replicas: ReplicaModel = ReplicaModel(),  # noqa: B008 (frozen)
 ) -> Figures:
     """Run one scenario over a workload; deterministic given its inputs."""
     started = time.perf_counter()
@@ -477,7 +496,7 @@ def simulate(
     gateways = []
     for g in range(scenario.gateways):
         order = list(range(scenario.workers))
-        if tiebreak is TieBreak.PER_REPLICA:
+        if replicas.tiebreak is TieBreak.PER_REPLICA:
             random.Random(f"llmpath-scaling/{seed}/replica/{g}").shuffle(order)
         replica = GatewayReplica([f"w{i:04d}" for i in order], scenario.policy, capacity_blocks, clock)
         if scenario.shared_index:
@@ -485,6 +504,16 @@ def simulate(
         gateways.append(replica)
     balancer = LoadBalancer(scenario.balancing, scenario.gateways, workload.app_keys, seed)
     oracle = UnboundedCache()
+    loads = [0] * scenario.workers  # every replica's requests in flight, per worker
+
+    def add_load(req: Request, delta: int) -> None:
+        loads[req.worker] += delta
+        if replicas.load_view is LoadView.GLOBAL:
+            for gw in gateways:
+                gw.set_load(req.worker, loads[req.worker])
+        else:
+            gw = gateways[req.gateway]
+            gw.set_load(req.worker, gw.inflight[req.worker] + delta)
 
     events: list[tuple[float, int, int, Request]] = []
     seq = 0
@@ -513,7 +542,7 @@ def simulate(
             predicted = decision.matched_blocks * bt
             req.predicted_tokens = predicted if predicted >= gw.min_prefix_tokens else 0
             gw.index.insert(decision.backend, hashes)  # at decision time, as the gateway records it
-            gw.add_load(req.worker, 1)
+            add_load(req, 1)
             worker = workers[req.worker]
             if worker.free_slots:
                 start(worker, req)
@@ -525,7 +554,7 @@ def simulate(
             full = req.full_hashes
             worker.cache.insert(full)  # the engine keeps the reply's KV too
             oracle.insert(full)
-            gw.add_load(req.worker, -1)
+            add_load(req, -1)
             gw.index.insert(gw.names[req.worker], full)  # the gateway's record_output
             if worker.queue:
                 start(worker, worker.queue.popleft())
@@ -537,10 +566,10 @@ def simulate(
                 seq += 1
 
     measured = [r for r in finished if workload.measure_from_s <= r.arrival_s <= workload.measure_to_s]
-    return summarize(scenario, tiebreak, measured, time.perf_counter() - started)
+    return summarize(scenario, replicas, measured, time.perf_counter() - started)
 
 
-def summarize(scenario: Scenario, tiebreak: TieBreak, measured: list[Request], wall_s: float) -> Figures:
+def summarize(scenario: Scenario, replicas: ReplicaModel, measured: list[Request], wall_s: float) -> Figures:
     prompt = sum(r.prompt_tokens for r in measured)
     cached = sum(r.cached_tokens for r in measured)
     ttfts = sorted(r.ttft_s for r in measured)
@@ -556,7 +585,8 @@ def summarize(scenario: Scenario, tiebreak: TieBreak, measured: list[Request], w
         policy=scenario.policy.value,
         lb=scenario.label,
         index=scenario.index,
-        tiebreak=tiebreak.value,
+        tiebreak=replicas.tiebreak.value,
+        load_view=replicas.load_view.value,
         requests=len(measured),
         hit_rate=cached / prompt if prompt else 0.0,
         oracle_hit_rate=sum(r.oracle_tokens for r in measured) / prompt if prompt else 0.0,
@@ -593,7 +623,7 @@ class Settings:
     cost: CostModel = field(default_factory=CostModel)
     tokenization: Tokenization = field(default_factory=Tokenization)
     seed: int = 7
-    tiebreak: TieBreak = TieBreak.SHARED
+    replicas: ReplicaModel = field(default_factory=ReplicaModel)
 
 
 #: With several replicas: each balancing with one index per replica, then random balancing over a shared index.
@@ -620,7 +650,7 @@ def _workload(settings: Settings, workers: int) -> Workload:
 def run_scenario(settings: Settings, scenario: Scenario) -> Figures:
     """One scenario (its workload is built once per process and worker count)."""
     workload = _workload(settings, scenario.workers)
-    return simulate(scenario, workload, settings.cost, settings.tokenization, settings.seed, settings.tiebreak)
+    return simulate(scenario, workload, settings.cost, settings.tokenization, settings.seed, settings.replicas)
 
 
 def run_grid(settings: Settings, jobs: int = 1) -> list[Figures]:
@@ -713,7 +743,7 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
 def report(figures: list[Figures], settings: Settings, wall_s: float, markdown: bool) -> None:
     spec, cost = settings.spec, settings.cost
     preamble = (
-        f"Routing at scale (simulated; seed {settings.seed}, tie-break {settings.tiebreak.value}): "
+        f"Routing at scale (simulated; seed {settings.seed}, {settings.replicas.describe()}): "
         f"apps {spec.apps_per_worker}/worker, "
         f"Zipf s={spec.zipf_s}, "
         f"system prompts {spec.system_tokens[0]}–{spec.system_tokens[1]} tokens, ~{spec.mean_turns:g} turns, "
@@ -767,6 +797,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="how replicas break load ties: all in the backends' name order (the gateway today; default) "
         "or each in its own random order",
     )
+    parser.add_argument(
+        "--load-view",
+        type=LoadView,
+        choices=list(LoadView),
+        default=LoadView.OWN,
+        help="loads a replica compares: its own requests in flight (the gateway today; default) or all replicas'",
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables instead of rich ones")
@@ -789,7 +826,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     gateways = tuple(args.gateways or (QUICK_GATEWAYS if args.quick else FULL_GATEWAYS))
     if min(workers) < 1 or min(gateways) < 1 or spec.requests_per_worker < 1 or spec.load <= 0:
         parser.error("worker and gateway counts, requests per worker and load must be positive")
-    settings = Settings(workers, gateways, spec, cost, seed=args.seed, tiebreak=args.tiebreak)
+    settings = Settings(
+        workers, gateways, spec, cost, seed=args.seed, replicas=ReplicaModel(args.tiebreak, args.load_view)
+    )
 
     started = time.perf_counter()
     figures = run_grid(settings, args.jobs)

@@ -37,8 +37,14 @@ def _by_key(figures) -> dict[tuple[int, str, str, str], object]:
 
 
 @pytest.fixture(scope="module", params=[7, 11])
-def grid(request) -> dict[tuple[int, str, str], object]:
-    return _by_key(sim.run_grid(_settings(seed=request.param)))
+def seed(request) -> int:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def grid(seed: int) -> dict[tuple[int, str, str, str], object]:
+    """16 workers, 1 and 4 gateways, every setup (about a second)."""
+    return _by_key(sim.run_grid(_settings(seed=seed)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,19 +92,37 @@ def test_hit_rate_never_exceeds_the_oracle(grid) -> None:
         assert f.requests > 0
 
 
-def test_results_are_deterministic_for_a_seed() -> None:
-    settings = _settings(workers=8, gateways=(1, 2))
-    first = sim.run_grid(settings)
+def test_replicas_that_see_every_replicas_load_spread_it_like_one_gateway(grid, seed: int) -> None:
+    settings = dataclasses.replace(_settings(seed=seed), replicas=sim.ReplicaModel(load_view=sim.LoadView.GLOBAL))
+    one = grid[1, "-", "-", "prefix"]
+    for scenario in [
+        sim.Scenario(16, 4, sim.Balancing.PREFIX, Policy.PREFIX),
+        sim.Scenario(16, 4, sim.Balancing.RANDOM, Policy.PREFIX, shared_index=True),
+    ]:
+        own = grid[4, scenario.balancing.value, scenario.index, "prefix"]
+        everyone = sim.run_scenario(settings, scenario)
+        assert everyone.load_view == "global"
+        # each replica sees only its share of a worker's load, so the balance thresholds act late
+        assert own.spread > 1.3 * one.spread
+        assert everyone.spread < min(own.spread, 1.3 * one.spread)
+        assert everyone.hit_rate > 0.93 * one.hit_rate
+
+
+def test_results_are_deterministic_for_a_seed(grid, seed: int) -> None:
+    settings = _settings(seed=seed)
+    scenarios = [sim.Scenario(16, 4, b, Policy.PREFIX) for b in sim.Balancing]
     sim._workload.cache_clear()  # rebuild the workload too
-    second = sim.run_grid(settings)
-    strip = [dataclasses.replace(f, wall_s=0.0) for f in first]
-    assert strip == [dataclasses.replace(f, wall_s=0.0) for f in second]
-    other = sim.run_grid(_settings(seed=8, workers=8, gateways=(1, 2)))
-    assert [f.hit_rate for f in other] != [f.hit_rate for f in first]
+    again = [sim.run_scenario(settings, s) for s in scenarios]
+    assert [dataclasses.replace(f, wall_s=0.0) for f in again] == [
+        dataclasses.replace(grid[4, b.value, "own", "prefix"], wall_s=0.0) for b in sim.Balancing
+    ]
+    other = sim.run_scenario(_settings(seed=seed + 1), scenarios[0])
+    assert other.hit_rate != again[0].hit_rate
 
 
 def test_parallel_run_matches_the_serial_one() -> None:
     settings = _settings(workers=8, gateways=(1, 2))
+    settings = dataclasses.replace(settings, spec=sim.WorkloadSpec(requests_per_worker=30))
     serial = [dataclasses.replace(f, wall_s=0.0) for f in sim.run_grid(settings)]
     parallel = [dataclasses.replace(f, wall_s=0.0) for f in sim.run_grid(settings, jobs=2)]
     assert parallel == serial
@@ -216,7 +240,7 @@ def test_gateway_replica_uses_the_gateway_router_with_its_defaults() -> None:
     replica = sim.GatewayReplica(["a", "b"], Policy.PREFIX, 100, clock=lambda: 0.0)
     assert isinstance(replica.router, Router)
     assert replica.router.min_blocks == 4  # min_prefix_tokens 64 / block_tokens 16
-    replica.add_load(1, 2)
+    replica.set_load(1, 2)
     assert [c.load for c in replica.candidates] == [0, 2]
 
 
