@@ -85,9 +85,9 @@ def engine(engine_factory: Callable[..., EngineProcess]) -> EngineProcess:
 
 @dataclass
 class Reply:
-    """How the loopback server answers one path: ``body`` in HTTP/1.1 chunks (one per SSE event, the terminal
-    chunk a moment after ``data: [DONE]``, as a real server sends it) or with ``content-length``; ``close`` drops
-    the connection before any byte of the answer; ``hang`` never answers."""
+    """How the loopback server answers one path: an SSE ``body`` in HTTP/1.1 chunks (one per event, the terminal
+    chunk a moment after ``data: [DONE]``, as a real server sends it), others with ``content-length``; ``close`` drops
+    the connection before any byte of the answer; ``hang`` never answers; ``cut`` drops it after the first event."""
 
     body: bytes = b""
     status: int = 200
@@ -95,6 +95,8 @@ class Reply:
     chunked: bool = True
     close: bool = False
     hang: bool = False
+    #: Drop the connection after the first SSE event (a server that dies mid-stream).
+    cut: bool = False
 
 
 @dataclass
@@ -157,13 +159,14 @@ class LoopbackServer:
     async def _answer(self, writer: asyncio.StreamWriter, reply: Reply) -> None:
         ctype = "text/event-stream" if reply.body.startswith(b"data:") else "application/json"
         headers = {"content-type": ctype, **reply.headers}
-        if reply.chunked:
+        chunked = reply.chunked and reply.body.startswith(b"data:")
+        if chunked:
             headers["transfer-encoding"] = "chunked"
         else:
             headers["content-length"] = str(len(reply.body))
         lines = [f"HTTP/1.1 {reply.status} X", *(f"{k}: {v}" for k, v in headers.items())]
         writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        if not reply.chunked:
+        if not chunked:
             writer.write(reply.body)
             await writer.drain()
             return
@@ -171,6 +174,8 @@ class LoopbackServer:
             if event:
                 writer.write(b"%x\r\n%s\n\n\r\n" % (len(event) + 2, event))
                 await writer.drain()
+                if reply.cut:
+                    raise ConnectionResetError("cut")
         await asyncio.sleep(0.005)  # the end of the body comes after [DONE], in its own write
         writer.write(b"0\r\n\r\n")
         await writer.drain()

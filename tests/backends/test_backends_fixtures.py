@@ -62,23 +62,17 @@ def test_generate_fixtures_follow_the_documented_shapes(name: str, metrics: bool
         assert ("cached_tokens_details" in meta) == (meta["cached_tokens"] > 0)
 
 
-def replay(
-    path: str, body: bytes, *, status: int = 200, headers: dict[str, str] | None = None, seen: list | None = None
-):
-    """An HTTP client whose transport answers ``path`` with the fixture bytes (and records the requests)."""
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        assert request.url.path == path
-        if seen is not None:
-            seen.append(request)
-        ctype = "text/event-stream" if body.startswith(b"data:") else "application/json"
-        return httpx.Response(status, content=body, headers={"content-type": ctype, **(headers or {})})
-
-    return httpx.AsyncClient(base_url="http://sglang.test", transport=httpx.MockTransport(handler))
+def replay(server, path: str, body: bytes, *, status: int = 200, headers: dict[str, str] | None = None) -> str:
+    """Make the loopback server answer ``path`` with the fixture bytes; returns its URL."""
+    server.reply(path, body, status=status, headers=headers or {})
+    return server.url
 
 
 async def events_of(backend, request: BackendRequest) -> list:
-    return [ev async for ev in backend.generate(request)]
+    try:
+        return [ev async for ev in backend.generate(request)]
+    finally:
+        await backend.aclose()
 
 
 def request(stream: bool = True, **kw) -> BackendRequest:
@@ -86,10 +80,9 @@ def request(stream: bool = True, **kw) -> BackendRequest:
     return BackendRequest("9f1c2e7a4b5d4c3e8a7f6b5c4d3e2f1a", "m", stream=stream, **kw)
 
 
-async def test_metrics_stream_maps_meta_info_to_stage_timings() -> None:
-    seen: list[httpx.Request] = []
-    client = replay("/generate", (FIXTURES / "generate_stream_metrics.sse").read_bytes(), seen=seen)
-    backend = SGLangBackend("http://sglang.test", client=client)
+async def test_metrics_stream_maps_meta_info_to_stage_timings(loopback) -> None:
+    url = replay(loopback, "/generate", (FIXTURES / "generate_stream_metrics.sse").read_bytes())
+    backend = SGLangBackend(url)
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
     req = request(messages=[ChatMessage("user", "Capital of France?")], prompt=None, cache_salt="tenant-7",
                   sampling=SamplingParams(max_tokens=3, temperature=0.0, stop=["\n\n"], seed=11),
@@ -104,7 +97,8 @@ async def test_metrics_stream_maps_meta_info_to_stage_timings() -> None:
     t = done.timings
     assert t.source is TimingSource.BACKEND and t.queue_seconds == 0.0123 and t.prefill_seconds == pytest.approx(0.05)
     assert (t.first_token_seconds, t.e2e_seconds) == (0.0735, 0.1205)
-    sent = json.loads(seen[0].content)
+    seen = loopback.requests
+    sent = json.loads(seen[0].body)
     assert sent["text"] == "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"
     assert sent["rid"] == req.request_id and sent["stream"] is True and sent["cache_salt"] == "tenant-7"
     assert sent["sampling_params"] == {"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "top_k": -1,
@@ -112,74 +106,79 @@ async def test_metrics_stream_maps_meta_info_to_stage_timings() -> None:
     assert seen[0].headers["traceparent"] == traceparent
 
 
-async def test_stream_without_metrics_uses_the_gateway_clock() -> None:
-    client = replay("/generate", (FIXTURES / "generate_stream_no_metrics.sse").read_bytes())
-    events = await events_of(SGLangBackend("http://sglang.test", client=client), request())
+async def test_stream_without_metrics_uses_the_gateway_clock(loopback) -> None:
+    url = replay(loopback, "/generate", (FIXTURES / "generate_stream_no_metrics.sse").read_bytes())
+    events = await events_of(SGLangBackend(url), request())
     assert {ev.source for ev in events[:2]} == {TimingSource.GATEWAY}
     assert events[0].queue_seconds == 0.0 and events[1].cached_tokens == 0
     assert events[-1].timings.source is TimingSource.GATEWAY and events[-1].timings.queue_seconds is None
     assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == " Paris is the"
 
 
-async def test_incremental_stream_is_detected() -> None:
-    client = replay("/generate", (FIXTURES / "generate_stream_incremental.sse").read_bytes())
-    events = await events_of(SGLangBackend("http://sglang.test", client=client), request())
+async def test_incremental_stream_is_detected(loopback) -> None:
+    url = replay(loopback, "/generate", (FIXTURES / "generate_stream_incremental.sse").read_bytes())
+    events = await events_of(SGLangBackend(url), request())
     assert [e.text for e in events if isinstance(e, TokenDelta)] == [" Paris", " is", " the"]
     assert events[-1].usage.completion_tokens == 3
 
 
-async def test_non_streaming_body() -> None:
-    client = replay("/generate", (FIXTURES / "generate_nonstream_metrics.json").read_bytes())
-    events = await events_of(SGLangBackend("http://sglang.test", client=client), request(stream=False))
+async def test_non_streaming_body(loopback) -> None:
+    url = replay(loopback, "/generate", (FIXTURES / "generate_nonstream_metrics.json").read_bytes())
+    events = await events_of(SGLangBackend(url), request(stream=False))
     assert [type(e) for e in events] == [Scheduled, FirstToken, TokenDelta, Done]
     assert events[2] == TokenDelta(" Paris is the", 3)
     assert events[-1].finish_reason == "stop" and events[-1].timings.e2e_seconds == 0.1205
 
 
-async def test_in_stream_error_and_abort_are_typed() -> None:
-    client = replay("/generate", (FIXTURES / "generate_stream_error.sse").read_bytes())
+async def test_in_stream_error_and_abort_are_typed(loopback) -> None:
+    url = replay(loopback, "/generate", (FIXTURES / "generate_stream_error.sse").read_bytes())
     with pytest.raises(BackendBadRequest, match="longer than the model's context length"):
-        await events_of(SGLangBackend("http://sglang.test", client=client), request())
-    client = replay("/generate", (FIXTURES / "generate_stream_abort.sse").read_bytes())
+        await events_of(SGLangBackend(url), request())
+    url = replay(loopback, "/generate", (FIXTURES / "generate_stream_abort.sse").read_bytes())
     with pytest.raises(BackendUnavailable, match="overloaded"):
-        await events_of(SGLangBackend("http://sglang.test", client=client), request())
+        await events_of(SGLangBackend(url), request())
 
 
-async def test_http_errors_are_typed() -> None:
-    client = replay("/generate", (FIXTURES / "generate_400.json").read_bytes(), status=400)
+async def test_http_errors_are_typed(loopback) -> None:
+    url = replay(loopback, "/generate", (FIXTURES / "generate_400.json").read_bytes(), status=400)
     with pytest.raises(BackendBadRequest) as info:
-        await events_of(SGLangBackend("http://sglang.test", client=client), request())
+        await events_of(SGLangBackend(url), request())
     assert str(info.value) == "top_p must be in (0, 1], got 0.0." and info.value.status_code == 400
-    client = replay("/generate", b'{"error": {"message": "queue full"}}', status=503, headers={"Retry-After": "2"})
+    url = replay(
+        loopback, "/generate", b'{"error": {"message": "queue full"}}', status=503, headers={"Retry-After": "2"}
+    )
     with pytest.raises(BackendUnavailable) as unavailable:
-        await events_of(SGLangBackend("http://sglang.test", client=client), request())
+        await events_of(SGLangBackend(url), request())
     assert unavailable.value.retry_after == 2.0
-    client = replay("/generate", b"data: {not json}\n\n")
+    url = replay(loopback, "/generate", b"data: {not json}\n\n")
     with pytest.raises(BackendProtocolError, match="not JSON"):
-        await events_of(SGLangBackend("http://sglang.test", client=client), request())
-    client = replay("/generate", (FIXTURES / "generate_stream_metrics.sse").read_bytes().replace(b"data: [DONE]", b""))
+        await events_of(SGLangBackend(url), request())
+    url = replay(
+        loopback, "/generate", (FIXTURES / "generate_stream_metrics.sse").read_bytes().replace(b"data: [DONE]", b"")
+    )
     with pytest.raises(BackendProtocolError, match=r"\[DONE\]"):
-        await events_of(SGLangBackend("http://sglang.test", client=client), request())
+        await events_of(SGLangBackend(url), request())
 
 
-async def test_openai_chat_stream_fixture() -> None:
-    seen: list[httpx.Request] = []
-    client = replay("/v1/chat/completions", (FIXTURES / "chat_stream_usage.sse").read_bytes(), seen=seen)
-    backend = OpenAIBackend("http://sglang.test", client=client, api_key="sk-test")
+async def test_openai_chat_stream_fixture(loopback) -> None:
+    url = replay(loopback, "/v1/chat/completions", (FIXTURES / "chat_stream_usage.sse").read_bytes())
+    backend = OpenAIBackend(url, api_key="sk-test")
     events = await events_of(backend, request(messages=[ChatMessage("user", "Capital?")], prompt=None))
     assert {e.source for e in events[:2]} == {TimingSource.GATEWAY}
     assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == "Paris is lovely"
     done = events[-1]
     assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.cached_tokens) == (42, 3, 32)
     assert done.finish_reason == "stop" and done.timings.source is TimingSource.GATEWAY
-    body = json.loads(seen[0].content)
+    seen = loopback.requests
+    assert seen[0].headers["authorization"] == "Bearer sk-test"
+    body = json.loads(seen[0].body)
     assert body["stream_options"] == {"include_usage": True} and body["messages"][0]["content"] == "Capital?"
 
 
-async def test_openai_chat_non_streaming_fixture() -> None:
-    client = replay("/v1/chat/completions", (FIXTURES / "chat_nonstream.json").read_bytes())
+async def test_openai_chat_non_streaming_fixture(loopback) -> None:
+    url = replay(loopback, "/v1/chat/completions", (FIXTURES / "chat_nonstream.json").read_bytes())
     req = request(stream=False, messages=[ChatMessage("user", "Capital?")], prompt=None)
-    events = await events_of(OpenAIBackend("http://sglang.test", client=client), req)
+    events = await events_of(OpenAIBackend(url), req)
     assert events[2] == TokenDelta("Paris is lovely", 3)
     assert events[-1].usage.cached_tokens == 32
 

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from llmpath.backends import BackendRequest, ChatMessage, Done, OpenAIBackend, SGLangBackend
+from llmpath.backends import (
+    BackendRequest,
+    BackendTimeout,
+    BackendUnavailable,
+    BackendUnreachable,
+    ChatMessage,
+    Done,
+    FirstToken,
+    OpenAIBackend,
+    Scheduled,
+    SGLangBackend,
+    TokenDelta,
+    create_backend,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -40,3 +54,64 @@ async def test_openai_stream_reads_to_the_end_so_the_connection_is_reused(loopba
         await backend.aclose()
     assert len(loopback.requests) == 3
     assert loopback.connections == 1
+
+
+@pytest.mark.parametrize("kind", ["sglang", "openai"])
+async def test_refused_connection_is_unreachable_not_a_timeout(kind: str, free_port) -> None:
+    backend = create_backend(kind, f"http://127.0.0.1:{free_port()}", connect_timeout=2.0)
+    try:
+        with pytest.raises(BackendUnreachable) as info:
+            [ev async for ev in backend.generate(request(prompt=None, messages=[ChatMessage("user", "?")]))]
+        assert not isinstance(info.value, BackendTimeout)
+        assert isinstance(info.value, BackendUnavailable)  # retryable on another backend
+        assert await backend.health() is False
+    finally:
+        await backend.aclose()
+
+
+async def test_connection_closed_before_the_answer_is_unreachable(loopback) -> None:
+    loopback.reply("/generate", close=True)
+    backend = SGLangBackend(loopback.url)
+    try:
+        with pytest.raises(BackendUnreachable):
+            [ev async for ev in backend.generate(request())]
+    finally:
+        await backend.aclose()
+
+
+async def test_stream_cut_short_is_unreachable_after_the_first_events(loopback) -> None:
+    loopback.reply("/generate", (FIXTURES / "generate_stream_metrics.sse").read_bytes(), cut=True)
+    backend = SGLangBackend(loopback.url)
+    seen = []
+    try:
+        with pytest.raises(BackendUnreachable):
+            async for ev in backend.generate(request()):
+                seen.append(ev)
+    finally:
+        await backend.aclose()
+    assert [type(e) for e in seen] == [Scheduled, FirstToken, TokenDelta]
+
+
+async def test_silent_server_is_a_read_timeout(loopback) -> None:
+    loopback.reply("/generate", hang=True)
+    backend = SGLangBackend(loopback.url, read_timeout=0.2)
+    try:
+        with pytest.raises(BackendTimeout):
+            [ev async for ev in backend.generate(request())]
+    finally:
+        await backend.aclose()
+
+
+async def test_trace_headers_and_json_body_are_sent(loopback) -> None:
+    loopback.reply("/generate", (FIXTURES / "generate_stream_metrics.sse").read_bytes())
+    backend = SGLangBackend(loopback.url, headers={"x-team": "serving"})
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    try:
+        [ev async for ev in backend.generate(request(trace_headers={"traceparent": traceparent}))]
+    finally:
+        await backend.aclose()
+    [seen] = loopback.requests
+    assert seen.method == "POST" and seen.path == "/generate"
+    assert seen.headers["traceparent"] == traceparent and seen.headers["x-team"] == "serving"
+    assert seen.headers["content-type"] == "application/json"
+    assert json.loads(seen.body)["text"] == "The capital of France is"

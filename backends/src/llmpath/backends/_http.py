@@ -1,13 +1,19 @@
-"""HTTP plumbing shared by the HTTP backends: clients with split timeouts, SSE reading and error mapping."""
+"""HTTP plumbing shared by the HTTP backends: one aiohttp connection pool per backend with split timeouts, a
+streaming SSE reader, and the mapping of HTTP statuses and transport failures to typed errors.
+
+aiohttp rather than httpx: on the gateway's hot path (one streamed backend call per request) it costs about a
+third of the CPU per request (C HTTP parser, no per-request client machinery); see ``docs/backends.md``.
+"""
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
-from httpx_sse import EventSource
+import aiohttp
+import orjson
+from yarl import URL
 
 from llmpath.backends.base import (
     BackendBadRequest,
@@ -16,31 +22,89 @@ from llmpath.backends.base import (
     BackendServerError,
     BackendTimeout,
     BackendUnavailable,
+    BackendUnreachable,
 )
 
+#: Transport failures that :func:`transport_error` maps (catch these around a request).
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError)
+#: Close idle connections before a server with uvicorn's default (5 s keep-alive) does, so that a request never
+#: goes out on a connection the server is closing at that very moment.
+KEEPALIVE_S = 4.0
+_JSON = "application/json"
 
-def make_client(
-    url: str, connect_timeout: float, read_timeout: float, headers: dict[str, str] | None = None
-) -> httpx.AsyncClient:
-    """An async client for one backend: ``connect_timeout`` to connect, ``read_timeout`` between two reads."""
-    timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=connect_timeout)
-    limits = httpx.Limits(max_connections=1024, max_keepalive_connections=64)
-    return httpx.AsyncClient(base_url=url.rstrip("/"), timeout=timeout, limits=limits, headers=headers or {})
+
+class HttpClient:
+    """One backend's HTTP connection pool: ``connect_timeout`` to get a connection, ``read_timeout`` between two
+    reads, no overall limit (streams may be long). The aiohttp session is created in the running event loop on
+    first use (or pass your own ``session``, e.g. for TLS or proxy settings; it is then not closed here)."""
+
+    __slots__ = ("_headers", "_loop", "_owns", "_session", "_timeout", "base")
+
+    def __init__(
+        self,
+        url: str,
+        connect_timeout: float,
+        read_timeout: float,
+        headers: Mapping[str, str] | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.base = url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._headers = dict(headers or {})
+        self._session = session
+        self._owns = session is None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def url(self, path: str) -> URL:
+        """The absolute URL of ``path`` (build it once and keep it: parsing URLs per request costs CPU)."""
+        return URL(self.base + path)
+
+    def session(self) -> aiohttp.ClientSession:
+        """The session of the running event loop (a new one if the loop changed, e.g. between test loops)."""
+        session = self._session
+        if session is not None and (not self._owns or self._loop is asyncio.get_running_loop()):
+            return session
+        self._loop = asyncio.get_running_loop()
+        connector = aiohttp.TCPConnector(limit=1024, limit_per_host=0, keepalive_timeout=KEEPALIVE_S)
+        self._session = session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=self._timeout,
+            headers=self._headers,
+            cookie_jar=aiohttp.DummyCookieJar(),  # a backend's cookies are never wanted; skipping them is cheaper
+        )
+        return session
+
+    def post_json(self, url: URL, body: Any, headers: Mapping[str, str]) -> Any:
+        """``POST`` ``body`` as JSON; use as ``async with client.post_json(...) as resp`` (streams stay open)."""
+        return self.session().post(url, data=orjson.dumps(body), headers={"content-type": _JSON, **headers})
+
+    async def get(self, url: URL) -> tuple[int, bytes]:
+        """``GET`` and read the whole answer: status and body (transport failures are raised as they are)."""
+        async with self.session().get(url) as resp:
+            return resp.status, await resp.read()
+
+    async def aclose(self) -> None:
+        """Close the connections (if the session is ours)."""
+        session, self._session = self._session, None
+        if session is not None and self._owns and not session.closed:
+            await session.close()
 
 
 def error_message(body: bytes) -> tuple[str, str | None]:
     """The message (and OpenAI ``param``) of an error body: SGLang, OpenAI, FastAPI or plain text."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
-        obj: Any = json.loads(text)
-    except json.JSONDecodeError:
+        obj: Any = orjson.loads(text)
+    except orjson.JSONDecodeError:
         return text[:500] or "(empty body)", None
     if isinstance(obj, dict):
         err = obj.get("error", obj)
         if isinstance(err, str):
             return err, None
         if isinstance(err, dict):
-            msg = err.get("message") or err.get("detail") or json.dumps(err)[:500]
+            msg = err.get("message") or err.get("detail") or orjson.dumps(err).decode()[:500]
             return str(msg), err.get("param")
     return text[:500], None
 
@@ -58,6 +122,12 @@ def error_for_status(status: int, body: bytes, retry_after: str | None = None) -
     return BackendServerError(text, upstream_status=status)
 
 
+async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
+    """Raise the typed error of an HTTP error answer (reading its body)."""
+    if resp.status >= 400:
+        raise error_for_status(resp.status, await resp.read(), resp.headers.get("retry-after"))
+
+
 def _seconds(value: str | None) -> float | None:
     try:
         return float(value) if value is not None else None
@@ -65,38 +135,66 @@ def _seconds(value: str | None) -> float | None:
         return None
 
 
-def transport_error(exc: httpx.HTTPError, url: str) -> BackendError:
-    """The typed error for a transport failure (connect refused, timeout, reset)."""
-    if isinstance(exc, httpx.TimeoutException):
+def transport_error(exc: BaseException, url: str) -> BackendError:
+    """The typed error for a transport failure: a timeout (connect or read) is :class:`BackendTimeout`; a refused,
+    reset or dropped connection (no answer, or an answer cut short) is :class:`BackendUnreachable`."""
+    if isinstance(exc, TimeoutError):  # aiohttp's connect/read timeouts are TimeoutErrors too
         return BackendTimeout(f"{url}: {type(exc).__name__}")
-    if isinstance(exc, httpx.TransportError):
-        return BackendUnavailable(f"{url}: {type(exc).__name__}: {exc}")
-    return BackendProtocolError(f"{url}: {exc}")
+    if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
+        return BackendUnreachable(f"{url}: {type(exc).__name__}: {exc}")
+    return BackendProtocolError(f"{url}: {type(exc).__name__}: {exc}")
 
 
-async def sse_json(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of an SSE stream up to ``data: [DONE]``; anything else is a protocol error.
+def json_object(raw: bytes) -> Any:
+    """Parse a JSON body (a protocol error if it is not JSON)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BackendProtocolError(f"response is not JSON: {raw[:200]!r}") from None
+
+
+async def sse_json(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON objects of an SSE stream (LF or CRLF line ends) up to ``data: [DONE]``; anything else is a
+    protocol error. Comments and ``event:``/``id:``/``retry:`` fields are ignored.
 
     After ``[DONE]`` the body is read to its end (the chunked encoding's last chunk follows it), so that the
     connection goes back to the pool instead of being closed half-read.
     """
+    buf = b""
     done = False
-    async for event in EventSource(response).aiter_sse():
-        data = event.data
-        if not data or done:
+    async for chunk in resp.content.iter_any():
+        if done:
             continue
-        if data.strip() == "[DONE]":
-            done = True
+        buf = buf + chunk if buf else chunk
+        if b"\r" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        if b"\n\n" not in buf:
             continue
-        try:
-            obj = json.loads(data)
-        except json.JSONDecodeError:
-            raise BackendProtocolError(f"stream event is not JSON: {data[:200]!r}") from None
-        if not isinstance(obj, dict):
-            raise BackendProtocolError(f"stream event is not an object: {data[:200]!r}")
-        yield obj
+        *events, buf = buf.split(b"\n\n")
+        for block in events:
+            data = _event_data(block)
+            if data is None:
+                continue
+            if data.strip() == b"[DONE]":
+                done = True
+                break
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise BackendProtocolError(f"stream event is not JSON: {data[:200]!r}") from None
+            if not isinstance(obj, dict):
+                raise BackendProtocolError(f"stream event is not an object: {data[:200]!r}")
+            yield obj
     if not done:
         raise BackendProtocolError("stream ended without data: [DONE]")
+
+
+def _event_data(block: bytes) -> bytes | None:
+    """The ``data`` of one SSE event block (its ``data:`` lines joined by LF), or ``None`` if it has none."""
+    if block.startswith(b"data: ") and b"\n" not in block:  # the common case: one data line
+        return block[6:]
+    lines = [line[5:].removeprefix(b" ") for line in block.split(b"\n") if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None
 
 
 def raise_stream_error(obj: dict[str, Any]) -> None:
@@ -108,4 +206,4 @@ def raise_stream_error(obj: dict[str, Any]) -> None:
         err = {"message": err}
     code = err.get("code")
     status = code if isinstance(code, int) else 500
-    raise error_for_status(status, json.dumps({"error": err}).encode())
+    raise error_for_status(status, orjson.dumps({"error": err}))

@@ -139,6 +139,13 @@ class BackendUnavailable(BackendError):
         self.retry_after = retry_after
 
 
+class BackendUnreachable(BackendUnavailable):
+    """No HTTP answer at all: the connection was refused, reset or closed before (or while) the response came.
+
+    Unlike a busy backend's 503/429, this counts as a failure of the backend (health, ejection).
+    """
+
+
 class BackendTimeout(BackendError):
     """Connect or read timeout."""
 

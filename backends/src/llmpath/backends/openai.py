@@ -10,14 +10,21 @@ known only at the end: ``FirstToken`` carries them when the server sends usage o
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
-from llmpath.backends._http import error_for_status, make_client, raise_stream_error, sse_json, transport_error
+from llmpath.backends._http import (
+    TRANSPORT_ERRORS,
+    HttpClient,
+    json_object,
+    raise_for_status,
+    raise_stream_error,
+    sse_json,
+    transport_error,
+)
 from llmpath.backends.base import (
     BackendEvent,
     BackendProtocolError,
@@ -83,7 +90,7 @@ class OpenAIBackend:
         read_timeout: float = 300.0,
         continuous_usage: bool = False,
         headers: dict[str, str] | None = None,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.name = name or self.url
@@ -94,8 +101,8 @@ class OpenAIBackend:
         hdrs = dict(headers or {})
         if api_key:
             hdrs["Authorization"] = f"Bearer {api_key}"
-        self._client = client or make_client(self.url, connect_timeout, read_timeout, hdrs)
-        self._owns_client = client is None
+        self._http = HttpClient(self.url, connect_timeout, read_timeout, hdrs, session)
+        self._urls = {path: self._http.url(path) for path in ("/v1/chat/completions", "/v1/completions")}
 
     async def generate(self, request: BackendRequest) -> AsyncIterator[BackendEvent]:
         path, body = openai_body(request, self.model, self._continuous_usage)
@@ -105,9 +112,8 @@ class OpenAIBackend:
         usage: Usage | None = None
         finish: str | None = None
         try:
-            async with self._client.stream("POST", path, json=body, headers=dict(request.trace_headers)) as resp:
-                if resp.status_code >= 400:
-                    raise error_for_status(resp.status_code, await resp.aread(), resp.headers.get("retry-after"))
+            async with self._http.post_json(self._urls[path], body, request.trace_headers) as resp:
+                await raise_for_status(resp)
                 chunks = sse_json(resp) if request.stream else _single(resp)
                 async for chunk in chunks:
                     raise_stream_error(chunk)
@@ -124,7 +130,7 @@ class OpenAIBackend:
                             yield TokenDelta(text, usage.completion_tokens if usage and not request.stream else 1)
                         if choice.get("finish_reason"):
                             finish = _FINISH.get(choice["finish_reason"], "stop")
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise transport_error(exc, self.url) from exc
         if finish is None:
             raise BackendProtocolError(f"{path} finished without a finish_reason")
@@ -142,14 +148,13 @@ class OpenAIBackend:
 
     async def health(self) -> bool:
         try:
-            resp = await self._client.get("/v1/models")
-        except httpx.HTTPError:
+            status, _ = await self._http.get(self._http.url("/v1/models"))
+        except TRANSPORT_ERRORS:
             return False
-        return resp.status_code == 200
+        return status == 200
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        await self._http.aclose()
 
     def __repr__(self) -> str:
         return f"OpenAIBackend({self.name!r}, url={self.url!r})"
@@ -162,12 +167,8 @@ def _choice_text(choice: dict[str, Any], chat: bool) -> str:
     return choice.get("text") or ""
 
 
-async def _single(resp: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    raw = await resp.aread()
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError:
-        raise BackendProtocolError(f"response is not JSON: {raw[:200]!r}") from None
+async def _single(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    obj = json_object(await resp.read())
     if not isinstance(obj, dict):
         raise BackendProtocolError("response is not a JSON object")
     yield obj

@@ -19,9 +19,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import httpx
+import aiohttp
 
-from llmpath.backends._http import error_for_status, make_client, raise_stream_error, sse_json, transport_error
+from llmpath.backends._http import (
+    TRANSPORT_ERRORS,
+    HttpClient,
+    error_for_status,
+    json_object,
+    raise_for_status,
+    raise_stream_error,
+    sse_json,
+    transport_error,
+)
 from llmpath.backends.base import (
     BackendEvent,
     BackendProtocolError,
@@ -180,7 +189,7 @@ class SGLangBackend:
         chat_template: str | Callable[[Messages], str] | None = None,
         incremental_output: bool | None = None,
         headers: dict[str, str] | None = None,
-        client: httpx.AsyncClient | None = None,
+        session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.name = name or self.url
@@ -188,62 +197,52 @@ class SGLangBackend:
         self.timing_source = TimingSource.BACKEND
         self._render_chat = load_chat_template(chat_template)
         self._incremental = incremental_output
-        self._client = client or make_client(self.url, connect_timeout, read_timeout, headers)
-        self._owns_client = client is None
+        self._http = HttpClient(self.url, connect_timeout, read_timeout, headers, session)
+        self._generate_url = self._http.url("/generate")
 
     async def generate(self, request: BackendRequest) -> AsyncIterator[BackendEvent]:
         """Run ``request`` on ``/generate``; see the module docstring for the mapping."""
         body = generate_body(request, self._render_chat)
         parser = GenerateStreamParser(time.monotonic(), self._incremental)
-        headers = dict(request.trace_headers)
         try:
-            async with self._client.stream("POST", "/generate", json=body, headers=headers) as resp:
-                if resp.status_code >= 400:
-                    raise error_for_status(resp.status_code, await resp.aread(), resp.headers.get("retry-after"))
+            async with self._http.post_json(self._generate_url, body, request.trace_headers) as resp:
+                await raise_for_status(resp)
                 if request.stream:
                     async for chunk in sse_json(resp):
                         for event in parser.feed(chunk):
                             yield event
                 else:
-                    payload = _json(await resp.aread())
+                    payload = json_object(await resp.read())
                     if isinstance(payload, list) and len(payload) == 1:
                         payload = payload[0]
                     if not isinstance(payload, dict):
                         raise BackendProtocolError("/generate answered something other than an object")
                     for event in parser.feed(payload):
                         yield event
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise transport_error(exc, self.url) from exc
         if not parser.done:
             raise BackendProtocolError("/generate finished without a final output (finish_reason)")
 
     async def health(self) -> bool:
         try:
-            resp = await self._client.get("/health")
-        except httpx.HTTPError:
+            status, _ = await self._http.get(self._http.url("/health"))
+        except TRANSPORT_ERRORS:
             return False
-        return resp.status_code == 200
+        return status == 200
 
     async def server_info(self) -> dict[str, Any]:
         """``GET /server_info`` (SGLang's server arguments and load)."""
         try:
-            resp = await self._client.get("/server_info")
-        except httpx.HTTPError as exc:
+            status, body = await self._http.get(self._http.url("/server_info"))
+        except TRANSPORT_ERRORS as exc:
             raise transport_error(exc, self.url) from exc
-        if resp.status_code >= 400:
-            raise error_for_status(resp.status_code, resp.content)
-        return _json(resp.content)
+        if status >= 400:
+            raise error_for_status(status, body)
+        return json_object(body)
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            await self._client.aclose()
+        await self._http.aclose()
 
     def __repr__(self) -> str:
         return f"SGLangBackend({self.name!r}, url={self.url!r})"
-
-
-def _json(raw: bytes) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        raise BackendProtocolError(f"response is not JSON: {raw[:200]!r}") from None

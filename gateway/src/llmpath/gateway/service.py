@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-import httpx
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -33,6 +32,7 @@ from llmpath.backends.base import (
     BackendServerError,
     BackendTimeout,
     BackendUnavailable,
+    BackendUnreachable,
     ChatMessage,
     Done,
     FirstToken,
@@ -470,7 +470,7 @@ class BackendCallResponse(Response):
                 await events.aclose()
                 call.set_error("unavailable")
                 scope.close()
-                if isinstance(exc.__cause__, httpx.TransportError):  # no answer at all (not a busy 503)
+                if isinstance(exc, BackendUnreachable):  # no answer at all (not a busy 503)
                     gw.pool.report_failure(state.name, f"connection failed: {type(exc.__cause__).__name__}")
                 p.tried.append(state.name)
                 gw.release_backend(p)
