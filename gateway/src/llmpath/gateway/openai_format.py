@@ -1,13 +1,14 @@
 """OpenAI response bodies and SSE chunks for chat and text completions, built from backend events.
 
 Streamed chunks differ only in their text, so each response pre-renders the JSON around it once and a chunk costs
-one ``json.dumps`` of the text.
+one ``orjson.dumps`` of the text.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 from llmpath.backends.base import Usage
 
@@ -15,7 +16,7 @@ SSE_DONE = b"data: [DONE]\n\n"
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    return orjson.dumps(obj)  # compact UTF-8, like json.dumps(separators=(",", ":"), ensure_ascii=False)
 
 
 def sse(obj: Any) -> bytes:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 import uuid
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -221,16 +221,13 @@ class Gateway:
             if size > limit:
                 raise errors.body_too_large(limit)
             chunks.append(chunk)
-        raw = b"".join(chunks)
+        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if not raw.strip():
             raise errors.invalid_json("the body is empty")
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-            raise errors.invalid_json(reason) from None
-        except RecursionError:
-            raise errors.invalid_json("nested too deeply") from None
+            return orjson.loads(raw)  # also refuses invalid UTF-8 and nesting deeper than 1024
+        except orjson.JSONDecodeError as exc:
+            raise errors.invalid_json(exc.msg) from None
 
     def _validate(self, body: Any, kind: str) -> tuple[ChatCompletionRequest | CompletionRequest, RouteRuntime]:
         if not isinstance(body, dict):
@@ -565,7 +562,7 @@ class BackendCallResponse(Response):
         await self._send_json(send, exc.status_code, exc.body(), headers)
 
     async def _send_json(self, send: Any, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        body = orjson.dumps(obj)
         raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
         self._started = True
