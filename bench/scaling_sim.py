@@ -7,13 +7,17 @@ replica sees (its own requests in flight per worker). A load balancer in front s
 
 * ``random``        — L4 spreading, every request to any replica;
 * ``conversation``  — consistent (rendezvous) hashing of the conversation id, e.g. a session header;
-* ``prefix``        — consistent hashing of the prompt's first blocks (in practice: the app or system-prompt id).
+* ``prefix``        — consistent hashing of the prompt's first blocks (in practice: the app or system-prompt id);
+
+and, behind random spreading, replicas sharing one ``PrefixIndex`` (each still seeing only its own loads).
+``--tiebreak per-replica`` and ``--load-view global`` show what two router changes would give: replicas breaking
+load ties each in its own order, and replicas comparing every replica's requests in flight.
 
 Workers are a cost model instead of engines: a bounded prefix cache (an LRU of block hashes, capacity in tokens,
 leaves evicted before their parents, prompt and reply kept), a fixed number of running slots with a FIFO queue, one
 prefill at a time (queue wait + per-request overhead + time per *uncached* prompt token) and a fixed time per output
 token. TTFT = slot wait + prefill wait + prefill. The oracle is one unbounded cache that sees every request
-(the workload's reuse ceiling); ``1 gateway`` is also what one shared index across replicas would achieve.
+(the workload's reuse ceiling); ``1 gateway`` is also what one shared index and shared loads would achieve.
 
 Workload: ``apps-per-worker × workers`` apps with long system prompts and Zipf popularity, multi-turn conversations
 whose prompts grow (each turn resends the history and the previous reply), Poisson arrivals of new conversations at
@@ -21,8 +25,11 @@ a rate scaled with the workers, so the offered prefill load per worker is the sa
 deterministic given ``--seed`` (simulated time; wall time only decides how long you wait).
 
     .venv/bin/python bench/scaling_sim.py --quick          # 8 and 32 workers × 1 and 4 gateways: seconds
-    .venv/bin/python bench/scaling_sim.py                  # 8–256 workers × 1–16 gateways: a few minutes
-    .venv/bin/python bench/scaling_sim.py --jobs 2 --markdown > results.md
+    .venv/bin/python bench/scaling_sim.py                  # 8–256 workers × 1–16 gateways: ~5 min on 2 cores
+    .venv/bin/python bench/scaling_sim.py --markdown --json figures.json > figures.md
+    .venv/bin/python bench/scaling_sim.py --tiebreak per-replica --load-view global --workers 256 --gateways 1 16
+
+Figures and what they mean: docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -149,9 +156,8 @@ class Figures:
 
     workers: int
     gateways: int
-    balancing: str
     policy: str
-    lb: str
+    lb: str  #: the load balancer's spreading: "random", "conversation", "prefix" or "-" (one gateway)
     index: str  #: "own" (one index per replica), "shared" or "-" (one gateway)
     tiebreak: str
     load_view: str
@@ -400,7 +406,9 @@ class GatewayReplica:
         routing, cache = RoutingConfig(), PromptCacheConfig()
         self.names = list(names)
         self.by_name = {n: i for i, n in enumerate(self.names)}
-        self.index = PrefixIndex(max_blocks_per_backend=capacity_blocks, ttl_s=cache.ttl_s, clock=clock)
+        self.index: PrefixIndex | SharedIndexView = PrefixIndex(
+            max_blocks_per_backend=capacity_blocks, ttl_s=cache.ttl_s, clock=clock
+        )
         self.router = Router(
             policy,
             min_match_ratio=routing.min_match_ratio,
@@ -480,9 +488,10 @@ def simulate(
     cost: CostModel,
     tokenization: Tokenization,
     seed: int,
-    replicas: ReplicaModel = ReplicaModel(),  # noqa: B008 (frozen)
+    replicas: ReplicaModel | None = None,
 ) -> Figures:
     """Run one scenario over a workload; deterministic given its inputs."""
+    replicas = replicas or ReplicaModel()
     started = time.perf_counter()
     bt = tokenization.block_tokens
     now = 0.0
@@ -581,7 +590,6 @@ def summarize(scenario: Scenario, replicas: ReplicaModel, measured: list[Request
     return Figures(
         workers=scenario.workers,
         gateways=scenario.gateways,
-        balancing=scenario.balancing.value,
         policy=scenario.policy.value,
         lb=scenario.label,
         index=scenario.index,
@@ -727,7 +735,7 @@ def matrix_rows(
     cell = {
         (f.gateways, f.workers): value(f)
         for f in figures
-        if f.policy == Policy.PREFIX and (f.gateways == 1 or (f.balancing == balancing and f.index == index))
+        if f.policy == Policy.PREFIX and (f.gateways == 1 or (f.lb == balancing and f.index == index))
     }
     header = ["gateways \\ workers", *map(str, workers)]
     rows = [[str(g), *(f"{cell[g, w]:.3f}" if (g, w) in cell else "-" for w in workers)] for g in gateways]
