@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +127,23 @@ class PrometheusServer:
         return PrometheusClient(self.url)
 
 
+def _start_daemon(
+    supervisor: Supervisor,
+    name: str,
+    binary: str,
+    config: Mapping[str, Any],
+    config_path: Path,
+    args: Callable[[str], list[str]],
+    port: int | None,
+) -> tuple[ManagedProcess, str]:
+    """Write ``config`` as YAML to ``config_path`` and start ``binary`` on 127.0.0.1 (``args(address)``)."""
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    address = f"127.0.0.1:{port or free_port()}"
+    proc = supervisor.spawn(name, [binary, *args(address)], ready_url=f"http://{address}/-/ready", timeout=60)
+    return proc, f"http://{address}"
+
+
 def start_prometheus(
     supervisor: Supervisor,
     workdir: Path,
@@ -140,24 +157,22 @@ def start_prometheus(
     binary = binary or find_prometheus()
     if binary is None:
         raise FileNotFoundError("prometheus is not installed (Debian: apt-get install prometheus)")
-    workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = supervisor.spawn(
+    proc, url = _start_daemon(
+        supervisor,
         "prometheus",
-        [
-            binary,
+        binary,
+        config,
+        config_path,
+        lambda address: [
             f"--config.file={config_path}",
             f"--storage.tsdb.path={workdir / 'data'}",
             f"--storage.tsdb.retention.time={retention}",
-            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.listen-address={address}",
             "--web.enable-lifecycle",
             "--enable-feature=exemplar-storage",
         ],
-        ready_url=f"{url}/-/ready",
-        timeout=60,
+        port,
     )
     return PrometheusServer(proc, url, config_path)
 
@@ -202,21 +217,19 @@ def start_alertmanager(
     binary = binary or find_alertmanager()
     if binary is None:
         raise FileNotFoundError("alertmanager is not installed (Debian: apt-get install prometheus-alertmanager)")
-    workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "alertmanager.yml"
-    config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
-    port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = supervisor.spawn(
+    proc, url = _start_daemon(
+        supervisor,
         "alertmanager",
-        [
-            binary,
+        binary,
+        config,
+        config_path,
+        lambda address: [
             f"--config.file={config_path}",
             f"--storage.path={workdir / 'am-data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.listen-address={address}",
             "--cluster.listen-address=",
         ],
-        ready_url=f"{url}/-/ready",
-        timeout=60,
+        port,
     )
     return AlertmanagerServer(proc, url)
