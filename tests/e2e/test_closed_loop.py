@@ -267,24 +267,30 @@ def test_every_runbook_query_runs_on_the_live_stack(loop: Loop) -> None:
     assert prefill and all(loop.prom.query(q) for q in prefill)
 
 
-def test_slow_prefill_pages_the_prefill_owner_and_resolves(loop: Loop) -> None:
+def page_during_fault(loop: Loop, stage: str, **fault: float) -> Notification:
+    """Inject ``fault`` at every engine until the page receiver gets a firing alert owned by ``stage``; then clear."""
     started = time.monotonic()
-    # Prefill takes 300x longer: a few milliseconds on the tiny engine become about a second.
-    loop.set_fault(prefill_slowdown=300)
+    loop.set_fault(**fault)
     try:
         page = loop.receiver.wait_for(
-            lambda n: n.receiver == "page" and n.status == "firing" and n.labels.get("stage") == "prefill",
+            lambda n: n.receiver == "page" and n.status == "firing" and n.labels.get("stage") == stage,
             since=started,
             timeout=180,
         )
     finally:
         loop.clear_faults()
     assert page.labels["sloth_severity"] == "page"
+    text = runbook_text(page.annotations["runbook_url"])
+    assert page.labels["alertname"] in text and stage in text.lower()
+    return page
+
+
+def test_slow_prefill_pages_the_prefill_owner_and_resolves(loop: Loop) -> None:
+    started = time.monotonic()
+    # Prefill takes 300x longer: a few milliseconds on the tiny engine become about a second.
+    page = page_during_fault(loop, "prefill", prefill_slowdown=300)
     assert page.labels["owner"] == "serving"
     assert page.labels["alertname"] in {"LLMAPITTFTBurn", "LLMAPIPrefillLatencyBurn"}
-    text = runbook_text(page.annotations["runbook_url"])
-    assert page.labels["alertname"] in text
-    assert "prefill" in text.lower()
     # A slow prefill is not an availability problem: no request failed.
     assert not any(n.labels["alertname"] == "LLMAPIAvailabilityBurn" for n in loop.receiver.since(started))
 
@@ -299,20 +305,9 @@ def test_slow_prefill_pages_the_prefill_owner_and_resolves(loop: Loop) -> None:
 
 def test_a_queue_fault_pages_the_schedule_owner(loop: Loop) -> None:
     loop.wait_until(lambda: not loop.firing(), 240, "the prefill fault's alerts to resolve")
-    started = time.monotonic()
-    loop.set_fault(queue_delay_s=0.6)
-    try:
-        page = loop.receiver.wait_for(
-            lambda n: n.receiver == "page" and n.status == "firing" and n.labels.get("stage") == "schedule",
-            since=started,
-            timeout=180,
-        )
-    finally:
-        loop.clear_faults()
+    page = page_during_fault(loop, "schedule", queue_delay_s=0.6)
     assert page.labels["alertname"] == "LLMAPISchedulingLatencyBurn"
     assert page.labels["owner"] == "serving"
-    text = runbook_text(page.annotations["runbook_url"])
-    assert "LLMAPISchedulingLatencyBurn" in text and "schedule" in text.lower()
 
 
 def test_prometheus_sli_matches_the_ledger_and_token_counts_match_the_engines(loop: Loop) -> None:
