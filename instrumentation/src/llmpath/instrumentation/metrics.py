@@ -6,6 +6,7 @@ children are cached per label combination, which the cardinality guard keeps bou
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -32,9 +33,9 @@ from llmpath.instrumentation.catalog import (
     MetricSpec,
     StageGroup,
 )
+from llmpath.instrumentation.compact import CompactCounter, CompactFamilies, CompactHistogram
 from llmpath.instrumentation.exposition import multiprocess_dir
 from llmpath.instrumentation.guard import CardinalityGuard
-from llmpath.instrumentation.histograms import CompactHistogram
 
 Exemplar = dict[str, str] | None
 
@@ -60,20 +61,40 @@ def create_metric(spec: MetricSpec, registry: CollectorRegistry | None, **kwargs
     raise ValueError(f"unsupported metric kind {spec.kind!r} for {spec.name}")
 
 
-class _RouteModel:
-    """Pre-bound children of the ``{route, model}`` families."""
+class _Unlocked:
+    """A prometheus-client child behind the compact ``add`` interface (multiprocess mode, where values live in
+    prometheus-client's files and lock themselves)."""
 
-    __slots__ = ("codes", "duration", "tpot", "ttft")
+    __slots__ = ("add",)
+
+    def __init__(self, add: Any) -> None:
+        self.add = add
+
+
+class _RouteModel:
+    """Pre-bound children of an admitted ``{route, model}`` pair, and its per-stage and per-tenant children."""
+
+    __slots__ = ("codes", "duration", "model", "route", "stages", "tenants", "tpot", "ttft")
 
     def __init__(self, fam: PrometheusMetrics, route: str, model: str) -> None:
-        self.duration = fam.request_duration.labels(route, model)
-        self.ttft = fam.ttft.labels(route, model)
-        self.tpot = fam.tpot.labels(route, model)
+        self.route = route
+        self.model = model
+        self.duration = fam.bind(fam.request_duration, route, model)
+        self.ttft = fam.bind(fam.ttft, route, model)
+        self.tpot = fam.bind(fam.tpot, route, model)
         self.codes: dict[int, Any] = {}
+        #: stage name → (child, indexes of its stage groups); shared by every model of the route.
+        self.stages = fam.stage_children(route)
+        #: tenant → children of the three token types.
+        self.tenants: dict[str, tuple[Any, Any, Any]] = {}
 
 
 class PrometheusMetrics:
-    """The llmpath families on one registry; get it with :func:`metrics_for` (one instance per registry)."""
+    """The llmpath families on one registry; get it with :func:`metrics_for` (one instance per registry).
+
+    In single-process mode the per-request families are compact collectors sharing one lock, taken once per
+    request (:mod:`llmpath.instrumentation.compact`); in multiprocess mode they are prometheus-client's.
+    """
 
     def __init__(
         self,
@@ -87,13 +108,15 @@ class PrometheusMetrics:
         self.latency_buckets = tuple(latency_buckets)
         self.tpot_buckets = tuple(tpot_buckets)
         reg = registry
-        self.requests = Counter(REQUESTS_TOTAL, _help(REQUESTS_TOTAL), _labels(REQUESTS_TOTAL), registry=reg)
+        self._compact = CompactFamilies(reg) if multiprocess_dir() is None else None
+        self._batch: Any = self._compact.batch() if self._compact is not None else contextlib.nullcontext()
+        self.requests = self._counter(REQUESTS_TOTAL)
         self.request_duration = self._histogram(REQUEST_DURATION, self.latency_buckets)
         self.stage_duration = self._histogram(STAGE_DURATION, self.latency_buckets)
         self.group_duration = self._histogram(STAGE_GROUP_DURATION, self.latency_buckets)
         self.ttft = self._histogram(TIME_TO_FIRST_TOKEN, self.latency_buckets)
         self.tpot = self._histogram(TIME_PER_OUTPUT_TOKEN, self.tpot_buckets)
-        self.tokens = Counter(TOKENS_TOTAL, _help(TOKENS_TOTAL), _labels(TOKENS_TOTAL), registry=reg)
+        self.tokens = self._counter(TOKENS_TOTAL)
         self.overflow = Counter(
             LABEL_OVERFLOW_TOTAL, _help(LABEL_OVERFLOW_TOTAL), _labels(LABEL_OVERFLOW_TOTAL), registry=reg
         )
@@ -101,14 +124,25 @@ class PrometheusMetrics:
         self._rm: dict[tuple[str, str], _RouteModel] = {}
         self._stage: dict[str, dict[str, tuple[Any, tuple[int, ...]]]] = {}
         self._group: dict[str, tuple[Any, ...]] = {}
-        self._tokens: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self._extra: dict[str, MetricWrapperBase] = {}
         self._lock = threading.Lock()
 
     def _histogram(self, name: str, buckets: Sequence[float]) -> Histogram | CompactHistogram:
-        if multiprocess_dir() is not None:  # values must live in prometheus-client's shared files
+        if self._compact is None:  # multiprocess: values must live in prometheus-client's shared files
             return Histogram(name, _help(name), _labels(name), buckets=buckets, registry=self.registry)
-        return CompactHistogram(name, _help(name), _labels(name), buckets, self.registry)
+        return self._compact.histogram(name, _help(name), _labels(name), buckets)
+
+    def _counter(self, name: str) -> Counter | CompactCounter:
+        if self._compact is None:
+            return Counter(name, _help(name), _labels(name), registry=self.registry)
+        return self._compact.counter(name, _help(name), _labels(name))
+
+    def bind(self, family: Any, *labels: str) -> Any:
+        """The child of ``family`` for ``labels`` with an ``add`` method (call it inside :meth:`batch`)."""
+        child = family.labels(*labels)
+        if self._compact is not None:
+            return child
+        return _Unlocked(child.observe if isinstance(family, Histogram) else child.inc)
 
     # ---- gateway (and other) catalog metrics on the same registry ----------------------------
 
@@ -129,12 +163,6 @@ class PrometheusMetrics:
 
     # ---- per-request observation --------------------------------------------------------------
 
-    def _route_model(self, route: str, model: str) -> _RouteModel:
-        rm = self._rm.get((route, model))
-        if rm is None:
-            rm = self._rm[(route, model)] = _RouteModel(self, route, model)
-        return rm
-
     def observe_request(
         self,
         guard: CardinalityGuard,
@@ -149,51 +177,83 @@ class PrometheusMetrics:
         usage: Sequence[int] | None,
         exemplar: Exemplar,
     ) -> None:
-        """All of a finished request's observations (label values pass the cardinality guard here)."""
+        """All of a finished request's observations (label values pass the cardinality guard here), under one
+        lock acquisition."""
+        rm = self._rm.get((route, model))
+        if rm is None:
+            rm = self._admit(guard, route, model, ttft, tpot, bool(stage_sums), usage)
+        if usage is not None:
+            tenant = tenant or "unknown"
+            tokens = rm.tenants.get(tenant)
+            if tokens is None:
+                tokens = self._admit_tenant(guard, rm, tenant)
+        counter = rm.codes.get(code)
+        if counter is None:
+            counter = rm.codes[code] = self.bind(self.requests, rm.route, rm.model, str(code))
+        with self._batch:
+            counter.add(1)
+            rm.duration.add(duration, exemplar)
+            if ttft is not None:
+                rm.ttft.add(ttft, exemplar)
+            if tpot is not None:
+                rm.tpot.add(tpot, exemplar)
+            if stage_sums:
+                self._observe_stages(guard, rm, stage_sums, exemplar)
+            if usage is not None:
+                for child, n in zip(tokens, usage, strict=True):
+                    if n:
+                        child.add(n)
+
+    def _admit(
+        self,
+        guard: CardinalityGuard,
+        route: str,
+        model: str,
+        ttft: float | None,
+        tpot: float | None,
+        stages: bool,
+        usage: Sequence[int] | None,
+    ) -> _RouteModel:
+        """The children of a ``{route, model}`` pair not seen yet, or of one with an overflowed label (those are
+        not cached under the raw values, which are unbounded, and their overflow is counted on every request)."""
         g_route = guard.admit("route", route)
         g_model = guard.admit("model", model)
-        if g_route is OVERFLOW_LABEL_VALUE or g_model is OVERFLOW_LABEL_VALUE:
-            self._count_overflow(g_route is OVERFLOW_LABEL_VALUE, g_model is OVERFLOW_LABEL_VALUE, ttft, tpot, usage)
-            if g_route is OVERFLOW_LABEL_VALUE and stage_sums:
-                self.overflow.labels(STAGE_DURATION, "route").inc()
         rm = self._rm.get((g_route, g_model))
         if rm is None:
             rm = self._rm[(g_route, g_model)] = _RouteModel(self, g_route, g_model)
-        counter = rm.codes.get(code)
-        if counter is None:
-            counter = rm.codes[code] = self.requests.labels(g_route, g_model, str(code))
-        counter.inc()
-        rm.duration.observe(duration, exemplar)
-        if ttft is not None:
-            rm.ttft.observe(ttft, exemplar)
-        if tpot is not None:
-            rm.tpot.observe(tpot, exemplar)
-        if stage_sums:
-            self._observe_stages(guard, g_route, stage_sums, exemplar)
-        if usage is not None:
-            g_tenant = guard.admit("tenant", tenant or "unknown")
-            if g_tenant is OVERFLOW_LABEL_VALUE:
-                self.overflow.labels(TOKENS_TOTAL, "tenant").inc()
-            key = (g_route, g_model, g_tenant)
-            children = self._tokens.get(key)
-            if children is None:
-                children = self._tokens[key] = tuple(self.tokens.labels(*key, t) for t in TOKEN_TYPES)  # type: ignore[assignment]
-            for child, n in zip(children, usage, strict=True):
-                if n:
-                    child.inc(n)
+        if g_route is OVERFLOW_LABEL_VALUE or g_model is OVERFLOW_LABEL_VALUE:
+            self._count_overflow(g_route is OVERFLOW_LABEL_VALUE, g_model is OVERFLOW_LABEL_VALUE, ttft, tpot, usage)
+            if g_route is OVERFLOW_LABEL_VALUE and stages:
+                self.overflow.labels(STAGE_DURATION, "route").inc()
+        return rm
 
-    def _observe_stages(
-        self, guard: CardinalityGuard, route: str, stage_sums: Mapping[str, float], exemplar: Exemplar
-    ) -> None:
+    def _admit_tenant(self, guard: CardinalityGuard, rm: _RouteModel, tenant: str) -> tuple[Any, Any, Any]:
+        g_tenant = guard.admit("tenant", tenant)
+        children = tuple(self.bind(self.tokens, rm.route, rm.model, g_tenant, t) for t in TOKEN_TYPES)
+        if g_tenant is OVERFLOW_LABEL_VALUE:
+            self.overflow.labels(TOKENS_TOTAL, "tenant").inc()  # counted on every request: not cached
+        else:
+            rm.tenants[tenant] = children  # type: ignore[assignment]
+        return children  # type: ignore[return-value]
+
+    def stage_children(self, route: str) -> dict[str, tuple[Any, tuple[int, ...]]]:
+        """stage name → (child of ``llmpath_stage_duration_seconds{stage, route}``, its group indexes)."""
         by_stage = self._stage.get(route)
         if by_stage is None:
             by_stage = self._stage[route] = {}
+        return by_stage
+
+    def _observe_stages(
+        self, guard: CardinalityGuard, rm: _RouteModel, stage_sums: Mapping[str, float], exemplar: Exemplar
+    ) -> None:
+        by_stage = rm.stages
+        route = rm.route
         totals: list[float] | None = None
         for name, seconds in stage_sums.items():
             bound = by_stage.get(name)
             if bound is None:
                 bound = self._bind_stage(guard, route, name, by_stage)
-            bound[0].observe(seconds, exemplar)
+            bound[0].add(seconds, exemplar)
             if bound[1]:
                 if totals is None:
                     totals = [0.0] * len(self.groups)
@@ -202,17 +262,19 @@ class PrometheusMetrics:
         if totals is not None:
             children = self._group.get(route)
             if children is None:
-                children = self._group[route] = tuple(self.group_duration.labels(g.name, route) for g in self.groups)
+                children = self._group[route] = tuple(
+                    self.bind(self.group_duration, g.name, route) for g in self.groups
+                )
             for child, seconds, group in zip(children, totals, self.groups, strict=True):
                 if seconds or any(st in stage_sums for st in group.stages):
-                    child.observe(seconds, exemplar)
+                    child.add(seconds, exemplar)
 
     def _bind_stage(
         self, guard: CardinalityGuard, route: str, name: str, by_stage: dict[str, tuple[Any, tuple[int, ...]]]
     ) -> tuple[Any, tuple[int, ...]]:
         g_name = guard.admit("stage", name)
         groups = tuple(i for i, g in enumerate(self.groups) if name in g.stages)
-        bound = (self.stage_duration.labels(g_name, route), groups)
+        bound = (self.bind(self.stage_duration, g_name, route), groups)
         if g_name is OVERFLOW_LABEL_VALUE:
             self.overflow.labels(STAGE_DURATION, "stage").inc()  # not cached: counted on every observation
         else:
