@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -27,7 +28,7 @@ def _observe(histogram, counter, *, compact: bool) -> None:
         child = histogram.labels("chat", "llama")
         exemplar = {"trace_id": f"{i:032x}"} if i % 3 == 0 else None
         if compact:
-            child.add(v, exemplar)
+            child.add(v, (exemplar, time.time()) if exemplar else None)
         else:
             child.observe(v, exemplar)
     observe = "add" if compact else "observe"

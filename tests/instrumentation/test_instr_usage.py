@@ -17,6 +17,7 @@ from llmpath.instrumentation import (
     instrument_app,
     read_jsonl,
 )
+from llmpath.instrumentation.usage import UsageDispatcher, intervals_json, stages_json
 
 BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "SECRET-PROMPT-TEXT"}]}
 
@@ -151,3 +152,27 @@ async def test_no_sink_means_no_records_but_metrics(make_harness):
     async with h.client() as c:
         await c.post("/v1/chat/completions", json=BODY)
     assert h.value("llmpath_requests_total", route="chat", model="tiny-llama", code="200") == 1
+
+
+async def test_jsonl_only_ledgers_get_the_same_lines_without_record_objects(make_harness, tmp_path):
+    """With only JSON-lines sinks the record is serialised straight from the request; the line must be what
+    ``UsageRecord.to_json`` makes of the record an object sink receives for the same request."""
+    lines_only = JsonlUsageSink(tmp_path / "direct.jsonl")
+    mixed = JsonlUsageSink(tmp_path / "mixed.jsonl")
+    seen: list[UsageRecord] = []
+    assert not UsageDispatcher([lines_only]).needs_records and UsageDispatcher([mixed, seen.append]).needs_records
+    h = make_harness(usage_sink=[lines_only])
+    async with h.client() as c:
+        await c.post("/v1/chat/completions", json=BODY, headers={"x-request-id": "req-1"})
+    [direct] = (tmp_path / "direct.jsonl").read_text().splitlines()
+    record = UsageRecord.from_dict(json.loads(direct))
+    assert record.request_id == "req-1" and [s.name for s in record.stages][:2] == ["auth", "validate"]
+    assert record.extra == {"backend": "engine-a", "matched_prefix_tokens": 96}
+    assert direct == record.to_json()  # the same bytes as the object path (microsecond precision round-trips)
+    line = intervals_json([("auth", 10.5, 10.5015, "gateway"), ("prefill", 10.51, 10.53, "backend")], 10.5)
+    assert line == stages_json(
+        [StageTiming("auth", 0.0, 0.0015, "gateway"), StageTiming("prefill", 0.01, 0.02, "backend")]
+    )
+    mixed_dispatcher = UsageDispatcher([mixed, seen.append])
+    mixed_dispatcher.emit(record)
+    assert seen == [record] and (tmp_path / "mixed.jsonl").read_text() == direct + "\n"

@@ -31,37 +31,43 @@ def _use_created() -> bool:
     return bool(getattr(_pc_metrics, "_use_created", True))
 
 
+#: An exemplar's labels and timestamp, made once per request and shared by its observations.
+ExemplarTag = tuple[dict[str, str], float]
+
+
 class HistogramChild:
     """One labelled histogram series: ``observe(value, exemplar=None)`` like prometheus-client's children, and
-    ``add(value, exemplar=None)`` for callers that hold the family lock (see :meth:`CompactFamilies.batch`)."""
+    ``add(value, tag=None)`` for callers that hold the family lock (see :meth:`CompactFamilies.batch`)."""
 
     __slots__ = ("_bounds", "_counts", "_exemplars", "_lock", "_sum", "created")
 
     def __init__(self, bounds: tuple[float, ...], lock: threading.Lock) -> None:
         self._bounds = bounds
         self._counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
-        self._exemplars: list[Exemplar | None] = [None] * (len(bounds) + 1)
+        self._exemplars: list[tuple[ExemplarTag, float] | None] = [None] * (len(bounds) + 1)
         self._sum = 0.0
         self._lock = lock
         self.created = time()
 
-    def add(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
-        """Count ``amount`` in its bucket (``le`` semantics) and add it to the sum; the caller holds the lock."""
+    def add(self, amount: float, tag: ExemplarTag | None = None) -> None:
+        """Count ``amount`` in its bucket (``le`` semantics) and add it to the sum; the caller holds the lock.
+        With ``tag``, ``amount`` becomes the bucket's exemplar."""
         i = bisect_left(self._bounds, amount)
         self._counts[i] += 1
         self._sum += amount
-        if exemplar:
-            self._exemplars[i] = Exemplar(exemplar, amount, time())
+        if tag is not None:
+            self._exemplars[i] = (tag, amount)
 
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
-        """:meth:`add` under the lock."""
+        """:meth:`add` under the lock (``exemplar``: its labels, e.g. ``{"trace_id": ...}``)."""
         with self._lock:
-            self.add(amount, exemplar)
+            self.add(amount, (exemplar, time()) if exemplar else None)
 
     def snapshot(self) -> tuple[list[int], float, list[Exemplar | None]]:
         """Counts per bucket (not cumulative), sum and exemplars, read consistently."""
         with self._lock:
-            return list(self._counts), self._sum, list(self._exemplars)
+            counts, total, tagged = list(self._counts), self._sum, list(self._exemplars)
+        return counts, total, [None if t is None else Exemplar(t[0][0], t[1], t[0][1]) for t in tagged]
 
 
 class CounterChild:

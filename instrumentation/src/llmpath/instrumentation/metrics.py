@@ -33,11 +33,11 @@ from llmpath.instrumentation.catalog import (
     MetricSpec,
     StageGroup,
 )
-from llmpath.instrumentation.compact import CompactCounter, CompactFamilies, CompactHistogram
+from llmpath.instrumentation.compact import CompactCounter, CompactFamilies, CompactHistogram, ExemplarTag
 from llmpath.instrumentation.exposition import multiprocess_dir
 from llmpath.instrumentation.guard import CardinalityGuard
 
-Exemplar = dict[str, str] | None
+Exemplar = ExemplarTag | None
 
 
 def _help(name: str) -> str:
@@ -142,7 +142,7 @@ class PrometheusMetrics:
         child = family.labels(*labels)
         if self._compact is not None:
             return child
-        return _Unlocked(child.observe if isinstance(family, Histogram) else child.inc)
+        return _Unlocked(child.observe if isinstance(family, Histogram) else child.inc)  # no exemplars there
 
     # ---- gateway (and other) catalog metrics on the same registry ----------------------------
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from operator import itemgetter
 from random import getrandbits
-from time import perf_counter, time_ns
+from time import perf_counter, time, time_ns
 from typing import Any
 
 from opentelemetry import context, propagate, trace
@@ -41,7 +41,14 @@ from llmpath.instrumentation.metrics import metrics_for
 from llmpath.instrumentation.request import RequestTelemetry, StageInterval
 from llmpath.instrumentation.spans import SdkSpanEmitter, SdkTracer
 from llmpath.instrumentation.tracing import ASGI_GETTER, INSTRUMENTATION_NAME
-from llmpath.instrumentation.usage import SinkLike, StageTiming, UsageDispatcher, UsageRecord
+from llmpath.instrumentation.usage import (
+    SinkLike,
+    StageTiming,
+    UsageDispatcher,
+    UsageRecord,
+    intervals_json,
+    record_json,
+)
 
 try:
     __version__ = version("llmpath-instrumentation")
@@ -57,6 +64,7 @@ UNMATCHED_ROUTE = "__unmatched__"
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode()
 _BY_START = itemgetter(1)
+_NO_USAGE = (0, 0, 0)
 
 
 class Instrumentation:
@@ -285,7 +293,7 @@ class Instrumentation:
         route = req.route
         model = req.model or "unknown"
         code = req.status_code
-        exemplar = {"trace_id": req.trace_id} if req.sampled and self.exemplars else None  # type: ignore[dict-item]
+        exemplar = ({"trace_id": req.trace_id}, time()) if req.sampled and self.exemplars else None  # type: ignore[dict-item]
         self.metrics.observe_request(
             self.guard, route, model, req.tenant, code, duration, ttft, tpot, sums, usage, exemplar
         )
@@ -299,28 +307,66 @@ class Instrumentation:
                 error_type=error,
             )
         if self.usage:
-            new = tuple.__new__  # StageTiming is a NamedTuple: build it without the Python-level constructor
-            self.usage.emit(
-                UsageRecord(
-                    req.request_id,
-                    req.trace_id,
-                    req.start_ns / 1e9,
-                    req.tenant,
-                    route,
-                    model,
-                    usage[0] if usage else 0,
-                    usage[1] if usage else 0,
-                    usage[2] if usage else 0,
-                    [new(StageTiming, (name, s - start, e - s, source)) for name, s, e, source in stages],
-                    ttft,
-                    duration,
-                    code,
-                    unattributed,
-                    tpot,
-                    req.error,
-                    req.extra or {},
-                )
+            self._emit_usage(req, route, model, stages, ttft, duration, code, unattributed, tpot)
+
+    def _emit_usage(
+        self,
+        req: RequestTelemetry,
+        route: str,
+        model: str,
+        stages: list[StageInterval],
+        ttft: float | None,
+        duration: float,
+        code: int,
+        unattributed: float | None,
+        tpot: float | None,
+    ) -> None:
+        usage = req.usage or _NO_USAGE
+        start = req.start
+        if not self.usage.needs_records:  # JSON-lines sinks only: serialise straight from the request
+            line = record_json(
+                req.request_id,
+                req.trace_id,
+                req.start_ns / 1e9,
+                req.tenant,
+                route,
+                model,
+                usage[0],
+                usage[1],
+                usage[2],
+                intervals_json(stages, start),
+                ttft,
+                duration,
+                code,
+                unattributed,
+                tpot,
+                req.error,
+                req.extra,
             )
+            self.usage.emit_line((line + "\n").encode(), req.request_id)
+            return
+        new = tuple.__new__  # StageTiming is a NamedTuple: build it without the Python-level constructor
+        self.usage.emit(
+            UsageRecord(
+                req.request_id,
+                req.trace_id,
+                req.start_ns / 1e9,
+                req.tenant,
+                route,
+                model,
+                usage[0],
+                usage[1],
+                usage[2],
+                [new(StageTiming, (name, s - start, e - s, source)) for name, s, e, source in stages],
+                ttft,
+                duration,
+                code,
+                unattributed,
+                tpot,
+                req.error,
+                req.extra or {},
+            )
+        )
 
     def close(self, req: RequestTelemetry, token: object | None) -> None:
         """End the request's spans (after the response is sent) and restore the context."""
