@@ -323,50 +323,15 @@ class Instrumentation:
     ) -> None:
         usage = req.usage or _NO_USAGE
         start = req.start
+        head = (req.request_id, req.trace_id, req.start_ns / 1e9, req.tenant, route, model, *usage)
+        tail = (ttft, duration, code, unattributed, tpot, req.error)
         if not self.usage.needs_records:  # JSON-lines sinks only: serialise straight from the request
-            line = record_json(
-                req.request_id,
-                req.trace_id,
-                req.start_ns / 1e9,
-                req.tenant,
-                route,
-                model,
-                usage[0],
-                usage[1],
-                usage[2],
-                intervals_json(stages, start),
-                ttft,
-                duration,
-                code,
-                unattributed,
-                tpot,
-                req.error,
-                req.extra,
-            )
+            line = record_json(*head, intervals_json(stages, start), *tail, req.extra)
             self.usage.emit_line((line + "\n").encode(), req.request_id)
             return
         new = tuple.__new__  # StageTiming is a NamedTuple: build it without the Python-level constructor
-        self.usage.emit(
-            UsageRecord(
-                req.request_id,
-                req.trace_id,
-                req.start_ns / 1e9,
-                req.tenant,
-                route,
-                model,
-                usage[0],
-                usage[1],
-                usage[2],
-                [new(StageTiming, (name, s - start, e - s, source)) for name, s, e, source in stages],
-                ttft,
-                duration,
-                code,
-                unattributed,
-                tpot,
-                req.error,
-                req.extra or {},
-            )
-        )
+        timeline = [new(StageTiming, (name, s - start, e - s, source)) for name, s, e, source in stages]
+        self.usage.emit(UsageRecord(*head, timeline, *tail, req.extra or {}))
 
     def close(self, req: RequestTelemetry, token: object | None) -> None:
         """End the request's spans (after the response is sent) and restore the context."""
