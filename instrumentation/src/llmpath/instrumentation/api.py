@@ -201,19 +201,21 @@ def record_usage(
     """Token accounting for the current request: ``input_tokens`` counts every prompt token, ``cached_tokens`` the
     subset served from cache. Calling it again (a request with several model calls) adds to the counts; ``model``
     and ``tenant`` become the request's labels unless :func:`set_request_labels` set them."""
-    counts = [int(input_tokens), int(cached_tokens), int(output_tokens)]
-    if min(counts) < 0:
-        raise ValueError(f"token counts must be >= 0, got input={counts[0]} cached={counts[1]} output={counts[2]}")
-    if counts[1] > counts[0]:
-        raise ValueError(f"cached_tokens ({counts[1]}) cannot exceed input_tokens ({counts[0]})")
+    n_in, n_cached, n_out = int(input_tokens), int(cached_tokens), int(output_tokens)
+    if n_in < 0 or n_cached < 0 or n_out < 0:
+        raise ValueError(f"token counts must be >= 0, got input={n_in} cached={n_cached} output={n_out}")
+    if n_cached > n_in:
+        raise ValueError(f"cached_tokens ({n_cached}) cannot exceed input_tokens ({n_in})")
     req = CURRENT.get()
     if req is None:
         return
-    if req.usage is None:
-        req.usage = counts
+    usage = req.usage
+    if usage is None:
+        req.usage = [n_in, n_cached, n_out]
     else:
-        for i, n in enumerate(counts):
-            req.usage[i] += n
+        usage[0] += n_in
+        usage[1] += n_cached
+        usage[2] += n_out
     if req.model is None:
         req.model = str(model)
     if tenant is not None and req.tenant is None:

@@ -112,6 +112,7 @@ class Instrumentation:
         self._emitter_key: object = None
         self._textmap: object = None
         self._trace_fields: frozenset[bytes] = frozenset()
+        self._stage_spans: dict[str, tuple[str, dict[str, Any]]] = {}
 
     # ---- public helpers -------------------------------------------------------------------
 
@@ -189,7 +190,7 @@ class Instrumentation:
             token = context.attach(trace.set_span_in_context(span, parent))
         req.span = span
         req.trace_id_int = span.get_span_context().trace_id
-        if span.is_recording():
+        if span.is_recording():  # sampled (a NonRecordingSpan otherwise)
             req.sampled = True
             req.emitter = emitter = self._span_emitter()
             if emitter is not None:
@@ -348,23 +349,33 @@ class Instrumentation:
         route = req.route
         emitter = req.emitter
         if emitter is not None:
-            owners = self.owners
-            epoch_ns = req.epoch_ns
+            shapes = self._stage_spans
+            origin, origin_ns = req.start, req.start_ns
             for name, ctx, parent, attributes, t0, t1, error in req.pending_stages or ():
-                attrs = {ATTR_STAGE: name, ATTR_TIMING_SOURCE: "gateway", ATTR_ROUTE: route}
-                owner = owners.get(name)
-                if owner is not None:
-                    attrs[ATTR_STAGE_OWNER] = owner
+                shape = shapes.get(name) or self._stage_span_shape(name)
+                attrs = {**shape[1], ATTR_ROUTE: route}
                 if attributes:
                     attrs.update(attributes)
                 if error is not None:
                     attrs["error.type"] = error
-                emitter.emit(STAGE_SPAN_NAME.format(stage=name), ctx, parent, attrs, epoch_ns(t0), epoch_ns(t1), error)
+                start_ns = origin_ns + int((t0 - origin) * 1e9)
+                emitter.emit(shape[0], ctx, parent, attrs, start_ns, origin_ns + int((t1 - origin) * 1e9), error)
         for span, t1 in req.pending_spans or ():
             span.set_attribute(ATTR_ROUTE, route)
             span.end(end_time=req.epoch_ns(t1))
         if req.owns_span and req.span is not None:
             req.span.end()  # now: the server span covers sending the last message
+
+    def _stage_span_shape(self, name: str) -> tuple[str, dict[str, Any]]:
+        """A stage span's name and the attributes every span of that stage has (cached per stage name)."""
+        attrs = {ATTR_STAGE: name, ATTR_TIMING_SOURCE: "gateway"}
+        owner = self.owners.get(name)
+        if owner is not None:
+            attrs[ATTR_STAGE_OWNER] = owner
+        shape = (STAGE_SPAN_NAME.format(stage=name), attrs)
+        if len(self._stage_spans) < 256:  # stage names are validated and few; bound it anyway
+            self._stage_spans[name] = shape
+        return shape
 
     def _annotate_server_span(self, req: RequestTelemetry) -> None:
         span = req.span
