@@ -21,6 +21,7 @@ class GatewayMetrics:
         self._queue_depth = metric(catalog.ADMISSION_QUEUE_DEPTH)
         self._rejections = metric(catalog.ADMISSION_REJECTIONS_TOTAL)
         self._children: dict[tuple[object, ...], Any] = {}
+        self._admission_last: tuple[int, int] | None = None
 
     def _child(self, family: Any, *labels: str) -> Any:
         key = (id(family), *labels)
@@ -42,11 +43,18 @@ class GatewayMetrics:
 
     def backend_state(self, backend: str, *, up: bool, inflight: int) -> None:
         self._child(self._backend_up, backend).set(1 if up else 0)
+        self.backend_inflight(backend, inflight)
+
+    def backend_inflight(self, backend: str, inflight: int) -> None:
         self._child(self._backend_inflight, backend).set(inflight)
 
     def admission(self, inflight: int, queue_depth: int) -> None:
-        self._admission_inflight.set(inflight)
-        self._queue_depth.set(queue_depth)
+        last = self._admission_last
+        if last is None or last[0] != inflight:
+            self._admission_inflight.set(inflight)
+        if last is None or last[1] != queue_depth:
+            self._queue_depth.set(queue_depth)
+        self._admission_last = (inflight, queue_depth)
 
     def rejection(self, reason: str) -> None:
         self._child(self._rejections, reason).inc()

@@ -69,8 +69,10 @@ class BackendPool:
         self.states = {s.name: s for s in states}
         self.health = health
         self.clock = clock
-        #: Called whenever a backend's availability or in-flight count changes (metrics gauges).
+        #: Called whenever a backend's availability changes (metrics gauges).
         self.on_change = on_change
+        #: Called whenever a backend's in-flight count changes (twice per request: keep it cheap).
+        self.on_inflight: Callable[[BackendState], None] | None = None
         #: Called when a backend is ejected (the prompt cache forgets what it held).
         self.on_eject = on_eject
         self._task: asyncio.Task[None] | None = None
@@ -98,12 +100,14 @@ class BackendPool:
     def acquire(self, name: str) -> None:
         state = self.states[name]
         state.inflight += 1
-        self._changed(state)
+        if self.on_inflight is not None:
+            self.on_inflight(state)
 
     def release(self, name: str) -> None:
         state = self.states[name]
         state.inflight -= 1
-        self._changed(state)
+        if self.on_inflight is not None:
+            self.on_inflight(state)
 
     def report_success(self, name: str) -> None:
         state = self.states[name]

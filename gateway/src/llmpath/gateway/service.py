@@ -141,6 +141,7 @@ class Gateway:
         self.metrics = metrics
         clock = self.pool.clock
         self.pool.on_change = lambda s: metrics.backend_state(s.name, up=s.available(clock()), inflight=s.inflight)
+        self.pool.on_inflight = lambda s: metrics.backend_inflight(s.name, s.inflight)
         self.admission.on_change = metrics.admission
         for state in self.pool.states.values():
             metrics.backend_state(state.name, up=state.available(clock()), inflight=state.inflight)
