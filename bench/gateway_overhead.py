@@ -116,6 +116,12 @@ def _cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _self_cpu() -> float:
+    """User + system CPU time of this process (the load generator)."""
+    t = os.times()
+    return t.user + t.system
+
+
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -161,7 +167,7 @@ def main() -> None:
     with Supervisor(tmp) as sup:
         engine_cmd = [LLMPATH, "engine", "serve", "--preset", args.preset, "--port", str(engine_port)]
         engine_cmd += ["--threads", str(args.engine_threads), "--max-running", "64"]
-        sup.spawn("engine", engine_cmd, ready_url=f"{engine_url}/health", timeout=120)
+        engine = sup.spawn("engine", engine_cmd, ready_url=f"{engine_url}/health", timeout=120)
         from llmpath.gateway.config import hash_key
 
         config = tmp / "gateway.yaml"
@@ -179,10 +185,16 @@ def main() -> None:
         )
         cmd = [LLMPATH, "gateway", "serve", "--config", str(config), "--log-level", "warning"]
         gateway = sup.spawn("gateway", cmd, ready_url=f"{gw_url}/readyz")
-        _measure(args, engine_url, gw_url, gateway.pid)
+        _measure(args, engine_url, gw_url, gateway.pid, engine.pid)
 
 
-def _measure(args: argparse.Namespace, engine_url: str, gw_url: str, gateway_pid: int | None = None) -> None:
+def _measure(
+    args: argparse.Namespace,
+    engine_url: str,
+    gw_url: str,
+    gateway_pid: int | None = None,
+    engine_pid: int | None = None,
+) -> None:
     prompts = _prompts(64, args.prompt_bytes)
     modes: dict[str, tuple[Call, str]] = {"direct": (_direct, engine_url), "gateway": (_gateway, gw_url)}
     for call, url in modes.values():  # warm both radix namespaces (the gateway sends a tenant cache_salt)
@@ -190,6 +202,8 @@ def _measure(args: argparse.Namespace, engine_url: str, gw_url: str, gateway_pid
 
     samples: dict[tuple[int, str], list[float]] = {}
     per_round: dict[tuple[int, str], list[float]] = {}
+    #: (concurrency, mode) → CPU seconds of the load generator (this process), the engine and the gateway.
+    cpu: dict[tuple[int, str], list[float]] = {}
     gateway_cpu = 0.0
     load_before = os.getloadavg()[0]
     for r in range(args.rounds):
@@ -198,7 +212,12 @@ def _measure(args: argparse.Namespace, engine_url: str, gw_url: str, gateway_pid
             for mode in order:
                 call, url = modes[mode]
                 cpu_before = _cpu_seconds(gateway_pid)
+                before = (_self_cpu(), _cpu_seconds(engine_pid), cpu_before)
                 ttfts = asyncio.run(_run(call, url, prompts, args.requests, c, args.max_tokens))
+                after = (_self_cpu(), _cpu_seconds(engine_pid), _cpu_seconds(gateway_pid))
+                spent = cpu.setdefault((c, mode), [0.0, 0.0, 0.0])
+                for i in range(3):
+                    spent[i] += after[i] - before[i]
                 if mode == "gateway":
                     gateway_cpu += _cpu_seconds(gateway_pid) - cpu_before
                 samples.setdefault((c, mode), []).extend(ttfts)
@@ -233,6 +252,12 @@ def _measure(args: argparse.Namespace, engine_url: str, gw_url: str, gateway_pid
     if gateway_pid is not None:
         per_request = gateway_cpu / (args.requests * args.rounds * len(args.concurrency))
         print(f"gateway process CPU: {per_request * 1e3:.2f} ms per request (HTTP server, stages, backend client, SSE)")
+        n = args.requests * args.rounds
+        print(f"CPU ms per request on the {os.cpu_count()} shared cores (load generator / engine / gateway):")
+        for (c, mode), (client, engine, gw) in sorted(cpu.items()):
+            total = (client + engine + (gw if mode == "gateway" else 0.0)) / n * 1e3
+            print(f"{c:>4} {mode:>8}: {client / n * 1e3:6.2f} / {engine / n * 1e3:6.2f} / "
+                  f"{(gw if mode == 'gateway' else 0.0) / n * 1e3:6.2f}  total {total:6.2f}")  # fmt: skip
     for c, ok50, ok99 in verdicts:
         verdict50, verdict99 = ("MET" if ok else "MISSED" for ok in (ok50, ok99))
         print(f"target at concurrency {c}: p50 ≤ 1 ms {verdict50}; p99 ≤ 5 ms {verdict99}")
