@@ -1,0 +1,86 @@
+"""The completion endpoints' fast path (``HotPath``) answers exactly as the FastAPI app would: errors, fallthrough
+for other methods and paths, the route template in the telemetry. In-process ASGI calls; no backend is reached."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+from llmpath.gateway.app import HOT_ENDPOINTS, HotPath, create_app
+from llmpath.gateway.config import hash_key, load_config
+
+KEY = "sk-hot-path-test"
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def hot(tmp_path) -> tuple[HotPath, InMemorySpanExporter, CollectorRegistry]:
+    config = load_config(
+        None,
+        {
+            "backends": [{"url": "http://127.0.0.1:9", "name": "nowhere"}],
+            "routes": [{"name": "chat", "model": "m"}],
+            "api_keys": [{"sha256": hash_key(KEY), "tenant": "acme"}],
+        },
+    )
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    registry = CollectorRegistry()
+    return create_app(config, registry=registry, tracer_provider=provider), exporter, registry
+
+
+def client(app: HotPath) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+
+
+async def test_errors_are_answered_like_the_fastapi_app(hot) -> None:
+    app, exporter, registry = hot
+    async with client(app) as c:
+        denied = await c.post("/v1/chat/completions", json=CHAT)
+        unknown = await c.post("/v1/completions", json={"model": "nope", "prompt": "x"}, headers=_auth())
+        wrong_method = await c.get("/v1/chat/completions", headers=_auth())
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    assert denied.headers["x-request-id"]  # the llmpath middleware ran
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    assert wrong_method.status_code == 405  # not a hot path: FastAPI answers
+    assert wrong_method.json()["error"]["code"] == "method_not_allowed"
+    records = app.state.waterfall.recent()
+    assert {r.route for r in records} == {"/v1/chat/completions", "/v1/completions"}  # the route templates
+    assert sorted(r.status_code for r in records) == [401, 404, 405]  # the 405 through the FastAPI app
+    assert (
+        registry.get_sample_value(
+            "llmpath_requests_total", {"route": "/v1/chat/completions", "model": "unknown", "code": "401"}
+        )
+        == 1
+    )
+    names = {s.name for s in exporter.get_finished_spans() if s.kind.name == "SERVER"}
+    assert names == {"POST /v1/chat/completions", "POST /v1/completions", "GET /v1/chat/completions"}
+
+
+async def test_an_unexpected_error_is_an_openai_500_and_is_logged(hot, monkeypatch, caplog) -> None:
+    app, _, _ = hot
+
+    async def broken(request, kind):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app.gateway, "handle", broken)
+    async with client(app) as c:
+        r = await c.post("/v1/chat/completions", json=CHAT, headers=_auth())
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert "boom" not in r.text
+    assert any("unexpected error" in rec.message for rec in caplog.records)
+    assert app.state.waterfall.recent()[0].status_code == 500
+
+
+def test_the_hot_paths_are_the_documented_fastapi_routes(hot) -> None:
+    app, _, _ = hot
+    assert set(HOT_ENDPOINTS) <= set(app.app.openapi()["paths"])
+
+
+def _auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEY}"}
