@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 WINDOWS = Path(__file__).with_name("windows-e2e.yaml")
 SCRAPE = 1.0  # seconds: scrape and rule-evaluation interval
+SHORTEST_WINDOW = 15.0  # seconds: windows-e2e.yaml's shortest alert window
 TTFT_THRESHOLD = 0.5  # the default spec's TTFT SLO: 95% of requests under 0.5 s
 
 
@@ -312,7 +313,9 @@ def test_a_queue_fault_pages_the_schedule_owner(loop: Loop) -> None:
 
 def test_prometheus_sli_matches_the_ledger_and_token_counts_match_the_engines(loop: Loop) -> None:
     loop.load.stop()
-    time.sleep(4 * SCRAPE)  # the last requests are scraped and the rules evaluated
+    # The count-based period SLI sums the shortest window's rates, so an event counts in full only once a whole
+    # short window has passed over it: wait that long (plus scrapes) after the last request.
+    time.sleep(SHORTEST_WINDOW + 3 * SCRAPE)
     prom, stack = loop.prom, loop.stack
 
     # The TTFT SLI over the whole run (the 30m period window), per route, from the recording rule.

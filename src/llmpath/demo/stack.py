@@ -196,7 +196,11 @@ def _start_monitoring(cfg: StackConfig, stack: Stack) -> None:
                 stack.supervisor, cfg.workdir / "alertmanager", alertmanager_config(cfg.alert_receivers)
             )
     cfg.on_step("starting Prometheus")
-    targets = [ScrapeTarget("llmpath-gateway", stack.gateway_url.removeprefix("http://"))]
+    prom_port = free_port()
+    targets = [
+        ScrapeTarget("prometheus", f"127.0.0.1:{prom_port}"),  # its own rule-evaluation and scrape health
+        ScrapeTarget("llmpath-gateway", stack.gateway_url.removeprefix("http://")),
+    ]
     targets += [
         ScrapeTarget("sglang", url.removeprefix("http://"), {"engine": f"engine-{i}"})
         for i, url in enumerate(stack.engine_urls)
@@ -208,4 +212,4 @@ def _start_monitoring(cfg: StackConfig, stack: Stack) -> None:
         evaluation_interval=cfg.evaluation_interval,
         alertmanager=stack.alertmanager.address if stack.alertmanager else None,
     )
-    stack.prometheus = start_prometheus(stack.supervisor, cfg.workdir / "prometheus", config)
+    stack.prometheus = start_prometheus(stack.supervisor, cfg.workdir / "prometheus", config, port=prom_port)
