@@ -192,9 +192,9 @@ async def test_client_disconnect_aborts_and_frees_kv(url: str) -> None:
             assert (await anext(lines)).startswith("data: ")
             loads = (await client.get(f"{url}/v1/loads")).json()["loads"][0]
             assert loads["num_running_reqs"] == 1 and loads["num_used_tokens"] > len(PROMPT) * 3
-        for _ in range(100):  # the engine notices the disconnect and aborts
+        for _ in range(100):  # the engine notices the disconnect, aborts, then returns the KV slots
             loads = (await client.get(f"{url}/v1/loads")).json()["loads"][0]
-            if loads["num_running_reqs"] == 0:
+            if loads["num_running_reqs"] == 0 and loads["num_used_tokens"] == 0:
                 break
             await asyncio.sleep(0.05)
         assert loads["num_running_reqs"] == 0 and loads["num_used_tokens"] == 0 and loads["token_usage"] == 0
