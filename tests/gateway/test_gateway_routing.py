@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
+import random
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
 
 import pytest
 
@@ -60,7 +62,7 @@ def test_index_match_ttl_and_lru() -> None:
 
 def test_prefix_policy_prefers_longest_match() -> None:
     router = Router("prefix", min_match_ratio=0.2, balance_abs=4, balance_rel=1.5)
-    cands = [Candidate("a", 1), Candidate("b", 0), Candidate("c", 0)]
+    cands = [Candidate("a", 1), Candidate("b", 0), Candidate("c", 1)]
     d = router.choose(cands, {"a": 8, "b": 2, "c": 0}, total_blocks=10)
     assert (d.backend, d.reason, d.matched_blocks, d.best_matched_blocks) == ("a", RouteReason.PREFIX, 8, 8)
     # too little of the prompt matched: least loaded instead
@@ -94,8 +96,31 @@ def test_round_robin_is_smooth_and_weighted() -> None:
     cands = [Candidate("a", weight=2), Candidate("b"), Candidate("c")]
     picks = [router.choose(cands, {"b": 99}, 100).backend for _ in range(8)]
     assert Counter(picks) == {"a": 4, "b": 2, "c": 2}
-    assert picks[:4] == ["a", "b", "c", "a"]
+    # a, then b and c (tied: in the router's own order), then a again: interleaved, not a, a, b, c
+    assert picks[0] == picks[3] == "a" and set(picks[1:3]) == {"b", "c"}
     assert router.choose(cands, {}, 1).reason is RouteReason.ROUND_ROBIN
+
+
+def _first_picks(router: Router, names: Sequence[str], n: int) -> list[str]:
+    """The backends ``router`` gives ``n`` new prefixes when every backend is idle."""
+    cands = [Candidate(name) for name in names]
+    return [router.choose(cands, {}, 10).backend for _ in range(n)]
+
+
+def test_tie_break_order_is_per_router_and_reproducible_for_a_seed() -> None:
+    names = [f"w{i:02d}" for i in range(16)]
+    # Replicas with one configuration: each places new prefixes in its own order, not all on the same backends.
+    firsts = [_first_picks(Router("prefix", seed=seed), names, 1)[0] for seed in range(8)]
+    assert len(set(firsts)) > 3
+    assert len({Router().seed for _ in range(4)}) == 4  # random per instance by default
+    # The same seed gives the same order, whatever order the candidates are listed in.
+    assert _first_picks(Router(seed=42), names, 16) == _first_picks(Router(seed=42), names[::-1], 16)
+    assert sorted(_first_picks(Router(seed=42), names, 16)) == names  # still every backend once before repeating
+    # Load and the sent count still come before the order.
+    router = Router("least_load", seed=3)
+    assert router.choose([Candidate(n, 1) for n in names[:-1]] + [Candidate(names[-1])], {}, 1).backend == names[-1]
+    rr = [Router("round_robin", seed=seed).choose([Candidate(n) for n in names], {}, 1).backend for seed in range(8)]
+    assert len(set(rr)) > 3
 
 
 def test_least_load() -> None:
@@ -107,3 +132,80 @@ def test_least_load() -> None:
 def test_no_candidates() -> None:
     with pytest.raises(ValueError):
         Router().choose([], {}, 0)
+
+
+class ReferenceIndex:
+    """The index's semantics, written plainly: per backend an LRU of block → last insert time, and a match that
+    walks the prompt's blocks until one is missing or expired (what ``PrefixIndex.match`` did before the reverse
+    index and the binary search)."""
+
+    def __init__(self, max_blocks: int, ttl_s: float, clock: Clock) -> None:
+        self.max_blocks, self.ttl_s, self.clock = max_blocks, ttl_s, clock
+        self.blocks: dict[str, OrderedDict[int, float]] = {}
+
+    def match(self, hashes: Sequence[int], backends: Iterable[str]) -> dict[str, int]:
+        horizon = self.clock() - self.ttl_s
+        result = {}
+        for name in backends:
+            held = self.blocks.get(name, OrderedDict())
+            n = 0
+            while n < len(hashes) and held.get(hashes[n], -1e18) >= horizon:
+                n += 1
+            result[name] = n
+        return result
+
+    def insert(self, backend: str, hashes: Sequence[int]) -> None:
+        held = self.blocks.setdefault(backend, OrderedDict())
+        for h in reversed(hashes):
+            held.pop(h, None)
+            held[h] = self.clock()
+        while len(held) > self.max_blocks:
+            held.popitem(last=False)
+
+    def expire(self) -> int:
+        horizon = self.clock() - self.ttl_s
+        dropped = [(name, h) for name, held in self.blocks.items() for h, seen in held.items() if seen < horizon]
+        for name, h in dropped:
+            del self.blocks[name][h]
+        return len(dropped)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_index_matches_the_reference_on_random_workloads(seed: int) -> None:
+    """Shared system prompts, growing conversations, TTL expiry, LRU pressure, forgotten backends: the reverse
+    index and the binary search give exactly the matches of a plain walk over each backend's blocks."""
+    rng = random.Random(seed)
+    clock = Clock()
+    index = PrefixIndex(max_blocks_per_backend=60, ttl_s=10, clock=clock)
+    reference = ReferenceIndex(60, 10, clock)
+    backends = [f"b{i}" for i in range(8)]
+    systems = [rng.randbytes(rng.randint(0, 12) * 4) for _ in range(5)]
+    prompts = [block_hashes(rng.choice(systems) + rng.randbytes(rng.randint(0, 40)), 4) for _ in range(60)]
+    # conversations: a prompt, then the same prompt extended (each later turn resends the history)
+    prompts += [p + block_hashes(rng.randbytes(16), 4, p[-1]) for p in prompts if p]
+    matched = 0
+    for _ in range(1500):
+        op = rng.random()
+        if op < 0.45:
+            backend, prompt = rng.choice(backends), rng.choice(prompts)
+            k = rng.randint(0, len(prompt))
+            index.insert(backend, prompt[:k])
+            reference.insert(backend, prompt[:k])
+        elif op < 0.9:
+            prompt = rng.choice(prompts)[: rng.randint(0, 30)]
+            asked = rng.sample(backends, rng.randint(1, len(backends)))
+            got = index.match(prompt, asked)
+            assert got == reference.match(prompt, asked)
+            matched += sum(got.values())
+        elif op < 0.97:
+            clock.now += rng.choice([0.5, 2, 6, 11])
+        elif op < 0.99:
+            assert index.expire() == reference.expire()
+        else:
+            backend = rng.choice(backends)
+            index.forget(backend)
+            reference.blocks.pop(backend, None)
+        assert [index.size(b) for b in backends] == [len(reference.blocks.get(b, ())) for b in backends]
+    assert matched > 500  # the workload did exercise matches
+    index.forget()
+    assert index.match(prompts[0], backends) == dict.fromkeys(backends, 0)

@@ -7,11 +7,14 @@ prompts share their first *n* block hashes exactly when they share their first *
 which approximates what that backend's radix cache holds. The :class:`Router` sends a request to the backend
 holding its longest prefix unless that backend's load is imbalanced against the least loaded one.
 
-Everything here is deterministic given its inputs and a clock, so simulations (bench/) can reuse it.
+Everything here is deterministic given its inputs, a clock and the router's ``seed``, so simulations (bench/) can
+reuse it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -70,10 +73,14 @@ class PrefixIndex:
     """Per backend, the chained block hashes recently sent to it, with an idle TTL and an LRU bound.
 
     Blocks of one prompt are inserted deepest first, so under LRU pressure a prompt's tail is forgotten
-    before its head, as a radix cache evicts leaves before their parents.
+    before its head, as a radix cache evicts leaves before their parents. Because every insert is a prompt's
+    chain from its first block, what a backend holds is closed under prefixes and a block is never fresher
+    than its parent: ``match`` finds each backend's deepest block by binary search, and asks only the backends
+    holding the prompt's first block (a reverse index of first blocks), so its cost does not grow with
+    backends × matched blocks.
     """
 
-    __slots__ = ("_blocks", "clock", "max_blocks", "ttl_s")
+    __slots__ = ("_blocks", "_roots", "clock", "max_blocks", "ttl_s")
 
     def __init__(
         self, *, max_blocks_per_backend: int, ttl_s: float, clock: Callable[[], float] = time.monotonic
@@ -82,26 +89,36 @@ class PrefixIndex:
         self.ttl_s = ttl_s
         self.clock = clock
         self._blocks: dict[str, OrderedDict[int, float]] = {}
+        #: A prompt's first block → the backends holding it.
+        self._roots: dict[int, set[str]] = {}
 
     def match(self, hashes: Sequence[int], backends: Iterable[str]) -> dict[str, int]:
         """Number of leading blocks of ``hashes`` each backend holds (expired blocks count as absent)."""
-        now = self.clock()
-        horizon = now - self.ttl_s
-        result: dict[str, int] = {}
-        for name in backends:
-            blocks = self._blocks.get(name)
-            n = 0
-            if blocks:
-                for h in hashes:
-                    seen = blocks.get(h)
-                    if seen is None or seen < horizon:
-                        break
-                    n += 1
-            result[name] = n
+        result = dict.fromkeys(backends, 0)
+        holders = self._roots.get(hashes[0]) if hashes else None
+        if not holders:
+            return result
+        horizon = self.clock() - self.ttl_s
+        names = [n for n in holders if n in result] if len(holders) <= len(result) else holders.intersection(result)
+        for name in names:
+            blocks = self._blocks[name]
+            # Invariant: blocks 0..lo are held and fresh; none beyond hi is.
+            lo, hi = -1, len(hashes) - 1
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                seen = blocks.get(hashes[mid])
+                if seen is not None and seen >= horizon:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            result[name] = lo + 1
         return result
 
     def insert(self, backend: str, hashes: Sequence[int]) -> None:
-        """Record that ``backend`` was sent a prompt with these block hashes (refreshing their TTL)."""
+        """Record that ``backend`` was sent a prompt with these block hashes, from its first block (refreshing
+        their TTL)."""
+        if not hashes:
+            return
         blocks = self._blocks.get(backend)
         if blocks is None:
             blocks = self._blocks[backend] = OrderedDict()
@@ -109,20 +126,25 @@ class PrefixIndex:
         for h in reversed(hashes):
             blocks[h] = now
             blocks.move_to_end(h)
-        overflow = len(blocks) - self.max_blocks
-        for _ in range(max(0, overflow)):
-            blocks.popitem(last=False)
+        holders = self._roots.get(hashes[0])
+        if holders is None:
+            self._roots[hashes[0]] = {backend}
+        else:
+            holders.add(backend)
+        for _ in range(len(blocks) - self.max_blocks):
+            self._unroot(blocks.popitem(last=False)[0], backend)
 
     def expire(self) -> int:
         """Drop expired blocks; returns how many were dropped (call periodically to bound memory)."""
         horizon = self.clock() - self.ttl_s
         dropped = 0
-        for blocks in self._blocks.values():
+        for backend, blocks in self._blocks.items():
             while blocks:
                 h, seen = next(iter(blocks.items()))
                 if seen >= horizon:
                     break
                 del blocks[h]
+                self._unroot(h, backend)
                 dropped += 1
         return dropped
 
@@ -130,12 +152,21 @@ class PrefixIndex:
         """Forget one backend's blocks (e.g. it restarted) or everything."""
         if backend is None:
             self._blocks.clear()
-        else:
-            self._blocks.pop(backend, None)
+            self._roots.clear()
+            return
+        for h in self._blocks.pop(backend, ()):
+            self._unroot(h, backend)
 
     def size(self, backend: str) -> int:
         blocks = self._blocks.get(backend)
         return len(blocks) if blocks else 0
+
+    def _unroot(self, h: int, backend: str) -> None:
+        holders = self._roots.get(h)
+        if holders is not None:
+            holders.discard(backend)
+            if not holders:
+                del self._roots[h]
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +201,10 @@ class Router:
     and when nothing matches, the least loaded wins. Ties go to the candidate that was sent the fewest
     requests so far, which spreads new prefixes evenly. ``round_robin``: smooth weighted round robin.
     ``least_load``: lowest in-flight/weight.
+
+    Remaining ties are broken in an order of the backends' names that is this router's own (a keyed hash of
+    ``seed``, random per instance by default), so gateway replicas with the same configuration do not all
+    place new prefixes on the same backends. Pass ``seed`` for a reproducible order (tests, simulations).
     """
 
     def __init__(
@@ -180,8 +215,12 @@ class Router:
         min_blocks: int = 1,
         balance_abs: float = 4.0,
         balance_rel: float = 1.5,
+        seed: int | None = None,
     ) -> None:
         self.policy = Policy(policy)
+        #: What the tie-break order derives from (random per instance unless given).
+        self.seed = secrets.randbits(64) if seed is None else seed
+        self._order = _TieBreakOrder(self.seed)
         self.min_match_ratio = min_match_ratio
         self.min_blocks = max(1, min_blocks)
         self.balance_abs = balance_abs
@@ -221,18 +260,35 @@ class Router:
         return best, RouteReason.PREFIX
 
     def _least_loaded(self, candidates: Sequence[Candidate]) -> Candidate:
-        return min(candidates, key=lambda c: (c.normalized_load, self._sent.get(c.name, 0) / c.weight, c.name))
+        sent, order = self._sent, self._order
+        return min(candidates, key=lambda c: (c.normalized_load, sent.get(c.name, 0) / c.weight, order[c.name]))
 
     def _round_robin(self, candidates: Sequence[Candidate]) -> Candidate:
         # nginx's smooth weighted round robin: even interleaving, proportional to weight.
         total = 0.0
         best: Candidate | None = None
+        best_key: tuple[float, tuple[int, str]] | None = None
         for c in candidates:
             cur = self._rr_current.get(c.name, 0.0) + c.weight
             self._rr_current[c.name] = cur
             total += c.weight
-            if best is None or cur > self._rr_current[best.name]:
-                best = c
+            key = (-cur, self._order[c.name])  # the highest current weight; ties in this router's order
+            if best_key is None or key < best_key:
+                best, best_key = c, key
         assert best is not None
         self._rr_current[best.name] -= total
         return best
+
+
+class _TieBreakOrder(dict[str, tuple[int, str]]):
+    """Backend name → its rank in one router's tie-break order: a keyed hash of the name (the name itself
+    settles a collision), computed on first use."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self._key = hashlib.blake2b(str(seed).encode(), digest_size=32).digest()
+
+    def __missing__(self, name: str) -> tuple[int, str]:
+        digest = hashlib.blake2b(name.encode(), digest_size=8, key=self._key).digest()
+        rank = self[name] = (int.from_bytes(digest, "big"), name)
+        return rank
