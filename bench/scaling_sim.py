@@ -2,16 +2,18 @@
 
 Every gateway replica runs llmpath's real routing core, ``llmpath.gateway.routing``: chained block hashes
 (``block_hashes`` under the default ``Tokenization``), its *own* ``PrefixIndex`` (recorded at decision time and again
-after the reply, as the gateway does) and a ``Router`` configured from the gateway's defaults, fed with the loads that
-replica sees (its own requests in flight per worker). A load balancer in front spreads requests over the replicas:
+after the reply, as the gateway does) and a ``Router`` configured from the gateway's defaults, with its own tie-break
+seed (as each gateway process draws one), fed with the loads that replica sees (its own requests in flight per
+worker). A load balancer in front spreads requests over the replicas:
 
 * ``random``        — L4 spreading, every request to any replica;
 * ``conversation``  — consistent (rendezvous) hashing of the conversation id, e.g. a session header;
 * ``prefix``        — consistent hashing of the prompt's first blocks (in practice: the app or system-prompt id);
 
 and, behind random spreading, replicas sharing one ``PrefixIndex`` (each still seeing only its own loads).
-``--tiebreak per-replica`` and ``--load-view global`` show what two router changes would give: replicas breaking
-load ties each in its own order, and replicas comparing every replica's requests in flight.
+``--tiebreak shared`` gives every replica the same tie-break order (the gateway before it drew a seed per process:
+replicas herd onto the same workers); ``--load-view global`` shows what a load view shared by all replicas would
+give (each replica comparing every replica's requests in flight).
 
 Workers are a cost model instead of engines: a bounded prefix cache (an LRU of block hashes, capacity in tokens,
 leaves evicted before their parents, prompt and reply kept), a fixed number of running slots with a FIFO queue, one
@@ -27,7 +29,7 @@ deterministic given ``--seed`` (simulated time; wall time only decides how long 
     .venv/bin/python bench/scaling_sim.py --quick          # 8 and 32 workers × 1 and 4 gateways: seconds
     .venv/bin/python bench/scaling_sim.py                  # 8–256 workers × 1–16 gateways: ~5 min on 2 cores
     .venv/bin/python bench/scaling_sim.py --markdown --json figures.json > figures.md
-    .venv/bin/python bench/scaling_sim.py --tiebreak per-replica --load-view global --workers 256 --gateways 1 16
+    .venv/bin/python bench/scaling_sim.py --tiebreak shared --load-view global --workers 256 --gateways 1 16
 
 Figures and what they mean: docs/scaling.md.
 """
@@ -64,14 +66,14 @@ FULL_GATEWAYS = (1, 2, 4, 8, 16)
 class TieBreak(StrEnum):
     """The order in which a replica's router breaks ties between equally loaded workers (e.g. for a new prefix)."""
 
-    SHARED = "shared"  #: every replica in the same order (the backends' names): what the gateway does today
-    PER_REPLICA = "per-replica"  #: each replica in its own random order (a per-process random tie-break)
+    PER_REPLICA = "per-replica"  #: each replica its own seed, hence its own order: what the gateway does
+    SHARED = "shared"  #: every replica the same seed and order (as when the gateway broke ties by name)
 
 
 class LoadView(StrEnum):
     """The loads a replica's router compares."""
 
-    OWN = "own"  #: its own requests in flight per worker: what the gateway does today
+    OWN = "own"  #: its own requests in flight per worker: what the gateway does
     GLOBAL = "global"  #: every replica's requests in flight (as if read from the engines' queue and running gauges)
 
 
@@ -79,7 +81,7 @@ class LoadView(StrEnum):
 class ReplicaModel:
     """How gateway replicas behave beyond their own index (what the simulation can change without code changes)."""
 
-    tiebreak: TieBreak = TieBreak.SHARED
+    tiebreak: TieBreak = TieBreak.PER_REPLICA
     load_view: LoadView = LoadView.OWN
 
     def describe(self) -> str:
@@ -395,26 +397,25 @@ class Worker:
 
 
 class GatewayReplica:
-    """One gateway process: its own prefix index, router and view of the loads (its own requests in flight).
-
-    ``names[i]`` is what this replica calls worker ``i``; the router breaks load ties by name, so giving each
-    replica its own naming order is how a per-replica tie-break is simulated without changing the router."""
+    """One gateway process: its own prefix index, router (tie-break ``seed``) and view of the loads (its own
+    requests in flight). ``names[i]`` is worker ``i``."""
 
     __slots__ = ("by_name", "candidates", "index", "inflight", "min_prefix_tokens", "names", "router")
 
-    def __init__(self, names: Sequence[str], policy: Policy, capacity_blocks: int, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, names: Sequence[str], policy: Policy, capacity_blocks: int, clock: Callable[[], float], seed: int
+    ) -> None:
         routing, cache = RoutingConfig(), PromptCacheConfig()
         self.names = list(names)
         self.by_name = {n: i for i, n in enumerate(self.names)}
-        self.index: PrefixIndex | SharedIndexView = PrefixIndex(
-            max_blocks_per_backend=capacity_blocks, ttl_s=cache.ttl_s, clock=clock
-        )
+        self.index = PrefixIndex(max_blocks_per_backend=capacity_blocks, ttl_s=cache.ttl_s, clock=clock)
         self.router = Router(
             policy,
             min_match_ratio=routing.min_match_ratio,
             min_blocks=max(1, -(-cache.min_prefix_tokens // cache.block_tokens)),
             balance_abs=routing.balance_abs_threshold,
             balance_rel=routing.balance_rel_threshold,
+            seed=seed,
         )
         self.min_prefix_tokens = cache.min_prefix_tokens
         self.candidates = [Candidate(n) for n in names]
@@ -423,25 +424,6 @@ class GatewayReplica:
     def set_load(self, worker: int, load: int) -> None:
         self.inflight[worker] = load
         self.candidates[worker] = Candidate(self.names[worker], load)
-
-
-class SharedIndexView:
-    """One ``PrefixIndex`` shared by all replicas (e.g. kept in a shared store), seen through one replica's names
-    for the workers (worker ``i`` is ``w{i:04d}`` in the shared index)."""
-
-    __slots__ = ("_canonical", "index")
-
-    def __init__(self, index: PrefixIndex, names: Sequence[str]) -> None:
-        self.index = index
-        self._canonical = {n: f"w{i:04d}" for i, n in enumerate(names)}
-
-    def match(self, hashes: Sequence[int], backends: Iterable[str]) -> dict[str, int]:
-        canonical, backends = self._canonical, list(backends)
-        found = self.index.match(hashes, [canonical[b] for b in backends])
-        return {b: found[canonical[b]] for b in backends}
-
-    def insert(self, backend: str, hashes: Sequence[int]) -> None:
-        self.index.insert(self._canonical[backend], hashes)
 
 
 def rendezvous(key: bytes, buckets: int) -> int:
@@ -502,14 +484,14 @@ def simulate(
     capacity_blocks = max(1, cost.cache_tokens // bt)
     workers = [Worker(cost, bt) for _ in range(scenario.workers)]
     shared = PrefixIndex(max_blocks_per_backend=capacity_blocks, ttl_s=PromptCacheConfig().ttl_s, clock=clock)
+    names = [f"w{i:04d}" for i in range(scenario.workers)]
     gateways = []
     for g in range(scenario.gateways):
-        order = list(range(scenario.workers))
-        if replicas.tiebreak is TieBreak.PER_REPLICA:
-            random.Random(f"llmpath-scaling/{seed}/replica/{g}").shuffle(order)
-        replica = GatewayReplica([f"w{i:04d}" for i in order], scenario.policy, capacity_blocks, clock)
+        # Each replica's router seed, as each gateway process draws one; one seed for all with a shared order.
+        stream = f"llmpath-scaling/{seed}/router" + (f"/{g}" if replicas.tiebreak is TieBreak.PER_REPLICA else "")
+        replica = GatewayReplica(names, scenario.policy, capacity_blocks, clock, random.Random(stream).getrandbits(64))
         if scenario.shared_index:
-            replica.index = SharedIndexView(shared, replica.names)
+            replica.index = shared
         gateways.append(replica)
     balancer = LoadBalancer(scenario.balancing, scenario.gateways, workload.app_keys, seed)
     oracle = UnboundedCache()
@@ -801,16 +783,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--tiebreak",
         type=TieBreak,
         choices=list(TieBreak),
-        default=TieBreak.SHARED,
-        help="how replicas break load ties: all in the backends' name order (the gateway today; default) "
-        "or each in its own random order",
+        default=TieBreak.PER_REPLICA,
+        help="how replicas break load ties: each in its own order (the gateway: a seed per process; default) "
+        "or all in the same order (as the gateway did before: by name)",
     )
     parser.add_argument(
         "--load-view",
         type=LoadView,
         choices=list(LoadView),
         default=LoadView.OWN,
-        help="loads a replica compares: its own requests in flight (the gateway today; default) or all replicas'",
+        help="loads a replica compares: its own requests in flight (the gateway; default) or all replicas'",
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes (default: one per CPU)")

@@ -108,6 +108,24 @@ def test_replicas_that_see_every_replicas_load_spread_it_like_one_gateway(grid, 
         assert everyone.hit_rate > 0.93 * one.hit_rate
 
 
+def test_replicas_sharing_one_tie_break_order_herd(seed: int) -> None:
+    """8 replicas over 32 workers: with one tie-break order (the gateway before it drew a seed per process) the
+    replicas place new prefixes on the same idle workers, so the load is more uneven and the tail slower."""
+    base = dataclasses.replace(
+        _settings(seed=seed, workers=32, gateways=(8,)), spec=sim.WorkloadSpec(requests_per_worker=30)
+    )
+    scenarios = [sim.Scenario(32, 8, b, Policy.PREFIX, shared) for b, shared in sim.SETUPS]
+    own, same = (
+        [sim.run_scenario(dataclasses.replace(base, replicas=sim.ReplicaModel(tiebreak=t)), s) for s in scenarios]
+        for t in (sim.TieBreak.PER_REPLICA, sim.TieBreak.SHARED)
+    )
+    assert base.replicas.tiebreak is sim.TieBreak.PER_REPLICA  # the default models the gateway
+    assert {f.tiebreak for f in own} == {"per-replica"} and {f.tiebreak for f in same} == {"shared"}
+    for mine, herd in zip(own, same, strict=True):
+        assert herd.spread > mine.spread
+    assert sum(f.ttft_p99_ms for f in same) > 1.1 * sum(f.ttft_p99_ms for f in own)
+
+
 def test_results_are_deterministic_for_a_seed(grid, seed: int) -> None:
     settings = _settings(seed=seed)
     scenarios = [sim.Scenario(16, 4, b, Policy.PREFIX) for b in sim.Balancing]
@@ -237,9 +255,10 @@ def test_workload_is_shared_prefix_multi_turn_at_the_requested_load() -> None:
 
 
 def test_gateway_replica_uses_the_gateway_router_with_its_defaults() -> None:
-    replica = sim.GatewayReplica(["a", "b"], Policy.PREFIX, 100, clock=lambda: 0.0)
+    replica = sim.GatewayReplica(["a", "b"], Policy.PREFIX, 100, clock=lambda: 0.0, seed=5)
     assert isinstance(replica.router, Router)
     assert replica.router.min_blocks == 4  # min_prefix_tokens 64 / block_tokens 16
+    assert replica.router.seed == 5
     replica.set_load(1, 2)
     assert [c.load for c in replica.candidates] == [0, 2]
 
