@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from llmpath.gateway.routing import PrefixIndex
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "prefix_index.py"
+
+@pytest.fixture(scope="module")
+def bench(bench_script) -> ModuleType:
+    return bench_script("prefix_index")
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("llmpath_bench_prefix_index", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
-
-
-def test_workload_has_shared_prefixes_and_both_indexes_agree() -> None:
+def test_workload_has_shared_prefixes_and_both_indexes_agree(bench) -> None:
     workload = bench.build_workload(32, 300, 0.5, seed=3)
     _, walk = bench.measure(bench.LinearPrefixIndex, workload, rounds=1)
     timing, index = bench.measure(PrefixIndex, workload, rounds=1)
@@ -37,7 +25,7 @@ def test_workload_has_shared_prefixes_and_both_indexes_agree() -> None:
     assert sum(1 for m in index if max(m.values()) >= 62) > 0.9 * len(index)
 
 
-def test_cli_prints_the_side_by_side_table(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_the_side_by_side_table(bench, capsys: pytest.CaptureFixture[str]) -> None:
     bench.main(["--backends", "4", "16", "--queries", "50", "--rounds", "1"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("backends | holders/query | best match | walk µs/match | index µs/match | ×faster")

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -13,22 +11,13 @@ import pytest
 
 from llmpath.gateway.routing import Policy, Router, Tokenization
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "scaling_sim.py"
+
+@pytest.fixture(scope="module")
+def sim(bench_script) -> ModuleType:
+    return bench_script("scaling_sim")
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("llmpath_bench_scaling_sim", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-sim = _load()
-
-
-def _settings(seed: int = 7, workers: int = 16, gateways: tuple[int, ...] = (1, 4)):
+def _settings(sim: ModuleType, seed: int = 7, workers: int = 16, gateways: tuple[int, ...] = (1, 4)):
     return sim.Settings((workers,), gateways, sim.WorkloadSpec(requests_per_worker=60), sim.CostModel(), seed=seed)
 
 
@@ -42,9 +31,9 @@ def seed(request) -> int:
 
 
 @pytest.fixture(scope="module")
-def grid(seed: int) -> dict[tuple[int, str, str, str], object]:
+def grid(sim, seed: int) -> dict[tuple[int, str, str, str], object]:
     """16 workers, 1 and 4 gateways, every setup (about a second)."""
-    return _by_key(sim.run_grid(_settings(seed=seed)))
+    return _by_key(sim.run_grid(_settings(sim, seed=seed)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,8 +81,8 @@ def test_hit_rate_never_exceeds_the_oracle(grid) -> None:
         assert f.requests > 0
 
 
-def test_replicas_that_see_every_replicas_load_spread_it_like_one_gateway(grid, seed: int) -> None:
-    settings = dataclasses.replace(_settings(seed=seed), replicas=sim.ReplicaModel(load_view=sim.LoadView.GLOBAL))
+def test_replicas_that_see_every_replicas_load_spread_it_like_one_gateway(sim, grid, seed: int) -> None:
+    settings = dataclasses.replace(_settings(sim, seed=seed), replicas=sim.ReplicaModel(load_view=sim.LoadView.GLOBAL))
     one = grid[1, "-", "-", "prefix"]
     for scenario in [
         sim.Scenario(16, 4, sim.Balancing.PREFIX, Policy.PREFIX),
@@ -108,11 +97,11 @@ def test_replicas_that_see_every_replicas_load_spread_it_like_one_gateway(grid, 
         assert everyone.hit_rate > 0.93 * one.hit_rate
 
 
-def test_replicas_sharing_one_tie_break_order_herd(seed: int) -> None:
+def test_replicas_sharing_one_tie_break_order_herd(sim, seed: int) -> None:
     """8 replicas over 32 workers: with one tie-break order (the gateway before it drew a seed per process) the
     replicas place new prefixes on the same idle workers, so the load is more uneven and the tail slower."""
     base = dataclasses.replace(
-        _settings(seed=seed, workers=32, gateways=(8,)), spec=sim.WorkloadSpec(requests_per_worker=30)
+        _settings(sim, seed=seed, workers=32, gateways=(8,)), spec=sim.WorkloadSpec(requests_per_worker=30)
     )
     scenarios = [sim.Scenario(32, 8, b, Policy.PREFIX, shared) for b, shared in sim.SETUPS]
     own, same = (
@@ -126,20 +115,20 @@ def test_replicas_sharing_one_tie_break_order_herd(seed: int) -> None:
     assert sum(f.ttft_p99_ms for f in same) > 1.1 * sum(f.ttft_p99_ms for f in own)
 
 
-def test_results_are_deterministic_for_a_seed(grid, seed: int) -> None:
-    settings = _settings(seed=seed)
+def test_results_are_deterministic_for_a_seed(sim, grid, seed: int) -> None:
+    settings = _settings(sim, seed=seed)
     scenarios = [sim.Scenario(16, 4, b, Policy.PREFIX) for b in sim.Balancing]
     sim._workload.cache_clear()  # rebuild the workload too
     again = [sim.run_scenario(settings, s) for s in scenarios]
     assert [dataclasses.replace(f, wall_s=0.0) for f in again] == [
         dataclasses.replace(grid[4, b.value, "own", "prefix"], wall_s=0.0) for b in sim.Balancing
     ]
-    other = sim.run_scenario(_settings(seed=seed + 1), scenarios[0])
+    other = sim.run_scenario(_settings(sim, seed=seed + 1), scenarios[0])
     assert other.hit_rate != again[0].hit_rate
 
 
-def test_parallel_run_matches_the_serial_one() -> None:
-    settings = _settings(workers=8, gateways=(1, 2))
+def test_parallel_run_matches_the_serial_one(sim) -> None:
+    settings = _settings(sim, workers=8, gateways=(1, 2))
     settings = dataclasses.replace(settings, spec=sim.WorkloadSpec(requests_per_worker=30))
     serial = [dataclasses.replace(f, wall_s=0.0) for f in sim.run_grid(settings)]
     parallel = [dataclasses.replace(f, wall_s=0.0) for f in sim.run_grid(settings, jobs=2)]
@@ -151,7 +140,7 @@ def test_parallel_run_matches_the_serial_one() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _conversation(prompt_tokens: list[int], output_tokens: list[int], blocks: int) -> object:
+def _conversation(sim: ModuleType, prompt_tokens: list[int], output_tokens: list[int], blocks: int) -> object:
     hashes = list(range(1000, 1000 + blocks))
     return sim.Conversation(
         id=0,
@@ -166,10 +155,10 @@ def _conversation(prompt_tokens: list[int], output_tokens: list[int], blocks: in
     )
 
 
-def test_worker_cost_model_prefill_of_uncached_tokens_queue_and_slots() -> None:
+def test_worker_cost_model_prefill_of_uncached_tokens_queue_and_slots(sim) -> None:
     cost = sim.CostModel(slots=1, overhead_ms=10, prefill_ms_per_token=0.5, decode_ms_per_token=2, cache_tokens=1600)
     worker = sim.Worker(cost, block_tokens=16)
-    conv = _conversation([320, 480], [32, 32], blocks=100)
+    conv = _conversation(sim, [320, 480], [32, 32], blocks=100)
     first = sim.Request(conv, 0, arrival_s=0.0)
     done = worker.start(first, 0.0)
     assert first.cached_tokens == 0
@@ -184,16 +173,16 @@ def test_worker_cost_model_prefill_of_uncached_tokens_queue_and_slots() -> None:
     assert second.ttft_s == pytest.approx(0.05 + (10 + (480 - second.cached_tokens) * 0.5) / 1e3)
 
 
-def test_fully_cached_prompt_still_computes_its_last_token() -> None:
+def test_fully_cached_prompt_still_computes_its_last_token(sim) -> None:
     worker = sim.Worker(sim.CostModel(), block_tokens=16)
-    conv = _conversation([64], [16], blocks=10)
+    conv = _conversation(sim, [64], [16], blocks=10)
     worker.cache.insert(conv.hashes)
     req = sim.Request(conv, 0, 0.0)
     worker.start(req, 0.0)
     assert req.cached_tokens == 63
 
 
-def test_block_lru_evicts_a_prompts_tail_before_its_head() -> None:
+def test_block_lru_evicts_a_prompts_tail_before_its_head(sim) -> None:
     lru = sim.BlockLRU(capacity_blocks=4)
     lru.insert([1, 2, 3])
     lru.insert([9, 8])  # another prompt: 2 of the first one's blocks must go, deepest first
@@ -206,7 +195,7 @@ def test_block_lru_evicts_a_prompts_tail_before_its_head() -> None:
     assert oracle.match([1, 2, 3, 4]) == 3
 
 
-def test_rendezvous_hashing_is_stable_and_moves_few_keys() -> None:
+def test_rendezvous_hashing_is_stable_and_moves_few_keys(sim) -> None:
     keys = [b"app/%d" % i for i in range(2000)]
     four = [sim.rendezvous(k, 4) for k in keys]
     assert four == [sim.rendezvous(k, 4) for k in keys]
@@ -218,7 +207,7 @@ def test_rendezvous_hashing_is_stable_and_moves_few_keys() -> None:
     assert 300 < moved < 500
 
 
-def test_load_balancer_modes() -> None:
+def test_load_balancer_modes(sim) -> None:
     workload = sim.build_workload(8, sim.WorkloadSpec(requests_per_worker=20), sim.CostModel(), Tokenization(), 3)
     convs = workload.conversations
     same_app = [c for c in convs if c.app == convs[0].app]
@@ -232,7 +221,7 @@ def test_load_balancer_modes() -> None:
     assert sim.LoadBalancer(sim.Balancing.RANDOM, 1, workload.app_keys, 3).pick(convs[0]) == 0
 
 
-def test_workload_is_shared_prefix_multi_turn_at_the_requested_load() -> None:
+def test_workload_is_shared_prefix_multi_turn_at_the_requested_load(sim) -> None:
     spec = sim.WorkloadSpec(requests_per_worker=40)
     cost = sim.CostModel()
     workload = sim.build_workload(8, spec, cost, Tokenization(), 5)
@@ -254,7 +243,7 @@ def test_workload_is_shared_prefix_multi_turn_at_the_requested_load() -> None:
     assert workload.rate * miss / 8 == pytest.approx(spec.load)
 
 
-def test_gateway_replica_uses_the_gateway_router_with_its_defaults() -> None:
+def test_gateway_replica_uses_the_gateway_router_with_its_defaults(sim) -> None:
     replica = sim.GatewayReplica(["a", "b"], Policy.PREFIX, 100, clock=lambda: 0.0, seed=5)
     assert isinstance(replica.router, Router)
     assert replica.router.min_blocks == 4  # min_prefix_tokens 64 / block_tokens 16
@@ -263,7 +252,7 @@ def test_gateway_replica_uses_the_gateway_router_with_its_defaults() -> None:
     assert [c.load for c in replica.candidates] == [0, 2]
 
 
-def test_cli_prints_tables_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_prints_tables_and_writes_json(sim, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "figures.json"
     sim.main(["--workers", "8", "--gateways", "1", "2", "--requests-per-worker", "20", "--jobs", "1"]
              + ["--markdown", "--json", str(out)])  # fmt: skip
