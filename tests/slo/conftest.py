@@ -14,7 +14,7 @@ HERE = Path(__file__).resolve().parent
 def _sloth_dir() -> Path | None:
     candidates = [
         os.environ.get("LLMPATH_SLOTH_GOLDEN"),
-        REPO_ROOT / "shared" / "peers" / "sloth",
+        HERE / "sloth_golden",  # vendored copy (Apache-2.0, see its SOURCE.md)
         REPO_ROOT.parent / "shared" / "peers" / "sloth",
     ]
     for c in candidates:
@@ -25,10 +25,10 @@ def _sloth_dir() -> Path | None:
 
 @pytest.fixture(scope="session")
 def sloth_dir() -> Path:
-    """Sloth's golden files (``../shared/peers/sloth``); skips when the conformance suite is not available."""
+    """Sloth's golden files (vendored in ``tests/slo/sloth_golden``; ``$LLMPATH_SLOTH_GOLDEN`` overrides)."""
     path = _sloth_dir()
     if path is None:
-        pytest.skip("Sloth golden files not found (../shared/peers/sloth or $LLMPATH_SLOTH_GOLDEN)")
+        pytest.skip("Sloth golden files not found (tests/slo/sloth_golden or $LLMPATH_SLOTH_GOLDEN)")
     return path
 
 
