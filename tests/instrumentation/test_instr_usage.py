@@ -176,3 +176,29 @@ async def test_jsonl_only_ledgers_get_the_same_lines_without_record_objects(make
     mixed_dispatcher = UsageDispatcher([mixed, seen.append])
     mixed_dispatcher.emit(record)
     assert seen == [record] and (tmp_path / "mixed.jsonl").read_text() == direct + "\n"
+
+
+def test_append_all_writes_whole_lines_and_reports_errors(tmp_path):
+    import errno
+    import os
+
+    from llmpath.instrumentation.append import append_all
+
+    path = tmp_path / "ledger.jsonl"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        lines = [b'{"n":%d,"pad":"%s"}\n' % (i, b"x" * i) for i in range(200)]
+        for line in lines:
+            append_all(fd, line)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(lines)
+
+    read_only = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as raised:
+            append_all(read_only, b"{}\n")
+        assert raised.value.errno == errno.EBADF
+    finally:
+        os.close(read_only)
+    assert path.read_bytes() == b"".join(lines)

@@ -17,6 +17,8 @@ from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from .append import append_all
+
 logger = logging.getLogger("llmpath.instrumentation.usage")
 
 
@@ -204,7 +206,8 @@ SinkLike = UsageSink | Callable[[UsageRecord], Any]
 class JsonlUsageSink:
     """Appends one JSON line per record to ``path`` and hands it to the kernel before returning.
 
-    Each record is a single ``write(2)`` on an ``O_APPEND`` descriptor, so records survive the process being
+    Each record is a single ``write(2)`` on an ``O_APPEND`` descriptor (made without releasing the GIL, see
+    :mod:`llmpath.instrumentation.append`), so records survive the process being
     killed (SIGKILL) as soon as ``write`` returns, and several worker processes can share one file without
     interleaving lines. ``fsync=True`` also survives power loss, at the cost of a disk flush per record.
     """
@@ -235,9 +238,7 @@ class JsonlUsageSink:
             fd = self._fd
             if fd is None:
                 fd = self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            written = os.write(fd, line)
-            while written < len(line):  # only on a full disk or a signal; keep the line whole
-                written += os.write(fd, line[written:])
+            append_all(fd, line)
             if self.fsync:
                 os.fsync(fd)
 
