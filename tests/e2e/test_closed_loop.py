@@ -211,7 +211,6 @@ def loop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loop]:
         with start_stack(cfg) as stack:
             assert stack.prometheus is not None and stack.alertmanager is not None, stack.skipped
             prom = stack.prometheus.client()
-            prom.wait_for_scrapes()
             load = Load(stack)
             load.start()
             loop = Loop(stack, receiver, prom, load)

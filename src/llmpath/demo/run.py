@@ -17,8 +17,11 @@ from rich.table import Table
 from llmpath.demo.report import LedgerSummary, SloRow, slo_status, summarize
 from llmpath.demo.routes import DEMO_ROUTES
 from llmpath.demo.stack import Stack, StackConfig, start_stack
-from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload
+from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload, warm_up
 from llmpath.instrumentation.usage import read_jsonl
+
+#: Columns the report needs without truncating a cell.
+REPORT_WIDTH = 110
 
 
 @dataclass
@@ -34,7 +37,10 @@ class DemoOptions:
 
 def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary:
     """Run the demo end to end; returns the ledger summary it printed."""
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged: rich would wrap the tables at 80 columns
+            console.width = max(console.width, REPORT_WIDTH)
     started = time.perf_counter()
     cfg = StackConfig(workdir=opts.workdir, preset=opts.preset, on_step=lambda msg: console.print(f"[dim]• {msg}[/]"))
     with start_stack(cfg) as stack:
@@ -47,6 +53,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary
             concurrency=opts.concurrency,
             max_tokens=opts.max_tokens,
         )
+        if stack.prometheus is not None:
+            _warm_up(stack, spec, cfg, console)
         _drive(stack, spec, opts.duration_s, console)
         if stack.prometheus is not None:
             _wait_for_rules(stack, cfg)
@@ -76,6 +84,17 @@ def _drive(stack: Stack, spec: WorkloadSpec, duration_s: float, console: Console
         f"sent {len(result.requests)} requests in {result.wall_s:.1f} s "
         f"({len(result.requests) / max(result.wall_s, 1e-9):.1f} req/s), {result.failures} failed"
     )
+
+
+def _warm_up(stack: Stack, spec: WorkloadSpec, cfg: StackConfig, console: Console) -> None:
+    """Create every route/tenant series and let Prometheus scrape them before the load (see ``warm_up``)."""
+    from promql_parser import parse_duration
+
+    console.print("[dim]• warming up: one request per route and tenant, scraped before the load[/]")
+    results = asyncio.run(warm_up(stack.gateway_url, spec))
+    if failed := [r for r in results if r.status != 200]:
+        console.print(f"[yellow]warm-up: {len(failed)} of {len(results)} requests failed ({failed[0].error})")
+    time.sleep(parse_duration(cfg.scrape_interval).total_seconds() + 0.5)
 
 
 def _wait_for_rules(stack: Stack, cfg: StackConfig) -> None:

@@ -213,3 +213,9 @@ def _start_monitoring(cfg: StackConfig, stack: Stack) -> None:
         alertmanager=stack.alertmanager.address if stack.alertmanager else None,
     )
     stack.prometheus = start_prometheus(stack.supervisor, cfg.workdir / "prometheus", config, port=prom_port)
+    cfg.on_step("waiting for Prometheus's first scrape of every target")
+    client = stack.prometheus.client()
+    try:
+        client.wait_for_scrapes()  # counters seen before the load starts: rates cover all of it
+    finally:
+        client.close()

@@ -204,6 +204,22 @@ async def run_workload(
     return result
 
 
+async def warm_up(base_url: str, spec: WorkloadSpec) -> list[RequestResult]:
+    """One single-turn request per route and tenant, so that every labelled series exists before the load.
+
+    Prometheus's ``rate()`` cannot count a series' first sample: without this, the requests that create a
+    ``{route, tenant}`` series are invisible to the SLIs.
+    """
+    timeout = httpx.Timeout(120.0, connect=5.0)
+    async with httpx.AsyncClient(base_url=base_url, timeout=timeout) as client:
+        calls = [
+            chat_once(client, tenant, route, [{"role": "user", "content": "Hello."}], spec.max_tokens)
+            for route in spec.routes
+            for tenant in spec.tenants
+        ]
+        return [res for res, _ in await asyncio.gather(*calls)]
+
+
 def planned_requests(spec: WorkloadSpec) -> int:
     """How many requests the workload sends when it runs to completion (for progress bars)."""
     return sum(1 + len(c.follow_ups) for c in plan_conversations(spec))
