@@ -3,78 +3,40 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
+
+from llmpath.demo.supervisor import ManagedProcess, Supervisor, free_port
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@dataclass(frozen=True)
 class EngineProcess:
-    """One ``llmpath engine serve`` child process (tiny preset, one torch thread), stopped by PID."""
+    """One ``llmpath engine serve`` child process (tiny preset, one torch thread) owned by a :class:`Supervisor`."""
 
-    def __init__(self, log_dir: Path, *extra: str, name: str = "engine", env: dict[str, str] | None = None) -> None:
-        self.port = _port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log_dir / f"{name}-{self.port}.log"
-        cmd = [LLMPATH, "engine", "serve", "--port", str(self.port), "--preset", "tiny", "--threads", "1", *extra]
-        with self.log.open("wb") as fh:
-            self.proc = subprocess.Popen(
-                cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})}
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"engine exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise TimeoutError(f"engine not ready:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+    url: str
+    process: ManagedProcess
 
 
 @pytest.fixture(scope="module")
 def engine_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., EngineProcess]]:
-    """``engine_factory(*flags, name=…, env=…)`` starts an engine for the module; all are stopped at the end."""
-    started: list[EngineProcess] = []
-    log_dir = tmp_path_factory.mktemp("engines")
+    """``engine_factory(*flags, name=…, env=…)`` starts an engine for the module (raises :class:`ProcessFailed`,
+    with the log's tail, if it exits or never gets ready); all are stopped by PID at the end."""
+    with Supervisor(tmp_path_factory.mktemp("engines")) as supervisor:
 
-    def start(*extra: str, name: str = "engine", env: dict[str, str] | None = None) -> EngineProcess:
-        eng = EngineProcess(log_dir, *extra, name=name, env=env)
-        started.append(eng)
-        return eng
+        def start(*extra: str, name: str = "engine", env: dict[str, str] | None = None) -> EngineProcess:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            cmd = [LLMPATH, "engine", "serve", "--port", str(port), "--preset", "tiny", "--threads", "1", *extra]
+            return EngineProcess(url, supervisor.spawn(f"{name}-{port}", cmd, ready_url=f"{url}/health", env=env))
 
-    yield start
-    for eng in reversed(started):
-        eng.stop()
+        yield start
 
 
 @pytest.fixture(scope="module")
