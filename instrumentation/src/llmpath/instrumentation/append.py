@@ -9,19 +9,25 @@ batch span processor at 10 % sampling, that costs the request thread ≈ 10 µs 
 ``ctypes.PyDLL`` (which keeps the GIL), lets the waiting thread take its turn at the next regular switch interval.
 
 The write is still one ``write(2)`` on an ``O_APPEND`` descriptor: atomic with respect to other appenders and
-durable against the process being killed as soon as it returns. Where libc cannot be loaded (Windows) it falls back to
-``os.write``.
+durable against the process being killed as soon as it returns. Where libc cannot be loaded (Windows, a Python
+without ``ctypes``) it falls back to ``os.write``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 from collections.abc import Callable
 
+try:  # some minimal Python builds have no _ctypes
+    import ctypes
+except ImportError:  # pragma: no cover
+    ctypes = None  # type: ignore[assignment]
+
 
 def _libc_write() -> Callable[[int, bytes, int], int] | None:
+    if ctypes is None:  # pragma: no cover
+        return None
     try:
         libc = ctypes.PyDLL(None, use_errno=True)
         write = libc.write
