@@ -14,12 +14,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from llmpath.demo.prometheus import PrometheusServer
 from llmpath.demo.report import LedgerSummary, SloRow, slo_status, summarize
 from llmpath.demo.routes import DEMO_ROUTES
 from llmpath.demo.stack import Stack, StackConfig, start_stack
 from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload, warm_up
 from llmpath.instrumentation.usage import read_jsonl
 
+#: How long the warm-up waits for Prometheus to scrape its requests.
+WARM_UP_SCRAPE_TIMEOUT_S = 30.0
 #: Columns the report needs without truncating a cell.
 REPORT_WIDTH = 110
 
@@ -54,7 +57,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary
             max_tokens=opts.max_tokens,
         )
         if stack.prometheus is not None:
-            _warm_up(stack, spec, cfg, console)
+            _warm_up(stack, stack.prometheus, spec, console)
         _drive(stack, spec, opts.duration_s, console)
         if stack.prometheus is not None:
             _wait_for_rules(stack, cfg)
@@ -86,15 +89,22 @@ def _drive(stack: Stack, spec: WorkloadSpec, duration_s: float, console: Console
     )
 
 
-def _warm_up(stack: Stack, spec: WorkloadSpec, cfg: StackConfig, console: Console) -> None:
-    """Create every route/tenant series and let Prometheus scrape them before the load (see ``warm_up``)."""
-    from promql_parser import parse_duration
-
+def _warm_up(stack: Stack, prometheus: PrometheusServer, spec: WorkloadSpec, console: Console) -> None:
+    """Create every route/tenant series and wait until Prometheus has scraped them (see ``warm_up``)."""
     console.print("[dim]• warming up: one request per route and tenant, scraped before the load[/]")
     results = asyncio.run(warm_up(stack.gateway_url, spec))
     if failed := [r for r in results if r.status != 200]:
         console.print(f"[yellow]warm-up: {len(failed)} of {len(results)} requests failed ({failed[0].error})")
-    time.sleep(parse_duration(cfg.scrape_interval).total_seconds() + 0.5)
+    client = prometheus.client()
+    deadline = time.monotonic() + WARM_UP_SCRAPE_TIMEOUT_S
+    try:
+        while (client.query_value("sum(llmpath_requests_total)") or 0) < len(results):
+            if time.monotonic() > deadline:
+                console.print("[yellow]warm-up: Prometheus has not scraped the gateway yet; SLIs may lag")
+                return
+            time.sleep(0.25)
+    finally:
+        client.close()
 
 
 def _wait_for_rules(stack: Stack, cfg: StackConfig) -> None:
