@@ -69,6 +69,12 @@ class PrometheusClient:
     def close(self) -> None:
         self._http.close()
 
+    def __enter__(self) -> PrometheusClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _get(self, path: str, **params: Any) -> Any:
         resp = self._http.get(path, params=params)
         body = resp.json()

@@ -95,16 +95,13 @@ def _warm_up(stack: Stack, prometheus: PrometheusServer, spec: WorkloadSpec, con
     results = asyncio.run(warm_up(stack.gateway_url, spec))
     if failed := [r for r in results if r.status != 200]:
         console.print(f"[yellow]warm-up: {len(failed)} of {len(results)} requests failed ({failed[0].error})")
-    client = prometheus.client()
     deadline = time.monotonic() + WARM_UP_SCRAPE_TIMEOUT_S
-    try:
+    with prometheus.client() as client:
         while (client.query_value("sum(llmpath_requests_total)") or 0) < len(results):
             if time.monotonic() > deadline:
                 console.print("[yellow]warm-up: Prometheus has not scraped the gateway yet; SLIs may lag")
                 return
             time.sleep(0.25)
-    finally:
-        client.close()
 
 
 def _wait_for_rules(stack: Stack, cfg: StackConfig) -> None:
@@ -124,11 +121,8 @@ def _slo_rows(stack: Stack, cfg: StackConfig) -> list[SloRow] | None:
 
     specs = [str(p) for p in cfg.slo_specs] or [str(default_spec_path())]
     compiled = compile_slos(load_specs(specs), CompileOptions())
-    client = stack.prometheus.client()
-    try:
+    with stack.prometheus.client() as client:
         return slo_status(client, compiled.slos)
-    finally:
-        client.close()
 
 
 def _ms(seconds: float) -> str:

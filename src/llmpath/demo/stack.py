@@ -214,8 +214,5 @@ def _start_monitoring(cfg: StackConfig, stack: Stack) -> None:
     )
     stack.prometheus = start_prometheus(stack.supervisor, cfg.workdir / "prometheus", config, port=prom_port)
     cfg.on_step("waiting for Prometheus's first scrape of every target")
-    client = stack.prometheus.client()
-    try:
+    with stack.prometheus.client() as client:
         client.wait_for_scrapes()  # counters seen before the load starts: rates cover all of it
-    finally:
-        client.close()

@@ -36,6 +36,9 @@ FOLLOW_UPS = (
     "Who should I contact if the problem persists?",
 )
 
+#: The workload's HTTP timeouts: a turn may wait behind a long prefill on a busy CPU engine.
+CLIENT_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+
 
 @dataclass(frozen=True)
 class Tenant:
@@ -197,8 +200,7 @@ async def run_workload(
                     break
                 messages.append({"role": "assistant", "content": text})
 
-    timeout = httpx.Timeout(120.0, connect=5.0)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT) as client:
         await asyncio.gather(*(worker(client) for _ in range(spec.concurrency)))
     result.wall_s = time.perf_counter() - start
     return result
@@ -210,8 +212,7 @@ async def warm_up(base_url: str, spec: WorkloadSpec) -> list[RequestResult]:
     Prometheus's ``rate()`` cannot count a series' first sample: without this, the requests that create a
     ``{route, tenant}`` series are invisible to the SLIs.
     """
-    timeout = httpx.Timeout(120.0, connect=5.0)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=CLIENT_TIMEOUT) as client:
         calls = [
             chat_once(client, tenant, route, [{"role": "user", "content": "Hello."}], spec.max_tokens)
             for route in spec.routes
