@@ -6,6 +6,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,23 @@ def processes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Superv
         rep = getattr(request.node, "rep_call", None)
         if rep is not None and rep.failed:
             print(supervisor.logs())
+
+
+@pytest.fixture(scope="session")
+def compiled() -> Any:
+    """``llmpath.slo.compile_slos`` of the packaged default spec (30d), as the dashboards and runbooks see it."""
+    from llmpath.dashboards.specs import SpecOptions, compile_specs
+
+    return compile_specs(SpecOptions())
+
+
+@pytest.fixture(scope="session")
+def dashboards(compiled: Any) -> dict[str, dict]:
+    """The three dashboards built for the default spec, keyed by file name."""
+    from llmpath.dashboards import build_dashboards
+    from llmpath.dashboards.specs import recording_rule_names, slo_views
+
+    return build_dashboards(slo_views(compiled.slos), recording_rule_names(compiled.files.values()))
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
