@@ -17,7 +17,7 @@ from llmpath.instrumentation import (
     instrument_app,
     read_jsonl,
 )
-from llmpath.instrumentation.usage import UsageDispatcher, intervals_json, stages_json
+from llmpath.instrumentation.usage import UsageDispatcher, stages_json, usage_line
 
 BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "SECRET-PROMPT-TEXT"}]}
 
@@ -169,10 +169,15 @@ async def test_jsonl_only_ledgers_get_the_same_lines_without_record_objects(make
     assert record.request_id == "req-1" and [s.name for s in record.stages][:2] == ["auth", "validate"]
     assert record.extra == {"backend": "engine-a", "matched_prefix_tokens": 96}
     assert direct == record.to_json()  # the same bytes as the object path (microsecond precision round-trips)
-    line = intervals_json([("auth", 10.5, 10.5015, "gateway"), ("prefill", 10.51, 10.53, "backend")], 10.5)
-    assert line == stages_json(
-        [StageTiming("auth", 0.0, 0.0015, "gateway"), StageTiming("prefill", 0.01, 0.02, "backend")]
-    )
+    intervals = [("auth", 10.5, 10.5015, "gateway"), ("prefill", 10.51, 10.53, "backend")]
+    timings = [StageTiming("auth", 0.0, 0.0015, "gateway"), StageTiming("prefill", 0.01, 0.02, "backend")]
+    head = ("r", None, 1.5, 'te"nant', "chat", "m", 10, 4, 2)
+    from_intervals = usage_line(*head, intervals, 10.5, 0.04, 0.05, 200, 0.01, None, None, {"k": 1})
+    from_timings = usage_line(*head, timings, None, 0.04, 0.05, 200, 0.01, None, None, {"k": 1})
+    assert from_intervals == from_timings and from_intervals.endswith(b"\n")
+    parsed = json.loads(from_intervals)
+    assert parsed["stages"] == json.loads(stages_json(timings)) and parsed["tenant"] == 'te"nant'
+    assert parsed["trace_id"] is None and parsed["tpot_s"] is None and parsed["extra"] == {"k": 1}
     mixed_dispatcher = UsageDispatcher([mixed, seen.append])
     mixed_dispatcher.emit(record)
     assert seen == [record] and (tmp_path / "mixed.jsonl").read_text() == direct + "\n"

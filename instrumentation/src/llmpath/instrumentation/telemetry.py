@@ -46,8 +46,7 @@ from llmpath.instrumentation.usage import (
     StageTiming,
     UsageDispatcher,
     UsageRecord,
-    intervals_json,
-    record_json,
+    usage_line,
 )
 
 try:
@@ -327,8 +326,7 @@ class Instrumentation:
         head = (req.request_id, req.trace_id, req.start_ns / 1e9, req.tenant, route, model, *usage)
         tail = (ttft, duration, code, unattributed, tpot, req.error)
         if not self.usage.needs_records:  # JSON-lines sinks only: serialise straight from the request
-            line = record_json(*head, intervals_json(stages, start), *tail, req.extra)
-            self.usage.emit_line((line + "\n").encode(), req.request_id)
+            self.usage.emit_line(usage_line(*head, stages, start, *tail, req.extra), req.request_id)
             return
         new = tuple.__new__  # StageTiming is a NamedTuple: build it without the Python-level constructor
         timeline = [new(StageTiming, (name, s - start, e - s, source)) for name, s, e, source in stages]

@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
@@ -83,9 +84,9 @@ class UsageRecord:
     def to_json(self) -> str:
         """One compact JSON line (no trailing newline); times in seconds with microsecond precision.
 
-        Hand-rolled for the hot path (about 4x faster than ``json.dumps(to_dict())``) with the same keys.
+        Hand-rolled for the hot path (several times faster than ``json.dumps(to_dict())``) with the same keys.
         """
-        return record_json(
+        return usage_line(
             self.request_id,
             self.trace_id,
             self.time,
@@ -95,7 +96,8 @@ class UsageRecord:
             self.input_tokens,
             self.cached_tokens,
             self.output_tokens,
-            stages_json(self.stages),
+            self.stages,
+            None,
             self.ttft_s,
             self.duration_s,
             self.status_code,
@@ -103,7 +105,7 @@ class UsageRecord:
             self.tpot_s,
             self.error,
             self.extra,
-        )
+        )[:-1].decode()
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UsageRecord:
@@ -114,44 +116,33 @@ class UsageRecord:
         return cls(**known)
 
 
-_RECORD_JSON = (
+_LINE_HEAD = (
     '{"request_id":%s,"trace_id":%s,"time":%.6f,"tenant":%s,"route":%s,"model":%s,'
-    '"input_tokens":%d,"cached_tokens":%d,"output_tokens":%d,"stages":%s,"ttft_s":%s,"duration_s":%.6f,'
-    '"status_code":%d,"unattributed_s":%s,"tpot_s":%s,"error":%s,"extra":%s}'
+    '"input_tokens":%d,"cached_tokens":%d,"output_tokens":%d,"stages":['
 )
+_LINE_TAIL = '],"ttft_s":%s,"duration_s":%.6f,"status_code":%d,"unattributed_s":%s,"tpot_s":%s,"error":%s,"extra":%s}\n'
 _STAGE_JSON = '{"name":%s,"start_s":%%.6f,"duration_s":%%.6f,"source":%s}'
-#: ``(name, source)`` → the stage's JSON template with the two floats left to fill (names are a small set).
-_STAGE_TEMPLATES: dict[tuple[str, str], str] = {}
+#: Stage shape (the ``(name, source)`` of each stage, in order) → the whole line's template with every value left
+#: to fill. Requests of one code path share a shape, so a line is one ``%`` operation.
+_LINE_TEMPLATES: dict[tuple[tuple[str, str], ...], str] = {}
+_MAX_LINE_TEMPLATES = 1024
+_SHAPE = itemgetter(0, 3)
 
 
-def _stage_template(name: str, source: str) -> str:
-    template = _STAGE_JSON % (encode_basestring(name), encode_basestring(source))
-    if len(_STAGE_TEMPLATES) < 4096:
-        _STAGE_TEMPLATES[(name, source)] = template
+def _line_template(shape: tuple[tuple[str, str], ...]) -> str:
+    enc = encode_basestring
+    stages = ",".join(_STAGE_JSON % (enc(name), enc(source)) for name, source in shape)
+    template = _LINE_HEAD + stages + _LINE_TAIL
+    if len(_LINE_TEMPLATES) < _MAX_LINE_TEMPLATES:
+        _LINE_TEMPLATES[shape] = template
     return template
 
 
-def stages_json(stages: Iterable[StageTiming]) -> str:
-    """The ``stages`` list as JSON (microsecond precision)."""
-    templates = _STAGE_TEMPLATES
-    parts = []
-    for n, s, d, src in stages:
-        template = templates.get((n, src)) or _stage_template(n, src)
-        parts.append(template % (s, d))
-    return "[" + ",".join(parts) + "]"
+def _fixed6(value: float | None) -> str:
+    return "null" if value is None else format(value, ".6f")
 
 
-def intervals_json(intervals: Iterable[tuple[str, float, float, str]], origin: float) -> str:
-    """``stages_json`` of ``(name, start, end, source)`` intervals, as offsets from ``origin`` (no objects made)."""
-    templates = _STAGE_TEMPLATES
-    parts = []
-    for n, s, e, src in intervals:
-        template = templates.get((n, src)) or _stage_template(n, src)
-        parts.append(template % (s - origin, e - s))
-    return "[" + ",".join(parts) + "]"
-
-
-def record_json(
+def usage_line(
     request_id: str,
     trace_id: str | None,
     time: float,
@@ -161,7 +152,8 @@ def record_json(
     input_tokens: int,
     cached_tokens: int,
     output_tokens: int,
-    stages: str,
+    stages: Sequence[tuple[str, float, float, str]],
+    origin: float | None,
     ttft_s: float | None,
     duration_s: float,
     status_code: int,
@@ -169,10 +161,15 @@ def record_json(
     tpot_s: float | None,
     error: str | None,
     extra: dict[str, Any] | None,
-) -> str:
-    """A usage record as one JSON line without building a :class:`UsageRecord` (``stages``: already JSON)."""
+) -> bytes:
+    """A usage record as one JSON line with its newline, the same bytes as :meth:`UsageRecord.to_json`, made
+    without building a :class:`UsageRecord`. ``stages`` are ``(name, start, end, source)`` intervals in the clock
+    of ``origin`` (the request start), or, with ``origin=None``, :class:`StageTiming` offsets and durations.
+    Times are in seconds with microsecond precision."""
+    shape = tuple(map(_SHAPE, stages))
+    template = _LINE_TEMPLATES.get(shape) or _line_template(shape)
     enc = encode_basestring
-    return _RECORD_JSON % (
+    values: list[Any] = [
         enc(request_id),
         "null" if trace_id is None else enc(trace_id),
         time,
@@ -182,15 +179,32 @@ def record_json(
         input_tokens,
         cached_tokens,
         output_tokens,
-        stages,
-        "null" if ttft_s is None else format(ttft_s, ".6f"),
+    ]
+    append = values.append
+    if origin is None:
+        for _, start, duration, _ in stages:
+            append(start)
+            append(duration)
+    else:
+        for _, s, e, _ in stages:
+            append(s - origin)
+            append(e - s)
+    values += (
+        _fixed6(ttft_s),
         duration_s,
         status_code,
-        "null" if unattributed_s is None else format(unattributed_s, ".6f"),
-        "null" if tpot_s is None else format(tpot_s, ".6f"),
+        _fixed6(unattributed_s),
+        _fixed6(tpot_s),
         "null" if error is None else enc(error),
         json.dumps(extra, separators=(",", ":"), default=str) if extra else "{}",
     )
+    return (template % tuple(values)).encode()
+
+
+def stages_json(stages: Iterable[StageTiming]) -> str:
+    """The ``stages`` list as JSON (microsecond precision), as in a usage line."""
+    enc = encode_basestring
+    return "[" + ",".join(_STAGE_JSON % (enc(n), enc(src)) % (s, d) for n, s, d, src in stages) + "]"
 
 
 @runtime_checkable
