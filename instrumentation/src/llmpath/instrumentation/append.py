@@ -33,7 +33,9 @@ def _libc_write() -> Callable[[int, bytes, int], int] | None:
         write = libc.write
     except (OSError, AttributeError, TypeError):
         return None
-    write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
+    # No ``argtypes``: ctypes passes an int as C int and bytes as ``char *`` by itself, which is what ``write``
+    # takes for a descriptor and a line (lengths stay far below 2**31), and checking declared argument types
+    # costs about a third of the call.
     write.restype = ctypes.c_ssize_t
     return write  # type: ignore[no-any-return]
 
