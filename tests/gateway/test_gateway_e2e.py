@@ -139,6 +139,8 @@ def test_text_completions(gw, client, keys) -> None:
     chunks = [json.loads(d) for d in events[:-1]]
     assert events[-1] == "[DONE]" and all(c["object"] == "text_completion" for c in chunks)
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    too_big = client.post("/v1/completions", json={**body, "prompt": "", "top_k": 2**115}, headers=keys.auth())
+    assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "top_k"
 
 
 def test_models_and_probes(gw, client, keys) -> None:
@@ -218,6 +220,15 @@ def test_admin_endpoints_need_the_admin_key(client, keys) -> None:
             "context_length_exceeded",
         ),
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 422, "stop", None),
+        # Integers the backend cannot take (schemathesis found top_k = 4.7e34 reaching the backend client as a 500).
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_k": 2**115}, 400, "top_k", None),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2**64},
+            400,
+            "max_tokens",
+            None,
+        ),
+        ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "seed": 2**63}, 400, "seed", None),
     ],
 )
 def test_bad_bodies_name_the_param(gw, client, keys, body: Any, status: int, param: str | None, code: str | None):

@@ -22,6 +22,9 @@ def _json_integer(value: Any) -> Any:
 
 #: An integer as JSON Schema defines it (strict otherwise: no strings, no bools).
 JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+#: Upper bound of token counts and ``top_k``: what backends take as a C ``int`` (larger is a 400, not a 500 when
+#: the backend request cannot be encoded or the backend rejects it).
+MAX_INT32 = 2**31 - 1
 
 
 class _Request(BaseModel):
@@ -57,11 +60,11 @@ class _Sampling(_Request):
     """Sampling fields shared by chat and text completions."""
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: Annotated[JsonInt, Field(ge=1)] | None = None
+    max_tokens: Annotated[JsonInt, Field(ge=1, le=MAX_INT32)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     #: SGLang extension: top-k sampling (-1 = off).
-    top_k: Annotated[JsonInt, Field(ge=-1)] | None = None
+    top_k: Annotated[JsonInt, Field(ge=-1, le=MAX_INT32)] | None = None
     n: Annotated[JsonInt, Field(ge=1, le=1)] | None = Field(default=None, description="Only n=1 is supported.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -95,7 +98,7 @@ class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: Annotated[list[ChatMessageIn], Field(min_length=1)]
-    max_completion_tokens: Annotated[JsonInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[JsonInt, Field(ge=1, le=MAX_INT32)] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
 
