@@ -21,9 +21,12 @@ pytestmark = pytest.mark.slow
 QUICK = ["--once", "--preset", "tiny", "--conversations", "6", "--concurrency", "2", "--duration", "30"]
 
 
-def run_demo(llmpath_bin: str, workdir: Path, env: dict[str, str] | None = None) -> str:
+def run_demo(llmpath_bin: str, cwd: Path, env: dict[str, str] | None = None) -> tuple[str, Path]:
+    """Run the demo in ``cwd`` with a relative work folder, as ``make demo`` does (an absolute one hid a broken
+    ledger path); returns the report and the work folder."""
     proc = subprocess.run(
-        [llmpath_bin, "demo", *QUICK, "--workdir", str(workdir)],
+        [llmpath_bin, "demo", *QUICK, "--workdir", "build"],
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=240,
@@ -31,7 +34,7 @@ def run_demo(llmpath_bin: str, workdir: Path, env: dict[str, str] | None = None)
         check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    return proc.stdout, cwd / "build"
 
 
 def table_rows(report: str, title: str) -> list[list[str]]:
@@ -54,8 +57,8 @@ def slo_names() -> list[str]:
 
 def test_demo_reports_stages_cache_tokens_and_slos_read_back_from_prometheus(llmpath_bin, require_binary, tmp_path):
     require_binary("prometheus")
-    report = run_demo(llmpath_bin, tmp_path)
-    ledger = list(read_jsonl(tmp_path / "usage.jsonl"))
+    report, workdir = run_demo(llmpath_bin, tmp_path)
+    ledger = list(read_jsonl(workdir / "usage.jsonl"))
 
     first = re.search(r"^(\d+) requests, (\d+) server errors", report, re.M)
     assert first is not None, report
@@ -83,15 +86,15 @@ def test_demo_reports_stages_cache_tokens_and_slos_read_back_from_prometheus(llm
     assert all(re.fullmatch(r"\d+\.\d%", sli) for sli in slis), slo_rows  # every SLI has data (warm-up scraped)
 
     for folder, pattern in (("rules", "*.yaml"), ("dashboards", "*.json"), ("runbooks", "*.md")):
-        assert list((tmp_path / folder).glob(pattern)), folder
-    logs = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "logs").glob("*"))
+        assert list((workdir / folder).glob(pattern)), folder
+    logs = "\n".join(p.read_text(errors="replace") for p in (workdir / "logs").glob("*"))
     assert "Ticket #" not in logs and "Hello," not in logs  # prompt text is never logged
 
 
 def test_demo_without_prometheus_runs_and_says_what_it_skipped(llmpath_bin, tmp_path):
     env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no prometheus on PATH
-    report = run_demo(llmpath_bin, tmp_path, env)
+    report, workdir = run_demo(llmpath_bin, tmp_path, env)
     assert "skipped: Prometheus (not installed" in report
     assert "SLO status skipped: Prometheus is not running" in report
     assert table_rows(report, "Where the time goes") and table_rows(report, "Tokens by type")
-    assert (tmp_path / "rules").is_dir() and list((tmp_path / "runbooks").glob("*.md"))
+    assert (workdir / "rules").is_dir() and list((workdir / "runbooks").glob("*.md"))

@@ -59,6 +59,10 @@ class StackConfig:
     #: Called with a short line before each step (progress reporting).
     on_step: Callable[[str], None] = lambda _msg: None
 
+    def __post_init__(self) -> None:
+        # Absolute: the gateway resolves relative paths in its config file against the file's folder (the workdir).
+        self.workdir = Path(self.workdir).resolve()
+
 
 @dataclass
 class Artifacts:
