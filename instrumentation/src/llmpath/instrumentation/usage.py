@@ -82,10 +82,12 @@ class UsageRecord:
         }
 
     def to_json(self) -> str:
-        """One compact JSON line (no trailing newline); times in seconds with microsecond precision.
+        """One compact JSON line (no trailing newline); times in seconds with microsecond precision."""
+        return self.json_line()[:-1].decode()
 
-        Hand-rolled for the hot path (several times faster than ``json.dumps(to_dict())``) with the same keys.
-        """
+    def json_line(self) -> bytes:
+        """:meth:`to_json` as the ledger writes it: UTF-8 with the newline. Hand-rolled for the hot path (several
+        times faster than ``json.dumps(to_dict())``) with the same keys."""
         return usage_line(
             self.request_id,
             self.trace_id,
@@ -105,7 +107,7 @@ class UsageRecord:
             self.tpot_s,
             self.error,
             self.extra,
-        )[:-1].decode()
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UsageRecord:
@@ -162,7 +164,7 @@ def usage_line(
     error: str | None,
     extra: dict[str, Any] | None,
 ) -> bytes:
-    """A usage record as one JSON line with its newline, the same bytes as :meth:`UsageRecord.to_json`, made
+    """A usage record as one JSON line with its newline, the same bytes as :meth:`UsageRecord.json_line`, made
     without building a :class:`UsageRecord`. ``stages`` are ``(name, start, end, source)`` intervals in the clock
     of ``origin`` (the request start), or, with ``origin=None``, :class:`StageTiming` offsets and durations.
     Times are in seconds with microsecond precision."""
@@ -244,10 +246,10 @@ class JsonlUsageSink:
 
     def write(self, record: UsageRecord) -> None:
         """Append ``record`` as one line."""
-        self.write_line((record.to_json() + "\n").encode())
+        self.write_line(record.json_line())
 
     def write_line(self, line: bytes) -> None:
-        """Append one record already serialised by :meth:`UsageRecord.to_json` (with its newline)."""
+        """Append one record already serialised by :meth:`UsageRecord.json_line` (with its newline)."""
         with self._lock:
             fd = self._fd
             if fd is None:
@@ -419,7 +421,7 @@ class UsageDispatcher:
         for name, write in self._object_sinks:
             self._call(name, write, record, record.request_id)
         if self._line_sinks:
-            self.emit_line((record.to_json() + "\n").encode(), record.request_id)
+            self.emit_line(record.json_line(), record.request_id)
 
     def emit_line(self, line: bytes, request_id: str) -> None:
         """Write a serialised record (with its newline) to the line sinks."""
