@@ -100,6 +100,8 @@ class Prepared:
     tried: list[str] = field(default_factory=list)
     admitted: bool = False
     holds_backend: bool = False
+    #: Cached tokens predicted for the chosen backend, in the gateway's token estimate (``chars_per_token``).
+    predicted_tokens: int = 0
 
 
 class Gateway:
@@ -322,17 +324,31 @@ class Gateway:
         st.set_attribute("llmpath.route.matched_prefix_tokens", matched_tokens)
         st.set_attribute("llmpath.route.predicted_cached_tokens", predicted)
         st.set_attribute("llmpath.route.candidates", len(candidates))
+        p.predicted_tokens = predicted  # counted when the backend answers, in its tokens (see _Tracker.done)
         if self.metrics is not None:
             self.metrics.route_decision(decision.backend, decision.reason.value)
-            self.metrics.predicted_tokens(p.route.config.name, predicted)
         annotate_request(
             backend=decision.backend,
             routing_reason=decision.reason.value,
             matched_prefix_tokens=matched_tokens,
-            predicted_cached_tokens=predicted,
             cache_result=p.lookup.result.value,
             retries=len(p.tried),
         )
+
+    def record_prediction(self, p: Prepared, prompt_tokens: int) -> None:
+        """Count the request's predicted cached tokens once the backend has reported ``prompt_tokens``.
+
+        The prediction is made in the gateway's estimate (UTF-8 bytes / ``chars_per_token``), which counts a chat
+        template's special tokens by their text (``<|im_start|>``: 12 bytes, one token); it is converted to the
+        backend's tokens with this request's own ratio, so that it compares with the backend's cached tokens.
+        """
+        predicted = p.predicted_tokens
+        estimate = p.key.prompt_tokens
+        if predicted and prompt_tokens > 0 and estimate > 0:
+            predicted = min(round(predicted * prompt_tokens / estimate), prompt_tokens)
+        if self.metrics is not None:
+            self.metrics.predicted_tokens(p.route.config.name, predicted)
+        annotate_request(predicted_cached_tokens=predicted)
 
     async def _admit(self, p: Prepared, st: StageScope) -> None:
         try:
@@ -672,6 +688,7 @@ class _Tracker:
         self._call.set_finish_reasons([event.finish_reason])
         self._call.set_response(response_id=p.fmt.id, response_model=p.backend_model)
         annotate_request(finish_reason=event.finish_reason)
+        self._gateway.record_prediction(p, usage.prompt_tokens)
         self._gateway.record_output(p, self.text())
 
 
