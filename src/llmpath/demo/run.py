@@ -165,7 +165,7 @@ def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow
     console.print(stages)
 
     cache = _table(
-        "Prompt cache by route (share of prompt tokens served from cache)",
+        "Prompt cache by route (share of prompt tokens from cache)",
         {"route": "left", "requests": "right", "predicted": "right", "actual": "right", "cached / prompt": "right"},
     )
     for c in summary.cache:
