@@ -40,7 +40,7 @@ class EngineMetrics:
     def __init__(self, model_name: str, buckets: dict[str, tuple[float, ...]] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.base = {"model_name": model_name, "engine_type": "unified", "tp_rank": "0", "pp_rank": "0",
-                     "moe_ep_rank": "0", "dp_rank": "0", "cache_type": "radix"}  # fmt: skip
+                     "moe_ep_rank": "0", "dp_rank": "0", "cache_type": "RadixCache"}  # fmt: skip
         chosen = {**DEFAULT_BUCKETS, **(buckets or {})}
         self._families: dict[str, Counter | Gauge | Histogram] = {}
         for spec in SGLANG_METRICS:
