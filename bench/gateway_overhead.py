@@ -165,6 +165,12 @@ def main() -> None:
         help="measure running processes instead (the gateway must route model 'bench' to the engine and "
         f"accept the key {KEY!r})",
     )
+    parser.add_argument(
+        "--ledger",
+        action="store_true",
+        help="give the gateway a usage ledger and print where its slowest requests spent their time (stage by "
+        "stage): the way to tell the gateway's own delay from the engine's queue, prefill or pauses",
+    )
     args = parser.parse_args()
     if args.against:
         _measure(args, *args.against)
@@ -189,12 +195,35 @@ def main() -> None:
                     "api_keys": [{"sha256": hash_key(KEY), "tenant": "bench"}],
                     "tokenizer": {"chars_per_token": 1},
                     "limits": {"max_concurrency": 256},
+                    **({"usage": {"ledger": str(tmp / "usage.jsonl")}} if args.ledger else {}),
                 }
             )
         )
         cmd = [LLMPATH, "gateway", "serve", "--config", str(config), "--log-level", "warning"]
         gateway = sup.spawn("gateway", cmd, ready_url=f"{gw_url}/readyz")
         _measure(args, engine_url, gw_url, gateway.pid, engine.pid)
+    if args.ledger:
+        _explain_slowest(tmp / "usage.jsonl")
+
+
+def _explain_slowest(ledger: Path, count: int = 8) -> None:
+    """The slowest requests through the gateway, stage by stage (milliseconds), from its usage ledger."""
+    from llmpath.instrumentation import read_jsonl
+
+    records = sorted((r for r in read_jsonl(ledger) if r.ttft_s is not None), key=lambda r: -(r.ttft_s or 0.0))
+    if not records:
+        return
+    names = list(dict.fromkeys(s.name for s in records[0].stages if s.name != "decode"))
+    print(f"slowest {count} of {len(records)} requests through the gateway (ms; unattributed = gateway time no stage")
+    print("covers, e.g. the event loop or a pause):")
+    print(f"{'TTFT':>8} " + " ".join(f"{n:>12}" for n in [*names, "unattributed"]))
+    for r in records[:count]:
+        spent = dict.fromkeys(names, 0.0)
+        for stage in r.stages:
+            if stage.name in spent:
+                spent[stage.name] += stage.duration_s
+        cells = [*(spent[n] for n in names), r.unattributed_s or 0.0]
+        print(f"{(r.ttft_s or 0.0) * 1e3:8.2f} " + " ".join(f"{v * 1e3:12.2f}" for v in cells))
 
 
 def _measure(
