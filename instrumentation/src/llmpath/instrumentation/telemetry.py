@@ -247,13 +247,11 @@ class Instrumentation:
     def _stage_span(
         self, req: RequestTelemetry, name: str, t0: float, source: str, attributes: Mapping[str, Any] | None
     ) -> trace.Span:
-        attrs: dict[str, Any] = {ATTR_STAGE: name, ATTR_TIMING_SOURCE: source}
-        owner = self.owners.get(name)
-        if owner is not None:
-            attrs[ATTR_STAGE_OWNER] = owner
+        span_name, common = self._stage_span_shape(name)
+        attrs: dict[str, Any] = {**common, ATTR_TIMING_SOURCE: source}
         if attributes:
             attrs.update(attributes)
-        return self.tracer.start_span(STAGE_SPAN_NAME.format(stage=name), start_time=req.epoch_ns(t0), attributes=attrs)
+        return self.tracer.start_span(span_name, start_time=req.epoch_ns(t0), attributes=attrs)
 
     def finish(self, req: RequestTelemetry) -> None:
         """Record the finished request: Prometheus and GenAI metrics, then the usage record.
@@ -347,17 +345,15 @@ class Instrumentation:
         route = req.route
         emitter = req.emitter
         if emitter is not None:
-            shapes = self._stage_spans
-            origin, origin_ns = req.start, req.start_ns
+            epoch_ns = req.epoch_ns
             for name, ctx, parent, attributes, t0, t1, error in req.pending_stages or ():
-                shape = shapes.get(name) or self._stage_span_shape(name)
-                attrs = {**shape[1], ATTR_ROUTE: route}
+                span_name, common = self._stage_span_shape(name)
+                attrs = {**common, ATTR_ROUTE: route}
                 if attributes:
                     attrs.update(attributes)
                 if error is not None:
                     attrs["error.type"] = error
-                start_ns = origin_ns + int((t0 - origin) * 1e9)
-                emitter.emit(shape[0], ctx, parent, attrs, start_ns, origin_ns + int((t1 - origin) * 1e9), error)
+                emitter.emit(span_name, ctx, parent, attrs, epoch_ns(t0), epoch_ns(t1), error)
         for span, t1 in req.pending_spans or ():
             span.set_attribute(ATTR_ROUTE, route)
             span.end(end_time=req.epoch_ns(t1))
@@ -365,7 +361,11 @@ class Instrumentation:
             req.span.end()  # now: the server span covers sending the last message
 
     def _stage_span_shape(self, name: str) -> tuple[str, dict[str, Any]]:
-        """A stage span's name and the attributes every span of that stage has (cached per stage name)."""
+        """A stage span's name and the attributes every span of that stage has (cached per stage name; the timing
+        source is ``gateway`` unless the caller overrides it)."""
+        shape = self._stage_spans.get(name)
+        if shape is not None:
+            return shape
         attrs = {ATTR_STAGE: name, ATTR_TIMING_SOURCE: "gateway"}
         owner = self.owners.get(name)
         if owner is not None:
