@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import httpx
@@ -59,15 +60,7 @@ async def _direct(client: aiohttp.ClientSession, url: str, prompt: str, max_toke
         "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
         "stream": True,
     }
-    start = time.perf_counter()
-    ttft = None
-    async with client.post(f"{url}/generate", data=orjson.dumps(body), headers=_JSON) as resp:
-        resp.raise_for_status()
-        async for line in resp.content:
-            if ttft is None and line.startswith(b"data: {") and orjson.loads(line[6:]).get("text"):
-                ttft = time.perf_counter() - start
-    assert ttft is not None
-    return ttft
+    return await _ttft(client, f"{url}/generate", body, _JSON, lambda event: bool(event.get("text")))
 
 
 async def _gateway(client: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> float:
@@ -79,15 +72,29 @@ async def _gateway(client: aiohttp.ClientSession, url: str, prompt: str, max_tok
         "ignore_eos": True,
         "stream": True,
     }
+
+    def has_token(event: dict[str, Any]) -> bool:
+        choices = event["choices"]
+        return bool(choices and choices[0]["delta"].get("content"))
+
+    return await _ttft(client, f"{url}/v1/chat/completions", body, _GATEWAY_HEADERS, has_token)
+
+
+async def _ttft(
+    client: aiohttp.ClientSession,
+    url: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    has_token: Callable[[dict[str, Any]], bool],
+) -> float:
+    """Seconds from sending a streamed request to the first SSE event that carries a token (read to the end)."""
     start = time.perf_counter()
     ttft = None
-    async with client.post(f"{url}/v1/chat/completions", data=orjson.dumps(body), headers=_GATEWAY_HEADERS) as resp:
+    async with client.post(url, data=orjson.dumps(body), headers=headers) as resp:
         resp.raise_for_status()
         async for line in resp.content:
-            if ttft is None and line.startswith(b"data: {"):
-                choices = orjson.loads(line[6:])["choices"]
-                if choices and choices[0]["delta"].get("content"):
-                    ttft = time.perf_counter() - start
+            if ttft is None and line.startswith(b"data: {") and has_token(orjson.loads(line[6:])):
+                ttft = time.perf_counter() - start
     assert ttft is not None
     return ttft
 
@@ -172,6 +179,8 @@ def main() -> None:
         "stage): the way to tell the gateway's own delay from the engine's queue, prefill or pauses",
     )
     args = parser.parse_args()
+    if args.against and args.ledger:
+        parser.error("--ledger needs the gateway this script starts (with --against, read your gateway's ledger)")
     if args.against:
         _measure(args, *args.against)
         return
