@@ -2,15 +2,18 @@
 
 Direct: ``POST /generate`` on the engine (what the gateway itself sends, with the chat template applied
 client-side). Through the gateway: ``POST /v1/chat/completions`` with ``stream: true`` (auth, validation,
-assembly, prompt-cache lookup, prefix routing, admission, instrumentation, SSE re-framing). TTFT is measured by
-the client: request sent → first chunk carrying a token. Modes alternate within each round, at each
-concurrency, over the same warmed prompts, so machine drift hits both alike; percentiles pool all rounds.
+assembly, prompt-cache lookup, prefix routing, admission, instrumentation, SSE re-framing). Proxy: the direct
+requests through a byte-forwarding TCP proxy (``bench/tcp_proxy.py``), the cheapest extra process a request can
+cross, for reference. TTFT is measured by the client: request sent → first chunk carrying a token. Modes alternate
+within each round, at each concurrency, over the same warmed prompts, so machine drift hits them alike;
+percentiles pool all rounds. The CPU table says what limits each closed loop's throughput (and so, by Little's
+law, its latency): the cores, or one process's busy thread.
 
 The load generator shares the 2 cores with what it measures, so it is kept cheap: aiohttp with orjson costs
 ≈ 0.2 ms of CPU per streamed request at 32 clients, where httpx cost ≈ 2.6 ms and, by saturating the cores,
 tripled the engine's own TTFT and inflated the difference between the modes.
 
-    .venv/bin/python bench/gateway_overhead.py                  # starts a tiny engine and a gateway
+    .venv/bin/python bench/gateway_overhead.py                  # starts a tiny engine, a proxy and a gateway
     .venv/bin/python bench/gateway_overhead.py --requests 400 --rounds 5 --concurrency 1 8 32
 
 Target (issue 4): added TTFT ≤ 1 ms at p50 and ≤ 5 ms at p99 on 2 cores.
@@ -54,7 +57,7 @@ def _chatml(user: str) -> str:
     return render_chatml([{"role": "user", "content": user}])
 
 
-async def _direct(client: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> float:
+async def _direct(client: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> tuple[float, float]:
     body = {
         "text": _chatml(prompt),
         "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0, "ignore_eos": True},
@@ -63,7 +66,7 @@ async def _direct(client: aiohttp.ClientSession, url: str, prompt: str, max_toke
     return await _ttft(client, f"{url}/generate", body, _JSON, lambda event: bool(event.get("text")))
 
 
-async def _gateway(client: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> float:
+async def _gateway(client: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> tuple[float, float]:
     body = {
         "model": "bench",
         "messages": [{"role": "user", "content": prompt}],
@@ -86,8 +89,9 @@ async def _ttft(
     body: dict[str, Any],
     headers: dict[str, str],
     has_token: Callable[[dict[str, Any]], bool],
-) -> float:
-    """Seconds from sending a streamed request to the first SSE event that carries a token (read to the end)."""
+) -> tuple[float, float]:
+    """Seconds from sending a streamed request to the first SSE event that carries a token, and to the end of the
+    stream."""
     start = time.perf_counter()
     ttft = None
     async with client.post(url, data=orjson.dumps(body), headers=headers) as resp:
@@ -96,16 +100,17 @@ async def _ttft(
             if ttft is None and line.startswith(b"data: {") and has_token(orjson.loads(line[6:])):
                 ttft = time.perf_counter() - start
     assert ttft is not None
-    return ttft
+    return ttft, time.perf_counter() - start
 
 
-Call = Callable[[aiohttp.ClientSession, str, str, int], Awaitable[float]]
+Call = Callable[[aiohttp.ClientSession, str, str, int], Awaitable[tuple[float, float]]]
 
 
 async def _run(
     call: Call, url: str, prompts: list[str], requests: int, concurrency: int, max_tokens: int
-) -> list[float]:
-    results: list[float] = []
+) -> list[tuple[float, float]]:
+    """``(TTFT, whole request)`` seconds of each request, ``concurrency`` clients in a closed loop."""
+    results: list[tuple[float, float]] = []
     todo = iter(range(requests))
     connector = aiohttp.TCPConnector(limit=concurrency * 2)
     timeout = aiohttp.ClientTimeout(total=120)
@@ -182,7 +187,7 @@ def main() -> None:
     if args.against and args.ledger:
         parser.error("--ledger needs the gateway this script starts (with --against, read your gateway's ledger)")
     if args.against:
-        _measure(args, *args.against)
+        _measure(args, {"direct": args.against[0], "gateway": args.against[1]}, {})
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="llmpath-bench-gw-"))
@@ -210,7 +215,14 @@ def main() -> None:
         )
         cmd = [LLMPATH, "gateway", "serve", "--config", str(config), "--log-level", "warning"]
         gateway = sup.spawn("gateway", cmd, ready_url=f"{gw_url}/readyz")
-        _measure(args, engine_url, gw_url, gateway.pid, engine.pid)
+        proxy_port = free_port()
+        proxy_url = f"http://127.0.0.1:{proxy_port}"
+        proxy_cmd = [sys.executable, str(Path(__file__).with_name("tcp_proxy.py")), "--port", str(proxy_port)]
+        proxy = sup.spawn(
+            "proxy", [*proxy_cmd, "--upstream", f"127.0.0.1:{engine_port}"], ready_url=f"{proxy_url}/health"
+        )
+        urls = {"direct": engine_url, "proxy": proxy_url, "gateway": gw_url}
+        _measure(args, urls, {"engine": engine.pid, "proxy": proxy.pid, "gateway": gateway.pid})
     if args.ledger:
         _explain_slowest(tmp / "usage.jsonl")
 
@@ -235,53 +247,64 @@ def _explain_slowest(ledger: Path, count: int = 8) -> None:
         print(f"{(r.ttft_s or 0.0) * 1e3:8.2f} " + " ".join(f"{v * 1e3:12.2f}" for v in cells))
 
 
-def _measure(
-    args: argparse.Namespace,
-    engine_url: str,
-    gw_url: str,
-    gateway_pid: int | None = None,
-    engine_pid: int | None = None,
-) -> None:
-    prompts = _prompts(64, args.prompt_bytes)
-    modes: dict[str, tuple[Call, str]] = {"direct": (_direct, engine_url), "gateway": (_gateway, gw_url)}
-    for call, url in modes.values():  # warm both radix namespaces (the gateway sends a tenant cache_salt)
-        asyncio.run(_run(call, url, prompts, len(prompts), 4, args.max_tokens))
+#: The processes each mode crosses (whose CPU it is charged); the load generator is this process.
+_CROSSES = {
+    "direct": ("load generator", "engine"),
+    "proxy": ("load generator", "engine", "proxy"),
+    "gateway": ("load generator", "engine", "gateway"),
+}
 
-    samples: dict[tuple[int, str], list[float]] = {}
+
+def _measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, int]) -> None:
+    """Run every mode at every concurrency, interleaved, and print the comparison.
+
+    ``urls``: mode → base URL (``direct`` and ``gateway``, and ``proxy`` for the reference hop); ``pids``:
+    process name → pid, for the CPU figures (empty with ``--against``)."""
+    prompts = _prompts(64, args.prompt_bytes)
+    calls: dict[str, Call] = {"direct": _direct, "proxy": _direct, "gateway": _gateway}
+    modes = [mode for mode in calls if mode in urls]
+    for mode in modes:  # warm both radix namespaces (the gateway sends a tenant cache_salt)
+        asyncio.run(_run(calls[mode], urls[mode], prompts, len(prompts), 4, args.max_tokens))
+
+    ttft: dict[tuple[int, str], list[float]] = {}
+    latency: dict[tuple[int, str], list[float]] = {}
     per_round: dict[tuple[int, str], list[float]] = {}
-    #: (concurrency, mode) → CPU seconds of the load generator (this process), the engine and the gateway.
-    cpu: dict[tuple[int, str], list[float]] = {}
-    gateway_cpu = 0.0
+    #: (concurrency, mode) → CPU seconds per process it crosses, and wall seconds.
+    cpu: dict[tuple[int, str], dict[str, float]] = {}
+    wall: dict[tuple[int, str], float] = {}
+
+    def cpu_now(mode: str) -> dict[str, float]:
+        return {
+            name: _self_cpu() if name == "load generator" else _cpu_seconds(pids.get(name)) for name in _CROSSES[mode]
+        }
+
     load_before = os.getloadavg()[0]
     for r in range(args.rounds):
         for c in args.concurrency:
-            order = list(modes) if r % 2 == 0 else list(reversed(modes))
-            for mode in order:
-                call, url = modes[mode]
-                cpu_before = _cpu_seconds(gateway_pid)
-                before = (_self_cpu(), _cpu_seconds(engine_pid), cpu_before)
-                ttfts = asyncio.run(_run(call, url, prompts, args.requests, c, args.max_tokens))
-                after = (_self_cpu(), _cpu_seconds(engine_pid), _cpu_seconds(gateway_pid))
-                spent = cpu.setdefault((c, mode), [0.0, 0.0, 0.0])
-                for i in range(3):
-                    spent[i] += after[i] - before[i]
-                if mode == "gateway":
-                    gateway_cpu += _cpu_seconds(gateway_pid) - cpu_before
-                samples.setdefault((c, mode), []).extend(ttfts)
-                per_round.setdefault((c, mode), []).append(statistics.median(ttfts))
+            for mode in modes if r % 2 == 0 else reversed(modes):
+                before, t0 = cpu_now(mode), time.perf_counter()
+                results = asyncio.run(_run(calls[mode], urls[mode], prompts, args.requests, c, args.max_tokens))
+                wall[(c, mode)] = wall.get((c, mode), 0.0) + time.perf_counter() - t0
+                spent = cpu.setdefault((c, mode), {})
+                for name, seconds in cpu_now(mode).items():
+                    spent[name] = spent.get(name, 0.0) + seconds - before[name]
+                ttft.setdefault((c, mode), []).extend(first for first, _ in results)
+                latency.setdefault((c, mode), []).extend(whole for _, whole in results)
+                per_round.setdefault((c, mode), []).append(statistics.median(first for first, _ in results))
     load_after = os.getloadavg()[0]
 
     print(f"P2 gateway overhead — preset {args.preset}, {args.prompt_bytes}-byte prompts, {args.max_tokens} tokens,")
     print(f"{args.rounds} rounds × {args.requests} requests per mode; load avg {load_before:.2f} → {load_after:.2f}")
-    print(f"{'conc':>4} {'mode':>8} {'TTFT p50 ms':>12} {'p99 ms':>9}")
+    print(f"{'conc':>4} {'mode':>8} {'TTFT p50 ms':>12} {'p99 ms':>9}   added to direct p50 / p99")
     verdicts = []
     for c in args.concurrency:
+        d = ttft[(c, "direct")]
         for mode in modes:
-            values = samples[(c, mode)]
-            print(f"{c:>4} {mode:>8} {_pct(values, 0.5) * 1e3:>12.3f} {_pct(values, 0.99) * 1e3:>9.3f}")
-        d, g = samples[(c, "direct")], samples[(c, "gateway")]
-        added50 = (_pct(g, 0.5) - _pct(d, 0.5)) * 1e3
-        added99 = (_pct(g, 0.99) - _pct(d, 0.99)) * 1e3
+            values = ttft[(c, mode)]
+            added = "" if mode == "direct" else f"   {_added(values, d, 0.5):+.3f} / {_added(values, d, 0.99):+.3f} ms"
+            print(f"{c:>4} {mode:>8} {_pct(values, 0.5) * 1e3:>12.3f} {_pct(values, 0.99) * 1e3:>9.3f}{added}")
+        g = ttft[(c, "gateway")]
+        added50, added99 = _added(g, d, 0.5), _added(g, d, 0.99)
         round_deltas = [
             (gw - di) * 1e3 for gw, di in zip(per_round[(c, "gateway")], per_round[(c, "direct")], strict=True)
         ]
@@ -290,24 +313,58 @@ def _measure(
             f"{statistics.median(round_deltas):+.3f} ms), p99 {added99:+.3f} ms; "
             f"ratio gateway/direct p50 {_pct(g, 0.5) / _pct(d, 0.5):.3f}"
         )
+        if "proxy" in modes:
+            p = ttft[(c, "proxy")]
+            print(f"     gateway over the reference proxy hop: p50 {_added(g, p, 0.5):+.3f} ms, "
+                  f"p99 {_added(g, p, 0.99):+.3f} ms")  # fmt: skip
         verdicts.append((c, added50 <= 1.0, added99 <= 5.0))
-    under_1ms, under_2_5ms = _overhead_histogram(gw_url)
+    under_1ms, under_2_5ms = _overhead_histogram(urls["gateway"])
     print(
         f"gateway's own gateway_overhead stage group (auth+validate+route+assemble+cache_lookup): "
         f"{under_1ms:.1%} of requests under 1 ms, {under_2_5ms:.1%} under 2.5 ms"
     )
-    if gateway_pid is not None:
-        per_request = gateway_cpu / (args.requests * args.rounds * len(args.concurrency))
-        print(f"gateway process CPU: {per_request * 1e3:.2f} ms per request (HTTP server, stages, backend client, SSE)")
-        n = args.requests * args.rounds
-        print(f"CPU ms per request on the {os.cpu_count()} shared cores (load generator / engine / gateway):")
-        for (c, mode), (client, engine, gw) in sorted(cpu.items()):
-            total = (client + engine + (gw if mode == "gateway" else 0.0)) / n * 1e3
-            print(f"{c:>4} {mode:>8}: {client / n * 1e3:6.2f} / {engine / n * 1e3:6.2f} / "
-                  f"{(gw if mode == 'gateway' else 0.0) / n * 1e3:6.2f}  total {total:6.2f}")  # fmt: skip
+    if pids:
+        _print_cpu(args, modes, cpu, wall, latency)
     for c, ok50, ok99 in verdicts:
         verdict50, verdict99 = ("MET" if ok else "MISSED" for ok in (ok50, ok99))
         print(f"target at concurrency {c}: p50 ≤ 1 ms {verdict50}; p99 ≤ 5 ms {verdict99}")
+
+
+def _added(values: list[float], base: list[float], q: float) -> float:
+    """Milliseconds ``values`` adds to ``base`` at quantile ``q``."""
+    return (_pct(values, q) - _pct(base, q)) * 1e3
+
+
+def _print_cpu(
+    args: argparse.Namespace,
+    modes: list[str],
+    cpu: dict[tuple[int, str], dict[str, float]],
+    wall: dict[tuple[int, str], float],
+    latency: dict[tuple[int, str], list[float]],
+) -> None:
+    """CPU per request of each process a mode crosses, throughput, and how busy each process kept a core.
+
+    In a closed loop the mean latency is clients / throughput (Little's law), so this shows what limits the
+    throughput, and with it the latency: the cores as a whole, or one process's single busy thread (the engine's
+    scheduler, an event loop), which can sit at a whole core while the other core has room."""
+    n = args.requests * args.rounds
+    names = list(dict.fromkeys(name for mode in modes for name in _CROSSES[mode]))
+    cores = os.cpu_count() or 1
+    print("per request: CPU ms of each process; throughput; mean latency (= clients / throughput); share of one")
+    print(f"core each process kept busy, and of all {cores} cores:")
+    print(f"{'conc':>4} {'mode':>8}  " + " ".join(f"{name:>14}" for name in names) + "     req/s  latency ms  busy")
+    for c in args.concurrency:
+        for mode in modes:
+            seconds, spent = wall[(c, mode)], cpu[(c, mode)]
+            cells = [
+                f"{spent[name] / n * 1e3:5.2f} ({spent[name] / seconds:4.0%})" if name in spent else f"{'-':>14}"
+                for name in names
+            ]
+            print(
+                f"{c:>4} {mode:>8}  " + " ".join(f"{cell:>14}" for cell in cells)
+                + f"  {n / seconds:8.0f}  {statistics.fmean(latency[(c, mode)]) * 1e3:10.2f}"
+                + f"  {sum(spent.values()) / seconds / cores:4.0%}"
+            )  # fmt: skip
 
 
 if __name__ == "__main__":
