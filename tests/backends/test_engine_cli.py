@@ -26,6 +26,7 @@ def test_presets_lists_the_shapes(llmpath_bin: str) -> None:
         (["--device", "tpu"], "--device must be cpu or cuda"),
         (["--schedule-policy", "random"], "--schedule-policy must be fcfs or lpm"),
         (["--max-running", "0"], "--max-running must be at least 1"),
+        (["--chunked-prefill-size", "0"], "--chunked-prefill-size must be -1 (off) or at least 1"),
         (["--bucket-time-to-first-token", "tse 1 x"], "bucket rule 'tse 1 x': values must be numbers"),
     ],
 )

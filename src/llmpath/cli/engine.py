@@ -24,6 +24,12 @@ def serve(
     kv_tokens: int | None = typer.Option(None, "--kv-tokens", help="KV pool size in token slots."),
     context_length: int | None = typer.Option(None, "--context-length", help="Override the context length."),
     max_prefill_tokens: int = typer.Option(16384, "--max-prefill-tokens", help="Tokens per prefill batch."),
+    chunked_prefill_size: int | None = typer.Option(
+        None, "--chunked-prefill-size", help="Prompt tokens per prefill forward (default 2048; -1: whole prompts)."
+    ),
+    enable_mixed_chunk: bool = typer.Option(
+        False, "--enable-mixed-chunk", help="Running requests decode a token in each prefill chunk's forward."
+    ),
     schedule_policy: str = typer.Option("fcfs", "--schedule-policy", help="fcfs or lpm (longest prefix match)."),
     disable_radix_cache: bool = typer.Option(False, "--disable-radix-cache", help="Turn prefix reuse off."),
     threads: int | None = typer.Option(None, "--threads", help="torch threads (engines sharing cores: 1)."),
@@ -65,7 +71,8 @@ def serve(
         args = EngineArgs(
             preset=preset, model_path=model, device=device, dtype=dtype, seed=seed, served_model_name=served_model_name,
             context_length=context_length, kv_tokens=kv_tokens, max_running=max_running, max_queued=max_queued,
-            max_prefill_tokens=max_prefill_tokens, schedule_policy=schedule_policy,
+            max_prefill_tokens=max_prefill_tokens, chunked_prefill_size=chunked_prefill_size,
+            enable_mixed_chunk=enable_mixed_chunk, schedule_policy=schedule_policy,
             disable_radix_cache=disable_radix_cache, threads=threads, enable_metrics=enable_metrics,
             enable_cache_report=enable_cache_report, enable_fault_injection=enable_fault_injection,
             incremental_streaming_output=incremental_streaming_output,

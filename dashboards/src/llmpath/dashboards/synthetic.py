@@ -26,7 +26,7 @@ _VALUES: dict[str, tuple[str, ...]] = {
     "result": ("hit", "miss"),
     "reason": ("prefix", "least_load"),
 }
-_SGLANG_STAGE = ("prefill_forward", "request_process")
+_SGLANG_STAGE = ("prefill_forward", "chunked_prefill", "request_process")
 SCRAPE_INTERVAL = "15s"
 SAMPLES = 80  # 20 minutes of samples at 15 s
 EVAL_TIME = "15m"

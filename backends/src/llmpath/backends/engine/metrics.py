@@ -34,7 +34,7 @@ class EngineMetrics:
     _EXTRA_VALUES: dict[str, tuple[str, ...]] = {
         "is_streaming": ("false", "true"),
         "cache_source": ("device",),
-        "stage": ("prefill_forward",),
+        "stage": ("prefill_forward", "chunked_prefill"),
     }
 
     def __init__(self, model_name: str, buckets: dict[str, tuple[float, ...]] | None = None) -> None:

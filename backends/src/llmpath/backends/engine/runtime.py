@@ -98,6 +98,11 @@ class RequestStream:
             self._scheduler.abort(self.rid)
 
 
+#: ``--chunked-prefill-size`` when not given: what SGLang picks on GPUs with little memory (its automatic choice
+#: grows with GPU memory, up to 16384).
+DEFAULT_CHUNKED_PREFILL_SIZE = 2048
+
+
 @dataclass(slots=True)
 class EngineArgs:
     """Server arguments (SGLang's names where SGLang has the same knob)."""
@@ -113,6 +118,9 @@ class EngineArgs:
     max_running: int = 16
     max_queued: int = 256
     max_prefill_tokens: int = 16384
+    #: ``None``: :data:`DEFAULT_CHUNKED_PREFILL_SIZE`; ``-1``: chunked prefill off.
+    chunked_prefill_size: int | None = None
+    enable_mixed_chunk: bool = False
     schedule_policy: str = "fcfs"
     disable_radix_cache: bool = False
     threads: int | None = None
@@ -123,6 +131,13 @@ class EngineArgs:
     stream_response_default_include_usage: bool = False
     otlp_traces_endpoint: str | None = None
     buckets: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    @property
+    def chunk_size(self) -> int | None:
+        """Prompt tokens per prefill forward (``None``: chunked prefill off)."""
+        if self.chunked_prefill_size is None:
+            return DEFAULT_CHUNKED_PREFILL_SIZE
+        return None if self.chunked_prefill_size == -1 else self.chunked_prefill_size
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the flag and the reason."""
@@ -139,6 +154,8 @@ class EngineArgs:
         for name in ("max_running", "max_queued", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.chunked_prefill_size is not None and self.chunked_prefill_size != -1 and self.chunked_prefill_size < 1:
+            raise ValueError("--chunked-prefill-size must be -1 (off) or at least 1")
         if self.kv_tokens is not None and self.kv_tokens < 16:
             raise ValueError("--kv-tokens must be at least 16")
         if self.threads is not None and self.threads < 1:
@@ -195,6 +212,8 @@ class Engine:
                 max_running=args.max_running,
                 max_queued=args.max_queued,
                 max_prefill_tokens=args.max_prefill_tokens,
+                chunked_prefill_size=args.chunk_size,
+                enable_mixed_chunk=args.enable_mixed_chunk,
                 schedule_policy=args.schedule_policy,
                 context_length=c.max_position_embeddings,
                 model_name=self.model_name,
@@ -337,6 +356,8 @@ class Engine:
             "max_running_requests": a.max_running,
             "max_queued_requests": a.max_queued,
             "max_prefill_tokens": a.max_prefill_tokens,
+            "chunked_prefill_size": a.chunk_size or -1,
+            "enable_mixed_chunk": a.enable_mixed_chunk,
             "schedule_policy": a.schedule_policy,
             "disable_radix_cache": a.disable_radix_cache,
             "enable_metrics": a.enable_metrics,

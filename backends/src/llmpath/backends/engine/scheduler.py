@@ -4,6 +4,12 @@ It runs in its own thread (like SGLang's scheduler process). Each iteration eith
 prefills them as one batch (only the uncached suffix of each prompt is computed), or runs one decode step for every
 running request at once. Requests join and leave the running batch between steps.
 
+Chunked prefill (SGLang's ``--chunked-prefill-size``): a prefill batch computes at most that many prompt tokens; a
+longer prompt is computed over several iterations, one chunk each, and after each chunk its KV so far goes into the
+radix cache (other requests can share it at once). As in SGLang, the chunks run back to back ahead of decode, so
+running requests wait for the whole prompt, unless ``enable_mixed_chunk`` (``--enable-mixed-chunk``) lets every
+running request decode one token in each chunk's forward pass.
+
 Memory: a request is admitted only when the pool (free + evictable slots) can hold its uncached prompt and its
 ``max_new_tokens``; that reservation means decode never runs out of slots, so no request is ever retracted.
 """
@@ -83,6 +89,9 @@ class EngineRequest:
     tree_len: int = 0
     last_node: TreeNode | None = None
     reserved: int = 0
+    #: Tokens of ``fill_ids`` whose KV is computed (the cached prefix, then chunk by chunk); ``len(slots)`` once the
+    #: prompt is prefilled.
+    computed: int = 0
     cached_tokens: int | None = None
     finished: bool = False
     finish_reason: dict[str, Any] | None = None
@@ -108,6 +117,10 @@ class SchedulerConfig:
     max_running: int = 16
     max_queued: int = 256
     max_prefill_tokens: int = 16384
+    #: Prompt tokens computed per prefill forward (``None``: whole prompts).
+    chunked_prefill_size: int | None = None
+    #: Running requests decode one token in each chunk's forward (SGLang's ``--enable-mixed-chunk``).
+    enable_mixed_chunk: bool = False
     schedule_policy: str = "fcfs"  # or "lpm"
     context_length: int = 4096
     model_name: str = "llmpath"
@@ -143,6 +156,8 @@ class Scheduler:
         self.device = pool.device
         self.waiting: deque[EngineRequest] = deque()
         self.running: list[EngineRequest] = []
+        #: The request whose prompt is being prefilled chunk by chunk (at most one, as in SGLang).
+        self.chunked: EngineRequest | None = None
         self.reserved = 0
         self.forward_count = 0
         self.last_error: str | None = None
@@ -224,10 +239,10 @@ class Scheduler:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self._drain(block=not self.waiting and not self.running)
+                self._drain(block=not self.waiting and not self.running and self.chunked is None)
                 if self._stop.is_set():
                     break
-                if self.waiting and self._schedule_prefill():
+                if (self.waiting or self.chunked is not None) and self._schedule_prefill():
                     pass
                 elif self.running:
                     self._decode_step()
@@ -258,7 +273,7 @@ class Scheduler:
                 return
 
     def _flush(self) -> bool:
-        if self.waiting or self.running:
+        if self.waiting or self.running or self.chunked is not None:
             return False
         if self.tree is not None:
             self.tree.reset()
@@ -279,13 +294,18 @@ class Scheduler:
                 req.finish_reason = reason
                 self._finish(req, aborted=True)
                 return
+        if self.chunked is not None and self.chunked.rid == rid:
+            req = self._stop_chunking()
+            req.finish_reason = reason
+            self._finish(req, aborted=True)
 
     def _dequeued(self) -> None:
         with self._lock:
             self._queued -= 1
 
     def _fail_all(self, message: str) -> None:
-        for req in [*self.waiting, *self.running]:
+        chunked = [self._stop_chunking()] if self.chunked is not None else []
+        for req in [*self.waiting, *self.running, *chunked]:
             if req in self.waiting:
                 self._dequeued()
             req.finish_reason = {"type": "abort", "message": message, "status_code": 500}
@@ -300,30 +320,48 @@ class Scheduler:
     # --- admission and prefill
 
     def _schedule_prefill(self) -> bool:
+        """Build and run a prefill batch: the chunked request's next chunk first, then waiting requests while the
+        chunk budget, ``max_prefill_tokens``, ``max_running`` and memory allow (the last one may be cut into a
+        chunk). Returns whether a batch ran."""
+        budget = self.config.chunked_prefill_size
+        batch: list[tuple[EngineRequest, int]] = []
+        tokens = 0
+        if self.chunked is not None:
+            req = self.chunked
+            n = _chunk(len(req.fill_ids) - req.computed, budget)
+            batch.append((req, n))
+            tokens = n
+            if req.computed + n < len(req.fill_ids):  # still more to come: this chunk fills the budget
+                self._run_prefill(batch)
+                return True
+            self.chunked = None
         delay = self.faults.state.queue_delay_s
         now = time.monotonic()
         candidates = [r for r in self.waiting if now - r.queue_enter_mono >= delay]
-        if not candidates:
-            return False
         if self.config.schedule_policy == "lpm" and self.tree is not None and len(self.waiting) <= LPM_MAX_QUEUE:
             lengths = {id(r): self.tree.match_prefix(r.namespace, r.fill_ids[:-1]).length for r in candidates}
             candidates.sort(key=lambda r: -lengths[id(r)])
-        batch: list[EngineRequest] = []
-        tokens = 0
         for req in candidates:
             if len(self.running) + len(batch) >= self.config.max_running:
                 break
             if tokens and tokens + len(req.fill_ids) > self.config.max_prefill_tokens:
                 break
+            left = None if budget is None else budget - tokens
+            if left is not None and left <= 0:
+                break
             if not self._admit(req):
                 break  # head-of-line: wait until memory frees
-            batch.append(req)
-            tokens += len(req.fill_ids) - req.tree_len
-        if not batch:
-            return False
-        for req in batch:
             self.waiting.remove(req)
             self._dequeued()
+            extend = len(req.fill_ids) - req.computed
+            n = _chunk(extend, left)
+            batch.append((req, n))
+            tokens += n
+            if n < extend:
+                self.chunked = req
+                break
+        if not batch:
+            return False
         self._run_prefill(batch)
         return True
 
@@ -343,7 +381,7 @@ class Scheduler:
                 self.tree.dec_lock_ref(node)
             return False
         req.slots = torch.cat((prefix, self._alloc(extend)))
-        req.tree_len = len(prefix)
+        req.tree_len = req.computed = len(prefix)
         req.last_node = node
         req.reserved = reserve
         self.reserved += reserve
@@ -357,41 +395,76 @@ class Scheduler:
             self.tree.evict(short)
         return self.pool.alloc(n)
 
-    def _run_prefill(self, batch: list[EngineRequest]) -> None:
+    def _run_prefill(self, batch: list[tuple[EngineRequest, int]]) -> None:
+        """One forward over each request's next ``n`` prompt tokens (plus one decode token per running request
+        with mixed chunks); requests whose prompt is complete sample their first token and join the running batch."""
         start_ts, start = time.time(), time.monotonic()
-        for req in batch:
-            req.queue_time += start - req.queue_enter_mono
-            req.forward_entry_ts, req.forward_entry_mono = start_ts, start
-            if self.metrics and req.log_metrics:
-                self.metrics.observe("sglang:queue_time_seconds", req.queue_time)
-        seqs = [SeqInput(r.fill_ids[r.tree_len :], r.tree_len, r.slots) for r in batch]  # type: ignore[arg-type]
+        seqs: list[SeqInput] = []
+        first_chunks = []
+        for req, n in batch:
+            if req.forward_entry_mono is None:  # its first chunk: the queue wait ends here
+                first_chunks.append(req)
+                req.queue_time += start - req.queue_enter_mono
+                req.forward_entry_ts, req.forward_entry_mono = start_ts, start
+                if self.metrics and req.log_metrics:
+                    self.metrics.observe("sglang:queue_time_seconds", req.queue_time)
+            done = req.computed
+            seqs.append(SeqInput(req.fill_ids[done : done + n], done, req.slots[: done + n]))  # type: ignore[index]
+        decoding = list(self.running) if self.config.enable_mixed_chunk else []
+        seqs.extend(self._decode_inputs(decoding))
         logits = self.model(ForwardBatch(seqs, self.device), self.pool)
         self.forward_count += 1
         elapsed = time.monotonic() - start
         slowdown = self.faults.state.prefill_slowdown
         if slowdown > 1.0:
             time.sleep(elapsed * (slowdown - 1.0))
-        next_ids = self._sample(logits, batch)
+        complete = [i for i, (req, n) in enumerate(batch) if req.computed + n == len(req.fill_ids)]
+        rows = complete + list(range(len(batch), len(seqs)))
+        sampling = [batch[i][0] for i in complete] + decoding
+        if len(rows) < len(seqs):  # a chunk's logits are not sampled (SGLang discards them too)
+            logits = logits[rows]
+        next_ids = self._sample(logits, sampling) if rows else []
         end_ts, end = time.time(), time.monotonic()
-        hit = sum(r.tree_len for r in batch)
-        total = sum(len(r.fill_ids) for r in batch)
-        self._last_hit_rate = hit / total if total else 0.0
-        if self.metrics:
-            self.metrics.set("sglang:cache_hit_rate", self._last_hit_rate)
-        for req, tok in zip(batch, next_ids, strict=True):
+        if first_chunks:
+            hit = sum(r.cached_tokens or 0 for r in first_chunks)
+            total = sum(len(r.fill_ids) for r in first_chunks)
+            self._last_hit_rate = hit / total if total else 0.0
+            if self.metrics:
+                self.metrics.set("sglang:cache_hit_rate", self._last_hit_rate)
+        for req, n in batch:
+            req.computed += n
+            if req.computed < len(req.fill_ids):  # a chunk: share its KV so far, continue next iteration
+                self._cache_unfinished(req)
+                if self.metrics and req.log_metrics:
+                    self.metrics.observe("sglang:per_stage_req_latency_seconds", end - start, stage="chunked_prefill")
+        for req, tok in zip(sampling[: len(complete)], next_ids[: len(complete)], strict=True):
             req.prefill_finished_ts, req.prefill_finished_mono = end_ts, end
             if self.metrics and req.log_metrics:
                 self.metrics.observe("sglang:per_stage_req_latency_seconds", end - start, stage="prefill_forward")
             self._cache_unfinished(req)
             self.running.append(req)
             self._append_token(req, tok)
+        for req, tok in zip(decoding, next_ids[len(complete) :], strict=True):
+            if self.metrics and req.log_metrics:
+                self.metrics.observe("sglang:inter_token_latency_seconds", end - start)
+            self._append_token(req, tok)
+
+    def _stop_chunking(self) -> EngineRequest:
+        """Take the chunked request out of prefill, giving back the slots of the prompt tokens not computed yet."""
+        req = self.chunked
+        assert req is not None and req.slots is not None
+        self.chunked = None
+        self.pool.free(req.slots[req.computed :])
+        req.slots = req.slots[: req.computed]
+        return req
 
     def _cache_unfinished(self, req: EngineRequest) -> None:
-        """Insert the prompt's KV into the tree right after prefill so concurrent requests can share it."""
+        """Insert the prompt's KV computed so far into the tree right after prefill (or a chunk of it), so that
+        concurrent requests can share it."""
         if self.tree is None or req.slots is None:
             return
-        fill = req.fill_ids
-        existing = self.tree.insert(req.namespace, fill, req.slots)
+        fill = req.fill_ids[: req.computed]
+        existing = self.tree.insert(req.namespace, fill, req.slots[: len(fill)])
         if existing > req.tree_len:
             self.pool.free(req.slots[req.tree_len : existing])  # another request inserted the same tokens first
         match = self.tree.match_prefix(req.namespace, fill)
@@ -407,15 +480,7 @@ class Scheduler:
     def _decode_step(self) -> None:
         reqs = list(self.running)
         start = time.monotonic()
-        new_slots = self._alloc(len(reqs))  # never fails: admission reserved max_new_tokens per request
-        seqs = []
-        for i, req in enumerate(reqs):
-            assert req.slots is not None
-            req.slots = torch.cat((req.slots, new_slots[i : i + 1]))
-            req.reserved -= 1
-            self.reserved -= 1
-            seqs.append(SeqInput([req.output_ids[-1]], len(req.slots) - 1, req.slots))
-        logits = self.model(ForwardBatch(seqs, self.device), self.pool)
+        logits = self.model(ForwardBatch(self._decode_inputs(reqs), self.device), self.pool)
         self.forward_count += 1
         next_ids = self._sample(logits, reqs)
         step = time.monotonic() - start
@@ -424,6 +489,21 @@ class Scheduler:
             if self.metrics and req.log_metrics:
                 self.metrics.observe("sglang:inter_token_latency_seconds", step)
             self._append_token(req, tok)
+
+    def _decode_inputs(self, reqs: list[EngineRequest]) -> list[SeqInput]:
+        """Each request's last token, with a new KV slot for it (admission reserved ``max_new_tokens``, so this
+        never runs out)."""
+        if not reqs:
+            return []
+        new_slots = self._alloc(len(reqs))
+        seqs = []
+        for i, req in enumerate(reqs):
+            assert req.slots is not None
+            req.slots = torch.cat((req.slots, new_slots[i : i + 1]))
+            req.reserved -= 1
+            self.reserved -= 1
+            seqs.append(SeqInput([req.output_ids[-1]], len(req.slots) - 1, req.slots))
+        return seqs
 
     def _sample(self, logits: torch.Tensor, reqs: list[EngineRequest]) -> list[int]:
         banned = []
@@ -630,6 +710,11 @@ class Scheduler:
             emit_request_spans(self.tracer, rec)
         except Exception:  # tracing must never fail a request
             log.exception("emitting spans")
+
+
+def _chunk(tokens: int, budget: int | None) -> int:
+    """How many of ``tokens`` prompt tokens the next forward computes under a chunk ``budget`` (``None``: all)."""
+    return tokens if budget is None else min(tokens, budget)
 
 
 def _bool(value: bool) -> str:
