@@ -6,6 +6,7 @@ import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,26 @@ class PrometheusClient:
         active = self._get("/api/v1/targets")["activeTargets"]
         return {t["scrapeUrl"]: t["health"] == "up" for t in active}
 
+    def wait_for_evaluation(self, since: float, timeout: float = 60.0) -> None:
+        """Wait until every target has been scraped after ``since`` (epoch seconds), then until every rule group has
+        been evaluated after those scrapes: recording rules and alerts then account for everything up to ``since``."""
+        deadline = time.monotonic() + timeout
+        scraped_by: float | None = None
+        while True:
+            if scraped_by is None:
+                targets = self._get("/api/v1/targets")["activeTargets"]
+                scraped = {t["scrapeUrl"]: _epoch(t["lastScrape"]) for t in targets}
+                behind = [url for url, at in scraped.items() if at <= since]
+                if scraped and not behind:
+                    scraped_by = max(scraped.values())
+            if scraped_by is not None:
+                behind = [g["name"] for g in self.rule_groups() if _epoch(g["lastEvaluation"]) <= scraped_by]
+                if not behind:
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Prometheus did not scrape and evaluate again within {timeout}s: {behind}")
+            time.sleep(0.25)
+
     def wait_for_scrapes(self, timeout: float = 30.0) -> None:
         """Wait until every target has been scraped successfully at least once."""
         deadline = time.monotonic() + timeout
@@ -119,6 +140,11 @@ class PrometheusClient:
                 return
             time.sleep(0.5)
         raise TimeoutError(f"Prometheus targets not all up after {timeout}s: {self.targets_up()}")
+
+
+def _epoch(rfc3339: str) -> float:
+    """Epoch seconds of a Prometheus API timestamp (``0001-01-01T00:00:00Z`` for never: far in the past)."""
+    return datetime.fromisoformat(rfc3339).timestamp()
 
 
 @dataclass

@@ -60,7 +60,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary
             _warm_up(stack, stack.prometheus, spec, console)
         _drive(stack, spec, opts.duration_s, console)
         if stack.prometheus is not None:
-            _wait_for_rules(stack, cfg)
+            _wait_for_rules(stack.prometheus, cfg)
         summary = summarize(read_jsonl(stack.ledger_path))
         slo_rows = _slo_rows(stack, cfg)
         print_report(console, summary, slo_rows, stack)
@@ -104,14 +104,13 @@ def _warm_up(stack: Stack, prometheus: PrometheusServer, spec: WorkloadSpec, con
             time.sleep(0.25)
 
 
-def _wait_for_rules(stack: Stack, cfg: StackConfig) -> None:
-    """Let Prometheus scrape the last requests and evaluate the rules once more."""
+def _wait_for_rules(prometheus: PrometheusServer, cfg: StackConfig) -> None:
+    """Let Prometheus scrape the last requests and evaluate the rules over them."""
     from promql_parser import parse_duration
 
-    pause = (
-        parse_duration(cfg.scrape_interval).total_seconds() + parse_duration(cfg.evaluation_interval).total_seconds()
-    )
-    time.sleep(2 * pause)
+    cycle = sum(parse_duration(d).total_seconds() for d in (cfg.scrape_interval, cfg.evaluation_interval))
+    with prometheus.client() as client:
+        client.wait_for_evaluation(time.time(), timeout=4 * cycle + 10)
 
 
 def _slo_rows(stack: Stack, cfg: StackConfig) -> list[SloRow] | None:
