@@ -107,6 +107,21 @@ def test_ragged_batch_equals_separate_forwards(model: LlamaModel) -> None:
     assert torch.allclose(batched[1], reference_logits(model, b)[-1], atol=1e-4)
 
 
+def test_mixed_batch_of_decodes_and_a_chunk_equals_the_reference(model: LlamaModel) -> None:
+    """Decoding sequences around a prefill chunk (attention in two calls: decodes, then the chunk)."""
+    pool = new_pool(model)
+    a, b, c = ids_of(25, seed=5), ids_of(60, seed=6), ids_of(14, seed=7)
+    sa, sb, sc = pool.alloc(24), pool.alloc(30), pool.alloc(13)
+    for ids, slots in ((a[:24], sa), (b[:30], sb), (c[:13], sc)):
+        model(ForwardBatch([SeqInput(ids, 0, slots)], CPU), pool)
+    sa, sb, sc = torch.cat((sa, pool.alloc(1))), torch.cat((sb, pool.alloc(20))), torch.cat((sc, pool.alloc(1)))
+    batch = ForwardBatch([SeqInput([a[24]], 24, sa), SeqInput(b[30:50], 30, sb), SeqInput([c[13]], 13, sc)], CPU)
+    assert len(batch.layouts) == 2
+    out = model(batch, pool)
+    for got, ids in zip(out, (a, b[:50], c), strict=True):
+        assert torch.allclose(got, reference_logits(model, ids)[-1], atol=1e-4)
+
+
 def test_random_weights_are_deterministic() -> None:
     one, two = LlamaModel(PRESETS["tiny"]), LlamaModel(PRESETS["tiny"])
     one.init_random(0)

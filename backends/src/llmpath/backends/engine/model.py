@@ -2,7 +2,8 @@
 token-slot KV pool, so a request's prefix KV can come from the radix cache and only its suffix is computed.
 
 One forward runs a batch of sequences: projections and MLPs over all new tokens at once, attention for each
-sequence over its own KV slots (padded into one batched call when there are several).
+sequence over its own KV slots (padded into one batched call when there are several; decoding and prefilling
+sequences of a mixed batch in one call each).
 """
 
 from __future__ import annotations
@@ -30,14 +31,52 @@ class SeqInput:
     slots: torch.Tensor
 
 
+class AttentionLayout:
+    """How a group of a batch's sequences is laid out for one attention call: one sequence over its KV slots, or
+    several padded to the longest. ``token_index`` selects the group's tokens from the flattened batch (``None``:
+    every token, in order)."""
+
+    def __init__(self, seqs: Sequence[SeqInput], device: torch.device, token_index: torch.Tensor | None = None) -> None:
+        self.num_seqs = len(seqs)
+        self.token_index = token_index
+        q_lens = [len(s.new_ids) for s in seqs]
+        kv_lens = [s.prefix_len + len(s.new_ids) for s in seqs]
+        if self.num_seqs == 1:
+            self.kv_slots = seqs[0].slots.to(device)
+            q, kv, p = q_lens[0], kv_lens[0], seqs[0].prefix_len
+            self.is_causal = p == 0 and q > 1
+            self.mask = None
+            if p > 0 and q > 1:  # the suffix attends to the whole cached prefix and causally to itself
+                rows = torch.arange(q, device=device).unsqueeze(1) + p
+                self.mask = torch.arange(kv, device=device).unsqueeze(0) <= rows
+            return
+        max_q, max_kv = max(q_lens), max(kv_lens)
+        self.is_causal = False
+        kv_index = torch.zeros((self.num_seqs, max_kv), dtype=torch.int64, device=device)  # slot 0 = padding
+        for i, s in enumerate(seqs):
+            kv_index[i, : kv_lens[i]] = s.slots
+        self.kv_index = kv_index
+        cols = torch.arange(max_kv, device=device).view(1, 1, max_kv)
+        prefix = torch.tensor([s.prefix_len for s in seqs], device=device).view(-1, 1, 1)
+        rows = torch.arange(max_q, device=device).view(1, max_q, 1) + prefix
+        kv_len = torch.tensor(kv_lens, device=device).view(-1, 1, 1)
+        self.mask = ((cols <= rows) & (cols < kv_len)).unsqueeze(1)  # [B, 1, max_q, max_kv]
+        # Where each of the group's tokens goes in the padded [B, max_q] layout.
+        flat = [i * max_q + j for i, q in enumerate(q_lens) for j in range(q)]
+        self.pad_index = torch.tensor(flat, dtype=torch.int64, device=device)
+        self.max_q = max_q
+
+
 class ForwardBatch:
-    """Tensors derived once per forward from the sequences: flattened inputs and the attention layout."""
+    """Tensors derived once per forward from the sequences: flattened inputs and the attention layouts.
+
+    Sequences decoding one token and sequences prefilling several get separate attention calls when a batch mixes
+    them (a chunk with decode riding along): padded together, every decode row would be padded to the chunk's
+    length."""
 
     def __init__(self, seqs: Sequence[SeqInput], device: torch.device) -> None:
         self.num_seqs = len(seqs)
-        self.q_lens = [len(s.new_ids) for s in seqs]
-        self.kv_lens = [s.prefix_len + len(s.new_ids) for s in seqs]
-        self.prefix_lens = [s.prefix_len for s in seqs]
+        q_lens = [len(s.new_ids) for s in seqs]
         ids: list[int] = []
         pos: list[int] = []
         for s in seqs:
@@ -47,31 +86,17 @@ class ForwardBatch:
         self.positions = torch.tensor(pos, dtype=torch.int64, device=device)
         self.out_slots = torch.cat([s.slots[s.prefix_len :] for s in seqs]).to(device)
         #: Index of each sequence's last new token in the flattened batch (for the LM head).
-        self.last_token_index = torch.tensor(self.q_lens, device=device).cumsum(0) - 1
-        if self.num_seqs == 1:
-            self.kv_slots = seqs[0].slots.to(device)
-            q, kv, p = self.q_lens[0], self.kv_lens[0], self.prefix_lens[0]
-            self.is_causal = p == 0 and q > 1
-            self.mask = None
-            if p > 0 and q > 1:  # the suffix attends to the whole cached prefix and causally to itself
-                rows = torch.arange(q, device=device).unsqueeze(1) + p
-                self.mask = torch.arange(kv, device=device).unsqueeze(0) <= rows
+        self.last_token_index = torch.tensor(q_lens, device=device).cumsum(0) - 1
+        decoding = [i for i, q in enumerate(q_lens) if q == 1]
+        if not decoding or len(decoding) == self.num_seqs:
+            self.layouts = [AttentionLayout(seqs, device)]
             return
-        max_q, max_kv = max(self.q_lens), max(self.kv_lens)
-        self.is_causal = False
-        kv_index = torch.zeros((self.num_seqs, max_kv), dtype=torch.int64, device=device)  # slot 0 = padding
-        for i, s in enumerate(seqs):
-            kv_index[i, : self.kv_lens[i]] = s.slots
-        self.kv_index = kv_index
-        cols = torch.arange(max_kv, device=device).view(1, 1, max_kv)
-        prefix = torch.tensor(self.prefix_lens, device=device).view(-1, 1, 1)
-        rows = torch.arange(max_q, device=device).view(1, max_q, 1) + prefix
-        kv_lens = torch.tensor(self.kv_lens, device=device).view(-1, 1, 1)
-        self.mask = ((cols <= rows) & (cols < kv_lens)).unsqueeze(1)  # [B, 1, max_q, max_kv]
-        # Where each flattened token goes in the padded [B, max_q] layout.
-        flat = [i * max_q + j for i, q in enumerate(self.q_lens) for j in range(q)]
-        self.pad_index = torch.tensor(flat, dtype=torch.int64, device=device)
-        self.max_q = max_q
+        starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
+        self.layouts = []
+        for group in (decoding, [i for i, q in enumerate(q_lens) if q > 1]):
+            tokens = [t for i in group for t in range(starts[i], starts[i + 1])]
+            index = torch.tensor(tokens, dtype=torch.int64, device=device)
+            self.layouts.append(AttentionLayout([seqs[i] for i in group], device, index))
 
 
 class RMSNorm(nn.Module):
@@ -126,24 +151,34 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         pool.write(self.layer_id, batch.out_slots, k, v)
         k_buf, v_buf = pool.k_buffers[self.layer_id], pool.v_buffers[self.layer_id]
-        if batch.num_seqs == 1:
-            keys = k_buf[batch.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, d]
-            vals = v_buf[batch.kv_slots].transpose(0, 1).unsqueeze(0)
+        if len(batch.layouts) == 1:
+            out = self._attend(q, batch.layouts[0], k_buf, v_buf)
+        else:
+            out = torch.empty_like(q)
+            for layout in batch.layouts:
+                out[layout.token_index] = self._attend(q[layout.token_index], layout, k_buf, v_buf)
+        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+
+    def _attend(
+        self, q: torch.Tensor, layout: AttentionLayout, k_buf: torch.Tensor, v_buf: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of one layout's query tokens ``[tokens, heads, d]`` over their sequences' KV slots."""
+        if layout.num_seqs == 1:
+            keys = k_buf[layout.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, d]
+            vals = v_buf[layout.kv_slots].transpose(0, 1).unsqueeze(0)
             out = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), keys, vals, attn_mask=batch.mask, is_causal=batch.is_causal,
+                q.transpose(0, 1).unsqueeze(0), keys, vals, attn_mask=layout.mask, is_causal=layout.is_causal,
                 enable_gqa=True,
             )  # fmt: skip
-            out = out.squeeze(0).transpose(0, 1)
-        else:
-            b = batch.num_seqs
-            keys = k_buf[batch.kv_index].transpose(1, 2)  # [B, kv_heads, max_kv, d]
-            vals = v_buf[batch.kv_index].transpose(1, 2)
-            q_pad = q.new_zeros((b * batch.max_q, self.num_heads, self.head_dim))
-            q_pad[batch.pad_index] = q
-            q_pad = q_pad.view(b, batch.max_q, self.num_heads, self.head_dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(q_pad, keys, vals, attn_mask=batch.mask, enable_gqa=True)
-            out = out.transpose(1, 2).reshape(b * batch.max_q, self.num_heads, self.head_dim)[batch.pad_index]
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+            return out.squeeze(0).transpose(0, 1)
+        b = layout.num_seqs
+        keys = k_buf[layout.kv_index].transpose(1, 2)  # [B, kv_heads, max_kv, d]
+        vals = v_buf[layout.kv_index].transpose(1, 2)
+        q_pad = q.new_zeros((b * layout.max_q, self.num_heads, self.head_dim))
+        q_pad[layout.pad_index] = q
+        q_pad = q_pad.view(b, layout.max_q, self.num_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q_pad, keys, vals, attn_mask=layout.mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b * layout.max_q, self.num_heads, self.head_dim)[layout.pad_index]
 
 
 class MLP(nn.Module):

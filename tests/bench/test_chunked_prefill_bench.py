@@ -1,0 +1,22 @@
+"""bench/chunked_prefill.py at a small size: the stall it measures, and mixed chunks removing it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_mixed_chunks_bound_the_decode_gap_that_whole_prompts_cause(bench_script) -> None:
+    bench = bench_script("chunked_prefill")
+    args = argparse.Namespace(preset="tiny", prompt_tokens=2000, running=2, rounds=1, threads=1)
+    ((whole_prefill, whole_gap, whole_during),) = asyncio.run(bench._measure(args, -1, False))[-1:]
+    ((_, mixed_gap, mixed_during),) = asyncio.run(bench._measure(args, 32, True))[-1:]
+
+    # Nothing decodes during a whole-prompt prefill (at most the step under way when the prompt arrived).
+    assert whole_during <= args.running and whole_gap >= 0.8 * whole_prefill
+    assert mixed_during >= 2 * (2000 // 32) // 2  # both running requests decode along most of the 63 chunks
+    assert mixed_gap < whole_gap / 3
