@@ -2,7 +2,7 @@
 
 import typer
 
-from llmpath.cli import dashboards, demo, engine, gateway, runbooks, slo
+from llmpath.cli import dashboards, demo, engine, gateway, runbooks, slo, usage
 
 app = typer.Typer(
     help="llmpath: observability and SLOs for the seven stages of an LLM API request.",
@@ -14,6 +14,7 @@ app.add_typer(gateway.app, name="gateway")
 app.add_typer(slo.app, name="slo")
 app.add_typer(dashboards.app, name="dashboards")
 app.add_typer(runbooks.app, name="runbooks")
+app.add_typer(usage.app, name="usage")
 app.add_typer(demo.app, name="demo")
 
 

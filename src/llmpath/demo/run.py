@@ -9,17 +9,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from llmpath.demo.prometheus import PrometheusServer
-from llmpath.demo.report import LedgerSummary, SloRow, slo_status, summarize
+from llmpath.demo.report import SloRow, slo_status
 from llmpath.demo.routes import DEMO_ROUTES
 from llmpath.demo.stack import Stack, StackConfig, start_stack
 from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload, warm_up
 from llmpath.instrumentation.usage import read_jsonl
+from llmpath.ledger import LedgerSummary, summarize
+from llmpath.ledger.render import cache_table, headline, pct, stage_table, table, token_table
 
 #: How long the warm-up waits for Prometheus to scrape its requests.
 WARM_UP_SCRAPE_TIMEOUT_S = 30.0
@@ -124,69 +124,24 @@ def _slo_rows(stack: Stack, cfg: StackConfig) -> list[SloRow] | None:
         return slo_status(client, compiled.slos)
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:,.1f} ms"
-
-
-def _pct(ratio: float | None) -> str:
-    return "–" if ratio is None else f"{ratio * 100:.1f}%"
-
-
 def _budget(ratio: float | None) -> str:
     if ratio is None:
         return "–"
-    return "[red]exhausted[/]" if ratio <= 0 else _pct(ratio)
-
-
-def _table(title: str, columns: dict[str, str]) -> Table:
-    """A compact table; ``columns`` maps header → justification."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for header, justify in columns.items():
-        table.add_column(header, justify=justify, no_wrap=justify == "left")  # type: ignore[arg-type]
-    return table
+    return "[red]exhausted[/]" if ratio <= 0 else pct(ratio)
 
 
 def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow] | None, stack: Stack) -> None:
     """The report as rich tables."""
     console.print()
     console.rule("[bold]llmpath demo report")
-    console.print(
-        f"{summary.requests} requests, {summary.errors} server errors — "
-        f"TTFT p50 [bold]{_ms(summary.ttft_p50_s)}[/], p95 [bold]{_ms(summary.ttft_p95_s)}[/]"
-    )
-
-    stages = _table(
-        "Where the time goes (per request)",
-        {"stage": "left", "owner": "left", "p50": "right", "p95": "right", "mean": "right", "of TTFT": "right"},
-    )
-    for row in summary.stages:
-        stages.add_row(row.stage, row.owner, _ms(row.p50_s), _ms(row.p95_s), _ms(row.mean_s), _pct(row.ttft_share))
-    console.print(stages)
-
-    cache = _table(
-        "Prompt cache by route (share of prompt tokens from cache)",
-        {"route": "left", "requests": "right", "predicted": "right", "actual": "right", "cached / prompt": "right"},
-    )
-    for c in summary.cache:
-        cache.add_row(
-            c.route,
-            str(c.requests),
-            _pct(c.predicted_hit_rate),
-            _pct(c.actual_hit_rate),
-            f"{c.cached_tokens:,} / {c.input_tokens:,}",
-        )
-    console.print(cache)
-
-    tokens = _table("Tokens by type", {"tenant": "left", "input": "right", "cached": "right", "output": "right"})
-    for tenant, counts in sorted(summary.tokens_by_tenant.items()):
-        tokens.add_row(tenant, *(f"{counts[k]:,}" for k in ("input", "cached", "output")))
-    tokens.add_row("[bold]total", *(f"[bold]{summary.tokens[k]:,}" for k in ("input", "cached", "output")))
-    console.print(tokens)
+    console.print(headline(summary))
+    for part in (stage_table(summary), cache_table(summary), token_table(summary)):
+        console.print(part)
 
     if slo_rows is None:
         console.print("[yellow]SLO status skipped: Prometheus is not running (see above).")
     else:
-        slos = _table(
+        slos = table(
             "SLOs, read back from Prometheus (SLI over the shortest alert window; budget over the period)",
             {"SLO": "left", "stage": "left", "route": "left", "target": "right", "SLI": "right", "budget": "right",
              "firing": "left"},
@@ -199,7 +154,7 @@ def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow
                 r.stage if r.slo != previous else "",
                 r.route,
                 f"{r.objective:g}%",
-                _pct(r.sli),
+                pct(r.sli),
                 _budget(r.budget_remaining),
                 f"[red]{firing}[/]" if r.alerts else firing,
             )

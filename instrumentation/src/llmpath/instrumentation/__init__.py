@@ -44,11 +44,13 @@ from llmpath.instrumentation.tracing import (
 )
 from llmpath.instrumentation.usage import (
     JsonlUsageSink,
+    LedgerFormatError,
     SqliteUsageSink,
     StageTiming,
     UsageRecord,
     UsageSink,
     read_jsonl,
+    read_sqlite,
 )
 
 __all__ = [
@@ -65,6 +67,7 @@ __all__ = [
     "CardinalityGuard",
     "Instrumentation",
     "JsonlUsageSink",
+    "LedgerFormatError",
     "LLMPathMiddleware",
     "MetricSpec",
     "ModelCallSpan",
@@ -87,6 +90,7 @@ __all__ = [
     "mark_first_token",
     "model_call_span",
     "read_jsonl",
+    "read_sqlite",
     "record_stage",
     "record_usage",
     "set_request_labels",

@@ -275,14 +275,66 @@ def _reopen_after_fork(ref: weakref.ref[JsonlUsageSink]) -> None:
         sink._forget_descriptor()
 
 
+class LedgerFormatError(ValueError):
+    """A ledger entry that is not a usage record: ``path``, ``line`` (1-based; the row id in SQLite) and why."""
+
+    def __init__(self, path: str | os.PathLike[str], line: int, reason: str) -> None:
+        super().__init__(f"{path}:{line}: {reason}")
+        self.path, self.line, self.reason = str(path), line, reason
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> Iterator[UsageRecord]:
-    """Records of a JSON-lines ledger; a torn last line (a crash mid-write) is skipped."""
+    """Records of a JSON-lines ledger; a torn last line (a crash mid-write) is skipped. A line that is not a
+    record raises :class:`LedgerFormatError` naming it."""
     with Path(path).open(encoding="utf-8") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             if not line.endswith("\n"):
                 return
             if line.strip():
-                yield UsageRecord.from_dict(json.loads(line))
+                yield _record(path, number, lambda line=line: json.loads(line))
+
+
+def read_sqlite(path: str | os.PathLike[str]) -> Iterator[UsageRecord]:
+    """Records of a SQLite ledger (:class:`SqliteUsageSink`), in insertion order, opened read-only."""
+    uri = f"{Path(path).resolve().as_uri()}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        cur = conn.execute(f"SELECT id, {', '.join(_COLUMNS)} FROM usage ORDER BY id")
+        for row_id, *row in cur:
+            yield _record(path, row_id, lambda row=row: _row_dict(row))
+    except sqlite3.DatabaseError as exc:  # not a database, or no usage table
+        raise LedgerFormatError(path, 0, f"not a llmpath SQLite ledger ({exc})") from None
+    finally:
+        conn.close()
+
+
+def _row_dict(row: Sequence[Any]) -> dict[str, Any]:
+    data = dict(zip(_COLUMNS, row, strict=True))
+    data["stages"] = json.loads(data["stages"])
+    data["extra"] = json.loads(data["extra"] or "{}")
+    return data
+
+
+_NUMBERS: dict[str, tuple[type, ...]] = {
+    **dict.fromkeys(("input_tokens", "cached_tokens", "output_tokens", "status_code"), (int,)),
+    **dict.fromkeys(("time", "duration_s"), (int, float)),
+    **dict.fromkeys(("ttft_s", "unattributed_s", "tpot_s"), (int, float, type(None))),
+}
+
+
+def _record(path: str | os.PathLike[str], line: int, load: Callable[[], Any]) -> UsageRecord:
+    """The record ``load()`` parses, or :class:`LedgerFormatError` at ``path:line`` saying what is wrong."""
+    try:
+        data = load()
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        for name, types in _NUMBERS.items():
+            value = data.get(name)
+            if name in data and (not isinstance(value, types) or isinstance(value, bool)):
+                raise TypeError(f"{name} is {value!r}, not a number")
+        return UsageRecord.from_dict(data)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise LedgerFormatError(path, line, f"not a usage record: {exc}") from None
 
 
 _SCALAR_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -356,15 +408,9 @@ class SqliteUsageSink:
     def read_all(self) -> list[UsageRecord]:
         """Every record, in insertion order (for tests, exports and small ledgers)."""
         with self._lock:
-            cur = self._connection().execute(f"SELECT {', '.join(_COLUMNS)} FROM usage ORDER BY id")
+            cur = self._connection().execute(f"SELECT id, {', '.join(_COLUMNS)} FROM usage ORDER BY id")
             rows = cur.fetchall()
-        out = []
-        for row in rows:
-            data = dict(zip(_COLUMNS, row, strict=True))
-            data["stages"] = json.loads(data["stages"])
-            data["extra"] = json.loads(data["extra"] or "{}")
-            out.append(UsageRecord.from_dict(data))
-        return out
+        return [_record(self.path, row_id, lambda row=row: _row_dict(row)) for row_id, *row in rows]
 
     def close(self) -> None:
         """Close the connection (a later ``write`` reopens it)."""

@@ -1,0 +1,143 @@
+"""`llmpath usage`: read the usage ledger (JSON lines or SQLite) the instrumentation writes, one record per request."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    help="Read usage ledgers: a summary, the slowest requests stage by stage, one request's timeline.",
+    no_args_is_help=True,
+)
+
+LEDGERS = typer.Argument(..., help="Ledger files (JSON lines or SQLite), read in order.", show_default=False)
+SINCE = typer.Option(None, "--since", help="Only requests that started this long ago or later, e.g. 15m, 1h, 2d.")
+ROUTE = typer.Option(None, "--route", help="Only this route.")
+TENANT = typer.Option(None, "--tenant", help="Only this tenant.")
+MODEL = typer.Option(None, "--model", help="Only this model.")
+JSON = typer.Option(False, "--json", help="Machine-readable JSON instead of tables.")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"llmpath usage: {message}", err=True)
+    return typer.Exit(2)
+
+
+def _records(
+    ledgers: list[Path], since: str | None, route: str | None, tenant: str | None, model: str | None
+) -> list[Any]:
+    from promql_parser import parse_duration
+
+    from llmpath.instrumentation import LedgerFormatError
+    from llmpath.ledger import read_ledger, select
+
+    cutoff = None
+    if since is not None:
+        try:
+            cutoff = time.time() - parse_duration(since).total_seconds()
+        except ValueError:
+            raise _fail(f"--since {since!r}: not a duration (use e.g. 30s, 15m, 1h, 2d)") from None
+    records = []
+    for path in ledgers:
+        try:
+            records += select(read_ledger(path), since=cutoff, route=route, tenant=tenant, model=model)
+        except LedgerFormatError as exc:
+            raise _fail(str(exc)) from None
+        except OSError as exc:
+            raise _fail(f"{path}: {exc.strerror or exc}") from None
+    return records
+
+
+@app.command()
+def summary(
+    ledgers: list[Path] = LEDGERS,
+    since: str | None = SINCE,
+    route: str | None = ROUTE,
+    tenant: str | None = TENANT,
+    model: str | None = MODEL,
+    as_json: bool = JSON,
+) -> None:
+    """Requests, errors, TTFT, where the time goes per stage, prompt-cache hit rate per route, tokens per tenant."""
+    from rich.console import Console
+
+    from llmpath.ledger import summarize
+    from llmpath.ledger.render import cache_table, headline, stage_table, token_table, when
+
+    result = summarize(_records(ledgers, since, route, tenant, model))
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
+        return
+    console = Console()
+    if not result.requests:
+        console.print("no requests match")
+        return
+    console.print(headline(result))
+    statuses = ", ".join(f"{code}: {n}" for code, n in result.statuses.items())
+    console.print(f"from {when(result.first_time)} to {when(result.last_time)}; status codes {statuses}")
+    for part in (stage_table(result), cache_table(result), token_table(result)):
+        console.print(part)
+
+
+@app.command()
+def slowest(
+    ledgers: list[Path] = LEDGERS,
+    count: int = typer.Option(10, "--count", "-n", min=1, help="How many requests."),
+    by: str = typer.Option("ttft", "--by", help="ttft (requests that got a first token) or duration."),
+    since: str | None = SINCE,
+    route: str | None = ROUTE,
+    tenant: str | None = TENANT,
+    model: str | None = MODEL,
+    as_json: bool = JSON,
+) -> None:
+    """The slowest requests with the time each stage took: which stage made them slow, and their trace ids."""
+    from rich.console import Console
+
+    from llmpath.ledger import slowest as pick
+    from llmpath.ledger.render import slowest_table
+
+    if by not in ("ttft", "duration"):
+        raise _fail(f"--by {by!r}: use ttft or duration")
+    records = pick(_records(ledgers, since, route, tenant, model), count, by=by)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in records], indent=2))
+        return
+    Console().print(slowest_table(records, by) if records else "no requests match")
+
+
+@app.command()
+def show(
+    ident: str = typer.Argument(..., help="A request id (x-request-id) or a trace id.", show_default=False),
+    ledgers: list[Path] = LEDGERS,
+    as_json: bool = JSON,
+) -> None:
+    """One request's record and stage timeline, found by request id or trace id (exit code 1 if none)."""
+    from rich.console import Console
+
+    from llmpath.ledger import find
+    from llmpath.ledger.render import ms, record_table
+
+    found = find(_records(ledgers, None, None, None, None), ident)
+    if not found:
+        typer.echo(f"llmpath usage: no request or trace {ident!r} in {', '.join(map(str, ledgers))}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in found], indent=2))
+        return
+    console = Console()
+    for r in found:
+        console.print(
+            f"[bold]{r.request_id}[/]  trace {r.trace_id or '–'}  tenant {r.tenant or '–'}  route {r.route}  "
+            f"model {r.model}  status {r.status_code}" + (f"  error {r.error}" if r.error else "")
+        )
+        console.print(
+            f"TTFT {ms(r.ttft_s)}, duration {ms(r.duration_s)}, per output token {ms(r.tpot_s)}; tokens "
+            f"{r.input_tokens:,} input ({r.cached_tokens:,} cached), {r.output_tokens:,} output"
+        )
+        if r.extra:
+            console.print("annotations: " + ", ".join(f"{k}={v}" for k, v in sorted(r.extra.items())))
+        console.print(record_table(r))

@@ -1,0 +1,109 @@
+"""Rich tables for ledger figures (used by ``llmpath usage`` and the demo's report)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from rich import box
+from rich.table import Table
+
+from llmpath.instrumentation import UNATTRIBUTED
+from llmpath.instrumentation.usage import UsageRecord
+from llmpath.ledger.summary import LedgerSummary, stage_totals
+
+TOKEN_TYPES = ("input", "cached", "output")
+
+
+def ms(seconds: float | None) -> str:
+    """Milliseconds, or a dash for no value."""
+    return "–" if seconds is None else f"{seconds * 1000:,.1f} ms"
+
+
+def pct(ratio: float | None) -> str:
+    """A percentage, or a dash for no value."""
+    return "–" if ratio is None else f"{ratio * 100:.1f}%"
+
+
+def when(epoch: float) -> str:
+    """An epoch time as UTC ISO 8601 (milliseconds)."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def table(title: str, columns: dict[str, str] | Sequence[tuple[str, str]]) -> Table:
+    """A compact table; ``columns``: header → justification (pairs when headers repeat)."""
+    out = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for header, justify in columns.items() if isinstance(columns, dict) else columns:
+        out.add_column(header, justify=justify, no_wrap=justify == "left")  # type: ignore[arg-type]
+    return out
+
+
+def headline(summary: LedgerSummary) -> str:
+    """Requests, server errors and TTFT percentiles in one line."""
+    return (
+        f"{summary.requests} requests, {summary.errors} server errors — TTFT p50 [bold]{ms(summary.ttft_p50_s)}[/], "
+        f"p95 [bold]{ms(summary.ttft_p95_s)}[/], p99 {ms(summary.ttft_p99_s)}"
+    )
+
+
+def stage_table(summary: LedgerSummary) -> Table:
+    """Where the time goes, stage by stage, with each stage's owner and share of TTFT."""
+    out = table(
+        "Where the time goes (per request)",
+        {"stage": "left", "owner": "left", "p50": "right", "p95": "right", "mean": "right", "of TTFT": "right"},
+    )
+    for row in summary.stages:
+        out.add_row(row.stage, row.owner, ms(row.p50_s), ms(row.p95_s), ms(row.mean_s), pct(row.ttft_share))
+    return out
+
+
+def cache_table(summary: LedgerSummary) -> Table:
+    """Prompt-cache hit rate per route: the gateway's prediction next to the backends' figure."""
+    out = table(
+        "Prompt cache by route (share of prompt tokens from cache)",
+        {"route": "left", "requests": "right", "predicted": "right", "actual": "right", "cached / prompt": "right"},
+    )
+    for c in summary.cache:
+        out.add_row(
+            c.route,
+            str(c.requests),
+            pct(c.predicted_hit_rate),
+            pct(c.actual_hit_rate),
+            f"{c.cached_tokens:,} / {c.input_tokens:,}",
+        )
+    return out
+
+
+def token_table(summary: LedgerSummary) -> Table:
+    """Tokens by type per tenant, with the total."""
+    out = table("Tokens by type", {"tenant": "left", "input": "right", "cached": "right", "output": "right"})
+    for tenant, counts in sorted(summary.tokens_by_tenant.items()):
+        out.add_row(tenant, *(f"{counts[k]:,}" for k in TOKEN_TYPES))
+    out.add_row("[bold]total", *(f"[bold]{summary.tokens[k]:,}" for k in TOKEN_TYPES))
+    return out
+
+
+def slowest_table(records: list[UsageRecord], by: str) -> Table:
+    """The given requests, one row each: TTFT (or duration) and the time of every stage before the first token."""
+    names = [*dict.fromkeys(s.name for r in records for s in r.stages if s.name != "decode"), UNATTRIBUTED]
+    columns = [("request", "left"), ("trace", "left"), ("route", "left"), ("status", "right"), (by, "right")]
+    out = table(f"Slowest requests by {by} (ms per stage)", columns + [(name, "right") for name in names])
+    for r in records:
+        spent = stage_totals(r)
+        value = r.ttft_s if by == "ttft" else r.duration_s
+        cells = [f"{spent[n] * 1000:,.1f}" if n in spent else "–" for n in names]
+        out.add_row(r.request_id, r.trace_id or "–", r.route, str(r.status_code), ms(value), *cells)
+    return out
+
+
+def record_table(record: UsageRecord) -> Table:
+    """One request's timeline: each stage's start offset, duration and timing source."""
+    out = table(
+        f"request {record.request_id} — {when(record.time)}",
+        {"stage": "left", "starts at": "right", "takes": "right", "source": "left"},
+    )
+    for s in sorted(record.stages, key=lambda s: s.start_s):
+        out.add_row(s.name, ms(s.start_s), ms(s.duration_s), s.source)
+    if record.unattributed_s is not None:
+        out.add_row(UNATTRIBUTED, "", ms(record.unattributed_s), "")
+    return out

@@ -1,0 +1,155 @@
+"""`llmpath usage`: summaries, the slowest requests and one request's timeline from real JSON-lines and SQLite
+ledgers (written by the instrumentation's own sinks), through the real command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from llmpath.instrumentation import JsonlUsageSink, SqliteUsageSink, StageTiming, UsageRecord
+
+NOW = time.time()
+
+
+def record(i: int, *, ttft: float, route: str = "chat", tenant: str = "acme", status: int = 200,
+           age_s: float = 60.0, trace: str | None = None) -> UsageRecord:  # fmt: skip
+    """Request ``i``: auth 1 ms, schedule ``ttft/4``, prefill the rest of TTFT, decode 50 ms."""
+    stages = [
+        StageTiming("auth", 0.0, 0.001, "gateway"),
+        StageTiming("schedule", 0.001, ttft / 4, "backend"),
+        StageTiming("prefill", 0.001 + ttft / 4, ttft * 3 / 4 - 0.001, "backend"),
+        StageTiming("decode", ttft, 0.05, "gateway"),
+    ]
+    return UsageRecord(
+        request_id=f"req-{i:03d}", trace_id=trace or f"{i:032x}", time=NOW - age_s, tenant=tenant, route=route,
+        model="m", input_tokens=100, cached_tokens=i % 2 * 60, output_tokens=10, stages=stages,
+        ttft_s=ttft if status == 200 else None, duration_s=ttft + 0.05, status_code=status,
+        unattributed_s=0.0 if status == 200 else None, extra={"backend": f"engine-{i % 2}"},
+    )  # fmt: skip
+
+
+@pytest.fixture
+def ledgers(tmp_path: Path) -> tuple[Path, Path]:
+    """Ten requests in a JSON-lines ledger (TTFT 0.1 … 1.0 s) and three in a SQLite one (a 500, an old request
+    and one on another route sharing a trace with req-001)."""
+    jsonl, db = tmp_path / "usage.jsonl", tmp_path / "usage.db"
+    sink = JsonlUsageSink(jsonl)
+    for i in range(1, 11):
+        sink.write(record(i, ttft=i / 10, tenant="acme" if i <= 6 else "globex"))
+    sink.close()
+    sql = SqliteUsageSink(db)
+    sql.write(record(11, ttft=0.05, status=500))
+    sql.write(record(12, ttft=2.0, age_s=7200))
+    sql.write(record(13, ttft=0.2, route="rag", trace=f"{1:032x}"))
+    sql.close()
+    return jsonl, db
+
+
+def usage(llmpath_bin: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    cmd = [llmpath_bin, "usage", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "250"})
+
+
+def as_json(out: subprocess.CompletedProcess[str]):
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_summary_reads_both_formats_together(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:
+    s = as_json(usage(llmpath_bin, "summary", *ledgers, "--json"))
+    assert s["requests"] == 13 and s["errors"] == 1
+    assert s["statuses"] == {"200": 12, "500": 1}
+    ttfts = sorted([i / 10 for i in range(1, 11)] + [2.0, 0.2])
+    assert s["ttft_p50_s"] == pytest.approx((ttfts[5] + ttfts[6]) / 2)
+    assert s["ttft_p95_s"] == pytest.approx(ttfts[10] + (ttfts[11] - ttfts[10]) * 0.45)
+    assert s["tokens"] == {"input": 1300, "cached": 7 * 60, "output": 130}
+    assert s["tokens_by_tenant"]["globex"] == {"input": 400, "cached": 120, "output": 40}
+    prefill = next(row for row in s["stages"] if row["stage"] == "prefill")
+    assert prefill["owner"] == "serving"
+    assert prefill["mean_s"] == pytest.approx(sum(t * 3 / 4 - 0.001 for t in ttfts) / 12)
+    chat = next(c for c in s["cache"] if c["route"] == "chat")
+    assert (chat["requests"], chat["cached_tokens"], chat["input_tokens"]) == (
+        11,
+        5 * 60,
+        1100,
+    )  # the 500 is left out of the cache figures
+
+
+def test_filters_by_age_route_and_tenant(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:
+    assert as_json(usage(llmpath_bin, "summary", *ledgers, "--since", "1h", "--json"))["requests"] == 12
+    assert as_json(usage(llmpath_bin, "summary", *ledgers, "--route", "rag", "--json"))["requests"] == 1
+    by_tenant = as_json(usage(llmpath_bin, "summary", *ledgers, "--tenant", "globex", "--json"))
+    assert by_tenant["requests"] == 4 and set(by_tenant["tokens_by_tenant"]) == {"globex"}
+
+
+def test_slowest_orders_by_ttft_or_duration(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:
+    top = as_json(usage(llmpath_bin, "slowest", *ledgers, "-n", "3", "--json"))
+    assert [r["request_id"] for r in top] == ["req-012", "req-010", "req-009"]
+    recent = as_json(usage(llmpath_bin, "slowest", *ledgers, "-n", "2", "--since", "1h", "--json"))
+    assert [r["request_id"] for r in recent] == ["req-010", "req-009"]
+    # The 500 has no TTFT: only --by duration ranks it.
+    by_ttft = as_json(usage(llmpath_bin, "slowest", *ledgers, "-n", "20", "--json"))
+    by_duration = as_json(usage(llmpath_bin, "slowest", *ledgers, "-n", "20", "--by", "duration", "--json"))
+    assert "req-011" not in {r["request_id"] for r in by_ttft}
+    assert by_duration[-1]["request_id"] == "req-011"
+
+    table = usage(llmpath_bin, "slowest", *ledgers, "-n", "2")
+    assert table.returncode == 0
+    header = next(line for line in table.stdout.splitlines() if "request" in line and "prefill" in line)
+    assert header.split()[-4:] == ["auth", "schedule", "prefill", "unattributed"]
+    row = next(line for line in table.stdout.splitlines() if line.strip().startswith("req-012"))
+    assert row.split()[-3:] == ["500.0", "1,499.0", "0.0"]  # schedule, prefill, unattributed in ms
+
+
+def test_show_finds_a_request_or_every_request_of_a_trace(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:
+    one = as_json(usage(llmpath_bin, "show", "req-004", *ledgers, "--json"))
+    assert [r["request_id"] for r in one] == ["req-004"] and one[0]["extra"] == {"backend": "engine-0"}
+    trace = as_json(usage(llmpath_bin, "show", f"{1:032X}", *ledgers, "--json"))
+    assert [r["request_id"] for r in trace] == ["req-001", "req-013"]
+
+    text = usage(llmpath_bin, "show", "req-004", *ledgers)
+    assert text.returncode == 0
+    assert "TTFT 400.0 ms" in text.stdout and "annotations: backend=engine-0" in text.stdout
+    assert [line.split()[0] for line in text.stdout.splitlines() if line.strip().endswith(("gateway", "backend"))] == [
+        "auth", "schedule", "prefill", "decode"
+    ]  # fmt: skip
+
+    missing = usage(llmpath_bin, "show", "req-999", *ledgers)
+    assert missing.returncode == 1 and "no request or trace 'req-999'" in missing.stderr
+
+
+def test_bad_input_names_the_file_line_and_reason(llmpath_bin: str, ledgers: tuple[Path, Path], tmp_path: Path) -> None:
+    jsonl, db = ledgers
+    lines = jsonl.read_text().splitlines(keepends=True)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(lines[:2]) + '{"request_id": "x", "input_tokens": "many"}\n' + "".join(lines[2:]))
+    out = usage(llmpath_bin, "summary", broken)
+    assert out.returncode == 2
+    assert f"{broken}:3: not a usage record" in out.stderr and "input_tokens" in out.stderr
+
+    torn = tmp_path / "torn.jsonl"  # a crash mid-write leaves a partial last line: skipped, not an error
+    torn.write_text("".join(lines) + lines[0][:40])
+    assert as_json(usage(llmpath_bin, "summary", torn, "--json"))["requests"] == 10
+
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    out = usage(llmpath_bin, "summary", other)
+    assert out.returncode == 2 and "not a llmpath SQLite ledger" in out.stderr
+
+    for args, message in (
+        (["summary", tmp_path / "absent.jsonl"], "absent.jsonl: No such file or directory"),
+        (["summary", jsonl, "--since", "yesterday"], "--since 'yesterday': not a duration"),
+        (["slowest", jsonl, "--by", "tokens"], "--by 'tokens': use ttft or duration"),
+        (["summary", tmp_path / "notes.txt"], "neither a JSON-lines nor a SQLite usage ledger"),
+    ):
+        if str(args[1]).endswith("notes.txt"):
+            Path(args[1]).write_text("hello\n")
+        out = usage(llmpath_bin, *args)
+        assert out.returncode == 2 and message in out.stderr, out.stderr
