@@ -102,3 +102,36 @@ def test_tenant_rate_limits_and_overrides() -> None:
     unlimited = TenantRateLimiter(RateConfig())
     for _ in range(100):
         unlimited.check("x")
+
+
+async def test_resize_admits_waiters_at_once_and_drains_above_a_lower_limit() -> None:
+    adm = Admission(max_concurrency=1, max_queue=4, queue_timeout_s=5)
+    await adm.acquire()
+    waiters = [asyncio.create_task(adm.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    adm.resize(3, 4, 5)  # two more slots: the two oldest waiters run now
+    done, _ = await asyncio.wait(waiters, timeout=0.2)
+    assert done == set(waiters[:2]) and adm.inflight == 3
+
+    adm.resize(1, 4, 5)  # fewer slots: running requests finish, nobody new starts until fewer than 1 run
+    adm.release()
+    adm.release()
+    done, _ = await asyncio.wait(waiters[2:], timeout=0.2)
+    assert not done and adm.inflight == 1
+    adm.release()
+    await asyncio.wait_for(waiters[2], 1)
+    assert (adm.inflight, adm.queue_depth) == (1, 0)
+
+
+def test_rate_reconfigure_starts_every_bucket_again_at_the_new_rate() -> None:
+    clock = Clock()
+    limiter = TenantRateLimiter(RateConfig(requests_per_second=1, burst=1), clock)
+    limiter.check("acme")
+    with pytest.raises(AdmissionRejected):
+        limiter.check("acme")
+    limiter.reconfigure(RateConfig(requests_per_second=10, burst=2))
+    limiter.check("acme")
+    limiter.check("acme")  # burst 2 now
+    with pytest.raises(AdmissionRejected) as rej:
+        limiter.check("acme")
+    assert rej.value.retry_after_s == pytest.approx(0.1)

@@ -120,7 +120,11 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend call is noise
-    application = create_app(cfg)
+    from llmpath.gateway.config import load_config
+
+    # SIGHUP and POST /admin/reload read the file again, with the same command-line overrides.
+    reload_config = (lambda: load_config(config, overrides)) if config is not None else None
+    application = create_app(cfg, reload_config=reload_config)
     # Everything built so far lives as long as the process: keep the collector from rescanning it (less GC work
     # per request).
     gc.collect()

@@ -57,6 +57,11 @@ class TenantRateLimiter:
         self.clock = clock
         self._buckets: dict[str, TokenBucket | None] = {}
 
+    def reconfigure(self, default: RateConfig) -> None:
+        """New default rate; every tenant's bucket starts again, full, at its (possibly new) rate."""
+        self.default = default
+        self._buckets.clear()
+
     def check(self, tenant: str, override: RateConfig | None = None) -> None:
         """Raise :class:`AdmissionRejected` (``rate_limited``) when the tenant is over its rate."""
         bucket = self._buckets.get(tenant, ...)
@@ -126,14 +131,26 @@ class Admission:
         return time.perf_counter() - start
 
     def release(self) -> None:
-        """Give a slot back: the oldest waiter gets it, else the in-flight count drops."""
-        while self._waiters:
+        """Give a slot back: the oldest waiter gets it, else the in-flight count drops (it only drops while more
+        requests run than a lowered limit allows)."""
+        while self._waiters and self.inflight <= self.max_concurrency:
             waiter = self._waiters.popleft()
             if not waiter.future.done():
                 waiter.future.set_result(None)  # the slot passes on; inflight unchanged
                 self._changed()
                 return
         self.inflight -= 1
+        self._changed()
+
+    def resize(self, max_concurrency: int, max_queue: int, queue_timeout_s: float) -> None:
+        """New limits, at once: a higher concurrency admits waiters now; a lower one lets running requests finish
+        and admits nobody until fewer run. Waiters beyond a smaller queue keep their place."""
+        self.max_concurrency, self.max_queue, self.queue_timeout_s = max_concurrency, max_queue, queue_timeout_s
+        while self.inflight < self.max_concurrency and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+                self.inflight += 1
         self._changed()
 
     def _remove(self, waiter: _Waiter) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import logging
 import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal
@@ -22,13 +23,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmpath.backends.base import Backend
 from llmpath.backends.chat_template import load_chat_template
 from llmpath.gateway import errors
-from llmpath.gateway.assembly import RouteAssembler
-from llmpath.gateway.config import BackendConfig, GatewayConfig, RouteConfig
+from llmpath.gateway.config import BackendConfig, GatewayConfig
 from llmpath.gateway.errors import APIError
 from llmpath.gateway.metrics import GatewayMetrics
 from llmpath.gateway.otel import setup_from_env
 from llmpath.gateway.pool import BackendPool, BackendState
 from llmpath.gateway.prompt_cache import PromptCache
+from llmpath.gateway.reload import ConfigReloader, ReloadError
 from llmpath.gateway.routing import PrefixIndex, Router, Tokenization
 from llmpath.gateway.schemas import (
     SSE_EVENT_SCHEMA,
@@ -40,7 +41,7 @@ from llmpath.gateway.schemas import (
     ModelList,
     error_responses,
 )
-from llmpath.gateway.service import DEFAULT_ROUTE, Gateway, RouteRuntime
+from llmpath.gateway.service import Gateway, build_routes
 from llmpath.gateway.waterfall import WaterfallStore, render_html, to_json
 from llmpath.instrumentation import (
     DEFAULT_EXCLUDED_PATHS,
@@ -95,14 +96,7 @@ def build_gateway(config: GatewayConfig, backend_factory: BackendFactory = defau
         balance_abs=routing.balance_abs_threshold,
         balance_rel=routing.balance_rel_threshold,
     )
-    render_chat = load_chat_template(config.tokenizer.chat_template)
-    if config.routes:
-        routes = {r.name: RouteRuntime(r, RouteAssembler(r, render_chat=render_chat)) for r in config.routes}
-    else:
-        default = RouteConfig(name=DEFAULT_ROUTE)
-        routes = {
-            DEFAULT_ROUTE: RouteRuntime(default, RouteAssembler(default, render_chat=render_chat), passthrough=True)
-        }
+    routes = build_routes(config.routes, load_chat_template(config.tokenizer.chat_template))
     pool = BackendPool(states, config.health, on_eject=lambda s: prompt_cache.forget_backend(s.name))
     return Gateway(config, pool=pool, prompt_cache=prompt_cache, router=router, routes=routes)
 
@@ -173,11 +167,16 @@ def create_app(
     backend_factory: BackendFactory = default_backend_factory,
     registry: Any = None,
     tracer_provider: Any = None,
+    reload_config: Callable[[], GatewayConfig] | None = None,
 ) -> HotPath:
     """The gateway as an ASGI app (instrumented; OTel export from the environment unless a provider is given):
     the completion endpoints' fast path in front of the FastAPI app (``.app``; its ``.state`` has the
-    ``gateway``, the ``waterfall`` and the ``llmpath`` instrumentation)."""
+    ``gateway``, the ``waterfall`` and the ``llmpath`` instrumentation).
+
+    ``reload_config`` loads the configuration again (the file and the command line's overrides): with it,
+    ``SIGHUP`` and ``POST /admin/reload`` apply a changed file (see :mod:`llmpath.gateway.reload`)."""
     gateway = build_gateway(config, backend_factory)
+    reloader = ConfigReloader(gateway, reload_config)
     waterfall = WaterfallStore(config.debug.waterfall_requests)
     ledger = _open_ledger(config)
     otel = setup_from_env() if tracer_provider is None else None
@@ -188,10 +187,14 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await gateway.pool.check_all()
         gateway.pool.start()
-        expirer = asyncio.get_running_loop().create_task(_expire_loop(gateway), name="llmpath-cache-expiry")
+        loop = asyncio.get_running_loop()
+        expirer = loop.create_task(_expire_loop(gateway), name="llmpath-cache-expiry")
+        on_hangup = _install_sighup(loop, reloader) if reload_config is not None else False
         try:
             yield
         finally:
+            if on_hangup:
+                loop.remove_signal_handler(signal.SIGHUP)
             expirer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await expirer
@@ -306,6 +309,19 @@ def create_app(
         log.info("prompt cache flushed (%s)", "one tenant" if body.tenant else "all tenants")
         return {"flushed": True, "tenant": body.tenant}
 
+    @app.post(
+        "/admin/reload",
+        responses=error_responses(400, 401, 403),
+        dependencies=admin,
+        summary="Apply the changed configuration file: API keys, limits and routes (admin)",
+    )
+    async def reload_configuration() -> dict[str, Any]:
+        try:
+            change = reloader.reload("POST /admin/reload")
+        except ReloadError as exc:
+            raise APIError(400, f"Configuration not reloaded: {exc}", code="reload_failed") from None
+        return change.to_dict()
+
     sinks: list[Any] = [waterfall]
     if ledger is not None:
         sinks.append(ledger)
@@ -317,7 +333,9 @@ def create_app(
         usage_sink=sinks,
         excluded_paths=EXCLUDED_PATHS,
     )
-    gateway.bind_metrics(GatewayMetrics(app.state.llmpath.metric))
+    metrics = GatewayMetrics(app.state.llmpath.metric)
+    gateway.bind_metrics(metrics)
+    reloader.on_result = metrics.config_reload
     app.openapi = _with_components(app, defs, config)  # type: ignore[method-assign]
     return HotPath(app)
 
@@ -364,6 +382,20 @@ class HotPath:
 
 #: The endpoints :class:`HotPath` serves itself, and the request kind of each.
 HOT_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
+
+
+def _install_sighup(loop: asyncio.AbstractEventLoop, reloader: ConfigReloader) -> bool:
+    """Reload the configuration on ``SIGHUP`` (where signals can be handled); returns whether it is installed."""
+
+    def on_hangup() -> None:
+        with contextlib.suppress(ReloadError):  # logged and counted by the reloader
+            reloader.reload("SIGHUP")
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    except (NotImplementedError, RuntimeError, AttributeError):  # no SIGHUP (Windows) or not the main thread
+        return False
+    return True
 
 
 def _admin_dependency(gateway: Gateway) -> Callable[[Request], None]:

@@ -9,7 +9,7 @@ from llmpath.instrumentation import catalog
 
 
 class GatewayMetrics:
-    """Prompt cache, routing, backend and admission metrics; label children are cached."""
+    """Prompt cache, routing, backend, admission and configuration-reload metrics; label children are cached."""
 
     def __init__(self, metric: Callable[[str], Any]) -> None:
         self._lookups = metric(catalog.PROMPT_CACHE_LOOKUPS_TOTAL)
@@ -20,6 +20,11 @@ class GatewayMetrics:
         self._admission_inflight = metric(catalog.ADMISSION_INFLIGHT)
         self._queue_depth = metric(catalog.ADMISSION_QUEUE_DEPTH)
         self._rejections = metric(catalog.ADMISSION_REJECTIONS_TOTAL)
+        self._reloads = metric(catalog.CONFIG_RELOADS_TOTAL)
+        self._reload_ok = metric(catalog.CONFIG_LAST_RELOAD_SUCCESSFUL)
+        for result in ("success", "failure"):
+            self._reloads.labels(result)
+        self._reload_ok.set(1)
         self._children: dict[tuple[object, ...], Any] = {}
         self._admission_last: tuple[int, int] | None = None
 
@@ -58,3 +63,7 @@ class GatewayMetrics:
 
     def rejection(self, reason: str) -> None:
         self._child(self._rejections, reason).inc()
+
+    def config_reload(self, success: bool) -> None:
+        self._child(self._reloads, "success" if success else "failure").inc()
+        self._reload_ok.set(1 if success else 0)

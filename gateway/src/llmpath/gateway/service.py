@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
@@ -78,6 +78,15 @@ class RouteRuntime:
     assembler: RouteAssembler
     #: When no routes are configured, the client's ``model`` is sent to the backend as it is.
     passthrough: bool = False
+
+
+def build_routes(routes: tuple[RouteConfig, ...], render_chat: Callable[[Any], str]) -> dict[str, RouteRuntime]:
+    """Route name → runtime (template, system prompt, retriever); without routes, one passthrough route.
+    Raises :class:`~llmpath.gateway.assembly.AssemblyError` for a template that does not compile."""
+    if routes:
+        return {r.name: RouteRuntime(r, RouteAssembler(r, render_chat=render_chat)) for r in routes}
+    default = RouteConfig(name=DEFAULT_ROUTE)
+    return {DEFAULT_ROUTE: RouteRuntime(default, RouteAssembler(default, render_chat=render_chat), passthrough=True)}
 
 
 @dataclass(slots=True)

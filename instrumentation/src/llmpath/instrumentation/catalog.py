@@ -228,6 +228,8 @@ BACKEND_INFLIGHT = "llmpath_backend_inflight_requests"
 ADMISSION_INFLIGHT = "llmpath_admission_inflight_requests"
 ADMISSION_QUEUE_DEPTH = "llmpath_admission_queue_depth"
 ADMISSION_REJECTIONS_TOTAL = "llmpath_admission_rejections_total"
+CONFIG_RELOADS_TOTAL = "llmpath_gateway_config_reloads_total"
+CONFIG_LAST_RELOAD_SUCCESSFUL = "llmpath_gateway_config_last_reload_successful"
 
 #: Latency buckets (seconds) for stage, TTFT and request histograms: sub-millisecond stages to 2-minute
 #: requests, including every threshold the default SLOs use (0.005 … 10 s).
@@ -337,6 +339,19 @@ METRICS: tuple[MetricSpec, ...] = (
         ("reason",),
         "Requests rejected by admission (queue_full, rate_limited, timeout).",
         stage="schedule",
+    ),
+    MetricSpec(
+        CONFIG_RELOADS_TOTAL,
+        "counter",
+        ("result",),
+        "Configuration reloads (SIGHUP or POST /admin/reload) by result: success or failure.",
+    ),
+    MetricSpec(
+        CONFIG_LAST_RELOAD_SUCCESSFUL,
+        "gauge",
+        (),
+        "1 unless the last configuration reload failed (the gateway then runs the configuration before it).",
+        extra={"multiprocess_mode": "livemin"},
     ),
 )
 

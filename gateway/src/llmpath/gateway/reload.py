@@ -1,0 +1,112 @@
+"""Applying a changed configuration file to a running gateway (``SIGHUP`` or ``POST /admin/reload``).
+
+API keys, limits and routes change in place, without dropping a stream: requests already admitted finish under
+the configuration they started with. Every other section (listen address, backends, routing, prompt cache,
+tokenizer, health checks, usage ledger, debug, ``insecure_no_auth``) is compared and reported as needing a
+restart, and left as it is. A configuration that does not load, or that the running gateway cannot apply,
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmpath.backends.chat_template import load_chat_template
+from llmpath.gateway.assembly import AssemblyError
+from llmpath.gateway.auth import KeyStore
+from llmpath.gateway.config import ConfigError, GatewayConfig
+from llmpath.gateway.service import Gateway, build_routes
+
+log = logging.getLogger("llmpath.gateway")
+
+#: Sections a reload applies; a change anywhere else needs a restart.
+LIVE_SECTIONS = ("api_keys", "limits", "routes")
+
+
+class ReloadError(Exception):
+    """The new configuration was not applied (the message names the file or section and the reason)."""
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """What a reload changed, and which changed sections only take effect after a restart."""
+
+    applied: tuple[str, ...]
+    restart_required: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, list[str]]:
+        return {"applied": list(self.applied), "restart_required": list(self.restart_required)}
+
+
+def apply_config(gateway: Gateway, new: GatewayConfig) -> ConfigChange:
+    """Apply ``new``'s live sections to ``gateway`` (all or nothing); raises :class:`ReloadError`."""
+    old = gateway.config
+    changed = [name for name in GatewayConfig.model_fields if getattr(old, name) != getattr(new, name)]
+    live = [name for name in changed if name in LIVE_SECTIONS]
+    if "api_keys" in live and not new.api_keys and not old.insecure_no_auth:
+        raise ReloadError("api_keys: the new configuration has no API keys; every request would be refused")
+    routes = None
+    if "routes" in live:
+        running = {b.display_name for b in old.backends}
+        for i, route in enumerate(new.routes):
+            unknown = sorted(set(route.backends) - running)
+            if unknown:
+                raise ReloadError(
+                    f"routes[{i}].backends: {', '.join(unknown)} not among the running backends "
+                    f"({', '.join(sorted(running))}); backends change only with a restart"
+                )
+        try:
+            routes = build_routes(new.routes, load_chat_template(old.tokenizer.chat_template))
+        except AssemblyError as exc:
+            raise ReloadError(str(exc)) from None
+    if "api_keys" in live:
+        gateway.keys = KeyStore(new.api_keys, insecure_no_auth=old.insecure_no_auth)
+    if "limits" in live:
+        lim = new.limits
+        gateway.admission.resize(lim.max_concurrency, lim.max_queue, lim.timeouts.queue_s)
+    if "limits" in live or "api_keys" in live:  # a key's own rate may have changed too
+        gateway.rates.reconfigure(new.limits.tenant_rate)
+    if routes is not None:
+        gateway.routes = routes
+    gateway.config = old.model_copy(update={name: getattr(new, name) for name in live})
+    return ConfigChange(tuple(live), tuple(name for name in changed if name not in LIVE_SECTIONS))
+
+
+class ConfigReloader:
+    """Loads the configuration again (``load``: the file plus the command line's overrides) and applies it,
+    counting the outcome in ``on_result(success)`` (the reload metrics)."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        load: Callable[[], GatewayConfig] | None,
+        on_result: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.gateway = gateway
+        self.load = load
+        self.on_result = on_result
+
+    def reload(self, trigger: str) -> ConfigChange:
+        """Reload now (``trigger`` is logged: ``SIGHUP`` or the endpoint); raises :class:`ReloadError`."""
+        if self.load is None:
+            raise ReloadError("the gateway was started without --config: there is no file to reload")
+        try:
+            change = apply_config(self.gateway, self.load())
+        except (ConfigError, ReloadError) as exc:
+            log.error("configuration reload (%s) failed, nothing changed: %s", trigger, exc)
+            self._count(False)
+            raise ReloadError(str(exc)) from None
+        self._count(True)
+        log.info(
+            "configuration reloaded (%s): applied %s%s",
+            trigger,
+            ", ".join(change.applied) or "nothing (no live section changed)",
+            f"; restart to apply {', '.join(change.restart_required)}" if change.restart_required else "",
+        )
+        return change
+
+    def _count(self, success: bool) -> None:
+        if self.on_result is not None:
+            self.on_result(success)
