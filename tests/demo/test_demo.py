@@ -80,9 +80,12 @@ def test_demo_reports_stages_cache_tokens_and_slos_read_back_from_prometheus(llm
     assert counts == [sum(getattr(r, f"{k}_tokens") for r in ledger) for k in ("input", "cached", "output")]
 
     slo_rows = table_rows(report, "SLOs, read back from Prometheus")
-    named = [row[0] for row in slo_rows if len(row) == 7]
-    assert named == slo_names()
-    slis = [row[-3] for row in slo_rows]
+    named = [row[0] for row in slo_rows if len(row) == 8]
+    assert sorted(named) == sorted(slo_names())
+    routes = {row[-6] for row in slo_rows}  # one row per SLO and route (a route Prometheus has a rate for)
+    assert routes and routes <= {r.name for r in DEMO_ROUTES}
+    assert all(row[-3] == "–" or row[-3].endswith("×") for row in slo_rows)  # burn rate
+    slis = [row[-4] for row in slo_rows]
     assert all(re.fullmatch(r"\d+\.\d%", sli) for sli in slis), slo_rows  # every SLI has data (warm-up scraped)
 
     for folder, pattern in (("rules", "*.yaml"), ("dashboards", "*.json"), ("runbooks", "*.md")):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +32,8 @@ from llmpath.demo.routes import DEMO_ROUTES
 from llmpath.demo.stack import Stack, StackConfig, start_stack
 from llmpath.demo.workload import WorkloadSpec, run_workload
 from llmpath.instrumentation.usage import read_jsonl
+
+LLMPATH = str(Path(sys.executable).parent / "llmpath")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -291,6 +295,18 @@ def test_slow_prefill_pages_the_prefill_owner_and_resolves(loop: Loop) -> None:
     page = page_during_fault(loop, "prefill", prefill_slowdown=300)
     assert page.labels["owner"] == "serving"
     assert page.labels["alertname"] in {"LLMAPITTFTBurn", "LLMAPIPrefillLatencyBurn"}
+    # What on-call runs next: `llmpath slo status` shows the same alert, its owner and its runbook.
+    out = subprocess.run([LLMPATH, "slo", "status", "--prometheus", loop.stack.prometheus.url, "--json"],
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    rows = json.loads(out.stdout)
+    row = next(
+        r for r in rows if r["slo_id"] == page.labels["sloth_id"] and r["group"] == {"route": page.labels["route"]}
+    )
+    assert (row["stage"], row["owner"]) == ("prefill", "serving") and row["burn_rate"] > 1
+    alert = next(a for a in row["alerts"] if a["name"] == page.labels["alertname"] and a["severity"] == "page")
+    assert alert["runbook_url"] == page.annotations["runbook_url"]
+    assert {r["slo"] for r in rows} == {"availability", "ttft", "gateway-overhead", "scheduling-latency",
+                                       "prefill-latency", "prompt-cache-hit-rate"}  # fmt: skip
     # A slow prefill is not an availability problem: no request failed.
     assert not any(n.labels["alertname"] == "LLMAPIAvailabilityBurn" for n in loop.receiver.since(started))
 

@@ -237,3 +237,40 @@ def init_cmd(
         raise typer.Exit(1)
     write_atomically(target.parent, {target.name: text})
     _err(f"wrote the default LLM API SLO spec to {target}; next: llmpath slo compile {target} -o rules/ --tests")
+
+
+@app.command()
+def status(
+    prometheus: str = typer.Option(
+        "http://127.0.0.1:9090", "--prometheus", envvar="LLMPATH_PROMETHEUS_URL", help="Prometheus base URL."
+    ),
+    service: str | None = typer.Option(None, "--service", help="Only the SLOs of this service."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON instead of a table."),
+) -> None:
+    """Every SLO Prometheus evaluates: SLI, burn rate and error budget left per group (route), firing alerts with
+    their owners and runbooks. Reads the compiled rules' series, not spec files."""
+    import dataclasses
+    import json
+
+    import httpx
+    from rich.console import Console
+
+    from llmpath.demo.prometheus import PrometheusClient
+    from llmpath.slo_status import firing_lines, slo_status, status_table
+
+    try:
+        with PrometheusClient(prometheus.rstrip("/")) as client:
+            rows = slo_status(client, service=service)
+    except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
+        _err(f"llmpath slo status: cannot read SLOs from Prometheus at {prometheus}: {type(exc).__name__}: {exc}")
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+        return
+    console = Console()
+    if not rows:
+        console.print(f"no SLO rules evaluated by {prometheus} (sloth_slo_info has no series)")
+        return
+    console.print(status_table(rows))
+    for line in firing_lines(rows):
+        console.print(f"[red]firing[/] {line}", soft_wrap=True)

@@ -13,13 +13,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmpath.demo.prometheus import PrometheusServer
-from llmpath.demo.report import SloRow, slo_status
 from llmpath.demo.routes import DEMO_ROUTES
 from llmpath.demo.stack import Stack, StackConfig, start_stack
 from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload, warm_up
 from llmpath.instrumentation.usage import read_jsonl
 from llmpath.ledger import LedgerSummary, summarize
-from llmpath.ledger.render import cache_table, headline, pct, stage_table, table, token_table
+from llmpath.ledger.render import cache_table, headline, stage_table, token_table
+from llmpath.slo_status import SloRow, slo_status, status_table
 
 #: How long the warm-up waits for Prometheus to scrape its requests.
 WARM_UP_SCRAPE_TIMEOUT_S = 30.0
@@ -62,7 +62,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary
         if stack.prometheus is not None:
             _wait_for_rules(stack.prometheus, cfg)
         summary = summarize(read_jsonl(stack.ledger_path))
-        slo_rows = _slo_rows(stack, cfg)
+        slo_rows = _slo_rows(stack)
         print_report(console, summary, slo_rows, stack)
         console.print(f"[dim]demo took {time.perf_counter() - started:.0f} s[/]")
         if not opts.once:
@@ -113,21 +113,11 @@ def _wait_for_rules(prometheus: PrometheusServer, cfg: StackConfig) -> None:
         client.wait_for_evaluation(time.time(), timeout=4 * cycle + 10)
 
 
-def _slo_rows(stack: Stack, cfg: StackConfig) -> list[SloRow] | None:
+def _slo_rows(stack: Stack) -> list[SloRow] | None:
     if stack.prometheus is None:
         return None
-    from llmpath.slo import CompileOptions, compile_slos, default_spec_path, load_specs
-
-    specs = [str(p) for p in cfg.slo_specs] or [str(default_spec_path())]
-    compiled = compile_slos(load_specs(specs), CompileOptions())
     with stack.prometheus.client() as client:
-        return slo_status(client, compiled.slos)
-
-
-def _budget(ratio: float | None) -> str:
-    if ratio is None:
-        return "–"
-    return "[red]exhausted[/]" if ratio <= 0 else pct(ratio)
+        return slo_status(client)
 
 
 def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow] | None, stack: Stack) -> None:
@@ -141,25 +131,7 @@ def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow
     if slo_rows is None:
         console.print("[yellow]SLO status skipped: Prometheus is not running (see above).")
     else:
-        slos = table(
-            "SLOs, read back from Prometheus (SLI over the shortest alert window; budget over the period)",
-            {"SLO": "left", "stage": "left", "route": "left", "target": "right", "SLI": "right", "budget": "right",
-             "firing": "left"},
-        )  # fmt: skip
-        previous = None
-        for r in slo_rows:
-            firing = "+".join(sorted({severity for _, severity in r.alerts})) or "–"
-            slos.add_row(
-                r.slo if r.slo != previous else "",
-                r.stage if r.slo != previous else "",
-                r.route,
-                f"{r.objective:g}%",
-                pct(r.sli),
-                _budget(r.budget_remaining),
-                f"[red]{firing}[/]" if r.alerts else firing,
-            )
-            previous = r.slo
-        console.print(slos)
+        console.print(status_table(slo_rows))
 
     art = stack.artifacts
     console.print(f"rules:      {art.rules_dir}\ndashboards: {art.dashboards_dir}\nrunbooks:   {art.runbooks_dir}")
