@@ -133,5 +133,12 @@ def test_validate_ok(llmpath_bin, sloth_dir):
 def test_help_lists_the_commands(llmpath_bin):
     proc = _run(llmpath_bin, "--help")
     assert proc.returncode == 0
-    for command in ("compile", "validate", "init"):
+    for command in ("compile", "validate", "init", "status"):
         assert command in proc.stdout
+
+
+def test_status_says_when_prometheus_cannot_be_read(llmpath_bin, free_port):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = _run(llmpath_bin, "status", "--prometheus", url)
+    assert proc.returncode == 2
+    assert f"cannot read SLOs from Prometheus at {url}: ConnectError" in proc.stderr
