@@ -93,6 +93,10 @@ def test_keys_limits_and_routes_change_without_a_restart_or_a_dropped_stream(gw,
     assert chat(gw, NEW_KEY, model="brief").status_code == 200  # a new key on a new route
     too_long = chat(gw, NEW_KEY, max_tokens=32)
     assert too_long.status_code == 422 and too_long.json()["error"]["param"] == "max_tokens"  # the new limit
+    chat_schema = httpx.get(f"{gw.url}/openapi.json").json()["components"]["schemas"]["ChatCompletionRequest"]
+    assert chat_schema["properties"]["model"]["enum"] == ["chat", "brief"]  # the schema documents the new config
+    maxima = [b.get("maximum") for b in chat_schema["properties"]["max_tokens"]["anyOf"] if b["type"] == "integer"]
+    assert maxima == [16]
     assert gw.proc.pid == pid and gw.proc.poll() is None
     metrics = gw.metrics()
     assert metrics['llmpath_gateway_config_reloads_total{result="success"}'] == 1

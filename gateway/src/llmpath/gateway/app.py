@@ -126,9 +126,12 @@ def _request_body(model: type[BaseModel], defs: dict[str, Any], *, required: boo
     return {"requestBody": {"required": required, "content": {"application/json": {"schema": ref}}}}
 
 
-def _with_components(app: FastAPI, defs: dict[str, Any], config: GatewayConfig) -> Callable[[], dict[str, Any]]:
+def _with_components(
+    app: FastAPI, defs: dict[str, Any], config: Callable[[], GatewayConfig]
+) -> Callable[[], dict[str, Any]]:
     """``app.openapi`` with the request-body schemas in ``components.schemas``, the configured limits
-    (``max_tokens``, messages, stop sequences) as their maxima and the routes as the ``model`` values."""
+    (``max_tokens``, messages, stop sequences) as their maxima and the routes as the ``model`` values (of the
+    running ``config()``; a reload clears the cached schema)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -138,7 +141,7 @@ def _with_components(app: FastAPI, defs: dict[str, Any], config: GatewayConfig) 
             error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
             schemas.update(error_schema.pop("$defs", {}))
             schemas["ErrorResponse"] = error_schema
-            _document_config(schemas, config)
+            _document_config(schemas, config())
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -335,8 +338,14 @@ def create_app(
     )
     metrics = GatewayMetrics(app.state.llmpath.metric)
     gateway.bind_metrics(metrics)
-    reloader.on_result = metrics.config_reload
-    app.openapi = _with_components(app, defs, config)  # type: ignore[method-assign]
+
+    def after_reload(success: bool) -> None:
+        metrics.config_reload(success)
+        if success:
+            app.openapi_schema = None  # it documents the routes and limits
+
+    reloader.on_result = after_reload
+    app.openapi = _with_components(app, defs, lambda: gateway.config)  # type: ignore[method-assign]
     return HotPath(app)
 
 
