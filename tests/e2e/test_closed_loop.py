@@ -271,8 +271,11 @@ def test_every_runbook_query_runs_on_the_live_stack(loop: Loop) -> None:
     assert prefill and all(loop.prom.query(q) for q in prefill)
 
 
-def page_during_fault(loop: Loop, stage: str, **fault: float) -> Notification:
-    """Inject ``fault`` at every engine until the page receiver gets a firing alert owned by ``stage``; then clear."""
+def page_during_fault(
+    loop: Loop, stage: str, while_firing: Callable[[Notification], None] | None = None, **fault: float
+) -> Notification:
+    """Inject ``fault`` at every engine until the page receiver gets a firing alert owned by ``stage`` (then run
+    ``while_firing(page)``, the fault still on); then clear."""
     started = time.monotonic()
     loop.set_fault(**fault)
     try:
@@ -281,6 +284,8 @@ def page_during_fault(loop: Loop, stage: str, **fault: float) -> Notification:
             since=started,
             timeout=180,
         )
+        if while_firing is not None:
+            while_firing(page)
     finally:
         loop.clear_faults()
     assert page.labels["sloth_severity"] == "page"
@@ -289,24 +294,27 @@ def page_during_fault(loop: Loop, stage: str, **fault: float) -> Notification:
     return page
 
 
-def test_slow_prefill_pages_the_prefill_owner_and_resolves(loop: Loop) -> None:
-    started = time.monotonic()
-    # Prefill takes 300x longer: a few milliseconds on the tiny engine become about a second.
-    page = page_during_fault(loop, "prefill", prefill_slowdown=300)
-    assert page.labels["owner"] == "serving"
-    assert page.labels["alertname"] in {"LLMAPITTFTBurn", "LLMAPIPrefillLatencyBurn"}
-    # What on-call runs next: `llmpath slo status` shows the same alert, its owner and its runbook.
+def check_slo_status(loop: Loop, page: Notification) -> None:
+    """What on-call runs next: `llmpath slo status` shows the paging alert, its owner and its runbook."""
+    assert loop.stack.prometheus is not None
     out = subprocess.run([LLMPATH, "slo", "status", "--prometheus", loop.stack.prometheus.url, "--json"],
                          capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
     rows = json.loads(out.stdout)
-    row = next(
-        r for r in rows if r["slo_id"] == page.labels["sloth_id"] and r["group"] == {"route": page.labels["route"]}
-    )
+    group = {"route": page.labels["route"]}
+    row = next(r for r in rows if r["slo_id"] == page.labels["sloth_id"] and r["group"] == group)
     assert (row["stage"], row["owner"]) == ("prefill", "serving") and row["burn_rate"] > 1
     alert = next(a for a in row["alerts"] if a["name"] == page.labels["alertname"] and a["severity"] == "page")
     assert alert["runbook_url"] == page.annotations["runbook_url"]
     assert {r["slo"] for r in rows} == {"availability", "ttft", "gateway-overhead", "scheduling-latency",
                                        "prefill-latency", "prompt-cache-hit-rate"}  # fmt: skip
+
+
+def test_slow_prefill_pages_the_prefill_owner_and_resolves(loop: Loop) -> None:
+    started = time.monotonic()
+    # Prefill takes 300x longer: a few milliseconds on the tiny engine become about a second.
+    page = page_during_fault(loop, "prefill", lambda page: check_slo_status(loop, page), prefill_slowdown=300)
+    assert page.labels["owner"] == "serving"
+    assert page.labels["alertname"] in {"LLMAPITTFTBurn", "LLMAPIPrefillLatencyBurn"}
     # A slow prefill is not an availability problem: no request failed.
     assert not any(n.labels["alertname"] == "LLMAPIAvailabilityBurn" for n in loop.receiver.since(started))
 
