@@ -73,12 +73,28 @@ def test_summary_reads_both_formats_together(llmpath_bin: str, ledgers: tuple[Pa
     prefill = next(row for row in s["stages"] if row["stage"] == "prefill")
     assert prefill["owner"] == "serving"
     assert prefill["mean_s"] == pytest.approx(sum(t * 3 / 4 - 0.001 for t in ttfts) / 12)
+    rag, chat_route = sorted(s["routes"], key=lambda r: r["route"] != "rag")
+    assert (rag["route"], rag["requests"], rag["ttft_p50_s"]) == ("rag", 1, pytest.approx(0.2))
+    assert (chat_route["requests"], chat_route["server_errors"], chat_route["client_errors"]) == (12, 1, 0)
+    assert chat_route["ttft_p95_s"] == pytest.approx(1.0 + (2.0 - 1.0) * 0.5)  # 11 TTFTs: 0.1 … 1.0 and 2.0
     chat = next(c for c in s["cache"] if c["route"] == "chat")
     assert (chat["requests"], chat["cached_tokens"], chat["input_tokens"]) == (
         11,
         5 * 60,
         1100,
     )  # the 500 is left out of the cache figures
+
+
+def test_summary_tables(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:
+    out = usage(llmpath_bin, "summary", *ledgers)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("13 requests, 1 server errors — TTFT p50 550.0 ms")
+    assert "status codes 200: 12, 500: 1" in lines[1]
+    rag = next(line.split() for line in lines if line.strip().startswith("rag "))
+    assert rag[:4] == ["rag", "1", "0", "0"]  # requests, 5xx, 4xx
+    prefill = next(line.split() for line in lines if line.strip().startswith("prefill "))
+    assert prefill[1] == "serving"
 
 
 def test_filters_by_age_route_and_tenant(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:

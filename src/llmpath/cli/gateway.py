@@ -95,7 +95,8 @@ def serve(
     log_level: str = typer.Option("info", help="Log level (debug, info, warning, error)."),
     access_log: bool = typer.Option(False, help="Log one line per request (method, path, status; no bodies)."),
 ) -> None:
-    """Serve the OpenAI-compatible gateway."""
+    """Serve the OpenAI-compatible gateway. SIGHUP (or POST /admin/reload) applies a changed --config file: API keys,
+    limits and routes."""
     import gc
     import logging
 

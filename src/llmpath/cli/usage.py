@@ -62,11 +62,12 @@ def summary(
     model: str | None = MODEL,
     as_json: bool = JSON,
 ) -> None:
-    """Requests, errors, TTFT, where the time goes per stage, prompt-cache hit rate per route, tokens per tenant."""
+    """Requests, errors, TTFT, where the time goes per stage, latency and errors per route, prompt-cache hit rate
+    per route, tokens per tenant."""
     from rich.console import Console
 
     from llmpath.ledger import summarize
-    from llmpath.ledger.render import cache_table, headline, stage_table, token_table, when
+    from llmpath.ledger.render import cache_table, headline, route_table, stage_table, token_table, when
 
     result = summarize(_records(ledgers, since, route, tenant, model))
     if as_json:
@@ -79,7 +80,7 @@ def summary(
     console.print(headline(result))
     statuses = ", ".join(f"{code}: {n}" for code, n in result.statuses.items())
     console.print(f"from {when(result.first_time)} to {when(result.last_time)}; status codes {statuses}")
-    for part in (stage_table(result), cache_table(result), token_table(result)):
+    for part in (stage_table(result), route_table(result), cache_table(result), token_table(result)):
         console.print(part)
 
 

@@ -5,6 +5,7 @@ from llmpath.ledger.reading import read_ledger
 from llmpath.ledger.summary import (
     CacheRow,
     LedgerSummary,
+    RouteRow,
     StageRow,
     find,
     percentile,
@@ -17,6 +18,7 @@ from llmpath.ledger.summary import (
 __all__ = [
     "CacheRow",
     "LedgerSummary",
+    "RouteRow",
     "StageRow",
     "find",
     "percentile",

@@ -57,6 +57,19 @@ def stage_table(summary: LedgerSummary) -> Table:
     return out
 
 
+def route_table(summary: LedgerSummary) -> Table:
+    """Requests, errors and latency per route."""
+    out = table(
+        "By route",
+        {"route": "left", "requests": "right", "5xx": "right", "4xx": "right", "TTFT p50": "right",
+         "TTFT p95": "right", "duration p50": "right"},
+    )  # fmt: skip
+    for r in summary.routes:
+        out.add_row(r.route, str(r.requests), str(r.server_errors), str(r.client_errors), ms(r.ttft_p50_s),
+                    ms(r.ttft_p95_s), ms(r.duration_p50_s))  # fmt: skip
+    return out
+
+
 def cache_table(summary: LedgerSummary) -> Table:
     """Prompt-cache hit rate per route: the gateway's prediction next to the backends' figure."""
     out = table(

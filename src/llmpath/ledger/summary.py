@@ -36,6 +36,19 @@ class StageRow:
 
 
 @dataclass
+class RouteRow:
+    """Latency and errors of one route (TTFT over the requests that got a first token)."""
+
+    route: str
+    requests: int
+    server_errors: int
+    client_errors: int
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+    duration_p50_s: float
+
+
+@dataclass
 class CacheRow:
     route: str
     requests: int
@@ -64,6 +77,7 @@ class LedgerSummary:
     tokens: dict[str, int]
     tokens_by_tenant: dict[str, dict[str, int]] = field(default_factory=dict)
     ttft_p99_s: float = 0.0
+    routes: list[RouteRow] = field(default_factory=list)
     #: Requests per HTTP status code.
     statuses: dict[int, int] = field(default_factory=dict)
     #: First and last request start (epoch seconds; 0 without records).
@@ -107,6 +121,24 @@ def summarize(records: Iterable[UsageRecord]) -> LedgerSummary:
         row.cached_tokens += r.cached_tokens
         row.predicted_tokens += int(r.extra.get("predicted_cached_tokens") or 0)
 
+    by_route: dict[str, list[UsageRecord]] = defaultdict(list)
+    for r in records:
+        by_route[r.route].append(r)
+    routes = []
+    for route, mine in sorted(by_route.items()):
+        firsts = [r.ttft_s for r in mine if r.ttft_s is not None]
+        routes.append(
+            RouteRow(
+                route,
+                len(mine),
+                sum(r.status_code >= 500 for r in mine),
+                sum(400 <= r.status_code < 500 for r in mine),
+                percentile(firsts, 0.5) if firsts else None,
+                percentile(firsts, 0.95) if firsts else None,
+                percentile([r.duration_s for r in mine], 0.5),
+            )
+        )
+
     tokens = {"input": 0, "cached": 0, "output": 0}
     by_tenant: dict[str, dict[str, int]] = defaultdict(lambda: {"input": 0, "cached": 0, "output": 0})
     for r in records:
@@ -124,6 +156,7 @@ def summarize(records: Iterable[UsageRecord]) -> LedgerSummary:
         tokens=tokens,
         tokens_by_tenant=dict(by_tenant),
         ttft_p99_s=percentile(ttfts, 0.99),
+        routes=routes,
         statuses=dict(sorted(Counter(r.status_code for r in records).items())),
         first_time=min(times, default=0.0),
         last_time=max(times, default=0.0),
