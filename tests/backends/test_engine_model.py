@@ -122,6 +122,17 @@ def test_mixed_batch_of_decodes_and_a_chunk_equals_the_reference(model: LlamaMod
         assert torch.allclose(got, reference_logits(model, ids)[-1], atol=1e-4)
 
 
+def test_prefills_of_similar_size_share_an_attention_call_and_others_get_their_own(model: LlamaModel) -> None:
+    pool = new_pool(model)
+    a, b, c = ids_of(40, seed=8), ids_of(38, seed=9), ids_of(5, seed=10)
+    batch = ForwardBatch([SeqInput(c, 0, pool.alloc(5)), SeqInput(a, 0, pool.alloc(40)),
+                          SeqInput(b, 0, pool.alloc(38))], CPU)  # fmt: skip
+    assert [layout.num_seqs for layout in batch.layouts] == [2, 1]  # a and b padded together; c alone
+    out = model(batch, pool)
+    for got, ids in zip(out, (c, a, b), strict=True):
+        assert torch.allclose(got, reference_logits(model, ids)[-1], atol=1e-4)
+
+
 def test_random_weights_are_deterministic() -> None:
     one, two = LlamaModel(PRESETS["tiny"]), LlamaModel(PRESETS["tiny"])
     one.init_random(0)

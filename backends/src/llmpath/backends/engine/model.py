@@ -8,6 +8,7 @@ sequences of a mixed batch in one call each).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,12 +68,18 @@ class AttentionLayout:
         self.max_q = max_q
 
 
+#: Prefill sequences share one padded attention call while its padded size stays within this factor of their
+#: actual query × key sizes; beyond it the next sequence starts another call.
+PADDING_TOLERANCE = 1.25
+
+
 class ForwardBatch:
     """Tensors derived once per forward from the sequences: flattened inputs and the attention layouts.
 
-    Sequences decoding one token and sequences prefilling several get separate attention calls when a batch mixes
-    them (a chunk with decode riding along): padded together, every decode row would be padded to the chunk's
-    length."""
+    Attention runs in groups of similar sequences: the decoding ones (one token each) together, and the prefilling
+    ones in as few padded calls as keep padding under :data:`PADDING_TOLERANCE`. Padded together, a short prompt
+    or a decode row would be computed at the longest prompt's size (a 50-token prompt next to a 1,500-token one
+    made the batch 1.6× slower)."""
 
     def __init__(self, seqs: Sequence[SeqInput], device: torch.device) -> None:
         self.num_seqs = len(seqs)
@@ -87,16 +94,40 @@ class ForwardBatch:
         self.out_slots = torch.cat([s.slots[s.prefix_len :] for s in seqs]).to(device)
         #: Index of each sequence's last new token in the flattened batch (for the LM head).
         self.last_token_index = torch.tensor(q_lens, device=device).cumsum(0) - 1
+        kv_lens = [s.prefix_len + q for s, q in zip(seqs, q_lens, strict=True)]
         decoding = [i for i, q in enumerate(q_lens) if q == 1]
-        if not decoding or len(decoding) == self.num_seqs:
+        groups = [decoding] if decoding else []
+        groups += _similar(sorted((i for i, q in enumerate(q_lens) if q > 1), key=lambda i: -q_lens[i] * kv_lens[i]),
+                           q_lens, kv_lens)  # fmt: skip
+        if len(groups) == 1:
             self.layouts = [AttentionLayout(seqs, device)]
             return
-        starts = [0, *torch.tensor(q_lens).cumsum(0).tolist()]
+        starts = [0, *itertools.accumulate(q_lens)]
         self.layouts = []
-        for group in (decoding, [i for i, q in enumerate(q_lens) if q > 1]):
+        for group in groups:
             tokens = [t for i in group for t in range(starts[i], starts[i + 1])]
             index = torch.tensor(tokens, dtype=torch.int64, device=device)
             self.layouts.append(AttentionLayout([seqs[i] for i in group], device, index))
+
+
+def _similar(order: list[int], q_lens: list[int], kv_lens: list[int]) -> list[list[int]]:
+    """Consecutive runs of ``order`` whose padded attention (count × longest query × longest key) stays within
+    :data:`PADDING_TOLERANCE` of the query × key work it holds."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    work = max_q = max_kv = 0
+    for i in order:
+        q, kv = q_lens[i], kv_lens[i]
+        padded = (len(current) + 1) * max(max_q, q) * max(max_kv, kv)
+        if current and padded > PADDING_TOLERANCE * (work + q * kv):
+            groups.append(current)
+            current, work, max_q, max_kv = [], 0, 0, 0
+        current.append(i)
+        work += q * kv
+        max_q, max_kv = max(max_q, q), max(max_kv, kv)
+    if current:
+        groups.append(current)
+    return groups
 
 
 class RMSNorm(nn.Module):
