@@ -108,17 +108,31 @@ def test_ragged_batch_equals_separate_forwards(model: LlamaModel) -> None:
 
 
 def test_mixed_batch_of_decodes_and_a_chunk_equals_the_reference(model: LlamaModel) -> None:
-    """Decoding sequences around a prefill chunk (attention in two calls: decodes, then the chunk)."""
+    """Decoding sequences around a prefill chunk (attention in two calls: the decodes, then the chunk)."""
     pool = new_pool(model)
-    a, b, c = ids_of(25, seed=5), ids_of(60, seed=6), ids_of(14, seed=7)
-    sa, sb, sc = pool.alloc(24), pool.alloc(30), pool.alloc(13)
-    for ids, slots in ((a[:24], sa), (b[:30], sb), (c[:13], sc)):
+    a, b, c = ids_of(25, seed=5), ids_of(60, seed=6), ids_of(23, seed=7)
+    sa, sb, sc = pool.alloc(24), pool.alloc(30), pool.alloc(22)
+    for ids, slots in ((a[:24], sa), (b[:30], sb), (c[:22], sc)):
         model(ForwardBatch([SeqInput(ids, 0, slots)], CPU), pool)
     sa, sb, sc = torch.cat((sa, pool.alloc(1))), torch.cat((sb, pool.alloc(20))), torch.cat((sc, pool.alloc(1)))
-    batch = ForwardBatch([SeqInput([a[24]], 24, sa), SeqInput(b[30:50], 30, sb), SeqInput([c[13]], 13, sc)], CPU)
-    assert len(batch.layouts) == 2
+    batch = ForwardBatch([SeqInput([a[24]], 24, sa), SeqInput(b[30:50], 30, sb), SeqInput([c[22]], 22, sc)], CPU)
+    assert [layout.num_seqs for layout in batch.layouts] == [2, 1]
     out = model(batch, pool)
     for got, ids in zip(out, (a, b[:50], c), strict=True):
+        assert torch.allclose(got, reference_logits(model, ids)[-1], atol=1e-4)
+
+
+def test_decodes_of_very_different_contexts_get_separate_attention_calls(model: LlamaModel) -> None:
+    pool = new_pool(model, slots=1024)
+    long, short = ids_of(300, seed=11), ids_of(9, seed=12)
+    sl, ss = pool.alloc(299), pool.alloc(8)
+    model(ForwardBatch([SeqInput(long[:299], 0, sl)], CPU), pool)
+    model(ForwardBatch([SeqInput(short[:8], 0, ss)], CPU), pool)
+    sl, ss = torch.cat((sl, pool.alloc(1))), torch.cat((ss, pool.alloc(1)))
+    batch = ForwardBatch([SeqInput([short[8]], 8, ss), SeqInput([long[299]], 299, sl)], CPU)
+    assert [layout.num_seqs for layout in batch.layouts] == [1, 1]  # not the short one padded to 300 keys
+    out = model(batch, pool)
+    for got, ids in zip(out, (short, long), strict=True):
         assert torch.allclose(got, reference_logits(model, ids)[-1], atol=1e-4)
 
 

@@ -68,18 +68,18 @@ class AttentionLayout:
         self.max_q = max_q
 
 
-#: Prefill sequences share one padded attention call while its padded size stays within this factor of their
-#: actual query × key sizes; beyond it the next sequence starts another call.
+#: Sequences share one padded attention call while its padded size stays within this factor of their actual
+#: query × key sizes; beyond it the next sequence starts another call.
 PADDING_TOLERANCE = 1.25
 
 
 class ForwardBatch:
     """Tensors derived once per forward from the sequences: flattened inputs and the attention layouts.
 
-    Attention runs in groups of similar sequences: the decoding ones (one token each) together, and the prefilling
-    ones in as few padded calls as keep padding under :data:`PADDING_TOLERANCE`. Padded together, a short prompt
-    or a decode row would be computed at the longest prompt's size (a 50-token prompt next to a 1,500-token one
-    made the batch 1.6× slower)."""
+    Attention runs in groups of similar sequences, decoding ones (one new token) apart from prefilling ones, in as
+    few padded calls as keep padding within :data:`PADDING_TOLERANCE`. Padded together, every sequence would be
+    computed, and its keys gathered, at the longest one's size: a 50-token prompt next to a 1,500-token one made a
+    prefill 1.6× slower, one 3,000-token context among fifteen 100-token ones a decode step 8.8× slower."""
 
     def __init__(self, seqs: Sequence[SeqInput], device: torch.device) -> None:
         self.num_seqs = len(seqs)
@@ -95,10 +95,9 @@ class ForwardBatch:
         #: Index of each sequence's last new token in the flattened batch (for the LM head).
         self.last_token_index = torch.tensor(q_lens, device=device).cumsum(0) - 1
         kv_lens = [s.prefix_len + q for s, q in zip(seqs, q_lens, strict=True)]
-        decoding = [i for i, q in enumerate(q_lens) if q == 1]
-        groups = [decoding] if decoding else []
-        groups += _similar(sorted((i for i, q in enumerate(q_lens) if q > 1), key=lambda i: -q_lens[i] * kv_lens[i]),
-                           q_lens, kv_lens)  # fmt: skip
+        by_work = sorted(range(self.num_seqs), key=lambda i: -q_lens[i] * kv_lens[i])
+        groups = _similar([i for i in by_work if q_lens[i] == 1], q_lens, kv_lens)
+        groups += _similar([i for i in by_work if q_lens[i] > 1], q_lens, kv_lens)
         if len(groups) == 1:
             self.layouts = [AttentionLayout(seqs, device)]
             return
