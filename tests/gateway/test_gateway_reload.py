@@ -135,10 +135,12 @@ def test_sighup_reloads_and_a_bad_file_changes_nothing(gw, keys) -> None:
 
 def test_other_sections_are_reported_not_applied(gw, keys, stack) -> None:
     engine = stack.engines[0]
-    config = rewrite(gw, routing={"policy": "round_robin"}, debug={"waterfall_requests": 5})
+    limits = {"max_tokens": 64, "default_max_tokens": 16, "timeouts": {"read_s": 30}}
+    config = rewrite(gw, routing={"policy": "round_robin"}, debug={"waterfall_requests": 5}, limits=limits)
     resp = reload(gw, keys.admin)
     assert resp.status_code == 200
-    assert resp.json() == {"applied": [], "restart_required": ["routing", "debug"]}
+    # The backend clients keep the read timeout they were built with: limits otherwise unchanged, nothing applied.
+    assert resp.json() == {"applied": [], "restart_required": ["routing", "debug", "limits.timeouts.read_s"]}
 
     # A route may only name a running backend.
     rewrite(gw, backends=[*config["backends"], {"url": "http://127.0.0.1:9", "name": "spare"}],

@@ -2,9 +2,9 @@
 
 API keys, limits and routes change in place, without dropping a stream: requests already admitted finish under
 the configuration they started with. Every other section (listen address, backends, routing, prompt cache,
-tokenizer, health checks, usage ledger, debug, ``insecure_no_auth``) is compared and reported as needing a
-restart, and left as it is. A configuration that does not load, or that the running gateway cannot apply,
-changes nothing.
+tokenizer, health checks, usage ledger, debug, ``insecure_no_auth``), and the backend clients' connect and read
+timeouts, are compared and reported as needing a restart, and left as they are. A configuration that does not
+load, or that the running gateway cannot apply, changes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ log = logging.getLogger("llmpath.gateway")
 
 #: Sections a reload applies; a change anywhere else needs a restart.
 LIVE_SECTIONS = ("api_keys", "limits", "routes")
+#: ``limits.timeouts`` fields the backend clients were built with (applied at the next restart).
+_CLIENT_TIMEOUTS = ("connect_s", "read_s")
 
 
 class ReloadError(Exception):
@@ -45,6 +47,17 @@ def apply_config(gateway: Gateway, new: GatewayConfig) -> ConfigChange:
     old = gateway.config
     changed = [name for name in GatewayConfig.model_fields if getattr(old, name) != getattr(new, name)]
     live = [name for name in changed if name in LIVE_SECTIONS]
+    restart = [name for name in changed if name not in LIVE_SECTIONS]
+    # The backend clients were built with the connect and read timeouts: those two wait for a restart.
+    old_t, new_t = old.limits.timeouts, new.limits.timeouts
+    kept = {f: getattr(old_t, f) for f in _CLIENT_TIMEOUTS if getattr(old_t, f) != getattr(new_t, f)}
+    if kept:
+        restart += [f"limits.timeouts.{f}" for f in kept]
+        new = new.model_copy(
+            update={"limits": new.limits.model_copy(update={"timeouts": new_t.model_copy(update=kept)})}
+        )
+        if new.limits == old.limits:
+            live.remove("limits")
     if "api_keys" in live and not new.api_keys and not old.insecure_no_auth:
         raise ReloadError("api_keys: the new configuration has no API keys; every request would be refused")
     routes = None
@@ -71,7 +84,7 @@ def apply_config(gateway: Gateway, new: GatewayConfig) -> ConfigChange:
     if routes is not None:
         gateway.routes = routes
     gateway.config = old.model_copy(update={name: getattr(new, name) for name in live})
-    return ConfigChange(tuple(live), tuple(name for name in changed if name not in LIVE_SECTIONS))
+    return ConfigChange(tuple(live), tuple(restart))
 
 
 class ConfigReloader:
