@@ -235,6 +235,13 @@ def _routing_admission(b: Board) -> None:
         "Requests the gateway has in flight at each backend: the load the router balances.", "short",
         [Query(f"sum by (backend) ({sel(catalog.BACKEND_INFLIGHT)})", "{{backend}}")], w=8,
     )  # fmt: skip
+    b.stat(
+        "gateway:config_reload", "Last configuration reload",
+        "1 (OK) unless the gateway's last configuration reload (SIGHUP or POST /admin/reload) failed; it then runs "
+        "the configuration from before. The log says which section and why.", "none",
+        [Query(f"min({sel(catalog.CONFIG_LAST_RELOAD_SUCCESSFUL)})")], w=8,
+        thresholds=steps(("red", None), ("green", 1)), graph=False, no_value="No gateway",
+    )  # fmt: skip
 
 
 def _prompt_cache(b: Board) -> None:
