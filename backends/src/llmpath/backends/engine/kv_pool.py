@@ -35,6 +35,8 @@ class TokenSlotPool:
         self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._free = torch.arange(1, num_slots + 1, dtype=torch.int64, device=device)
+        #: Reused destination of :meth:`gather` (a fresh tensor per layer cost page faults on every step).
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def available(self) -> int:
@@ -61,6 +63,21 @@ class TokenSlotPool:
         """Store the new tokens' K/V (``[tokens, kv_heads, head_dim]``) of one layer."""
         self.k_buffers[layer][slots] = k
         self.v_buffers[layer][slots] = v
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of ``slots`` (``[len(slots), kv_heads, head_dim]`` each), copied into scratch buffers that the next
+        call overwrites: use them before gathering again. Reusing the buffers avoids allocating (and faulting in)
+        fresh pages for every layer of every step, which cost as much as the copy itself."""
+        n = slots.numel()
+        k_buf, v_buf = self.k_buffers[layer], self.v_buffers[layer]
+        if self._scratch is None or self._scratch[0].shape[0] < n:
+            rows = max(n, int(1.25 * (self._scratch[0].shape[0] if self._scratch else 0)))
+            self._scratch = (k_buf.new_empty((rows, *k_buf.shape[1:])), v_buf.new_empty((rows, *v_buf.shape[1:])))
+        k_out, v_out = self._scratch[0][:n], self._scratch[1][:n]
+        # index_select rather than k_buf[slots]: advanced indexing gathers scattered slots several times slower.
+        torch.index_select(k_buf, 0, slots, out=k_out)
+        torch.index_select(v_buf, 0, slots, out=v_out)
+        return k_out, v_out
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in (*self.k_buffers, *self.v_buffers))

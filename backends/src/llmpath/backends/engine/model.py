@@ -180,30 +180,27 @@ class Attention(nn.Module):
         k = rope.apply(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), batch.positions)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
         pool.write(self.layer_id, batch.out_slots, k, v)
-        k_buf, v_buf = pool.k_buffers[self.layer_id], pool.v_buffers[self.layer_id]
         if len(batch.layouts) == 1:
-            out = self._attend(q, batch.layouts[0], k_buf, v_buf)
+            out = self._attend(q, batch.layouts[0], pool)
         else:
             out = torch.empty_like(q)
             for layout in batch.layouts:
-                out[layout.token_index] = self._attend(q[layout.token_index], layout, k_buf, v_buf)
+                out[layout.token_index] = self._attend(q[layout.token_index], layout, pool)
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
 
-    def _attend(
-        self, q: torch.Tensor, layout: AttentionLayout, k_buf: torch.Tensor, v_buf: torch.Tensor
-    ) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, layout: AttentionLayout, pool: TokenSlotPool) -> torch.Tensor:
         """Attention of one layout's query tokens ``[tokens, heads, d]`` over their sequences' KV slots."""
         if layout.num_seqs == 1:
-            keys = k_buf[layout.kv_slots].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv_len, d]
-            vals = v_buf[layout.kv_slots].transpose(0, 1).unsqueeze(0)
+            keys, vals = pool.gather(self.layer_id, layout.kv_slots)  # [kv_len, kv_heads, d]
             out = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), keys, vals, attn_mask=layout.mask, is_causal=layout.is_causal,
-                enable_gqa=True,
+                q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0),
+                attn_mask=layout.mask, is_causal=layout.is_causal, enable_gqa=True,
             )  # fmt: skip
             return out.squeeze(0).transpose(0, 1)
         b = layout.num_seqs
-        keys = k_buf[layout.kv_index].transpose(1, 2)  # [B, kv_heads, max_kv, d]
-        vals = v_buf[layout.kv_index].transpose(1, 2)
+        keys, vals = pool.gather(self.layer_id, layout.kv_index.view(-1))
+        shape = (b, layout.kv_index.shape[1], *keys.shape[1:])
+        keys, vals = keys.view(shape).transpose(1, 2), vals.view(shape).transpose(1, 2)  # [B, kv_heads, max_kv, d]
         q_pad = q.new_zeros((b * layout.max_q, self.num_heads, self.head_dim))
         q_pad[layout.pad_index] = q
         q_pad = q_pad.view(b, layout.max_q, self.num_heads, self.head_dim).transpose(1, 2)
