@@ -163,3 +163,27 @@ def test_reload_is_for_admins_and_needs_a_file(gw, keys, llmpath_bin, processes,
     resp = httpx.post(f"http://127.0.0.1:{port}/admin/reload", headers=keys.auth(keys.admin))
     assert resp.status_code == 400
     assert "started without --config" in json.dumps(resp.json())
+
+
+def test_sighup_reopens_the_usage_ledger_after_logrotate_moved_it(stack, keys) -> None:
+    engine = stack.engines[0] if stack.engines else stack.start_engines(1)[0]
+    ledger = stack.tmp / f"rotated-{time.monotonic_ns()}.jsonl"
+    config = {"backends": [{"url": engine.url, "name": engine.name}], "api_keys": keys.config(),
+              "usage": {"ledger": str(ledger)}}  # fmt: skip
+    gw = stack.start_gateway(f"ledger-{time.monotonic_ns()}", config)
+    try:
+        assert chat(gw, keys.user, model="tiny").status_code == 200
+        moved = ledger.with_name(ledger.name + ".1")
+        ledger.rename(moved)  # logrotate's rename; without a reopen the gateway would keep writing to `moved`
+        os.kill(gw.proc.pid, signal.SIGHUP)
+        time.sleep(0.3)
+        assert chat(gw, keys.user, model="tiny").status_code == 200
+        deadline = time.monotonic() + 5
+        while not ledger.exists() or not ledger.read_text().endswith("\n"):
+            assert time.monotonic() < deadline, "no new ledger file after SIGHUP"
+            time.sleep(0.05)
+        assert len(moved.read_text().splitlines()) == 1 and len(ledger.read_text().splitlines()) == 1
+        assert "usage ledger reopened (SIGHUP)" in gw.log.read_text()
+    finally:
+        gw.proc.terminate()
+        gw.proc.wait(timeout=20)

@@ -3,6 +3,7 @@ ledgers (written by the instrumentation's own sinks), through the real command l
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import sqlite3
@@ -148,6 +149,10 @@ def test_bad_input_names_the_file_line_and_reason(llmpath_bin: str, ledgers: tup
     out = usage(llmpath_bin, "summary", broken)
     assert out.returncode == 2
     assert f"{broken}:3: not a usage record" in out.stderr and "input_tokens" in out.stderr
+
+    rotated = tmp_path / "usage.jsonl.1.gz"  # what logrotate's compress leaves
+    rotated.write_bytes(gzip.compress(jsonl.read_bytes()))
+    assert as_json(usage(llmpath_bin, "summary", rotated, db, "--json"))["requests"] == 13
 
     torn = tmp_path / "torn.jsonl"  # a crash mid-write leaves a partial last line: skipped, not an error
     torn.write_text("".join(lines) + lines[0][:40])

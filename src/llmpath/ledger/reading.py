@@ -1,4 +1,5 @@
-"""Opening a usage ledger whatever its format: JSON lines or SQLite (told apart by the file's first bytes)."""
+"""Opening a usage ledger whatever its format: JSON lines (gzip-compressed or not) or SQLite, told apart by the
+file's first bytes."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 
 def read_ledger(path: str | os.PathLike[str]) -> Iterator[UsageRecord]:
-    """The records of a JSON-lines or SQLite ledger. Raises ``OSError`` when the file cannot be read and
-    :class:`~llmpath.instrumentation.usage.LedgerFormatError` (``path:line: reason``) at the first entry that is not
-    a usage record."""
+    """The records of a JSON-lines (plain or gzip) or SQLite ledger. Raises ``OSError`` when the file cannot be
+    read and :class:`~llmpath.instrumentation.usage.LedgerFormatError` (``path:line: reason``) at the first entry
+    that is not a usage record."""
     with Path(path).open("rb") as fh:
         head = fh.read(len(_SQLITE_MAGIC))
     if head == _SQLITE_MAGIC:
         return read_sqlite(path)
-    if head[:1] not in (b"", b"{", b" ", b"\n", b"\t", b"\r"):
+    if head[:1] not in (b"", b"{", b" ", b"\n", b"\t", b"\r") and head[:2] != b"\x1f\x8b":  # JSON, or gzip
         raise LedgerFormatError(path, 1, "neither a JSON-lines nor a SQLite usage ledger")
     return read_jsonl(path)

@@ -192,7 +192,7 @@ def create_app(
         gateway.pool.start()
         loop = asyncio.get_running_loop()
         expirer = loop.create_task(_expire_loop(gateway), name="llmpath-cache-expiry")
-        on_hangup = _install_sighup(loop, reloader) if reload_config is not None else False
+        on_hangup = _install_sighup(loop, lambda: _hang_up(ledger, reloader if reload_config is not None else None))
         try:
             yield
         finally:
@@ -393,15 +393,21 @@ class HotPath:
 HOT_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 
 
-def _install_sighup(loop: asyncio.AbstractEventLoop, reloader: ConfigReloader) -> bool:
-    """Reload the configuration on ``SIGHUP`` (where signals can be handled); returns whether it is installed."""
-
-    def on_hangup() -> None:
-        with contextlib.suppress(ReloadError):  # logged and counted by the reloader
+def _hang_up(ledger: Any, reloader: ConfigReloader | None) -> None:
+    """``SIGHUP``: reopen the usage ledger (after logrotate moved it, the next record starts a new file), then
+    reload the configuration file if there is one (failures are logged and counted by the reloader)."""
+    if ledger is not None:
+        ledger.close()  # the next record opens the path again
+        log.info("usage ledger reopened (SIGHUP)")
+    if reloader is not None:
+        with contextlib.suppress(ReloadError):
             reloader.reload("SIGHUP")
 
+
+def _install_sighup(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> bool:
+    """Run ``handler`` on ``SIGHUP`` (where signals can be handled); returns whether it is installed."""
     try:
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        loop.add_signal_handler(signal.SIGHUP, handler)
     except (NotImplementedError, RuntimeError, AttributeError):  # no SIGHUP (Windows) or not the main thread
         return False
     return True

@@ -5,6 +5,7 @@ Records carry ids, labels, token counts and timings only — never prompt or com
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import IO, Any, NamedTuple, Protocol, runtime_checkable
 
 from .append import append_all
 
@@ -275,6 +276,9 @@ def _reopen_after_fork(ref: weakref.ref[JsonlUsageSink]) -> None:
         sink._forget_descriptor()
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 class LedgerFormatError(ValueError):
     """A ledger entry that is not a usage record: ``path``, ``line`` (1-based; the row id in SQLite) and why."""
 
@@ -284,14 +288,21 @@ class LedgerFormatError(ValueError):
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> Iterator[UsageRecord]:
-    """Records of a JSON-lines ledger; a torn last line (a crash mid-write) is skipped. A line that is not a
-    record raises :class:`LedgerFormatError` naming it."""
-    with Path(path).open(encoding="utf-8") as fh:
+    """Records of a JSON-lines ledger, gzip-compressed or not (a rotated one); a torn last line (a crash
+    mid-write) is skipped. A line that is not a record raises :class:`LedgerFormatError` naming it."""
+    with _open_text(path) as fh:
         for number, line in enumerate(fh, 1):
             if not line.endswith("\n"):
                 return
             if line.strip():
                 yield _record(path, number, lambda line=line: json.loads(line))
+
+
+def _open_text(path: str | os.PathLike[str]) -> IO[str]:
+    """``path`` as UTF-8 text, decompressing it when it is gzip."""
+    with Path(path).open("rb") as raw:
+        compressed = raw.read(2) == _GZIP_MAGIC
+    return gzip.open(path, "rt", encoding="utf-8") if compressed else Path(path).open(encoding="utf-8")
 
 
 def read_sqlite(path: str | os.PathLike[str]) -> Iterator[UsageRecord]:
