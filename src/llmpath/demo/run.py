@@ -135,10 +135,11 @@ def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow
 
     art = stack.artifacts
     console.print(f"rules:      {art.rules_dir}\ndashboards: {art.dashboards_dir}\nrunbooks:   {art.runbooks_dir}")
-    console.print(f"ledger:     {stack.ledger_path}  (read it: llmpath usage summary|slowest {stack.ledger_path})")
+    console.print(f"ledger:     {stack.ledger_path}  (read it: llmpath usage summary|slowest {stack.ledger_path})",
+                  soft_wrap=True)  # fmt: skip
     if stack.prometheus is not None:
         url = stack.prometheus.url
-        console.print(f"Prometheus: {url}/alerts  (or: llmpath slo status --prometheus {url})")
+        console.print(f"Prometheus: {url}/alerts  (or: llmpath slo status --prometheus {url})", soft_wrap=True)
     console.print(
         f"waterfall:  {stack.gateway_url}/debug/requests  (browser login: any user name, password = the demo "
         f"admin key {stack.admin_key})"
