@@ -228,23 +228,14 @@ def main() -> None:
 
 
 def _explain_slowest(ledger: Path, count: int = 8) -> None:
-    """The slowest requests through the gateway, stage by stage (milliseconds), from its usage ledger."""
-    from llmpath.instrumentation import read_jsonl
+    """The slowest requests through the gateway, stage by stage, from its usage ledger (``llmpath usage slowest``);
+    ``unattributed`` is gateway time no stage covers, e.g. the event loop or a pause."""
+    from rich.console import Console
 
-    records = sorted((r for r in read_jsonl(ledger) if r.ttft_s is not None), key=lambda r: -(r.ttft_s or 0.0))
-    if not records:
-        return
-    names = list(dict.fromkeys(s.name for s in records[0].stages if s.name != "decode"))
-    print(f"slowest {count} of {len(records)} requests through the gateway (ms; unattributed = gateway time no stage")
-    print("covers, e.g. the event loop or a pause):")
-    print(f"{'TTFT':>8} " + " ".join(f"{n:>12}" for n in [*names, "unattributed"]))
-    for r in records[:count]:
-        spent = dict.fromkeys(names, 0.0)
-        for stage in r.stages:
-            if stage.name in spent:
-                spent[stage.name] += stage.duration_s
-        cells = [*(spent[n] for n in names), r.unattributed_s or 0.0]
-        print(f"{(r.ttft_s or 0.0) * 1e3:8.2f} " + " ".join(f"{v * 1e3:12.2f}" for v in cells))
+    from llmpath.ledger import read_ledger, slowest
+    from llmpath.ledger.render import slowest_table
+
+    Console(width=200).print(slowest_table(slowest(read_ledger(ledger), count), "ttft"))
 
 
 #: The processes each mode crosses (whose CPU it is charged); the load generator is this process.

@@ -17,6 +17,8 @@ from rich.table import Table
 from llmpath.demo.prometheus import PrometheusClient
 
 _SLOTH_LABELS = frozenset({"__name__", "sloth_id", "sloth_service", "sloth_slo", "sloth_window"})
+#: Labels of Sloth's alerts that are not the SLO's grouping labels.
+_ALERT_LABELS = frozenset({"alertname", "sloth_severity", "severity", "stage", "owner", "sloth_mode", "sloth_spec"})
 
 
 @dataclass
@@ -87,10 +89,6 @@ def slo_status(client: PrometheusClient, *, service: str | None = None) -> list[
                 )
             )
     return sorted(rows, key=lambda r: (r.service, r.slo, sorted(r.group.items())))
-
-
-#: Labels of Sloth's alerts that are not the SLO's grouping labels.
-_ALERT_LABELS = frozenset({"alertname", "sloth_severity", "severity", "stage", "owner", "sloth_mode", "sloth_spec"})
 
 
 def _group_key(labels: dict[str, str], extra: frozenset[str] = frozenset()) -> tuple[tuple[str, str], ...]:

@@ -7,7 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmpath.instrumentation.usage import LedgerFormatError, UsageRecord, read_jsonl, read_sqlite
+from llmpath.instrumentation.usage import GZIP_MAGIC, LedgerFormatError, UsageRecord, read_jsonl, read_sqlite
 
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
@@ -20,6 +20,6 @@ def read_ledger(path: str | os.PathLike[str]) -> Iterator[UsageRecord]:
         head = fh.read(len(_SQLITE_MAGIC))
     if head == _SQLITE_MAGIC:
         return read_sqlite(path)
-    if head[:1] not in (b"", b"{", b" ", b"\n", b"\t", b"\r") and head[:2] != b"\x1f\x8b":  # JSON, or gzip
+    if head[:1] not in (b"", b"{", b" ", b"\n", b"\t", b"\r") and not head.startswith(GZIP_MAGIC):  # JSON or gzip
         raise LedgerFormatError(path, 1, "neither a JSON-lines nor a SQLite usage ledger")
     return read_jsonl(path)

@@ -9,10 +9,9 @@ from rich import box
 from rich.table import Table
 
 from llmpath.instrumentation import UNATTRIBUTED
+from llmpath.instrumentation.catalog import TOKEN_TYPES
 from llmpath.instrumentation.usage import UsageRecord
 from llmpath.ledger.summary import LedgerSummary, stage_totals
-
-TOKEN_TYPES = ("input", "cached", "output")
 
 
 def ms(seconds: float | None) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from llmpath.instrumentation import STAGES, UNATTRIBUTED
+from llmpath.instrumentation.catalog import TOKEN_TYPES
 from llmpath.instrumentation.usage import UsageRecord
 
 
@@ -139,10 +140,11 @@ def summarize(records: Iterable[UsageRecord]) -> LedgerSummary:
             )
         )
 
-    tokens = {"input": 0, "cached": 0, "output": 0}
-    by_tenant: dict[str, dict[str, int]] = defaultdict(lambda: {"input": 0, "cached": 0, "output": 0})
+    tokens = dict.fromkeys(TOKEN_TYPES, 0)
+    by_tenant: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(TOKEN_TYPES, 0))
     for r in records:
-        for kind, value in (("input", r.input_tokens), ("cached", r.cached_tokens), ("output", r.output_tokens)):
+        for kind in TOKEN_TYPES:
+            value = getattr(r, f"{kind}_tokens")
             tokens[kind] += value
             by_tenant[r.tenant or "-"][kind] += value
     times = [r.time for r in records]

@@ -192,7 +192,7 @@ def create_app(
         gateway.pool.start()
         loop = asyncio.get_running_loop()
         expirer = loop.create_task(_expire_loop(gateway), name="llmpath-cache-expiry")
-        on_hangup = _install_sighup(loop, lambda: _hang_up(ledger, reloader if reload_config is not None else None))
+        on_hangup = _install_sighup(loop, lambda: _hang_up(ledger, reloader))
         try:
             yield
         finally:
@@ -393,13 +393,13 @@ class HotPath:
 HOT_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 
 
-def _hang_up(ledger: Any, reloader: ConfigReloader | None) -> None:
+def _hang_up(ledger: Any, reloader: ConfigReloader) -> None:
     """``SIGHUP``: reopen the usage ledger (after logrotate moved it, the next record starts a new file), then
     reload the configuration file if there is one (failures are logged and counted by the reloader)."""
     if ledger is not None:
         ledger.close()  # the next record opens the path again
         log.info("usage ledger reopened (SIGHUP)")
-    if reloader is not None:
+    if reloader.load is not None:
         with contextlib.suppress(ReloadError):
             reloader.reload("SIGHUP")
 

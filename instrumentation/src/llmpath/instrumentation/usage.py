@@ -276,7 +276,8 @@ def _reopen_after_fork(ref: weakref.ref[JsonlUsageSink]) -> None:
         sink._forget_descriptor()
 
 
-_GZIP_MAGIC = b"\x1f\x8b"
+#: First bytes of a gzip file (a compressed, rotated ledger).
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 class LedgerFormatError(ValueError):
@@ -295,13 +296,13 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[UsageRecord]:
             if not line.endswith("\n"):
                 return
             if line.strip():
-                yield _record(path, number, lambda line=line: json.loads(line))
+                yield _record(path, number, json.loads, line)
 
 
 def _open_text(path: str | os.PathLike[str]) -> IO[str]:
     """``path`` as UTF-8 text, decompressing it when it is gzip."""
     with Path(path).open("rb") as raw:
-        compressed = raw.read(2) == _GZIP_MAGIC
+        compressed = raw.read(len(GZIP_MAGIC)) == GZIP_MAGIC
     return gzip.open(path, "rt", encoding="utf-8") if compressed else Path(path).open(encoding="utf-8")
 
 
@@ -312,7 +313,7 @@ def read_sqlite(path: str | os.PathLike[str]) -> Iterator[UsageRecord]:
     try:
         cur = conn.execute(f"SELECT id, {', '.join(_COLUMNS)} FROM usage ORDER BY id")
         for row_id, *row in cur:
-            yield _record(path, row_id, lambda row=row: _row_dict(row))
+            yield _record(path, row_id, _row_dict, row)
     except sqlite3.DatabaseError as exc:  # not a database, or no usage table
         raise LedgerFormatError(path, 0, f"not a llmpath SQLite ledger ({exc})") from None
     finally:
@@ -333,10 +334,10 @@ _NUMBERS: dict[str, tuple[type, ...]] = {
 }
 
 
-def _record(path: str | os.PathLike[str], line: int, load: Callable[[], Any]) -> UsageRecord:
-    """The record ``load()`` parses, or :class:`LedgerFormatError` at ``path:line`` saying what is wrong."""
+def _record(path: str | os.PathLike[str], line: int, parse: Callable[[Any], Any], raw: Any) -> UsageRecord:
+    """The record ``parse(raw)`` describes, or :class:`LedgerFormatError` at ``path:line`` saying what is wrong."""
     try:
-        data = load()
+        data = parse(raw)
         if not isinstance(data, dict):
             raise TypeError("not a JSON object")
         for name, types in _NUMBERS.items():
@@ -421,7 +422,7 @@ class SqliteUsageSink:
         with self._lock:
             cur = self._connection().execute(f"SELECT id, {', '.join(_COLUMNS)} FROM usage ORDER BY id")
             rows = cur.fetchall()
-        return [_record(self.path, row_id, lambda row=row: _row_dict(row)) for row_id, *row in rows]
+        return [_record(self.path, row_id, _row_dict, row) for row_id, *row in rows]
 
     def close(self) -> None:
         """Close the connection (a later ``write`` reopens it)."""

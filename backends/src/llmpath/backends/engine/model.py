@@ -2,8 +2,7 @@
 token-slot KV pool, so a request's prefix KV can come from the radix cache and only its suffix is computed.
 
 One forward runs a batch of sequences: projections and MLPs over all new tokens at once, attention for each
-sequence over its own KV slots (padded into one batched call when there are several; decoding and prefilling
-sequences of a mixed batch in one call each).
+sequence over its own KV slots (similar sequences padded into one batched call: see :class:`ForwardBatch`).
 """
 
 from __future__ import annotations

@@ -419,11 +419,11 @@ class Scheduler:
         if slowdown > 1.0:
             time.sleep(elapsed * (slowdown - 1.0))
         complete = [i for i, (req, n) in enumerate(batch) if req.computed + n == len(req.fill_ids)]
+        prefilled = [batch[i][0] for i in complete]
         rows = complete + list(range(len(batch), len(seqs)))
-        sampling = [batch[i][0] for i in complete] + decoding
         if len(rows) < len(seqs):  # a chunk's logits are not sampled (SGLang discards them too)
             logits = logits[rows]
-        next_ids = self._sample(logits, sampling) if rows else []
+        next_ids = self._sample(logits, prefilled + decoding) if rows else []
         end_ts, end = time.time(), time.monotonic()
         if first_chunks:
             hit = sum(r.cached_tokens or 0 for r in first_chunks)
@@ -437,14 +437,14 @@ class Scheduler:
                 self._cache_unfinished(req)
                 if self.metrics and req.log_metrics:
                     self.metrics.observe("sglang:per_stage_req_latency_seconds", end - start, stage="chunked_prefill")
-        for req, tok in zip(sampling[: len(complete)], next_ids[: len(complete)], strict=True):
+        for req, tok in zip(prefilled, next_ids[: len(prefilled)], strict=True):
             req.prefill_finished_ts, req.prefill_finished_mono = end_ts, end
             if self.metrics and req.log_metrics:
                 self.metrics.observe("sglang:per_stage_req_latency_seconds", end - start, stage="prefill_forward")
             self._cache_unfinished(req)
             self.running.append(req)
             self._append_token(req, tok)
-        for req, tok in zip(decoding, next_ids[len(complete) :], strict=True):
+        for req, tok in zip(decoding, next_ids[len(prefilled) :], strict=True):
             if self.metrics and req.log_metrics:
                 self.metrics.observe("sglang:inter_token_latency_seconds", end - start)
             self._append_token(req, tok)
