@@ -14,7 +14,7 @@ from typing import Any
 from promql_parser import parse_duration
 from rich.table import Table
 
-from llmpath.demo.prometheus import PrometheusClient
+from llmpath.promapi import PrometheusClient
 
 _SLOTH_LABELS = frozenset({"__name__", "sloth_id", "sloth_service", "sloth_slo", "sloth_window"})
 #: Labels of Sloth's alerts that are not the SLO's grouping labels.

@@ -27,11 +27,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmpath.dashboards import queries
-from llmpath.demo.prometheus import PrometheusClient, find_alertmanager, find_prometheus
+from llmpath.demo.prometheus import find_alertmanager, find_prometheus
 from llmpath.demo.routes import DEMO_ROUTES
 from llmpath.demo.stack import Stack, StackConfig, start_stack
 from llmpath.demo.workload import WorkloadSpec, run_workload
 from llmpath.instrumentation.usage import read_jsonl
+from llmpath.promapi import PrometheusClient
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 

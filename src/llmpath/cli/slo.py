@@ -255,7 +255,7 @@ def status(
     import httpx
     from rich.console import Console
 
-    from llmpath.demo.prometheus import PrometheusClient
+    from llmpath.promapi import PrometheusClient
     from llmpath.slo_status import firing_lines, slo_status, status_table
 
     try:

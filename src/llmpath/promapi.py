@@ -1,0 +1,105 @@
+"""A small client for the Prometheus HTTP API: the instant queries, alerts, rules and targets that
+``llmpath slo status`` and the demo read."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+
+class PrometheusClient:
+    """The few Prometheus HTTP API calls llmpath needs (instant queries, alerts, rules, targets)."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> PrometheusClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _get(self, path: str, **params: Any) -> Any:
+        resp = self._http.get(path, params=params)
+        body = resp.json()
+        if body.get("status") != "success":
+            raise RuntimeError(f"Prometheus {path} failed: {body.get('errorType')}: {body.get('error')}")
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        """Instant query; returns the result vector (``[{"metric": {...}, "value": [ts, "v"]}, ...]``)."""
+        params: dict[str, Any] = {"query": expr}
+        if at is not None:
+            params["time"] = at
+        data = self._get("/api/v1/query", **params)
+        result = data["result"]
+        if data["resultType"] == "scalar":
+            return [{"metric": {}, "value": result}]
+        return result
+
+    def query_value(self, expr: str) -> float | None:
+        """The single value of an instant query, or None when it returns nothing."""
+        result = self.query(expr)
+        return float(result[0]["value"][1]) if result else None
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Active alerts (pending and firing)."""
+        return self._get("/api/v1/alerts")["alerts"]
+
+    def rule_groups(self) -> list[dict[str, Any]]:
+        return self._get("/api/v1/rules")["groups"]
+
+    def targets_up(self) -> dict[str, bool]:
+        """scrapeUrl → whether the last scrape succeeded."""
+        active = self._get("/api/v1/targets")["activeTargets"]
+        return {t["scrapeUrl"]: t["health"] == "up" for t in active}
+
+    def wait_for_evaluation(self, since: float, timeout: float = 60.0) -> None:
+        """Wait until every target has been scraped after ``since`` (epoch seconds), then until every rule group has
+        been evaluated after those scrapes: recording rules and alerts then account for everything up to ``since``."""
+        scraped_by: float | None = None
+
+        def lagging() -> list[str]:
+            nonlocal scraped_by
+            if scraped_by is None:
+                targets = self._get("/api/v1/targets")["activeTargets"]
+                scraped = {t["scrapeUrl"]: _epoch(t["lastScrape"]) for t in targets}
+                behind = [url for url, at in scraped.items() if at <= since]
+                if not scraped or behind:
+                    return behind or ["(no targets)"]
+                scraped_by = max(scraped.values())
+            return [g["name"] for g in self.rule_groups() if _epoch(g["lastEvaluation"]) <= scraped_by]
+
+        _poll(lagging, timeout, 0.25, "Prometheus did not scrape and evaluate again")
+
+    def wait_for_scrapes(self, timeout: float = 30.0) -> None:
+        """Wait until every target has been scraped successfully at least once."""
+
+        def down() -> list[str]:
+            up = self.targets_up()
+            return [url for url, ok in up.items() if not ok] if up else ["(no targets)"]
+
+        _poll(down, timeout, 0.5, "Prometheus targets not all up")
+
+
+def _poll(pending: Callable[[], list[str]], timeout: float, interval: float, what: str) -> None:
+    """Call ``pending`` every ``interval`` seconds until it returns nothing; ``TimeoutError`` naming what it last
+    returned after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while left := pending():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout}s: {', '.join(left)}")
+        time.sleep(interval)
+
+
+def _epoch(rfc3339: str) -> float:
+    """Epoch seconds of a Prometheus API timestamp (``0001-01-01T00:00:00Z`` for never: far in the past)."""
+    return datetime.fromisoformat(rfc3339).timestamp()
