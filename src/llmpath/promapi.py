@@ -29,8 +29,13 @@ class PrometheusClient:
 
     def _get(self, path: str, **params: Any) -> Any:
         resp = self._http.get(path, params=params)
-        body = resp.json()
-        if body.get("status") != "success":
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or "status" not in body:
+            raise RuntimeError(f"{self.base_url}{path}: HTTP {resp.status_code}, not a Prometheus API response")
+        if body["status"] != "success":
             raise RuntimeError(f"Prometheus {path} failed: {body.get('errorType')}: {body.get('error')}")
         return body["data"]
 

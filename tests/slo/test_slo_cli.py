@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import pytest
 import yaml
 
+from llmpath.promapi import PrometheusClient
 from llmpath.slo import CompileOptions, compile_slos, default_spec_path, load_specs
 
 TESTDATA = "test/integration/prometheus/testdata"
@@ -142,3 +146,36 @@ def test_status_says_when_prometheus_cannot_be_read(llmpath_bin, free_port):
     proc = _run(llmpath_bin, "status", "--prometheus", url)
     assert proc.returncode == 2
     assert f"cannot read SLOs from Prometheus at {url}: ConnectError" in proc.stderr
+
+
+class _NotPrometheus(BaseHTTPRequestHandler):
+    """A web server that is not Prometheus (a 404 page), or one that answers with Prometheus's error JSON."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/bad/"):
+            status, kind, body = 400, "application/json", b'{"status":"error","errorType":"bad_data","error":"no"}'
+        else:
+            status, kind, body = 404, "text/html", b"<html>Not Found</html>"
+        self.send_response(status)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_status_says_when_the_url_is_not_prometheus_or_prometheus_refuses():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotPrometheus)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        not_prometheus = r"/api/v1/query: HTTP 404, not a Prometheus API response"
+        with PrometheusClient(base) as client, pytest.raises(RuntimeError, match=not_prometheus):
+            client.query("up")
+        refused = r"Prometheus /api/v1/alerts failed: bad_data: no"
+        with PrometheusClient(base + "/bad") as client, pytest.raises(RuntimeError, match=refused):
+            client.alerts()
+    finally:
+        server.shutdown()
