@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import socket
 import time
 from collections import Counter
 from typing import Any
@@ -257,6 +258,34 @@ def test_oversize_bodies_get_413(gw, keys) -> None:
     assert resp.status_code == 413
 
 
+def test_a_slow_upload_is_ingress_time_not_validation(gw, keys) -> None:
+    """The body arriving late (slow client, busy event loop) is charged to ``auth`` (ingress, the gateway team's),
+    not to ``validate`` (the API team's)."""
+    body = json.dumps({"model": "tiny", "messages": convo(SYSTEM_E, "slow upload"), "max_tokens": 2}).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {keys.user}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head.encode())
+        time.sleep(0.4)  # the headers are in; the body follows 400 ms later
+        sock.sendall(body)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    status_line, _, rest = response.partition(b"\r\n")
+    assert status_line.split()[1] == b"200", response[:300]
+    request_id = next(
+        line.split(b":", 1)[1].strip().decode()
+        for line in rest.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+        if line.lower().startswith(b"x-request-id:")
+    )
+    stages = {s["name"]: s["duration_s"] for s in gw.record(request_id)["stages"] if s["source"] == "gateway"}
+    assert stages["auth"] >= 0.35
+    assert stages["validate"] < 0.1
+
+
 def test_prompt_cache_prediction_and_tenant_isolation(gw, client, keys) -> None:
     before = gw.metrics()
     first = chat(client, keys, convo(SYSTEM_C, "q1"))
@@ -491,6 +520,8 @@ def test_trace_spans_per_stage_and_propagation_to_the_engine(gw, client, keys, o
             assert span["parent_id"] in (server["span_id"], call["span_id"])  # during the model call
         else:
             assert span["parent_id"] == server["span_id"], span
+    auth = next(s for s in stage_spans if s["attributes"]["llmpath.stage"] == "auth")
+    assert auth["attributes"]["http.request.body.size"] == len(resp.request.content)
     route = next(s for s in stage_spans if s["attributes"]["llmpath.stage"] == "route")
     assert route["attributes"]["llmpath.route.backend"] in {"e0", "e1", "e2"}
     prefill = next(s for s in stage_spans if s["attributes"]["llmpath.stage"] == "prefill")

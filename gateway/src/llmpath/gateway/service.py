@@ -162,11 +162,12 @@ class Gateway:
 
     async def handle(self, request: Request, kind: str) -> Response:
         """Serve ``POST /v1/chat/completions`` (``kind="chat"``) or ``/v1/completions`` (``"text"``)."""
-        with stage("auth"):
+        with stage("auth") as st:  # ingress: the key, then the body (a slow upload or a busy event loop shows here)
             principal = self.authenticate(request)
+            raw = await self._read_body(request)
+            st.set_attribute("http.request.body.size", len(raw))
         with stage("validate") as st:
-            body = await self._read_json(request)
-            parsed, route = self._validate(body, kind)
+            parsed, route = self._validate(_parse_json(raw), kind)
             st.set_attribute("llmpath.stream", parsed.wants_stream)
         backend_model = parsed.model if route.passthrough else route.config.backend_model
         set_request_labels(route=route.config.name, model=backend_model, tenant=principal.tenant)
@@ -221,7 +222,8 @@ class Gateway:
             raise
         return BackendCallResponse(self, prepared)
 
-    async def _read_json(self, request: Request) -> Any:
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body, refused (413) as soon as it is larger than ``limits.max_body_bytes``."""
         limit = self.config.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -233,13 +235,7 @@ class Gateway:
             if size > limit:
                 raise errors.body_too_large(limit)
             chunks.append(chunk)
-        raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        if not raw.strip():
-            raise errors.invalid_json("the body is empty")
-        try:
-            return orjson.loads(raw)  # also refuses invalid UTF-8 and nesting deeper than 1024
-        except orjson.JSONDecodeError as exc:
-            raise errors.invalid_json(exc.msg) from None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _validate(self, body: Any, kind: str) -> tuple[ChatCompletionRequest | CompletionRequest, RouteRuntime]:
         if not isinstance(body, dict):
@@ -711,3 +707,13 @@ def _api_error(exc: BackendError) -> APIError:
     if isinstance(exc, BackendUnavailable):
         return errors.no_backend("The backend is unavailable; retry later.")
     return APIError(502, "The backend failed.", type="server_error", code="backend_error")
+
+
+def _parse_json(raw: bytes) -> Any:
+    """The JSON body (400 ``invalid_json`` when it is empty or not JSON)."""
+    if not raw.strip():
+        raise errors.invalid_json("the body is empty")
+    try:
+        return orjson.loads(raw)  # also refuses invalid UTF-8 and nesting deeper than 1024
+    except orjson.JSONDecodeError as exc:
+        raise errors.invalid_json(exc.msg) from None
