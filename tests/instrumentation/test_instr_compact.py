@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 from llmpath.instrumentation import LATENCY_BUCKETS
-from llmpath.instrumentation.compact import FOLD_EVERY, CompactFamilies
+from llmpath.instrumentation.compact import CompactFamilies
 
 CREATED = re.compile(rb"(_created\{[^}]*\}) [0-9.e+]+")
 EXEMPLAR_TS = re.compile(rb"(# \{[^}]*\} [0-9.e+-]+) [0-9.]+")
@@ -27,18 +27,15 @@ def _observe(histogram, counter, *, compact: bool) -> None:
     for i, v in enumerate(values):
         child = histogram.labels("chat", "llama")
         exemplar = {"trace_id": f"{i:032x}"} if i % 3 == 0 else None
-        if compact:  # deferred (record) and immediate (add) observations mix in one series
-            if exemplar:
-                child.add(v, (exemplar, time.time()))
-            else:
-                child.record(v)
+        if compact:
+            child.add(v, (exemplar, time.time()) if exemplar else None)
         else:
             child.observe(v, exemplar)
     observe = "add" if compact else "observe"
     inc = "add" if compact else "inc"
     getattr(histogram.labels("docs", "llama"), observe)(0.02)
     getattr(counter.labels("chat", "llama", "200"), inc)(1)
-    getattr(counter.labels("chat", "llama", "200"), "record" if compact else "inc")(2)
+    getattr(counter.labels("chat", "llama", "200"), inc)(2)
     getattr(counter.labels("chat", "llama", "429"), inc)(1)
 
 
@@ -84,24 +81,3 @@ def test_children_are_created_inside_a_batch_and_locked_calls_work_outside() -> 
         c.labels("new").inc(-1)
     assert c.labels("new").value == 4
     assert h.labels("new").snapshot()[1] == pytest.approx(0.3)
-
-
-def test_deferred_values_are_folded_every_few_batches_and_on_every_read() -> None:
-    fam = CompactFamilies(CollectorRegistry())
-    h = fam.histogram("llmpath_v_seconds", "V.", ["route"], LATENCY_BUCKETS).labels("chat")
-    c = fam.counter("llmpath_u_total", "U.", ["route"]).labels("chat")
-    for i in range(FOLD_EVERY):
-        with fam.batch():
-            h.record(0.003)
-            c.record(2)
-            fam.end_batch()
-        deferred = len(h._pending), len(c._pending)
-        assert deferred == ((i + 1, i + 1) if i < FOLD_EVERY - 1 else (0, 0))  # bounded without any scrape
-    with fam.batch():
-        h.record(7.0)
-        c.record(1)
-    counts, total, _ = h.snapshot()  # a read folds what is pending
-    assert counts[LATENCY_BUCKETS.index(0.005)] == FOLD_EVERY
-    assert sum(counts) == FOLD_EVERY + 1
-    assert total == pytest.approx(0.003 * FOLD_EVERY + 7.0)
-    assert c.value == 2 * FOLD_EVERY + 1

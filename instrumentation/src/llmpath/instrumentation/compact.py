@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import threading
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from time import time
 from typing import Generic, TypeVar
 
@@ -31,19 +31,15 @@ def _use_created() -> bool:
     return bool(getattr(_pc_metrics, "_use_created", True))
 
 
-#: Batches between two folds of the values ``record`` deferred (see :meth:`CompactFamilies.end_batch`).
-FOLD_EVERY = 256
-
 #: An exemplar's labels and timestamp, made once per request and shared by its observations.
 ExemplarTag = tuple[dict[str, str], float]
 
 
 class HistogramChild:
-    """One labelled histogram series: ``observe(value, exemplar=None)`` like prometheus-client's children;
-    ``add(value, tag=None)`` and ``record(value)`` for callers that hold the family lock (see
-    :meth:`CompactFamilies.batch`)."""
+    """One labelled histogram series: ``observe(value, exemplar=None)`` like prometheus-client's children, and
+    ``add(value, tag=None)`` for callers that hold the family lock (see :meth:`CompactFamilies.batch`)."""
 
-    __slots__ = ("_bounds", "_counts", "_exemplars", "_lock", "_pending", "_sum", "created", "record")
+    __slots__ = ("_bounds", "_counts", "_exemplars", "_lock", "_sum", "created")
 
     def __init__(self, bounds: tuple[float, ...], lock: threading.Lock) -> None:
         self._bounds = bounds
@@ -51,10 +47,6 @@ class HistogramChild:
         self._exemplars: list[tuple[ExemplarTag, float] | None] = [None] * (len(bounds) + 1)
         self._sum = 0.0
         self._lock = lock
-        self._pending: list[float] = []
-        #: ``record(value)``: count ``value`` later (the caller holds the lock); bucketed by :meth:`fold`, which
-        #: every read does first. One list append instead of a bisection and three updates.
-        self.record: Callable[[float], None] = self._pending.append
         self.created = time()
 
     def add(self, amount: float, tag: ExemplarTag | None = None) -> None:
@@ -66,16 +58,6 @@ class HistogramChild:
         if tag is not None:
             self._exemplars[i] = (tag, amount)
 
-    def fold(self) -> None:
-        """Bucket the values :attr:`record` deferred; the caller holds the lock."""
-        pending = self._pending
-        if pending:
-            bounds, counts = self._bounds, self._counts
-            for amount in pending:
-                counts[bisect_left(bounds, amount)] += 1
-            self._sum += sum(pending)
-            pending.clear()
-
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         """:meth:`add` under the lock (``exemplar``: its labels, e.g. ``{"trace_id": ...}``)."""
         with self._lock:
@@ -84,49 +66,30 @@ class HistogramChild:
     def snapshot(self) -> tuple[list[int], float, list[Exemplar | None]]:
         """Counts per bucket (not cumulative), sum and exemplars, read consistently."""
         with self._lock:
-            self.fold()
             counts, total, tagged = list(self._counts), self._sum, list(self._exemplars)
         return counts, total, [None if t is None else Exemplar(t[0][0], t[1], t[0][1]) for t in tagged]
 
 
 class CounterChild:
-    """One labelled counter series: ``inc(amount=1)`` like prometheus-client's; ``add(amount)`` and
-    ``record(amount)`` for callers that hold the family lock."""
+    """One labelled counter series: ``inc(amount=1)`` like prometheus-client's, ``add(amount)`` under the lock."""
 
-    __slots__ = ("_lock", "_pending", "_value", "created", "record")
+    __slots__ = ("_lock", "created", "value")
 
     def __init__(self, lock: threading.Lock) -> None:
-        self._value = 0.0
+        self.value = 0.0
         self._lock = lock
-        self._pending: list[float] = []
-        #: ``record(amount)``: add ``amount`` (≥ 0) later (the caller holds the lock); summed by :meth:`fold`.
-        self.record: Callable[[float], None] = self._pending.append
         self.created = time()
 
     def add(self, amount: float) -> None:
         """Add ``amount`` (≥ 0); the caller holds the lock."""
-        self._value += amount
-
-    def fold(self) -> None:
-        """Add the amounts :attr:`record` deferred; the caller holds the lock."""
-        pending = self._pending
-        if pending:
-            self._value += sum(pending)
-            pending.clear()
-
-    @property
-    def value(self) -> float:
-        """The counter's value."""
-        with self._lock:
-            self.fold()
-            return self._value
+        self.value += amount
 
     def inc(self, amount: float = 1) -> None:
         """Add ``amount`` (≥ 0) under the lock."""
         if amount < 0:
             raise ValueError("counters can only be incremented by non-negative amounts")
         with self._lock:
-            self._value += amount
+            self.value += amount
 
 
 C = TypeVar("C", HistogramChild, CounterChild)
@@ -145,10 +108,6 @@ class _Family(Collector, Generic[C]):
 
     def _new_child(self) -> C:
         raise NotImplementedError
-
-    def children(self) -> list[C]:
-        """The series created so far."""
-        return list(self._children.values())
 
     def labels(self, *values: str) -> C:
         """The child for these label values (in ``labelnames`` order), created on first use."""
@@ -219,10 +178,7 @@ class CompactCounter(_Family[CounterChild]):
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
         created = _use_created()
         with self._lock:
-            values = []
-            for labels, child in self._children.items():
-                child.fold()
-                values.append((labels, child._value, child.created))
+            values = [(labels, child.value, child.created) for labels, child in self._children.items()]
         for labels, value, since in values:
             family.add_metric(labels, value, since if created else None)
         yield family
@@ -239,35 +195,21 @@ class CompactFamilies:
     def __init__(self, registry: CollectorRegistry | None) -> None:
         self.registry = registry
         self.lock = threading.Lock()
-        self._families: list[_Family[HistogramChild] | _Family[CounterChild]] = []
-        self._batches = 0
 
     def histogram(
         self, name: str, documentation: str, labelnames: Sequence[str], buckets: Iterable[float]
     ) -> CompactHistogram:
         family = CompactHistogram(name, documentation, labelnames, buckets, self.lock)
-        self._families.append(family)
         if self.registry is not None:
             self.registry.register(family)
         return family
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str]) -> CompactCounter:
         family = CompactCounter(name.removesuffix("_total"), documentation, labelnames, self.lock)
-        self._families.append(family)
         if self.registry is not None:
             self.registry.register(family)
         return family
 
     def batch(self) -> threading.Lock:
-        """The shared lock (a context manager): hold it while calling the children's ``add`` and ``record``."""
+        """The shared lock (a context manager): hold it while calling the children's ``add`` methods."""
         return self.lock
-
-    def end_batch(self) -> None:
-        """Count a batch that used ``record``; every :data:`FOLD_EVERY` batches, fold every series' deferred
-        values, so that they stay few when nothing scrapes. The caller holds the lock."""
-        self._batches += 1
-        if self._batches >= FOLD_EVERY:
-            self._batches = 0
-            for family in self._families:
-                for child in list(family.children()):
-                    child.fold()

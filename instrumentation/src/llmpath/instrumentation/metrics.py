@@ -62,14 +62,13 @@ def create_metric(spec: MetricSpec, registry: CollectorRegistry | None, **kwargs
 
 
 class _Unlocked:
-    """A prometheus-client child behind the compact ``add``/``record`` interface (multiprocess mode, where values
-    live in prometheus-client's files and lock themselves; no exemplars there)."""
+    """A prometheus-client child behind the compact ``add`` interface (multiprocess mode, where values live in
+    prometheus-client's files and lock themselves)."""
 
-    __slots__ = ("add", "record")
+    __slots__ = ("add",)
 
-    def __init__(self, record: Any) -> None:
-        self.record = record
-        self.add = record
+    def __init__(self, add: Any) -> None:
+        self.add = add
 
 
 class _RouteModel:
@@ -111,7 +110,6 @@ class PrometheusMetrics:
         reg = registry
         self._compact = CompactFamilies(reg) if multiprocess_dir() is None else None
         self._batch: Any = self._compact.batch() if self._compact is not None else contextlib.nullcontext()
-        self._end_batch: Any = self._compact.end_batch if self._compact is not None else _nothing
         self.requests = self._counter(REQUESTS_TOTAL)
         self.request_duration = self._histogram(REQUEST_DURATION, self.latency_buckets)
         self.stage_duration = self._histogram(STAGE_DURATION, self.latency_buckets)
@@ -193,26 +191,18 @@ class PrometheusMetrics:
         if counter is None:
             counter = rm.codes[code] = self.bind(self.requests, rm.route, rm.model, str(code))
         with self._batch:
-            counter.record(1)
-            if exemplar is None:  # ``record`` defers the bucketing to the next scrape (or fold)
-                rm.duration.record(duration)
-                if ttft is not None:
-                    rm.ttft.record(ttft)
-                if tpot is not None:
-                    rm.tpot.record(tpot)
-            else:
-                rm.duration.add(duration, exemplar)
-                if ttft is not None:
-                    rm.ttft.add(ttft, exemplar)
-                if tpot is not None:
-                    rm.tpot.add(tpot, exemplar)
+            counter.add(1)
+            rm.duration.add(duration, exemplar)
+            if ttft is not None:
+                rm.ttft.add(ttft, exemplar)
+            if tpot is not None:
+                rm.tpot.add(tpot, exemplar)
             if stage_sums:
                 self._observe_stages(guard, rm, stage_sums, exemplar)
             if usage is not None:
                 for child, n in zip(tokens, usage, strict=True):
                     if n:
-                        child.record(n)
-            self._end_batch()
+                        child.add(n)
 
     def _admit(
         self,
@@ -263,10 +253,7 @@ class PrometheusMetrics:
             bound = by_stage.get(name)
             if bound is None:
                 bound = self._bind_stage(guard, route, name, by_stage)
-            if exemplar is None:
-                bound[0].record(seconds)
-            else:
-                bound[0].add(seconds, exemplar)
+            bound[0].add(seconds, exemplar)
             if bound[1]:
                 if totals is None:
                     totals = [0.0] * len(self.groups)
@@ -280,10 +267,7 @@ class PrometheusMetrics:
                 )
             for child, seconds, group in zip(children, totals, self.groups, strict=True):
                 if seconds or any(st in stage_sums for st in group.stages):
-                    if exemplar is None:
-                        child.record(seconds)
-                    else:
-                        child.add(seconds, exemplar)
+                    child.add(seconds, exemplar)
 
     def _bind_stage(
         self, guard: CardinalityGuard, route: str, name: str, by_stage: dict[str, tuple[Any, tuple[int, ...]]]
@@ -311,10 +295,6 @@ class PrometheusMetrics:
             if hit:
                 for family in families:
                     self.overflow.labels(family, label).inc()
-
-
-def _nothing() -> None:
-    pass
 
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, PrometheusMetrics] = weakref.WeakKeyDictionary()
