@@ -97,6 +97,7 @@ async def test_metrics_stream_maps_meta_info_to_stage_timings(loopback) -> None:
     t = done.timings
     assert t.source is TimingSource.BACKEND and t.queue_seconds == 0.0123 and t.prefill_seconds == pytest.approx(0.05)
     assert (t.first_token_seconds, t.e2e_seconds) == (0.0735, 0.1205)
+    assert t.dispatch_seconds == pytest.approx(0.003, abs=1e-6)  # api_server_dispatch_finish_ts − request_received_ts
     seen = loopback.requests
     sent = json.loads(seen[0].body)
     assert sent["text"] == "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -112,6 +113,7 @@ async def test_stream_without_metrics_uses_the_gateway_clock(loopback) -> None:
     assert {ev.source for ev in events[:2]} == {TimingSource.GATEWAY}
     assert events[0].queue_seconds == 0.0 and events[1].cached_tokens == 0
     assert events[-1].timings.source is TimingSource.GATEWAY and events[-1].timings.queue_seconds is None
+    assert events[-1].timings.dispatch_seconds is None
     assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == " Paris is the"
 
 

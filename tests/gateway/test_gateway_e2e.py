@@ -98,6 +98,16 @@ def test_chat_runs_every_stage(gw, client, keys) -> None:
     assert {("schedule", "gateway"), ("schedule", "backend"), ("prefill", "backend")} <= sources
     assert rec["extra"]["backend"] in {"e0", "e1", "e2"} and rec["extra"]["routing_reason"] in {"no_prefix", "prefix"}
     assert rec["ttft_s"] > 0 and rec["duration_s"] >= rec["ttft_s"]
+    # the engine's own time before its queue (tokenize + dispatch) is the backend's schedule time, not unattributed:
+    # placed right before the backend's queue interval, which ends where prefill starts
+    dispatch, queue = sorted(
+        (s for s in rec["stages"] if (s["name"], s["source"]) == ("schedule", "backend")), key=lambda s: s["start_s"]
+    )
+    prefill = next(s for s in rec["stages"] if s["name"] == "prefill")
+    assert dispatch["duration_s"] == pytest.approx(rec["extra"]["backend_dispatch_s"], abs=2e-6)
+    assert queue["duration_s"] == pytest.approx(rec["extra"]["backend_queue_s"], abs=2e-6)
+    assert dispatch["start_s"] + dispatch["duration_s"] == pytest.approx(queue["start_s"], abs=2e-6)
+    assert queue["start_s"] + queue["duration_s"] == pytest.approx(prefill["start_s"], abs=2e-6)
 
 
 def test_stream_with_usage_chunk(gw, client, keys) -> None:

@@ -109,6 +109,9 @@ class BackendTimings:
     first_token_seconds: float | None = None
     e2e_seconds: float | None = None
     source: TimingSource = TimingSource.GATEWAY
+    #: From receiving the request to handing it to the scheduler's queue (SGLang: tokenize + dispatch,
+    #: ``api_server_dispatch_finish_ts − request_received_ts``; reported with the final output only).
+    dispatch_seconds: float | None = None
 
 
 @dataclass(slots=True)

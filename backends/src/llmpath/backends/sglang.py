@@ -159,6 +159,7 @@ class GenerateStreamParser:
                 first_token_seconds=_num(meta.get("first_token_latency")),
                 e2e_seconds=_num(meta.get("e2e_latency")),
                 source=TimingSource.BACKEND,
+                dispatch_seconds=_between(meta.get("request_received_ts"), meta.get("api_server_dispatch_finish_ts")),
             )
         else:
             timings = BackendTimings(
@@ -174,6 +175,13 @@ class GenerateStreamParser:
 
 def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) else None
+
+
+def _between(start: Any, end: Any) -> float | None:
+    """Seconds from ``start`` to ``end`` (server epoch timestamps; never negative), if both are numbers."""
+    if isinstance(start, int | float) and isinstance(end, int | float):
+        return max(float(end) - float(start), 0.0)
+    return None
 
 
 class SGLangBackend:

@@ -633,7 +633,7 @@ class _Prefetched:
 class _Tracker:
     """Turns backend events into stage timings, usage and the model-call span's attributes."""
 
-    __slots__ = ("_call", "_chunks", "_first_token_at", "_gateway", "_p", "_scheduled")
+    __slots__ = ("_backend_queued_at", "_call", "_chunks", "_first_token_at", "_gateway", "_p", "_scheduled")
 
     def __init__(self, gateway: Gateway, p: Prepared, call: ModelCallSpan) -> None:
         self._gateway = gateway
@@ -641,6 +641,8 @@ class _Tracker:
         self._call = call
         self._scheduled: Scheduled | None = None
         self._first_token_at: float | None = None
+        #: When the backend's queue took the request, on the gateway clock (backend-timed requests only).
+        self._backend_queued_at: float | None = None
         self._chunks: list[str] = []
 
     def event(self, event: BackendEvent) -> None:
@@ -673,12 +675,24 @@ class _Tracker:
                 attributes={"llmpath.schedule.backend_queue_s": queued.queue_seconds},
             )
             annotate_request(backend_queue_s=round(queued.queue_seconds, 6))
+            self._backend_queued_at = now - prefill - max(0.0, queued.queue_seconds)
 
     def done(self, event: Done) -> None:
         now = perf_counter()
         p, usage = self._p, event.usage
         if self._first_token_at is not None:
             record_stage("decode", now - self._first_token_at, end=now, source="gateway")
+        dispatch = event.timings.dispatch_seconds
+        if dispatch is not None and self._backend_queued_at is not None:
+            # Only known at the end (SGLang reports it with the final output), placed just before the backend queue.
+            record_stage(
+                "schedule",
+                dispatch,
+                end=self._backend_queued_at,
+                source="backend",
+                attributes={"llmpath.schedule.backend_dispatch_s": dispatch},
+            )
+            annotate_request(backend_dispatch_s=round(dispatch, 6))
         cached = min(usage.cached_tokens, usage.prompt_tokens)
         record_usage(
             input_tokens=usage.prompt_tokens,
