@@ -52,9 +52,10 @@ def ledgers(tmp_path: Path) -> tuple[Path, Path]:
     return jsonl, db
 
 
-def usage(llmpath_bin: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+def usage(llmpath_bin: str, *args: str | Path, columns: int = 250) -> subprocess.CompletedProcess[str]:
     cmd = [llmpath_bin, "usage", *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "250"})
+    env = {**os.environ, "COLUMNS": str(columns)}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
 
 
 def as_json(out: subprocess.CompletedProcess[str]):
@@ -122,6 +123,18 @@ def test_slowest_orders_by_ttft_or_duration(llmpath_bin: str, ledgers: tuple[Pat
     assert header.split()[-4:] == ["auth", "schedule", "prefill", "unattributed"]
     row = next(line for line in table.stdout.splitlines() if line.strip().startswith("req-012"))
     assert row.split()[-3:] == ["500.0", "1,499.0", "0.0"]  # schedule, prefill, unattributed in ms
+
+
+def test_tables_keep_every_column_in_a_narrow_terminal(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:
+    """Rich squeezes columns that may wrap to nothing when a table is wider than the terminal (80 columns when
+    piped): the tables are printed at their own width instead."""
+    table = usage(llmpath_bin, "slowest", *ledgers, "-n", "2", columns=60)
+    assert table.returncode == 0
+    row = next(line for line in table.stdout.splitlines() if line.strip().startswith("req-012"))
+    assert row.split()[3:] == ["200", "2,000.0", "ms", "1.0", "500.0", "1,499.0", "0.0"]
+    show = usage(llmpath_bin, "show", "req-012", *ledgers, columns=30)
+    prefill = ["prefill", "501.0", "ms", "1,499.0", "ms", "backend"]
+    assert any(line.split() == prefill for line in show.stdout.splitlines())
 
 
 def test_show_finds_a_request_or_every_request_of_a_trace(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:

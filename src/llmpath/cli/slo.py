@@ -255,6 +255,7 @@ def status(
     import httpx
     from rich.console import Console
 
+    from llmpath.cli.tables import print_table
     from llmpath.promapi import PrometheusClient
     from llmpath.slo_status import firing_lines, slo_status, status_table
 
@@ -271,6 +272,6 @@ def status(
     if not rows:
         console.print(f"no SLO rules evaluated by {prometheus} (sloth_slo_info has no series)")
         return
-    console.print(status_table(rows))
+    print_table(console, status_table(rows))
     for line in firing_lines(rows):
         console.print(f"[red]firing[/] {line}", soft_wrap=True)

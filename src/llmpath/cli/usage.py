@@ -10,6 +10,8 @@ from typing import Any
 
 import typer
 
+from llmpath.cli.tables import print_table
+
 app = typer.Typer(
     help="Read usage ledgers: a summary, the slowest requests stage by stage, one request's timeline.",
     no_args_is_help=True,
@@ -81,7 +83,7 @@ def summary(
     statuses = ", ".join(f"{code}: {n}" for code, n in result.statuses.items())
     console.print(f"from {when(result.first_time)} to {when(result.last_time)}; status codes {statuses}")
     for part in (stage_table(result), route_table(result), cache_table(result), token_table(result)):
-        console.print(part)
+        print_table(console, part)
 
 
 @app.command()
@@ -107,7 +109,11 @@ def slowest(
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in records], indent=2))
         return
-    Console().print(slowest_table(records, by) if records else "no requests match")
+    console = Console()
+    if records:
+        print_table(console, slowest_table(records, by))
+    else:
+        console.print("no requests match")
 
 
 @app.command()
@@ -141,4 +147,4 @@ def show(
         )
         if r.extra:
             console.print("annotations: " + ", ".join(f"{k}={v}" for k, v in sorted(r.extra.items())))
-        console.print(record_table(r))
+        print_table(console, record_table(r))
