@@ -146,7 +146,7 @@ class Stack:
         self, name: str, config: dict[str, Any], *extra: str, env: dict[str, str] | None = None
     ) -> GatewayProc:
         port = free_port()
-        config = {**config, "listen": {"host": "127.0.0.1", "port": port}}
+        config = {**config, "listen": {**config.get("listen", {}), "host": "127.0.0.1", "port": port}}
         path = self.tmp / f"{name}.yaml"
         path.write_text(yaml.safe_dump(config))
         url = f"http://127.0.0.1:{port}"

@@ -118,6 +118,7 @@ def serve(
     import uvicorn
 
     from llmpath.gateway.app import create_app
+    from llmpath.gateway.server import DrainingServer
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend call is noise
@@ -130,14 +131,15 @@ def serve(
     # per request).
     gc.collect()
     gc.freeze()
-    uvicorn.run(
+    server_config = uvicorn.Config(
         application,
         host=cfg.listen.host,
         port=cfg.listen.port,
         log_level=log_level.lower(),
         access_log=access_log,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=cfg.listen.drain_s,
     )
+    DrainingServer(server_config, application.state.gateway).run()
 
 
 @app.command("check-config")

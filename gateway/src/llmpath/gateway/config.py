@@ -30,6 +30,9 @@ class _Strict(BaseModel):
 class ListenConfig(_Strict):
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8000
+    #: On SIGTERM or SIGINT the gateway stops accepting connections (``/readyz`` then fails to connect) and gives the
+    #: requests in flight — streams included — this many seconds to finish before it cancels them.
+    drain_s: NonNegativeFloat = 30.0
 
 
 class BackendConfig(_Strict):

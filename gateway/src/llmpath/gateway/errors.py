@@ -83,6 +83,16 @@ def no_backend(message: str = "No healthy backend is available.") -> APIError:
     return APIError(503, message, type="service_unavailable", code="no_backend", headers={"Retry-After": "1"})
 
 
+def shutting_down() -> APIError:
+    return APIError(
+        503,
+        "The gateway is shutting down; retry the request.",
+        type="service_unavailable",
+        code="shutting_down",
+        headers={"Retry-After": "1"},
+    )
+
+
 def from_validation_error(exc: ValidationError) -> APIError:
     """A 400 naming the first invalid field as OpenAI does (``messages[0].role``)."""
     err = exc.errors(include_url=False, include_input=False)[0]

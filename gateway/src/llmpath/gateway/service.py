@@ -136,6 +136,9 @@ class Gateway:
         )
         self.rates = TenantRateLimiter(config.limits.tenant_rate)
         self.metrics: GatewayMetrics | None = None
+        #: Set when shutdown begins: requests the server cancels after ``listen.drain_s`` were cut by the
+        #: shutdown, not abandoned by their clients.
+        self.draining = False
 
     # ---- helpers for the app ------------------------------------------------------------------
 
@@ -435,14 +438,20 @@ class BackendCallResponse(Response):
         try:
             await self._run(send)
         except asyncio.CancelledError:
-            if not self._disconnected:
-                raise
-            main.uncancel()
-            annotate_request(client_disconnect=True)
-            if not self._started:  # nobody will read it; it records the request as closed by the client (499)
+            if self._disconnected:
+                main.uncancel()
+                annotate_request(client_disconnect=True)
+                if not self._started:  # nobody will read it; it records the request as closed by the client (499)
+                    with contextlib.suppress(OSError):
+                        await send({"type": "http.response.start", "status": 499, "headers": []})
+                        await send({"type": "http.response.body", "body": b""})
+            elif self.gateway.draining:  # the drain time is over: tell the client to retry elsewhere
+                main.uncancel()
+                annotate_request(shutdown=True)
                 with contextlib.suppress(OSError):
-                    await send({"type": "http.response.start", "status": 499, "headers": []})
-                    await send({"type": "http.response.body", "body": b""})
+                    await self._end_early(send, errors.shutting_down())
+            else:
+                raise
         finally:
             watcher.cancel()
             self.gateway.release(self.p)
@@ -577,6 +586,19 @@ class BackendCallResponse(Response):
         except BackendError as exc:
             call.set_error(type(exc).__name__)
             await self._send_error(send, _api_error(exc))
+
+    async def _end_early(self, send: Any, exc: APIError) -> None:
+        """End a response cut short: the error as JSON if nothing was sent yet, as an SSE error event in a stream
+        that has begun, else just the end of the body."""
+        if not self._started:
+            await self._send_error(send, exc)
+            return
+        self._finished = True
+        if self.p.stream:
+            annotate_request(stream_error=exc.code)
+            await send({"type": "http.response.body", "body": exc.sse_event() + SSE_DONE, "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _send_error(self, send: Any, exc: APIError) -> None:
         self._finished = True

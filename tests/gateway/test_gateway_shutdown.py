@@ -1,0 +1,100 @@
+"""Shutdown: on SIGTERM the gateway stops accepting connections, lets the requests in flight finish within
+``listen.drain_s`` and records them; past the drain time it cuts them and still records them — real processes."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine(stack):
+    return stack.start_engines(1, "--enable-fault-injection")[0]
+
+
+def start(stack, keys, engine, name: str, drain_s: float):
+    config = {
+        "listen": {"drain_s": drain_s},
+        "backends": [{"url": engine.url, "name": engine.name}],
+        "tokenizer": {"chars_per_token": 1},
+        "api_keys": keys.config(),
+        "usage": {"ledger": str(stack.tmp / f"{name}.jsonl")},
+    }
+    return stack.start_gateway(name, config)
+
+
+def slow_chat(gw, keys) -> httpx.Response:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "drain me"}], "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(), timeout=30) as resp:
+        resp.read()
+        return resp
+
+
+def ledger(gw) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in gw.ledger.read_text().splitlines()]
+
+
+def terminate_during_a_request(gw, keys, engine, queue_delay_s: float) -> tuple[concurrent.futures.Future, float]:
+    """Start a request the engine holds for ``queue_delay_s``, then SIGTERM the gateway while it waits."""
+    httpx.post(f"{engine.url}/debug/fault", json={"queue_delay_s": queue_delay_s}).raise_for_status()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    pending = pool.submit(slow_chat, gw, keys)
+    deadline = time.monotonic() + 10
+    while not _queued(engine):
+        assert time.monotonic() < deadline, "the request never reached the engine"
+        time.sleep(0.02)
+    gw.proc.send_signal(signal.SIGTERM)
+    pool.shutdown(wait=False)
+    return pending, time.monotonic()
+
+
+def _queued(engine) -> bool:
+    for line in httpx.get(f"{engine.url}/metrics").text.splitlines():
+        if line.startswith("sglang:num_queue_reqs"):
+            return float(line.rsplit(" ", 1)[1]) >= 1
+    return False
+
+
+def test_requests_in_flight_finish_and_new_connections_are_refused(stack, keys, engine) -> None:
+    gw = start(stack, keys, engine, "draining", drain_s=20)
+    try:
+        pending, sent = terminate_during_a_request(gw, keys, engine, queue_delay_s=1.5)
+        refused = False
+        while time.monotonic() - sent < 1.0 and not refused:  # the listening socket closes at once
+            try:
+                httpx.get(f"{gw.url}/readyz", timeout=0.5)
+            except httpx.ConnectError:
+                refused = True
+            time.sleep(0.02)
+        assert refused, "still accepting connections after SIGTERM"
+        resp = pending.result(timeout=20)
+        assert resp.status_code == 200 and resp.text.rstrip().endswith("data: [DONE]")
+        assert gw.proc.wait(timeout=10) == -signal.SIGTERM  # uvicorn re-raises the signal once drained
+        assert time.monotonic() - sent < 10
+        (record,) = ledger(gw)
+        assert record["status_code"] == 200 and record["output_tokens"] == 3
+    finally:
+        httpx.delete(f"{engine.url}/debug/fault").raise_for_status()
+
+
+def test_past_the_drain_time_requests_are_cut_and_recorded(stack, keys, engine) -> None:
+    gw = start(stack, keys, engine, "cut", drain_s=0.5)
+    try:
+        pending, sent = terminate_during_a_request(gw, keys, engine, queue_delay_s=5)
+        assert gw.proc.wait(timeout=10) == -signal.SIGTERM  # uvicorn re-raises the signal once drained
+        assert time.monotonic() - sent < 4  # the drain time, not the request, bounds the exit
+        resp = pending.result(timeout=10)
+        assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+        assert resp.json()["error"]["code"] == "shutting_down"
+        (record,) = ledger(gw)
+        assert record["status_code"] == 503 and record["extra"]["shutdown"] is True
+    finally:
+        httpx.delete(f"{engine.url}/debug/fault").raise_for_status()
