@@ -307,7 +307,7 @@ def check_slo_status(loop: Loop, page: Notification) -> None:
     alert = next(a for a in row["alerts"] if a["name"] == page.labels["alertname"] and a["severity"] == "page")
     assert alert["runbook_url"] == page.annotations["runbook_url"]
     assert {r["slo"] for r in rows} == {"availability", "ttft", "gateway-overhead", "scheduling-latency",
-                                       "prefill-latency", "prompt-cache-hit-rate"}  # fmt: skip
+                                       "prefill-latency", "time-per-output-token", "prompt-cache-hit-rate"}  # fmt: skip
 
 
 def test_slow_prefill_pages_the_prefill_owner_and_resolves(loop: Loop) -> None:

@@ -50,7 +50,7 @@ def test_compile_default_spec_with_tests(tmp_path, llmpath_bin):
     assert (rules / "llm-api.yaml").read_text() == expected.files["llm-api.yaml"]
     test_file = yaml.safe_load((rules / "tests" / "llm-api-ttft.test.yaml").read_text())
     assert test_file["rule_files"] == ["../llm-api.yaml"]
-    assert "compiled 6 SLOs into 1 rule file(s) and 6 promtool test file(s)" in proc.stderr
+    assert "compiled 7 SLOs into 1 rule file(s) and 7 promtool test file(s)" in proc.stderr
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(rules.stat().st_mode) == 0o777 & ~umask  # a new folder gets the usual permissions
@@ -88,7 +88,7 @@ def test_compile_to_a_single_file_and_format_operator(tmp_path, llmpath_bin):
         "labels": {"app.kubernetes.io/component": "SLO", "app.kubernetes.io/managed-by": "llmpath"},
         "name": "llm-api",
     }
-    assert len(doc["spec"]["groups"]) == 18
+    assert len(doc["spec"]["groups"]) == 21  # 3 per SLO
 
 
 def test_folder_inputs_keep_relative_paths_and_number_documents(tmp_path, llmpath_bin, sloth_dir):
@@ -131,7 +131,7 @@ def test_extra_labels_windows_and_plugins(tmp_path, llmpath_bin, sloth_dir, slot
 def test_validate_ok(llmpath_bin, sloth_dir):
     proc = _run(llmpath_bin, "validate", default_spec_path(), sloth_dir / TESTDATA / "in-base-k8s.yaml")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "OK: 8 SLOs in 2 file(s) are valid."
+    assert proc.stdout.strip() == "OK: 9 SLOs in 2 file(s) are valid."
 
 
 def test_help_lists_the_commands(llmpath_bin):

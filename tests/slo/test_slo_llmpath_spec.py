@@ -74,6 +74,7 @@ def test_default_spec_covers_the_llm_api_path(default_result):
         "gateway-overhead",
         "scheduling-latency",
         "prefill-latency",
+        "time-per-output-token",
         "prompt-cache-hit-rate",
     }
     assert by_name["ttft"].objective == 95 and by_name["ttft"].sli.threshold == 0.5
@@ -82,6 +83,8 @@ def test_default_spec_covers_the_llm_api_path(default_result):
     assert by_name["gateway-overhead"].sli.selector == {"group": "gateway_overhead"}
     assert by_name["scheduling-latency"].stage == "schedule" and by_name["prefill-latency"].stage == "prefill"
     assert by_name["prompt-cache-hit-rate"].stage == "cache_lookup"
+    tpot = by_name["time-per-output-token"]
+    assert (tpot.stage, tpot.owner, tpot.sli.histogram) == ("decode", "serving", catalog.TIME_PER_OUTPUT_TOKEN)
     for slo in default_result.slos:
         assert slo.stage is not None and slo.group_by == ("route",)
         expected_owner = (
@@ -102,6 +105,8 @@ def test_default_spec_uses_only_catalog_metrics(default_result):
         catalog.REQUESTS_TOTAL,
         f"{catalog.TIME_TO_FIRST_TOKEN}_count",
         f"{catalog.TIME_TO_FIRST_TOKEN}_bucket",
+        f"{catalog.TIME_PER_OUTPUT_TOKEN}_count",
+        f"{catalog.TIME_PER_OUTPUT_TOKEN}_bucket",
         f"{catalog.STAGE_DURATION}_count",
         f"{catalog.STAGE_DURATION}_bucket",
         f"{catalog.STAGE_GROUP_DURATION}_count",
@@ -109,10 +114,13 @@ def test_default_spec_uses_only_catalog_metrics(default_result):
         catalog.TOKENS_TOTAL,
     }
     assert used <= known
-    # Every latency threshold is a bucket bound of the catalog's histograms.
+    # Every latency threshold is a bucket bound of its histogram.
     for slo in default_result.slos:
         if slo.sli.kind == "latency":
-            assert slo.sli.threshold in catalog.LATENCY_BUCKETS
+            buckets = (
+                catalog.TPOT_BUCKETS if slo.sli.histogram == catalog.TIME_PER_OUTPUT_TOKEN else catalog.LATENCY_BUCKETS
+            )
+            assert slo.sli.threshold in buckets
 
 
 def test_default_spec_alerts_carry_stage_owner_runbook_and_dashboard(default_result):
