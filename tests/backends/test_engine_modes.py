@@ -84,15 +84,16 @@ def prefill_seconds(url: str, **params) -> float:
 
 def test_fault_control_validates_and_updates_partially(faulty) -> None:
     url = f"{faulty.url}/debug/fault"
-    assert httpx.get(url).json() == {"prefill_slowdown": 1.0, "queue_delay_s": 0.0, "error_rate": 0.0}
+    cleared = {"prefill_slowdown": 1.0, "decode_slowdown": 1.0, "queue_delay_s": 0.0, "error_rate": 0.0}
+    assert httpx.get(url).json() == cleared
     assert httpx.post(url, json={"error_rate": 0.25}).json()["error_rate"] == 0.25
     state = httpx.post(url, json={"queue_delay_s": 0.5}).json()
-    assert state == {"prefill_slowdown": 1.0, "queue_delay_s": 0.5, "error_rate": 0.25}
-    for bad in ({"prefill_slowdown": 0.5}, {"error_rate": 2}, {"bogus": 1}, {"queue_delay_s": "x"}, [1]):
+    assert state == {**cleared, "queue_delay_s": 0.5, "error_rate": 0.25}
+    for bad in ({"prefill_slowdown": 0.5}, {"decode_slowdown": 0}, {"error_rate": 2}, {"bogus": 1}, [1]):
         resp = httpx.post(url, json=bad)
         assert resp.status_code == 400 and resp.json()["error"]["message"]
     assert httpx.get(url).json()["queue_delay_s"] == 0.5  # a bad update changes nothing
-    assert httpx.delete(url).json() == {"prefill_slowdown": 1.0, "queue_delay_s": 0.0, "error_rate": 0.0}
+    assert httpx.delete(url).json() == cleared
 
 
 def test_prefill_slowdown_makes_prefill_really_slower(faulty) -> None:
@@ -102,6 +103,23 @@ def test_prefill_slowdown_makes_prefill_really_slower(faulty) -> None:
     try:
         httpx.post(f"{faulty.url}/flush_cache")
         slow = prefill_seconds(faulty.url)
+    finally:
+        httpx.delete(f"{faulty.url}/debug/fault")
+    assert slow >= 10 * base and slow > 0.01
+
+
+def decode_seconds(url: str) -> float:
+    body = {"text": PROMPT, "sampling_params": {"max_new_tokens": 6, "ignore_eos": True}}
+    meta = httpx.post(f"{url}/generate", json=body, timeout=60).json()["meta_info"]
+    assert meta["completion_tokens"] == 6
+    return meta["request_finished_ts"] - meta["prefill_finished_time"]  # five decode steps
+
+
+def test_decode_slowdown_makes_every_output_token_slower(faulty) -> None:
+    base = min(decode_seconds(faulty.url) for _ in range(3))
+    httpx.post(f"{faulty.url}/debug/fault", json={"decode_slowdown": 20})
+    try:
+        slow = decode_seconds(faulty.url)
     finally:
         httpx.delete(f"{faulty.url}/debug/fault")
     assert slow >= 10 * base and slow > 0.01

@@ -423,6 +423,9 @@ def test_stream_cancellation_aborts_the_backend_request(gw, stack, keys) -> None
                 break  # one chunk, then hang up
     rec = gw.record(request_id, timeout=10)
     assert rec["status_code"] == 499 and rec["extra"]["client_disconnect"] is True
+    # what was generated before the hang-up is accounted for: the prompt and the tokens so far
+    assert rec["extra"]["usage_partial"] is True
+    assert rec["input_tokens"] > len(SYSTEM_D) and 1 <= rec["output_tokens"] < 400
     backend = rec["extra"]["backend"]
     engine = next(e for e in stack.engines if e.name == backend)
     aborted_before = engines_before[backend].get("sglang:num_aborted_requests_total", 0)

@@ -98,3 +98,29 @@ def test_past_the_drain_time_requests_are_cut_and_recorded(stack, keys, engine) 
         assert record["status_code"] == 503 and record["extra"]["shutdown"] is True
     finally:
         httpx.delete(f"{engine.url}/debug/fault").raise_for_status()
+
+
+def test_a_stream_cut_by_the_shutdown_ends_with_an_error_event(stack, keys, engine) -> None:
+    gw = start(stack, keys, engine, "cut-stream", drain_s=0.3)
+    httpx.post(f"{engine.url}/debug/fault", json={"decode_slowdown": 200}).raise_for_status()  # tokens trickle
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "a long answer please"}], "stream": True,
+            "max_tokens": 200, "ignore_eos": True}  # fmt: skip
+    data: list[str] = []
+    try:
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(), timeout=30) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line.removeprefix("data: "))
+                    if len(data) == 2:  # the stream is under way
+                        gw.proc.send_signal(signal.SIGTERM)
+        assert gw.proc.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        httpx.delete(f"{engine.url}/debug/fault").raise_for_status()
+    assert data[-1] == "[DONE]"
+    assert json.loads(data[-2])["error"]["code"] == "shutting_down"
+    (record,) = ledger(gw)
+    assert record["status_code"] == 200 and record["extra"]["shutdown"] is True
+    assert record["extra"]["stream_error"] == "shutting_down" and record["extra"]["usage_partial"] is True
+    streamed = sum(1 for d in data[:-2] if json.loads(d)["choices"][0]["delta"].get("content"))
+    assert 1 <= streamed <= record["output_tokens"] < 200

@@ -462,13 +462,15 @@ class BackendCallResponse(Response):
         except APIError as exc:
             await self._send_error(send, exc)
             return
+        tracker = _Tracker(self.gateway, self.p, call)
         with scope:  # the model-call span, current from connect to the last event
             try:
                 if self.p.stream:
-                    await self._stream(send, call, events)
+                    await self._stream(send, tracker, events)
                 else:
-                    await self._complete(send, call, events)
+                    await self._complete(send, tracker, events)
             finally:
+                tracker.settle()  # cut short (client gone, shutdown, backend error): account for what was generated
                 await events.aclose()
 
     async def _connect(self) -> tuple[contextlib.ExitStack, ModelCallSpan, _Prefetched]:
@@ -521,9 +523,8 @@ class BackendCallResponse(Response):
             gw.pool.report_success(state.name)
             return scope, call, events
 
-    async def _stream(self, send: Any, call: ModelCallSpan, events: AsyncIterator[BackendEvent]) -> None:
-        p, fmt = self.p, self.p.fmt
-        tracker = _Tracker(self.gateway, p, call)
+    async def _stream(self, send: Any, tracker: _Tracker, events: AsyncIterator[BackendEvent]) -> None:
+        p, fmt, call = self.p, self.p.fmt, tracker.call
         await send(
             {
                 "type": "http.response.start",
@@ -567,8 +568,8 @@ class BackendCallResponse(Response):
             self._finished = True
             await send({"type": "http.response.body", "body": error.sse_event() + SSE_DONE, "more_body": False})
 
-    async def _complete(self, send: Any, call: ModelCallSpan, events: AsyncIterator[BackendEvent]) -> None:
-        tracker = _Tracker(self.gateway, self.p, call)
+    async def _complete(self, send: Any, tracker: _Tracker, events: AsyncIterator[BackendEvent]) -> None:
+        call = tracker.call
         try:
             async for event in events:
                 if isinstance(event, TokenDelta):
@@ -655,13 +656,27 @@ class _Prefetched:
 class _Tracker:
     """Turns backend events into stage timings, usage and the model-call span's attributes."""
 
-    __slots__ = ("_backend_queued_at", "_call", "_chunks", "_first_token_at", "_gateway", "_p", "_scheduled")
+    __slots__ = (
+        "_backend_queued_at",
+        "_chunks",
+        "_first",
+        "_first_token_at",
+        "_gateway",
+        "_output_tokens",
+        "_p",
+        "_scheduled",
+        "_settled",
+        "call",
+    )
 
     def __init__(self, gateway: Gateway, p: Prepared, call: ModelCallSpan) -> None:
         self._gateway = gateway
         self._p = p
-        self._call = call
+        self.call = call
         self._scheduled: Scheduled | None = None
+        self._first: FirstToken | None = None
+        self._output_tokens = 0
+        self._settled = False
         self._first_token_at: float | None = None
         #: When the backend's queue took the request, on the gateway clock (backend-timed requests only).
         self._backend_queued_at: float | None = None
@@ -676,12 +691,14 @@ class _Tracker:
     def delta(self, event: TokenDelta) -> None:
         if self._first_token_at is None:  # a backend that reports no FirstToken: the gateway clock
             self._first_token_at = perf_counter()
+        self._output_tokens += event.num_tokens
         self._chunks.append(event.text)
 
     def text(self) -> str:
         return "".join(self._chunks)
 
     def _first_token(self, event: FirstToken) -> None:
+        self._first = event
         now = self._first_token_at = perf_counter()
         if not self._p.stream:
             mark_first_token(now)
@@ -700,6 +717,7 @@ class _Tracker:
             self._backend_queued_at = now - prefill - max(0.0, queued.queue_seconds)
 
     def done(self, event: Done) -> None:
+        self._settled = True
         now = perf_counter()
         p, usage = self._p, event.usage
         if self._first_token_at is not None:
@@ -723,14 +741,37 @@ class _Tracker:
             model=p.backend_model,
             tenant=p.principal.tenant,
         )
-        self._call.set_usage(
+        self.call.set_usage(
             input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens, cached_tokens=cached
         )
-        self._call.set_finish_reasons([event.finish_reason])
-        self._call.set_response(response_id=p.fmt.id, response_model=p.backend_model)
+        self.call.set_finish_reasons([event.finish_reason])
+        self.call.set_response(response_id=p.fmt.id, response_model=p.backend_model)
         annotate_request(finish_reason=event.finish_reason)
         self._gateway.record_prediction(p, usage.prompt_tokens)
         self._gateway.record_output(p, self.text())
+
+    def settle(self) -> None:
+        """Account for a request that ended without the backend's final event — the client went away (a "stop"
+        button), the gateway shut down, the stream broke: the prompt as the backend reported it with the first
+        token, and the tokens generated until then (``usage_partial`` in the ledger). Nothing when no token came."""
+        if self._settled:
+            return
+        self._settled = True
+        first = self._first
+        if first is None or self._first_token_at is None:
+            return
+        now = perf_counter()
+        record_stage("decode", now - self._first_token_at, end=now, source="gateway")
+        cached = min(first.cached_tokens, first.prompt_tokens)
+        record_usage(
+            input_tokens=first.prompt_tokens,
+            cached_tokens=cached,
+            output_tokens=self._output_tokens,
+            model=self._p.backend_model,
+            tenant=self._p.principal.tenant,
+        )
+        self.call.set_usage(input_tokens=first.prompt_tokens, output_tokens=self._output_tokens, cached_tokens=cached)
+        annotate_request(usage_partial=True)
 
 
 def _api_error(exc: BackendError) -> APIError:

@@ -1,4 +1,4 @@
-"""Fault injection for tests and demos: slower prefill, an added queue delay, and injected server errors.
+"""Fault injection for tests and demos: slower prefill or decode, an added queue delay, and injected server errors.
 
 Off unless the engine runs with ``--enable-fault-injection``; controlled by ``POST|GET|DELETE /debug/fault``.
 """
@@ -16,6 +16,8 @@ from typing import Any
 class FaultState:
     #: Prefill takes this many times its real duration (the engine sleeps for the difference after the forward).
     prefill_slowdown: float = 1.0
+    #: Each decode step takes this many times its real duration (a slow or throttled GPU: time per output token).
+    decode_slowdown: float = 1.0
     #: Seconds every request waits in the queue before it may be scheduled.
     queue_delay_s: float = 0.0
     #: Probability that a request is answered with an injected HTTP 500.
@@ -27,6 +29,7 @@ class FaultState:
 
 _LIMITS = {
     "prefill_slowdown": (1.0, 1000.0, "a factor ≥ 1"),
+    "decode_slowdown": (1.0, 1000.0, "a factor ≥ 1"),
     "queue_delay_s": (0.0, 3600.0, "seconds ≥ 0"),
     "error_rate": (0.0, 1.0, "a probability in [0, 1]"),
 }

@@ -484,6 +484,10 @@ class Scheduler:
         self.forward_count += 1
         next_ids = self._sample(logits, reqs)
         step = time.monotonic() - start
+        slowdown = self.faults.state.decode_slowdown
+        if slowdown > 1.0:
+            time.sleep(step * (slowdown - 1.0))
+            step *= slowdown
         self._gen_throughput = 0.8 * self._gen_throughput + 0.2 * (len(reqs) / step if step > 0 else 0.0)
         for req, tok in zip(reqs, next_ids, strict=True):
             if self.metrics and req.log_metrics:
