@@ -221,7 +221,8 @@ def init_cmd(
     path: str = typer.Argument("slos.yaml", help="Where to write the spec (- for stdout)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite an existing file."),
 ) -> None:
-    """Write the default LLM API spec (availability, TTFT, gateway overhead, scheduling, prefill, cache hit rate)."""
+    """Write the default LLM API spec (availability, TTFT, gateway overhead, scheduling, prefill, time per output
+    token, cache hit rate)."""
     from llmpath.slo import default_spec_path
 
     text = default_spec_path().read_text(encoding="utf-8")
