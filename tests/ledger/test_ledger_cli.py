@@ -104,6 +104,11 @@ def test_filters_by_age_route_and_tenant(llmpath_bin: str, ledgers: tuple[Path, 
     assert as_json(usage(llmpath_bin, "summary", *ledgers, "--route", "rag", "--json"))["requests"] == 1
     by_tenant = as_json(usage(llmpath_bin, "summary", *ledgers, "--tenant", "globex", "--json"))
     assert by_tenant["requests"] == 4 and set(by_tenant["tokens_by_tenant"]) == {"globex"}
+    # a status class or one code: req-011 is the only 500
+    failed = as_json(usage(llmpath_bin, "slowest", *ledgers, "--by", "duration", "--status", "5xx", "--json"))
+    assert [r["request_id"] for r in failed] == ["req-011"]
+    assert as_json(usage(llmpath_bin, "summary", *ledgers, "--status", "200", "--json"))["requests"] == 12
+    assert as_json(usage(llmpath_bin, "summary", *ledgers, "--status", "4XX", "--json"))["requests"] == 0
 
 
 def test_slowest_orders_by_ttft_or_duration(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:
@@ -181,6 +186,7 @@ def test_bad_input_names_the_file_line_and_reason(llmpath_bin: str, ledgers: tup
         (["summary", tmp_path / "absent.jsonl"], "absent.jsonl: No such file or directory"),
         (["summary", jsonl, "--since", "yesterday"], "--since 'yesterday': not a duration"),
         (["slowest", jsonl, "--by", "tokens"], "--by 'tokens': use ttft or duration"),
+        (["summary", jsonl, "--status", "50x"], "--status '50x': use a status code (503) or a class (5xx)"),
         (["summary", tmp_path / "notes.txt"], "neither a JSON-lines nor a SQLite usage ledger"),
     ):
         if str(args[1]).endswith("notes.txt"):

@@ -22,6 +22,7 @@ SINCE = typer.Option(None, "--since", help="Only requests that started this long
 ROUTE = typer.Option(None, "--route", help="Only this route.")
 TENANT = typer.Option(None, "--tenant", help="Only this tenant.")
 MODEL = typer.Option(None, "--model", help="Only this model.")
+STATUS = typer.Option(None, "--status", help="Only this status code (503) or class (5xx, 4xx).")
 JSON = typer.Option(False, "--json", help="Machine-readable JSON instead of tables.")
 
 
@@ -31,12 +32,18 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _records(
-    ledgers: list[Path], since: str | None, route: str | None, tenant: str | None, model: str | None
+    ledgers: list[Path],
+    since: str | None,
+    route: str | None,
+    tenant: str | None,
+    model: str | None,
+    status: str | None = None,
 ) -> list[Any]:
     from promql_parser import parse_duration
 
     from llmpath.instrumentation import LedgerFormatError
     from llmpath.ledger import read_ledger, select
+    from llmpath.ledger.summary import status_filter
 
     cutoff = None
     if since is not None:
@@ -44,10 +51,15 @@ def _records(
             cutoff = time.time() - parse_duration(since).total_seconds()
         except ValueError:
             raise _fail(f"--since {since!r}: not a duration (use e.g. 30s, 15m, 1h, 2d)") from None
+    if status is not None:
+        try:
+            status_filter(status)
+        except ValueError:
+            raise _fail(f"--status {status!r}: use a status code (503) or a class (5xx)") from None
     records = []
     for path in ledgers:
         try:
-            records += select(read_ledger(path), since=cutoff, route=route, tenant=tenant, model=model)
+            records += select(read_ledger(path), since=cutoff, route=route, tenant=tenant, model=model, status=status)
         except LedgerFormatError as exc:
             raise _fail(str(exc)) from None
         except OSError as exc:
@@ -62,6 +74,7 @@ def summary(
     route: str | None = ROUTE,
     tenant: str | None = TENANT,
     model: str | None = MODEL,
+    status: str | None = STATUS,
     as_json: bool = JSON,
 ) -> None:
     """Requests, errors, TTFT, where the time goes per stage, latency and errors per route, prompt-cache hit rate
@@ -71,7 +84,7 @@ def summary(
     from llmpath.ledger import summarize
     from llmpath.ledger.render import cache_table, headline, route_table, stage_table, token_table, when
 
-    result = summarize(_records(ledgers, since, route, tenant, model))
+    result = summarize(_records(ledgers, since, route, tenant, model, status))
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
         return
@@ -95,6 +108,7 @@ def slowest(
     route: str | None = ROUTE,
     tenant: str | None = TENANT,
     model: str | None = MODEL,
+    status: str | None = STATUS,
     as_json: bool = JSON,
 ) -> None:
     """The slowest requests with the time each stage took: which stage made them slow, and their trace ids."""
@@ -105,7 +119,7 @@ def slowest(
 
     if by not in ("ttft", "duration"):
         raise _fail(f"--by {by!r}: use ttft or duration")
-    records = pick(_records(ledgers, since, route, tenant, model), count, by=by)
+    records = pick(_records(ledgers, since, route, tenant, model, status), count, by=by)
     if as_json:
         typer.echo(json.dumps([r.to_dict() for r in records], indent=2))
         return

@@ -4,9 +4,10 @@ tenant; the slowest requests; one request by id."""
 from __future__ import annotations
 
 import heapq
+import re
 import statistics
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from llmpath.instrumentation import STAGES, UNATTRIBUTED
@@ -165,6 +166,21 @@ def summarize(records: Iterable[UsageRecord]) -> LedgerSummary:
     )
 
 
+_STATUS = re.compile(r"[1-5](?:[0-9]{2}|xx)")
+
+
+def status_filter(spec: str) -> Callable[[int], bool]:
+    """A test of status codes from ``"503"`` (one code) or ``"5xx"`` (a class); ``ValueError`` for anything else."""
+    spec = spec.strip().lower()
+    if not _STATUS.fullmatch(spec):
+        raise ValueError(f"{spec!r} is not a status code (503) or class (5xx)")
+    if spec.endswith("xx"):
+        lo = int(spec[0]) * 100
+        return lambda code: lo <= code < lo + 100
+    exact = int(spec)
+    return lambda code: code == exact
+
+
 def select(
     records: Iterable[UsageRecord],
     *,
@@ -172,14 +188,19 @@ def select(
     route: str | None = None,
     tenant: str | None = None,
     model: str | None = None,
+    status: str | None = None,
 ) -> Iterator[UsageRecord]:
-    """The records that started at or after ``since`` (epoch seconds) and match every given label."""
+    """The records that started at or after ``since`` (epoch seconds) and match every given label, and ``status``
+    (a code such as ``"503"`` or a class such as ``"5xx"``, see :func:`status_filter`)."""
+    status_ok = status_filter(status) if status is not None else None
     for r in records:
         if since is not None and r.time < since:
             continue
         if (route is not None and r.route != route) or (tenant is not None and r.tenant != tenant):
             continue
         if model is not None and r.model != model:
+            continue
+        if status_ok is not None and not status_ok(r.status_code):
             continue
         yield r
 
