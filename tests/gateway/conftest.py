@@ -30,13 +30,15 @@ LLMPATH = str(Path(sys.executable).parent / "llmpath")
 
 
 class Keys:
-    """The test API keys: tenants ``acme`` and ``beta``, ``slow`` (rate limited) and the admin ``ops``."""
+    """The test API keys: tenants ``acme`` and ``beta``, ``slow`` (rate limited), ``metered`` (a token budget of
+    300, refilled at 1 token/s) and the admin ``ops``."""
 
     user = "sk-acme-0f4c2a9d7e1b"
     other = "sk-beta-5d8e3c1a9b7f"
     limited = "sk-slow-2b6d9f1e4c8a"
+    budgeted = "sk-metered-8c1f5a3e7d9b"
     admin = "sk-admin-7a3e9c5b1d2f"
-    tenants = {user: "acme", other: "beta", limited: "slow", admin: "ops"}
+    tenants = {user: "acme", other: "beta", limited: "slow", budgeted: "metered", admin: "ops"}
 
     @staticmethod
     def auth(key: str = user) -> dict[str, str]:
@@ -52,6 +54,8 @@ class Keys:
                 entry["admin"] = True
             if key == cls.limited:
                 entry["rate"] = {"requests_per_second": 0.2, "burst": 1}
+            if key == cls.budgeted:
+                entry["tokens"] = {"tokens_per_minute": 60, "burst": 300}
             out.append(entry)
         return out
 

@@ -6,8 +6,14 @@ import asyncio
 
 import pytest
 
-from llmpath.gateway.admission import Admission, AdmissionRejected, TenantRateLimiter, TokenBucket
-from llmpath.gateway.config import RateConfig
+from llmpath.gateway.admission import (
+    Admission,
+    AdmissionRejected,
+    TenantRateLimiter,
+    TenantTokenLimiter,
+    TokenBucket,
+)
+from llmpath.gateway.config import RateConfig, TokenRateConfig
 
 
 class Clock:
@@ -135,3 +141,46 @@ def test_rate_reconfigure_starts_every_bucket_again_at_the_new_rate() -> None:
     with pytest.raises(AdmissionRejected) as rej:
         limiter.check("acme")
     assert rej.value.retry_after_s == pytest.approx(0.1)
+
+
+def test_token_budget_reserves_estimates_and_settles_what_was_used() -> None:
+    clock = Clock()
+    limiter = TenantTokenLimiter(TokenRateConfig(tokens_per_minute=600, burst=1000), clock)  # 10 tokens/s
+    first = limiter.reserve("acme", 700)
+    assert first is not None and first.estimate == 700
+    with pytest.raises(AdmissionRejected) as rej:
+        limiter.reserve("acme", 400)  # 300 left
+    assert rej.value.reason == "token_rate_limited" and rej.value.retry_after_s == pytest.approx(10)
+    first.settle(150)  # it used 150 of the 700 it reserved: 550 come back
+    first.settle(150)  # once only
+    second = limiter.reserve("acme", 800)  # 850 left
+    assert second is not None
+    with pytest.raises(AdmissionRejected):
+        limiter.reserve("acme", 100)  # 50 left
+    second.settle(1000)  # used more than estimated (the output ran to max_tokens and the prompt was longer)
+    with pytest.raises(AdmissionRejected) as rej:
+        limiter.reserve("acme", 100)  # 50 - 200 = -150 left: in debt
+    assert rej.value.retry_after_s == pytest.approx(25)
+    assert limiter.reserve("globex", 1000) is not None  # tenants have their own budgets
+
+
+def test_token_budget_lets_one_oversized_request_through_a_full_bucket() -> None:
+    clock = Clock()
+    limiter = TenantTokenLimiter(TokenRateConfig(tokens_per_minute=60), clock)  # burst: one minute's worth
+    assert limiter.reserve("acme", 5000) is not None  # larger than the whole budget: passes when it is full...
+    with pytest.raises(AdmissionRejected) as rej:
+        limiter.reserve("acme", 5000)  # ... then the debt (-4940) must refill first
+    assert rej.value.retry_after_s == pytest.approx(5000)
+    clock.now += 5000
+    assert limiter.reserve("acme", 5000) is not None
+
+
+def test_token_budget_overrides_unlimited_and_reconfigure() -> None:
+    clock = Clock()
+    limiter = TenantTokenLimiter(TokenRateConfig(), clock)  # off by default
+    assert limiter.reserve("acme", 10**9) is None
+    assert limiter.reserve("vip", 10, TokenRateConfig(tokens_per_minute=60, burst=10)) is not None
+    with pytest.raises(AdmissionRejected):
+        limiter.reserve("vip", 10, TokenRateConfig(tokens_per_minute=60, burst=10))
+    limiter.reconfigure(TokenRateConfig(tokens_per_minute=6000))
+    assert limiter.reserve("vip", 10, TokenRateConfig(tokens_per_minute=60, burst=10)) is not None  # full again

@@ -116,6 +116,36 @@ def test_backend_errors_are_openai_errors(gw, stack, keys) -> None:
     assert post(gw, keys, "healthy again").status_code == 200
 
 
+def test_tenant_token_budget_reserves_and_refunds(gw, stack, keys) -> None:
+    """300 tokens, refilled at 1 token/s; a request reserves its prompt estimate + max_tokens up front and is
+    settled at the end with what it used — nothing when the backend failed."""
+    _wait_until(_all_backends_clean(gw))  # the previous test's injected 5xx
+    faults(stack, error_rate=1.0)
+    try:
+        failed = post(gw, keys, "metered", key=keys.budgeted, max_tokens=200)
+    finally:
+        faults(stack)
+    assert failed.status_code == 502
+    served = post(gw, keys, "metered", key=keys.budgeted, max_tokens=200)  # fits only because of the refund
+    assert served.status_code == 200, served.text
+    reserved = gw.record(served.headers["x-request-id"])["extra"]["tokens_reserved"]
+    assert 200 < reserved <= 300
+    over = post(gw, keys, "metered", key=keys.budgeted, max_tokens=200)
+    assert over.status_code == 429 and over.json()["error"]["code"] == "token_rate_limited"
+    assert over.json()["error"]["type"] == "rate_limit_error" and int(over.headers["retry-after"]) >= 1
+    assert gw.metrics()['llmpath_admission_rejections_total{reason="token_rate_limited"}'] >= 1
+    assert post(gw, keys, "metered", key=keys.user, max_tokens=200).status_code == 200  # other tenants: no budget
+    _wait_until(_all_backends_clean(gw))  # the injected 5xx counts towards ejection until a health check passes
+
+
+def _all_backends_clean(gw) -> Callable[[], bool]:
+    def check() -> bool:
+        backends = httpx.get(f"{gw.url}/readyz").json()["backends"]
+        return all(b["available"] and b["consecutive_failures"] == 0 for b in backends)
+
+    return check
+
+
 def test_failover_when_an_engine_is_killed(gw, stack, keys) -> None:
     warm = post(gw, keys, PREFIX + "warm")
     victim_name = gw.record(warm.headers["x-request-id"])["extra"]["backend"]

@@ -227,7 +227,8 @@ def _routing_admission(b: Board) -> None:
     )  # fmt: skip
     b.timeseries(
         "schedule:rejections", "Admission rejections/s by reason",
-        "Requests turned away by admission control (queue full, rate limited, timed out while queued).", "reqps",
+        "Requests turned away by admission control (queue full, timed out while queued, a tenant's request rate "
+        "or token budget).", "reqps",
         [Query(f"{sum_rate(sel(catalog.ADMISSION_REJECTIONS_TOTAL), ['reason'])} or vector(0)", "{{reason}}")], w=8,
     )  # fmt: skip
     b.timeseries(

@@ -1,8 +1,10 @@
 """Stage ``schedule`` (gateway side): global concurrency with a bounded FIFO queue, per-tenant token buckets.
 
-A request first takes a token from its tenant's bucket (refused at once with the time until the next token:
-429 + ``Retry-After``), then a concurrency slot: free → immediately; otherwise it waits in a FIFO queue of at
-most ``max_queue`` requests for at most ``queue_timeout_s``; a full queue or a timeout is a 429.
+A request first takes a token from its tenant's request bucket, then reserves its estimated tokens (prompt +
+``max_tokens``) from the tenant's token budget (either refused at once with the time until it would pass: 429 +
+``Retry-After``), then a concurrency slot: free → immediately; otherwise it waits in a FIFO queue of at most
+``max_queue`` requests for at most ``queue_timeout_s``; a full queue or a timeout is a 429. When the request ends
+its token reservation is settled against the tokens it really used.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmpath.gateway.config import RateConfig
+from llmpath.gateway.config import RateConfig, TokenRateConfig
 
 
 class AdmissionRejected(Exception):
@@ -39,14 +41,30 @@ class TokenBucket:
         self._stamp = clock()
 
     def take(self, n: float = 1.0) -> float:
-        """Take ``n`` tokens: 0.0 on success, else the seconds until ``n`` tokens will be there."""
+        """Take ``n`` tokens: 0.0 on success, else the seconds until ``n`` tokens will be there. More than the
+        capacity passes when the bucket is full, leaving it in debt (so no request waits forever)."""
+        self._refill()
+        need = min(n, self.capacity)
+        if self._tokens >= need:
+            self._tokens -= n
+            return 0.0
+        return (need - self._tokens) / self.rate
+
+    def give(self, n: float) -> None:
+        """Return ``n`` tokens (a negative ``n`` takes more, possibly into debt)."""
+        self._refill()
+        self._tokens = min(self.capacity, self._tokens + n)
+
+    @property
+    def tokens(self) -> float:
+        """Tokens available now (negative while in debt)."""
+        self._refill()
+        return self._tokens
+
+    def _refill(self) -> None:
         now = self.clock()
         self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
-        if self._tokens >= n:
-            self._tokens -= n
-            return 0.0
-        return (n - self._tokens) / self.rate
 
 
 class TenantRateLimiter:
@@ -76,6 +94,59 @@ class TenantRateLimiter:
         wait = bucket.take()
         if wait:
             raise AdmissionRejected("rate_limited", wait, "Rate limit reached for this API key; retry later.")
+
+
+class TenantTokenLimiter:
+    """Each tenant's token budget (prompt + output tokens per minute); a tenant's own ``tokens`` overrides the
+    default; 0 = unlimited. A request reserves its estimate up front and settles it with what it really used."""
+
+    def __init__(self, default: TokenRateConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.default = default
+        self.clock = clock
+        self._buckets: dict[str, TokenBucket | None] = {}
+
+    def reconfigure(self, default: TokenRateConfig) -> None:
+        """New default budget; every tenant's bucket starts again, full, at its (possibly new) rate."""
+        self.default = default
+        self._buckets.clear()
+
+    def reserve(self, tenant: str, estimate: int, override: TokenRateConfig | None = None) -> TokenReservation | None:
+        """Reserve ``estimate`` tokens (None when the tenant is unlimited); raise :class:`AdmissionRejected`
+        (``token_rate_limited``) when its budget cannot cover them yet."""
+        bucket = self._buckets.get(tenant, ...)
+        if bucket is ...:
+            budget = override or self.default
+            bucket = (
+                TokenBucket(budget.tokens_per_minute / 60.0, budget.capacity, self.clock)
+                if budget.tokens_per_minute
+                else None
+            )
+            self._buckets[tenant] = bucket
+        if bucket is None:
+            return None
+        wait = bucket.take(estimate)
+        if wait:
+            raise AdmissionRejected(
+                "token_rate_limited", wait, "Token rate limit reached for this API key; retry later."
+            )
+        return TokenReservation(bucket, estimate)
+
+
+class TokenReservation:
+    """Tokens taken from a budget ahead of a request; :meth:`settle` once with the tokens it used."""
+
+    __slots__ = ("_bucket", "estimate", "settled")
+
+    def __init__(self, bucket: TokenBucket, estimate: int) -> None:
+        self._bucket = bucket
+        self.estimate = estimate
+        self.settled = False
+
+    def settle(self, used: int) -> None:
+        """Return what was reserved but not used (or take what was used beyond it); idempotent."""
+        if not self.settled:
+            self.settled = True
+            self._bucket.give(self.estimate - used)
 
 
 @dataclass(slots=True)

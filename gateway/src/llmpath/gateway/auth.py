@@ -13,7 +13,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from llmpath.gateway.config import ApiKeyConfig, RateConfig
+from llmpath.gateway.config import ApiKeyConfig, RateConfig, TokenRateConfig
 
 ANONYMOUS = "anonymous"
 
@@ -25,6 +25,7 @@ class Principal:
     tenant: str
     admin: bool = False
     rate: RateConfig | None = None
+    tokens: TokenRateConfig | None = None
 
 
 class KeyStore:
@@ -34,7 +35,8 @@ class KeyStore:
 
     def __init__(self, keys: tuple[ApiKeyConfig, ...], *, insecure_no_auth: bool = False) -> None:
         self._entries = tuple(
-            (bytes.fromhex(k.sha256), Principal(tenant=k.tenant, admin=k.admin, rate=k.rate)) for k in keys
+            (bytes.fromhex(k.sha256), Principal(tenant=k.tenant, admin=k.admin, rate=k.rate, tokens=k.tokens))
+            for k in keys
         )
         self.insecure = insecure_no_auth
 

@@ -147,6 +147,18 @@ class RateConfig(_Strict):
         return float(self.burst) if self.burst is not None else max(1.0, self.requests_per_second)
 
 
+class TokenRateConfig(_Strict):
+    """A token budget per tenant, as LLM APIs' "tokens per minute" limits: prompt and output tokens refill at
+    ``tokens_per_minute``, up to ``burst`` (default: one minute's worth). 0 disables the limit."""
+
+    tokens_per_minute: NonNegativeFloat = 0.0
+    burst: PositiveInt | None = None
+
+    @property
+    def capacity(self) -> float:
+        return float(self.burst) if self.burst is not None else max(1.0, self.tokens_per_minute)
+
+
 class ApiKeyConfig(_Strict):
     """An API key, stored as the hex sha256 of the key (``llmpath gateway hash-key`` prints it)."""
 
@@ -156,6 +168,8 @@ class ApiKeyConfig(_Strict):
     admin: bool = False
     #: Per-tenant rate override (else ``limits.tenant_rate``).
     rate: RateConfig | None = None
+    #: Per-tenant token budget override (else ``limits.tenant_tokens``).
+    tokens: TokenRateConfig | None = None
 
     @field_validator("sha256")
     @classmethod
@@ -197,6 +211,8 @@ class LimitsConfig(_Strict):
     max_queue: Annotated[int, Field(ge=0)] = 256
     #: Default per-tenant rate limit (off by default).
     tenant_rate: RateConfig = RateConfig()
+    #: Default per-tenant token budget (off by default).
+    tenant_tokens: TokenRateConfig = TokenRateConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
 
     @model_validator(mode="after")

@@ -81,6 +81,7 @@ def apply_config(gateway: Gateway, new: GatewayConfig) -> ConfigChange:
         gateway.admission.resize(lim.max_concurrency, lim.max_queue, lim.timeouts.queue_s)
     if "limits" in live or "api_keys" in live:  # a key's own rate may have changed too
         gateway.rates.reconfigure(new.limits.tenant_rate)
+        gateway.tokens.reconfigure(new.limits.tenant_tokens)
     if routes is not None:
         gateway.routes = routes
     gateway.config = old.model_copy(update={name: getattr(new, name) for name in live})

@@ -42,7 +42,13 @@ from llmpath.backends.base import (
     TokenDelta,
 )
 from llmpath.gateway import errors
-from llmpath.gateway.admission import Admission, AdmissionRejected, TenantRateLimiter
+from llmpath.gateway.admission import (
+    Admission,
+    AdmissionRejected,
+    TenantRateLimiter,
+    TenantTokenLimiter,
+    TokenReservation,
+)
 from llmpath.gateway.assembly import Assembled, AssemblyError, RouteAssembler, render_messages
 from llmpath.gateway.auth import KeyStore, Principal
 from llmpath.gateway.config import GatewayConfig, RouteConfig
@@ -111,6 +117,10 @@ class Prepared:
     holds_backend: bool = False
     #: Cached tokens predicted for the chosen backend, in the gateway's token estimate (``chars_per_token``).
     predicted_tokens: int = 0
+    #: The tokens reserved from the tenant's budget (``limits.tenant_tokens``), settled on release with ...
+    tokens: TokenReservation | None = None
+    #: ... the prompt and output tokens the backend reported (0 when it never answered).
+    tokens_used: int = 0
 
 
 class Gateway:
@@ -135,6 +145,7 @@ class Gateway:
             config.limits.max_concurrency, config.limits.max_queue, config.limits.timeouts.queue_s
         )
         self.rates = TenantRateLimiter(config.limits.tenant_rate)
+        self.tokens = TenantTokenLimiter(config.limits.tenant_tokens)
         self.metrics: GatewayMetrics | None = None
         #: Set when shutdown begins: requests the server cancels after ``listen.drain_s`` were cut by the
         #: shutdown, not abandoned by their clients.
@@ -361,6 +372,8 @@ class Gateway:
     async def _admit(self, p: Prepared, st: StageScope) -> None:
         try:
             self.rates.check(p.principal.tenant, p.principal.rate)
+            estimate = p.key.prompt_tokens + p.sampling.max_tokens
+            p.tokens = self.tokens.reserve(p.principal.tenant, estimate, p.principal.tokens)
             waited = await self.admission.acquire()
         except AdmissionRejected as exc:
             if self.metrics is not None:
@@ -369,9 +382,13 @@ class Gateway:
         p.admitted = True
         st.set_attribute("llmpath.schedule.gateway_queue_s", waited)
         annotate_request(gateway_queue_s=round(waited, 6))
+        if p.tokens is not None:
+            annotate_request(tokens_reserved=p.tokens.estimate)
 
     def release(self, p: Prepared) -> None:
-        """Give back what the request holds (idempotent)."""
+        """Give back what the request holds (idempotent); settle its token reservation with what it used."""
+        if p.tokens is not None:
+            p.tokens.settle(p.tokens_used)
         if p.admitted:
             p.admitted = False
             self.admission.release()
@@ -734,6 +751,7 @@ class _Tracker:
             )
             annotate_request(backend_dispatch_s=round(dispatch, 6))
         cached = min(usage.cached_tokens, usage.prompt_tokens)
+        p.tokens_used = usage.prompt_tokens + usage.completion_tokens
         record_usage(
             input_tokens=usage.prompt_tokens,
             cached_tokens=cached,
@@ -763,6 +781,7 @@ class _Tracker:
         now = perf_counter()
         record_stage("decode", now - self._first_token_at, end=now, source="gateway")
         cached = min(first.cached_tokens, first.prompt_tokens)
+        self._p.tokens_used = first.prompt_tokens + self._output_tokens
         record_usage(
             input_tokens=first.prompt_tokens,
             cached_tokens=cached,

@@ -337,7 +337,7 @@ METRICS: tuple[MetricSpec, ...] = (
         ADMISSION_REJECTIONS_TOTAL,
         "counter",
         ("reason",),
-        "Requests rejected by admission (queue_full, rate_limited, timeout).",
+        "Requests rejected by admission (queue_full, queue_timeout, rate_limited, token_rate_limited).",
         stage="schedule",
     ),
     MetricSpec(
