@@ -4,6 +4,7 @@ and serving from flags alone (passthrough route, OpenAI-compatible backend kind,
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -91,3 +92,21 @@ def test_serve_from_flags_with_an_openai_backend(llmpath_bin: str, processes, fr
     assert rec["extra"]["routing_reason"] == "round_robin"
     prefill = next(s for s in rec["stages"] if s["name"] == "prefill")
     assert prefill["source"] == "gateway"  # an OpenAI-compatible server reports no stage timings
+
+    # a hang-up mid-stream: the prompt count comes only with the final chunk, so the gateway's estimate is recorded
+    long = {**body, "max_tokens": 400, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=long, headers={"Authorization": "Bearer sk-one"}) as r:
+        request_id = r.headers["x-request-id"]
+        next(line for line in r.iter_lines() if line.startswith("data: "))
+    deadline = time.monotonic() + 10
+    while not (found := [x for x in _records(url) if x["request_id"] == request_id]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cut = found[0]
+    assert cut["status_code"] == 499 and cut["extra"]["usage_partial"] is True
+    assert cut["extra"]["input_tokens_estimated"] is True and cut["input_tokens"] > 0
+    assert 1 <= cut["output_tokens"] < 400
+
+
+def _records(url: str) -> list[dict]:
+    return httpx.get(f"{url}/debug/requests.json", headers={"Authorization": "Bearer sk-root"}).json()["requests"]

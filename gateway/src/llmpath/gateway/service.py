@@ -780,16 +780,20 @@ class _Tracker:
             return
         now = perf_counter()
         record_stage("decode", now - self._first_token_at, end=now, source="gateway")
-        cached = min(first.cached_tokens, first.prompt_tokens)
-        self._p.tokens_used = first.prompt_tokens + self._output_tokens
+        prompt = first.prompt_tokens
+        if not prompt:  # OpenAI-compatible servers count the prompt only in their final chunk: the gateway's estimate
+            prompt = self._p.key.prompt_tokens
+            annotate_request(input_tokens_estimated=True)
+        cached = min(first.cached_tokens, prompt)
+        self._p.tokens_used = prompt + self._output_tokens
         record_usage(
-            input_tokens=first.prompt_tokens,
+            input_tokens=prompt,
             cached_tokens=cached,
             output_tokens=self._output_tokens,
             model=self._p.backend_model,
             tenant=self._p.principal.tenant,
         )
-        self.call.set_usage(input_tokens=first.prompt_tokens, output_tokens=self._output_tokens, cached_tokens=cached)
+        self.call.set_usage(input_tokens=prompt, output_tokens=self._output_tokens, cached_tokens=cached)
         annotate_request(usage_partial=True)
 
 
