@@ -46,12 +46,20 @@ def test_check_config_summarises(llmpath_bin: str, tmp_path: Path) -> None:
     path.write_text(
         "backends: [{url: 'http://127.0.0.1:1', name: a}]\n"
         "routes: [{name: chat, system_prompt: 'Hi {{ tenant }}'}]\n"
-        f"api_keys: [{{sha256: {hash_key('k')}, tenant: t, admin: true}}]\n"
+        f"api_keys: [{{sha256: {hash_key('k')}, tenant: t, admin: true, tokens: {{tokens_per_minute: 1000}}}}]\n"
+        "limits: {max_concurrency: 8, max_queue: 4, tenant_rate: {requests_per_second: 2, burst: 5}}\n"
+        "listen: {drain_s: 45}\n"
     )
     result = run(llmpath_bin, "check-config", str(path))
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout and "a (sglang)" in result.stdout and "chat" in result.stdout
     assert "1 (1 admin)" in result.stdout
+    admission = next(line for line in result.stdout.splitlines() if line.strip().startswith("admission"))
+    assert admission.split(None, 1)[1] == (
+        "8 concurrent, queue 4 for 30 s; per tenant 2 requests/s (burst 5); no token budget; "
+        "1 key(s) with their own limits"
+    )
+    assert "drains for 45 s" in result.stdout
     path.write_text("routes: [{name: chat, system_prompt: '{% if %}'}]\n")
     result = run(llmpath_bin, "check-config", str(path))
     assert result.returncode == 2 and "template syntax error" in result.stderr

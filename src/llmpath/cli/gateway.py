@@ -160,7 +160,29 @@ def check_config(config: Path = typer.Argument(..., help="YAML configuration fil
     typer.echo(f"  routing     {cfg.routing.policy}")
     typer.echo(f"  routes      {', '.join(r.name for r in cfg.routes) or '(passthrough: any model)'}")
     typer.echo(f"  api keys    {len(cfg.api_keys)} ({sum(k.admin for k in cfg.api_keys)} admin)")
+    typer.echo(f"  admission   {_admission_summary(cfg)}")
     typer.echo(f"  ledger      {cfg.usage.ledger or '(none)'}")
+    typer.echo(f"  shutdown    drains for {cfg.listen.drain_s:g} s")
+
+
+def _admission_summary(cfg: Any) -> str:
+    """Concurrency, queue and the per-tenant limits (defaults, and how many keys override them)."""
+    lim = cfg.limits
+    rate = lim.tenant_rate
+    tokens = lim.tenant_tokens
+    parts = [
+        f"{lim.max_concurrency} concurrent, queue {lim.max_queue} for {lim.timeouts.queue_s:g} s",
+        f"per tenant {rate.requests_per_second:g} requests/s (burst {rate.capacity:g})"
+        if rate.requests_per_second
+        else "no request-rate limit",
+        f"{tokens.tokens_per_minute:g} tokens/min (burst {tokens.capacity:g})"
+        if tokens.tokens_per_minute
+        else "no token budget",
+    ]
+    overrides = sum(k.rate is not None or k.tokens is not None for k in cfg.api_keys)
+    if overrides:
+        parts.append(f"{overrides} key(s) with their own limits")
+    return "; ".join(parts)
 
 
 @app.command("hash-key")
