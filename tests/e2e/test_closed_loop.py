@@ -335,6 +335,13 @@ def test_a_queue_fault_pages_the_schedule_owner(loop: Loop) -> None:
     assert page.labels["owner"] == "serving"
 
 
+def test_slow_decode_pages_the_decode_owner(loop: Loop) -> None:
+    # Every decode step takes 300x longer: about a millisecond per token on the tiny engine becomes a few hundred.
+    page = page_during_fault(loop, "decode", decode_slowdown=300)
+    assert page.labels["alertname"] == "LLMAPITimePerOutputTokenBurn"
+    assert page.labels["owner"] == "serving" and page.labels["sloth_slo"] == "time-per-output-token"
+
+
 def test_prometheus_sli_matches_the_ledger_and_token_counts_match_the_engines(loop: Loop) -> None:
     loop.load.stop()
     # The count-based period SLI sums the shortest window's rates, so an event counts in full only once a whole
