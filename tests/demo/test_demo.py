@@ -75,9 +75,10 @@ def test_demo_reports_stages_cache_tokens_and_slos_read_back_from_prometheus(llm
         mine = [r for r in ledger if r.route == route]
         assert (cached, prompt) == (sum(r.cached_tokens for r in mine), sum(r.input_tokens for r in mine))
 
-    total = next(row for row in table_rows(report, "Tokens by type") if row[0] == "total")
+    total = next(row for row in table_rows(report, "By tenant") if row[0] == "total")
     counts = [int(x.replace(",", "")) for x in total[1:]]
-    assert counts == [sum(getattr(r, f"{k}_tokens") for r in ledger) for k in ("input", "cached", "output")]
+    assert counts[:3] == [len(ledger), sum(r.status_code == 429 for r in ledger), 0]  # requests, 429, 5xx
+    assert counts[3:] == [sum(getattr(r, f"{k}_tokens") for r in ledger) for k in ("input", "cached", "output")]
 
     slo_rows = table_rows(report, "SLOs, read back from Prometheus")
     named = [row[0] for row in slo_rows if len(row) == 8]
@@ -99,5 +100,5 @@ def test_demo_without_prometheus_runs_and_says_what_it_skipped(llmpath_bin, tmp_
     report, workdir = run_demo(llmpath_bin, tmp_path, env)
     assert "skipped: Prometheus (not installed" in report
     assert "SLO status skipped: Prometheus is not running" in report
-    assert table_rows(report, "Where the time goes") and table_rows(report, "Tokens by type")
+    assert table_rows(report, "Where the time goes") and table_rows(report, "By tenant")
     assert (workdir / "rules").is_dir() and list((workdir / "runbooks").glob("*.md"))

@@ -72,6 +72,11 @@ def test_summary_reads_both_formats_together(llmpath_bin: str, ledgers: tuple[Pa
     assert s["ttft_p95_s"] == pytest.approx(ttfts[10] + (ttfts[11] - ttfts[10]) * 0.45)
     assert s["tokens"] == {"input": 1300, "cached": 7 * 60, "output": 130}
     assert s["tokens_by_tenant"]["globex"] == {"input": 400, "cached": 120, "output": 40}
+    assert [(t["tenant"], t["requests"], t["throttled"], t["server_errors"]) for t in s["tenants"]] == [
+        ("acme", 9, 0, 1),
+        ("globex", 4, 0, 0),
+    ]
+    assert s["tenants"][1]["tokens"] == s["tokens_by_tenant"]["globex"]
     prefill = next(row for row in s["stages"] if row["stage"] == "prefill")
     assert prefill["owner"] == "serving"
     assert prefill["mean_s"] == pytest.approx(sum(t * 3 / 4 - 0.001 for t in ttfts) / 12)
@@ -85,6 +90,19 @@ def test_summary_reads_both_formats_together(llmpath_bin: str, ledgers: tuple[Pa
         5 * 60,
         1100,
     )  # the 500 is left out of the cache figures
+
+
+def test_throttled_requests_are_counted_per_tenant(llmpath_bin: str, tmp_path: Path) -> None:
+    ledger = tmp_path / "usage.jsonl"
+    sink = JsonlUsageSink(ledger)
+    for i, (tenant, status) in enumerate([("acme", 200), ("acme", 429), ("acme", 429), ("beta", 429), ("beta", 503)]):
+        sink.write(record(i, ttft=0.1, tenant=tenant, status=status))
+    sink.close()
+    out = usage(llmpath_bin, "summary", ledger)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split()[1:4] for line in out.stdout.splitlines() if line.strip()}
+    assert rows["acme"] == ["3", "2", "0"] and rows["beta"] == ["2", "1", "1"]  # requests, 429, 5xx
+    assert rows["total"] == ["5", "3", "1"]
 
 
 def test_summary_tables(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:

@@ -82,7 +82,7 @@ def summary(
     from rich.console import Console
 
     from llmpath.ledger import summarize
-    from llmpath.ledger.render import cache_table, headline, route_table, stage_table, token_table, when
+    from llmpath.ledger.render import cache_table, headline, route_table, stage_table, tenant_table, when
 
     result = summarize(_records(ledgers, since, route, tenant, model, status))
     if as_json:
@@ -95,7 +95,7 @@ def summary(
     console.print(headline(result))
     statuses = ", ".join(f"{code}: {n}" for code, n in result.statuses.items())
     console.print(f"from {when(result.first_time)} to {when(result.last_time)}; status codes {statuses}")
-    for part in (stage_table(result), route_table(result), cache_table(result), token_table(result)):
+    for part in (stage_table(result), route_table(result), cache_table(result), tenant_table(result)):
         print_table(console, part)
 
 

@@ -18,7 +18,7 @@ from llmpath.demo.stack import Stack, StackConfig, start_stack
 from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload, warm_up
 from llmpath.instrumentation.usage import read_jsonl
 from llmpath.ledger import LedgerSummary, summarize
-from llmpath.ledger.render import cache_table, headline, stage_table, token_table
+from llmpath.ledger.render import cache_table, headline, stage_table, tenant_table
 from llmpath.slo_status import SloRow, slo_status, status_table
 
 #: How long the warm-up waits for Prometheus to scrape its requests.
@@ -125,7 +125,7 @@ def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow
     console.print()
     console.rule("[bold]llmpath demo report")
     console.print(headline(summary))
-    for part in (stage_table(summary), cache_table(summary), token_table(summary)):
+    for part in (stage_table(summary), cache_table(summary), tenant_table(summary)):
         console.print(part)
 
     if slo_rows is None:

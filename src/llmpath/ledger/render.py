@@ -86,12 +86,18 @@ def cache_table(summary: LedgerSummary) -> Table:
     return out
 
 
-def token_table(summary: LedgerSummary) -> Table:
-    """Tokens by type per tenant, with the total."""
-    out = table("Tokens by type", {"tenant": "left", "input": "right", "cached": "right", "output": "right"})
-    for tenant, counts in sorted(summary.tokens_by_tenant.items()):
-        out.add_row(tenant, *(f"{counts[k]:,}" for k in TOKEN_TYPES))
-    out.add_row("[bold]total", *(f"[bold]{summary.tokens[k]:,}" for k in TOKEN_TYPES))
+def tenant_table(summary: LedgerSummary) -> Table:
+    """Per tenant: requests, throttled (429) and failed (5xx) ones, tokens by type; with the totals."""
+    columns = {"tenant": "left", "requests": "right", "429": "right", "5xx": "right"}
+    out = table("By tenant", {**columns, **dict.fromkeys(TOKEN_TYPES, "right")})
+    for t in summary.tenants:
+        out.add_row(
+            t.tenant, f"{t.requests:,}", f"{t.throttled:,}", f"{t.server_errors:,}",
+            *(f"{t.tokens[k]:,}" for k in TOKEN_TYPES),
+        )  # fmt: skip
+    totals = [summary.requests, sum(t.throttled for t in summary.tenants), summary.errors]
+    totals += [summary.tokens[k] for k in TOKEN_TYPES]
+    out.add_row("[bold]total", *(f"[bold]{n:,}" for n in totals))
     return out
 
 

@@ -51,6 +51,18 @@ class RouteRow:
 
 
 @dataclass
+class TenantRow:
+    """One tenant's requests: how many, how many were throttled (429: its request rate, its token budget or a
+    full gateway) or failed (5xx), and its tokens by type."""
+
+    tenant: str
+    requests: int
+    throttled: int
+    server_errors: int
+    tokens: dict[str, int]
+
+
+@dataclass
 class CacheRow:
     route: str
     requests: int
@@ -78,6 +90,7 @@ class LedgerSummary:
     cache: list[CacheRow]
     tokens: dict[str, int]
     tokens_by_tenant: dict[str, dict[str, int]] = field(default_factory=dict)
+    tenants: list[TenantRow] = field(default_factory=list)
     ttft_p99_s: float = 0.0
     routes: list[RouteRow] = field(default_factory=list)
     #: Requests per HTTP status code.
@@ -143,11 +156,19 @@ def summarize(records: Iterable[UsageRecord]) -> LedgerSummary:
 
     tokens = dict.fromkeys(TOKEN_TYPES, 0)
     by_tenant: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(TOKEN_TYPES, 0))
+    tenant_rows: dict[str, TenantRow] = {}
     for r in records:
+        tenant = r.tenant or "-"
         for kind in TOKEN_TYPES:
             value = getattr(r, f"{kind}_tokens")
             tokens[kind] += value
-            by_tenant[r.tenant or "-"][kind] += value
+            by_tenant[tenant][kind] += value
+        row = tenant_rows.get(tenant)
+        if row is None:
+            row = tenant_rows[tenant] = TenantRow(tenant, 0, 0, 0, by_tenant[tenant])
+        row.requests += 1
+        row.throttled += r.status_code == 429
+        row.server_errors += r.status_code >= 500
     times = [r.time for r in records]
     return LedgerSummary(
         requests=len(records),
@@ -158,6 +179,7 @@ def summarize(records: Iterable[UsageRecord]) -> LedgerSummary:
         cache=sorted(cache.values(), key=lambda c: c.route),
         tokens=tokens,
         tokens_by_tenant=dict(by_tenant),
+        tenants=sorted(tenant_rows.values(), key=lambda t: t.tenant),
         ttft_p99_s=percentile(ttfts, 0.99),
         routes=routes,
         statuses=dict(sorted(Counter(r.status_code for r in records).items())),
