@@ -308,6 +308,15 @@ def check_slo_status(loop: Loop, page: Notification) -> None:
     assert alert["runbook_url"] == page.annotations["runbook_url"]
     assert {r["slo"] for r in rows} == {"availability", "ttft", "gateway-overhead", "scheduling-latency",
                                        "prefill-latency", "time-per-output-token", "prompt-cache-hit-rate"}  # fmt: skip
+    # on-call of one team: only its SLOs, only those burning
+    mine = subprocess.run([LLMPATH, "slo", "status", "--prometheus", loop.stack.prometheus.url, "--owner", "serving",
+                           "--firing", "--json"], capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    burning = json.loads(mine.stdout)
+    assert burning and all(r["owner"] == "serving" and r["alerts"] for r in burning)
+    assert any(r["slo_id"] == page.labels["sloth_id"] and r["group"] == group for r in burning)
+    nobody = subprocess.run([LLMPATH, "slo", "status", "--prometheus", loop.stack.prometheus.url, "--owner", "nobody"],
+                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert "no SLO owned by 'nobody'" in nobody.stdout
 
 
 def test_slow_prefill_pages_the_prefill_owner_and_resolves(loop: Loop) -> None:

@@ -246,6 +246,8 @@ def status(
         "http://127.0.0.1:9090", "--prometheus", envvar="LLMPATH_PROMETHEUS_URL", help="Prometheus base URL."
     ),
     service: str | None = typer.Option(None, "--service", help="Only the SLOs of this service."),
+    owner: str | None = typer.Option(None, "--owner", help="Only the SLOs this team owns (e.g. serving)."),
+    firing: bool = typer.Option(False, "--firing", help="Only the SLOs (and groups) with a firing alert."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON instead of a table."),
 ) -> None:
     """Every SLO Prometheus evaluates: SLI, burn rate and error budget left per group (route), firing alerts with
@@ -266,12 +268,19 @@ def status(
     except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
         _err(f"llmpath slo status: cannot read SLOs from Prometheus at {prometheus}: {type(exc).__name__}: {exc}")
         raise typer.Exit(2) from None
+    everything = bool(rows)
+    rows = [r for r in rows if (owner is None or r.owner == owner) and (not firing or r.alerts)]
     if as_json:
         typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
         return
     console = Console()
     if not rows:
-        console.print(f"no SLO rules evaluated by {prometheus} (sloth_slo_info has no series)")
+        if everything:
+            wanted = [f"owned by {owner!r}"] if owner else []
+            wanted += ["with a firing alert"] if firing else []
+            console.print(f"no SLO {' and '.join(wanted)}")
+        else:
+            console.print(f"no SLO rules evaluated by {prometheus} (sloth_slo_info has no series)")
         return
     print_table(console, status_table(rows))
     for line in firing_lines(rows):
