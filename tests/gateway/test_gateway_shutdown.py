@@ -20,12 +20,13 @@ def engine(stack):
     return stack.start_engines(1, "--enable-fault-injection")[0]
 
 
-def start(stack, keys, engine, name: str, drain_s: float):
+def start(stack, keys, engine, name: str, drain_s: float, **limits: Any):
     config = {
         "listen": {"drain_s": drain_s},
         "backends": [{"url": engine.url, "name": engine.name}],
         "tokenizer": {"chars_per_token": 1},
         "api_keys": keys.config(),
+        "limits": limits,
         "usage": {"ledger": str(stack.tmp / f"{name}.jsonl")},
     }
     return stack.start_gateway(name, config)
@@ -86,16 +87,21 @@ def test_requests_in_flight_finish_and_new_connections_are_refused(stack, keys, 
 
 
 def test_past_the_drain_time_requests_are_cut_and_recorded(stack, keys, engine) -> None:
-    gw = start(stack, keys, engine, "cut", drain_s=0.5)
+    gw = start(stack, keys, engine, "cut", drain_s=0.5, max_concurrency=1)
     try:
-        pending, sent = terminate_during_a_request(gw, keys, engine, queue_delay_s=5)
-        assert gw.proc.wait(timeout=10) == -signal.SIGTERM  # uvicorn re-raises the signal once drained
-        assert time.monotonic() - sent < 4  # the drain time, not the request, bounds the exit
-        resp = pending.result(timeout=10)
-        assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
-        assert resp.json()["error"]["code"] == "shutting_down"
-        (record,) = ledger(gw)
-        assert record["status_code"] == 503 and record["extra"]["shutdown"] is True
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            httpx.post(f"{engine.url}/debug/fault", json={"queue_delay_s": 5}).raise_for_status()
+            queued = pool.submit(slow_chat, gw, keys)  # waits in the gateway's admission queue behind the first
+            time.sleep(0.3)
+            pending, sent = terminate_during_a_request(gw, keys, engine, queue_delay_s=5)
+            assert gw.proc.wait(timeout=10) == -signal.SIGTERM  # uvicorn re-raises the signal once drained
+            assert time.monotonic() - sent < 4  # the drain time, not the request, bounds the exit
+            for resp in (pending.result(timeout=10), queued.result(timeout=10)):
+                assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+                assert resp.json()["error"]["code"] == "shutting_down"
+        records = ledger(gw)
+        assert len(records) == 2
+        assert all(r["status_code"] == 503 and r["extra"]["shutdown"] is True for r in records)
     finally:
         httpx.delete(f"{engine.url}/debug/fault").raise_for_status()
 

@@ -48,6 +48,7 @@ from llmpath.instrumentation import (
     JsonlUsageSink,
     LLMPathMiddleware,
     SqliteUsageSink,
+    annotate_request,
     get_instrumentation,
     instrument_app,
 )
@@ -383,6 +384,13 @@ class HotPath:
             response = await self.gateway.handle(Request(scope, receive), kind)
         except APIError as exc:
             response = exc.response()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not self.gateway.draining or task is None:
+                raise
+            task.uncancel()  # still queued (or assembling) when the drain time ended: retry elsewhere
+            annotate_request(shutdown=True)
+            response = errors.shutting_down().response()
         except Exception:
             log.exception("unexpected error serving POST %s", scope["path"])
             response = internal_error().response()
