@@ -3,6 +3,7 @@ and serving from flags alone (passthrough route, OpenAI-compatible backend kind,
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +24,15 @@ def test_serve_refuses_to_start_without_keys(llmpath_bin: str) -> None:
     result = run(llmpath_bin, "serve", "--backend", "http://127.0.0.1:9")
     assert result.returncode == 2
     assert "no API keys configured" in result.stderr and "--insecure-no-auth" in result.stderr
+
+
+def test_serve_exits_non_zero_when_the_port_is_taken(llmpath_bin: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = run(llmpath_bin, "serve", "--port", port, "--backend", "http://127.0.0.1:9", "--api-key", "sk-x")
+    assert result.returncode == 3 and "address already in use" in result.stderr
 
 
 def test_serve_refuses_without_backends(llmpath_bin: str) -> None:
