@@ -139,10 +139,7 @@ def serve(
         access_log=access_log,
         timeout_graceful_shutdown=cfg.listen.drain_s,
     )
-    server = DrainingServer(server_config, application.state.gateway)
-    server.run()
-    if not server.started:  # e.g. the address is in use (uvicorn logged why); uvicorn.run exits 3 too
-        raise typer.Exit(3)
+    DrainingServer(server_config, application.state.gateway).run()
 
 
 @app.command("check-config")
