@@ -12,6 +12,7 @@ from llmpath.gateway.admission import (
     TenantRateLimiter,
     TenantTokenLimiter,
     TokenBucket,
+    openai_duration,
 )
 from llmpath.gateway.config import RateConfig, TokenRateConfig
 
@@ -184,3 +185,24 @@ def test_token_budget_overrides_unlimited_and_reconfigure() -> None:
         limiter.reserve("vip", 10, TokenRateConfig(tokens_per_minute=60, burst=10))
     limiter.reconfigure(TokenRateConfig(tokens_per_minute=6000))
     assert limiter.reserve("vip", 10, TokenRateConfig(tokens_per_minute=60, burst=10)) is not None  # full again
+
+
+def test_rate_limit_headers_say_limit_remaining_and_reset_as_openai_does() -> None:
+    assert [openai_duration(x) for x in (0, 0.0173, 1, 1.54, 59.95, 60, 360, 361.2)] == [
+        "0s", "18ms", "1s", "1.6s", "60s", "1m0s", "6m0s", "6m2s",
+    ]  # fmt: skip
+    clock = Clock()
+    bucket = TokenBucket(rate=10, capacity=1000, clock=clock)
+    assert bucket.headers("tokens") == {
+        "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "1000", "x-ratelimit-reset-tokens": "0s",
+    }  # fmt: skip
+    bucket.take(1500)  # a full bucket lets an oversized request through, into debt
+    assert bucket.headers("tokens")["x-ratelimit-remaining-tokens"] == "0"
+    assert bucket.headers("tokens")["x-ratelimit-reset-tokens"] == "2m30s"  # 500 in debt: 1,500 to refill at 10/s
+    limiter = TenantRateLimiter(RateConfig(requests_per_second=0.2, burst=1), clock)
+    limiter.check("slow")
+    with pytest.raises(AdmissionRejected) as rej:
+        limiter.check("slow")
+    assert rej.value.headers == {
+        "x-ratelimit-limit-requests": "1", "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "5s",
+    }  # fmt: skip

@@ -47,9 +47,14 @@ def faults(stack, **state: float) -> None:
 
 
 def test_tenant_rate_limit(gw, keys) -> None:
-    assert post(gw, keys, "first", key=keys.limited).status_code == 200
+    first = post(gw, keys, "first", key=keys.limited, stream=True)  # the SSE response carries them too
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "1" and first.headers["x-ratelimit-remaining-requests"] == "0"
+    assert "x-ratelimit-limit-tokens" not in first.headers  # no token budget for this tenant
     limited = post(gw, keys, "second", key=keys.limited)
     assert limited.status_code == 429
+    assert limited.headers["x-ratelimit-remaining-requests"] == "0"
+    assert limited.headers["x-ratelimit-reset-requests"].endswith("s")
     assert limited.json()["error"]["code"] == "rate_limited" and limited.json()["error"]["type"] == "rate_limit_error"
     assert 1 <= int(limited.headers["retry-after"]) <= 5  # 0.2 requests/s: the next token in at most 5 s
     assert post(gw, keys, "another tenant").status_code == 200  # tenants have their own buckets
@@ -130,11 +135,16 @@ def test_tenant_token_budget_reserves_and_refunds(gw, stack, keys) -> None:
     assert served.status_code == 200, served.text
     reserved = gw.record(served.headers["x-request-id"])["extra"]["tokens_reserved"]
     assert 200 < reserved <= 300
+    # what is left after the reservation, as OpenAI's headers say it (it refills at 1 token/s meanwhile)
+    assert served.headers["x-ratelimit-limit-tokens"] == "300"
+    assert 300 - reserved <= int(served.headers["x-ratelimit-remaining-tokens"]) <= 300 - reserved + 5
     over = post(gw, keys, "metered", key=keys.budgeted, max_tokens=200)
     assert over.status_code == 429 and over.json()["error"]["code"] == "token_rate_limited"
+    assert over.headers["x-ratelimit-limit-tokens"] == "300" and "x-ratelimit-reset-tokens" in over.headers
     assert over.json()["error"]["type"] == "rate_limit_error" and int(over.headers["retry-after"]) >= 1
     assert gw.metrics()['llmpath_admission_rejections_total{reason="token_rate_limited"}'] >= 1
-    assert post(gw, keys, "metered", key=keys.user, max_tokens=200).status_code == 200  # other tenants: no budget
+    unlimited = post(gw, keys, "metered", key=keys.user, max_tokens=200)  # other tenants: no budget, no headers
+    assert unlimited.status_code == 200 and not any(h.startswith("x-ratelimit-") for h in unlimited.headers)
     _wait_until(_all_backends_clean(gw))  # the injected 5xx counts towards ejection until a health check passes
 
 

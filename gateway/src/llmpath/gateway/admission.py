@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,12 +21,14 @@ from llmpath.gateway.config import RateConfig, TokenRateConfig
 
 
 class AdmissionRejected(Exception):
-    """Not admitted; ``reason`` is ``queue_full``, ``queue_timeout`` or ``rate_limited``."""
+    """Not admitted; ``reason`` is ``queue_full``, ``queue_timeout``, ``rate_limited`` or ``token_rate_limited``;
+    ``headers``: the ``x-ratelimit-*`` headers of the limit that refused."""
 
-    def __init__(self, reason: str, retry_after_s: float, message: str) -> None:
+    def __init__(self, reason: str, retry_after_s: float, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.retry_after_s = retry_after_s
+        self.headers = headers or {}
 
 
 class TokenBucket:
@@ -61,10 +64,32 @@ class TokenBucket:
         self._refill()
         return self._tokens
 
+    def headers(self, unit: str) -> dict[str, str]:
+        """OpenAI's rate-limit headers for this bucket (``unit``: ``requests`` or ``tokens``): the limit (the
+        capacity), what remains now and the time until the bucket is full again."""
+        tokens = self.tokens
+        return {
+            f"x-ratelimit-limit-{unit}": f"{self.capacity:.0f}",
+            f"x-ratelimit-remaining-{unit}": f"{max(0, math.floor(tokens))}",
+            f"x-ratelimit-reset-{unit}": openai_duration((self.capacity - tokens) / self.rate),
+        }
+
     def _refill(self) -> None:
         now = self.clock()
         self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
         self._stamp = now
+
+
+def openai_duration(seconds: float) -> str:
+    """A duration as OpenAI's ``x-ratelimit-reset-*`` headers write it: ``0s``, ``20ms``, ``1.5s``, ``6m0s``."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{math.ceil(seconds * 10) / 10:g}s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
 
 
 class TenantRateLimiter:
@@ -80,8 +105,9 @@ class TenantRateLimiter:
         self.default = default
         self._buckets.clear()
 
-    def check(self, tenant: str, override: RateConfig | None = None) -> None:
-        """Raise :class:`AdmissionRejected` (``rate_limited``) when the tenant is over its rate."""
+    def check(self, tenant: str, override: RateConfig | None = None) -> TokenBucket | None:
+        """The tenant's bucket, one request taken (None when unlimited); raise :class:`AdmissionRejected`
+        (``rate_limited``) when the tenant is over its rate."""
         bucket = self._buckets.get(tenant, ...)
         if bucket is ...:
             rate = override or self.default
@@ -90,10 +116,13 @@ class TenantRateLimiter:
             )
             self._buckets[tenant] = bucket
         if bucket is None:
-            return
+            return None
         wait = bucket.take()
         if wait:
-            raise AdmissionRejected("rate_limited", wait, "Rate limit reached for this API key; retry later.")
+            raise AdmissionRejected(
+                "rate_limited", wait, "Rate limit reached for this API key; retry later.", bucket.headers("requests")
+            )
+        return bucket
 
 
 class TenantTokenLimiter:
@@ -127,7 +156,10 @@ class TenantTokenLimiter:
         wait = bucket.take(estimate)
         if wait:
             raise AdmissionRejected(
-                "token_rate_limited", wait, "Token rate limit reached for this API key; retry later."
+                "token_rate_limited",
+                wait,
+                "Token rate limit reached for this API key; retry later.",
+                bucket.headers("tokens"),
             )
         return TokenReservation(bucket, estimate)
 
@@ -135,10 +167,10 @@ class TenantTokenLimiter:
 class TokenReservation:
     """Tokens taken from a budget ahead of a request; :meth:`settle` once with the tokens it used."""
 
-    __slots__ = ("_bucket", "estimate", "settled")
+    __slots__ = ("bucket", "estimate", "settled")
 
     def __init__(self, bucket: TokenBucket, estimate: int) -> None:
-        self._bucket = bucket
+        self.bucket = bucket
         self.estimate = estimate
         self.settled = False
 
@@ -146,7 +178,7 @@ class TokenReservation:
         """Return what was reserved but not used (or take what was used beyond it); idempotent."""
         if not self.settled:
             self.settled = True
-            self._bucket.give(self.estimate - used)
+            self.bucket.give(self.estimate - used)
 
 
 @dataclass(slots=True)

@@ -121,6 +121,8 @@ class Prepared:
     tokens: TokenReservation | None = None
     #: ... the prompt and output tokens the backend reported (0 when it never answered).
     tokens_used: int = 0
+    #: ``x-ratelimit-*`` response headers of the tenant's limits, as OpenAI sends them (none when unlimited).
+    ratelimit_headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class Gateway:
@@ -371,14 +373,20 @@ class Gateway:
 
     async def _admit(self, p: Prepared, st: StageScope) -> None:
         try:
-            self.rates.check(p.principal.tenant, p.principal.rate)
+            requests = self.rates.check(p.principal.tenant, p.principal.rate)
             estimate = p.key.prompt_tokens + p.sampling.max_tokens
             p.tokens = self.tokens.reserve(p.principal.tenant, estimate, p.principal.tokens)
+            limits = requests.headers("requests") if requests is not None else {}
+            if p.tokens is not None:
+                limits |= p.tokens.bucket.headers("tokens")
+            p.ratelimit_headers = [(k.encode(), v.encode()) for k, v in limits.items()]
             waited = await self.admission.acquire()
         except AdmissionRejected as exc:
             if self.metrics is not None:
                 self.metrics.rejection(exc.reason)
-            raise errors.rate_limited(str(exc), exc.retry_after_s, exc.reason) from None
+            error = errors.rate_limited(str(exc), exc.retry_after_s, exc.reason)
+            error.headers |= exc.headers
+            raise error from None
         p.admitted = True
         st.set_attribute("llmpath.schedule.gateway_queue_s", waited)
         annotate_request(gateway_queue_s=round(waited, 6))
@@ -550,6 +558,7 @@ class BackendCallResponse(Response):
                     (b"content-type", b"text/event-stream; charset=utf-8"),
                     (b"cache-control", b"no-cache"),
                     (b"x-accel-buffering", b"no"),
+                    *p.ratelimit_headers,
                 ],
             }
         )
@@ -627,6 +636,7 @@ class BackendCallResponse(Response):
         body = orjson.dumps(obj)
         raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+        raw_headers += self.p.ratelimit_headers
         self._started = True
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})
