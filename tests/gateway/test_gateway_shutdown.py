@@ -91,12 +91,13 @@ def test_past_the_drain_time_requests_are_cut_and_recorded(stack, keys, engine) 
     try:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             httpx.post(f"{engine.url}/debug/fault", json={"queue_delay_s": 5}).raise_for_status()
-            queued = pool.submit(slow_chat, gw, keys)  # waits in the gateway's admission queue behind the first
+            at_engine = pool.submit(slow_chat, gw, keys)  # takes the only slot and waits in the engine's queue
             time.sleep(0.3)
-            pending, sent = terminate_during_a_request(gw, keys, engine, queue_delay_s=5)
+            # the next one waits in the gateway's admission queue behind it
+            in_gateway, sent = terminate_during_a_request(gw, keys, engine, queue_delay_s=5)
             assert gw.proc.wait(timeout=10) == -signal.SIGTERM  # uvicorn re-raises the signal once drained
             assert time.monotonic() - sent < 4  # the drain time, not the request, bounds the exit
-            for resp in (pending.result(timeout=10), queued.result(timeout=10)):
+            for resp in (at_engine.result(timeout=10), in_gateway.result(timeout=10)):
                 assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
                 assert resp.json()["error"]["code"] == "shutting_down"
         records = ledger(gw)
