@@ -92,29 +92,36 @@ def openai_duration(seconds: float) -> str:
     return f"{minutes}m{rest}s"
 
 
-class TenantRateLimiter:
-    """One token bucket per tenant; a tenant's own ``rate`` overrides the default; rate 0 = unlimited."""
+class _TenantBuckets:
+    """One token bucket per tenant, made on first use from the tenant's own limit or the default (``per_second``
+    refill, ``capacity``; a rate of 0 means no limit)."""
 
-    def __init__(self, default: RateConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, default: RateConfig | TokenRateConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.default = default
         self.clock = clock
         self._buckets: dict[str, TokenBucket | None] = {}
 
-    def reconfigure(self, default: RateConfig) -> None:
-        """New default rate; every tenant's bucket starts again, full, at its (possibly new) rate."""
+    def reconfigure(self, default: RateConfig | TokenRateConfig) -> None:
+        """New default limit; every tenant's bucket starts again, full, at its (possibly new) rate."""
         self.default = default
         self._buckets.clear()
+
+    def _bucket(self, tenant: str, override: RateConfig | TokenRateConfig | None) -> TokenBucket | None:
+        bucket = self._buckets.get(tenant, ...)
+        if bucket is ...:
+            limit = override or self.default
+            bucket = TokenBucket(limit.per_second, limit.capacity, self.clock) if limit.per_second else None
+            self._buckets[tenant] = bucket
+        return bucket
+
+
+class TenantRateLimiter(_TenantBuckets):
+    """Each tenant's request rate; a tenant's own ``rate`` overrides the default; rate 0 = unlimited."""
 
     def check(self, tenant: str, override: RateConfig | None = None) -> TokenBucket | None:
         """The tenant's bucket, one request taken (None when unlimited); raise :class:`AdmissionRejected`
         (``rate_limited``) when the tenant is over its rate."""
-        bucket = self._buckets.get(tenant, ...)
-        if bucket is ...:
-            rate = override or self.default
-            bucket = (
-                TokenBucket(rate.requests_per_second, rate.capacity, self.clock) if rate.requests_per_second else None
-            )
-            self._buckets[tenant] = bucket
+        bucket = self._bucket(tenant, override)
         if bucket is None:
             return None
         wait = bucket.take()
@@ -125,32 +132,14 @@ class TenantRateLimiter:
         return bucket
 
 
-class TenantTokenLimiter:
+class TenantTokenLimiter(_TenantBuckets):
     """Each tenant's token budget (prompt + output tokens per minute); a tenant's own ``tokens`` overrides the
     default; 0 = unlimited. A request reserves its estimate up front and settles it with what it really used."""
-
-    def __init__(self, default: TokenRateConfig, clock: Callable[[], float] = time.monotonic) -> None:
-        self.default = default
-        self.clock = clock
-        self._buckets: dict[str, TokenBucket | None] = {}
-
-    def reconfigure(self, default: TokenRateConfig) -> None:
-        """New default budget; every tenant's bucket starts again, full, at its (possibly new) rate."""
-        self.default = default
-        self._buckets.clear()
 
     def reserve(self, tenant: str, estimate: int, override: TokenRateConfig | None = None) -> TokenReservation | None:
         """Reserve ``estimate`` tokens (None when the tenant is unlimited); raise :class:`AdmissionRejected`
         (``token_rate_limited``) when its budget cannot cover them yet."""
-        bucket = self._buckets.get(tenant, ...)
-        if bucket is ...:
-            budget = override or self.default
-            bucket = (
-                TokenBucket(budget.tokens_per_minute / 60.0, budget.capacity, self.clock)
-                if budget.tokens_per_minute
-                else None
-            )
-            self._buckets[tenant] = bucket
+        bucket = self._bucket(tenant, override)
         if bucket is None:
             return None
         wait = bucket.take(estimate)

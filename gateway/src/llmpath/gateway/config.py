@@ -146,6 +146,11 @@ class RateConfig(_Strict):
     def capacity(self) -> float:
         return float(self.burst) if self.burst is not None else max(1.0, self.requests_per_second)
 
+    @property
+    def per_second(self) -> float:
+        """Refill rate (0: no limit)."""
+        return self.requests_per_second
+
 
 class TokenRateConfig(_Strict):
     """A token budget per tenant, as LLM APIs' "tokens per minute" limits: prompt and output tokens refill at
@@ -157,6 +162,11 @@ class TokenRateConfig(_Strict):
     @property
     def capacity(self) -> float:
         return float(self.burst) if self.burst is not None else max(1.0, self.tokens_per_minute)
+
+    @property
+    def per_second(self) -> float:
+        """Refill rate (0: no limit)."""
+        return self.tokens_per_minute / 60.0
 
 
 class ApiKeyConfig(_Strict):
