@@ -744,11 +744,8 @@ class _Tracker:
             self._backend_queued_at = now - prefill - max(0.0, queued.queue_seconds)
 
     def done(self, event: Done) -> None:
-        self._settled = True
-        now = perf_counter()
         p, usage = self._p, event.usage
-        if self._first_token_at is not None:
-            record_stage("decode", now - self._first_token_at, end=now, source="gateway")
+        self._account(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         dispatch = event.timings.dispatch_seconds
         if dispatch is not None and self._backend_queued_at is not None:
             # Only known at the end (SGLang reports it with the final output), placed just before the backend queue.
@@ -760,18 +757,6 @@ class _Tracker:
                 attributes={"llmpath.schedule.backend_dispatch_s": dispatch},
             )
             annotate_request(backend_dispatch_s=round(dispatch, 6))
-        cached = min(usage.cached_tokens, usage.prompt_tokens)
-        p.tokens_used = usage.prompt_tokens + usage.completion_tokens
-        record_usage(
-            input_tokens=usage.prompt_tokens,
-            cached_tokens=cached,
-            output_tokens=usage.completion_tokens,
-            model=p.backend_model,
-            tenant=p.principal.tenant,
-        )
-        self.call.set_usage(
-            input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens, cached_tokens=cached
-        )
         self.call.set_finish_reasons([event.finish_reason])
         self.call.set_response(response_id=p.fmt.id, response_model=p.backend_model)
         annotate_request(finish_reason=event.finish_reason)
@@ -782,29 +767,35 @@ class _Tracker:
         """Account for a request that ended without the backend's final event — the client went away (a "stop"
         button), the gateway shut down, the stream broke: the prompt as the backend reported it with the first
         token, and the tokens generated until then (``usage_partial`` in the ledger). Nothing when no token came."""
-        if self._settled:
-            return
-        self._settled = True
         first = self._first
-        if first is None or self._first_token_at is None:
+        if self._settled or first is None or self._first_token_at is None:
+            self._settled = True
             return
-        now = perf_counter()
-        record_stage("decode", now - self._first_token_at, end=now, source="gateway")
         prompt = first.prompt_tokens
         if not prompt:  # OpenAI-compatible servers count the prompt only in their final chunk: the gateway's estimate
             prompt = self._p.key.prompt_tokens
             annotate_request(input_tokens_estimated=True)
-        cached = min(first.cached_tokens, prompt)
-        self._p.tokens_used = prompt + self._output_tokens
+        self._account(prompt, first.cached_tokens, self._output_tokens)
+        annotate_request(usage_partial=True)
+
+    def _account(self, prompt: int, cached: int, output: int) -> None:
+        """The end of the request: its decode stage up to now, and its tokens in the usage record, the model-call
+        span and the tenant's token budget (once, whichever of :meth:`done` and :meth:`settle` comes first)."""
+        self._settled = True
+        p = self._p
+        if self._first_token_at is not None:
+            now = perf_counter()
+            record_stage("decode", now - self._first_token_at, end=now, source="gateway")
+        cached = min(cached, prompt)
+        p.tokens_used = prompt + output
         record_usage(
             input_tokens=prompt,
             cached_tokens=cached,
-            output_tokens=self._output_tokens,
-            model=self._p.backend_model,
-            tenant=self._p.principal.tenant,
+            output_tokens=output,
+            model=p.backend_model,
+            tenant=p.principal.tenant,
         )
-        self.call.set_usage(input_tokens=prompt, output_tokens=self._output_tokens, cached_tokens=cached)
-        annotate_request(usage_partial=True)
+        self.call.set_usage(input_tokens=prompt, output_tokens=output, cached_tokens=cached)
 
 
 def _api_error(exc: BackendError) -> APIError:
