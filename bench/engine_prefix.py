@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import random
 import statistics
 import sys
@@ -72,6 +73,7 @@ def in_process(args: argparse.Namespace) -> tuple[Generate, Callable[[], None], 
             device=args.device,
             threads=args.threads,
             kv_tokens=args.kv_tokens,
+            chunked_prefill_size=args.chunked_prefill_size,
             context_length=max(args.prompt_tokens * 2, 4096),
             enable_metrics=False,
         )  # fmt: skip
@@ -88,9 +90,17 @@ def in_process(args: argparse.Namespace) -> tuple[Generate, Callable[[], None], 
         return ttft or 0.0, n
 
     cfg = engine.config
-    label = (f"embedded engine, preset {args.preset} ({cfg.num_parameters() / 1e6:.0f}M params), {args.device}, "
-             f"{str(engine.dtype).removeprefix('torch.')}, torch threads {args.threads or 'default'}")  # fmt: skip
+    chunk = engine.args.chunk_size
+    label = (f"embedded engine, preset {args.preset} ({cfg.num_parameters() / 1e6:.0f}M params), {_device_name(args)}, "
+             f"{str(engine.dtype).removeprefix('torch.')}, torch threads {args.threads or 'default'}, "
+             f"chunked prefill {chunk or 'off'}")  # fmt: skip
     return generate, engine.stop, label
+
+
+def _device_name(args: argparse.Namespace) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
 
 
 def over_http(url: str) -> tuple[Generate, Callable[[], None], str]:
@@ -133,8 +143,13 @@ def eager_reference(args: argparse.Namespace) -> tuple[float, float] | None:
                       intermediate_size=c.intermediate_size, max_position_embeddings=max(args.prompt_tokens * 2, 4096),
                       rope_theta=c.rope_theta)  # fmt: skip
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    with torch.device(args.device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype on its device: an 8B model never exists in float32
+    try:
+        with torch.device(args.device):
+            model = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(previous)
     rng = random.Random(args.seed)
     shared = int(args.prompt_tokens * 0.9)
 
@@ -170,6 +185,7 @@ async def main() -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--kv-tokens", type=int, default=None)
+    p.add_argument("--chunked-prefill-size", type=int, default=None, help="as the engine's flag (-1: off)")
     p.add_argument("--prompt-tokens", type=int, default=1024)
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--decode-tokens", type=int, default=64)
@@ -195,6 +211,12 @@ async def main() -> int:
         print(f"  8 concurrent  {eight:8.1f} tok/s total   (×{eight / one:.2f})")
     finally:
         close()
+    del generate, close  # the engine's model and KV pool: freed before the reference model is built
+    gc.collect()
+    if args.device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
     if args.compare_eager and not args.url:
         ref = eager_reference(args)
         if ref is not None:

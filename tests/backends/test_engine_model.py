@@ -1,7 +1,13 @@
-"""The transformer against an independent eager reference, prefix reuse exactness, batching, checkpoints."""
+"""The transformer against an independent eager reference, prefix reuse exactness, batching, checkpoints.
+
+CI runs this on CPU in float32. On a GPU machine the same checks run with ``LLMPATH_TEST_DEVICE=cuda`` and
+``LLMPATH_TEST_DTYPE=bfloat16`` (or ``float32``); the reference stays float32 on CPU, and half precision is
+compared with a tolerance relative to the logits' scale.
+"""
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,24 +19,39 @@ from llmpath.backends.engine.kv_pool import TokenSlotPool
 from llmpath.backends.engine.model import ForwardBatch, LlamaModel, SeqInput, load_safetensors, save_safetensors
 from llmpath.backends.engine.presets import PRESETS, config_from_hf
 
-CPU = torch.device("cpu")
+DEVICE = torch.device(os.environ.get("LLMPATH_TEST_DEVICE", "cpu"))
+DTYPE: torch.dtype = getattr(torch, os.environ.get("LLMPATH_TEST_DTYPE", "float32"))
 
 
 @pytest.fixture(scope="module")
 def model() -> LlamaModel:
     m = LlamaModel(PRESETS["tiny"])
     m.init_random(seed=7)
-    m.prepare(CPU, torch.float32)
+    m.prepare(DEVICE, DTYPE)
     return m
 
 
 def new_pool(m: LlamaModel, slots: int = 512) -> TokenSlotPool:
     c = m.config
-    return TokenSlotPool(slots, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype=torch.float32, device=CPU)
+    return TokenSlotPool(slots, c.num_hidden_layers, c.num_key_value_heads, c.head_dim, dtype=DTYPE, device=DEVICE)
 
 
-def reference_logits(m: LlamaModel, ids: list[int]) -> torch.Tensor:
-    """A plain eager forward (no KV pool, explicit GQA repeat and softmax) giving every position's logits."""
+def batch_of(*seqs: SeqInput) -> ForwardBatch:
+    return ForwardBatch(seqs, DEVICE, DTYPE)
+
+
+def assert_logits_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """float32: within 1e-4; half precision: within 3 % of the reference logits' largest magnitude."""
+    got = got.float().cpu()
+    atol = 1e-4 if DTYPE is torch.float32 else 0.03 * float(want.abs().max())
+    assert torch.allclose(got, want, atol=atol), f"max |diff| {float((got - want).abs().max()):.3g} > {atol:.3g}"
+
+
+def reference_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
+    """A plain eager float32 forward on CPU (no KV pool, explicit GQA repeat and softmax) of the model's weights,
+    giving every position's logits."""
+    m = LlamaModel(model.config)
+    m.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()})
     c = m.config
     n, h, kv, d = len(ids), c.num_attention_heads, c.num_key_value_heads, c.head_dim
     inv = 1.0 / (c.rope_theta ** (torch.arange(0, d, 2).float() / d))
@@ -69,42 +90,42 @@ def ids_of(n: int, seed: int = 0) -> list[int]:
 def test_full_prefill_matches_the_eager_reference(model: LlamaModel) -> None:
     ids = ids_of(40)
     pool = new_pool(model)
-    got = model(ForwardBatch([SeqInput(ids, 0, pool.alloc(40))], CPU), pool)
+    got = model(batch_of(SeqInput(ids, 0, pool.alloc(40))), pool)
     want = reference_logits(model, ids)[-1]
-    assert torch.allclose(got[0], want, atol=1e-4), (got[0] - want).abs().max()
+    assert_logits_close(got[0], want)
 
 
 def test_suffix_prefill_on_cached_prefix_equals_full_prefill(model: LlamaModel) -> None:
     ids = ids_of(64, seed=1)
     pool = new_pool(model)
     prefix = pool.alloc(48)
-    model(ForwardBatch([SeqInput(ids[:48], 0, prefix)], CPU), pool)  # fills the prefix KV
+    model(batch_of(SeqInput(ids[:48], 0, prefix)), pool)  # fills the prefix KV
     slots = torch.cat((prefix, pool.alloc(16)))  # the suffix gets slots elsewhere in the pool
-    warm = model(ForwardBatch([SeqInput(ids[48:], 48, slots)], CPU), pool)
-    assert torch.allclose(warm[0], reference_logits(model, ids)[-1], atol=1e-4)
+    warm = model(batch_of(SeqInput(ids[48:], 48, slots)), pool)
+    assert_logits_close(warm[0], reference_logits(model, ids)[-1])
 
 
 def test_decode_steps_match_the_reference_at_each_position(model: LlamaModel) -> None:
     ids = ids_of(20, seed=2)
     pool = new_pool(model)
     slots = pool.alloc(12)
-    model(ForwardBatch([SeqInput(ids[:12], 0, slots)], CPU), pool)
+    model(batch_of(SeqInput(ids[:12], 0, slots)), pool)
     ref = reference_logits(model, ids)
     for i in range(12, 20):
         slots = torch.cat((slots, pool.alloc(1)))
-        out = model(ForwardBatch([SeqInput([ids[i]], i, slots)], CPU), pool)
-        assert torch.allclose(out[0], ref[i], atol=1e-4)
+        out = model(batch_of(SeqInput([ids[i]], i, slots)), pool)
+        assert_logits_close(out[0], ref[i])
 
 
 def test_ragged_batch_equals_separate_forwards(model: LlamaModel) -> None:
     pool = new_pool(model)
     a, b = ids_of(30, seed=3), ids_of(9, seed=4)
     pa = pool.alloc(20)
-    model(ForwardBatch([SeqInput(a[:20], 0, pa)], CPU), pool)
+    model(batch_of(SeqInput(a[:20], 0, pa)), pool)
     sa, sb = torch.cat((pa, pool.alloc(10))), pool.alloc(9)
-    batched = model(ForwardBatch([SeqInput(a[20:], 20, sa), SeqInput(b, 0, sb)], CPU), pool)
-    assert torch.allclose(batched[0], reference_logits(model, a)[-1], atol=1e-4)
-    assert torch.allclose(batched[1], reference_logits(model, b)[-1], atol=1e-4)
+    batched = model(batch_of(SeqInput(a[20:], 20, sa), SeqInput(b, 0, sb)), pool)
+    assert_logits_close(batched[0], reference_logits(model, a)[-1])
+    assert_logits_close(batched[1], reference_logits(model, b)[-1])
 
 
 def test_mixed_batch_of_decodes_and_a_chunk_equals_the_reference(model: LlamaModel) -> None:
@@ -113,38 +134,38 @@ def test_mixed_batch_of_decodes_and_a_chunk_equals_the_reference(model: LlamaMod
     a, b, c = ids_of(25, seed=5), ids_of(60, seed=6), ids_of(23, seed=7)
     sa, sb, sc = pool.alloc(24), pool.alloc(30), pool.alloc(22)
     for ids, slots in ((a[:24], sa), (b[:30], sb), (c[:22], sc)):
-        model(ForwardBatch([SeqInput(ids, 0, slots)], CPU), pool)
+        model(batch_of(SeqInput(ids, 0, slots)), pool)
     sa, sb, sc = torch.cat((sa, pool.alloc(1))), torch.cat((sb, pool.alloc(20))), torch.cat((sc, pool.alloc(1)))
-    batch = ForwardBatch([SeqInput([a[24]], 24, sa), SeqInput(b[30:50], 30, sb), SeqInput([c[22]], 22, sc)], CPU)
+    batch = batch_of(SeqInput([a[24]], 24, sa), SeqInput(b[30:50], 30, sb), SeqInput([c[22]], 22, sc))
     assert [layout.num_seqs for layout in batch.layouts] == [2, 1]
     out = model(batch, pool)
     for got, ids in zip(out, (a, b[:50], c), strict=True):
-        assert torch.allclose(got, reference_logits(model, ids)[-1], atol=1e-4)
+        assert_logits_close(got, reference_logits(model, ids)[-1])
 
 
 def test_decodes_of_very_different_contexts_get_separate_attention_calls(model: LlamaModel) -> None:
     pool = new_pool(model, slots=1024)
     long, short = ids_of(300, seed=11), ids_of(9, seed=12)
     sl, ss = pool.alloc(299), pool.alloc(8)
-    model(ForwardBatch([SeqInput(long[:299], 0, sl)], CPU), pool)
-    model(ForwardBatch([SeqInput(short[:8], 0, ss)], CPU), pool)
+    model(batch_of(SeqInput(long[:299], 0, sl)), pool)
+    model(batch_of(SeqInput(short[:8], 0, ss)), pool)
     sl, ss = torch.cat((sl, pool.alloc(1))), torch.cat((ss, pool.alloc(1)))
-    batch = ForwardBatch([SeqInput([short[8]], 8, ss), SeqInput([long[299]], 299, sl)], CPU)
+    batch = batch_of(SeqInput([short[8]], 8, ss), SeqInput([long[299]], 299, sl))
     assert [layout.num_seqs for layout in batch.layouts] == [1, 1]  # not the short one padded to 300 keys
     out = model(batch, pool)
     for got, ids in zip(out, (short, long), strict=True):
-        assert torch.allclose(got, reference_logits(model, ids)[-1], atol=1e-4)
+        assert_logits_close(got, reference_logits(model, ids)[-1])
 
 
 def test_prefills_of_similar_size_share_an_attention_call_and_others_get_their_own(model: LlamaModel) -> None:
     pool = new_pool(model)
     a, b, c = ids_of(40, seed=8), ids_of(38, seed=9), ids_of(5, seed=10)
-    batch = ForwardBatch([SeqInput(c, 0, pool.alloc(5)), SeqInput(a, 0, pool.alloc(40)),
-                          SeqInput(b, 0, pool.alloc(38))], CPU)  # fmt: skip
+    batch = batch_of(SeqInput(c, 0, pool.alloc(5)), SeqInput(a, 0, pool.alloc(40)),
+                          SeqInput(b, 0, pool.alloc(38)))  # fmt: skip
     assert [layout.num_seqs for layout in batch.layouts] == [2, 1]  # a and b padded together; c alone
     out = model(batch, pool)
     for got, ids in zip(out, (c, a, b), strict=True):
-        assert torch.allclose(got, reference_logits(model, ids)[-1], atol=1e-4)
+        assert_logits_close(got, reference_logits(model, ids)[-1])
 
 
 def test_random_weights_are_deterministic() -> None:
@@ -160,7 +181,8 @@ def test_checkpoint_round_trip(model: LlamaModel, tmp_path: Path) -> None:
     assert replace(cfg, name=model.config.name) == model.config
     loaded = LlamaModel(cfg)
     load_safetensors(loaded, tmp_path)
-    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), loaded.parameters(), strict=True))
+    pairs = zip(model.parameters(), loaded.parameters(), strict=True)
+    assert all(torch.equal(p.detach().cpu().to(q.dtype), q) for p, q in pairs)
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:

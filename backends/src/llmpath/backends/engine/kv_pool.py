@@ -31,6 +31,7 @@ class TokenSlotPool:
             raise ValueError("the KV pool needs at least one slot")
         self.size = num_slots
         self.device = device
+        self.dtype = dtype
         shape = (num_slots + 1, kv_heads, head_dim)
         self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]

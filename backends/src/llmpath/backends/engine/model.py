@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from llmpath.backends.engine.kv_pool import TokenSlotPool
 from llmpath.backends.engine.presets import ModelConfig
@@ -36,7 +37,13 @@ class AttentionLayout:
     several padded to the longest. ``token_index`` selects the group's tokens from the flattened batch (``None``:
     every token, in order)."""
 
-    def __init__(self, seqs: Sequence[SeqInput], device: torch.device, token_index: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        seqs: Sequence[SeqInput],
+        device: torch.device,
+        dtype: torch.dtype,
+        token_index: torch.Tensor | None = None,
+    ) -> None:
         self.num_seqs = len(seqs)
         self.token_index = token_index
         q_lens = [len(s.new_ids) for s in seqs]
@@ -47,8 +54,7 @@ class AttentionLayout:
             self.is_causal = p == 0 and q > 1
             self.mask = None
             if p > 0 and q > 1:  # the suffix attends to the whole cached prefix and causally to itself
-                rows = torch.arange(q, device=device).unsqueeze(1) + p
-                self.mask = torch.arange(kv, device=device).unsqueeze(0) <= rows
+                self.mask = _suffix_causal_mask(q, kv, device, dtype)
             return
         max_q, max_kv = max(q_lens), max(kv_lens)
         self.is_causal = False
@@ -67,6 +73,17 @@ class AttentionLayout:
         self.max_q = max_q
 
 
+def _suffix_causal_mask(q: int, kv: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | CausalBias:
+    """The mask of ``q`` new tokens after ``kv - q`` cached ones: every cached token, and the new ones causally.
+
+    On CUDA in half precision this is flash attention's own lower-right causal alignment, with no ``q × kv`` mask in
+    memory; elsewhere (CPU, float32, where no flash kernel takes it) the boolean mask, built once per forward."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return causal_lower_right(q, kv)
+    rows = torch.arange(q, device=device).unsqueeze(1) + (kv - q)
+    return torch.arange(kv, device=device).unsqueeze(0) <= rows
+
+
 #: Sequences share one padded attention call while its padded size stays within this factor of their actual
 #: query × key sizes; beyond it the next sequence starts another call.
 PADDING_TOLERANCE = 1.25
@@ -80,7 +97,7 @@ class ForwardBatch:
     computed, and its keys gathered, at the longest one's size: a 50-token prompt next to a 1,500-token one made a
     prefill 1.6× slower, one 3,000-token context among fifteen 100-token ones a decode step 8.8× slower."""
 
-    def __init__(self, seqs: Sequence[SeqInput], device: torch.device) -> None:
+    def __init__(self, seqs: Sequence[SeqInput], device: torch.device, dtype: torch.dtype) -> None:
         self.num_seqs = len(seqs)
         q_lens = [len(s.new_ids) for s in seqs]
         ids: list[int] = []
@@ -98,14 +115,14 @@ class ForwardBatch:
         groups = _similar([i for i in by_work if q_lens[i] == 1], q_lens, kv_lens)
         groups += _similar([i for i in by_work if q_lens[i] > 1], q_lens, kv_lens)
         if len(groups) == 1:
-            self.layouts = [AttentionLayout(seqs, device)]
+            self.layouts = [AttentionLayout(seqs, device, dtype)]
             return
         starts = [0, *itertools.accumulate(q_lens)]
         self.layouts = []
         for group in groups:
             tokens = [t for i in group for t in range(starts[i], starts[i + 1])]
             index = torch.tensor(tokens, dtype=torch.int64, device=device)
-            self.layouts.append(AttentionLayout([seqs[i] for i in group], device, index))
+            self.layouts.append(AttentionLayout([seqs[i] for i in group], device, dtype, index))
 
 
 def _similar(order: list[int], q_lens: list[int], kv_lens: list[int]) -> list[list[int]]:

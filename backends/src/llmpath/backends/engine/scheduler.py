@@ -412,7 +412,7 @@ class Scheduler:
             seqs.append(SeqInput(req.fill_ids[done : done + n], done, req.slots[: done + n]))  # type: ignore[index]
         decoding = list(self.running) if self.config.enable_mixed_chunk else []
         seqs.extend(self._decode_inputs(decoding))
-        logits = self.model(ForwardBatch(seqs, self.device), self.pool)
+        logits = self.model(ForwardBatch(seqs, self.device, self.pool.dtype), self.pool)
         self.forward_count += 1
         elapsed = time.monotonic() - start
         slowdown = self.faults.state.prefill_slowdown
@@ -480,7 +480,7 @@ class Scheduler:
     def _decode_step(self) -> None:
         reqs = list(self.running)
         start = time.monotonic()
-        logits = self.model(ForwardBatch(self._decode_inputs(reqs), self.device), self.pool)
+        logits = self.model(ForwardBatch(self._decode_inputs(reqs), self.device, self.pool.dtype), self.pool)
         self.forward_count += 1
         next_ids = self._sample(logits, reqs)
         step = time.monotonic() - start

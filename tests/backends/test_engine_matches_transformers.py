@@ -1,0 +1,113 @@
+"""The embedded engine computes the same Llama as Hugging Face ``transformers``.
+
+The engine's weights are written as a Hugging Face checkpoint and loaded with ``LlamaForCausalLM.from_pretrained``;
+logits after a full prefill, after a suffix prefill over cached prefix KV and after decode steps must equal the
+reference's at the same positions, and the engine's greedy output must be the reference's argmax at every step.
+This pins the checkpoint layout, the config's meaning (RoPE θ, GQA, tied embeddings, RMSNorm ε) and the attention
+masks to the implementation real checkpoints are made for.
+
+CI runs it on CPU in float32; ``LLMPATH_TEST_DEVICE=cuda`` runs the engine side on a GPU (float32, so the
+comparison stays exact to 1e-4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from llmpath.backends.engine.kv_pool import TokenSlotPool
+from llmpath.backends.engine.model import ForwardBatch, LlamaModel, SeqInput, save_safetensors
+from llmpath.backends.engine.presets import PRESETS, ModelConfig
+from llmpath.backends.engine.runtime import Engine, EngineArgs
+from llmpath.backends.engine.sampling import SamplingParams
+
+DEVICE = torch.device(os.environ.get("LLMPATH_TEST_DEVICE", "cpu"))
+ATOL = 1e-4
+
+CONFIGS = {
+    "tiny": PRESETS["tiny"],
+    # Full multi-head attention, tied embeddings, Llama-3's RoPE base and another ε.
+    "tied-mha": replace(
+        PRESETS["tiny"], num_key_value_heads=4, tie_word_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-6
+    ),
+}
+
+
+def hf_reference(model: LlamaModel, directory: Path):  # noqa: ANN201 (transformers' own type)
+    save_safetensors(model, directory)
+    ref = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return ref.eval()
+
+
+def hf_logits(ref, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+    """Every position's logits of the reference: ``[len(ids), vocab]``."""
+    with torch.inference_mode():
+        return ref(input_ids=torch.tensor([ids])).logits[0].float()
+
+
+def ids_of(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    got = got.float().cpu()
+    assert torch.allclose(got, want, atol=ATOL), f"max |diff| {float((got - want).abs().max()):.3g}"
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_prefill_cached_suffix_and_decode_logits_equal_transformers(name: str, tmp_path: Path) -> None:
+    cfg: ModelConfig = CONFIGS[name]
+    model = LlamaModel(cfg)
+    model.init_random(seed=11)
+    model.prepare(torch.device("cpu"), torch.float32)
+    ref = hf_reference(model, tmp_path)
+    model.prepare(DEVICE, torch.float32)
+    ids = ids_of(56, seed=3)
+    want = hf_logits(ref, ids)
+    pool = TokenSlotPool(256, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                         dtype=torch.float32, device=DEVICE)  # fmt: skip
+
+    def forward(new: list[int], prefix_len: int, slots: torch.Tensor) -> torch.Tensor:
+        return model(ForwardBatch([SeqInput(new, prefix_len, slots)], DEVICE, torch.float32), pool)[0]
+
+    slots = pool.alloc(32)
+    assert_close(forward(ids[:32], 0, slots), want[31])  # cold prefill
+    slots = torch.cat((slots, pool.alloc(20)))
+    assert_close(forward(ids[32:52], 32, slots), want[51])  # suffix over the cached prefix
+    for i in range(52, 56):  # decode steps
+        slots = torch.cat((slots, pool.alloc(1)))
+        assert_close(forward([ids[i]], i, slots), want[i])
+
+
+def greedy(engine: Engine, prompt: list[int], tokens: int) -> list[int]:
+    params = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
+
+    async def run() -> list[int]:
+        return [t async for out in engine.submit(prompt, params, stream=True) for t in out.new_ids]
+
+    return asyncio.run(run())
+
+
+def test_engine_greedy_output_is_the_transformers_argmax(tmp_path: Path) -> None:
+    """Through the whole engine (scheduler, radix cache, a second request reusing the first one's prefix): each
+    greedy token is the reference's best sampleable token after the prompt and the tokens before it."""
+    engine = Engine(EngineArgs(preset="tiny", device=DEVICE.type, dtype="float32", seed=5, enable_metrics=False))
+    ref = hf_reference(engine.model, tmp_path)
+    sampleable = sorted(engine.tokenizer.sampleable_ids)
+    engine.start()
+    try:
+        for prompt in (ids_of(40, seed=1), ids_of(40, seed=1)[:30] + ids_of(12, seed=2)):
+            output = greedy(engine, prompt, 16)
+            assert len(output) == 16
+            logits = hf_logits(ref, prompt + output)[len(prompt) - 1 : -1][:, sampleable]
+            chosen = logits[torch.arange(16), torch.tensor([sampleable.index(t) for t in output])]
+            best = logits.max(dim=1).values
+            assert torch.all(chosen >= best - ATOL), (output, [sampleable[i] for i in logits.argmax(1).tolist()])
+    finally:
+        engine.stop()
