@@ -85,11 +85,16 @@ def test_prefill_cached_suffix_and_decode_logits_equal_transformers(name: str, t
         assert_close(forward([ids[i]], i, slots), want[i])
 
 
-def greedy(engine: Engine, prompt: list[int], tokens: int) -> list[int]:
+def greedy(engine: Engine, prompt: list[int], tokens: int) -> tuple[list[int], int]:
+    """The greedy output and how many prompt tokens came from the radix cache."""
     params = SamplingParams(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
 
-    async def run() -> list[int]:
-        return [t async for out in engine.submit(prompt, params, stream=True) for t in out.new_ids]
+    async def run() -> tuple[list[int], int]:
+        ids, cached = [], 0
+        async for out in engine.submit(prompt, params, stream=True):
+            ids += out.new_ids
+            cached = out.meta.get("cached_tokens", cached)
+        return ids, cached
 
     return asyncio.run(run())
 
@@ -102,9 +107,10 @@ def test_engine_greedy_output_is_the_transformers_argmax(tmp_path: Path) -> None
     sampleable = sorted(engine.tokenizer.sampleable_ids)
     engine.start()
     try:
-        for prompt in (ids_of(40, seed=1), ids_of(40, seed=1)[:30] + ids_of(12, seed=2)):
-            output = greedy(engine, prompt, 16)
-            assert len(output) == 16
+        first = ids_of(40, seed=1)
+        for prompt, reused in ((first, 0), (first[:30] + ids_of(12, seed=2), 30)):
+            output, cached = greedy(engine, prompt, 16)
+            assert (len(output), cached) == (16, reused)
             logits = hf_logits(ref, prompt + output)[len(prompt) - 1 : -1][:, sampleable]
             chosen = logits[torch.arange(16), torch.tensor([sampleable.index(t) for t in output])]
             best = logits.max(dim=1).values
