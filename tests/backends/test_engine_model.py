@@ -14,9 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import CausalBias
 
 from llmpath.backends.engine.kv_pool import TokenSlotPool
-from llmpath.backends.engine.model import ForwardBatch, LlamaModel, SeqInput, load_safetensors, save_safetensors
+from llmpath.backends.engine.model import (
+    ForwardBatch,
+    LlamaModel,
+    SeqInput,
+    _suffix_causal_mask,
+    load_safetensors,
+    save_safetensors,
+)
 from llmpath.backends.engine.presets import PRESETS, config_from_hf
 
 DEVICE = torch.device(os.environ.get("LLMPATH_TEST_DEVICE", "cpu"))
@@ -195,3 +203,16 @@ def test_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:
     save_safetensors(small, tmp_path)
     with pytest.raises(ValueError, match="shape"):
         load_safetensors(LlamaModel(PRESETS["tiny"]), tmp_path)
+
+
+def test_cached_prefix_suffix_mask_is_flash_attentions_lower_right_causal_bias_on_cuda() -> None:
+    """On CUDA in half precision the suffix mask is PyTorch's lower-right causal bias (flash attention takes it);
+    it selects exactly what the boolean mask used on CPU and in float32 selects."""
+    cpu_mask = _suffix_causal_mask(5, 12, torch.device("cpu"), torch.float32)
+    assert isinstance(cpu_mask, torch.Tensor)
+    assert cpu_mask[0].tolist() == [True] * 8 + [False] * 4  # the first new token: 7 cached tokens and itself
+    assert cpu_mask[4].all()
+    for dtype in (torch.bfloat16, torch.float16):
+        bias = _suffix_causal_mask(5, 12, torch.device("cuda"), dtype)
+        assert isinstance(bias, CausalBias)
+        assert torch.equal(bias._materialize(torch.device("cpu")), cpu_mask)
