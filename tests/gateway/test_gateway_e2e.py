@@ -291,9 +291,14 @@ def test_a_slow_upload_is_ingress_time_not_validation(gw, keys) -> None:
         for line in rest.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
         if line.lower().startswith(b"x-request-id:")
     )
-    stages = {s["name"]: s["duration_s"] for s in gw.record(request_id)["stages"] if s["source"] == "gateway"}
+    record = gw.record(request_id)
+    stages = {s["name"]: s["duration_s"] for s in record["stages"] if s["source"] == "gateway"}
     assert stages["auth"] >= 0.35
     assert stages["validate"] < 0.1
+    # The ledger says how much of auth was the wait for the body; a body sent with its headers records none.
+    assert 0.35 <= record["extra"]["body_receive_s"] <= stages["auth"]
+    resp = httpx.post(f"{gw.url}/v1/chat/completions", content=body, headers=keys.auth())
+    assert "body_receive_s" not in (gw.record(resp.headers["x-request-id"]).get("extra") or {})
 
 
 def test_prompt_cache_prediction_and_tenant_isolation(gw, client, keys) -> None:

@@ -77,6 +77,11 @@ log = logging.getLogger("llmpath.gateway")
 #: The route used when the configuration defines none: any model name, the client's messages as they are.
 DEFAULT_ROUTE = "default"
 
+#: A request whose body took at least this long to arrive after its headers gets ``body_receive_s`` in its usage
+#: record, so a slow ``auth`` stage can be told apart: waiting for the client's upload (or a busy event loop) versus
+#: the key check. Bodies that come with their headers, nearly every request, add nothing to the ledger.
+BODY_WAIT_RECORDED_S = 0.001
+
 
 @dataclass(slots=True)
 class RouteRuntime:
@@ -180,8 +185,13 @@ class Gateway:
         """Serve ``POST /v1/chat/completions`` (``kind="chat"``) or ``/v1/completions`` (``"text"``)."""
         with stage("auth") as st:  # ingress: the key, then the body (a slow upload or a busy event loop shows here)
             principal = self.authenticate(request)
+            started = perf_counter()
             raw = await self._read_body(request)
+            waited = perf_counter() - started
             st.set_attribute("http.request.body.size", len(raw))
+            st.set_attribute("llmpath.request.body_receive_seconds", waited)
+        if waited >= BODY_WAIT_RECORDED_S:
+            annotate_request(body_receive_s=round(waited, 6))
         with stage("validate") as st:
             parsed, route = self._validate(_parse_json(raw), kind)
             st.set_attribute("llmpath.stream", parsed.wants_stream)
