@@ -1,8 +1,13 @@
 """KV memory as a preallocated pool of token slots (SGLang's ``TokenToKVPool`` design).
 
-Every layer owns a K and a V buffer of shape ``[num_slots + 1, kv_heads, head_dim]``; a token's KV lives in one
-slot, the same index in every layer. Slot 0 is reserved as a padding target. The allocator hands out slot indices
-from a free list; the radix cache and running requests hold them until they are freed.
+Every layer owns a K and a V buffer of shape ``[kv_heads, num_slots + 1, head_dim]``; a token's KV lives in one
+slot, the same index in every layer. Slot 0 is reserved as a padding target. Heads come first so that the keys of
+a sequence gathered from its slots are, for each head, one contiguous ``[tokens, head_dim]`` block: the layout
+attention reads fastest. With slots first, attention read the gathered keys with a stride: a decode step of 16
+sequences over 800 tokens each ran ≈ 10 % slower on CPU (`bench/engine_prefix.py` measures decode end to end).
+
+The allocator hands out slot indices from a free list; the radix cache and running requests hold them until they
+are freed.
 """
 
 from __future__ import annotations
@@ -32,12 +37,13 @@ class TokenSlotPool:
         self.size = num_slots
         self.device = device
         self.dtype = dtype
-        shape = (num_slots + 1, kv_heads, head_dim)
+        shape = (kv_heads, num_slots + 1, head_dim)
         self.k_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self._free = torch.arange(1, num_slots + 1, dtype=torch.int64, device=device)
-        #: Reused destination of :meth:`gather` (a fresh tensor per layer cost page faults on every step).
+        #: Reused flat destinations of :meth:`gather` (a fresh tensor per layer cost page faults on every step).
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._row = kv_heads * head_dim
 
     @property
     def available(self) -> int:
@@ -62,22 +68,25 @@ class TokenSlotPool:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the new tokens' K/V (``[tokens, kv_heads, head_dim]``) of one layer."""
-        self.k_buffers[layer][slots] = k
-        self.v_buffers[layer][slots] = v
+        self.k_buffers[layer].index_copy_(1, slots, k.transpose(0, 1))
+        self.v_buffers[layer].index_copy_(1, slots, v.transpose(0, 1))
 
     def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of ``slots`` (``[len(slots), kv_heads, head_dim]`` each), copied into scratch buffers that the next
-        call overwrites: use them before gathering again. Reusing the buffers avoids allocating (and faulting in)
-        fresh pages for every layer of every step, which cost as much as the copy itself."""
+        """K and V of ``slots`` (``[kv_heads, len(slots), head_dim]`` each, contiguous), copied into scratch buffers
+        that the next call overwrites: use them before gathering again. Reusing the buffers avoids allocating (and
+        faulting in) fresh pages for every layer of every step, which cost as much as the copy itself."""
         n = slots.numel()
         k_buf, v_buf = self.k_buffers[layer], self.v_buffers[layer]
-        if self._scratch is None or self._scratch[0].shape[0] < n:
-            rows = max(n, int(1.25 * (self._scratch[0].shape[0] if self._scratch else 0)))
-            self._scratch = (k_buf.new_empty((rows, *k_buf.shape[1:])), v_buf.new_empty((rows, *v_buf.shape[1:])))
-        k_out, v_out = self._scratch[0][:n], self._scratch[1][:n]
-        # index_select rather than k_buf[slots]: advanced indexing gathers scattered slots several times slower.
-        torch.index_select(k_buf, 0, slots, out=k_out)
-        torch.index_select(v_buf, 0, slots, out=v_out)
+        size = n * self._row
+        if self._scratch is None or self._scratch[0].numel() < size:
+            size = max(size, int(1.25 * (self._scratch[0].numel() if self._scratch else 0)))
+            self._scratch = (k_buf.new_empty(size), v_buf.new_empty(size))
+        shape = (k_buf.shape[0], n, k_buf.shape[2])
+        k_out = self._scratch[0][: n * self._row].view(shape)
+        v_out = self._scratch[1][: n * self._row].view(shape)
+        # index_select rather than k_buf[:, slots]: advanced indexing gathers scattered slots several times slower.
+        torch.index_select(k_buf, 1, slots, out=k_out)
+        torch.index_select(v_buf, 1, slots, out=v_out)
         return k_out, v_out
 
     def nbytes(self) -> int:

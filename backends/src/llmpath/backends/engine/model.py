@@ -207,16 +207,16 @@ class Attention(nn.Module):
     def _attend(self, q: torch.Tensor, layout: AttentionLayout, pool: TokenSlotPool) -> torch.Tensor:
         """Attention of one layout's query tokens ``[tokens, heads, d]`` over their sequences' KV slots."""
         if layout.num_seqs == 1:
-            keys, vals = pool.gather(self.layer_id, layout.kv_slots)  # [kv_len, kv_heads, d]
+            keys, vals = pool.gather(self.layer_id, layout.kv_slots)  # [kv_heads, kv_len, d]
             out = F.scaled_dot_product_attention(
-                q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), vals.transpose(0, 1).unsqueeze(0),
+                q.transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), vals.unsqueeze(0),
                 attn_mask=layout.mask, is_causal=layout.is_causal, enable_gqa=True,
             )  # fmt: skip
             return out.squeeze(0).transpose(0, 1)
         b = layout.num_seqs
-        keys, vals = pool.gather(self.layer_id, layout.kv_index.view(-1))
-        shape = (b, layout.kv_index.shape[1], *keys.shape[1:])
-        keys, vals = keys.view(shape).transpose(1, 2), vals.view(shape).transpose(1, 2)  # [B, kv_heads, max_kv, d]
+        keys, vals = pool.gather(self.layer_id, layout.kv_index.view(-1))  # [kv_heads, B × max_kv, d]
+        shape = (keys.shape[0], b, layout.kv_index.shape[1], keys.shape[2])
+        keys, vals = keys.view(shape).transpose(0, 1), vals.view(shape).transpose(0, 1)  # [B, kv_heads, max_kv, d]
         q_pad = q.new_zeros((b * layout.max_q, self.num_heads, self.head_dim))
         q_pad[layout.pad_index] = q
         q_pad = q_pad.view(b, layout.max_q, self.num_heads, self.head_dim).transpose(1, 2)
