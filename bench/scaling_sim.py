@@ -528,7 +528,7 @@ def simulate(
             gw = gateways[req.gateway]
             hashes = req.prompt_hashes
             matches = gw.index.match(hashes, gw.names)
-            decision = gw.router.choose(gw.candidates, matches, len(hashes))
+            decision = gw.router.choose(gw.candidates, matches, len(hashes), gw.index.size)
             req.worker = gw.by_name[decision.backend]
             predicted = decision.matched_blocks * bt
             req.predicted_tokens = predicted if predicted >= gw.min_prefix_tokens else 0

@@ -91,6 +91,41 @@ def test_new_prefixes_spread_evenly() -> None:
     assert set(picks.values()) == {10}
 
 
+def test_a_new_prefix_goes_to_the_backend_caching_least_unless_it_is_overloaded() -> None:
+    router = Router("prefix", balance_abs=4, balance_rel=1.5)
+    footprint = {"a": 300, "b": 100, "c": 200}.__getitem__
+    # b holds the fewest blocks: it gets the new prefix although a and c are idler
+    cands = [Candidate("a", 0), Candidate("b", 3), Candidate("c", 1)]
+    d = router.choose(cands, {}, 10, footprint)
+    assert (d.backend, d.reason) == ("b", RouteReason.NO_PREFIX)
+    # b is overloaded (6 − 0 > 4 and 6 > 1.5 × 0): the next-smallest footprint that is not
+    cands = [Candidate("a", 0), Candidate("b", 6), Candidate("c", 1)]
+    assert router.choose(cands, {}, 10, footprint).backend == "c"
+    # per weight: a holds twice b's blocks but has three times its capacity
+    cands = [Candidate("a", 0, weight=3), Candidate("b", 0), Candidate("c", 0)]
+    assert router.choose(cands, {}, 10, footprint).backend == "a"
+    # equal footprints: the least loaded, as without a footprint
+    assert router.choose([Candidate("a", 2), Candidate("b", 1)], {}, 10, lambda name: 50).backend == "b"
+    # a prefix match is not a new prefix: affinity wins over footprint
+    d = router.choose([Candidate("a", 0), Candidate("b", 0)], {"a": 8}, 10, footprint)
+    assert (d.backend, d.reason) == ("a", RouteReason.PREFIX)
+
+
+def test_new_prefix_groups_spread_by_footprint_whatever_the_loads_at_arrival() -> None:
+    """Groups of same-prefix requests: each group's first request places it. Least-loaded placement follows
+    whichever backend is idle at that moment (here always "a"), footprint placement spreads the groups."""
+    index = PrefixIndex(max_blocks_per_backend=10_000, ttl_s=3600)
+    router = Router("prefix", seed=1)
+    placed = Counter()
+    for group in range(8):
+        hashes = block_hashes(f"system prompt of group {group} ".encode() * 40, 64)
+        cands = [Candidate("a", 0), Candidate("b", 1), Candidate("c", 1), Candidate("d", 1)]
+        d = router.choose(cands, index.match(hashes, "abcd"), len(hashes), index.size)
+        index.insert(d.backend, hashes)
+        placed[d.backend] += 1
+    assert sorted(placed.values()) == [2, 2, 2, 2]
+
+
 def test_round_robin_is_smooth_and_weighted() -> None:
     router = Router("round_robin")
     cands = [Candidate("a", weight=2), Candidate("b"), Candidate("c")]

@@ -5,7 +5,8 @@ UTF-8 bytes and each block's hash chains the previous one (as llm-d's approximat
 prompts share their first *n* block hashes exactly when they share their first *n* blocks of bytes. The
 :class:`PrefixIndex` remembers, per backend, the block hashes recently sent to it (idle TTL + LRU bound),
 which approximates what that backend's radix cache holds. The :class:`Router` sends a request to the backend
-holding its longest prefix unless that backend's load is imbalanced against the least loaded one.
+holding its longest prefix unless that backend's load is imbalanced against the least loaded one, and a new prefix
+to the backend whose index holds the least.
 
 Everything here is deterministic given its inputs, a clock and the router's ``seed``, so simulations (bench/) can
 reuse it.
@@ -26,7 +27,7 @@ class RouteReason(StrEnum):
     """Why a backend was chosen (the ``reason`` label of ``llmpath_route_decisions_total``)."""
 
     PREFIX = "prefix"  #: it holds the longest cached prefix
-    NO_PREFIX = "no_prefix"  #: no backend holds enough of the prefix: least loaded
+    NO_PREFIX = "no_prefix"  #: no backend holds enough of the prefix: the one caching least
     IMBALANCED = "imbalanced"  #: the affine backend is overloaded: least loaded instead
     ROUND_ROBIN = "round_robin"
     LEAST_LOAD = "least_load"
@@ -196,11 +197,15 @@ class Router:
     """Chooses a backend for a request from candidates, their prefix matches and their loads.
 
     ``prefix``: the backend with the most matched blocks wins if the match covers at least
-    ``min_match_ratio`` of the prompt's blocks (and ``min_blocks``), unless its load exceeds the least
-    loaded candidate's by more than ``balance_abs`` requests *and* by more than ``balance_rel`` times; then,
-    and when nothing matches, the least loaded wins. Ties go to the candidate that was sent the fewest
-    requests so far, which spreads new prefixes evenly. ``round_robin``: smooth weighted round robin.
-    ``least_load``: lowest in-flight/weight.
+    ``min_match_ratio`` of the prompt's blocks (and ``min_blocks``), unless it is *overloaded*: its load exceeds
+    the least loaded candidate's by more than ``balance_abs`` requests *and* by more than ``balance_rel`` times;
+    then the least loaded wins. A prompt that nothing matches starts a new prefix: it goes to the backend holding
+    the fewest prefix blocks (``footprint``, per weight) among those not overloaded, as sglang-router's
+    ``cache_aware`` sends it to the smallest tree, then the least loaded, then the one sent the fewest requests
+    so far. New prefixes so spread by what each backend already caches, not by which backend happens to be idle
+    the moment one arrives: a prefix's later requests follow it, so one unlucky placement weighs on a backend for
+    as long as the prefix is used. ``round_robin``: smooth weighted round robin. ``least_load``: lowest
+    in-flight/weight.
 
     Remaining ties are broken in an order of the backends' names that is this router's own (a keyed hash of
     ``seed``, random per instance by default), so gateway replicas with the same configuration do not all
@@ -228,8 +233,15 @@ class Router:
         self._sent: dict[str, int] = {}
         self._rr_current: dict[str, float] = {}
 
-    def choose(self, candidates: Sequence[Candidate], matches: Mapping[str, int], total_blocks: int) -> RouteDecision:
-        """Pick one of ``candidates`` (non-empty) for a prompt of ``total_blocks`` full blocks."""
+    def choose(
+        self,
+        candidates: Sequence[Candidate],
+        matches: Mapping[str, int],
+        total_blocks: int,
+        footprint: Callable[[str], int] | None = None,
+    ) -> RouteDecision:
+        """Pick one of ``candidates`` (non-empty) for a prompt of ``total_blocks`` full blocks. ``footprint``: a
+        backend's prefix blocks in the index (where new prefixes go; none: every backend counts as empty)."""
         if not candidates:
             raise ValueError("no candidates")
         best_match = max((matches.get(c.name, 0) for c in candidates), default=0)
@@ -238,7 +250,7 @@ class Router:
         elif self.policy is Policy.LEAST_LOAD:
             chosen, reason = self._least_loaded(candidates), RouteReason.LEAST_LOAD
         else:
-            chosen, reason = self._prefix(candidates, matches, total_blocks, best_match)
+            chosen, reason = self._prefix(candidates, matches, total_blocks, best_match, footprint)
         self._sent[chosen.name] = self._sent.get(chosen.name, 0) + 1
         return RouteDecision(chosen.name, reason, matches.get(chosen.name, 0), best_match)
 
@@ -247,17 +259,37 @@ class Router:
         return self._sent.get(backend, 0)
 
     def _prefix(
-        self, candidates: Sequence[Candidate], matches: Mapping[str, int], total_blocks: int, best_match: int
+        self,
+        candidates: Sequence[Candidate],
+        matches: Mapping[str, int],
+        total_blocks: int,
+        best_match: int,
+        footprint: Callable[[str], int] | None,
     ) -> tuple[Candidate, RouteReason]:
         least = self._least_loaded(candidates)
         if best_match < self.min_blocks or best_match < self.min_match_ratio * max(1, total_blocks):
-            return least, RouteReason.NO_PREFIX
+            return self._new_prefix(candidates, least, footprint), RouteReason.NO_PREFIX
         affine = [c for c in candidates if matches.get(c.name, 0) == best_match]
         best = self._least_loaded(affine)
-        gap = best.normalized_load - least.normalized_load
-        if gap > self.balance_abs and best.normalized_load > self.balance_rel * least.normalized_load:
+        if self._overloaded(best, least):
             return least, RouteReason.IMBALANCED
         return best, RouteReason.PREFIX
+
+    def _overloaded(self, candidate: Candidate, least: Candidate) -> bool:
+        load = candidate.normalized_load
+        return load - least.normalized_load > self.balance_abs and load > self.balance_rel * least.normalized_load
+
+    def _new_prefix(
+        self, candidates: Sequence[Candidate], least: Candidate, footprint: Callable[[str], int] | None
+    ) -> Candidate:
+        if footprint is None:
+            return least
+        sent, order = self._sent, self._order
+        return min(
+            (c for c in candidates if not self._overloaded(c, least)),
+            key=lambda c: (footprint(c.name) / c.weight, c.normalized_load, sent.get(c.name, 0) / c.weight,
+                           order[c.name]),
+        )  # fmt: skip
 
     def _least_loaded(self, candidates: Sequence[Candidate]) -> Candidate:
         sent, order = self._sent, self._order

@@ -337,7 +337,7 @@ class Gateway:
             raise errors.no_backend(
                 "No healthy backend is available." if not p.tried else "Every backend failed; retry later."
             )
-        decision = self.router.choose(candidates, p.lookup.matches, p.lookup.total_blocks)
+        decision = self.router.choose(candidates, p.lookup.matches, p.lookup.total_blocks, self.prompt_cache.index.size)
         if retry:
             decision = RouteDecision(
                 decision.backend, RouteReason.RETRY, decision.matched_blocks, decision.best_matched_blocks
