@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import re
 import socket
 import time
 from collections import Counter
@@ -305,9 +306,15 @@ def test_prompt_cache_prediction_and_tenant_isolation(gw, client, keys) -> None:
     before = gw.metrics()
     first = chat(client, keys, convo(SYSTEM_C, "q1"))
     again = chat(client, keys, convo(SYSTEM_C, "q2"))
+    footprint = _index_blocks(gw.metrics())
     other = chat(client, keys, convo(SYSTEM_C, "q2"), key=keys.other)
     assert first.status_code == again.status_code == other.status_code == 200
     r1, r2, r3 = (gw.record(r.headers["x-request-id"]) for r in (first, again, other))
+    # The index grew by the prompt's blocks (16 tokens each) at the backend that took it ...
+    chosen = r1["extra"]["backend"]
+    assert footprint[chosen] - _index_blocks(before).get(chosen, 0) >= 400 // 16
+    # ... and the other tenant's prompt, a new prefix for it, went to a backend whose index held the fewest.
+    assert footprint[r3["extra"]["backend"]] == min(footprint.values()) < footprint[chosen]
     assert r1["extra"]["cache_result"] == "miss" and r1["extra"]["predicted_cached_tokens"] == 0
     assert r2["extra"]["cache_result"] == "partial" and r2["extra"]["backend"] == r1["extra"]["backend"]
     actual = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
@@ -323,6 +330,12 @@ def test_prompt_cache_prediction_and_tenant_isolation(gw, client, keys) -> None:
     assert after[lookups % "partial"] - before.get(lookups % "partial", 0) == 1
     predicted_metric = 'llmpath_prompt_cache_predicted_tokens_total{route="tiny"}'
     assert after[predicted_metric] - before.get(predicted_metric, 0) == predicted
+
+
+def _index_blocks(metrics: dict[str, float]) -> dict[str, float]:
+    """backend → ``llmpath_prompt_cache_index_blocks`` from a scrape."""
+    found = (re.fullmatch(r'llmpath_prompt_cache_index_blocks\{backend="([^"]+)"\}', k) for k in metrics)
+    return {m[1]: metrics[m[0]] for m in found if m}
 
 
 def test_predicted_cached_tokens_are_counted_in_the_backends_tokens(gw, client, keys) -> None:

@@ -236,6 +236,13 @@ def _routing_admission(b: Board) -> None:
         "Requests the gateway has in flight at each backend: the load the router balances.", "short",
         [Query(f"sum by (backend) ({sel(catalog.BACKEND_INFLIGHT)})", "{{backend}}")], w=8,
     )  # fmt: skip
+    b.timeseries(
+        "route:index_blocks_by_backend", "Prefix index blocks by backend",
+        "Prompt blocks the gateway's prefix index holds for each backend. A prompt with no cached prefix goes to "
+        "the backend holding the fewest (per weight) unless it is overloaded, so a backend far below the others "
+        "(restarted, ejected, newly added) takes the new prefixes until its load passes the balance thresholds.",
+        "short", [Query(f"sum by (backend) ({sel(catalog.PROMPT_CACHE_INDEX_BLOCKS)})", "{{backend}}")], w=8,
+    )  # fmt: skip
     b.stat(
         "gateway:config_reload", "Last configuration reload",
         "1 (OK) unless the gateway's last configuration reload (SIGHUP or POST /admin/reload) failed; it then runs "

@@ -310,6 +310,7 @@ def create_app(
             except ValidationError as exc:
                 raise errors.from_validation_error(exc) from None
         gateway.prompt_cache.flush(body.tenant)
+        gateway.publish_index_blocks()
         log.info("prompt cache flushed (%s)", "one tenant" if body.tenant else "all tenants")
         return {"flushed": True, "tenant": body.tenant}
 
@@ -437,6 +438,7 @@ async def _expire_loop(gateway: Gateway, interval_s: float = 30.0) -> None:
     while True:
         await asyncio.sleep(interval_s)
         gateway.prompt_cache.index.expire()
+        gateway.publish_index_blocks()  # and after ejections, which forget a backend's blocks
 
 
 def _install_error_handlers(app: FastAPI) -> None:

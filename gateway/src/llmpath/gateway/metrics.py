@@ -17,6 +17,7 @@ class GatewayMetrics:
         self._decisions = metric(catalog.ROUTE_DECISIONS_TOTAL)
         self._backend_up = metric(catalog.BACKEND_UP)
         self._backend_inflight = metric(catalog.BACKEND_INFLIGHT)
+        self._index_blocks = metric(catalog.PROMPT_CACHE_INDEX_BLOCKS)
         self._admission_inflight = metric(catalog.ADMISSION_INFLIGHT)
         self._queue_depth = metric(catalog.ADMISSION_QUEUE_DEPTH)
         self._rejections = metric(catalog.ADMISSION_REJECTIONS_TOTAL)
@@ -52,6 +53,9 @@ class GatewayMetrics:
 
     def backend_inflight(self, backend: str, inflight: int) -> None:
         self._child(self._backend_inflight, backend).set(inflight)
+
+    def index_blocks(self, backend: str, blocks: int) -> None:
+        self._child(self._index_blocks, backend).set(blocks)
 
     def admission(self, inflight: int, queue_depth: int) -> None:
         last = self._admission_last

@@ -178,6 +178,15 @@ class Gateway:
         for state in self.pool.states.values():
             metrics.backend_state(state.name, up=state.available(clock()), inflight=state.inflight)
         metrics.admission(0, 0)
+        self.publish_index_blocks()
+
+    def publish_index_blocks(self, backend: str | None = None) -> None:
+        """Set ``llmpath_prompt_cache_index_blocks`` of ``backend`` (``None``: of every backend)."""
+        if self.metrics is None:
+            return
+        index = self.prompt_cache.index
+        for name in (backend,) if backend is not None else self.pool.states:
+            self.metrics.index_blocks(name, index.size(name))
 
     # ---- the request path ---------------------------------------------------------------------
 
@@ -349,6 +358,7 @@ class Gateway:
         # Recorded now, not when the backend answers: a burst of same-prefix requests must see it (as
         # sglang-router and llm-d do). A backend that fails is ejected, and its index entries with it.
         self.prompt_cache.record(p.key, decision.backend)
+        self.publish_index_blocks(decision.backend)
         matched_tokens = decision.matched_blocks * self.prompt_cache.block_tokens
         st.set_attribute("llmpath.route.backend", decision.backend)
         st.set_attribute("llmpath.route.reason", decision.reason.value)
@@ -438,6 +448,7 @@ class Gateway:
         messages = [*(p.assembled.messages or []), ChatMessage("assistant", output)]
         key = self.prompt_cache.extend(p.key, render_messages(p.route.assembler.render_chat, messages))
         self.prompt_cache.record(key, p.decision.backend)
+        self.publish_index_blocks(p.decision.backend)
 
 
 Scope = MutableMapping[str, Any]

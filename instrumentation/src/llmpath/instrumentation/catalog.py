@@ -225,6 +225,7 @@ PROMPT_CACHE_PREDICTED_TOKENS_TOTAL = "llmpath_prompt_cache_predicted_tokens_tot
 ROUTE_DECISIONS_TOTAL = "llmpath_route_decisions_total"
 BACKEND_UP = "llmpath_backend_up"
 BACKEND_INFLIGHT = "llmpath_backend_inflight_requests"
+PROMPT_CACHE_INDEX_BLOCKS = "llmpath_prompt_cache_index_blocks"
 ADMISSION_INFLIGHT = "llmpath_admission_inflight_requests"
 ADMISSION_QUEUE_DEPTH = "llmpath_admission_queue_depth"
 ADMISSION_REJECTIONS_TOTAL = "llmpath_admission_rejections_total"
@@ -314,6 +315,15 @@ METRICS: tuple[MetricSpec, ...] = (
         "gauge",
         ("backend",),
         "Requests in flight per backend.",
+        stage="route",
+        extra={"multiprocess_mode": "livesum"},
+    ),
+    MetricSpec(
+        PROMPT_CACHE_INDEX_BLOCKS,
+        "gauge",
+        ("backend",),
+        "Prompt blocks the gateway's prefix index holds for each backend (sent within the TTL and LRU bound); "
+        "a prompt with no cached prefix goes to the backend holding the fewest per weight.",
         stage="route",
         extra={"multiprocess_mode": "livesum"},
     ),
