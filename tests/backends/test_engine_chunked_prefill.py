@@ -12,6 +12,7 @@ import uuid
 import httpx
 import pytest
 
+from llmpath.backends.engine.runtime import EngineArgs, default_chunked_prefill_size
 from tests.backends.test_engine_http import metric
 
 pytestmark = pytest.mark.slow
@@ -138,3 +139,18 @@ def test_client_leaving_mid_prefill_frees_the_uncomputed_kv(chunked: str) -> Non
     assert 1 <= chunks_run < len(text) // CHUNK - 2  # aborted between chunks, well before the end
     # Nothing leaked (no KV in use, above), and the chunks computed before the abort stayed shareable.
     assert generate(chunked, text, 2)["meta_info"]["cached_tokens"] >= chunks_run * CHUNK
+
+
+@pytest.mark.parametrize(
+    ("gib", "size"),
+    [(None, 2048), (24, 2048), (34.9, 2048), (40, 4096), (79.6, 8192), (139.8, 8192), (160, 16384), (192, 16384)],
+)
+def test_default_chunk_size_grows_with_gpu_memory_as_sglangs(gib: float | None, size: int) -> None:
+    """CPU: 2048; an RTX 4090 (24 GiB): 2048; A100-40G: 4096; H100 (79.6 GiB): 8192; H200: 8192; B200: 16384."""
+    assert default_chunked_prefill_size(gib) == size
+
+
+def test_chunk_size_flag_overrides_the_default() -> None:
+    assert EngineArgs(device="cpu").chunk_size == 2048
+    assert EngineArgs(device="cpu", chunked_prefill_size=512).chunk_size == 512
+    assert EngineArgs(device="cpu", chunked_prefill_size=-1).chunk_size is None

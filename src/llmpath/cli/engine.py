@@ -25,7 +25,10 @@ def serve(
     context_length: int | None = typer.Option(None, "--context-length", help="Override the context length."),
     max_prefill_tokens: int = typer.Option(16384, "--max-prefill-tokens", help="Tokens per prefill batch."),
     chunked_prefill_size: int | None = typer.Option(
-        None, "--chunked-prefill-size", help="Prompt tokens per prefill forward (default 2048; -1: whole prompts)."
+        None,
+        "--chunked-prefill-size",
+        help="Prompt tokens per prefill forward (default as SGLang: 2048 on CPU, by GPU memory on CUDA; -1: whole "
+        "prompts).",
     ),
     enable_mixed_chunk: bool = typer.Option(
         False, "--enable-mixed-chunk", help="Running requests decode a token in each prefill chunk's forward."

@@ -98,9 +98,19 @@ class RequestStream:
             self._scheduler.abort(self.rid)
 
 
-#: ``--chunked-prefill-size`` when not given: what SGLang picks on GPUs with little memory (its automatic choice
-#: grows with GPU memory, up to 16384).
+#: ``--chunked-prefill-size`` when not given on CPU: what SGLang picks on GPUs with little memory.
 DEFAULT_CHUNKED_PREFILL_SIZE = 2048
+#: SGLang's automatic ``--chunked-prefill-size`` on a GPU: (below this many GiB of GPU memory, chunk size), in order;
+#: above the last, 16384 (B200, MI300).
+_GPU_CHUNKED_PREFILL_SIZES = ((35, 2048), (60, 4096), (160, 8192))
+
+
+def default_chunked_prefill_size(gpu_memory_gib: float | None) -> int:
+    """``--chunked-prefill-size`` when not given: as SGLang, it grows with GPU memory (2048 under 35 GiB, 4096
+    under 60, 8192 under 160 GiB: A100, H100, H200; 16384 above); on CPU (``None``) 2048."""
+    if gpu_memory_gib is None:
+        return DEFAULT_CHUNKED_PREFILL_SIZE
+    return next((size for below, size in _GPU_CHUNKED_PREFILL_SIZES if gpu_memory_gib < below), 16384)
 
 
 @dataclass(slots=True)
@@ -118,7 +128,7 @@ class EngineArgs:
     max_running: int = 16
     max_queued: int = 256
     max_prefill_tokens: int = 16384
-    #: ``None``: :data:`DEFAULT_CHUNKED_PREFILL_SIZE`; ``-1``: chunked prefill off.
+    #: ``None``: :func:`default_chunked_prefill_size` of the device; ``-1``: chunked prefill off.
     chunked_prefill_size: int | None = None
     enable_mixed_chunk: bool = False
     schedule_policy: str = "fcfs"
@@ -136,7 +146,8 @@ class EngineArgs:
     def chunk_size(self) -> int | None:
         """Prompt tokens per prefill forward (``None``: chunked prefill off)."""
         if self.chunked_prefill_size is None:
-            return DEFAULT_CHUNKED_PREFILL_SIZE
+            gib = torch.cuda.get_device_properties(0).total_memory / 2**30 if self.device == "cuda" else None
+            return default_chunked_prefill_size(gib)
         return None if self.chunked_prefill_size == -1 else self.chunked_prefill_size
 
     def validate(self) -> None:
