@@ -43,7 +43,6 @@ class TokenSlotPool:
         self._free = torch.arange(1, num_slots + 1, dtype=torch.int64, device=device)
         #: Reused flat destinations of :meth:`gather` (a fresh tensor per layer cost page faults on every step).
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._row = kv_heads * head_dim
 
     @property
     def available(self) -> int:
@@ -77,13 +76,13 @@ class TokenSlotPool:
         faulting in) fresh pages for every layer of every step, which cost as much as the copy itself."""
         n = slots.numel()
         k_buf, v_buf = self.k_buffers[layer], self.v_buffers[layer]
-        size = n * self._row
-        if self._scratch is None or self._scratch[0].numel() < size:
-            size = max(size, int(1.25 * (self._scratch[0].numel() if self._scratch else 0)))
+        heads, _, head_dim = k_buf.shape
+        need = heads * n * head_dim
+        if self._scratch is None or self._scratch[0].numel() < need:
+            size = max(need, int(1.25 * (self._scratch[0].numel() if self._scratch else 0)))
             self._scratch = (k_buf.new_empty(size), v_buf.new_empty(size))
-        shape = (k_buf.shape[0], n, k_buf.shape[2])
-        k_out = self._scratch[0][: n * self._row].view(shape)
-        v_out = self._scratch[1][: n * self._row].view(shape)
+        k_out = self._scratch[0][:need].view(heads, n, head_dim)
+        v_out = self._scratch[1][:need].view(heads, n, head_dim)
         # index_select rather than k_buf[:, slots]: advanced indexing gathers scattered slots several times slower.
         torch.index_select(k_buf, 1, slots, out=k_out)
         torch.index_select(v_buf, 1, slots, out=v_out)
