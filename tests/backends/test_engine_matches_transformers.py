@@ -39,13 +39,13 @@ CONFIGS = {
 }
 
 
-def hf_reference(model: LlamaModel, directory: Path):  # noqa: ANN201 (transformers' own type)
+def hf_reference(model: LlamaModel, directory: Path) -> transformers.LlamaForCausalLM:
     save_safetensors(model, directory)
     ref = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32)
     return ref.eval()
 
 
-def hf_logits(ref, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+def hf_logits(ref: transformers.LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
     """Every position's logits of the reference: ``[len(ids), vocab]``."""
     with torch.inference_mode():
         return ref(input_ids=torch.tensor([ids])).logits[0].float()
