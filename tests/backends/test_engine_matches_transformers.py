@@ -26,6 +26,7 @@ from llmpath.backends.engine.model import ForwardBatch, LlamaModel, SeqInput, sa
 from llmpath.backends.engine.presets import PRESETS, ModelConfig
 from llmpath.backends.engine.runtime import Engine, EngineArgs
 from llmpath.backends.engine.sampling import SamplingParams
+from tests.backends.test_engine_model import ids_of
 
 DEVICE = torch.device(os.environ.get("LLMPATH_TEST_DEVICE", "cpu"))
 ATOL = 1e-4
@@ -49,10 +50,6 @@ def hf_logits(ref: transformers.LlamaForCausalLM, ids: list[int]) -> torch.Tenso
     """Every position's logits of the reference: ``[len(ids), vocab]``."""
     with torch.inference_mode():
         return ref(input_ids=torch.tensor([ids])).logits[0].float()
-
-
-def ids_of(n: int, seed: int) -> list[int]:
-    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
