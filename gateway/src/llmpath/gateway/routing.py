@@ -284,16 +284,15 @@ class Router:
     ) -> Candidate:
         if footprint is None:
             return least
-        sent, order = self._sent, self._order
-        return min(
-            (c for c in candidates if not self._overloaded(c, least)),
-            key=lambda c: (footprint(c.name) / c.weight, c.normalized_load, sent.get(c.name, 0) / c.weight,
-                           order[c.name]),
-        )  # fmt: skip
+        eligible = (c for c in candidates if not self._overloaded(c, least))
+        return min(eligible, key=lambda c: (footprint(c.name) / c.weight, *self._load_order(c)))
 
     def _least_loaded(self, candidates: Sequence[Candidate]) -> Candidate:
-        sent, order = self._sent, self._order
-        return min(candidates, key=lambda c: (c.normalized_load, sent.get(c.name, 0) / c.weight, order[c.name]))
+        return min(candidates, key=self._load_order)
+
+    def _load_order(self, c: Candidate) -> tuple[float, float, tuple[int, str]]:
+        """Least loaded first, then the one sent the fewest requests (per weight), then this router's order."""
+        return c.normalized_load, self._sent.get(c.name, 0) / c.weight, self._order[c.name]
 
     def _round_robin(self, candidates: Sequence[Candidate]) -> Candidate:
         # nginx's smooth weighted round robin: even interleaving, proportional to weight.
