@@ -1,0 +1,155 @@
+"""The Python examples in the README and docs/ run as written: a newcomer copies them first.
+
+Each test takes a fenced ``python`` block from a Markdown file and runs it for real: the README's quickstart as a
+uvicorn app over loopback HTTP, the SLO plugin file through ``llmpath slo compile --plugins``, the SLO API example
+in a folder with the files it names, and the gunicorn hooks as the config file gunicorn imports. (The backend
+example runs against an engine in ``tests/backends/test_backends_docs_example.py``.)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from llmpath.demo.supervisor import Supervisor
+
+ROOT = Path(__file__).resolve().parent.parent
+_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def python_blocks(markdown: Path) -> list[str]:
+    """The fenced ``python`` blocks of a Markdown file, in order."""
+    return _BLOCK.findall(markdown.read_text(encoding="utf-8"))
+
+
+def block_with(markdown: Path, needle: str) -> str:
+    """The one ``python`` block of ``markdown`` that contains ``needle``."""
+    found = [b for b in python_blocks(markdown) if needle in b]
+    assert len(found) == 1, f"{markdown.name}: expected one python block containing {needle!r}, found {len(found)}"
+    return found[0]
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of the sample ``name`` whose labels include ``labels`` (fails if there is none)."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        sample_labels = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) : line.index("}") + 1]))
+        if all(sample_labels.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name}{labels} in /metrics")
+
+
+@pytest.mark.slow
+def test_readme_quickstart_instruments_a_fastapi_app(tmp_path: Path, processes: Supervisor, free_port) -> None:
+    (tmp_path / "quickstart.py").write_text(block_with(ROOT / "README.md", "instrument_app("))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "uvicorn", "quickstart:app", "--port", str(port), "--log-level", "warning"]
+    processes.spawn("quickstart", cmd, cwd=tmp_path, ready_url=f"{base}/metrics")
+
+    with httpx.Client(base_url=base, timeout=10) as client:
+        answer = client.post("/v1/chat/completions", json={"messages": []})
+        assert answer.status_code == 200
+        assert answer.json() == {"choices": []}
+        metrics = client.get("/metrics").text
+
+    route = "/v1/chat/completions"
+    for stage in ("auth", "route", "unattributed"):
+        assert metric_value(metrics, "llmpath_stage_duration_seconds_count", stage=stage, route=route) == 1
+    assert metric_value(metrics, "llmpath_time_to_first_token_seconds_count", route=route, model="llama-3-8b") == 1
+    tokens = {
+        t: metric_value(metrics, "llmpath_tokens_total", route=route, type=t) for t in ("input", "cached", "output")
+    }
+    assert tokens == {"input": 812, "cached": 768, "output": 64}
+    assert metric_value(metrics, "llmpath_requests_total", route=route, code="200") == 1
+
+    (line,) = (tmp_path / "usage.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert (record["input_tokens"], record["cached_tokens"], record["output_tokens"]) == (812, 768, 64)
+    assert record["status_code"] == 200
+    assert [s["name"] for s in record["stages"]] == ["auth", "route"]
+
+
+def test_slo_plugin_example_compiles_through_the_cli(tmp_path: Path, llmpath_bin: str) -> None:
+    (tmp_path / "my_plugins.py").write_text(block_with(ROOT / "docs/slo.md", "SLI_PLUGINS"))
+    spec = {
+        "version": "prometheus/v1",
+        "service": "api",
+        "slo_plugins": {"chain": [{"id": "my/info_labels", "config": {"labels": {"tier": "gold"}}}]},
+        "slos": [
+            {
+                "name": "availability",
+                "objective": 99.9,
+                "sli": {"plugin": {"id": "my_availability", "options": {"job": "api"}}},
+                "alerting": {"name": "ApiAvailability"},
+            }
+        ],
+    }
+    (tmp_path / "slos.yaml").write_text(yaml.safe_dump(spec))
+    out = tmp_path / "rules.yaml"
+    done = subprocess.run(
+        [llmpath_bin, "slo", "compile", "slos.yaml", "--plugins", "my_plugins.py", "--out", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rules = [rule for group in yaml.safe_load(out.read_text())["groups"] for rule in group["rules"]]
+    by_record = {rule.get("record"): rule for rule in rules}
+    sli_5m = by_record["slo:sli_error:ratio_rate5m"]["expr"]
+    assert 'http_requests_total{job="api",code=~"5.."}[5m]' in sli_5m  # the SLI plugin's query, window filled in
+    assert by_record["sloth_slo_info"]["labels"]["tier"] == "gold"  # the SLO plugin ran
+
+
+def test_slo_api_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmpath.slo import default_spec_path
+
+    (tmp_path / "slos.yaml").write_text(Path(default_spec_path()).read_text())
+    (tmp_path / "specs").mkdir()
+    other = {
+        "version": "prometheus/v1",
+        "service": "batch-api",
+        "slos": [
+            {
+                "name": "availability",
+                "objective": 99.5,
+                "sli": {
+                    "events": {
+                        "error_query": 'sum(rate(llmpath_requests_total{route="batch",code=~"5.."}[{{.window}}]))',
+                        "total_query": 'sum(rate(llmpath_requests_total{route="batch"}[{{.window}}]))',
+                    }
+                },
+                "alerting": {"name": "BatchAvailability"},
+            }
+        ],
+    }
+    (tmp_path / "specs" / "batch.yaml").write_text(yaml.safe_dump(other))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(compile(block_with(ROOT / "docs/slo.md", "compile_slos("), "docs/slo.md", "exec"), namespace)  # noqa: S102
+
+    result = namespace["result"]
+    assert sorted(result.files) == ["batch.yaml", "slos.yaml"]  # one rule file per input, by file name
+    services = {slo.service for slo in result.slos}
+    assert services >= {"batch-api"} and len(services) >= 2
+    assert all(slo.alerts for slo in result.slos if slo.service == "batch-api")
+
+
+def test_gunicorn_hooks_example_is_a_loadable_config(tmp_path: Path) -> None:
+    from llmpath.instrumentation.multiprocess import gunicorn_child_exit, gunicorn_on_starting
+
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(block_with(ROOT / "docs/multiprocess.md", "gunicorn_child_exit"))
+    hooks = runpy.run_path(str(config))  # what gunicorn does with -c gunicorn.conf.py
+    assert hooks["child_exit"] is gunicorn_child_exit
+    assert hooks["on_starting"] is gunicorn_on_starting
