@@ -258,6 +258,17 @@ def test_steady_load_fires_nothing_and_every_dashboard_query_has_data(loop: Loop
     assert time.monotonic() - t0 < 240
 
 
+def test_the_default_specs_validate_against_the_live_stack(loop: Loop) -> None:
+    """`slo validate --prometheus`: every latency histogram of the default spec has its threshold among its live
+    bucket bounds, and every SLI selector matches series the gateway exports."""
+    from llmpath.slo import default_spec_path
+
+    cmd = [LLMPATH, "slo", "validate", str(default_spec_path()), "--prometheus", loop.stack.prometheus.url, "--strict"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "4 histogram(s) with live buckets, every SLI selector matches series" in out.stdout
+
+
 def test_every_runbook_query_runs_on_the_live_stack(loop: Loop) -> None:
     """Every PromQL block of every generated runbook is accepted by Prometheus; the stage diagnosis returns data."""
     blocks = {

@@ -7,7 +7,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
@@ -26,6 +26,10 @@ _WINDOWS_HELP = (
 )
 _PLUGINS_HELP = "Python plugin file or module defining SLI_PLUGINS / SLO_PLUGINS (Sloth plugin ids)."
 _DUPLICATES_HELP = "Allow the same SLO ID in different files (their rules must not be loaded into one Prometheus)."
+_BUCKETS_HELP = (
+    "HISTOGRAM=BOUND,BOUND,… : the bucket bounds of a histogram whose buckets are not the catalog's (e.g. "
+    "instrument_app(latency_buckets=...)); latency thresholds are checked against them. Repeatable."
+)
 
 
 def _err(text: str) -> None:
@@ -48,6 +52,20 @@ def _parse_labels(values: list[str]) -> dict[str, str]:
             raise typer.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--extra-label")
         labels[key] = value
     return labels
+
+
+def _parse_buckets(values: list[str]) -> dict[str, tuple[float, ...]]:
+    buckets = {}
+    for item in values:
+        name, sep, bounds = item.partition("=")
+        try:
+            parsed = tuple(float(b) for b in bounds.split(",")) if sep and name and bounds else None
+        except ValueError:
+            parsed = None
+        if parsed is None:
+            raise typer.BadParameter(f"{item!r} is not HISTOGRAM=BOUND,BOUND,…", param_hint="--buckets")
+        buckets[name] = parsed
+    return buckets
 
 
 def _load_plugins(refs: list[str]) -> tuple[dict, dict]:
@@ -135,6 +153,7 @@ def compile_cmd(
     ),
     plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
     ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
+    buckets: list[str] = typer.Option([], "--buckets", help=_BUCKETS_HELP),
 ) -> None:
     """Compile specs into Prometheus recording and multi-window multi-burn-rate alert rules."""
     from llmpath.slo import CompileOptions
@@ -166,6 +185,7 @@ def compile_cmd(
         sli_plugins=sli_plugins,
         slo_plugins=slo_plugins,
         ignore_duplicates=ignore_duplicates,
+        histogram_buckets=_parse_buckets(buckets),
     )
     result = _compile(inputs, options, out)
     if out == "-":
@@ -198,6 +218,13 @@ def validate_cmd(
     strict: bool = typer.Option(False, "--strict", help="Treat warnings (unknown keys, …) as errors."),
     plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
     ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
+    buckets: list[str] = typer.Option([], "--buckets", help=_BUCKETS_HELP),
+    prometheus: str | None = typer.Option(
+        None,
+        "--prometheus",
+        help="Also check against this Prometheus: latency thresholds against the histograms' real bucket bounds, "
+        "and that every SLI selector matches series (a warning names what does not match).",
+    ),
 ) -> None:
     """Validate specs without writing anything; duplicate SLO IDs across files are an error."""
     from llmpath.slo import CompileOptions
@@ -210,10 +237,64 @@ def validate_cmd(
         sli_plugins=sli_plugins,
         slo_plugins=slo_plugins,
         ignore_duplicates=ignore_duplicates,
+        histogram_buckets=_parse_buckets(buckets),
     )
+    if prometheus is not None:
+        _validate_live(inputs, options, prometheus.rstrip("/"))
+        return
     result = _compile(inputs, options, None)
     files = {s.source for s in result.slos}
     typer.echo(f"OK: {len(result.slos)} SLOs in {len(files)} file(s) are valid.")
+
+
+def _validate_live(inputs: list[Path], options: CompileOptions, url: str) -> None:
+    """``validate --prometheus``: compile with the histograms' live bucket bounds, then check the SLIs' data."""
+    import dataclasses
+
+    import httpx
+
+    from llmpath.promapi import PrometheusClient
+    from llmpath.slo import SpecError, compile_slos, load_specs
+    from llmpath.slo_check import data_issues, live_buckets
+
+    try:
+        docs = load_specs(inputs, strict=options.strict)
+    except SpecError as exc:
+        _fail([str(i) for i in exc.issues])
+    histograms = [slo.sli.histogram for doc in docs for slo in doc.slos if slo.sli.histogram]
+    # Connection errors, answers that are not Prometheus's, refused or malformed queries:
+    unreadable = (httpx.HTTPError, RuntimeError, KeyError, ValueError)
+    with PrometheusClient(url) as client:
+        try:
+            live = live_buckets(client, histograms)
+        except unreadable as exc:
+            _prometheus_failed(url, exc)
+        options = dataclasses.replace(options, histogram_buckets={**options.histogram_buckets, **live})
+        try:
+            result = compile_slos(docs, options)
+        except SpecError as exc:
+            _fail([str(i) for i in exc.issues])
+        try:
+            no_data = data_issues(client, result.slos)
+        except unreadable as exc:
+            _prometheus_failed(url, exc)
+    for warning in result.warnings:
+        _err(str(warning))
+    if options.strict and no_data:
+        _fail([str(i.as_error()) for i in no_data])
+    for issue in no_data:
+        _err(str(issue))
+    files = {s.source for s in result.slos}
+    data = f"{len(no_data)} warning(s) about SLI data" if no_data else "every SLI selector matches series"
+    typer.echo(
+        f"OK: {len(result.slos)} SLOs in {len(files)} file(s) are valid; "
+        f"Prometheus {url}: {len(live)} histogram(s) with live buckets, {data}."
+    )
+
+
+def _prometheus_failed(url: str, exc: Exception) -> NoReturn:
+    _err(f"llmpath slo validate: cannot read Prometheus at {url}: {type(exc).__name__}: {exc}")
+    raise typer.Exit(2) from None
 
 
 @app.command("init")

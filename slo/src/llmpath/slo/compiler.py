@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import math
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from llmpath.slo.model import (
     SpecDocument,
 )
 from llmpath.slo.plugins import PluginError, run_chain
-from llmpath.slo.validate import LABEL_NAME_RE, label_key_error
+from llmpath.slo.validate import LABEL_NAME_RE, METRIC_NAME_RE, label_key_error
 from llmpath.slo.windows import AlertWindows, WindowCatalog
 from llmpath.slo.yamlout import dump
 
@@ -110,8 +112,21 @@ def _check_options(options: CompileOptions) -> None:
         )
     if options.disable_alerts and options.disable_recordings:
         problems.append(Issue("--disable-alerts and --disable-recordings together leave nothing to generate"))
+    for name, bounds in options.histogram_buckets.items():
+        if msg := _buckets_error(name, bounds):
+            problems.append(Issue(msg, field="--buckets"))
     if problems:
         raise SpecError(problems)
+
+
+def _buckets_error(name: str, bounds: Sequence[float]) -> str | None:
+    if not METRIC_NAME_RE.fullmatch(name):
+        return f"invalid histogram name {name!r}"
+    if not bounds:
+        return f"{name}: no bucket bounds given"
+    if not all(isinstance(b, int | float) and math.isfinite(b) for b in bounds):
+        return f"{name}: bucket bounds must be finite numbers (+Inf is implied), got {list(bounds)}"
+    return None
 
 
 def compile_slos(docs: list[SpecDocument], options: CompileOptions | None = None) -> CompileResult:

@@ -286,6 +286,9 @@ class CompileOptions:
     #: Allow the same SLO ID in different input documents (Sloth's ``--ignore-slo-duplicates``); the rules of
     #: such SLOs would write the same series if loaded into one Prometheus.
     ignore_duplicates: bool = False
+    #: Histogram name → its bucket bounds, for histograms whose buckets are not the stage catalog's (e.g. an
+    #: ``instrument_app(latency_buckets=...)``): latency SLI thresholds are checked against these.
+    histogram_buckets: Mapping[str, Sequence[float]] = field(default_factory=dict)
 
 
 DEFAULT_PERIOD = "30d"

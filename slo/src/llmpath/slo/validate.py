@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import promql_parser
 
@@ -212,8 +212,12 @@ def _check_labels_of(metric: str | None, labels: list[str], field: str) -> Itera
             yield field, f"{metric} has no label {label!r} (its labels: {', '.join(spec.labels)})"
 
 
-def llmpath_problems(slo: SLOSpec) -> list[Problem]:
-    """Checks for llmpath/v1 specs beyond Sloth's (stages, histograms, selectors, alert options)."""
+def llmpath_problems(slo: SLOSpec, histogram_buckets: Mapping[str, Sequence[float]] | None = None) -> list[Problem]:
+    """Checks for llmpath/v1 specs beyond Sloth's (stages, histograms, selectors, alert options).
+
+    ``histogram_buckets``: the bucket bounds of histograms whose buckets are not the catalog's (an instrumentation
+    with its own ``latency_buckets``, a histogram of another exporter); latency thresholds are checked against them.
+    """
     out: list[Problem] = []
     if slo.stage is not None and stage_owner(slo.stage) is None:
         known = ", ".join([*catalog.STAGES.names, *catalog.STAGE_GROUPS_BY_NAME])
@@ -234,14 +238,14 @@ def llmpath_problems(slo: SLOSpec) -> list[Problem]:
     if slo.period_rule == PERIOD_RULE_COUNT and sli.kind not in ("events", "latency", "ratio"):
         out.append(("period_rule", "ratio_of_counts needs an events, latency or ratio SLI (error and total counts)"))
     if sli.kind == "latency":
-        out += _latency_problems(slo)
+        out += _latency_problems(slo, histogram_buckets or {})
     elif sli.kind == "ratio":
         out += _ratio_problems(slo)
     out += _alert_option_problems(slo)
     return out
 
 
-def _latency_problems(slo: SLOSpec) -> Iterator[Problem]:
+def _latency_problems(slo: SLOSpec, histogram_buckets: Mapping[str, Sequence[float]]) -> Iterator[Problem]:
     sli = slo.sli
     hist = sli.histogram or ""
     if not METRIC_NAME_RE.fullmatch(hist):
@@ -255,17 +259,25 @@ def _latency_problems(slo: SLOSpec) -> Iterator[Problem]:
     if not (threshold > 0 and math.isfinite(threshold)):
         yield "sli.latency.threshold", f"threshold must be a positive number of seconds, got {threshold!r}"
     spec = _known_metric(hist)
-    if spec is not None:
-        if spec.kind != "histogram":
-            yield "sli.latency.histogram", f"{hist} is a {spec.kind}, not a histogram"
-            return
+    if spec is not None and spec.kind != "histogram":
+        yield "sli.latency.histogram", f"{hist} is a {spec.kind}, not a histogram"
+        return
+    given = histogram_buckets.get(hist)
+    if given is not None:
+        buckets, default = tuple(sorted(given)), False
+    elif spec is not None:
         buckets = catalog.TPOT_BUCKETS if hist == catalog.TIME_PER_OUTPUT_TOKEN else catalog.LATENCY_BUCKETS
-        if threshold > 0 and threshold not in buckets:
-            yield (
-                "sli.latency.threshold",
-                f"{go_float(threshold)} s is not a bucket boundary of {hist}, so no bucket series would match "
-                f"({_bucket_hint(threshold, buckets)})",
-            )
+        default = True
+    else:
+        buckets, default = (), False  # another exporter's histogram: its buckets are unknown here
+    if buckets and threshold > 0 and threshold not in buckets:
+        hint = _bucket_hint(threshold, buckets)
+        if default:
+            hint += "; if your instrumentation sets other latency_buckets, give them with --buckets"
+        yield (
+            "sli.latency.threshold",
+            f"{go_float(threshold)} s is not a bucket boundary of {hist}, so no bucket series would match ({hint})",
+        )
     for key in sli.selector:
         if not LABEL_NAME_RE.fullmatch(key) or key == "le":
             yield f"sli.latency.selector.{key}", f"invalid selector label {key!r}"
