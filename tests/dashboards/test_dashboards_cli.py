@@ -106,3 +106,25 @@ def test_lint_accepts_generated_dashboards_and_names_problems(llmpath_bin: str, 
     assert f"{bad}: schemaVersion: '42' is not of type 'integer'" in result.stderr
     assert f"{bad}: panel" in result.stderr and "unknown metric 'llmpath_request_total'" in result.stderr
     assert f"{tmp_path / 'broken.json'}: Expecting property name" in result.stderr
+
+
+def test_specs_on_custom_histogram_buckets_need_them_given(llmpath_bin: str, tmp_path: Path) -> None:
+    """A TTFT threshold that only an instrumentation's own latency_buckets has: refused without `--buckets` (the
+    catalog's buckets lack it), built with them, and `--check` hints the full command."""
+    from llmpath.slo import default_spec_path
+
+    spec = tmp_path / "slos.yaml"
+    spec.write_text(default_spec_path().read_text().replace("threshold: 0.5\n", "threshold: 0.35\n", 1))
+    buckets = "llmpath_time_to_first_token_seconds=0.05,0.35,0.7,3"
+    for part in ("dashboards", "runbooks"):
+        out = tmp_path / f"out-{part}"
+        refused = _run(llmpath_bin, part, "build", "--slo", str(spec), "-o", str(out))
+        assert refused.returncode == 2
+        assert "0.35 s is not a bucket boundary of llmpath_time_to_first_token_seconds" in refused.stderr
+        assert not out.exists()
+        built = _run(llmpath_bin, part, "build", "--slo", str(spec), "--buckets", buckets, "-o", str(out))
+        assert built.returncode == 0, built.stderr
+        next(out.iterdir()).unlink()
+        stale = _run(llmpath_bin, part, "build", "--slo", str(spec), "--buckets", buckets, "-o", str(out), "--check")
+        assert stale.returncode == 1
+        assert f"regenerate with: llmpath {part} build --slo {spec} --buckets {buckets} -o {out}" in stale.stderr

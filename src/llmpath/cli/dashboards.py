@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from llmpath.cli.slo import BUCKETS_HELP, parse_buckets
+
 app = typer.Typer(help="Generate Grafana dashboards.", no_args_is_help=True)
 
 SLO_HELP = "SLO spec file or folder (repeatable). Default: the spec packaged with llmpath (llmpath slo init)."
@@ -36,16 +38,23 @@ def sync(out: Path, files: dict[str, str], check: bool, is_generated, what: str,
                f"{len(changed.extra)} removed)")  # fmt: skip
 
 
-def compile_or_exit(slo: list[Path] | None, period: str | None, windows: Path | None, **urls: str | None):
+def compile_or_exit(
+    slo: list[Path] | None, period: str | None, windows: Path | None, buckets: list[str], **urls: str | None
+):
     """Compile the specs (the default one when none are given); bad input exits 2 with the compiler's message."""
     from llmpath.dashboards.specs import SpecOptions, compile_specs
     from llmpath.slo import SpecError
 
-    options = SpecOptions(tuple(slo or ()), period, windows, **urls)
+    options = SpecOptions(tuple(slo or ()), period, windows, **urls, histogram_buckets=parse_buckets(buckets))
     try:
         return compile_specs(options)
     except SpecError as exc:
         raise fail(str(exc), 2) from None
+
+
+def spec_flags(slo: list[Path] | None, buckets: list[str]) -> str:
+    """The ``--slo`` and ``--buckets`` flags of a command line that regenerates the same output."""
+    return "".join(f" --slo {p}" for p in slo or ()) + "".join(f" --buckets {b}" for b in buckets)
 
 
 @app.command("build")
@@ -55,6 +64,7 @@ def build(
     check: bool = typer.Option(False, "--check", help=CHECK_HELP),
     period: str | None = typer.Option(None, "--period", help=PERIOD_HELP),
     windows: Path | None = typer.Option(None, "--windows", help=WINDOWS_HELP),
+    buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
 ) -> None:
     """Build the LLM API path, SLOs and Backends dashboards (Grafana JSON) into OUT.
 
@@ -65,12 +75,12 @@ def build(
     from llmpath.dashboards.build import DashboardError, build_dashboards, is_generated, render_all
     from llmpath.dashboards.specs import recording_rule_names, slo_views
 
-    result = compile_or_exit(slo, period, windows)
+    result = compile_or_exit(slo, period, windows, buckets)
     try:
         dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()))
     except DashboardError as exc:
         raise fail(str(exc)) from None
-    command = "llmpath dashboards build" + "".join(f" --slo {p}" for p in slo or ()) + f" -o {out}"
+    command = "llmpath dashboards build" + spec_flags(slo, buckets) + f" -o {out}"
     sync(out, render_all(dashboards), check, is_generated, "dashboard files", command)
 
 
@@ -78,6 +88,7 @@ def build(
 def lint(
     files: list[Path] = typer.Argument(..., help="Dashboard JSON files (e.g. edited copies of the generated ones)."),
     slo: list[Path] | None = typer.Option(None, "--slo", help=SLO_HELP + " Their recording rules count as known."),
+    buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
 ) -> None:
     """Check dashboard JSON files with the checks `build` applies (schema, ids, units, queries, metric names)."""
     import json
@@ -85,7 +96,7 @@ def lint(
     from llmpath.dashboards import dashboard_problems, known_metric_names
     from llmpath.dashboards.specs import recording_rule_names
 
-    known = known_metric_names(recording_rule_names(compile_or_exit(slo, None, None).files.values()))
+    known = known_metric_names(recording_rule_names(compile_or_exit(slo, None, None, buckets).files.values()))
     problems = []
     for path in files:
         try:

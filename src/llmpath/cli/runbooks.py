@@ -6,7 +6,17 @@ from pathlib import Path
 
 import typer
 
-from llmpath.cli.dashboards import CHECK_HELP, PERIOD_HELP, SLO_HELP, WINDOWS_HELP, compile_or_exit, fail, sync
+from llmpath.cli.dashboards import (
+    CHECK_HELP,
+    PERIOD_HELP,
+    SLO_HELP,
+    WINDOWS_HELP,
+    compile_or_exit,
+    fail,
+    spec_flags,
+    sync,
+)
+from llmpath.cli.slo import BUCKETS_HELP
 
 app = typer.Typer(help="Generate per-alert runbooks.", no_args_is_help=True)
 
@@ -26,6 +36,7 @@ def build(
     dashboard_base_url: str | None = typer.Option(
         None, "--dashboard-base-url", help=f"Grafana URL for dashboard links (default: {DEFAULT_GRAFANA_URL})."
     ),
+    buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
 ) -> None:
     """Write one Markdown runbook per alert of the specs (file = the alert's runbook_file), plus an index mapping
     every alert to its owning stage and team."""
@@ -34,7 +45,7 @@ def build(
     from llmpath.runbooks import KnowledgeError, RunbookError, build_runbooks, is_generated
 
     result = compile_or_exit(
-        slo, period, windows, runbook_base_url=runbook_base_url, dashboard_base_url=dashboard_base_url
+        slo, period, windows, buckets, runbook_base_url=runbook_base_url, dashboard_base_url=dashboard_base_url
     )
     try:
         dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()))
@@ -43,5 +54,5 @@ def build(
         )
     except (DashboardError, KnowledgeError, RunbookError) as exc:
         raise fail(str(exc)) from None
-    command = "llmpath runbooks build" + "".join(f" --slo {p}" for p in slo or ()) + f" -o {out}"
+    command = "llmpath runbooks build" + spec_flags(slo, buckets) + f" -o {out}"
     sync(out, files, check, is_generated, "runbook files", command)

@@ -26,7 +26,7 @@ _WINDOWS_HELP = (
 )
 _PLUGINS_HELP = "Python plugin file or module defining SLI_PLUGINS / SLO_PLUGINS (Sloth plugin ids)."
 _DUPLICATES_HELP = "Allow the same SLO ID in different files (their rules must not be loaded into one Prometheus)."
-_BUCKETS_HELP = (
+BUCKETS_HELP = (
     "HISTOGRAM=BOUND,BOUND,… : the bucket bounds of a histogram whose buckets are not the catalog's (e.g. "
     "instrument_app(latency_buckets=...)); latency thresholds are checked against them. Repeatable."
 )
@@ -54,7 +54,8 @@ def _parse_labels(values: list[str]) -> dict[str, str]:
     return labels
 
 
-def _parse_buckets(values: list[str]) -> dict[str, tuple[float, ...]]:
+def parse_buckets(values: list[str]) -> dict[str, tuple[float, ...]]:
+    """``--buckets HISTOGRAM=BOUND,BOUND,…`` options as histogram name → bounds (a usage error otherwise)."""
     buckets = {}
     for item in values:
         name, sep, bounds = item.partition("=")
@@ -153,7 +154,7 @@ def compile_cmd(
     ),
     plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
     ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
-    buckets: list[str] = typer.Option([], "--buckets", help=_BUCKETS_HELP),
+    buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
 ) -> None:
     """Compile specs into Prometheus recording and multi-window multi-burn-rate alert rules."""
     from llmpath.slo import CompileOptions
@@ -185,7 +186,7 @@ def compile_cmd(
         sli_plugins=sli_plugins,
         slo_plugins=slo_plugins,
         ignore_duplicates=ignore_duplicates,
-        histogram_buckets=_parse_buckets(buckets),
+        histogram_buckets=parse_buckets(buckets),
     )
     result = _compile(inputs, options, out)
     if out == "-":
@@ -218,7 +219,7 @@ def validate_cmd(
     strict: bool = typer.Option(False, "--strict", help="Treat warnings (unknown keys, …) as errors."),
     plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
     ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
-    buckets: list[str] = typer.Option([], "--buckets", help=_BUCKETS_HELP),
+    buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
     prometheus: str | None = typer.Option(
         None,
         "--prometheus",
@@ -237,7 +238,7 @@ def validate_cmd(
         sli_plugins=sli_plugins,
         slo_plugins=slo_plugins,
         ignore_duplicates=ignore_duplicates,
-        histogram_buckets=_parse_buckets(buckets),
+        histogram_buckets=parse_buckets(buckets),
     )
     if prometheus is not None:
         _validate_live(inputs, options, prometheus.rstrip("/"))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ class SpecOptions:
     windows_file: Path | None = None
     runbook_base_url: str | None = None
     dashboard_base_url: str | None = None
+    #: Bucket bounds of histograms whose buckets are not the catalog's (``llmpath slo compile --buckets``).
+    histogram_buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 def compile_specs(options: SpecOptions) -> Any:
@@ -42,6 +44,7 @@ def compile_specs(options: SpecOptions) -> Any:
             windows_file=options.windows_file,
             runbook_base_url=options.runbook_base_url,
             dashboard_base_url=options.dashboard_base_url,
+            histogram_buckets=options.histogram_buckets,
         ),
     )
 
