@@ -115,3 +115,12 @@ def test_missing_file_and_retriever_folder(tmp_path: Path) -> None:
 
 def test_hash_key_is_sha256_hex() -> None:
     assert hash_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_stage_catalog_is_relative_to_the_file_and_checked(tmp_path: Path) -> None:
+    (tmp_path / "stages.toml").write_text('[owners]\nroute = "traffic"\n')
+    config = load_config(write(tmp_path, "stage_catalog: stages.toml\n"))
+    assert config.stage_catalog == tmp_path / "stages.toml"
+    (tmp_path / "stages.toml").write_text('[owners]\nrouting = "traffic"\n')
+    with pytest.raises(ConfigError, match=r"stage_catalog: .*stages.toml: owners.routing: unknown stage"):
+        load_config(write(tmp_path, "stage_catalog: stages.toml\n"))

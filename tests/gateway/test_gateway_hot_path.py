@@ -84,3 +84,28 @@ def test_the_hot_paths_are_the_documented_fastapi_routes(hot) -> None:
 
 def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {KEY}"}
+
+
+async def test_stage_spans_name_the_owners_of_the_configured_stage_catalog(tmp_path) -> None:
+    (tmp_path / "stages.toml").write_text('[owners]\nauth = "identity"\n')
+    config = load_config(
+        None,
+        {
+            "backends": [{"url": "http://127.0.0.1:9", "name": "nowhere"}],
+            "routes": [{"name": "chat", "model": "m"}],
+            "api_keys": [{"sha256": hash_key(KEY), "tenant": "acme"}],
+            "stage_catalog": str(tmp_path / "stages.toml"),
+        },
+    )
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    app = create_app(config, registry=CollectorRegistry(), tracer_provider=provider)
+    async with client(app) as c:
+        assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 401
+    owners = {
+        s.attributes["llmpath.stage"]: s.attributes["llmpath.stage.owner"]
+        for s in exporter.get_finished_spans()
+        if "llmpath.stage" in s.attributes
+    }
+    assert owners == {"auth": "identity"}  # the auth stage refused the request, under the configured owner

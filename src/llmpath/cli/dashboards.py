@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
+from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
 from llmpath.cli.slo import BUCKETS_HELP, parse_buckets
+
+if TYPE_CHECKING:
+    from llmpath.instrumentation import StageCatalog
 
 app = typer.Typer(help="Generate Grafana dashboards.", no_args_is_help=True)
 
@@ -39,22 +44,30 @@ def sync(out: Path, files: dict[str, str], check: bool, is_generated, what: str,
 
 
 def compile_or_exit(
-    slo: list[Path] | None, period: str | None, windows: Path | None, buckets: list[str], **urls: str | None
+    slo: list[Path] | None,
+    period: str | None,
+    windows: Path | None,
+    buckets: list[str],
+    stages: StageCatalog,
+    **urls: str | None,
 ):
     """Compile the specs (the default one when none are given); bad input exits 2 with the compiler's message."""
     from llmpath.dashboards.specs import SpecOptions, compile_specs
     from llmpath.slo import SpecError
 
-    options = SpecOptions(tuple(slo or ()), period, windows, **urls, histogram_buckets=parse_buckets(buckets))
+    options = SpecOptions(
+        tuple(slo or ()), period, windows, **urls, histogram_buckets=parse_buckets(buckets), stages=stages
+    )
     try:
         return compile_specs(options)
     except SpecError as exc:
         raise fail(str(exc), 2) from None
 
 
-def spec_flags(slo: list[Path] | None, buckets: list[str]) -> str:
-    """The ``--slo`` and ``--buckets`` flags of a command line that regenerates the same output."""
-    return "".join(f" --slo {p}" for p in slo or ()) + "".join(f" --buckets {b}" for b in buckets)
+def spec_flags(slo: list[Path] | None, buckets: list[str], catalog: Path | None) -> str:
+    """The ``--slo``, ``--buckets`` and ``--catalog`` flags of a command line that regenerates the same output."""
+    flags = [*(f" --slo {p}" for p in slo or ()), *(f" --buckets {b}" for b in buckets)]
+    return "".join(flags) + (f" --catalog {catalog}" if catalog else "")
 
 
 @app.command("build")
@@ -65,6 +78,7 @@ def build(
     period: str | None = typer.Option(None, "--period", help=PERIOD_HELP),
     windows: Path | None = typer.Option(None, "--windows", help=WINDOWS_HELP),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
+    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
 ) -> None:
     """Build the LLM API path, SLOs and Backends dashboards (Grafana JSON) into OUT.
 
@@ -75,12 +89,13 @@ def build(
     from llmpath.dashboards.build import DashboardError, build_dashboards, is_generated, render_all
     from llmpath.dashboards.specs import recording_rule_names, slo_views
 
-    result = compile_or_exit(slo, period, windows, buckets)
+    stages = catalog_or_exit(catalog)
+    result = compile_or_exit(slo, period, windows, buckets, stages)
     try:
-        dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()))
+        dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()), stages)
     except DashboardError as exc:
         raise fail(str(exc)) from None
-    command = "llmpath dashboards build" + spec_flags(slo, buckets) + f" -o {out}"
+    command = "llmpath dashboards build" + spec_flags(slo, buckets, catalog) + f" -o {out}"
     sync(out, render_all(dashboards), check, is_generated, "dashboard files", command)
 
 
@@ -89,6 +104,7 @@ def lint(
     files: list[Path] = typer.Argument(..., help="Dashboard JSON files (e.g. edited copies of the generated ones)."),
     slo: list[Path] | None = typer.Option(None, "--slo", help=SLO_HELP + " Their recording rules count as known."),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
+    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
 ) -> None:
     """Check dashboard JSON files with the checks `build` applies (schema, ids, units, queries, metric names)."""
     import json
@@ -96,7 +112,9 @@ def lint(
     from llmpath.dashboards import dashboard_problems, known_metric_names
     from llmpath.dashboards.specs import recording_rule_names
 
-    known = known_metric_names(recording_rule_names(compile_or_exit(slo, None, None, buckets).files.values()))
+    known = known_metric_names(
+        recording_rule_names(compile_or_exit(slo, None, None, buckets, catalog_or_exit(catalog)).files.values())
+    )
     problems = []
     for path in files:
         try:

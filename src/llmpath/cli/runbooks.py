@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
 from llmpath.cli.dashboards import (
     CHECK_HELP,
     PERIOD_HELP,
@@ -37,6 +38,7 @@ def build(
         None, "--dashboard-base-url", help=f"Grafana URL for dashboard links (default: {DEFAULT_GRAFANA_URL})."
     ),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
+    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
 ) -> None:
     """Write one Markdown runbook per alert of the specs (file = the alert's runbook_file), plus an index mapping
     every alert to its owning stage and team."""
@@ -44,15 +46,16 @@ def build(
     from llmpath.dashboards.specs import recording_rule_names, slo_views
     from llmpath.runbooks import KnowledgeError, RunbookError, build_runbooks, is_generated
 
+    stages = catalog_or_exit(catalog)
     result = compile_or_exit(
-        slo, period, windows, buckets, runbook_base_url=runbook_base_url, dashboard_base_url=dashboard_base_url
+        slo, period, windows, buckets, stages, runbook_base_url=runbook_base_url, dashboard_base_url=dashboard_base_url
     )
     try:
-        dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()))
+        dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()), stages)
         files = build_runbooks(
-            result.slos, dashboard_base_url or DEFAULT_GRAFANA_URL, None, panel_directory(dashboards)
+            result.slos, dashboard_base_url or DEFAULT_GRAFANA_URL, None, panel_directory(dashboards), stages
         )
     except (DashboardError, KnowledgeError, RunbookError) as exc:
         raise fail(str(exc)) from None
-    command = "llmpath runbooks build" + spec_flags(slo, buckets) + f" -o {out}"
+    command = "llmpath runbooks build" + spec_flags(slo, buckets, catalog) + f" -o {out}"
     sync(out, files, check, is_generated, "runbook files", command)

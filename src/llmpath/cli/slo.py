@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
+from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
+
 if TYPE_CHECKING:
     from llmpath.slo import CompileOptions, CompileResult
 
@@ -155,6 +157,7 @@ def compile_cmd(
     plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
     ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
+    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
 ) -> None:
     """Compile specs into Prometheus recording and multi-window multi-burn-rate alert rules."""
     from llmpath.slo import CompileOptions
@@ -187,6 +190,7 @@ def compile_cmd(
         slo_plugins=slo_plugins,
         ignore_duplicates=ignore_duplicates,
         histogram_buckets=parse_buckets(buckets),
+        stages=catalog_or_exit(catalog),
     )
     result = _compile(inputs, options, out)
     if out == "-":
@@ -220,6 +224,7 @@ def validate_cmd(
     plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
     ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
+    catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
     prometheus: str | None = typer.Option(
         None,
         "--prometheus",
@@ -239,6 +244,7 @@ def validate_cmd(
         slo_plugins=slo_plugins,
         ignore_duplicates=ignore_duplicates,
         histogram_buckets=parse_buckets(buckets),
+        stages=catalog_or_exit(catalog),
     )
     if prometheus is not None:
         _validate_live(inputs, options, prometheus.rstrip("/"))

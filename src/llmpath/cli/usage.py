@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
 from llmpath.cli.tables import print_table
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ TENANT = typer.Option(None, "--tenant", help="Only this tenant.")
 MODEL = typer.Option(None, "--model", help="Only this model.")
 STATUS = typer.Option(None, "--status", help="Only this status code (503) or class (5xx, 4xx).")
 JSON = typer.Option(False, "--json", help="Machine-readable JSON instead of tables.")
+CATALOG = typer.Option(None, "--catalog", help=CATALOG_HELP)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -76,6 +78,7 @@ def summary(
     model: str | None = MODEL,
     status: str | None = STATUS,
     as_json: bool = JSON,
+    catalog: Path | None = CATALOG,
 ) -> None:
     """Requests, errors, TTFT, where the time goes per stage, latency and errors per route, prompt-cache hit rate
     per route, tokens per tenant."""
@@ -84,7 +87,8 @@ def summary(
     from llmpath.ledger import summarize
     from llmpath.ledger.render import cache_table, headline, route_table, stage_table, tenant_table, when
 
-    result = summarize(_records(ledgers, since, route, tenant, model, status))
+    stages = catalog_or_exit(catalog)
+    result = summarize(_records(ledgers, since, route, tenant, model, status), stages)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
         return

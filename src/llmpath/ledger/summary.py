@@ -11,8 +11,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from llmpath.instrumentation import STAGES, UNATTRIBUTED
-from llmpath.instrumentation.catalog import TOKEN_TYPES
+from llmpath.instrumentation.catalog import TOKEN_TYPES, StageCatalog
 from llmpath.instrumentation.usage import UsageRecord
+
+#: The owner shown for a stage the ledger has and the stage catalog lacks.
+UNKNOWN_OWNER = "unknown"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -110,23 +113,34 @@ def stage_totals(record: UsageRecord) -> dict[str, float]:
     return totals
 
 
-def summarize(records: Iterable[UsageRecord]) -> LedgerSummary:
-    """Aggregate ledger records into the report's figures (successful requests for timings and cache)."""
+def summarize(records: Iterable[UsageRecord], catalog: StageCatalog = STAGES) -> LedgerSummary:
+    """Aggregate ledger records into the report's figures (successful requests for timings and cache).
+
+    Stages come in ``catalog`` order with its owners; a stage the records have and the catalog lacks follows them
+    (owner ``unknown``; counted as before the first token when it always ended before it), so no time goes missing.
+    """
     records = list(records)
     ok = [r for r in records if r.status_code == 200 and r.ttft_s is not None]
     ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
     mean_ttft = statistics.fmean(ttfts) if ttfts else 0.0
-    per_stage: dict[str, list[float]] = {name: [] for name in STAGES.names_with_unattributed}
+    per_stage: dict[str, list[float]] = {name: [] for name in catalog.names_with_unattributed}
+    before_first = {name: name == UNATTRIBUTED or catalog[name].before_first_token for name in per_stage}
+    for r in ok:
+        for st in r.stages:
+            if st.name not in per_stage:
+                per_stage[st.name], before_first[st.name] = [], True
+            if st.name not in catalog and st.start_s + st.duration_s > (r.ttft_s or 0.0) + 1e-6:
+                before_first[st.name] = False
     for r in ok:
         totals = stage_totals(r)
         for name, values in per_stage.items():
             values.append(totals.get(name, 0.0))
     rows = []
     for name, values in per_stage.items():
-        before_first = name == UNATTRIBUTED or STAGES[name].before_first_token
+        owner = catalog.owner(name) if name in catalog or name == UNATTRIBUTED else UNKNOWN_OWNER
         mean = statistics.fmean(values) if values else 0.0
-        share = (mean / mean_ttft if mean_ttft else 0.0) if before_first else None
-        rows.append(StageRow(name, STAGES.owner(name), percentile(values, 0.5), percentile(values, 0.95), mean, share))
+        share = (mean / mean_ttft if mean_ttft else 0.0) if before_first[name] else None
+        rows.append(StageRow(name, owner, percentile(values, 0.5), percentile(values, 0.95), mean, share))
 
     cache: dict[str, CacheRow] = {}
     for r in ok:

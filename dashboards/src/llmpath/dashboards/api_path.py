@@ -8,7 +8,7 @@ from llmpath.dashboards import common
 from llmpath.dashboards.panels import Board, Query, steps
 from llmpath.dashboards.promql import mean, quantile, ratio, sel, sum_increase, sum_rate, zero_if_absent
 from llmpath.instrumentation import catalog
-from llmpath.instrumentation.catalog import STAGES, UNATTRIBUTED
+from llmpath.instrumentation.catalog import STAGES, UNATTRIBUTED, StageCatalog
 
 ERROR_STEPS = steps(("green", None), ("yellow", 0.01), ("red", 0.05))
 PERCENTILES = (0.5, 0.95, 0.99)
@@ -42,21 +42,22 @@ def _percentiles(histogram: str, *matchers: str) -> list[Query]:
     return [Query(quantile(q, histogram, *matchers), f"p{round(q * 100)}") for q in PERCENTILES]
 
 
-def _stage_description(stage: str) -> tuple[str, str]:
+def _stage_description(stage: str, stages: StageCatalog) -> tuple[str, str]:
     if stage == UNATTRIBUTED:
         meaning = "Pre-first-token time no stage covers (gaps between stages, event-loop delays)."
     else:
-        meaning = STAGES[stage].meaning
-    return meaning, STAGES.owner(stage)
+        meaning = stages[stage].meaning
+    return meaning, stages.owner(stage)
 
 
-def build() -> Dashboard:
-    """Build the LLM API path dashboard (grafanalib object; see :func:`llmpath.dashboards.grafana.finalize`)."""
+def build(stages: StageCatalog = STAGES) -> Dashboard:
+    """Build the LLM API path dashboard (grafanalib object; see :func:`llmpath.dashboards.grafana.finalize`), with
+    one latency panel per stage of ``stages`` (titles name their owners)."""
     b = Board(common.SAMPLE_VARIABLES)
     _overview(b)
     _traffic(b)
-    _where_time_goes(b)
-    _stage_percentiles(b)
+    _where_time_goes(b, stages)
+    _stage_percentiles(b, stages)
     _ttft_tpot(b)
     _routing_admission(b)
     _prompt_cache(b)
@@ -124,9 +125,9 @@ def _traffic(b: Board) -> None:
     )  # fmt: skip
 
 
-def _where_time_goes(b: Board) -> None:
+def _where_time_goes(b: Board, stages: StageCatalog) -> None:
     b.row("row:time", "Where the time goes (before the first token)")
-    pre_first_token = [s for s in STAGES.names_with_unattributed if s == UNATTRIBUTED or STAGES[s].before_first_token]
+    pre_first_token = [s for s in stages.names_with_unattributed if s == UNATTRIBUTED or stages[s].before_first_token]
     stage_sum = sel(f"{catalog.STAGE_DURATION}_sum", f'stage=~"{"|".join(pre_first_token)}"')
     queries = [Query(mean(catalog.STAGE_DURATION, f'stage="{s}"'), s) for s in pre_first_token]
     b.timeseries(
@@ -153,10 +154,10 @@ def _where_time_goes(b: Board) -> None:
     )  # fmt: skip
 
 
-def _stage_percentiles(b: Board) -> None:
+def _stage_percentiles(b: Board, stages: StageCatalog) -> None:
     b.row("row:stages", "Latency per stage (p50 / p95 / p99)")
-    for stage in STAGES.names_with_unattributed:
-        meaning, owner = _stage_description(stage)
+    for stage in stages.names_with_unattributed:
+        meaning, owner = _stage_description(stage, stages)
         b.timeseries(
             stage_latency_key(stage),
             f"{stage} — p50 / p95 / p99 (owner: {owner})",

@@ -11,7 +11,7 @@ from llmpath.dashboards import api_path, backends, slos
 from llmpath.dashboards.checks import dashboard_problems, iter_panels, known_metric_names
 from llmpath.dashboards.grafana import finalize
 from llmpath.dashboards.slos import SloView
-from llmpath.instrumentation.catalog import DASHBOARD_UIDS
+from llmpath.instrumentation.catalog import DASHBOARD_UIDS, STAGES, StageCatalog
 
 
 class DashboardError(ValueError):
@@ -28,14 +28,16 @@ def file_name(key: str) -> str:
     return f"{DASHBOARD_UIDS[key]}.json"
 
 
-def build_dashboards(views: Sequence[SloView] = (), rule_names: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
+def build_dashboards(
+    views: Sequence[SloView] = (), rule_names: Iterable[str] = (), stages: StageCatalog = STAGES
+) -> dict[str, dict[str, Any]]:
     """All dashboards as Grafana JSON, keyed by file name; raises :class:`DashboardError` if any check fails.
 
     ``views`` are the SLOs for the SLOs dashboard; ``rule_names`` the recording rules they compile to (queries may
-    read them).
+    read them); ``stages`` the stage catalog (a latency panel per stage, owners in the titles).
     """
     known = known_metric_names(rule_names)
-    built = {"api_path": api_path.build(), "slos": slos.build(views), "backends": backends.build()}
+    built = {"api_path": api_path.build(stages), "slos": slos.build(views), "backends": backends.build()}
     result: dict[str, dict[str, Any]] = {}
     for key, dashboard in built.items():
         name = file_name(key)

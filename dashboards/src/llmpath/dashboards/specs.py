@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from llmpath.dashboards.slos import SloView
+from llmpath.instrumentation.catalog import StageCatalog
 
 BURN_KINDS = ("burn_rate", "threshold")
 
@@ -29,6 +30,8 @@ class SpecOptions:
     dashboard_base_url: str | None = None
     #: Bucket bounds of histograms whose buckets are not the catalog's (``llmpath slo compile --buckets``).
     histogram_buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    #: The stage catalog (``llmpath slo compile --catalog``); ``None``: the built-in stages and owners.
+    stages: StageCatalog | None = None
 
 
 def compile_specs(options: SpecOptions) -> Any:
@@ -45,6 +48,7 @@ def compile_specs(options: SpecOptions) -> Any:
             runbook_base_url=options.runbook_base_url,
             dashboard_base_url=options.dashboard_base_url,
             histogram_buckets=options.histogram_buckets,
+            stages=options.stages,
         ),
     )
 

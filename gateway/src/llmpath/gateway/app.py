@@ -45,12 +45,14 @@ from llmpath.gateway.service import Gateway, build_routes
 from llmpath.gateway.waterfall import WaterfallStore, render_html, to_json
 from llmpath.instrumentation import (
     DEFAULT_EXCLUDED_PATHS,
+    STAGES,
     JsonlUsageSink,
     LLMPathMiddleware,
     SqliteUsageSink,
     annotate_request,
     get_instrumentation,
     instrument_app,
+    load_catalog,
 )
 from llmpath.instrumentation.middleware import Receive, Scope, Send
 
@@ -337,6 +339,7 @@ def create_app(
         meter_provider=otel.meter_provider if otel is not None else None,
         usage_sink=sinks,
         excluded_paths=EXCLUDED_PATHS,
+        catalog=STAGES if config.stage_catalog is None else load_catalog(config.stage_catalog),
     )
     metrics = GatewayMetrics(app.state.llmpath.metric)
     gateway.bind_metrics(metrics)

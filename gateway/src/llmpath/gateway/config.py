@@ -288,6 +288,9 @@ class GatewayConfig(_Strict):
     prompt_cache: PromptCacheConfig = PromptCacheConfig()
     usage: UsageConfig = UsageConfig()
     debug: DebugConfig = DebugConfig()
+    #: Stage catalog file (TOML, ``llmpath.instrumentation.load_catalog``): the stages' owning teams on spans; give
+    #: the same file to ``llmpath slo/dashboards/runbooks --catalog``. Default: the built-in owners.
+    stage_catalog: Path | None = None
 
     @model_validator(mode="after")
     def _cross_checks(self) -> GatewayConfig:
@@ -367,7 +370,8 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> G
 
 
 def _relative_to(config: GatewayConfig, base: Path) -> GatewayConfig:
-    """Relative paths in a file (retriever folders, the ledger) are relative to that file's folder."""
+    """Relative paths in a file (retriever folders, the ledger, the stage catalog) are relative to that file's
+    folder."""
     routes = tuple(
         r.model_copy(update={"retriever": r.retriever.model_copy(update={"path": base / r.retriever.path})})
         if r.retriever is not None and not r.retriever.path.is_absolute()
@@ -378,7 +382,10 @@ def _relative_to(config: GatewayConfig, base: Path) -> GatewayConfig:
     usage = config.usage
     if ledger is not None and not ledger.is_absolute():
         usage = usage.model_copy(update={"ledger": base / ledger})
-    return config.model_copy(update={"routes": routes, "usage": usage})
+    catalog = config.stage_catalog
+    if catalog is not None and not catalog.is_absolute():
+        catalog = base / catalog
+    return config.model_copy(update={"routes": routes, "usage": usage, "stage_catalog": catalog})
 
 
 def _check_files(where: str, config: GatewayConfig) -> None:
@@ -391,6 +398,13 @@ def _check_files(where: str, config: GatewayConfig) -> None:
     for i, route in enumerate(config.routes):
         if route.retriever is not None and not route.retriever.path.is_dir():
             raise ConfigError(f"{where}: routes[{i}].retriever.path: {route.retriever.path} is not a directory")
+    if config.stage_catalog is not None:
+        from llmpath.instrumentation import CatalogFileError, load_catalog
+
+        try:
+            load_catalog(config.stage_catalog)
+        except CatalogFileError as exc:
+            raise ConfigError(f"{where}: stage_catalog: {exc}") from None
 
 
 def _format_errors(where: str, exc: ValidationError, root: yaml.Node | None) -> str:

@@ -32,6 +32,7 @@ from llmpath.instrumentation.catalog import (
     StageCatalog,
     StageGroup,
 )
+from llmpath.instrumentation.catalog_file import CatalogFileError, load_catalog
 from llmpath.instrumentation.guard import DEFAULT_MAX_LABEL_VALUES, CardinalityGuard
 from llmpath.instrumentation.middleware import LLMPathMiddleware, get_instrumentation, instrument_app
 from llmpath.instrumentation.request import RequestTelemetry
@@ -54,6 +55,7 @@ from llmpath.instrumentation.usage import (
 )
 
 __all__ = [
+    "CatalogFileError",
     "DEFAULT_EXCLUDED_PATHS",
     "DEFAULT_MAX_LABEL_VALUES",
     "DEFAULT_STAGES",
@@ -87,6 +89,7 @@ __all__ = [
     "httpx_trace_hook",
     "inject_trace_headers",
     "instrument_app",
+    "load_catalog",
     "mark_first_token",
     "model_call_span",
     "read_jsonl",

@@ -5,11 +5,18 @@ from __future__ import annotations
 import functools
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
-from llmpath.instrumentation.catalog import STAGE_GROUPS_BY_NAME, STAGES, UNATTRIBUTED
+from llmpath.instrumentation.catalog import (
+    STAGE_DURATION,
+    STAGE_GROUPS_BY_NAME,
+    STAGES,
+    UNATTRIBUTED,
+    Stage,
+    StageCatalog,
+)
 
 KNOWLEDGE_PACKAGE = "llmpath.instrumentation"
 KNOWLEDGE_FILE = "stage_knowledge.toml"
@@ -52,6 +59,12 @@ class Knowledge:
     path: StageKnowledge
     stages: Mapping[str, StageKnowledge]
     groups: Mapping[str, StageKnowledge]
+
+    def with_stages(self, catalog: StageCatalog) -> Knowledge:
+        """These entries plus a generic one for each stage of ``catalog`` that has none (a custom stage): its
+        meaning, latency and share of the time to first token, the stage's panel, and its owning team."""
+        extra = {st.name: custom_stage_entry(st) for st in catalog if st.name not in self.stages}
+        return self if not extra else replace(self, stages={**self.stages, **extra})
 
     def entry(self, stage: str | None) -> StageKnowledge:
         """The entry for a stage or stage group name; ``None`` gives the whole-path entry."""
@@ -135,3 +148,38 @@ def _strings(where: str, name: str, value: Any, source: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
         raise KnowledgeError(f"{source}: [{where}].{name}: a non-empty list of strings is required")
     return tuple(v.strip() for v in value)
+
+
+def custom_stage_entry(stage: Stage) -> StageKnowledge:
+    """The knowledge of a stage the curated file does not know (a custom stage): generic, from the catalog."""
+    name, owner = stage.name, stage.owner
+    latency = f'{STAGE_DURATION}_bucket{{stage="{name}"}}'
+    share = f'sum(rate({STAGE_DURATION}_sum{{stage="{name}"}}[$window]))\n/ sum(rate({STAGE_DURATION}_sum[$window]))'
+    return StageKnowledge(
+        key=name,
+        title=name.replace("_", " ").capitalize(),
+        summary=stage.meaning,
+        causes=(
+            "The work this stage does got slower: a service, model or store it calls, or its own CPU.",
+            "More requests reach the stage than it serves at once, so they queue inside it.",
+            "A change to the stage's code or configuration (a deploy, a new rule, a larger input).",
+        ),
+        diagnosis=(
+            Check(
+                "Which routes are slow in this stage?",
+                f"histogram_quantile(0.95, sum by (le, route) (rate({latency}[$window])))",
+                f"p95 time in {name} per route: one route points at its inputs, all routes at the stage itself.",
+            ),
+            Check(
+                "Is the stage taking a larger share of the request's time?",
+                share,
+                f"{name}'s share of all stage time; a rise while other stages hold steady isolates it.",
+            ),
+        ),
+        panels=(f"api_path/stage:{name}:latency",),
+        mitigations=(
+            "Roll back the last change to the stage's code or configuration.",
+            "Scale out or raise the capacity of what the stage calls, if it is saturated.",
+        ),
+        escalation=(f"The {owner} team owns the {name} stage.",),
+    )

@@ -14,7 +14,7 @@ from typing import Any
 
 from llmpath.dashboards.links import ALL, panel_url, parse_panel_ref
 from llmpath.dashboards.slos import burn_panel_key
-from llmpath.instrumentation.catalog import STAGE_GROUPS_BY_NAME, STAGES, UNATTRIBUTED, stable_panel_id
+from llmpath.instrumentation.catalog import STAGE_GROUPS_BY_NAME, STAGES, UNATTRIBUTED, StageCatalog, stable_panel_id
 from llmpath.runbooks.budget import budget_spent, exhaustion_time, humanize
 from llmpath.runbooks.knowledge import Check, Knowledge, KnowledgeError, StageKnowledge
 
@@ -84,18 +84,18 @@ class Page:
     related: tuple[RelatedAlert, ...]
 
 
-def stage_meaning(stage: str | None, knowledge: Knowledge) -> str:
+def stage_meaning(stage: str | None, knowledge: Knowledge, stages: StageCatalog = STAGES) -> str:
     """The catalog's sentence for a stage or group (knowledge summary for ``unattributed`` and the path)."""
-    if stage in STAGES:
-        return STAGES[stage].meaning
+    if stage in stages:
+        return stages[stage].meaning
     if stage in STAGE_GROUPS_BY_NAME:
         return STAGE_GROUPS_BY_NAME[stage].meaning
     return knowledge.entry(stage).summary
 
 
-def stage_position(stage: str | None) -> str:
+def stage_position(stage: str | None, stages: StageCatalog = STAGES) -> str:
     """Where the stage sits in the request path, e.g. ``auth → … → **prefill** → decode``."""
-    names = list(STAGES.names_with_unattributed)
+    names = list(stages.names_with_unattributed)
     if stage in STAGE_GROUPS_BY_NAME:
         members = set(STAGE_GROUPS_BY_NAME[stage].stages)
         return " → ".join(f"**{n}**" if n in members else n for n in names)
@@ -104,10 +104,10 @@ def stage_position(stage: str | None) -> str:
     return " → ".join(names) + " (all stages)"
 
 
-def catalog_owner(stage: str | None) -> str | None:
+def catalog_owner(stage: str | None, stages: StageCatalog = STAGES) -> str | None:
     """The catalog's owning team of a stage or stage group (None for the whole path)."""
-    if stage in STAGES or stage == UNATTRIBUTED:
-        return STAGES.owner(stage)
+    if stage in stages or stage == UNATTRIBUTED:
+        return stages.owner(stage)
     if stage in STAGE_GROUPS_BY_NAME:
         return STAGE_GROUPS_BY_NAME[stage].owner
     return None
@@ -253,8 +253,9 @@ def build_page(
     grafana_url: str,
     siblings: Sequence[Any] = (),
     panel_titles: Mapping[tuple[str, int], str] | None = None,
+    stages: StageCatalog = STAGES,
 ) -> Page:
-    """Assemble the runbook of one alert of a compiled SLO.
+    """Assemble the runbook of one alert of a compiled SLO (``stages``: the stage catalog it was compiled with).
 
     ``panel_titles`` (``llmpath.dashboards.panel_directory``) names the generated dashboards' panels by
     ``(dashboard key, panel id)``; a knowledge panel reference missing from it is an error (the link would open
@@ -265,7 +266,7 @@ def build_page(
     severity = alert.severity
     window = _alert_window(alert)
     variables = _fixed_variables(slo)
-    owner = alert.labels.get("owner") or slo.owner or catalog_owner(stage)
+    owner = alert.labels.get("owner") or slo.owner or catalog_owner(stage, stages)
     stage_links = tuple(_panel_link(ref, grafana_url, variables, panel_titles) for ref in entry.panels)
     return Page(
         alert=alert,
@@ -274,8 +275,8 @@ def build_page(
         response=RESPONSE.get(severity, "handle as your team's policy for this severity says"),
         stage=stage,
         stage_title=entry.title,
-        stage_meaning=stage_meaning(stage, knowledge),
-        stage_position=stage_position(stage),
+        stage_meaning=stage_meaning(stage, knowledge, stages),
+        stage_position=stage_position(stage, stages),
         owner=owner or "unowned (an llmpath/v1 spec names it with `stage:` or `owner:`)",
         window=window,
         windows=_window_rows(alert, slo),

@@ -10,7 +10,7 @@ from typing import Any
 
 import jinja2
 
-from llmpath.instrumentation.catalog import STAGE_GROUPS, STAGES
+from llmpath.instrumentation.catalog import STAGE_GROUPS, STAGES, StageCatalog
 from llmpath.runbooks.knowledge import Knowledge, load_knowledge
 from llmpath.runbooks.pages import Page, build_page, source_name
 
@@ -63,13 +63,15 @@ def build_runbooks(
     grafana_url: str = DEFAULT_GRAFANA_URL,
     knowledge: Knowledge | None = None,
     panel_titles: Mapping[tuple[str, int], str] | None = None,
+    stages: StageCatalog = STAGES,
 ) -> dict[str, str]:
     """File name → Markdown for every alert of the compiled SLOs, plus the index (``README.md``).
 
     ``slos`` are ``llmpath.slo`` ``CompiledSLO`` objects; ``panel_titles`` (``llmpath.dashboards.panel_directory``)
-    names the linked panels and proves they exist.
+    names the linked panels and proves they exist; ``stages`` is the stage catalog the SLOs were compiled with
+    (a custom stage gets a generic runbook section from its meaning and owner).
     """
-    knowledge = knowledge or load_knowledge()
+    knowledge = (knowledge or load_knowledge()).with_stages(stages)
     files: dict[str, str] = {}
     rows: list[IndexRow] = []
     sources: list[str] = []
@@ -82,15 +84,15 @@ def build_runbooks(
                 raise RunbookError(f"{where} must be a plain .md file name other than {INDEX}")
             if name in files:
                 raise RunbookError(f"{where} is used by two alerts")
-            page = build_page(alert, slo, knowledge, grafana_url, slo.alerts, panel_titles)
+            page = build_page(alert, slo, knowledge, grafana_url, slo.alerts, panel_titles, stages)
             files[name] = render_page(page)
             rows.append(IndexRow(alert.name, alert.severity, slo.id, page.stage, page.owner, name))
-    files[INDEX] = _render_index(rows, list(dict.fromkeys(sources)))
+    files[INDEX] = _render_index(rows, list(dict.fromkeys(sources)), stages)
     return files
 
 
-def _render_index(rows: list[IndexRow], sources: list[str]) -> str:
-    order = [*STAGES.names_with_unattributed, *(g.name for g in STAGE_GROUPS)]
+def _render_index(rows: list[IndexRow], sources: list[str], stages: StageCatalog) -> str:
+    order = [*stages.names_with_unattributed, *(g.name for g in STAGE_GROUPS)]
     stages = sorted({r.stage for r in rows}, key=lambda s: (s is not None, order.index(s) if s in order else 99))
     by_stage = []
     for stage in stages:

@@ -39,7 +39,7 @@ from llmpath.slo.model import (
     SpecDocument,
 )
 from llmpath.slo.plugins import PluginError, run_chain
-from llmpath.slo.validate import LABEL_NAME_RE, METRIC_NAME_RE, label_key_error
+from llmpath.slo.validate import LABEL_NAME_RE, METRIC_NAME_RE, label_key_error, stage_owner
 from llmpath.slo.windows import AlertWindows, WindowCatalog
 from llmpath.slo.yamlout import dump
 
@@ -188,7 +188,8 @@ def _compile_one(
     if windows is None:
         log.error(catalog_.unsupported_message(period), **slo.where(_period_field(doc)))  # type: ignore[arg-type]
         return None
-    slo = replace(slo, labels={**slo.labels, **options.extra_labels})
+    owner = slo.owner or (stage_owner(slo.stage, options.stages) if slo.stage else None)
+    slo = replace(slo, labels={**slo.labels, **options.extra_labels}, owner=owner)
     if slo.sli.kind == "plugin":
         resolved = _run_sli_plugin(slo, options, log)
         if resolved is None:

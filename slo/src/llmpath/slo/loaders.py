@@ -24,7 +24,6 @@ from llmpath.slo.model import (
     SLOSpec,
     SpecDocument,
 )
-from llmpath.slo.validate import stage_owner
 from llmpath.slo.yamlin import RawDocument, YAMLSyntaxError, iter_spec_files, load_yaml, position, split_documents
 
 _PROM_V1 = re.compile(r"(?m)^version: +['\"]?prometheus/v1['\"]?\r?\n? *$")
@@ -362,7 +361,7 @@ class _DocLoader:
                     extra_alerts=extra,
                     period=spec.period,
                     stage=s.stage,
-                    owner=s.owner or (stage_owner(s.stage) if s.stage else None),
+                    owner=s.owner,  # the stage's owner by default, from the compile's stage catalog
                     group_by=tuple(s.group_by),
                     period_rule=s.period_rule,
                     guard_zero_traffic=True,

@@ -72,7 +72,7 @@ def _validate_factory(check: Callable[[str], str | None]) -> SLOPluginFactory:
             problems = sloth_problems(req.slo, check) + plugin_problems(req.slo)
             llm = req.spec == LLMPATH_V1
             if llm:
-                problems += llmpath_problems(req.slo, req.options.histogram_buckets)
+                problems += llmpath_problems(req.slo, req.options.histogram_buckets, req.options.stages)
             if not problems:
                 errors, warnings = reachability_problems(req.slo, req.windows)
                 problems += errors if llm else []

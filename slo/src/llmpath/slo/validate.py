@@ -162,12 +162,14 @@ def plugin_problems(slo: SLOSpec) -> list[Problem]:
 # --------------------------------------------------------------------------------------------
 
 
-def stage_owner(stage: str) -> str | None:
-    """The owning team of a stage or stage group from the catalog; ``None`` if unknown."""
+def stage_owner(stage: str, stages: catalog.StageCatalog | None = None) -> str | None:
+    """The owning team of a stage or stage group from the stage catalog (default: the built-in one); ``None`` if
+    unknown."""
+    stages = catalog.STAGES if stages is None else stages
     if stage in catalog.STAGE_GROUPS_BY_NAME:
         return catalog.STAGE_GROUPS_BY_NAME[stage].owner
-    if stage in catalog.STAGES:
-        return catalog.STAGES.owner(stage)
+    if stage in stages:
+        return stages.owner(stage)
     return None
 
 
@@ -212,15 +214,21 @@ def _check_labels_of(metric: str | None, labels: list[str], field: str) -> Itera
             yield field, f"{metric} has no label {label!r} (its labels: {', '.join(spec.labels)})"
 
 
-def llmpath_problems(slo: SLOSpec, histogram_buckets: Mapping[str, Sequence[float]] | None = None) -> list[Problem]:
+def llmpath_problems(
+    slo: SLOSpec,
+    histogram_buckets: Mapping[str, Sequence[float]] | None = None,
+    stages: catalog.StageCatalog | None = None,
+) -> list[Problem]:
     """Checks for llmpath/v1 specs beyond Sloth's (stages, histograms, selectors, alert options).
 
     ``histogram_buckets``: the bucket bounds of histograms whose buckets are not the catalog's (an instrumentation
     with its own ``latency_buckets``, a histogram of another exporter); latency thresholds are checked against them.
+    ``stages``: the stage catalog the SLO's ``stage`` must be in (default: the built-in one).
     """
     out: list[Problem] = []
-    if slo.stage is not None and stage_owner(slo.stage) is None:
-        known = ", ".join([*catalog.STAGES.names, *catalog.STAGE_GROUPS_BY_NAME])
+    if slo.stage is not None and stage_owner(slo.stage, stages) is None:
+        names = (catalog.STAGES if stages is None else stages).names
+        known = ", ".join([*names, *catalog.STAGE_GROUPS_BY_NAME])
         out.append(("stage", f"unknown stage {slo.stage!r}; stages and stage groups: {known}"))
     for key in slo.labels:
         if key in LLMPATH_ALERT_LABELS:

@@ -1,0 +1,96 @@
+"""A stage catalog in a TOML file, so that the gateway and the generators read the same one.
+
+The gateway passes ``load_catalog(path)`` to ``instrument_app(catalog=...)``; ``llmpath slo``, ``dashboards``,
+``runbooks`` and ``usage`` take ``--catalog path``. Then alerts, dashboards, runbooks and the ledger report name the
+same owners and stages as the spans::
+
+    # stages.toml
+    [owners]                      # the built-in stages' owning teams (any subset)
+    route = "traffic"
+    cache_lookup = "traffic"
+
+    [[stages]]                    # your own stages, in pipeline order
+    name = "moderation"
+    meaning = "Content moderation: the prompt is checked against the usage policy."
+    owner = "trust-safety"
+    before_first_token = true     # optional (default true); false places it after the first token
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from llmpath.instrumentation.catalog import STAGES, Stage, StageCatalog
+
+_STAGE_KEYS = {"name", "meaning", "owner", "before_first_token"}
+
+
+class CatalogFileError(ValueError):
+    """An invalid catalog file; the message names the file, the field and the reason."""
+
+
+def load_catalog(path: str | Path, base: StageCatalog = STAGES) -> StageCatalog:
+    """The catalog ``base`` (the built-in stages) with the owners and stages of the TOML file at ``path``."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CatalogFileError(f"{path}: cannot read the stage catalog: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CatalogFileError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return _catalog(data, base)
+    except CatalogFileError as exc:
+        raise CatalogFileError(f"{path}: {exc}") from None
+
+
+def _catalog(data: dict[str, Any], base: StageCatalog) -> StageCatalog:
+    unknown = set(data) - {"owners", "stages"}
+    if unknown:
+        raise CatalogFileError(f"unknown key(s) {', '.join(sorted(unknown))} (expected [owners] and [[stages]])")
+    owners = data.get("owners", {})
+    if not isinstance(owners, dict):
+        raise CatalogFileError("owners: must be a table of stage = team")
+    for name in owners:
+        if name not in base:
+            raise CatalogFileError(f"owners.{name}: unknown stage; built-in stages: {', '.join(base.names)}")
+    catalog = base.with_owners({name: _team(team, f"owners.{name}") for name, team in owners.items()})
+    stages = data.get("stages", [])
+    if not isinstance(stages, list):
+        raise CatalogFileError("stages: must be an array of tables ([[stages]])")
+    for i, item in enumerate(stages):
+        catalog = catalog.with_stage(_stage(item, f"stages[{i}]", catalog))
+    return catalog
+
+
+def _stage(item: Any, field: str, catalog: StageCatalog) -> Stage:
+    if not isinstance(item, dict):
+        raise CatalogFileError(f"{field}: must be a table with name, meaning and owner")
+    unknown = set(item) - _STAGE_KEYS
+    if unknown:
+        raise CatalogFileError(f"{field}: unknown key(s) {', '.join(sorted(unknown))}")
+    missing = [k for k in ("name", "meaning", "owner") if k not in item]
+    if missing:
+        raise CatalogFileError(f"{field}: missing {', '.join(missing)}")
+    name, meaning = item["name"], item["meaning"]
+    before = item.get("before_first_token", True)
+    if not isinstance(meaning, str) or not meaning.strip():
+        raise CatalogFileError(f"{field}.meaning: must be a non-empty string")
+    if not isinstance(before, bool):
+        raise CatalogFileError(f"{field}.before_first_token: must be true or false")
+    if isinstance(name, str) and name in catalog:
+        raise CatalogFileError(f"{field}.name: stage {name!r} already exists (change built-in owners in [owners])")
+    try:
+        stage = Stage(name, meaning.strip(), _team(item["owner"], f"{field}.owner"), before)
+        catalog.with_stage(stage)  # validates the name
+    except ValueError as exc:
+        raise CatalogFileError(f"{field}.name: {exc}") from None
+    return stage
+
+
+def _team(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise CatalogFileError(f"{field}: the owning team must be a non-empty string")
+    return value.strip()

@@ -1,0 +1,25 @@
+"""The ``--catalog`` option shared by the commands that read the stage catalog (slo, dashboards, runbooks, usage)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from llmpath.instrumentation import STAGES, CatalogFileError, StageCatalog, load_catalog
+
+CATALOG_HELP = (
+    "Stage catalog file (TOML: owners of the built-in stages, your own stages), the one the gateway passes to "
+    "instrument_app(catalog=load_catalog(...)). Default: the built-in stages and owners."
+)
+
+
+def catalog_or_exit(path: Path | None) -> StageCatalog:
+    """The catalog in ``path`` (the built-in one without a path); an unreadable or invalid file exits 2, saying why."""
+    if path is None:
+        return STAGES
+    try:
+        return load_catalog(path)
+    except CatalogFileError as exc:
+        typer.echo(f"llmpath: --catalog {exc}", err=True)
+        raise typer.Exit(2) from None
