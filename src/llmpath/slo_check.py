@@ -80,7 +80,8 @@ def data_issues(client: PrometheusClient, slos: Sequence[CompiledSLO]) -> list[I
 def _queries(slo: CompiledSLO) -> Iterator[_Query]:
     sli = slo.sli
     if sli.kind == "latency":
-        selector = ",".join([*(f'{k}="{v}"' for k, v in sli.selector.items()), *([sli.filter] if sli.filter else [])])
+        matchers = [f"{k}={_quote(v)}" for k, v in sli.selector.items()] + ([sli.filter] if sli.filter else [])
+        selector = ",".join(matchers)
         yield _Query("sli.latency.histogram", f"{sli.histogram}_count{{{selector}}}", True)
     elif sli.kind == "ratio":
         for key in ("good", "bad"):
