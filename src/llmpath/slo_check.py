@@ -16,7 +16,7 @@ no data, silently. Two checks catch that before the rules ship:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import promql_parser
@@ -54,8 +54,17 @@ def live_buckets(client: PrometheusClient, histograms: Iterable[str]) -> dict[st
     return found
 
 
-def data_issues(client: PrometheusClient, slos: Sequence[CompiledSLO]) -> list[Issue]:
-    """Warnings for SLI selectors that match no series in Prometheus (see the module docstring)."""
+#: Where a field of a compiled SLO is written: :class:`Issue` keywords (file, slo, field, line, column).
+Locate = Callable[[CompiledSLO, str], Mapping[str, object]]
+
+
+def _unlocated(slo: CompiledSLO, field: str) -> Mapping[str, object]:
+    return {"file": slo.source, "slo": slo.id, "field": field}
+
+
+def data_issues(client: PrometheusClient, slos: Sequence[CompiledSLO], locate: Locate = _unlocated) -> list[Issue]:
+    """Warnings for SLI selectors that match no series in Prometheus (see the module docstring); ``locate`` places
+    them in the spec files (the SLO's ``SLOSpec.where``)."""
     issues: list[Issue] = []
     counts: dict[str, int] = {}
 
@@ -73,7 +82,7 @@ def data_issues(client: PrometheusClient, slos: Sequence[CompiledSLO]) -> list[I
                 seen.add((str(selector), query.required))
                 message = _diagnose(client, count, selector, query.required)
                 if message is not None:
-                    issues.append(Issue(message, file=slo.source, slo=slo.id, field=query.field, severity="warning"))
+                    issues.append(Issue(message, severity="warning", **locate(slo, query.field)))  # type: ignore[arg-type]
     return issues
 
 

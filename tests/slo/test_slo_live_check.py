@@ -3,6 +3,7 @@ app whose latency histograms have their own buckets."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -130,7 +131,8 @@ def test_selectors_without_data_are_named_with_the_part_that_does_not_match(
     assert len(warnings) == 3, live.stderr
     by_slo = {w.split("SLO '")[1].split("'")[0]: w for w in warnings}
     assert set(by_slo) == {"llm-api-value-typo", "llm-api-label-typo", "llm-api-metric-typo"}
-    assert "sli.events.total_query" in by_slo["llm-api-value-typo"]
+    assert "slos[1].sli.events.total_query" in by_slo["llm-api-value-typo"]
+    assert re.match(rf"warning: {re.escape(str(path))}:\d+:\d+: SLO", by_slo["llm-api-value-typo"])  # line, column
     assert "no series of llmpath_requests_total has route=\"chta\" (its values: 'chat')" in by_slo["llm-api-value-typo"]
     label_typo = "no series of llmpath_requests_total has the label 'rute'; the SLI has no data"
     assert label_typo in by_slo["llm-api-label-typo"]

@@ -281,8 +281,9 @@ def _validate_live(inputs: list[Path], options: CompileOptions, url: str) -> Non
             result = compile_slos(docs, options)
         except SpecError as exc:
             _fail([str(i) for i in exc.issues])
+        specs = {(doc.file, slo.id): slo for doc in docs for slo in doc.slos}
         try:
-            no_data = data_issues(client, result.slos)
+            no_data = data_issues(client, result.slos, lambda slo, field: specs[slo.source, slo.id].where(field))
         except unreadable as exc:
             _prometheus_failed(url, exc)
     for warning in result.warnings:
