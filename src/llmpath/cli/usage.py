@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,11 @@ def _records(
     tenant: str | None,
     model: str | None,
     status: str | None = None,
-) -> list[Any]:
+) -> Iterator[Any]:
+    """The matching records of every ledger, read as they are consumed (a bad option exits 2 at once; a bad file
+    when it is reached)."""
     from promql_parser import parse_duration
 
-    from llmpath.instrumentation import LedgerFormatError
-    from llmpath.ledger import read_ledger, select
     from llmpath.ledger.summary import status_filter
 
     cutoff = None
@@ -58,15 +59,27 @@ def _records(
             status_filter(status)
         except ValueError:
             raise _fail(f"--status {status!r}: use a status code (503) or a class (5xx)") from None
-    records = []
+    return _read(ledgers, cutoff, route, tenant, model, status)
+
+
+def _read(
+    ledgers: list[Path],
+    cutoff: float | None,
+    route: str | None,
+    tenant: str | None,
+    model: str | None,
+    status: str | None,
+) -> Iterator[Any]:
+    from llmpath.instrumentation import LedgerFormatError
+    from llmpath.ledger import read_ledger, select
+
     for path in ledgers:
         try:
-            records += select(read_ledger(path), since=cutoff, route=route, tenant=tenant, model=model, status=status)
+            yield from select(read_ledger(path, cutoff), route=route, tenant=tenant, model=model, status=status)
         except LedgerFormatError as exc:
             raise _fail(str(exc)) from None
         except OSError as exc:
             raise _fail(f"{path}: {exc.strerror or exc}") from None
-    return records
 
 
 @app.command()

@@ -4,8 +4,10 @@ tenant; the slowest requests; one request by id."""
 from __future__ import annotations
 
 import heapq
+import math
 import re
 import statistics
+from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -116,90 +118,131 @@ def stage_totals(record: UsageRecord) -> dict[str, float]:
 def summarize(records: Iterable[UsageRecord], catalog: StageCatalog = STAGES) -> LedgerSummary:
     """Aggregate ledger records into the report's figures (successful requests for timings and cache).
 
-    Stages come in ``catalog`` order with its owners; a stage the records have and the catalog lacks follows them
-    (owner ``unknown``; counted as before the first token when it always ended before it), so no time goes missing.
+    One pass that keeps numbers, not records, so a ledger of millions of requests fits in memory. Stages come in
+    ``catalog`` order with its owners; a stage the records have and the catalog lacks follows them (owner
+    ``unknown``; counted as before the first token when it always ended before it), so no time goes missing.
     """
-    records = list(records)
-    ok = [r for r in records if r.status_code == 200 and r.ttft_s is not None]
-    ttfts = [r.ttft_s for r in ok if r.ttft_s is not None]
-    mean_ttft = statistics.fmean(ttfts) if ttfts else 0.0
-    per_stage: dict[str, list[float]] = {name: [] for name in catalog.names_with_unattributed}
-    before_first = {name: name == UNATTRIBUTED or catalog[name].before_first_token for name in per_stage}
-    for r in ok:
-        for st in r.stages:
-            if st.name not in per_stage:
-                per_stage[st.name], before_first[st.name] = [], True
-            if st.name not in catalog and st.start_s + st.duration_s > (r.ttft_s or 0.0) + 1e-6:
-                before_first[st.name] = False
-    for r in ok:
-        totals = stage_totals(r)
-        for name, values in per_stage.items():
-            values.append(totals.get(name, 0.0))
-    rows = []
-    for name, values in per_stage.items():
-        owner = catalog.owner(name) if name in catalog or name == UNATTRIBUTED else UNKNOWN_OWNER
-        mean = statistics.fmean(values) if values else 0.0
-        share = (mean / mean_ttft if mean_ttft else 0.0) if before_first[name] else None
-        rows.append(StageRow(name, owner, percentile(values, 0.5), percentile(values, 0.95), mean, share))
+    acc = _Accumulator(catalog)
+    for r in records:
+        acc.add(r)
+    return acc.result()
 
-    cache: dict[str, CacheRow] = {}
-    for r in ok:
-        row = cache.setdefault(r.route, CacheRow(r.route, 0, 0, 0, 0))
+
+class _RouteFigures:
+    __slots__ = ("client_errors", "durations", "requests", "server_errors", "ttfts")
+
+    def __init__(self) -> None:
+        self.requests = self.server_errors = self.client_errors = 0
+        self.ttfts = array("d")
+        self.durations = array("d")
+
+
+class _Accumulator:
+    """The running figures of :func:`summarize`."""
+
+    def __init__(self, catalog: StageCatalog) -> None:
+        self.catalog = catalog
+        self.requests = self.errors = self.ok = 0
+        self.ttfts = array("d")
+        names = catalog.names_with_unattributed
+        self.per_stage: dict[str, array[float]] = {name: array("d") for name in names}
+        self.before_first = {name: name == UNATTRIBUTED or catalog[name].before_first_token for name in names}
+        self.cache: dict[str, CacheRow] = {}
+        self.routes: dict[str, _RouteFigures] = defaultdict(_RouteFigures)
+        self.tokens = dict.fromkeys(TOKEN_TYPES, 0)
+        self.tenants: dict[str, TenantRow] = {}
+        self.statuses: Counter[int] = Counter()
+        self.first_time = math.inf
+        self.last_time = -math.inf
+
+    def add(self, r: UsageRecord) -> None:
+        code = r.status_code
+        self.requests += 1
+        self.errors += code >= 500
+        self.statuses[code] += 1
+        self.first_time = min(self.first_time, r.time)
+        self.last_time = max(self.last_time, r.time)
+        route = self.routes[r.route]
+        route.requests += 1
+        route.server_errors += code >= 500
+        route.client_errors += 400 <= code < 500
+        route.durations.append(r.duration_s)
+        if r.ttft_s is not None:
+            route.ttfts.append(r.ttft_s)
+        self._tenant(r)
+        if code == 200 and r.ttft_s is not None:
+            self._timings(r, r.ttft_s)
+
+    def _tenant(self, r: UsageRecord) -> None:
+        tenant = r.tenant or "-"
+        row = self.tenants.get(tenant)
+        if row is None:
+            row = self.tenants[tenant] = TenantRow(tenant, 0, 0, 0, dict.fromkeys(TOKEN_TYPES, 0))
+        row.requests += 1
+        row.throttled += r.status_code == 429
+        row.server_errors += r.status_code >= 500
+        for kind, value in zip(TOKEN_TYPES, (r.input_tokens, r.cached_tokens, r.output_tokens), strict=True):
+            self.tokens[kind] += value
+            row.tokens[kind] += value
+
+    def _timings(self, r: UsageRecord, ttft: float) -> None:
+        self.ttfts.append(ttft)
+        for st in r.stages:
+            if st.name not in self.per_stage:  # a stage the catalog lacks: zero for the requests before it
+                self.per_stage[st.name] = array("d", bytes(8 * self.ok))
+                self.before_first[st.name] = True
+            if st.name not in self.catalog and st.start_s + st.duration_s > ttft + 1e-6:
+                self.before_first[st.name] = False
+        totals = stage_totals(r)
+        for name, values in self.per_stage.items():
+            values.append(totals.get(name, 0.0))
+        self.ok += 1
+        row = self.cache.get(r.route)
+        if row is None:
+            row = self.cache[r.route] = CacheRow(r.route, 0, 0, 0, 0)
         row.requests += 1
         row.input_tokens += r.input_tokens
         row.cached_tokens += r.cached_tokens
         row.predicted_tokens += int(r.extra.get("predicted_cached_tokens") or 0)
 
-    by_route: dict[str, list[UsageRecord]] = defaultdict(list)
-    for r in records:
-        by_route[r.route].append(r)
-    routes = []
-    for route, mine in sorted(by_route.items()):
-        firsts = [r.ttft_s for r in mine if r.ttft_s is not None]
-        routes.append(
+    def result(self) -> LedgerSummary:
+        catalog, ttfts = self.catalog, self.ttfts
+        mean_ttft = statistics.fmean(ttfts) if ttfts else 0.0
+        stages = []
+        for name, values in self.per_stage.items():
+            owner = catalog.owner(name) if name in catalog or name == UNATTRIBUTED else UNKNOWN_OWNER
+            mean = statistics.fmean(values) if values else 0.0
+            share = (mean / mean_ttft if mean_ttft else 0.0) if self.before_first[name] else None
+            stages.append(StageRow(name, owner, percentile(values, 0.5), percentile(values, 0.95), mean, share))
+        routes = [
             RouteRow(
-                route,
-                len(mine),
-                sum(r.status_code >= 500 for r in mine),
-                sum(400 <= r.status_code < 500 for r in mine),
-                percentile(firsts, 0.5) if firsts else None,
-                percentile(firsts, 0.95) if firsts else None,
-                percentile([r.duration_s for r in mine], 0.5),
+                name,
+                f.requests,
+                f.server_errors,
+                f.client_errors,
+                percentile(f.ttfts, 0.5) if f.ttfts else None,
+                percentile(f.ttfts, 0.95) if f.ttfts else None,
+                percentile(f.durations, 0.5),
             )
+            for name, f in sorted(self.routes.items())
+        ]
+        tenants = sorted(self.tenants.values(), key=lambda t: t.tenant)
+        return LedgerSummary(
+            requests=self.requests,
+            errors=self.errors,
+            ttft_p50_s=percentile(ttfts, 0.5),
+            ttft_p95_s=percentile(ttfts, 0.95),
+            stages=stages,
+            cache=sorted(self.cache.values(), key=lambda c: c.route),
+            tokens=self.tokens,
+            tokens_by_tenant={t.tenant: t.tokens for t in tenants},
+            tenants=tenants,
+            ttft_p99_s=percentile(ttfts, 0.99),
+            routes=routes,
+            statuses=dict(sorted(self.statuses.items())),
+            first_time=self.first_time if self.requests else 0.0,
+            last_time=self.last_time if self.requests else 0.0,
         )
-
-    tokens = dict.fromkeys(TOKEN_TYPES, 0)
-    by_tenant: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(TOKEN_TYPES, 0))
-    tenant_rows: dict[str, TenantRow] = {}
-    for r in records:
-        tenant = r.tenant or "-"
-        for kind in TOKEN_TYPES:
-            value = getattr(r, f"{kind}_tokens")
-            tokens[kind] += value
-            by_tenant[tenant][kind] += value
-        row = tenant_rows.get(tenant)
-        if row is None:
-            row = tenant_rows[tenant] = TenantRow(tenant, 0, 0, 0, by_tenant[tenant])
-        row.requests += 1
-        row.throttled += r.status_code == 429
-        row.server_errors += r.status_code >= 500
-    times = [r.time for r in records]
-    return LedgerSummary(
-        requests=len(records),
-        errors=sum(r.status_code >= 500 for r in records),
-        ttft_p50_s=percentile(ttfts, 0.5),
-        ttft_p95_s=percentile(ttfts, 0.95),
-        stages=rows,
-        cache=sorted(cache.values(), key=lambda c: c.route),
-        tokens=tokens,
-        tokens_by_tenant=dict(by_tenant),
-        tenants=sorted(tenant_rows.values(), key=lambda t: t.tenant),
-        ttft_p99_s=percentile(ttfts, 0.99),
-        routes=routes,
-        statuses=dict(sorted(Counter(r.status_code for r in records).items())),
-        first_time=min(times, default=0.0),
-        last_time=max(times, default=0.0),
-    )
 
 
 _STATUS = re.compile(r"[1-5](?:[0-9]{2}|xx)")
