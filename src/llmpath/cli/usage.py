@@ -27,6 +27,11 @@ MODEL = typer.Option(None, "--model", help="Only this model.")
 STATUS = typer.Option(None, "--status", help="Only this status code (503) or class (5xx, 4xx).")
 JSON = typer.Option(False, "--json", help="Machine-readable JSON instead of tables.")
 CATALOG = typer.Option(None, "--catalog", help=CATALOG_HELP)
+PRICES = typer.Option(
+    None,
+    "--prices",
+    help="Token prices per model (TOML): adds cost and what the prompt cache saved, by tenant and route.",
+)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -92,16 +97,30 @@ def summary(
     status: str | None = STATUS,
     as_json: bool = JSON,
     catalog: Path | None = CATALOG,
+    prices: Path | None = PRICES,
 ) -> None:
     """Requests, errors, TTFT, where the time goes per stage, latency and errors per route, prompt-cache hit rate
     per route, tokens per tenant."""
     from rich.console import Console
 
-    from llmpath.ledger import summarize
-    from llmpath.ledger.render import cache_table, headline, route_table, stage_table, tenant_table, when
+    from llmpath.ledger import PriceFileError, load_prices, summarize
+    from llmpath.ledger.render import (
+        cache_table,
+        cost_tables,
+        headline,
+        route_table,
+        stage_table,
+        tenant_table,
+        unpriced_line,
+        when,
+    )
 
     stages = catalog_or_exit(catalog)
-    result = summarize(_records(ledgers, since, route, tenant, model, status), stages)
+    try:
+        price_list = load_prices(prices) if prices is not None else None
+    except PriceFileError as exc:
+        raise _fail(f"--prices {exc}") from None
+    result = summarize(_records(ledgers, since, route, tenant, model, status), stages, price_list)
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(result), indent=2))
         return
@@ -114,6 +133,10 @@ def summary(
     console.print(f"from {when(result.first_time)} to {when(result.last_time)}; status codes {statuses}")
     for part in (stage_table(result), route_table(result), cache_table(result), tenant_table(result)):
         print_table(console, part)
+    for part in cost_tables(result):
+        print_table(console, part)
+    if (line := unpriced_line(result)) is not None:
+        console.print(f"[yellow]{line}[/]")
 
 
 @app.command()

@@ -86,6 +86,38 @@ def cache_table(summary: LedgerSummary) -> Table:
     return out
 
 
+def cost_tables(summary: LedgerSummary) -> list[Table]:
+    """Cost and what the prompt cache saved, by tenant and by route (none without a price file)."""
+    cost = summary.cost
+    if cost is None:
+        return []
+    unit = f" ({cost.currency})" if cost.currency else ""
+    tables = []
+    for title, rows in (("tenant", cost.by_tenant), ("route", cost.by_route)):
+        out = table(
+            f"Cost by {title}{unit}", {title: "left", "requests": "right", "cost": "right", "cache saved": "right"}
+        )
+        for row in rows:
+            out.add_row(row.name, f"{row.requests:,}", money(row.cost), money(row.cache_saving))
+        out.add_row("[bold]total", f"[bold]{sum(r.requests for r in rows):,}", f"[bold]{money(cost.total)}",
+                    f"[bold]{money(cost.cache_saving)}")  # fmt: skip
+        tables.append(out)
+    return tables
+
+
+def unpriced_line(summary: LedgerSummary) -> str | None:
+    """Which models had no price (their requests are not in the cost tables), or ``None``."""
+    if summary.cost is None or not summary.cost.unpriced:
+        return None
+    listed = ", ".join(f"{model} ({n:,} requests)" for model, n in summary.cost.unpriced.items())
+    return f'no price for {listed}: left out of the cost (add them, or a [models."*"] entry, to the price file)'
+
+
+def money(amount: float) -> str:
+    """An amount with 4 decimals under 1 (token costs are small), 2 above."""
+    return f"{amount:,.4f}" if abs(amount) < 1 else f"{amount:,.2f}"
+
+
 def tenant_table(summary: LedgerSummary) -> Table:
     """Per tenant: requests, throttled (429) and failed (5xx) ones, tokens by type; with the totals."""
     columns = {"tenant": "left", "requests": "right", "429": "right", "5xx": "right"}

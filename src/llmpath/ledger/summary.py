@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from llmpath.instrumentation import STAGES, UNATTRIBUTED
 from llmpath.instrumentation.catalog import TOKEN_TYPES, StageCatalog
 from llmpath.instrumentation.usage import UsageRecord
+from llmpath.ledger.prices import Prices
 
 #: The owner shown for a stage the ledger has and the stage catalog lacks.
 UNKNOWN_OWNER = "unknown"
@@ -85,6 +86,31 @@ class CacheRow:
 
 
 @dataclass
+class CostRow:
+    """What one tenant's, route's or model's requests cost, and what the prompt cache saved them."""
+
+    name: str
+    requests: int = 0
+    cost: float = 0.0
+    cache_saving: float = 0.0
+
+
+@dataclass
+class CostSummary:
+    """Cost from the token counts and a price file (:mod:`llmpath.ledger.prices`)."""
+
+    currency: str
+    total: float
+    #: What serving cached prompt tokens saved against the full input price.
+    cache_saving: float
+    by_tenant: list[CostRow]
+    by_route: list[CostRow]
+    by_model: list[CostRow]
+    #: Models without a price (and no ``*`` entry) → their requests, left out of the figures.
+    unpriced: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class LedgerSummary:
     requests: int
     #: Requests answered 5xx (the server's failures; 4xx are the clients').
@@ -103,6 +129,8 @@ class LedgerSummary:
     #: First and last request start (epoch seconds; 0 without records).
     first_time: float = 0.0
     last_time: float = 0.0
+    #: With a price file: cost and cache savings.
+    cost: CostSummary | None = None
 
 
 def stage_totals(record: UsageRecord) -> dict[str, float]:
@@ -115,17 +143,59 @@ def stage_totals(record: UsageRecord) -> dict[str, float]:
     return totals
 
 
-def summarize(records: Iterable[UsageRecord], catalog: StageCatalog = STAGES) -> LedgerSummary:
+def summarize(
+    records: Iterable[UsageRecord], catalog: StageCatalog = STAGES, prices: Prices | None = None
+) -> LedgerSummary:
     """Aggregate ledger records into the report's figures (successful requests for timings and cache).
 
     One pass that keeps numbers, not records, so a ledger of millions of requests fits in memory. Stages come in
     ``catalog`` order with its owners; a stage the records have and the catalog lacks follows them (owner
     ``unknown``; counted as before the first token when it always ended before it), so no time goes missing.
+    With ``prices``, every request's tokens are priced (failed requests too: their tokens were processed).
     """
-    acc = _Accumulator(catalog)
+    acc = _Accumulator(catalog, prices)
     for r in records:
         acc.add(r)
     return acc.result()
+
+
+class _Costs:
+    """The running cost figures of :func:`summarize`."""
+
+    def __init__(self, prices: Prices) -> None:
+        self.prices = prices
+        self.rows: dict[str, dict[str, CostRow]] = {"tenant": {}, "route": {}, "model": {}}
+        self.unpriced: Counter[str] = Counter()
+
+    def add(self, r: UsageRecord) -> None:
+        price = self.prices.of(r.model)
+        if price is None:
+            self.unpriced[r.model] += 1
+            return
+        cost = price.cost(r.input_tokens, r.cached_tokens, r.output_tokens)
+        saving = price.cache_saving(r.cached_tokens)
+        for kind, name in (("tenant", r.tenant or "-"), ("route", r.route), ("model", r.model)):
+            row = self.rows[kind].get(name)
+            if row is None:
+                row = self.rows[kind][name] = CostRow(name)
+            row.requests += 1
+            row.cost += cost
+            row.cache_saving += saving
+
+    def result(self) -> CostSummary:
+        def ordered(kind: str) -> list[CostRow]:
+            return sorted(self.rows[kind].values(), key=lambda row: (-row.cost, row.name))
+
+        models = self.rows["model"].values()
+        return CostSummary(
+            currency=self.prices.currency,
+            total=sum(row.cost for row in models),
+            cache_saving=sum(row.cache_saving for row in models),
+            by_tenant=ordered("tenant"),
+            by_route=ordered("route"),
+            by_model=ordered("model"),
+            unpriced=dict(sorted(self.unpriced.items())),
+        )
 
 
 class _RouteFigures:
@@ -140,8 +210,9 @@ class _RouteFigures:
 class _Accumulator:
     """The running figures of :func:`summarize`."""
 
-    def __init__(self, catalog: StageCatalog) -> None:
+    def __init__(self, catalog: StageCatalog, prices: Prices | None) -> None:
         self.catalog = catalog
+        self.costs = _Costs(prices) if prices is not None else None
         self.requests = self.errors = self.ok = 0
         self.ttfts = array("d")
         names = catalog.names_with_unattributed
@@ -170,6 +241,8 @@ class _Accumulator:
         if r.ttft_s is not None:
             route.ttfts.append(r.ttft_s)
         self._tenant(r)
+        if self.costs is not None:
+            self.costs.add(r)
         if code == 200 and r.ttft_s is not None:
             self._timings(r, r.ttft_s)
 
@@ -242,6 +315,7 @@ class _Accumulator:
             statuses=dict(sorted(self.statuses.items())),
             first_time=self.first_time if self.requests else 0.0,
             last_time=self.last_time if self.requests else 0.0,
+            cost=self.costs.result() if self.costs is not None else None,
         )
 
 
