@@ -159,3 +159,29 @@ def test_bad_bucket_options_name_the_option(llmpath_bin: str, tmp_path: Path) ->
         assert proc.returncode == 2 and "--buckets" in proc.stderr and "HISTOGRAM=BOUND" in proc.stderr
     proc = validate(llmpath_bin, path, "--buckets", "not a name=0.1")
     assert proc.returncode == 1 and "invalid histogram name 'not a name'" in proc.stderr
+
+
+def test_raw_sli_selectors_are_checked_for_their_metric_and_labels(
+    llmpath_bin: str, tmp_path: Path, prometheus_url: str
+) -> None:
+    ratio = 'sum(rate({error}[{{{{.window}}}}])) / sum(rate(llmpath_requests_total{{route="chat"}}[{{{{.window}}}}]))'
+    path = spec(
+        tmp_path,
+        {
+            "name": "raw-ok",
+            "objective": 99,
+            "sli": {"raw": {"error_ratio_query": ratio.format(error='llmpath_requests_total{code=~"5.."}')}},
+            "alerting": {"name": "RawOk"},
+        },
+        {
+            "name": "raw-typo",
+            "objective": 99,
+            "sli": {"raw": {"error_ratio_query": ratio.format(error='llmpath_requests_totl{code=~"5.."}')}},
+            "alerting": {"name": "RawTypo"},
+        },
+    )
+    live = validate(llmpath_bin, path, "--prometheus", prometheus_url)
+    assert live.returncode == 0, live.stderr
+    (warning,) = [line for line in live.stderr.splitlines() if line.startswith("warning:")]
+    assert "SLO 'llm-api-raw-typo'" in warning and "sli.raw.error_ratio_query" in warning
+    assert "no series of llmpath_requests_totl in Prometheus" in warning
