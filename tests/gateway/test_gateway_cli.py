@@ -70,6 +70,13 @@ def test_check_config_summarises(llmpath_bin: str, tmp_path: Path) -> None:
         "1 key(s) with their own limits"
     )
     assert "drains for 45 s" in result.stdout
+    stages = next(line for line in result.stdout.splitlines() if line.strip().startswith("stages"))
+    assert "auth → gateway" in stages and "route → platform" in stages and "(built-in catalog)" in stages
+    (tmp_path / "stages.toml").write_text('[owners]\nroute = "traffic"\n')
+    path.write_text(path.read_text() + "stage_catalog: stages.toml\n")
+    result = run(llmpath_bin, "check-config", str(path))
+    stages = next(line for line in result.stdout.splitlines() if line.strip().startswith("stages"))
+    assert "route → traffic" in stages and f"({tmp_path / 'stages.toml'})" in stages
     path.write_text("routes: [{name: chat, system_prompt: '{% if %}'}]\n")
     result = run(llmpath_bin, "check-config", str(path))
     assert result.returncode == 2 and "template syntax error" in result.stderr

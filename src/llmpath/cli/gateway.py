@@ -162,7 +162,17 @@ def check_config(config: Path = typer.Argument(..., help="YAML configuration fil
     typer.echo(f"  api keys    {len(cfg.api_keys)} ({sum(k.admin for k in cfg.api_keys)} admin)")
     typer.echo(f"  admission   {_admission_summary(cfg)}")
     typer.echo(f"  ledger      {cfg.usage.ledger or '(none)'}")
+    typer.echo(f"  stages      {_stages_summary(cfg.stage_catalog)}")
     typer.echo(f"  shutdown    drains for {cfg.listen.drain_s:g} s")
+
+
+def _stages_summary(path: Path | None) -> str:
+    """The owning team of each stage, and where the catalog comes from."""
+    from llmpath.instrumentation import STAGES, load_catalog
+
+    stages = STAGES if path is None else load_catalog(path)  # the configuration's check has read it already
+    owners = ", ".join(f"{s.name} → {s.owner}" for s in stages)
+    return f"{owners} ({path or 'built-in catalog'})"
 
 
 def _admission_summary(cfg: Any) -> str:
