@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
-from llmpath.instrumentation import STAGES, CatalogFileError, StageCatalog, load_catalog
+if TYPE_CHECKING:
+    from llmpath.instrumentation import StageCatalog
 
 CATALOG_HELP = (
     "Stage catalog file (TOML: owners of the built-in stages, your own stages), the one the gateway passes to "
@@ -16,6 +18,8 @@ CATALOG_HELP = (
 
 def catalog_or_exit(path: Path | None) -> StageCatalog:
     """The catalog in ``path`` (the built-in one without a path); an unreadable or invalid file exits 2, saying why."""
+    from llmpath.instrumentation import STAGES, CatalogFileError, load_catalog
+
     if path is None:
         return STAGES
     try:
