@@ -309,10 +309,19 @@ def page_during_fault(
 def check_slo_status(loop: Loop, page: Notification) -> None:
     """What on-call runs next: `llmpath slo status` shows the paging alert, its owner and its runbook."""
     assert loop.stack.prometheus is not None
-    out = subprocess.run([LLMPATH, "slo", "status", "--prometheus", loop.stack.prometheus.url, "--json"],
-                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
-    rows = json.loads(out.stdout)
     group = {"route": page.labels["route"]}
+    rows: list[dict] = []
+
+    def burning_row() -> dict | None:
+        out = subprocess.run([LLMPATH, "slo", "status", "--prometheus", loop.stack.prometheus.url, "--json"],
+                             capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+        rows[:] = json.loads(out.stdout)
+        row = next(r for r in rows if r["slo_id"] == page.labels["sloth_id"] and r["group"] == group)
+        return row if row["burn_rate"] is not None else None
+
+    # The current burn rate reads the shortest window (15 s here), which has no sample while the slowed-down
+    # route completes no request in it: wait for one.
+    loop.wait_until(lambda: burning_row() is not None, 60, "a burn rate of the paging group")
     row = next(r for r in rows if r["slo_id"] == page.labels["sloth_id"] and r["group"] == group)
     assert (row["stage"], row["owner"]) == ("prefill", "serving") and row["burn_rate"] > 1
     alert = next(a for a in row["alerts"] if a["name"] == page.labels["alertname"] and a["severity"] == "page")
