@@ -24,6 +24,7 @@ from llmpath.instrumentation import (
 CATALOG = """
 [owners]
 route = "traffic"
+gateway_overhead = "edge"
 
 [[stages]]
 name = "moderation"
@@ -56,6 +57,19 @@ SPEC = {
             "alerting": {"name": "ModerationLatencyBurn"},
         },
         {
+            "name": "gateway-overhead",
+            "objective": 99,
+            "stage": "gateway_overhead",
+            "sli": {
+                "latency": {
+                    "histogram": "llmpath_stage_group_duration_seconds",
+                    "selector": {"group": "gateway_overhead"},
+                    "threshold": 0.1,
+                }
+            },
+            "alerting": {"name": "GatewayOverheadBurn"},
+        },
+        {
             "name": "availability",
             "objective": 99.9,
             "stage": "route",
@@ -84,6 +98,7 @@ def test_load_catalog_applies_owners_and_places_custom_stages(files: tuple[Path,
     catalog = load_catalog(files[0])
     assert catalog.owner("route") == "traffic" and catalog.owner("auth") == STAGES.owner("auth")
     assert catalog.owner("moderation") == "trust-safety"
+    assert catalog.group("gateway_overhead").owner == "edge" and STAGES.group("gateway_overhead").owner == "gateway"
     names = catalog.names_with_unattributed
     # a pre-first-token stage joins the stages that tile TTFT; the other one follows decode
     assert names.index("moderation") < names.index("unattributed") < names.index("decode") < names.index("postprocess")
@@ -93,7 +108,7 @@ def test_load_catalog_applies_owners_and_places_custom_stages(files: tuple[Path,
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("[owners]\nrouting = 'x'\n", "owners.routing: unknown stage; built-in stages: auth, validate"),
+        ("[owners]\nrouting = 'x'\n", "owners.routing: unknown stage or stage group; known: auth, validate"),
         ("[owners]\nroute = ''\n", "owners.route: the owning team must be a non-empty string"),
         ("[[stages]]\nname = 'Bad-Name'\nmeaning = 'm'\nowner = 'o'\n", "stages[0].name: invalid stage name"),
         ("[[stages]]\nname = 'auth'\nmeaning = 'm'\nowner = 'o'\n", "stages[0].name: stage 'auth' already exists"),
@@ -122,12 +137,15 @@ def test_slo_rules_name_the_catalogs_owners(llmpath_bin: str, files: tuple[Path,
     assert done.returncode == 0, done.stderr
     alerts = [r for g in yaml.safe_load(out.read_text())["groups"] for r in g["rules"] if "alert" in r]
     owners = {(a["labels"]["stage"], a["labels"]["owner"]) for a in alerts}
-    assert owners == {("moderation", "trust-safety"), ("route", "traffic")}
+    assert owners == {("moderation", "trust-safety"), ("route", "traffic"), ("gateway_overhead", "edge")}
 
     bad = tmp_path / "bad.toml"
     bad.write_text("[owners]\nrouting = 'x'\n")
     usage_error = run(llmpath_bin, "slo", "validate", spec, "--catalog", bad)
-    assert usage_error.returncode == 2 and f"--catalog {bad}: owners.routing: unknown stage" in usage_error.stderr
+    assert (
+        usage_error.returncode == 2
+        and f"--catalog {bad}: owners.routing: unknown stage or stage group" in usage_error.stderr
+    )
 
 
 def test_dashboards_and_runbooks_follow_the_catalog(llmpath_bin: str, files: tuple[Path, Path], tmp_path: Path) -> None:
@@ -139,6 +157,7 @@ def test_dashboards_and_runbooks_follow_the_catalog(llmpath_bin: str, files: tup
     titles = {p["title"] for p in panels}
     assert "moderation — p50 / p95 / p99 (owner: trust-safety)" in titles
     assert "route — p50 / p95 / p99 (owner: traffic)" in titles
+    assert "gateway_overhead — p50 / p95 / p99 (owner: edge)" in titles  # a stage group's owner
     stacked = next(p for p in panels if p["title"].startswith("Mean time per stage"))
     assert 'stage="moderation"' in " ".join(t["expr"] for t in stacked["targets"])
 
@@ -152,7 +171,7 @@ def test_dashboards_and_runbooks_follow_the_catalog(llmpath_bin: str, files: tup
     assert "auth → validate → route → assemble → cache_lookup → schedule → prefill → **moderation** →" in text
     assert 'stage="moderation"' in text  # the generic diagnosis queries the stage's own histogram
     index = (books / "README.md").read_text()
-    assert "trust-safety" in index and "traffic" in index
+    assert "trust-safety" in index and "traffic" in index and "`gateway_overhead` — edge" in index
 
 
 def test_usage_summary_keeps_custom_stages_and_names_their_owners(

@@ -166,7 +166,7 @@ def _stage_percentiles(b: Board, stages: StageCatalog) -> None:
             _percentiles(catalog.STAGE_DURATION, f'stage="{stage}"'),
             w=8, h=7,
         )  # fmt: skip
-    for group in catalog.STAGE_GROUPS:
+    for group in stages.groups:
         b.timeseries(
             stage_latency_key(group.name),
             f"{group.name} — p50 / p95 / p99 (owner: {group.owner})",

@@ -50,9 +50,9 @@ class StageCatalog:
     Custom stages are inserted before ``decode`` unless ``after_first_token`` is set.
     """
 
-    __slots__ = ("_by_name", "_stages")
+    __slots__ = ("_by_name", "_group_owners", "_stages")
 
-    def __init__(self, stages: Iterable[Stage] = DEFAULT_STAGES) -> None:
+    def __init__(self, stages: Iterable[Stage] = DEFAULT_STAGES, group_owners: Mapping[str, str] | None = None) -> None:
         ordered = tuple(stages)
         by_name: dict[str, Stage] = {}
         for st in ordered:
@@ -62,6 +62,7 @@ class StageCatalog:
             by_name[st.name] = st
         self._stages = ordered
         self._by_name = by_name
+        self._group_owners = dict(group_owners or {})
 
     def __iter__(self) -> Iterator[Stage]:
         return iter(self._stages)
@@ -100,11 +101,22 @@ class StageCatalog:
             return self._by_name["auth"].owner if "auth" in self._by_name else "gateway"
         return self[name].owner
 
+    @property
+    def groups(self) -> tuple[StageGroup, ...]:
+        """The stage groups (:data:`STAGE_GROUPS`) with this catalog's owners."""
+        return tuple(replace(g, owner=self._group_owners.get(g.name, g.owner)) for g in STAGE_GROUPS)
+
+    def group(self, name: str | None) -> StageGroup | None:
+        """The stage group ``name`` with this catalog's owner, or ``None``."""
+        return next((g for g in self.groups if g.name == name), None)
+
     def with_owners(self, owners: Mapping[str, str]) -> StageCatalog:
-        """A copy with some owners overridden, e.g. ``{"route": "traffic-team"}``."""
+        """A copy with some owners overridden, of stages or stage groups, e.g. ``{"route": "traffic-team"}``."""
         for name in owners:
-            self[name]  # raises a clear KeyError for unknown stages
-        return StageCatalog(replace(s, owner=owners.get(s.name, s.owner)) for s in self._stages)
+            if name not in STAGE_GROUPS_BY_NAME:
+                self[name]  # raises a clear KeyError for unknown stages
+        groups = {**self._group_owners, **{n: o for n, o in owners.items() if n in STAGE_GROUPS_BY_NAME}}
+        return StageCatalog((replace(s, owner=owners.get(s.name, s.owner)) for s in self._stages), groups)
 
     def with_stage(self, stage: Stage) -> StageCatalog:
         """A copy with a custom stage added; a pre-first-token stage goes before the first post-first-token one."""
@@ -117,7 +129,7 @@ class StageCatalog:
             stages.insert(idx, stage)
         else:
             stages.append(stage)
-        return StageCatalog(stages)
+        return StageCatalog(stages, self._group_owners)
 
 
 def validate_stage_name(name: str) -> str:

@@ -5,9 +5,10 @@ The gateway passes ``load_catalog(path)`` to ``instrument_app(catalog=...)``; ``
 same owners and stages as the spans::
 
     # stages.toml
-    [owners]                      # the built-in stages' owning teams (any subset)
+    [owners]                      # the built-in stages' and stage groups' owning teams (any subset)
     route = "traffic"
     cache_lookup = "traffic"
+    gateway_overhead = "edge"     # a stage group (the gateway's stages as one duration)
 
     [[stages]]                    # your own stages, in pipeline order
     name = "moderation"
@@ -54,8 +55,9 @@ def _catalog(data: dict[str, Any], base: StageCatalog) -> StageCatalog:
     if not isinstance(owners, dict):
         raise CatalogFileError("owners: must be a table of stage = team")
     for name in owners:
-        if name not in base:
-            raise CatalogFileError(f"owners.{name}: unknown stage; built-in stages: {', '.join(base.names)}")
+        if name not in base and base.group(name) is None:
+            known = ", ".join([*base.names, *(g.name for g in base.groups)])
+            raise CatalogFileError(f"owners.{name}: unknown stage or stage group; known: {known}")
     catalog = base.with_owners({name: _team(team, f"owners.{name}") for name, team in owners.items()})
     stages = data.get("stages", [])
     if not isinstance(stages, list):

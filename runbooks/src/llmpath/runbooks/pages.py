@@ -14,7 +14,7 @@ from typing import Any
 
 from llmpath.dashboards.links import ALL, panel_url, parse_panel_ref
 from llmpath.dashboards.slos import burn_panel_key
-from llmpath.instrumentation.catalog import STAGE_GROUPS_BY_NAME, STAGES, UNATTRIBUTED, StageCatalog, stable_panel_id
+from llmpath.instrumentation.catalog import STAGES, UNATTRIBUTED, StageCatalog, stable_panel_id
 from llmpath.runbooks.budget import budget_spent, exhaustion_time, humanize
 from llmpath.runbooks.knowledge import Check, Knowledge, KnowledgeError, StageKnowledge
 
@@ -88,16 +88,16 @@ def stage_meaning(stage: str | None, knowledge: Knowledge, stages: StageCatalog 
     """The catalog's sentence for a stage or group (knowledge summary for ``unattributed`` and the path)."""
     if stage in stages:
         return stages[stage].meaning
-    if stage in STAGE_GROUPS_BY_NAME:
-        return STAGE_GROUPS_BY_NAME[stage].meaning
+    if (group := stages.group(stage)) is not None:
+        return group.meaning
     return knowledge.entry(stage).summary
 
 
 def stage_position(stage: str | None, stages: StageCatalog = STAGES) -> str:
     """Where the stage sits in the request path, e.g. ``auth → … → **prefill** → decode``."""
     names = list(stages.names_with_unattributed)
-    if stage in STAGE_GROUPS_BY_NAME:
-        members = set(STAGE_GROUPS_BY_NAME[stage].stages)
+    if (group := stages.group(stage)) is not None:
+        members = set(group.stages)
         return " → ".join(f"**{n}**" if n in members else n for n in names)
     if stage in names:
         return " → ".join(f"**{n}**" if n == stage else n for n in names)
@@ -108,8 +108,8 @@ def catalog_owner(stage: str | None, stages: StageCatalog = STAGES) -> str | Non
     """The catalog's owning team of a stage or stage group (None for the whole path)."""
     if stage in stages or stage == UNATTRIBUTED:
         return stages.owner(stage)
-    if stage in STAGE_GROUPS_BY_NAME:
-        return STAGE_GROUPS_BY_NAME[stage].owner
+    if (group := stages.group(stage)) is not None:
+        return group.owner
     return None
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import jinja2
 
-from llmpath.instrumentation.catalog import STAGE_GROUPS, STAGES, StageCatalog
+from llmpath.instrumentation.catalog import STAGES, StageCatalog
 from llmpath.runbooks.knowledge import Knowledge, load_knowledge
 from llmpath.runbooks.pages import Page, build_page, source_name
 
@@ -92,7 +92,7 @@ def build_runbooks(
 
 
 def _render_index(rows: list[IndexRow], sources: list[str], stages: StageCatalog) -> str:
-    order = [*stages.names_with_unattributed, *(g.name for g in STAGE_GROUPS)]
+    order = [*stages.names_with_unattributed, *(g.name for g in stages.groups)]
     stages = sorted({r.stage for r in rows}, key=lambda s: (s is not None, order.index(s) if s in order else 99))
     by_stage = []
     for stage in stages:

@@ -166,8 +166,8 @@ def stage_owner(stage: str, stages: catalog.StageCatalog | None = None) -> str |
     """The owning team of a stage or stage group from the stage catalog (default: the built-in one); ``None`` if
     unknown."""
     stages = catalog.STAGES if stages is None else stages
-    if stage in catalog.STAGE_GROUPS_BY_NAME:
-        return catalog.STAGE_GROUPS_BY_NAME[stage].owner
+    if (group := stages.group(stage)) is not None:
+        return group.owner
     if stage in stages:
         return stages.owner(stage)
     return None
@@ -227,8 +227,8 @@ def llmpath_problems(
     """
     out: list[Problem] = []
     if slo.stage is not None and stage_owner(slo.stage, stages) is None:
-        names = (catalog.STAGES if stages is None else stages).names
-        known = ", ".join([*names, *catalog.STAGE_GROUPS_BY_NAME])
+        known_stages = catalog.STAGES if stages is None else stages
+        known = ", ".join([*known_stages.names, *(g.name for g in known_stages.groups)])
         out.append(("stage", f"unknown stage {slo.stage!r}; stages and stage groups: {known}"))
     for key in slo.labels:
         if key in LLMPATH_ALERT_LABELS:
