@@ -123,6 +123,8 @@ class StageCatalog:
         validate_stage_name(stage.name)
         if stage.name in self._by_name or stage.name == UNATTRIBUTED:
             raise ValueError(f"stage {stage.name!r} already exists")
+        if stage.name in STAGE_GROUPS_BY_NAME:
+            raise ValueError(f"{stage.name!r} is the name of a stage group")
         stages = list(self._stages)
         if stage.before_first_token:
             idx = next((i for i, s in enumerate(stages) if not s.before_first_token), len(stages))
