@@ -53,7 +53,12 @@ def build(
     try:
         dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()), stages)
         files = build_runbooks(
-            result.slos, dashboard_base_url or DEFAULT_GRAFANA_URL, None, panel_directory(dashboards), stages
+            result.slos,
+            dashboard_base_url or DEFAULT_GRAFANA_URL,
+            None,
+            panel_directory(dashboards),
+            stages,
+            str(catalog) if catalog else None,
         )
     except (DashboardError, KnowledgeError, RunbookError) as exc:
         raise fail(str(exc)) from None

@@ -82,6 +82,8 @@ class Page:
     steps: tuple[Step, ...]
     path_steps: tuple[Step, ...]  # whole-path checks when the stage looks healthy (empty for path SLOs)
     related: tuple[RelatedAlert, ...]
+    #: The stage catalog file the SLOs were compiled with (``--catalog``), as cited; ``None``: the built-in one.
+    catalog_source: str | None = None
 
 
 def stage_meaning(stage: str | None, knowledge: Knowledge, stages: StageCatalog = STAGES) -> str:
@@ -254,8 +256,10 @@ def build_page(
     siblings: Sequence[Any] = (),
     panel_titles: Mapping[tuple[str, int], str] | None = None,
     stages: StageCatalog = STAGES,
+    catalog_source: str | None = None,
 ) -> Page:
-    """Assemble the runbook of one alert of a compiled SLO (``stages``: the stage catalog it was compiled with).
+    """Assemble the runbook of one alert of a compiled SLO (``stages``: the stage catalog it was compiled with,
+    read from ``catalog_source`` when not the built-in one).
 
     ``panel_titles`` (``llmpath.dashboards.panel_directory``) names the generated dashboards' panels by
     ``(dashboard key, panel id)``; a knowledge panel reference missing from it is an error (the link would open
@@ -290,4 +294,5 @@ def build_page(
         steps=_steps(entry, window),
         path_steps=_steps(knowledge.path, window) if stage is not None else (),
         related=tuple(RelatedAlert(a.name, a.severity, a.runbook_file) for a in siblings if a is not alert),
+        catalog_source=catalog_source,
     )

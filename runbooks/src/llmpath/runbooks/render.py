@@ -64,13 +64,16 @@ def build_runbooks(
     knowledge: Knowledge | None = None,
     panel_titles: Mapping[tuple[str, int], str] | None = None,
     stages: StageCatalog = STAGES,
+    catalog_file: str | None = None,
 ) -> dict[str, str]:
     """File name → Markdown for every alert of the compiled SLOs, plus the index (``README.md``).
 
     ``slos`` are ``llmpath.slo`` ``CompiledSLO`` objects; ``panel_titles`` (``llmpath.dashboards.panel_directory``)
     names the linked panels and proves they exist; ``stages`` is the stage catalog the SLOs were compiled with
-    (a custom stage gets a generic runbook section from its meaning and owner).
+    (a custom stage gets a generic runbook section from its meaning and owner), read from ``catalog_file`` (cited
+    in the generated files' headers) when it is not the built-in one.
     """
+    catalog_source = source_name(catalog_file) if catalog_file else None
     knowledge = (knowledge or load_knowledge()).with_stages(stages)
     files: dict[str, str] = {}
     rows: list[IndexRow] = []
@@ -84,21 +87,22 @@ def build_runbooks(
                 raise RunbookError(f"{where} must be a plain .md file name other than {INDEX}")
             if name in files:
                 raise RunbookError(f"{where} is used by two alerts")
-            page = build_page(alert, slo, knowledge, grafana_url, slo.alerts, panel_titles, stages)
+            page = build_page(alert, slo, knowledge, grafana_url, slo.alerts, panel_titles, stages, catalog_source)
             files[name] = render_page(page)
             rows.append(IndexRow(alert.name, alert.severity, slo.id, page.stage, page.owner, name))
-    files[INDEX] = _render_index(rows, list(dict.fromkeys(sources)), stages)
+    files[INDEX] = _render_index(rows, list(dict.fromkeys(sources)), stages, catalog_source)
     return files
 
 
-def _render_index(rows: list[IndexRow], sources: list[str], stages: StageCatalog) -> str:
+def _render_index(rows: list[IndexRow], sources: list[str], stages: StageCatalog, catalog: str | None) -> str:
     order = [*stages.names_with_unattributed, *(g.name for g in stages.groups)]
     stages = sorted({r.stage for r in rows}, key=lambda s: (s is not None, order.index(s) if s in order else 99))
     by_stage = []
     for stage in stages:
         items = [r for r in rows if r.stage == stage]
         by_stage.append((stage, ", ".join(sorted({r.team for r in items})), items))
-    text = _environment().get_template("index.md.j2").render(rows=rows, by_stage=by_stage, sources=sources)
+    template = _environment().get_template("index.md.j2")
+    text = template.render(rows=rows, by_stage=by_stage, sources=sources, catalog=catalog)
     return _tidy(text)
 
 
