@@ -213,14 +213,13 @@ class _Accumulator:
     def __init__(self, catalog: StageCatalog, prices: Prices | None) -> None:
         self.catalog = catalog
         self.costs = _Costs(prices) if prices is not None else None
-        self.requests = self.errors = self.ok = 0
+        #: TTFT of each successful request, in order; the per-stage arrays have one value per entry.
         self.ttfts = array("d")
         names = catalog.names_with_unattributed
         self.per_stage: dict[str, array[float]] = {name: array("d") for name in names}
         self.before_first = {name: name == UNATTRIBUTED or catalog[name].before_first_token for name in names}
         self.cache: dict[str, CacheRow] = {}
         self.routes: dict[str, _RouteFigures] = defaultdict(_RouteFigures)
-        self.tokens = dict.fromkeys(TOKEN_TYPES, 0)
         self.tenants: dict[str, TenantRow] = {}
         self.statuses: Counter[int] = Counter()
         self.first_time = math.inf
@@ -228,8 +227,6 @@ class _Accumulator:
 
     def add(self, r: UsageRecord) -> None:
         code = r.status_code
-        self.requests += 1
-        self.errors += code >= 500
         self.statuses[code] += 1
         self.first_time = min(self.first_time, r.time)
         self.last_time = max(self.last_time, r.time)
@@ -255,21 +252,19 @@ class _Accumulator:
         row.throttled += r.status_code == 429
         row.server_errors += r.status_code >= 500
         for kind, value in zip(TOKEN_TYPES, (r.input_tokens, r.cached_tokens, r.output_tokens), strict=True):
-            self.tokens[kind] += value
             row.tokens[kind] += value
 
     def _timings(self, r: UsageRecord, ttft: float) -> None:
-        self.ttfts.append(ttft)
         for st in r.stages:
             if st.name not in self.per_stage:  # a stage the catalog lacks: zero for the requests before it
-                self.per_stage[st.name] = array("d", bytes(8 * self.ok))
+                self.per_stage[st.name] = array("d", bytes(8 * len(self.ttfts)))
                 self.before_first[st.name] = True
             if st.name not in self.catalog and st.start_s + st.duration_s > ttft + 1e-6:
                 self.before_first[st.name] = False
         totals = stage_totals(r)
         for name, values in self.per_stage.items():
             values.append(totals.get(name, 0.0))
-        self.ok += 1
+        self.ttfts.append(ttft)
         row = self.cache.get(r.route)
         if row is None:
             row = self.cache[r.route] = CacheRow(r.route, 0, 0, 0, 0)
@@ -300,21 +295,22 @@ class _Accumulator:
             for name, f in sorted(self.routes.items())
         ]
         tenants = sorted(self.tenants.values(), key=lambda t: t.tenant)
+        requests = sum(self.statuses.values())
         return LedgerSummary(
-            requests=self.requests,
-            errors=self.errors,
+            requests=requests,
+            errors=sum(n for code, n in self.statuses.items() if code >= 500),
             ttft_p50_s=percentile(ttfts, 0.5),
             ttft_p95_s=percentile(ttfts, 0.95),
             stages=stages,
             cache=sorted(self.cache.values(), key=lambda c: c.route),
-            tokens=self.tokens,
+            tokens={kind: sum(t.tokens[kind] for t in tenants) for kind in TOKEN_TYPES},
             tokens_by_tenant={t.tenant: t.tokens for t in tenants},
             tenants=tenants,
             ttft_p99_s=percentile(ttfts, 0.99),
             routes=routes,
             statuses=dict(sorted(self.statuses.items())),
-            first_time=self.first_time if self.requests else 0.0,
-            last_time=self.last_time if self.requests else 0.0,
+            first_time=self.first_time if requests else 0.0,
+            last_time=self.last_time if requests else 0.0,
             cost=self.costs.result() if self.costs is not None else None,
         )
 
