@@ -14,7 +14,7 @@ import typer
 from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
 
 if TYPE_CHECKING:
-    from llmpath.slo import CompileOptions, CompileResult
+    from llmpath.slo import CompileOptions, CompileResult, SpecDocument
 
 app = typer.Typer(
     help="Compile Sloth-compatible SLO specs into Prometheus rules, validate them, or start from the default spec.",
@@ -38,7 +38,7 @@ def _err(text: str) -> None:
     typer.echo(text, err=True)
 
 
-def _fail(lines: list[str], out: str | None = None) -> None:
+def _fail(lines: list[str], out: str | None = None) -> NoReturn:
     for line in lines:
         _err(line)
     suffix = f"; nothing was written to {out}" if out else ""
@@ -87,10 +87,24 @@ def _load_plugins(refs: list[str]) -> tuple[dict, dict]:
 
 
 def _compile(inputs: list[Path], options: CompileOptions, out: str | None) -> CompileResult:
-    from llmpath.slo import SpecError, compile_slos, load_specs
+    return _compile_docs(_load(inputs, options, out), options, out)
+
+
+def _load(inputs: list[Path], options: CompileOptions, out: str | None) -> list[SpecDocument]:
+    """The spec documents of ``inputs``; invalid ones exit 1 with every problem."""
+    from llmpath.slo import SpecError, load_specs
 
     try:
-        docs = load_specs(inputs, strict=options.strict)
+        return load_specs(inputs, strict=options.strict)
+    except SpecError as exc:
+        _fail([str(i) for i in exc.issues], out)
+
+
+def _compile_docs(docs: list[SpecDocument], options: CompileOptions, out: str | None) -> CompileResult:
+    """Compile loaded documents, printing the warnings; invalid ones exit 1 with every problem."""
+    from llmpath.slo import SpecError, compile_slos
+
+    try:
         result = compile_slos(docs, options)
     except SpecError as exc:
         _fail([str(i) for i in exc.issues], out)
@@ -246,28 +260,25 @@ def validate_cmd(
         histogram_buckets=parse_buckets(buckets),
         stages=catalog_or_exit(catalog),
     )
-    if prometheus is not None:
-        _validate_live(inputs, options, prometheus.rstrip("/"))
-        return
-    result = _compile(inputs, options, None)
+    if prometheus is None:
+        result, live = _compile(inputs, options, None), ""
+    else:
+        result, live = _validate_live(inputs, options, prometheus.rstrip("/"))
     files = {s.source for s in result.slos}
-    typer.echo(f"OK: {len(result.slos)} SLOs in {len(files)} file(s) are valid.")
+    typer.echo(f"OK: {len(result.slos)} SLOs in {len(files)} file(s) are valid{live}.")
 
 
-def _validate_live(inputs: list[Path], options: CompileOptions, url: str) -> None:
-    """``validate --prometheus``: compile with the histograms' live bucket bounds, then check the SLIs' data."""
+def _validate_live(inputs: list[Path], options: CompileOptions, url: str) -> tuple[CompileResult, str]:
+    """``validate --prometheus``: compile with the histograms' live bucket bounds, then check the SLIs' data.
+    Returns the result and what the check found, for the closing line."""
     import dataclasses
 
     import httpx
 
     from llmpath.promapi import PrometheusClient
-    from llmpath.slo import SpecError, compile_slos, load_specs
     from llmpath.slo_check import data_issues, live_buckets
 
-    try:
-        docs = load_specs(inputs, strict=options.strict)
-    except SpecError as exc:
-        _fail([str(i) for i in exc.issues])
+    docs = _load(inputs, options, None)
     histograms = [slo.sli.histogram for doc in docs for slo in doc.slos if slo.sli.histogram]
     # Connection errors, answers that are not Prometheus's, refused or malformed queries:
     unreadable = (httpx.HTTPError, RuntimeError, KeyError, ValueError)
@@ -277,27 +288,18 @@ def _validate_live(inputs: list[Path], options: CompileOptions, url: str) -> Non
         except unreadable as exc:
             _prometheus_failed(url, exc)
         options = dataclasses.replace(options, histogram_buckets={**options.histogram_buckets, **live})
-        try:
-            result = compile_slos(docs, options)
-        except SpecError as exc:
-            _fail([str(i) for i in exc.issues])
+        result = _compile_docs(docs, options, None)
         specs = {(doc.file, slo.id): slo for doc in docs for slo in doc.slos}
         try:
             no_data = data_issues(client, result.slos, lambda slo, field: specs[slo.source, slo.id].where(field))
         except unreadable as exc:
             _prometheus_failed(url, exc)
-    for warning in result.warnings:
-        _err(str(warning))
     if options.strict and no_data:
         _fail([str(i.as_error()) for i in no_data])
     for issue in no_data:
         _err(str(issue))
-    files = {s.source for s in result.slos}
     data = f"{len(no_data)} warning(s) about SLI data" if no_data else "every SLI selector matches series"
-    typer.echo(
-        f"OK: {len(result.slos)} SLOs in {len(files)} file(s) are valid; "
-        f"Prometheus {url}: {len(live)} histogram(s) with live buckets, {data}."
-    )
+    return result, f"; Prometheus {url}: {len(live)} histogram(s) with live buckets, {data}"
 
 
 def _prometheus_failed(url: str, exc: Exception) -> NoReturn:
