@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from llmpath.dashboards.slos import SloView
-from llmpath.instrumentation.catalog import StageCatalog
+from llmpath.instrumentation.catalog import STAGES, StageCatalog
 
 BURN_KINDS = ("burn_rate", "threshold")
 
@@ -30,8 +30,8 @@ class SpecOptions:
     dashboard_base_url: str | None = None
     #: Bucket bounds of histograms whose buckets are not the catalog's (``llmpath slo compile --buckets``).
     histogram_buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
-    #: The stage catalog (``llmpath slo compile --catalog``); ``None``: the built-in stages and owners.
-    stages: StageCatalog | None = None
+    #: The stage catalog (``llmpath slo compile --catalog``); default: the built-in stages and owners.
+    stages: StageCatalog = STAGES
 
 
 def compile_specs(options: SpecOptions) -> Any:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmpath.instrumentation.catalog import StageCatalog
+from llmpath.instrumentation.catalog import STAGES, StageCatalog
 from llmpath.slo.errors import Issue
 
 # Spec kinds (the ``sloth_spec`` label value of each input format).
@@ -291,8 +291,8 @@ class CompileOptions:
     #: ``instrument_app(latency_buckets=...)``): latency SLI thresholds are checked against these.
     histogram_buckets: Mapping[str, Sequence[float]] = field(default_factory=dict)
     #: The stage catalog (``llmpath.instrumentation.load_catalog``): the stages an SLO's ``stage`` may name and
-    #: their owners (an SLO without ``owner:`` gets its stage's). ``None``: the built-in stages and owners.
-    stages: StageCatalog | None = None
+    #: their owners (an SLO without ``owner:`` gets its stage's). Default: the built-in stages and owners.
+    stages: StageCatalog = STAGES
 
 
 DEFAULT_PERIOD = "30d"

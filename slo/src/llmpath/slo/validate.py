@@ -162,10 +162,9 @@ def plugin_problems(slo: SLOSpec) -> list[Problem]:
 # --------------------------------------------------------------------------------------------
 
 
-def stage_owner(stage: str, stages: catalog.StageCatalog | None = None) -> str | None:
+def stage_owner(stage: str, stages: catalog.StageCatalog = catalog.STAGES) -> str | None:
     """The owning team of a stage or stage group from the stage catalog (default: the built-in one); ``None`` if
     unknown."""
-    stages = catalog.STAGES if stages is None else stages
     if (group := stages.group(stage)) is not None:
         return group.owner
     if stage in stages:
@@ -217,7 +216,7 @@ def _check_labels_of(metric: str | None, labels: list[str], field: str) -> Itera
 def llmpath_problems(
     slo: SLOSpec,
     histogram_buckets: Mapping[str, Sequence[float]] | None = None,
-    stages: catalog.StageCatalog | None = None,
+    stages: catalog.StageCatalog = catalog.STAGES,
 ) -> list[Problem]:
     """Checks for llmpath/v1 specs beyond Sloth's (stages, histograms, selectors, alert options).
 
@@ -227,8 +226,7 @@ def llmpath_problems(
     """
     out: list[Problem] = []
     if slo.stage is not None and stage_owner(slo.stage, stages) is None:
-        known_stages = catalog.STAGES if stages is None else stages
-        known = ", ".join([*known_stages.names, *(g.name for g in known_stages.groups)])
+        known = ", ".join([*stages.names, *(g.name for g in stages.groups)])
         out.append(("stage", f"unknown stage {slo.stage!r}; stages and stage groups: {known}"))
     for key in slo.labels:
         if key in LLMPATH_ALERT_LABELS:
