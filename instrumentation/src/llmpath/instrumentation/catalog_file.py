@@ -63,7 +63,12 @@ def _catalog(data: dict[str, Any], base: StageCatalog) -> StageCatalog:
     if not isinstance(stages, list):
         raise CatalogFileError("stages: must be an array of tables ([[stages]])")
     for i, item in enumerate(stages):
-        catalog = catalog.with_stage(_stage(item, f"stages[{i}]", catalog))
+        field = f"stages[{i}]"
+        stage = _stage(item, field, catalog)
+        try:
+            catalog = catalog.with_stage(stage)
+        except ValueError as exc:  # the name: invalid, taken, or a stage group's
+            raise CatalogFileError(f"{field}.name: {exc}") from None
     return catalog
 
 
@@ -84,12 +89,7 @@ def _stage(item: Any, field: str, catalog: StageCatalog) -> Stage:
         raise CatalogFileError(f"{field}.before_first_token: must be true or false")
     if isinstance(name, str) and name in catalog:
         raise CatalogFileError(f"{field}.name: stage {name!r} already exists (change built-in owners in [owners])")
-    try:
-        stage = Stage(name, meaning.strip(), _team(item["owner"], f"{field}.owner"), before)
-        catalog.with_stage(stage)  # validates the name
-    except ValueError as exc:
-        raise CatalogFileError(f"{field}.name: {exc}") from None
-    return stage
+    return Stage(name, meaning.strip(), _team(item["owner"], f"{field}.owner"), before)
 
 
 def _team(value: Any, field: str) -> str:
