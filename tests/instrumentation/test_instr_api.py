@@ -4,18 +4,24 @@ trace-header helpers, the cardinality guard and the multiprocess helpers."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import time
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry
+from prometheus_client import values as prometheus_values
 
 from llmpath.instrumentation import (
     STAGES,
     CardinalityGuard,
+    JsonlUsageSink,
     LLMPathMiddleware,
     Stage,
     annotate_request,
@@ -26,6 +32,7 @@ from llmpath.instrumentation import (
     instrument_app,
     mark_first_token,
     model_call_span,
+    read_jsonl,
     record_stage,
     record_usage,
     set_request_labels,
@@ -142,6 +149,7 @@ async def test_inject_trace_headers_and_httpx_hook_sync_and_async(harness):
                 seen["async"] = (await ac.get("http://backend/x")).json()
             seen["sync"] = sync_call(transport)  # MockTransport: no I/O happens
             seen["dict"] = inject_trace_headers({"x-request-id": "kept"})
+            seen["mixed case"] = inject_trace_headers({"X-Request-ID": "mine"})
             call.mark_first_chunk()
         return {"ok": True}
 
@@ -153,6 +161,7 @@ async def test_inject_trace_headers_and_httpx_hook_sync_and_async(harness):
         assert seen[how]["traceparent"].startswith(expected), how
         assert seen[how]["x-request-id"] == r.headers["x-request-id"]
     assert seen["dict"]["x-request-id"] == "kept" and seen["dict"]["traceparent"].startswith(expected)
+    assert list(seen["mixed case"]) == ["X-Request-ID", "traceparent"]  # the caller's id is kept, not doubled
     assert call.attributes["gen_ai.provider.name"] == "openai"
     assert call.attributes["gen_ai.response.time_to_first_chunk"] >= 0
 
@@ -195,9 +204,137 @@ def test_model_call_span_outside_a_request_uses_the_global_tracer():
         call.set_error("backend_unavailable")
 
 
+async def test_labels_from_the_model_call_yield_to_record_usage_and_set_request_labels(make_harness):
+    app = FastAPI()
+    h = make_harness(app=app)
+
+    @app.get("/call/{case}")
+    async def call(case: str) -> dict[str, bool]:
+        if case == "labels-first":
+            set_request_labels(provider="vllm")
+        with model_call_span("requested-model", server_port=8000) as span:
+            span.set_usage(input_tokens=3, output_tokens=1)
+        if case == "labels-first":
+            record_usage(input_tokens=3, cached_tokens=0, output_tokens=1, model="served-model")
+        return {"ok": True}
+
+    async with h.client() as c:
+        await c.get("/call/labels-first")
+        await c.get("/call/plain")
+    served, requested = h.records
+    assert served.model == "served-model"  # record_usage names the model the backend served
+    assert requested.model == "requested-model"  # without it, the model call's model is the label
+    assert h.value("llmpath_requests_total", route="/call/{case}", model="served-model", code="200") == 1
+    spans = [s for s in h.exporter.get_finished_spans() if s.name == "chat requested-model"]
+    assert [s.attributes["server.port"] for s in spans] == [8000, 8000]  # the port even without an address
+    assert "server.address" not in spans[0].attributes
+
+
+async def test_infinite_durations_are_ignored(make_harness, tmp_path):
+    app = FastAPI()
+    ledger = tmp_path / "usage.jsonl"
+    h = make_harness(app=app, usage_sink=JsonlUsageSink(ledger))
+
+    @app.get("/inf")
+    async def inf() -> dict[str, bool]:
+        record_stage("prefill", float("inf"))
+        record_stage("decode", 0.01, end=float("-inf"))
+        record_stage("schedule", 0.002)
+        mark_first_token(at=float("nan"))
+        return {"ok": True}
+
+    async with h.client() as c:
+        await c.get("/inf")
+    [record] = read_jsonl(ledger)  # the ledger stays valid JSON
+    assert [s.name for s in record.stages] == ["schedule"]
+    assert h.value("llmpath_stage_duration_seconds_count", stage="prefill", route="/inf") == 0
+    assert h.value("llmpath_stage_duration_seconds_sum", stage="schedule", route="/inf") == pytest.approx(0.002)
+    assert record.ttft_s is not None and math.isfinite(record.ttft_s)  # the first body chunk, not NaN
+
+
+async def test_one_stage_object_shared_by_concurrent_and_nested_runs(make_harness):
+    app = FastAPI()
+    h = make_harness(app=app)
+    shared = stage("auth")
+    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+    @app.get("/shared/{name}")
+    async def shared_run(name: str) -> dict[str, bool]:
+        async with shared:
+            if name == "a":
+                await gates["b"].wait()  # /b enters and leaves while /a is inside
+                await asyncio.sleep(0.03)
+            else:
+                gates["b"].set()
+                await asyncio.sleep(0.001)
+        if name == "b":
+            with shared, shared:  # nested in one request
+                await asyncio.sleep(0.001)
+        return {"ok": True}
+
+    async with h.client() as c:
+        await asyncio.gather(c.get("/shared/a"), c.get("/shared/b"))
+    a, b = sorted(h.records, key=lambda r: len(r.stages))
+    assert [s.name for s in a.stages] == ["auth"] and a.stages[0].duration_s > 0.025  # /a kept its own run
+    assert [s.name for s in b.stages] == ["auth"] * 3 and all(s.duration_s < 0.025 for s in b.stages)
+    assert b.stages[2].start_s >= b.stages[1].start_s and b.stages[2].duration_s <= b.stages[1].duration_s
+    assert shared._others is None or not shared._others  # every extra run was ended
+
+
+@stage("decode")
+async def stream_tokens(n: int) -> AsyncIterator[bytes]:
+    for i in range(n):
+        await asyncio.sleep(0.01)
+        yield f"data: {i}\n\n".encode()
+
+
+@stage("retrieve_docs")
+def read_documents(n: int) -> Iterator[str]:
+    for i in range(n):
+        time.sleep(0.005)
+        yield f"doc{i}"
+
+
+async def test_stage_decorator_on_generators_times_the_iteration(make_harness):
+    app = FastAPI()
+    h = make_harness(app=app, catalog=STAGES.with_stage(Stage("retrieve_docs", "Read documents.", "application")))
+
+    @app.get("/gen")
+    async def gen() -> StreamingResponse:
+        assert list(read_documents(3)) == ["doc0", "doc1", "doc2"]
+        return StreamingResponse(stream_tokens(4), media_type="text/event-stream")
+
+    async with h.client() as c:
+        r = await c.get("/gen")
+    assert r.text.count("data:") == 4
+    stages = {s.name: s.duration_s for s in h.records[0].stages}
+    assert stages["retrieve_docs"] >= 0.015 and stages["decode"] >= 0.04
+    assert h.span("llmpath.decode").status.is_ok
+
+
+async def test_an_exception_handled_into_a_500_keeps_its_type_and_the_request_id(make_harness):
+    app = FastAPI()
+
+    @app.exception_handler(LookupError)  # handlers of specific exceptions run inside llmpath's middleware
+    async def lookup_failed(request, exc: LookupError) -> JSONResponse:
+        return JSONResponse({"error": {"type": "server_error"}}, status_code=500)
+
+    @app.get("/lookup")
+    async def lookup() -> None:
+        raise KeyError("prompt text")
+
+    h = make_harness(app=app)
+    async with h.client() as c:
+        r = await c.get("/lookup")
+    assert r.status_code == 500 and r.headers["x-request-id"] == h.records[0].request_id
+    assert h.records[0].error == "KeyError" and h.records[0].status_code == 500
+
+
 def test_cardinality_guard_caps_per_label():
     guard = CardinalityGuard({"route": 2, "*": 1})
     assert [guard.admit("route", v) for v in ("a", "b", "c", "a")] == ["a", "b", "__other__", "a"]
+    assert guard.admit("tenant", "unknown") == "unknown" and guard.admit("route", "__unmatched__") == "__unmatched__"
+    assert guard.admit("tenant", "acme") == "acme"  # the placeholders took no slot
     assert guard.admit("model", "x") == "x" and guard.admit("model", "y") == "__other__"
     assert guard.admitted("route") == {"a", "b"} and guard.cap("tenant") == 1
     with pytest.raises(ValueError, match="positive"):
@@ -249,7 +386,9 @@ async def test_middleware_for_plain_asgi_apps_and_lookup():
 def test_prepare_multiprocess_dir_only_removes_metric_files(tmp_path, monkeypatch):
     # Work inside tmp_path only: even a regression here can never reach the repository.
     monkeypatch.chdir(tmp_path)
+    original_values = prometheus_values.ValueClass
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "")  # recorded, so the variable is restored afterwards
+    monkeypatch.setattr(prometheus_values, "ValueClass", prometheus_values.ValueClass)  # prepare switches it
     target = tmp_path / "mp"
     target.mkdir()
     (target / "counter_1.db").write_text("stale")
@@ -257,6 +396,7 @@ def test_prepare_multiprocess_dir_only_removes_metric_files(tmp_path, monkeypatc
     assert prepare_multiprocess_dir(target) == target.resolve()
     assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
     assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == str(target.resolve())
+    assert prometheus_values.ValueClass is not original_values  # metrics created from now on write files
     mark_process_dead(12345)  # no files for that pid: nothing to remove, no error
     created = prepare_multiprocess_dir(tmp_path / "new" / "dir")
     assert created.is_dir()

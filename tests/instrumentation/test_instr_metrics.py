@@ -198,6 +198,7 @@ async def test_cardinality_cap_overflows_to_other_and_counts(make_harness):
     assert v("llmpath_label_overflow_total", metric="llmpath_requests_total", label="model") == 3
     assert v("llmpath_label_overflow_total", metric="llmpath_tokens_total", label="tenant") == 3
     assert v("llmpath_label_overflow_total", metric="llmpath_stage_duration_seconds", label="route") == 2
+    assert v("llmpath_label_overflow_total", metric="llmpath_stage_group_duration_seconds", label="route") == 2
     assert h.records[-1].route == "e"  # the ledger keeps the real values
 
 

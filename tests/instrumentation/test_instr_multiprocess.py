@@ -71,6 +71,36 @@ def test_two_gunicorn_workers_scrape_sums_across_workers(processes, free_port, t
         assert sample(text, "llmpath_requests_total", route="chat", model="tiny", code="200") == n
         assert sample(text, "llmpath_stage_duration_seconds_count", route="chat", stage="schedule") == n
         assert sample(text, "llmpath_tokens_total", route="chat", type="input") == 50 * n
+    only = fresh_get(f"{base}/metrics", params={"name[]": "llmpath_requests_total"}).text
+    assert {f.name for f in text_string_to_metric_families(only)} == {"llmpath_requests"}  # ?name[] filters
+    assert sample(only, "llmpath_requests_total", route="chat", model="tiny", code="200") == n
     om = fresh_get(f"{base}/metrics", headers={"accept": "application/openmetrics-text; version=1.0.0"}).text
     assert om.rstrip().endswith("# EOF") and "trace_id" not in om  # no exemplars in multiprocess mode
     assert len(list(mp_dir.glob("*.db"))) >= 2
+
+
+LAUNCHER = """\
+import sys
+import uvicorn
+from llmpath.instrumentation.multiprocess import prepare_multiprocess_dir
+
+prepare_multiprocess_dir(sys.argv[1])  # imports prometheus-client before the variable is set
+uvicorn.run("instr_server_app:app", port=int(sys.argv[2]), workers=1, log_level="warning")
+"""
+
+
+@pytest.mark.slow
+def test_launcher_that_prepares_the_directory_then_serves_itself(processes, free_port, tmp_path):
+    # docs/multiprocess.md: "or from Python before starting". With one worker the launcher serves in its own
+    # process, which imported prometheus-client before PROMETHEUS_MULTIPROC_DIR was set.
+    mp_dir = tmp_path / "prom"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-c", LAUNCHER, str(mp_dir), str(port)]
+    env = {"LLMPATH_TEST_JSONL": str(tmp_path / "usage.jsonl"), "PYTHONPATH": str(APP_DIR)}
+    processes.spawn("launcher", cmd, ready_url=f"{base}/health", env=env, timeout=60)
+    for _ in range(3):
+        assert fresh_get(f"{base}/v1/chat/completions", method="POST", json={"delay": 0.001}).status_code == 200
+    text = fresh_get(f"{base}/metrics").text
+    assert sample(text, "llmpath_requests_total", route="chat", model="tiny", code="200") == 3
+    assert list(mp_dir.glob("*.db"))  # the values went to the directory the scrape aggregates

@@ -41,7 +41,7 @@ class StageScope:
     The handle it yields has ``set_attribute(key, value)`` for the stage span (ignored when not sampled).
     """
 
-    __slots__ = ("_ctx", "_parent", "_req", "_span", "_t0", "_token", "attributes", "name")
+    __slots__ = ("_ctx", "_others", "_parent", "_req", "_span", "_t0", "_token", "attributes", "name")
 
     def __init__(self, name: str, attributes: dict[str, Any] | None = None) -> None:
         if name not in _VALID_NAMES:
@@ -49,10 +49,15 @@ class StageScope:
         self.name = name
         self.attributes = attributes
         self._req: RequestTelemetry | None = None
+        #: Runs of this object entered while it was already running (one object shared by concurrent requests,
+        #: or nested in one), by request, innermost last.
+        self._others: dict[RequestTelemetry, list[StageScope]] | None = None
 
     def __enter__(self) -> StageScope:
         req = CURRENT.get()
         if req is not None:
+            if self._req is not None:
+                return self._enter_another(req)
             self._req = req
             if req.sampled:
                 self._enter_sampled(req)
@@ -63,6 +68,8 @@ class StageScope:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._others and self._exit_another(exc_type, exc, tb):
+            return
         req = self._req
         if req is not None:
             t1 = perf_counter()
@@ -70,6 +77,29 @@ class StageScope:
             self._req = None
             if req.sampled:
                 self._exit_sampled(req, t1, exc_type)
+
+    def _enter_another(self, req: RequestTelemetry) -> StageScope:
+        """This object is already running: time this run with a fresh scope, which ``__exit__`` will find."""
+        run = StageScope(self.name, self.attributes)
+        run.__enter__()
+        if self._others is None:
+            self._others = {}
+        self._others.setdefault(req, []).append(run)
+        return run
+
+    def _exit_another(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        """End the current request's innermost extra run, if it has one."""
+        current = CURRENT.get()
+        runs = self._others.get(current) if self._others and current is not None else None
+        if not runs:
+            return False
+        run = runs.pop()
+        if not runs:
+            del self._others[current]  # type: ignore[union-attr, arg-type]
+        run.__exit__(exc_type, exc, tb)
+        return True
 
     def _enter_sampled(self, req: RequestTelemetry) -> None:
         emitter = req.emitter
@@ -87,7 +117,8 @@ class StageScope:
             self._span, self._token = req.instrumentation.start_stage_span(req, self.name, t0, self.attributes)
 
     def _exit_sampled(self, req: RequestTelemetry, t1: float, exc_type: type[BaseException] | None) -> None:
-        error = None if exc_type is None else exc_type.__qualname__
+        # A generator closed early (a client that went away mid-stream) is not an error of the stage.
+        error = None if exc_type is None or exc_type is GeneratorExit else exc_type.__qualname__
         context.detach(self._token)  # type: ignore[arg-type]
         ctx = self._ctx
         if ctx is not None:
@@ -121,8 +152,27 @@ class StageScope:
             span.set_attribute(key, value)
 
     def __call__(self, fn: F) -> F:
-        """Use as a decorator: every call of ``fn`` (sync or async) runs inside a fresh scope of this stage."""
+        """Use as a decorator: every call of ``fn`` runs inside a fresh scope of this stage. For a generator
+        function (sync or async, e.g. a streamed body) the stage lasts from the first item asked for until the
+        generator is exhausted or closed."""
         name, attributes = self.name, self.attributes
+        if inspect.isasyncgenfunction(fn):
+
+            @functools.wraps(fn)
+            async def async_gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with StageScope(name, attributes):
+                    async for item in fn(*args, **kwargs):
+                        yield item
+
+            return async_gen_wrapper  # type: ignore[return-value]
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
+                with StageScope(name, attributes):
+                    yield from fn(*args, **kwargs)
+
+            return gen_wrapper  # type: ignore[return-value]
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)
@@ -145,7 +195,9 @@ def stage(name: str, **attributes: Any) -> StageScope:
     ``llmpath_stage_duration_seconds{stage,route}``. An exception marks the span as error and propagates.
 
     Works as ``with stage("route") as s: s.set_attribute("llmpath.backend", b)``, ``async with``, and as a
-    decorator ``@stage("auth")`` on sync and async functions. Outside a request it does nothing.
+    decorator ``@stage("auth")`` on sync and async functions and generators. One object may be shared by
+    concurrent requests (``AUTH = stage("auth")``; ``with AUTH:``): each run is timed on its own. Outside a request
+    it does nothing.
     """
     return StageScope(name, {k: clean_attribute(v) for k, v in attributes.items()} if attributes else None)
 
@@ -160,7 +212,7 @@ def record_stage(
 ) -> None:
     """Add a stage measured elsewhere (e.g. SGLang's queue time) to the current request's timeline, ending at
     ``end`` (a ``time.perf_counter()`` value; default now). Repeated stages are summed into one observation.
-    Negative durations (clock skew between processes) count as zero; NaN is ignored.
+    Negative durations (clock skew between processes) count as zero; a NaN or infinite duration or end is ignored.
     """
     _check_name(name)
     if source not in TIMING_SOURCES:
@@ -169,10 +221,10 @@ def record_stage(
     if req is None:
         return
     seconds = float(seconds)
-    if math.isnan(seconds):
-        logger.debug("llmpath: ignoring NaN duration for stage %s", name)
-        return
     t1 = perf_counter() if end is None else float(end)
+    if not (math.isfinite(seconds) and math.isfinite(t1)):
+        logger.debug("llmpath: ignoring a non-finite duration or end for stage %s", name)
+        return
     t0 = t1 - max(0.0, seconds)
     req.stages.append((name, t0, t1, source))
     if req.sampled:
@@ -192,7 +244,9 @@ def mark_first_token(at: float | None = None) -> None:
     response has none: no TTFT, TPOT or ``unattributed`` observation)."""
     req = CURRENT.get()
     if req is not None and req.first_token is None:
-        req.first_token = perf_counter() if at is None else float(at)
+        first = perf_counter() if at is None else float(at)
+        if math.isfinite(first):
+            req.first_token = first
 
 
 def record_usage(
@@ -216,8 +270,9 @@ def record_usage(
         usage[0] += n_in
         usage[1] += n_cached
         usage[2] += n_out
-    if req.model is None:
+    if req.model is None or req.model_from_call:
         req.model = str(model)
+        req.model_from_call = False
     if tenant is not None and req.tenant is None:
         req.tenant = str(tenant)
 
@@ -235,6 +290,7 @@ def set_request_labels(
         req.route = str(route)
     if model is not None:
         req.model = str(model)
+        req.model_from_call = False
     if tenant is not None:
         req.tenant = str(tenant)
     if provider is not None:

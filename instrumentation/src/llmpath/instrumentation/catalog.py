@@ -187,6 +187,10 @@ TIMING_SOURCES: tuple[str, ...] = ("gateway", "backend")
 REQUEST_ID_HEADER = "x-request-id"
 #: The value the cardinality guard puts in place of label values over the cap.
 OVERFLOW_LABEL_VALUE = "__other__"
+#: The value of a label nobody set (model, tenant): always admitted, it takes no slot under the guard's cap.
+UNKNOWN_LABEL_VALUE = "unknown"
+#: The route label of a request no route matched: always admitted too.
+UNMATCHED_ROUTE = "__unmatched__"
 
 #: GenAI semantic-convention metrics (v1.41 names) emitted through the OTel metrics API.
 GENAI_SERVER_REQUEST_DURATION = "gen_ai.server.request.duration"

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import gzip
 import os
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import Metric
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -20,26 +21,43 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir") or None  # noqa: SIM112 (legacy name prometheus-client still reads)
 
 
-def scrape_registry(registry: CollectorRegistry) -> CollectorRegistry:
+def scrape_registry(registry: CollectorRegistry, names: Iterable[str] | None = None) -> Any:
     """The registry to expose: ``registry`` itself, or in multiprocess mode a fresh one aggregating every
-    worker's files (live metrics must not be registered on it, or they would be counted twice)."""
+    worker's files (live metrics must not be registered on it, or they would be counted twice). With ``names``,
+    only the samples of those names (prometheus-client's ``?name[]=`` semantics)."""
     if multiprocess_dir() is None:
-        return registry
+        return registry if names is None else registry.restricted_registry(names)
     from prometheus_client import multiprocess
 
+    collector = multiprocess.MultiProcessCollector(None)
     fresh = CollectorRegistry()
-    multiprocess.MultiProcessCollector(fresh)
+    # The multiprocess collector cannot describe its metrics before reading the files, so the registry's own
+    # restriction (which looks collectors up by name) would find nothing: filter its samples instead.
+    fresh.register(collector if names is None else _SamplesNamed(collector, frozenset(names)))
     return fresh
+
+
+class _SamplesNamed:
+    """A collector yielding only the samples called ``names`` of another collector's metrics."""
+
+    def __init__(self, collector: Any, names: frozenset[str]) -> None:
+        self._collector = collector
+        self._names = names
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self._collector.collect():
+            samples = [sample for sample in metric.samples if sample.name in self._names]
+            if samples:
+                kept = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+                kept.samples = samples
+                yield kept
 
 
 def render(registry: CollectorRegistry, accept: str, query_string: bytes) -> tuple[bytes, str]:
     """The exposition body and content type; ``?name[]=x`` restricts it to some series."""
     encoder, content_type = choose_encoder(accept)
-    reg: Any = scrape_registry(registry)
     names = parse_qs(query_string.decode("latin-1")).get("name[]")
-    if names:
-        reg = reg.restricted_registry(names)
-    return encoder(reg), content_type
+    return encoder(scrape_registry(registry, names or None)), content_type
 
 
 async def serve_metrics(registry: CollectorRegistry, scope: MutableMapping[str, Any], send: Send) -> None:

@@ -5,14 +5,17 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
-from llmpath.instrumentation.catalog import OVERFLOW_LABEL_VALUE
+from llmpath.instrumentation.catalog import OVERFLOW_LABEL_VALUE, UNKNOWN_LABEL_VALUE, UNMATCHED_ROUTE
 
 #: Default caps per label (distinct values per process). Labels not listed use ``"*"``.
 DEFAULT_MAX_LABEL_VALUES: Mapping[str, int] = {"route": 100, "model": 100, "tenant": 1000, "stage": 64, "*": 100}
+#: Placeholders llmpath itself puts in labels: admitted without taking one of the N slots.
+RESERVED_LABEL_VALUES = frozenset((UNKNOWN_LABEL_VALUE, UNMATCHED_ROUTE, OVERFLOW_LABEL_VALUE))
 
 
 class CardinalityGuard:
-    """Admits the first N distinct values of each label; later new values become ``__other__``.
+    """Admits the first N distinct values of each label; later new values become ``__other__``. llmpath's own
+    placeholders (``unknown``, ``__unmatched__``) are always admitted and take no slot.
 
     One admitted set per label name, shared by every metric, so that a route or model is either present in all
     llmpath metrics or in none (joins between families stay consistent). ``max_values`` is an ``int`` (one cap for
@@ -43,7 +46,7 @@ class CardinalityGuard:
     def admit(self, label: str, value: str) -> str:
         """``value`` if it is (or can still become) one of the label's admitted values, else ``__other__``."""
         seen = self._seen.get(label)
-        if seen is not None and value in seen:
+        if (seen is not None and value in seen) or value in RESERVED_LABEL_VALUES:
             return value
         with self._lock:
             seen = self._seen.setdefault(label, set())

@@ -30,6 +30,7 @@ from llmpath.instrumentation.catalog import (
     TOKEN_TYPES,
     TOKENS_TOTAL,
     TPOT_BUCKETS,
+    UNKNOWN_LABEL_VALUE,
     MetricSpec,
     StageGroup,
 )
@@ -183,7 +184,7 @@ class PrometheusMetrics:
         if rm is None:
             rm = self._admit(guard, route, model, ttft, tpot, bool(stage_sums), usage)
         if usage is not None:
-            tenant = tenant or "unknown"
+            tenant = tenant or UNKNOWN_LABEL_VALUE
             tokens = rm.tenants.get(tenant)
             if tokens is None:
                 tokens = self._admit_tenant(guard, rm, tenant)
@@ -260,6 +261,8 @@ class PrometheusMetrics:
                 for i in bound[1]:
                     totals[i] += seconds
         if totals is not None:
+            if route is OVERFLOW_LABEL_VALUE:
+                self.overflow.labels(STAGE_GROUP_DURATION, "route").inc()
             children = self._group.get(route)
             if children is None:
                 children = self._group[route] = tuple(

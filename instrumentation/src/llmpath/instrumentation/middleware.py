@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from time import perf_counter
 from typing import Any
@@ -68,8 +69,12 @@ class LLMPathMiddleware:
                 if not message.get("more_body", False):
                     instr.finish(req)  # before the last byte leaves: a completed response is always recorded
             elif kind == "http.response.start":
-                req.status_code = message["status"]
+                status = req.status_code = message["status"]
                 req.response_started = True
+                if status >= 500 and req.error is None and (handled := sys.exc_info()[1]) is not None:
+                    # An error page sent while an exception is being handled (a middleware or handler inside
+                    # this one that turns exceptions into responses): its class is the request's error type.
+                    req.error = type(handled).__qualname__
                 headers = message.get("headers") or []
                 for key, _ in headers:  # ASGI header names are lowercase
                     if key == _REQUEST_ID_KEY:
@@ -136,6 +141,8 @@ def instrument_app(app: Any, **options: Any) -> Any:
     """
     instrumentation = Instrumentation(**options)
     if hasattr(app, "add_middleware") and hasattr(app, "state"):
+        # Inside Starlette's ServerErrorMiddleware, as user middleware: opentelemetry-instrumentation-fastapi
+        # rebuilds the stack around what is inside it, whichever of the two instruments the app first.
         app.add_middleware(LLMPathMiddleware, instrumentation=instrumentation)
         app.state.llmpath = instrumentation
         return app

@@ -32,7 +32,19 @@ def prepare_multiprocess_dir(path: str | os.PathLike[str] | None = None) -> Path
         if stale.is_file():
             stale.unlink()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(target)
+    _write_values_to_files()
     return target
+
+
+def _write_values_to_files() -> None:
+    """Make the metrics this process creates from now on write to the directory.
+
+    prometheus-client picks how metrics keep their values when it is first imported: a process that imported it
+    before the variable was set (this module does) and then serves itself (``uvicorn.run(..., workers=1)``)
+    would otherwise keep them in memory, where the aggregating ``/metrics`` never looks."""
+    from prometheus_client import values
+
+    values.ValueClass = values.get_value_class()
 
 
 def mark_process_dead(pid: int | None = None) -> None:

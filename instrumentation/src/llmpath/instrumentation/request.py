@@ -41,6 +41,7 @@ class RequestTelemetry:
         "instrumentation",
         "method",
         "model",
+        "model_from_call",
         "owns_span",
         "path",
         "pending_spans",
@@ -77,6 +78,8 @@ class RequestTelemetry:
         self.trace_id_int = 0
         self._route: str | None = None
         self.model: str | None = None
+        #: ``model`` is only the model call's requested model: ``record_usage`` may still name the model.
+        self.model_from_call = False
         self.tenant: str | None = None
         self.provider: str | None = None
         self.first_token: float | None = None

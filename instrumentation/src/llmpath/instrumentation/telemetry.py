@@ -32,6 +32,8 @@ from llmpath.instrumentation.catalog import (
     STAGES,
     TPOT_BUCKETS,
     UNATTRIBUTED,
+    UNKNOWN_LABEL_VALUE,
+    UNMATCHED_ROUTE,
     StageCatalog,
 )
 from llmpath.instrumentation.exposition import multiprocess_dir
@@ -59,7 +61,6 @@ logger = logging.getLogger("llmpath.instrumentation")
 #: Paths that get no spans, metrics or usage records by default (probes, not LLM traffic).
 DEFAULT_EXCLUDED_PATHS: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz", "/ready", "/favicon.ico")
 #: ``route`` label of requests no route of a Starlette/FastAPI router matched (keeps 404 scans bounded).
-UNMATCHED_ROUTE = "__unmatched__"
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode()
 _BY_START = itemgetter(1)
@@ -289,7 +290,7 @@ class Instrumentation:
         if usage is not None and ft is not None and usage[2] > 1:
             tpot = (end - ft) / (usage[2] - 1)
         route = req.route
-        model = req.model or "unknown"
+        model = req.model or UNKNOWN_LABEL_VALUE
         code = req.status_code
         exemplar = ({"trace_id": req.trace_id}, time()) if req.sampled and self.exemplars else None  # type: ignore[dict-item]
         self.metrics.observe_request(
@@ -298,7 +299,7 @@ class Instrumentation:
         if req.model is not None:
             error = req.error if req.error is not None else (str(code) if code >= 500 else None)
             self.genai.record_server(
-                {OPERATION: "chat", PROVIDER: req.provider or "unknown", REQUEST_MODEL: model},
+                {OPERATION: "chat", PROVIDER: req.provider or UNKNOWN_LABEL_VALUE, REQUEST_MODEL: model},
                 duration=duration,
                 ttft=ttft,
                 tpot=tpot,

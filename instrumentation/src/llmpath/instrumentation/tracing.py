@@ -41,7 +41,7 @@ def inject_trace_headers(headers: MutableMapping[str, str]) -> MutableMapping[st
     """
     propagate.inject(headers)
     req = CURRENT.get()
-    if req is not None and REQUEST_ID_HEADER not in headers:
+    if req is not None and not any(name.lower() == REQUEST_ID_HEADER for name in headers):
         headers[REQUEST_ID_HEADER] = req.request_id
     return headers
 
@@ -114,9 +114,11 @@ class ModelCallSpan:
     def __enter__(self) -> ModelCallSpan:
         req = CURRENT.get()
         if req is not None:
-            req.provider = self.provider
-            if req.model is None:
+            if req.provider is None:
+                req.provider = self.provider
+            if req.model is None:  # until record_usage or set_request_labels names it
                 req.model = self.model
+                req.model_from_call = True
             tracer = req.instrumentation.tracer if req.sampled else None
             self._genai = req.instrumentation.genai
         else:
@@ -232,8 +234,8 @@ def model_call_span(
     attrs: dict[str, Any] = {OPERATION: operation, PROVIDER: provider, REQUEST_MODEL: model}
     if server_address is not None:
         attrs["server.address"] = server_address
-        if server_port is not None:
-            attrs["server.port"] = int(server_port)
+    if server_port is not None:
+        attrs["server.port"] = int(server_port)
     if stream:
         attrs["gen_ai.request.stream"] = True
     if max_tokens is not None:
