@@ -207,6 +207,7 @@ def test_model_call_span_outside_a_request_uses_the_global_tracer():
 async def test_labels_from_the_model_call_yield_to_record_usage_and_set_request_labels(make_harness):
     app = FastAPI()
     h = make_harness(app=app)
+    providers: dict[str, str | None] = {}
 
     @app.get("/call/{case}")
     async def call(case: str) -> dict[str, bool]:
@@ -214,8 +215,11 @@ async def test_labels_from_the_model_call_yield_to_record_usage_and_set_request_
             set_request_labels(provider="vllm")
         with model_call_span("requested-model", server_port=8000) as span:
             span.set_usage(input_tokens=3, output_tokens=1)
+        with model_call_span("requested-model", provider="openai", server_port=8000):
+            pass  # a retry on another kind of backend
         if case == "labels-first":
             record_usage(input_tokens=3, cached_tokens=0, output_tokens=1, model="served-model")
+        providers[case] = current_request().provider
         return {"ok": True}
 
     async with h.client() as c:
@@ -226,7 +230,8 @@ async def test_labels_from_the_model_call_yield_to_record_usage_and_set_request_
     assert requested.model == "requested-model"  # without it, the model call's model is the label
     assert h.value("llmpath_requests_total", route="/call/{case}", model="served-model", code="200") == 1
     spans = [s for s in h.exporter.get_finished_spans() if s.name == "chat requested-model"]
-    assert [s.attributes["server.port"] for s in spans] == [8000, 8000]  # the port even without an address
+    assert providers == {"labels-first": "vllm", "plain": "openai"}  # the label set wins, else the latest call
+    assert [s.attributes["server.port"] for s in spans] == [8000] * 4  # the port even without an address
     assert "server.address" not in spans[0].attributes
 
 

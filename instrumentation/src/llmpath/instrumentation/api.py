@@ -295,6 +295,7 @@ def set_request_labels(
         req.tenant = str(tenant)
     if provider is not None:
         req.provider = str(provider)
+        req.provider_from_call = False
 
 
 def annotate_request(**fields: Any) -> None:

@@ -47,6 +47,7 @@ class RequestTelemetry:
         "pending_spans",
         "pending_stages",
         "provider",
+        "provider_from_call",
         "request_id",
         "response_started",
         "sampled",
@@ -82,6 +83,9 @@ class RequestTelemetry:
         self.model_from_call = False
         self.tenant: str | None = None
         self.provider: str | None = None
+        #: ``provider`` comes from the latest model call (a retry on another backend may change it), not from
+        #: ``set_request_labels``.
+        self.provider_from_call = False
         self.first_token: float | None = None
         self.end: float | None = None
         self.usage: list[int] | None = None

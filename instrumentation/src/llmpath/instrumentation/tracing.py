@@ -114,8 +114,9 @@ class ModelCallSpan:
     def __enter__(self) -> ModelCallSpan:
         req = CURRENT.get()
         if req is not None:
-            if req.provider is None:
+            if req.provider is None or req.provider_from_call:  # set_request_labels(provider=...) wins
                 req.provider = self.provider
+                req.provider_from_call = True
             if req.model is None:  # until record_usage or set_request_labels names it
                 req.model = self.model
                 req.model_from_call = True
