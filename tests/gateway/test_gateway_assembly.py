@@ -8,7 +8,14 @@ import pytest
 
 from llmpath.backends.base import ChatMessage
 from llmpath.backends.chat_template import render_chatml
-from llmpath.gateway.assembly import AssemblyError, FolderRetriever, RouteAssembler, render_messages
+from llmpath.gateway.assembly import (
+    AssemblyError,
+    FolderRetriever,
+    MessagesRejected,
+    RouteAssembler,
+    render_messages,
+)
+from llmpath.gateway.chat_template import load_renderer
 from llmpath.gateway.config import RetrieverConfig, RouteConfig
 
 
@@ -95,3 +102,58 @@ def test_sandbox_blocks_mutation() -> None:
     route = RouteConfig(name="m", system_prompt="{% set x = [1] %}{{ x.append(2) }}")
     with pytest.raises(AssemblyError):
         RouteAssembler(route)
+
+
+def test_a_template_failing_for_one_tenant_is_an_assembly_error() -> None:
+    """Any exception while rendering (here a ZeroDivisionError for 4-letter tenants) becomes an AssemblyError naming
+    the route, field, exception and template line; the template fails again on the next request (not cached)."""
+    asm = RouteAssembler(RouteConfig(name="sp", system_prompt="{{ 10 // (tenant|length - 4) }}"))
+    assert asm.assemble_completion("p", tenant="tenant").prompt == "5\n\np"
+    for _ in range(2):
+        with pytest.raises(AssemblyError) as err:
+            asm.assemble_chat([ChatMessage("user", "hi")], tenant="acme")
+        assert str(err.value) == (
+            "route 'sp': system_prompt: template failed to render: ZeroDivisionError at line 1 of the template: "
+            "integer division or modulo by zero"
+        )
+        assert err.value.field == "system_prompt"
+
+
+def test_run_time_errors_of_templates_given_prompt_text_do_not_quote_it(corpus: Path) -> None:
+    """The context template sees the query and the chat template the messages: their errors name the exception and
+    the line only, since an exception's message may quote a value."""
+    route = RouteConfig(
+        name="docs",
+        retriever=RetrieverConfig(path=corpus, top_k=1),
+        # Jinja's message would be "'list object' has no attribute '<the query>'"
+        context_template="{{ documents[0].text }}\n{% if 'SECRET' in query %}{{ documents[query] }}{% endif %}",
+    )
+    asm = RouteAssembler(route)
+    with pytest.raises(AssemblyError) as err:
+        asm.assemble_chat([ChatMessage("user", "refunds SECRET-PROMPT")], tenant="t")
+    assert err.value.field == "context_template"
+    assert "SECRET" not in str(err.value) and "at line 2 of the template" in str(err.value)
+
+    def crashing(messages):  # a chat template whose error message quotes the prompt
+        if any("SECRET" in m["content"] for m in messages):
+            raise KeyError(messages[-1]["content"])
+        return render_chatml(messages)
+
+    asm = RouteAssembler(RouteConfig(name="c"), render_chat=crashing)
+    with pytest.raises(AssemblyError) as err:
+        asm.assemble_chat([ChatMessage("user", "SECRET-PROMPT")], tenant="t")
+    assert str(err.value) == "route 'c': tokenizer.chat_template: the chat template failed to render: KeyError"
+
+
+def test_a_chat_template_refusing_the_messages_is_the_clients_error() -> None:
+    strict = load_renderer(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    )
+    asm = RouteAssembler(RouteConfig(name="plain"), render_chat=strict)
+    assert asm.assemble_chat([ChatMessage("user", "hi")], tenant="t").cache_text == "[user] hi\n"
+    with pytest.raises(MessagesRejected, match="^System role not supported$"):
+        asm.assemble_chat([ChatMessage("system", "be brief"), ChatMessage("user", "hi")], tenant="t")
+    # a route that adds a system message itself could never serve a request: refused at startup
+    with pytest.raises(AssemblyError, match=r"system_prompt: tokenizer.chat_template refuses .* \(system, user\)"):
+        RouteAssembler(RouteConfig(name="prompted", system_prompt="Be brief."), render_chat=strict)

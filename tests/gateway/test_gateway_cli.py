@@ -3,6 +3,7 @@ and serving from flags alone (passthrough route, OpenAI-compatible backend kind,
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -49,6 +50,48 @@ def test_bad_config_names_file_field_and_line(llmpath_bin: str, tmp_path: Path) 
         assert f"{path}: invalid configuration (2 problem(s))" in result.stderr
         assert "backends[0].wieght (line 3): unknown field" in result.stderr
         assert "routing.policy (line 4)" in result.stderr
+
+
+def test_chat_template_problems_are_config_errors_in_check_config_and_serve(llmpath_bin: str, tmp_path: Path) -> None:
+    """A misspelt name and a Jinja syntax error: exit code 2 with the field and line, no traceback, from both."""
+    path = tmp_path / "gw.yaml"
+    head = f"backends: [{{url: 'http://127.0.0.1:9'}}]\napi_keys: [{{sha256: {hash_key('k')}, tenant: t}}]\n"
+    cases = {
+        "chatML": "tokenizer.chat_template (line 3): unknown chat template 'chatML'; did you mean 'chatml'?",
+        "'{% for m in messages %}{{ m.content }'": "tokenizer.chat_template (line 3): Jinja syntax error at line 1",
+    }
+    for value, expected in cases.items():
+        path.write_text(f"{head}tokenizer: {{chat_template: {value}}}\n")
+        for args in (["check-config", str(path)], ["serve", "--config", str(path)]):
+            result = run(llmpath_bin, *args)
+            assert result.returncode == 2, (args, result.stderr)
+            assert f"error: {path}: invalid configuration (1 problem(s)):" in result.stderr
+            assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_config_reports_what_serve_would_refuse(llmpath_bin: str, tmp_path: Path) -> None:
+    """No backends and no keys: serve refuses to start, so check-config fails too, unless the same flags or
+    environment that serve would get supply them."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("listen: {port: 9000}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPATH_GATEWAY_")}
+    for args in (["check-config", str(path)], ["serve", "--config", str(path)]):
+        result = run(llmpath_bin, *args, env=env)
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [
+            f"error: {path}: no API keys configured: add `api_keys` to the config, pass --api-key KEY (or "
+            "LLMPATH_GATEWAY_API_KEYS), or pass --insecure-no-auth to serve without authentication",
+            f"error: {path}: no backends: add `backends` to the config or pass --backend URL",
+        ]
+    result = run(
+        llmpath_bin,
+        *("check-config", str(path), "--backend", "http://127.0.0.1:9"),
+        env={**env, "LLMPATH_GATEWAY_API_KEYS": "sk-a sk-b", "LLMPATH_GATEWAY_ADMIN_KEYS": "sk-c"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "127.0.0.1:9 (sglang)" in result.stdout and "3 (1 admin)" in result.stdout
+    result = run(llmpath_bin, "check-config", str(path), "--backend", "http://127.0.0.1:9", "--insecure-no-auth")
+    assert result.returncode == 0 and "api keys    0 (0 admin)" in result.stdout
 
 
 def test_check_config_summarises(llmpath_bin: str, tmp_path: Path) -> None:

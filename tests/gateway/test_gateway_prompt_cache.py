@@ -73,3 +73,26 @@ def test_flush_one_tenant_or_everyone() -> None:
     cache.flush()
     assert cache.index.size("a") == 0
     assert key(cache, SYSTEM, "t2").cache_salt != k2.cache_salt
+
+
+def test_disabled_layer_bypasses_the_index_but_keeps_the_backends_isolation() -> None:
+    """``prompt_cache.enabled: false`` turns off the gateway's index (lookups `bypass`, nothing recorded, no
+    prediction); the backend still reuses prefixes: the same salt for a tenant's requests, another tenant's differs,
+    `shared` routes share one, and `cache: off` still gets a fresh salt per request."""
+    index = PrefixIndex(max_blocks_per_backend=10_000, ttl_s=60)
+    cache = PromptCache(index, Tokenization(block_tokens=16, chars_per_token=1), min_prefix_tokens=64, enabled=False)
+    first, again, other = key(cache, SYSTEM, "t1"), key(cache, SYSTEM + "more", "t1"), key(cache, SYSTEM, "t2")
+    assert first.hashes == () and first.prompt_tokens == 256
+    assert first.cache_salt is not None and first.cache_salt == again.cache_salt != other.cache_salt
+    enabled = make_cache()
+    assert first.cache_salt == key(enabled, SYSTEM, "t1").cache_salt  # the same isolation as with the layer on
+    cache.record(first, "a")
+    lookup = cache.lookup(again, ["a"])
+    assert lookup.result is CacheResult.BYPASS and cache.predicted_tokens(lookup, "a") == 0
+    assert cache.index.size("a") == 0 and cache.extend(first, SYSTEM + "reply") is first
+    s1, s2 = key(cache, SYSTEM, "t1", CacheMode.SHARED), key(cache, SYSTEM, "t2", CacheMode.SHARED)
+    assert s1.cache_salt == s2.cache_salt != first.cache_salt
+    o1, o2 = key(cache, SYSTEM, mode=CacheMode.OFF), key(cache, SYSTEM, mode=CacheMode.OFF)
+    assert o1.cache_salt != o2.cache_salt
+    cache.flush("t1")
+    assert key(cache, SYSTEM, "t1").cache_salt != first.cache_salt  # a flush still moves the backend's salt

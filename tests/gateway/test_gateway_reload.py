@@ -159,10 +159,30 @@ def test_reload_is_for_admins_and_needs_a_file(gw, keys, llmpath_bin, processes,
     port = free_port()
     cmd = [llmpath_bin, "gateway", "serve", "--port", str(port), "--backend", gw.config["backends"][0]["url"],
            "--admin-key", keys.admin]  # fmt: skip
-    processes.spawn("flags-only", cmd, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=60)
-    resp = httpx.post(f"http://127.0.0.1:{port}/admin/reload", headers=keys.auth(keys.admin))
+    flags_only = processes.spawn("flags-only", cmd, ready_url=f"http://127.0.0.1:{port}/readyz", timeout=60)
+    url = f"http://127.0.0.1:{port}"
+    resp = httpx.post(f"{url}/admin/reload", headers=keys.auth(keys.admin))
     assert resp.status_code == 400
     assert "started without --config" in json.dumps(resp.json())
+    # Without a file a reload fails on either trigger, and is logged and counted as such.
+    flags_only.popen.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while (failures := _sample(url, 'llmpath_gateway_config_reloads_total{result="failure"}')) < 2:
+        assert time.monotonic() < deadline, "SIGHUP was not counted as a failed reload"
+        time.sleep(0.1)
+    assert failures == 2 and _sample(url, "llmpath_gateway_config_last_reload_successful") == 0
+    assert flags_only.popen.poll() is None
+    log = flags_only.log_path.read_text()
+    for trigger in ("POST /admin/reload", "SIGHUP"):
+        assert (
+            f"configuration reload ({trigger}) failed, nothing changed: the gateway was started without --config" in log
+        )
+
+
+def _sample(url: str, series: str) -> float:
+    """One sample of the gateway's /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " "))
 
 
 def test_sighup_reopens_the_usage_ledger_after_logrotate_moved_it(stack, keys) -> None:

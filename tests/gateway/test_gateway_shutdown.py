@@ -131,3 +131,35 @@ def test_a_stream_cut_by_the_shutdown_ends_with_an_error_event(stack, keys, engi
     assert record["extra"]["stream_error"] == "shutting_down" and record["extra"]["usage_partial"] is True
     streamed = sum(1 for d in data[:-2] if json.loads(d)["choices"][0]["delta"].get("content"))
     assert 1 <= streamed <= record["output_tokens"] < 200
+
+
+def test_a_second_sigint_stops_at_once_with_one_log_line(stack, keys, engine) -> None:
+    """SIGINT starts the drain; a second one stops without waiting: the stream in flight is cut with a
+    ``shutting_down`` event, the application still shuts down cleanly, and the log says so in one line."""
+    gw = start(stack, keys, engine, "forced", drain_s=30)
+    httpx.post(f"{engine.url}/debug/fault", json={"decode_slowdown": 200}).raise_for_status()
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "a long answer please"}], "stream": True,
+            "max_tokens": 200, "ignore_eos": True}  # fmt: skip
+    data: list[str] = []
+    try:
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(), timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    data.append(line.removeprefix("data: "))
+                    if len(data) == 2:  # the stream is under way: drain, then stop at once
+                        gw.proc.send_signal(signal.SIGINT)
+                        time.sleep(0.5)
+                        stopped = time.monotonic()
+                        gw.proc.send_signal(signal.SIGINT)
+        assert gw.proc.wait(timeout=10) in (-signal.SIGINT, 130)
+        assert time.monotonic() - stopped < 5  # not the 30 s drain
+    finally:
+        httpx.delete(f"{engine.url}/debug/fault").raise_for_status()
+    assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "shutting_down"
+    log = gw.log.read_text()
+    assert "Traceback" not in log and "CancelledError" not in log and "KeyboardInterrupt" not in log
+    forced = [line for line in log.splitlines() if "SIGINT during the drain" in line]
+    assert len(forced) == 1 and forced[0].endswith("stopping now, 1 request(s) in flight cut (503)")
+    assert "Application shutdown complete." in log
+    (record,) = ledger(gw)
+    assert record["extra"]["shutdown"] is True and record["extra"]["stream_error"] == "shutting_down"

@@ -57,13 +57,46 @@ def _overrides(
 
 
 def _load(config: Path | None, overrides: dict[str, Any]) -> Any:
+    """The configuration as ``serve`` would run it; exit code 2 with every problem, or with what ``serve`` refuses
+    (no API keys, no backends)."""
     from llmpath.gateway.config import ConfigError, load_config
 
     try:
-        return load_config(config, overrides)
+        cfg = load_config(config, overrides)
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    refusals = _refusals(cfg)
+    if refusals:
+        where = f"{config}: " if config is not None else ""
+        for reason in refusals:
+            typer.echo(f"error: {where}{reason}", err=True)
+        raise typer.Exit(2)
+    return cfg
+
+
+def _refusals(cfg: Any) -> list[str]:
+    """Why ``serve`` would not start with ``cfg`` (the file with the command line's and environment's keys and
+    backends)."""
+    refusals = []
+    if not cfg.api_keys and not cfg.insecure_no_auth:
+        refusals.append(
+            "no API keys configured: add `api_keys` to the config, pass --api-key KEY "
+            "(or LLMPATH_GATEWAY_API_KEYS), or pass --insecure-no-auth to serve without authentication"
+        )
+    if not cfg.backends:
+        refusals.append("no backends: add `backends` to the config or pass --backend URL")
+    return refusals
+
+
+#: The options that ``serve`` and ``check-config`` share (``check-config`` checks what ``serve`` would run).
+_BACKEND_HELP = "Backend URL (repeatable); replaces the config's backends."
+_API_KEY_HELP = (
+    "API key for tenant 'default' (repeatable; replaces the config's keys). Prefer the environment variable: "
+    "arguments are visible to other users of the machine."
+)
+_ADMIN_KEY_HELP = "Admin key (tenant 'admin'): /debug/requests and the prompt-cache flush."
+_NO_AUTH_HELP = "Serve without API keys (every caller is an anonymous admin)."
 
 
 @app.command()
@@ -71,27 +104,12 @@ def serve(
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML configuration file (docs/gateway.md)."),
     host: str | None = typer.Option(None, help="Listen address (default: 127.0.0.1, or the config's)."),
     port: int | None = typer.Option(None, help="Listen port (default: 8000, or the config's)."),
-    backend: list[str] = typer.Option(
-        [], "--backend", help="Backend URL (repeatable); replaces the config's backends."
-    ),
+    backend: list[str] = typer.Option([], "--backend", help=_BACKEND_HELP),
     backend_kind: BackendKind | None = typer.Option(None, help="Protocol of the --backend URLs (default: sglang)."),
     policy: Policy | None = typer.Option(None, help="Routing policy (default: prefix, or the config's)."),
-    api_key: list[str] = typer.Option(
-        [],
-        "--api-key",
-        envvar="LLMPATH_GATEWAY_API_KEYS",
-        help="API key for tenant 'default' (repeatable; replaces the config's keys). Prefer the environment "
-        "variable: arguments are visible to other users of the machine.",
-    ),
-    admin_key: list[str] = typer.Option(
-        [],
-        "--admin-key",
-        envvar="LLMPATH_GATEWAY_ADMIN_KEYS",
-        help="Admin key (tenant 'admin'): /debug/requests and the prompt-cache flush.",
-    ),
-    insecure_no_auth: bool = typer.Option(
-        False, "--insecure-no-auth", help="Serve without API keys (every caller is an anonymous admin)."
-    ),
+    api_key: list[str] = typer.Option([], "--api-key", envvar="LLMPATH_GATEWAY_API_KEYS", help=_API_KEY_HELP),
+    admin_key: list[str] = typer.Option([], "--admin-key", envvar="LLMPATH_GATEWAY_ADMIN_KEYS", help=_ADMIN_KEY_HELP),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=_NO_AUTH_HELP),
     log_level: str = typer.Option("info", help="Log level (debug, info, warning, error)."),
     access_log: bool = typer.Option(False, help="Log one line per request (method, path, status; no bodies)."),
 ) -> None:
@@ -102,16 +120,6 @@ def serve(
 
     overrides = _overrides(host, port, backend, backend_kind, policy, api_key, admin_key, insecure_no_auth)
     cfg = _load(config, overrides)
-    if not cfg.api_keys and not cfg.insecure_no_auth:
-        typer.echo(
-            "error: no API keys configured: add `api_keys` to the config, pass --api-key KEY "
-            "(or LLMPATH_GATEWAY_API_KEYS), or pass --insecure-no-auth to serve without authentication",
-            err=True,
-        )
-        raise typer.Exit(2)
-    if not cfg.backends:
-        typer.echo("error: no backends: add `backends` to the config or pass --backend URL", err=True)
-        raise typer.Exit(2)
     if cfg.insecure_no_auth:
         typer.echo("warning: serving WITHOUT authentication (--insecure-no-auth)", err=True)
 
@@ -143,17 +151,18 @@ def serve(
 
 
 @app.command("check-config")
-def check_config(config: Path = typer.Argument(..., help="YAML configuration file.")) -> None:
-    """Validate a configuration file and summarise it (exit code 2 with the problems otherwise)."""
-    from llmpath.gateway.assembly import AssemblyError, RouteAssembler
-
-    cfg = _load(config, {})
-    try:
-        for route in cfg.routes:
-            RouteAssembler(route)
-    except AssemblyError as exc:
-        typer.echo(f"error: {config}: {exc}", err=True)
-        raise typer.Exit(2) from None
+def check_config(
+    config: Path = typer.Argument(..., help="YAML configuration file."),
+    backend: list[str] = typer.Option([], "--backend", help=_BACKEND_HELP),
+    backend_kind: BackendKind | None = typer.Option(None, help="Protocol of the --backend URLs (default: sglang)."),
+    api_key: list[str] = typer.Option([], "--api-key", envvar="LLMPATH_GATEWAY_API_KEYS", help=_API_KEY_HELP),
+    admin_key: list[str] = typer.Option([], "--admin-key", envvar="LLMPATH_GATEWAY_ADMIN_KEYS", help=_ADMIN_KEY_HELP),
+    insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=_NO_AUTH_HELP),
+) -> None:
+    """Validate a configuration file as `serve` would run it (with the same --backend, key flags and environment)
+    and summarise it; exit code 2 with every problem, or with what `serve` would refuse, otherwise."""
+    overrides = _overrides(None, None, backend, backend_kind, None, api_key, admin_key, insecure_no_auth)
+    cfg = _load(config, overrides)
     typer.echo(f"{config}: OK")
     typer.echo(f"  listen      {cfg.listen.host}:{cfg.listen.port}")
     typer.echo(f"  backends    {', '.join(f'{b.display_name} ({b.kind})' for b in cfg.backends) or '(none)'}")

@@ -145,6 +145,18 @@ def transport_error(exc: BaseException, url: str) -> BackendError:
     return BackendProtocolError(f"{url}: {type(exc).__name__}: {exc}")
 
 
+def describe_transport_error(exc: BaseException) -> str:
+    """A short reason for a failed connection, for health reports: ``connection refused``, ``timed out``, ..."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    cause = getattr(exc, "os_error", None) or exc.__cause__
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"cannot connect: {cause.strerror}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def json_object(raw: bytes) -> Any:
     """Parse a JSON body (a protocol error if it is not JSON)."""
     try:

@@ -19,6 +19,7 @@ import aiohttp
 from llmpath.backends._http import (
     TRANSPORT_ERRORS,
     HttpClient,
+    describe_transport_error,
     json_object,
     raise_for_status,
     raise_stream_error,
@@ -147,10 +148,14 @@ class OpenAIBackend:
         yield Done(usage, finish, timings)
 
     async def health(self) -> bool:
+        """True when ``GET /v1/models`` answers 200; otherwise ``health_error`` says why (``connection refused``,
+        ``timed out``, ``answered HTTP 503``)."""
         try:
             status, _ = await self._http.get(self._http.url("/v1/models"))
-        except TRANSPORT_ERRORS:
+        except TRANSPORT_ERRORS as exc:
+            self.health_error: str | None = describe_transport_error(exc)
             return False
+        self.health_error = None if status == 200 else f"answered HTTP {status}"
         return status == 200
 
     async def aclose(self) -> None:

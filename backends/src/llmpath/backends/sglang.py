@@ -24,6 +24,7 @@ import aiohttp
 from llmpath.backends._http import (
     TRANSPORT_ERRORS,
     HttpClient,
+    describe_transport_error,
     error_for_status,
     json_object,
     raise_for_status,
@@ -233,10 +234,14 @@ class SGLangBackend:
             raise BackendProtocolError("/generate finished without a final output (finish_reason)")
 
     async def health(self) -> bool:
+        """True when ``GET /health`` answers 200; otherwise ``health_error`` says why (``connection refused``,
+        ``timed out``, ``answered HTTP 503``)."""
         try:
             status, _ = await self._http.get(self._http.url("/health"))
-        except TRANSPORT_ERRORS:
+        except TRANSPORT_ERRORS as exc:
+            self.health_error: str | None = describe_transport_error(exc)
             return False
+        self.health_error = None if status == 200 else f"answered HTTP {status}"
         return status == 200
 
     async def server_info(self) -> dict[str, Any]:

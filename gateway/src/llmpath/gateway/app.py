@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmpath.backends.base import Backend
-from llmpath.backends.chat_template import load_chat_template
 from llmpath.gateway import errors
+from llmpath.gateway.chat_template import load_renderer
 from llmpath.gateway.config import BackendConfig, GatewayConfig
 from llmpath.gateway.errors import APIError
 from llmpath.gateway.metrics import GatewayMetrics
@@ -77,7 +77,7 @@ def default_backend_factory(backend: BackendConfig, config: GatewayConfig) -> Ba
     if backend.kind == "openai":
         options["api_key"] = os.environ.get(backend.api_key_env) if backend.api_key_env else None
     else:
-        options["chat_template"] = config.tokenizer.chat_template
+        options["chat_template"] = load_renderer(config.tokenizer.chat_template)  # the gateway's renderer
     return create_backend(backend.kind, backend.base_url, name=backend.display_name, **options)
 
 
@@ -99,9 +99,10 @@ def build_gateway(config: GatewayConfig, backend_factory: BackendFactory = defau
         balance_abs=routing.balance_abs_threshold,
         balance_rel=routing.balance_rel_threshold,
     )
-    routes = build_routes(config.routes, load_chat_template(config.tokenizer.chat_template))
+    render_chat = load_renderer(config.tokenizer.chat_template)
+    routes = build_routes(config.routes, render_chat)
     pool = BackendPool(states, config.health, on_eject=lambda s: prompt_cache.forget_backend(s.name))
-    return Gateway(config, pool=pool, prompt_cache=prompt_cache, router=router, routes=routes)
+    return Gateway(config, pool=pool, prompt_cache=prompt_cache, router=router, routes=routes, render_chat=render_chat)
 
 
 def _open_ledger(config: GatewayConfig) -> Any:
@@ -306,9 +307,10 @@ def create_app(
     async def flush_prompt_cache(request: Request) -> dict[str, Any]:
         raw = await request.body()
         body = FlushRequest()
-        if raw.strip():
+        if raw.strip():  # no body (or an empty one) flushes everyone, as `{}` does
+            data = errors.parse_json_object(raw)
             try:
-                body = FlushRequest.model_validate_json(raw)
+                body = FlushRequest.model_validate(data)
             except ValidationError as exc:
                 raise errors.from_validation_error(exc) from None
         gateway.prompt_cache.flush(body.tenant)
@@ -407,13 +409,13 @@ HOT_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 
 def _hang_up(ledger: Any, reloader: ConfigReloader) -> None:
     """``SIGHUP``: reopen the usage ledger (after logrotate moved it, the next record starts a new file), then
-    reload the configuration file if there is one (failures are logged and counted by the reloader)."""
+    reload the configuration file (failures, a gateway started without a file included, are logged and counted by
+    the reloader)."""
     if ledger is not None:
         ledger.close()  # the next record opens the path again
         log.info("usage ledger reopened (SIGHUP)")
-    if reloader.load is not None:
-        with contextlib.suppress(ReloadError):
-            reloader.reload("SIGHUP")
+    with contextlib.suppress(ReloadError):
+        reloader.reload("SIGHUP")
 
 
 def _install_sighup(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]) -> bool:

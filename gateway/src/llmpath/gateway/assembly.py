@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from jinja2 import StrictUndefined, Template, TemplateError
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmpath.backends.base import ChatMessage
 from llmpath.backends.chat_template import Messages, render_chatml
+from llmpath.gateway.chat_template import ChatTemplateRejected
 from llmpath.gateway.config import RetrieverConfig, RouteConfig
 
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
@@ -169,7 +170,19 @@ def _chunk(text: str, size: int) -> list[str]:
 
 
 class AssemblyError(Exception):
-    """A route's template failed to render (a configuration problem, never the client's)."""
+    """A route's template failed to compile or render: a configuration problem, never the client's. ``field`` is the
+    route's field to blame (``system_prompt``, ``context_template``, ``retriever``), ``reason`` what went wrong;
+    neither contains prompt text."""
+
+    def __init__(self, route: str, field: str, reason: str) -> None:
+        super().__init__(f"route {route!r}: {field}: {reason}")
+        self.route = route
+        self.field = field
+        self.reason = reason
+
+
+class MessagesRejected(Exception):
+    """The chat template refused the request's messages (its ``raise_exception(...)``): the client's to fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +198,14 @@ class Assembled:
 
 
 class RouteAssembler:
-    """Renders one route's templates (compiled once, sandboxed) and calls its retriever."""
+    """Renders one route's templates (compiled once, sandboxed) and calls its retriever.
+
+    Every template is rendered once at construction with sample values, and the chat template with the messages
+    the route adds, so that a broken route fails at startup (:class:`AssemblyError`). At run time any exception
+    while rendering becomes an :class:`AssemblyError` (a 500) whose reason carries no prompt text, except the chat
+    template's ``raise_exception(...)``, which is :class:`MessagesRejected` (a 400). ``load_retriever=False``
+    checks the templates without indexing the retriever's folder.
+    """
 
     _env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
@@ -194,21 +214,18 @@ class RouteAssembler:
         route: RouteConfig,
         retriever: Retriever | None = None,
         render_chat: Callable[[Messages], str] = render_chatml,
+        *,
+        load_retriever: bool = True,
     ) -> None:
         self.route = route
         self.render_chat = render_chat
-        try:
-            self._system = self._env.from_string(route.system_prompt) if route.system_prompt else None
-            self._context = self._env.from_string(route.context_template)
-        except TemplateError as exc:
-            raise AssemblyError(f"route {route.name!r}: template syntax error: {exc}") from None
-        if retriever is None and route.retriever is not None:
+        self._system = self._compile("system_prompt", route.system_prompt) if route.system_prompt else None
+        self._context = self._compile("context_template", route.context_template)
+        if retriever is None and route.retriever is not None and load_retriever:
             retriever = FolderRetriever(route.retriever)
         self.retriever = retriever
         self._system_cache: dict[str, str] = {}
-        # Render once with sample values so a template error surfaces at startup, not on a request.
-        self._render_system("example-tenant")
-        self._render_context([Document("example.txt", "example", 1.0)], "example question")
+        self._check()
 
     def assemble_chat(self, messages: Sequence[ChatMessage], *, tenant: str) -> Assembled:
         out = list(messages)
@@ -223,7 +240,7 @@ class RouteAssembler:
                 if documents:
                     context = self._render_context(documents, out[last_user].content)
                     out.insert(last_user, ChatMessage("system", context))
-        return Assembled(out, None, render_messages(self.render_chat, out), documents, bool(system))
+        return Assembled(out, None, self.chat_text(out), documents, bool(system))
 
     def assemble_completion(self, prompt: str, *, tenant: str) -> Assembled:
         parts: list[str] = []
@@ -239,6 +256,46 @@ class RouteAssembler:
         text = "\n\n".join(parts) if len(parts) > 1 else prompt
         return Assembled(None, text, text, documents, bool(system))
 
+    def chat_text(self, messages: Sequence[ChatMessage]) -> str:
+        """``messages`` rendered with the chat template; raises :class:`MessagesRejected` when the template refuses
+        them, :class:`AssemblyError` when it fails (the reason names the exception and the template's line only:
+        the messages are prompt text)."""
+        try:
+            return render_messages(self.render_chat, messages)
+        except ChatTemplateRejected as exc:
+            raise MessagesRejected(str(exc)) from None
+        except Exception as exc:  # any failure of a configured template is the gateway's 500
+            raise AssemblyError(
+                self.route.name, "tokenizer.chat_template", f"the chat template failed to render: {_describe(exc)}"
+            ) from None
+
+    def _check(self) -> None:
+        """Render every template once with sample values, and the chat template with the messages this route adds
+        (its system prompt, its retrieved context) before a user message."""
+        sample: list[ChatMessage] = []
+        system = self._render_system("example-tenant")
+        if system:
+            sample.append(ChatMessage("system", system))
+        context = self._render_context([Document("example.txt", "example", 1.0)], "example question", sample=True)
+        if self.route.retriever is not None:
+            sample.append(ChatMessage("system", context))
+        sample.append(ChatMessage("user", "example question"))
+        blame = "system_prompt" if system else "retriever" if self.route.retriever is not None else ""
+        try:
+            render_messages(self.render_chat, sample)
+        except Exception as exc:  # reported as the route's configuration problem
+            roles = ", ".join(m.role for m in sample)
+            what = exc if isinstance(exc, ChatTemplateRejected) else f"{type(exc).__name__}: {exc}"
+            reason = f"tokenizer.chat_template refuses the messages this route builds ({roles}): {what}"
+            raise AssemblyError(self.route.name, blame or "tokenizer.chat_template", reason) from None
+
+    def _compile(self, field: str, source: str) -> Template:
+        try:
+            return self._env.from_string(source)
+        except TemplateSyntaxError as exc:
+            reason = f"template syntax error at line {exc.lineno}: {exc.message}"
+            raise AssemblyError(self.route.name, field, reason) from None
+
     def _top_k(self) -> int:
         return self.route.retriever.top_k if self.route.retriever else 3
 
@@ -247,25 +304,43 @@ class RouteAssembler:
             return ""
         cached = self._system_cache.get(tenant)
         if cached is None:
-            cached = self._render(self._system, tenant=tenant, route=self.route.name, model=self.route.backend_model)
+            # Its variables (tenant, route, model) are no prompt text: the exception's message may be shown.
+            variables = {"tenant": tenant, "route": self.route.name, "model": self.route.backend_model}
+            cached = self._render(self._system, "system_prompt", variables, with_message=True)
             if len(self._system_cache) < 10_000:
                 self._system_cache[tenant] = cached
         return cached
 
-    def _render_context(self, documents: Sequence[Document], query: str) -> str:
-        return self._render(
-            self._context,
-            documents=documents,
-            query=query,
-            route=self.route.name,
-            model=self.route.backend_model,
-        )
+    def _render_context(self, documents: Sequence[Document], query: str, *, sample: bool = False) -> str:
+        variables = {
+            "documents": documents,
+            "query": query,
+            "route": self.route.name,
+            "model": self.route.backend_model,
+        }
+        # The query is prompt text, and an exception's message may quote it: shown only for the sample values.
+        return self._render(self._context, "context_template", variables, with_message=sample)
 
-    def _render(self, template: Template, **variables: object) -> str:
+    def _render(self, template: Template, field: str, variables: dict[str, object], *, with_message: bool) -> str:
         try:
             return template.render(**variables)
-        except TemplateError as exc:
-            raise AssemblyError(f"route {self.route.name!r}: template failed to render: {exc}") from None
+        except Exception as exc:  # any failure of a configured template is the gateway's 500
+            reason = f"template failed to render: {_describe(exc, with_message=with_message)}"
+            raise AssemblyError(self.route.name, field, reason) from None
+
+
+def _describe(exc: BaseException, *, with_message: bool = False) -> str:
+    """The exception's type and the template line it came from (and its message when it cannot hold prompt
+    text)."""
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:  # Jinja rewrites tracebacks so that template frames are "<template>" at the template line
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    where = f" at line {line} of the template" if line is not None else ""
+    message = f": {exc}" if with_message and str(exc) else ""
+    return f"{type(exc).__name__}{where}{message}"
 
 
 def render_messages(render_chat: Callable[[Messages], str], messages: Sequence[ChatMessage]) -> str:

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -21,6 +30,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+#: A field path (``("routes", 0, "backends")``) and what is wrong there.
+Problem = tuple[tuple[str | int, ...], str]
+#: Usage-ledger formats by file extension.
+LEDGER_FORMATS = {".jsonl": "JSON lines", ".db": "SQLite", ".sqlite": "SQLite", ".sqlite3": "SQLite"}
 
 
 class _Strict(BaseModel):
@@ -115,7 +128,7 @@ class RouteConfig(_Strict):
     cache: Literal["tenant", "shared", "off"] = "tenant"
     #: Names of the backends this route may use; all when empty.
     backends: tuple[str, ...] = ()
-    #: Per-route override of ``limits.max_tokens``.
+    #: Per-route cap of ``max_tokens``: it may only lower ``limits.max_tokens``, never raise it.
     max_tokens: PositiveInt | None = None
 
     @field_validator("cache", mode="before")
@@ -226,12 +239,16 @@ class LimitsConfig(_Strict):
     timeouts: TimeoutsConfig = TimeoutsConfig()
 
     @model_validator(mode="after")
-    def _default_within_max(self) -> LimitsConfig:
+    def _default_within_max(self, info: ValidationInfo) -> LimitsConfig:
+        if info.context and info.context.get("defer_cross_checks"):
+            return self  # load_config reports it with its field path and line
         if self.default_max_tokens > self.max_tokens:
-            raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) must not exceed max_tokens ({self.max_tokens})"
-            )
+            raise ValueError(_default_above_max(self))
         return self
+
+
+def _default_above_max(limits: LimitsConfig) -> str:
+    return f"default_max_tokens ({limits.default_max_tokens}) must not exceed max_tokens ({limits.max_tokens})"
 
 
 class TokenizerConfig(_Strict):
@@ -242,8 +259,9 @@ class TokenizerConfig(_Strict):
 
     chars_per_token: Annotated[float, Field(ge=0.5, le=16)] = 4.0
     #: How chat messages become the backend's prompt text (SGLang's ``/generate`` takes text): ``chatml``
-    #: (the embedded engine's), a Jinja chat template, or a model's ``tokenizer_config.json`` (or its folder).
-    #: The prompt cache hashes exactly this text.
+    #: (the embedded engine's), a Jinja chat template (text with ``{{``, ``{%`` or ``{#``), or a model's
+    #: ``tokenizer_config.json`` (or its folder); anything else is an error (see
+    #: :mod:`llmpath.gateway.chat_template`). The prompt cache hashes exactly this text.
     chat_template: str = "chatml"
 
 
@@ -262,9 +280,21 @@ class PromptCacheConfig(_Strict):
 
 
 class UsageConfig(_Strict):
-    """Usage ledger: one record per finished request (``.jsonl`` → JSON lines, ``.db``/``.sqlite`` → SQLite)."""
+    """Usage ledger: one record per finished request (``.jsonl`` → JSON lines, ``.db``/``.sqlite``/``.sqlite3`` →
+    SQLite); any other extension is an error."""
 
     ledger: Path | None = None
+
+    @field_validator("ledger")
+    @classmethod
+    def _known_format(cls, value: Path | None) -> Path | None:
+        if value is not None and value.suffix.lower() not in LEDGER_FORMATS:
+            found = f"{value.suffix!r}" if value.suffix else "no extension"
+            raise ValueError(
+                f"{value.name}: unknown ledger format ({found}); name it .jsonl (JSON lines) or .db, .sqlite, "
+                ".sqlite3 (SQLite)"
+            )
+        return value
 
 
 class DebugConfig(_Strict):
@@ -293,31 +323,54 @@ class GatewayConfig(_Strict):
     stage_catalog: Path | None = None
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> GatewayConfig:
-        names = [b.display_name for b in self.backends]
-        dup = _first_duplicate(names)
-        if dup:
-            raise ValueError(f"backends: two backends are named {dup!r}; give them distinct `name`s")
-        dup = _first_duplicate([r.name for r in self.routes])
-        if dup:
-            raise ValueError(f"routes: route {dup!r} is defined twice")
-        dup = _first_duplicate([k.sha256 for k in self.api_keys])
-        if dup:
-            raise ValueError("api_keys: the same key hash is listed twice")
-        for i, route in enumerate(self.routes):
-            unknown = sorted(set(route.backends) - set(names))
-            if unknown:
-                raise ValueError(f"routes[{i}].backends: unknown backend(s) {', '.join(unknown)}; known: {names}")
+    def _cross_checks(self, info: ValidationInfo) -> GatewayConfig:
+        if info.context and info.context.get("defer_cross_checks"):
+            return self  # load_config reports them with their field paths and lines
+        problems = cross_field_problems(self)
+        if problems:
+            raise ValueError("; ".join(f"{_format_loc(list(loc))}: {msg}" for loc, msg in problems))
         return self
 
 
-def _first_duplicate(values: list[str]) -> str | None:
-    seen: set[str] = set()
-    for v in values:
-        if v in seen:
-            return v
-        seen.add(v)
-    return None
+def cross_field_problems(config: GatewayConfig) -> list[Problem]:
+    """What no single field shows: defaults above caps, duplicate names, routes naming unknown backends, route caps
+    above the global one."""
+    problems: list[Problem] = []
+    if config.limits.default_max_tokens > config.limits.max_tokens:
+        problems.append((("limits", "default_max_tokens"), _default_above_max(config.limits)))
+    names = [b.display_name for b in config.backends]
+    for j, first in _duplicates(names):
+        field = "name" if config.backends[j].name else "url"
+        msg = f"two backends are named {names[j]!r} (also backends[{first}]); give them distinct `name`s"
+        problems.append((("backends", j, field), msg))
+    for j, first in _duplicates([r.name for r in config.routes]):
+        problems.append(
+            (("routes", j, "name"), f"route {config.routes[j].name!r} is defined twice (also routes[{first}])")
+        )
+    for j, first in _duplicates([k.sha256 for k in config.api_keys]):
+        problems.append((("api_keys", j, "sha256"), f"the same key hash as api_keys[{first}]"))
+    known = ", ".join(dict.fromkeys(names)) if names else "none: no backends are configured"
+    for i, route in enumerate(config.routes):
+        unknown = sorted(set(route.backends) - set(names))
+        if unknown:
+            problems.append((("routes", i, "backends"), f"unknown backend(s) {', '.join(unknown)}; known: {known}"))
+        cap = config.limits.max_tokens
+        if route.max_tokens is not None and route.max_tokens > cap:
+            msg = f"{route.max_tokens} is above limits.max_tokens ({cap}): a route may only lower the global cap"
+            problems.append((("routes", i, "max_tokens"), msg))
+    return problems
+
+
+def _duplicates(values: list[str]) -> list[tuple[int, int]]:
+    """(index, index of the first occurrence) of every repeated value."""
+    first: dict[str, int] = {}
+    out: list[tuple[int, int]] = []
+    for i, v in enumerate(values):
+        if v in first:
+            out.append((i, first[v]))
+        else:
+            first[v] = i
+    return out
 
 
 def hash_key(key: str) -> str:
@@ -360,18 +413,23 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> G
         else:
             data[key] = value
     try:
-        config = GatewayConfig.model_validate(data)
+        config = GatewayConfig.model_validate(data, context={"defer_cross_checks": True})
     except ValidationError as exc:
         raise ConfigError(_format_errors(where, exc, root)) from None
-    if path is not None:
-        config = _relative_to(config, path.parent)
-    _check_files(where, config)
+    base = path.parent if path is not None else Path()
+    templates = _template_problems(config, base)  # before the paths are resolved: errors quote the value as written
+    config = _relative_to(config, base)
+    problems = cross_field_problems(config) + _file_problems(config) + templates
+    if problems:
+        raise ConfigError(_format_problems(where, problems, root))
     return config
 
 
 def _relative_to(config: GatewayConfig, base: Path) -> GatewayConfig:
-    """Relative paths in a file (retriever folders, the ledger, the stage catalog) are relative to that file's
-    folder."""
+    """Relative paths in a file (retriever folders, the ledger, the stage catalog, a chat template's
+    tokenizer_config.json) are relative to that file's folder."""
+    from llmpath.gateway.chat_template import resolve
+
     routes = tuple(
         r.model_copy(update={"retriever": r.retriever.model_copy(update={"path": base / r.retriever.path})})
         if r.retriever is not None and not r.retriever.path.is_absolute()
@@ -385,26 +443,64 @@ def _relative_to(config: GatewayConfig, base: Path) -> GatewayConfig:
     catalog = config.stage_catalog
     if catalog is not None and not catalog.is_absolute():
         catalog = base / catalog
-    return config.model_copy(update={"routes": routes, "usage": usage, "stage_catalog": catalog})
+    template = config.tokenizer.chat_template
+    tokenizer = config.tokenizer.model_copy(update={"chat_template": resolve(template, base)})
+    update = {"routes": routes, "usage": usage, "stage_catalog": catalog, "tokenizer": tokenizer}
+    return config.model_copy(update=update)
 
 
-def _check_files(where: str, config: GatewayConfig) -> None:
-    from llmpath.backends.chat_template import load_chat_template
-
-    try:
-        load_chat_template(config.tokenizer.chat_template)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: tokenizer.chat_template: {exc}") from None
+def _file_problems(config: GatewayConfig) -> list[Problem]:
+    """Retriever folders and the stage catalog that do not exist or do not load."""
+    problems: list[Problem] = []
     for i, route in enumerate(config.routes):
         if route.retriever is not None and not route.retriever.path.is_dir():
-            raise ConfigError(f"{where}: routes[{i}].retriever.path: {route.retriever.path} is not a directory")
+            problems.append((("routes", i, "retriever", "path"), f"{route.retriever.path} is not a directory"))
     if config.stage_catalog is not None:
         from llmpath.instrumentation import CatalogFileError, load_catalog
 
         try:
             load_catalog(config.stage_catalog)
         except CatalogFileError as exc:
-            raise ConfigError(f"{where}: stage_catalog: {exc}") from None
+            problems.append((("stage_catalog",), str(exc)))
+    return problems
+
+
+def _template_problems(config: GatewayConfig, base: Path) -> list[Problem]:
+    """The chat template (a relative path is relative to ``base``; it must load and render a user message) and every
+    route's templates with it (each rendered once with sample values, the chat template with the messages the route
+    adds)."""
+    from llmpath.backends.chat_template import render_chatml
+    from llmpath.gateway.assembly import AssemblyError, RouteAssembler
+    from llmpath.gateway.chat_template import check_renders, load_renderer
+
+    problems: list[Problem] = []
+    render = render_chatml
+    try:
+        render = load_renderer(config.tokenizer.chat_template, base)
+    except ValueError as exc:
+        problems.append((("tokenizer", "chat_template"), str(exc)))
+    else:
+        failed = check_renders(render)
+        if failed:
+            problems.append((("tokenizer", "chat_template"), failed))
+            render = render_chatml
+    for i, route in enumerate(config.routes):
+        try:
+            RouteAssembler(route, render_chat=render, load_retriever=False)
+        except AssemblyError as exc:
+            loc: tuple[str | int, ...] = ("routes", i, exc.field)
+            if exc.field == "tokenizer.chat_template":
+                loc = ("routes", i)
+            problems.append((loc, exc.reason))
+    return problems
+
+
+def _format_problems(where: str, problems: list[Problem], root: yaml.Node | None) -> str:
+    lines = [f"{where}: invalid configuration ({len(problems)} problem(s)):"]
+    for loc, msg in problems:
+        line = _line_of(root, list(loc))
+        lines.append(f"  {_format_loc(list(loc)) or '(top level)'}{f' (line {line})' if line else ''}: {msg}")
+    return "\n".join(lines)
 
 
 def _format_errors(where: str, exc: ValidationError, root: yaml.Node | None) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
@@ -59,6 +60,24 @@ def body_too_large(limit: int) -> APIError:
 
 def invalid_json(reason: str) -> APIError:
     return APIError(400, f"The request body is not valid JSON: {reason}.", code="invalid_json")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request body's JSON (400 ``invalid_json`` when it is empty or not JSON)."""
+    if not raw.strip():
+        raise invalid_json("the body is empty")
+    try:
+        return orjson.loads(raw)  # also refuses invalid UTF-8 and nesting deeper than 1024
+    except orjson.JSONDecodeError as exc:
+        raise invalid_json(exc.msg) from None
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """A request body that must be a JSON object (400 ``invalid_json``, or ``invalid_type`` for another value)."""
+    body = parse_json(raw)
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_type")
+    return body
 
 
 def limit_exceeded(param: str, message: str, code: str = "limit_exceeded") -> APIError:

@@ -145,11 +145,15 @@ class BackendPool:
         state.last_check = self.clock()
         try:
             ok = await asyncio.wait_for(state.backend.health(), self.health.timeout_s)
+        except TimeoutError:
+            ok = False
+            reason = f"health check timed out after {self.health.timeout_s:g} s"
         except Exception as exc:  # a health probe must never take the loop down
             ok = False
             reason = f"health check failed: {type(exc).__name__}"
-        else:
-            reason = "health check answered unhealthy"
+        else:  # the HTTP backends say why (connection refused, timed out, answered HTTP 503)
+            detail = getattr(state.backend, "health_error", None)
+            reason = f"health check failed: {detail}" if detail else "health check answered unhealthy"
         if ok:
             if not state.healthy:
                 log.info("backend %s is healthy again", state.name)

@@ -27,7 +27,7 @@ class CacheResult(StrEnum):
     HIT = "hit"  #: every full block of the prompt is held by some backend
     PARTIAL = "partial"  #: a prefix of at least ``min_prefix_tokens`` is held
     MISS = "miss"  #: nothing (or less than the minimum) is held
-    BYPASS = "bypass"  #: caching is off for this route (or globally)
+    BYPASS = "bypass"  #: the index is not used: ``cache: off`` on the route, or ``prompt_cache.enabled: false``
 
 
 class CacheMode(StrEnum):
@@ -48,6 +48,8 @@ class CacheKey:
     #: The hashed bytes and the chain's seed (to extend the key without hashing the prefix again).
     data: bytes = b""
     seed: int = 0
+    #: Whether the gateway's index is used (False for ``cache: off`` and with ``prompt_cache.enabled: false``).
+    indexed: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,18 +89,22 @@ class PromptCache:
         mode = CacheMode(mode)
         data = text.encode("utf-8", "surrogatepass")
         tokens = int(-(-len(data) // self.tokenization.chars_per_token))
-        if mode is CacheMode.OFF or not self.enabled:
+        if mode is CacheMode.OFF:
             # A fresh salt per request: the backend reuses nothing, the index records nothing.
-            return CacheKey((), tokens, f"nocache-{uuid.uuid4().hex}", CacheMode.OFF)
+            return CacheKey((), tokens, f"nocache-{uuid.uuid4().hex}", CacheMode.OFF, indexed=False)
         scope = f"tenant:{tenant}" if mode is CacheMode.TENANT else f"route:{route}"
         seed, salt = self._seed(scope, model)
+        if not self.enabled:
+            # The gateway's layer is off (no index, routing or prediction); the backend still reuses prefixes,
+            # isolated as the route says.
+            return CacheKey((), tokens, salt, mode, seed=seed, indexed=False)
         hashes = tuple(block_hashes(data, self.tokenization.block_bytes, seed))
         return CacheKey(hashes, tokens, salt, mode, data, seed)
 
     def extend(self, key: CacheKey, text: str) -> CacheKey:
         """The key of ``text``, a continuation of ``key``'s prompt (e.g. prompt + reply): only the new blocks are
         hashed. Falls back to a full key when ``text`` does not start with the original prompt."""
-        if key.mode is CacheMode.OFF:
+        if not key.indexed:
             return key
         data = text.encode("utf-8", "surrogatepass")
         tokens = int(-(-len(data) // self.tokenization.chars_per_token))
@@ -113,7 +119,7 @@ class PromptCache:
 
     def lookup(self, key: CacheKey, backends: Iterable[str]) -> CacheLookup:
         """How much of the prompt each backend holds, classified hit / partial / miss / bypass."""
-        if key.mode is CacheMode.OFF:
+        if not key.indexed:
             return CacheLookup(CacheResult.BYPASS, {}, 0, 0)
         matches = self.index.match(key.hashes, backends)
         best = max(matches.values(), default=0)
@@ -134,7 +140,7 @@ class PromptCache:
 
     def record(self, key: CacheKey, backend: str, hashes: Sequence[int] | None = None) -> None:
         """Remember that ``backend`` now holds the prompt's blocks (call when the request is sent to it)."""
-        if key.mode is not CacheMode.OFF:
+        if key.indexed:
             self.index.insert(backend, key.hashes if hashes is None else hashes)
 
     def flush(self, tenant: str | None = None) -> None:

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from llmpath.backends.chat_template import load_chat_template
 from llmpath.gateway.assembly import AssemblyError
 from llmpath.gateway.auth import KeyStore
 from llmpath.gateway.config import ConfigError, GatewayConfig
@@ -71,7 +70,7 @@ def apply_config(gateway: Gateway, new: GatewayConfig) -> ConfigChange:
                     f"({', '.join(sorted(running))}); backends change only with a restart"
                 )
         try:
-            routes = build_routes(new.routes, load_chat_template(old.tokenizer.chat_template))
+            routes = build_routes(new.routes, gateway.render_chat)  # the running chat template
         except AssemblyError as exc:
             raise ReloadError(str(exc)) from None
     if "api_keys" in live:
@@ -104,9 +103,9 @@ class ConfigReloader:
 
     def reload(self, trigger: str) -> ConfigChange:
         """Reload now (``trigger`` is logged: ``SIGHUP`` or the endpoint); raises :class:`ReloadError`."""
-        if self.load is None:
-            raise ReloadError("the gateway was started without --config: there is no file to reload")
         try:
+            if self.load is None:  # a failed reload like any other: logged, counted, alertable
+                raise ReloadError("the gateway was started without --config: there is no file to reload")
             change = apply_config(self.gateway, self.load())
         except (ConfigError, ReloadError) as exc:
             log.error("configuration reload (%s) failed, nothing changed: %s", trigger, exc)

@@ -41,6 +41,7 @@ from llmpath.backends.base import (
     TimingSource,
     TokenDelta,
 )
+from llmpath.backends.chat_template import render_chatml
 from llmpath.gateway import errors
 from llmpath.gateway.admission import (
     Admission,
@@ -49,7 +50,7 @@ from llmpath.gateway.admission import (
     TenantTokenLimiter,
     TokenReservation,
 )
-from llmpath.gateway.assembly import Assembled, AssemblyError, RouteAssembler, render_messages
+from llmpath.gateway.assembly import Assembled, AssemblyError, MessagesRejected, RouteAssembler
 from llmpath.gateway.auth import KeyStore, Principal
 from llmpath.gateway.config import GatewayConfig, RouteConfig
 from llmpath.gateway.errors import APIError
@@ -141,8 +142,12 @@ class Gateway:
         prompt_cache: PromptCache,
         router: Router,
         routes: dict[str, RouteRuntime],
+        render_chat: Callable[[Any], str] = render_chatml,
     ) -> None:
         self.config = config
+        #: The chat template the routes were built with (a reload builds new routes with it: the template is
+        #: read once, at startup, like the backends').
+        self.render_chat = render_chat
         self.keys = KeyStore(config.api_keys, insecure_no_auth=config.insecure_no_auth)
         self.pool = pool
         self.prompt_cache = prompt_cache
@@ -202,7 +207,7 @@ class Gateway:
         if waited >= BODY_WAIT_RECORDED_S:
             annotate_request(body_receive_s=round(waited, 6))
         with stage("validate") as st:
-            parsed, route = self._validate(_parse_json(raw), kind)
+            parsed, route = self._validate(errors.parse_json(raw), kind)
             st.set_attribute("llmpath.stream", parsed.wants_stream)
         backend_model = parsed.model if route.passthrough else route.config.backend_model
         set_request_labels(route=route.config.name, model=backend_model, tenant=principal.tenant)
@@ -318,7 +323,11 @@ class Gateway:
                 messages = [ChatMessage(m.role, m.text()) for m in parsed.messages]
                 return route.assembler.assemble_chat(messages, tenant=tenant)
             return route.assembler.assemble_completion(parsed.prompt_text(), tenant=tenant)
-        except AssemblyError as exc:
+        except MessagesRejected as exc:  # the template's own message (e.g. "System role not supported")
+            raise APIError(
+                400, f"The model's chat template rejected the messages: {exc}", param="messages", code="invalid_value"
+            ) from None
+        except AssemblyError as exc:  # its message names the route, field and exception, never prompt text
             log.error("prompt assembly failed: %s", exc)
             raise APIError(500, "Prompt assembly failed.", type="server_error", code="assembly_failed") from None
 
@@ -443,10 +452,14 @@ class Gateway:
     def record_output(self, p: Prepared, output: str) -> None:
         """After a chat reply: remember that the backend now also holds prompt + reply (the next turn's prefix;
         the backend's radix cache keeps generated tokens too)."""
-        if p.kind != "chat" or not output:
+        if p.kind != "chat" or not output or not p.key.indexed:
             return
         messages = [*(p.assembled.messages or []), ChatMessage("assistant", output)]
-        key = self.prompt_cache.extend(p.key, render_messages(p.route.assembler.render_chat, messages))
+        try:
+            text = p.route.assembler.chat_text(messages)
+        except (AssemblyError, MessagesRejected):  # a template that refuses a reply: the next turn will tell
+            return
+        key = self.prompt_cache.extend(p.key, text)
         self.prompt_cache.record(key, p.decision.backend)
         self.publish_index_blocks(p.decision.backend)
 
@@ -829,13 +842,3 @@ def _api_error(exc: BackendError) -> APIError:
     if isinstance(exc, BackendUnavailable):
         return errors.no_backend("The backend is unavailable; retry later.")
     return APIError(502, "The backend failed.", type="server_error", code="backend_error")
-
-
-def _parse_json(raw: bytes) -> Any:
-    """The JSON body (400 ``invalid_json`` when it is empty or not JSON)."""
-    if not raw.strip():
-        raise errors.invalid_json("the body is empty")
-    try:
-        return orjson.loads(raw)  # also refuses invalid UTF-8 and nesting deeper than 1024
-    except orjson.JSONDecodeError as exc:
-        raise errors.invalid_json(exc.msg) from None

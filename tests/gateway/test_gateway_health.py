@@ -1,0 +1,74 @@
+"""Active health checks say why a backend is down (``/readyz``'s ``last_error``): real backend clients against a
+closed port, a server answering 503 and one that never answers, over loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from llmpath.gateway.app import create_app
+from llmpath.gateway.config import load_config
+
+
+@pytest.fixture
+def unhealthy_url() -> Iterator[str]:
+    """A server whose health endpoints answer 503."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self.send_response(503)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def silent_url() -> Iterator[str]:
+    """A socket that accepts connections (in its backlog) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("kind", ["sglang", "openai"])
+async def test_readyz_says_why_each_backend_is_down(kind: str, free_port, unhealthy_url: str, silent_url: str) -> None:
+    config = load_config(
+        None,
+        {
+            "backends": [
+                {"url": f"http://127.0.0.1:{free_port()}", "name": "refused", "kind": kind},
+                {"url": unhealthy_url, "name": "unhealthy", "kind": kind},
+                {"url": silent_url, "name": "silent", "kind": kind},
+            ],
+            "health": {"timeout_s": 0.3, "eject_after_failures": 1},
+            "insecure_no_auth": True,
+        },
+    )
+    app = create_app(config, registry=CollectorRegistry())
+    await app.gateway.pool.check_all()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        ready = await c.get("/readyz")
+    assert ready.status_code == 503
+    errors = {b["name"]: b["last_error"] for b in ready.json()["backends"]}
+    assert errors == {
+        "refused": "health check failed: connection refused",
+        "unhealthy": "health check failed: answered HTTP 503",
+        "silent": "health check timed out after 0.3 s",
+    }
+    await app.gateway.pool.stop()

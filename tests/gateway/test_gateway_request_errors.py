@@ -1,0 +1,147 @@
+"""Errors the gateway answers itself, in-process over ASGI (no backend is reached): route templates that fail at run
+time, a chat template that refuses the client's messages, the admin endpoints' bad bodies, a reload without a
+configuration file, and the documented ``max_tokens`` maxima."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from llmpath.gateway.app import HotPath, create_app
+from llmpath.gateway.config import hash_key, load_config
+
+KEY, ADMIN = "sk-errors-user", "sk-errors-admin"
+STRICT = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+)
+
+
+def make_app(registry: CollectorRegistry | None = None, **sections: Any) -> HotPath:
+    config = load_config(
+        None,
+        {
+            "backends": [{"url": "http://127.0.0.1:9", "name": "nowhere"}],
+            "api_keys": [
+                {"sha256": hash_key(KEY), "tenant": "acme"},
+                {"sha256": hash_key(ADMIN), "tenant": "ops", "admin": True},
+            ],
+            **sections,
+        },
+    )
+    return create_app(config, registry=registry or CollectorRegistry())
+
+
+def client(app: HotPath) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw")
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_a_route_template_failing_at_run_time_is_a_clean_500(caplog: pytest.LogCaptureFixture) -> None:
+    """The system prompt divides by zero for 4-letter tenants (``acme``): 500 ``assembly_failed``, one log line
+    naming the route, field and exception, no traceback and no prompt text."""
+    app = make_app(routes=[{"name": "sp", "model": "m", "system_prompt": "{{ 10 // (tenant|length - 4) }}"}])
+    caplog.set_level(logging.INFO, logger="llmpath")
+    async with client(app) as c:
+        chat = {"model": "sp", "messages": [{"role": "user", "content": "SECRET-PROMPT-1"}]}
+        responses = [
+            await c.post("/v1/chat/completions", json=chat, headers=auth()),
+            await c.post("/v1/completions", json={"model": "sp", "prompt": "SECRET-PROMPT-2"}, headers=auth()),
+        ]
+    for r in responses:
+        assert r.status_code == 500
+        assert r.json() == {
+            "error": {
+                "message": "Prompt assembly failed.",
+                "type": "server_error",
+                "param": None,
+                "code": "assembly_failed",
+            }
+        }
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert [rec.getMessage() for rec in errors] == 2 * [
+        "prompt assembly failed: route 'sp': system_prompt: template failed to render: ZeroDivisionError at line 1 "
+        "of the template: integer division or modulo by zero"
+    ]
+    assert all(rec.exc_info is None for rec in errors)
+    assert "SECRET" not in caplog.text
+    assert [rec.status_code for rec in app.state.waterfall.recent()] == [500, 500]
+
+
+async def test_a_chat_template_refusing_the_messages_is_a_400_naming_messages(caplog) -> None:
+    app = make_app(routes=[{"name": "plain", "model": "m"}], tokenizer={"chat_template": STRICT})
+    caplog.set_level(logging.INFO, logger="llmpath")
+    system = [{"role": "system", "content": "SECRET-PROMPT"}, {"role": "user", "content": "hi"}]
+    async with client(app) as c:
+        r = await c.post("/v1/chat/completions", json={"model": "plain", "messages": system}, headers=auth())
+    assert r.status_code == 400
+    assert r.json()["error"] == {
+        "message": "The model's chat template rejected the messages: System role not supported",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "invalid_value",
+    }
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR]  # the client's error, not ours
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        (b'{"tenant": "acme"', 400, "invalid_json", None),
+        (b"\xff\xfe", 400, "invalid_json", None),
+        (b"[1]", 400, "invalid_type", None),
+        (b'{"tenant": 5}', 400, "invalid_value", "tenant"),
+        (b'{"tenants": "acme"}', 400, "invalid_value", "tenants"),
+        (b"", 200, None, None),
+        (b'{"tenant": "acme"}', 200, None, None),
+    ],
+)
+async def test_prompt_cache_flush_bodies(body: bytes, status: int, code: str | None, param: str | None) -> None:
+    app = make_app()
+    async with client(app) as c:
+        r = await c.post("/admin/prompt-cache/flush", content=body, headers=auth(ADMIN))
+    assert r.status_code == status, r.text
+    if status == 200:
+        assert r.json()["flushed"] is True
+    else:
+        assert (r.json()["error"]["code"], r.json()["error"]["param"]) == (code, param)
+
+
+async def test_a_reload_without_a_configuration_file_is_a_failed_reload(caplog) -> None:
+    registry = CollectorRegistry()
+    app = make_app(registry)
+    caplog.set_level(logging.INFO, logger="llmpath")
+    async with client(app) as c:
+        r = await c.post("/admin/reload", headers=auth(ADMIN))
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "reload_failed"
+    assert "started without --config" in r.json()["error"]["message"]
+    assert registry.get_sample_value("llmpath_gateway_config_reloads_total", {"result": "failure"}) == 1
+    assert registry.get_sample_value("llmpath_gateway_config_last_reload_successful") == 0
+    assert (
+        "configuration reload (POST /admin/reload) failed, nothing changed: the gateway was started without "
+        "--config: there is no file to reload" in caplog.text
+    )
+
+
+async def test_a_route_only_lowers_the_documented_max_tokens() -> None:
+    app = make_app(
+        limits={"max_tokens": 64, "default_max_tokens": 16},
+        routes=[{"name": "short", "model": "m", "max_tokens": 8}, {"name": "long", "model": "m"}],
+    )
+    schema = app.app.openapi()["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    maxima = [b["maximum"] for b in schema["max_tokens"]["anyOf"] if b.get("type") == "integer"]
+    assert maxima == [64]  # the global cap, which no route exceeds
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}
+    async with client(app) as c:
+        r = await c.post("/v1/chat/completions", json={**body, "model": "short"}, headers=auth())
+        over = await c.post("/v1/chat/completions", json={**body, "model": "long", "max_tokens": 65}, headers=auth())
+    assert r.status_code == 422 and r.json()["error"]["message"] == "max_tokens is 9, above the limit of 8."
+    assert over.status_code == 422 and over.json()["error"]["message"] == "max_tokens is 65, above the limit of 64."
