@@ -17,8 +17,8 @@ from rich.table import Table
 from llmpath.promapi import PrometheusClient
 
 _SLOTH_LABELS = frozenset({"__name__", "sloth_id", "sloth_service", "sloth_slo", "sloth_window"})
-#: Labels of Sloth's alerts that are not the SLO's grouping labels.
-_ALERT_LABELS = frozenset({"alertname", "sloth_severity", "severity", "stage", "owner", "sloth_mode", "sloth_spec"})
+
+Group = tuple[tuple[str, str], ...]
 
 
 @dataclass
@@ -54,18 +54,23 @@ def slo_status(client: PrometheusClient, *, service: str | None = None) -> list[
     """Every SLO Prometheus evaluates (of ``service`` only, if given), sorted by service, SLO and group."""
     only = f"sloth_service={json.dumps(service)}" if service else ""
     info = {r["metric"]["sloth_id"]: r["metric"] for r in client.query(f"sloth_slo_info{{{only}}}")}
-    sli = _by_group(client.query(f'{{__name__=~"slo:sli_error:ratio_rate.+"{", " + only if only else ""}}}'))
-    burn = _latest(client.query(f"slo:current_burn_rate:ratio{{{only}}}"))
-    budget = _latest(client.query(f"slo:period_error_budget_remaining:ratio{{{only}}}"))
-    firing: dict[tuple[str, tuple[tuple[str, str], ...]], list[FiringAlert]] = defaultdict(list)
+    series = {
+        name: client.query(f"{name}{{{only}}}")
+        for name in ("slo:current_burn_rate:ratio", "slo:period_error_budget_remaining:ratio")
+    }
+    ratios = client.query(f'{{__name__=~"slo:sli_error:ratio_rate.+"{", " + only if only else ""}}}')
+    grouping = _grouping_labels(info, [*ratios, *(r for results in series.values() for r in results)])
+    sli = _by_group(ratios, grouping)
+    burn = _latest(series["slo:current_burn_rate:ratio"], grouping)
+    budget = _latest(series["slo:period_error_budget_remaining:ratio"], grouping)
+    firing: dict[tuple[str, Group], list[FiringAlert]] = defaultdict(list)
     for alert in client.alerts():
         labels = alert["labels"]
         if alert.get("state") != "firing" or labels.get("sloth_id") not in info:
             continue
         severity = labels.get("sloth_severity", labels.get("severity", ""))
-        group = _group_key(labels, extra=_ALERT_LABELS)
         runbook = alert.get("annotations", {}).get("runbook_url")
-        firing[(labels["sloth_id"], group)].append(FiringAlert(labels["alertname"], severity, runbook))
+        firing[_key(labels, grouping)].append(FiringAlert(labels["alertname"], severity, runbook))
 
     rows: list[SloRow] = []
     for slo_id, meta in info.items():
@@ -91,8 +96,29 @@ def slo_status(client: PrometheusClient, *, service: str | None = None) -> list[
     return sorted(rows, key=lambda r: (r.service, r.slo, sorted(r.group.items())))
 
 
-def _group_key(labels: dict[str, str], extra: frozenset[str] = frozenset()) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, v) for k, v in labels.items() if k not in _SLOTH_LABELS and k not in extra))
+def slo_services(client: PrometheusClient) -> list[str]:
+    """The services of every SLO Prometheus evaluates (``sloth_slo_info``), sorted."""
+    return sorted({r["metric"].get("sloth_service", "") for r in client.query("sloth_slo_info")})
+
+
+def _grouping_labels(info: dict[str, dict[str, str]], results: list[dict[str, Any]]) -> dict[str, frozenset[str]]:
+    """Per SLO, the labels that tell its groups apart (its ``group_by``, e.g. ``route``): the labels of its
+    recorded series that are neither Sloth's nor the SLO's static labels (which ``sloth_slo_info`` carries too).
+    Alerts carry more labels (severity, routing keys, …); only these say which group an alert belongs to."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for r in results:
+        metric = r["metric"]
+        static = info.get(metric.get("sloth_id", ""), {})
+        out[metric.get("sloth_id", "")] |= {
+            k for k, v in metric.items() if k not in _SLOTH_LABELS and static.get(k) != v
+        }
+    return {slo_id: frozenset(names) for slo_id, names in out.items()}
+
+
+def _key(labels: dict[str, str], grouping: dict[str, frozenset[str]]) -> tuple[str, Group]:
+    """(SLO id, group) of a series or alert: only the SLO's grouping labels count."""
+    names = grouping.get(labels.get("sloth_id", ""), frozenset())
+    return labels.get("sloth_id", ""), tuple(sorted((k, v) for k, v in labels.items() if k in names))
 
 
 def _value(result: dict[str, Any]) -> float | None:
@@ -100,18 +126,22 @@ def _value(result: dict[str, Any]) -> float | None:
     return None if math.isnan(value) or math.isinf(value) else value
 
 
-def _latest(results: list[dict[str, Any]]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float | None]:
-    return {(r["metric"]["sloth_id"], _group_key(r["metric"])): _value(r) for r in results}
+def _latest(
+    results: list[dict[str, Any]], grouping: dict[str, frozenset[str]]
+) -> dict[tuple[str, Group], float | None]:
+    return {_key(r["metric"], grouping): _value(r) for r in results}
 
 
-def _by_group(results: list[dict[str, Any]]) -> dict[tuple[str, tuple[tuple[str, str], ...]], tuple[str, float | None]]:
+def _by_group(
+    results: list[dict[str, Any]], grouping: dict[str, frozenset[str]]
+) -> dict[tuple[str, Group], tuple[str, float | None]]:
     """(SLO id, group) → (shortest window, its error ratio)."""
-    best: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[float, str, float | None]] = {}
+    best: dict[tuple[str, Group], tuple[float, str, float | None]] = {}
     for r in results:
         metric = r["metric"]
         window = metric.get("sloth_window") or metric["__name__"].removeprefix("slo:sli_error:ratio_rate")
         seconds = parse_duration(window).total_seconds()
-        key = (metric["sloth_id"], _group_key(metric))
+        key = _key(metric, grouping)
         if key not in best or seconds < best[key][0]:
             best[key] = (seconds, window, _value(r))
     return {key: (window, value) for key, (_, window, value) in best.items()}

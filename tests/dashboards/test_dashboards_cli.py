@@ -52,15 +52,94 @@ def test_dashboards_build_and_check_detect_every_kind_of_drift(llmpath_bin: str,
     assert sorted(p.name for p in out.iterdir()) == sorted(DASHBOARDS)
 
 
-def test_bad_spec_exits_non_zero_naming_the_file_and_writes_nothing(llmpath_bin: str, tmp_path: Path) -> None:
+def test_bad_spec_exits_1_like_slo_compile_naming_the_file_and_writes_nothing(llmpath_bin: str, tmp_path: Path) -> None:
     spec = tmp_path / "broken.yaml"
     spec.write_text("version: prometheus/v1\nservice: x\nslos:\n  - name: a\n    objective: 120\n")
-    for part in ("dashboards", "runbooks"):
-        out = tmp_path / f"out-{part}"
-        result = _run(llmpath_bin, part, "build", "--slo", str(spec), "-o", str(out))
-        assert result.returncode == 2, result.stdout + result.stderr
-        assert "broken.yaml" in result.stderr and "objective" in result.stderr
+    compiled = _run(llmpath_bin, "slo", "compile", str(spec), "-o", str(tmp_path / "rules"))
+    assert compiled.returncode == 1
+    for command in (["dashboards", "build", "-o"], ["runbooks", "build", "-o"], ["dashboards", "lint", "--slo"]):
+        out = tmp_path / f"out-{command[0]}"
+        args = [*command, str(out), "--slo", str(spec)]
+        if command[1] == "lint":
+            args = [*command, str(spec), str(REPO / "dashboards" / "generated" / DASHBOARDS[0])]
+        result = _run(llmpath_bin, *args)
+        assert result.returncode == compiled.returncode == 1, result.stdout + result.stderr
+        # The same lines as `slo compile` prints, without its "nothing was written to OUT".
+        assert result.stderr == compiled.stderr.replace(f"; nothing was written to {tmp_path / 'rules'}", "")
+        assert f"{spec}:5:5: SLO 'x-a': slos[0].objective: objective must >0 and <=100 (got 120)" in result.stderr
         assert not out.exists()
+
+
+def test_lint_takes_the_spec_options_build_was_given(llmpath_bin: str, tmp_path: Path) -> None:
+    """Dashboards built with --windows (1-minute SLI windows) lint clean with the same options, not without."""
+    windows = str(REPO / "slo" / "examples" / "windows-1h.yaml")
+    out = tmp_path / "dash"
+    built = _run(llmpath_bin, "dashboards", "build", "--windows", windows, "-o", str(out))
+    assert built.returncode == 0, built.stderr
+    files = [str(out / name) for name in DASHBOARDS]
+    plain = _run(llmpath_bin, "dashboards", "lint", *files)
+    assert plain.returncode == 1 and "unknown metric 'slo:sli_error:ratio_rate1m'" in plain.stderr
+    same = _run(llmpath_bin, "dashboards", "lint", "--windows", windows, *files)
+    assert same.returncode == 0 and "3 dashboard(s) OK" in same.stdout, same.stderr
+    period = _run(llmpath_bin, "dashboards", "lint", "--period", "1h", "--windows", windows, *files)
+    assert period.returncode == 0, period.stderr
+
+
+PLUGIN_SPEC = """\
+version: "prometheus/v1"
+service: shop
+slos:
+  - name: availability
+    objective: 99.5
+    sli:
+      plugin:
+        id: shop_availability
+        options: {job: shop}
+    alerting:
+      name: ShopAvailability
+"""
+
+PLUGIN_MODULE = """\
+def availability(meta, service_labels, options):
+    job = options["job"]
+    return (
+        f'sum(rate(llmpath_requests_total{{job="{job}",code=~"5.."}}[{{{{.window}}}}]))'
+        f' / sum(rate(llmpath_requests_total{{job="{job}"}}[{{{{.window}}}}]))'
+    )
+
+
+SLI_PLUGINS = {"shop_availability": availability}
+"""
+
+
+def test_build_and_lint_load_sli_plugins(llmpath_bin: str, tmp_path: Path) -> None:
+    """A spec with an SLI plugin builds dashboards and runbooks with --plugins (as `slo compile` does); without it,
+    the error names the option to use, which these commands accept."""
+    spec = tmp_path / "shop.yaml"
+    spec.write_text(PLUGIN_SPEC)
+    plugins = tmp_path / "shop_plugins.py"
+    plugins.write_text(PLUGIN_MODULE)
+    for part in ("dashboards", "runbooks"):
+        out = tmp_path / part
+        missing = _run(llmpath_bin, part, "build", "--slo", str(spec), "-o", str(out))
+        assert missing.returncode == 1
+        assert "SLI plugin 'shop_availability' not found (load it with --plugins MODULE)" in missing.stderr
+        built = _run(llmpath_bin, part, "build", "--slo", str(spec), "--plugins", str(plugins), "-o", str(out))
+        assert built.returncode == 0, built.stderr
+        check = _run(
+            llmpath_bin, part, "build", "--slo", str(spec), "--plugins", str(plugins), "-o", str(out), "--check"
+        )
+        assert check.returncode == 0, check.stderr
+    assert sorted(p.name for p in (tmp_path / "runbooks").iterdir()) == [
+        "README.md",
+        "ShopAvailability-page.md",
+        "ShopAvailability-ticket.md",
+    ]
+    slos = json.loads((tmp_path / "dashboards" / "llmpath-slos.json").read_text())
+    assert "shop-availability" in json.dumps(slos)
+    files = [str(tmp_path / "dashboards" / name) for name in DASHBOARDS]
+    linted = _run(llmpath_bin, "dashboards", "lint", "--slo", str(spec), "--plugins", str(plugins), *files)
+    assert linted.returncode == 0 and "3 dashboard(s) OK" in linted.stdout, linted.stderr
 
 
 def test_runbooks_build_custom_spec_and_urls(llmpath_bin: str, tmp_path: Path) -> None:
@@ -119,7 +198,7 @@ def test_specs_on_custom_histogram_buckets_need_them_given(llmpath_bin: str, tmp
     for part in ("dashboards", "runbooks"):
         out = tmp_path / f"out-{part}"
         refused = _run(llmpath_bin, part, "build", "--slo", str(spec), "-o", str(out))
-        assert refused.returncode == 2
+        assert refused.returncode == 1
         assert "0.35 s is not a bucket boundary of llmpath_time_to_first_token_seconds" in refused.stderr
         assert not out.exists()
         built = _run(llmpath_bin, part, "build", "--slo", str(spec), "--buckets", buckets, "-o", str(out))

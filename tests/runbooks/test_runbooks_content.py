@@ -108,8 +108,15 @@ def test_runbook_file_collisions_and_missing_panels_are_errors(compiled: Any) ->
     slo = compiled.slos[0]
     twin = type(slo.alerts[0])(**{**_fields(slo.alerts[0]), "name": "Other"})
     clash = type(slo)(**{**_fields(slo), "alerts": (*slo.alerts, twin)})
-    with pytest.raises(RunbookError, match=f"runbook_file '{slo.alerts[0].runbook_file}' is used by two alerts"):
+    first = slo.alerts[0]
+    with pytest.raises(RunbookError) as err:
         build_runbooks([clash])
+    # Both alerts, their SLO and the spec file are named.
+    assert str(err.value) == (
+        f"{slo.source}: alert Other ({first.severity}) of SLO {slo.id}: runbook_file '{first.runbook_file}' is also "
+        f"the runbook of alert {first.name} ({first.severity}) of SLO {slo.id} in {slo.source}; give the alerts "
+        "distinct names"
+    )
     with pytest.raises(KnowledgeError, match="is not in the generated"):
         build_runbooks(compiled.slos, panel_titles={})
 

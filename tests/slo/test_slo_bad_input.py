@@ -135,9 +135,44 @@ CASES = [
     (
         "unreachable-page",
         _edit(GOOD, "objective: 95", "objective: 50"),
-        "the page alert can never fire with a 50% objective",
+        # 6x (the page's lower factor) x budget < 1 needs a budget under 1/6: an objective above 83.33%.
+        "the page alert can never fire with a 50% objective (14.4x over 1h/5m needs an error ratio above 7.2, 6x "
+        "over 6h/30m needs an error ratio above 3); raise the objective to at least 83.334%, or disable the alert",
         "slos[0].alerting.page_alert",
         None,
+        "llm-api-ttft",
+    ),
+    (
+        "duplicate-key",
+        _edit(GOOD, "objective: 95\n", "objective: 95\n    objective: 99\n"),
+        "duplicate key 'objective' (first at line 5): a key may appear only once in llmpath/v1",
+        "slos[0].objective",
+        6,
+        "llm-api-ttft",
+    ),
+    (
+        "shared-alerting-for",
+        GOOD + "      for: 10 minutes\n",  # inherited by the page and ticket alerts: one problem, where it is
+        "not a valid duration string: '10 minutes'",
+        "slos[0].alerting.for",
+        13,
+        "llm-api-ttft",
+    ),
+    (
+        "threshold-alert-named-like-the-ticket",
+        GOOD + "      threshold_alert:\n        name: TTFTBurn\n",
+        "the threshold alert is named 'TTFTBurn' with severity ticket, like the ticket burn-rate alert: both alerts "
+        "would have the same labels and runbook (TTFTBurn-ticket.md)",
+        "slos[0].alerting.threshold_alert.name",
+        14,
+        "llm-api-ttft",
+    ),
+    (
+        "absent-alert-named-like-the-page",
+        GOOD + "      absent_alert:\n        name: TTFTBurn\n        severity: page\n",
+        "the absent alert is named 'TTFTBurn' with severity page, like the page burn-rate alert",
+        "slos[0].alerting.absent_alert.name",
+        14,
         "llm-api-ttft",
     ),
     (
@@ -240,6 +275,84 @@ def test_unknown_keys_are_warnings_for_sloth_specs_and_errors_with_strict(tmp_pa
     assert compile_slos(docs).warnings == [warning]
     with pytest.raises(SpecError):
         load_specs([path], strict=True)
+
+
+def test_strict_turns_warnings_into_errors_and_still_reports_every_problem(tmp_path, llmpath_bin):
+    # An unknown key (a warning), a bad top-level label name and an objective over 100 (errors).
+    text = _edit(SLOTH_GOOD, "service: svc\n", "service: svc\nlabels:\n  bad-name: x\n")
+    text += text[text.index("  - name: availability") :].replace("availability", "latency").replace("99.9", "101")
+    text = text.replace("      name: SvcAvailability\n", "      name: SvcAvailability\n      pageAlert: {}\n", 1)
+    path = tmp_path / "sloth.yaml"
+    path.write_text(text)
+    expected = {
+        ("labels.bad-name", 4, None, "error"),
+        ("slos[0].alerting.pageAlert", 14, "svc-availability", "warning"),
+        ("slos[1].objective", 16, "svc-latency", "error"),
+    }
+    with pytest.raises(SpecError) as lenient:
+        compile_slos(load_specs([path]))
+    found = {(i.field, i.line, i.slo, i.severity) for i in (*lenient.value.issues, *lenient.value.warnings)}
+    assert found == expected
+    with pytest.raises(SpecError) as strict:
+        compile_slos(load_specs([path]), CompileOptions(strict=True))
+    assert {(i.field, i.line, i.slo, "error") for i in strict.value.issues} == {e[:3] + ("error",) for e in expected}
+    assert strict.value.warnings == ()
+
+    proc = _run(llmpath_bin, "validate", path)
+    assert proc.returncode == 1 and proc.stderr.endswith("2 errors.\n")
+    assert "warning: " + f"{path}:14:7: SLO 'svc-availability': slos[0].alerting.pageAlert" in proc.stderr
+    proc = _run(llmpath_bin, "validate", "--strict", path)
+    assert proc.returncode == 1 and proc.stderr.endswith("3 errors.\n")
+    lines = proc.stderr.splitlines()
+    assert [line.split(": ")[0] for line in lines[:3]] == [f"{path}:4:3", f"{path}:14:7", f"{path}:16:5"]
+    assert "warning: " not in proc.stderr and "unknown key 'pageAlert' (Sloth ignores it)" in lines[1]
+
+
+def test_top_level_labels_are_reported_once_where_they_are(tmp_path, llmpath_bin):
+    second = GOOD[GOOD.index("  - name: ttft") :].replace("name: ttft", "name: ttft-2").replace("TTFTBurn", "TTFT2")
+    text = _edit(GOOD, "service: llm-api\n", "service: llm-api\nlabels:\n  bad-name: x\n  stage: y\n") + second
+    path = tmp_path / "slos.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as err:
+        compile_slos(load_specs([path]))
+    issues = sorted(err.value.issues, key=lambda i: i.line or 0)
+    assert [(i.field, i.line, i.slo) for i in issues] == [("labels.bad-name", 4, None), ("labels.stage", 5, None)]
+    assert "the label key 'bad-name' is not valid" in issues[0].message
+    assert "label 'stage' is set by the compiler from `stage:`" in issues[1].message
+    # An --extra-label is reported once, as the option, not once per SLO.
+    (tmp_path / "ok.yaml").write_text(GOOD + second)
+    proc = _run(llmpath_bin, "compile", tmp_path / "ok.yaml", "-o", tmp_path / "out", "-l", "owner=me")
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [
+        "<input>: --extra-label: label 'owner' is set by the compiler from the `owner:` of llmpath/v1 SLOs; set it "
+        "there instead",
+        f"1 error; nothing was written to {tmp_path / 'out'}.",
+    ]
+
+
+def test_an_sli_plugin_that_returns_no_string_is_named(tmp_path):
+    text = SLOTH_GOOD.replace(
+        "      events:\n"
+        '        error_query: sum(rate(http_requests_total{code=~"5.."}[{{.window}}]))\n'
+        "        total_query: sum(rate(http_requests_total[{{.window}}]))\n",
+        "      plugin:\n        id: my_availability\n",
+    )
+    path = tmp_path / "sloth.yaml"
+    path.write_text(text)
+    options = CompileOptions(sli_plugins={"my_availability": lambda meta, labels, options: 42})
+    with pytest.raises(SpecError) as err:
+        compile_slos(load_specs([path]), options)
+    (issue,) = err.value.issues
+    assert (issue.field, issue.line, issue.slo) == ("slos[0].sli.plugin.id", 8, "svc-availability")
+    assert issue.message.startswith("SLI plugin 'my_availability' returned int 42; an SLI plugin must return")
+    no_window = CompileOptions(sli_plugins={"my_availability": lambda meta, labels, options: "sum(rate(x[5m]))"})
+    with pytest.raises(SpecError) as err:
+        compile_slos(load_specs([path]), no_window)
+    (issue,) = err.value.issues
+    assert issue.field == "slos[0].sli.plugin.id"
+    assert (
+        "SLI plugin 'my_availability' returned an invalid query" in issue.message and "{{ .window }}" in issue.message
+    )
 
 
 def test_unsupported_period_names_the_catalogs(tmp_path):

@@ -27,16 +27,26 @@ def test_init_writes_the_default_spec_and_refuses_to_overwrite(tmp_path, llmpath
     proc = _run(llmpath_bin, "init", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     written = tmp_path / "slos.yaml"
-    assert written.read_text() == default_spec_path().read_text()
+    default = default_spec_path().read_text()
+    # The header's commands name the file written, not the packaged llm-api.yaml; the rest is the default spec.
+    expected = default.replace("slo compile llm-api.yaml ", "slo compile slos.yaml ").replace(
+        "slo validate llm-api.yaml ", "slo validate slos.yaml "
+    )
+    assert expected != default and written.read_text() == expected
+    assert "# Compile:   llmpath slo compile slos.yaml -o rules/" in expected
+    assert "llm-api.yaml" not in written.read_text()
     assert "llmpath slo compile slos.yaml" in proc.stderr
     written.write_text("# my edits\n")
     proc = _run(llmpath_bin, "init", cwd=tmp_path)
     assert proc.returncode == 1 and "already exists" in proc.stderr
     assert written.read_text() == "# my edits\n"
     assert _run(llmpath_bin, "init", "--force", cwd=tmp_path).returncode == 0
-    assert written.read_text() == default_spec_path().read_text()
+    assert written.read_text() == expected
+    elsewhere = _run(llmpath_bin, "init", tmp_path / "specs" / "api.yaml")
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert f"llmpath slo validate {tmp_path / 'specs' / 'api.yaml'} [" in (tmp_path / "specs" / "api.yaml").read_text()
     stdout = _run(llmpath_bin, "init", "-")
-    assert stdout.returncode == 0 and stdout.stdout == default_spec_path().read_text()
+    assert stdout.returncode == 0 and stdout.stdout == default
 
 
 def test_compile_default_spec_with_tests(tmp_path, llmpath_bin):
@@ -179,3 +189,52 @@ def test_status_says_when_the_url_is_not_prometheus_or_prometheus_refuses():
             client.alerts()
     finally:
         server.shutdown()
+
+
+def test_tests_of_specs_in_subfolders_find_their_rule_files(tmp_path, llmpath_bin, sloth_dir, require_binary):
+    """OUT/tests/x.test.yaml refers to OUT/sub/x.yml as ../sub/x.yml, and promtool runs it from OUT/tests."""
+    promtool = require_binary("promtool")
+    (tmp_path / "specs" / "sub").mkdir(parents=True)
+    (tmp_path / "specs" / "sub" / "getting-started.yml").write_text(
+        (sloth_dir / "examples" / "getting-started.yml").read_text()
+    )
+    proc = _run(llmpath_bin, "compile", tmp_path / "specs", "-o", tmp_path / "out", "--tests")
+    assert proc.returncode == 0, proc.stderr
+    tests = tmp_path / "out" / "tests"
+    (name,) = [p.name for p in tests.iterdir()]
+    assert name == "myservice-requests-availability.test.yaml"
+    assert yaml.safe_load((tests / name).read_text())["rule_files"] == ["../sub/getting-started.yml"]
+    run = subprocess.run([promtool, "test", "rules", name], capture_output=True, text=True, timeout=300, cwd=tests)
+    assert run.returncode == 0 and "SUCCESS" in run.stdout, run.stdout + run.stderr
+
+
+def test_ignore_duplicates_keeps_one_test_file_per_slo(tmp_path, llmpath_bin, sloth_dir, require_binary):
+    """The same SLO ID in two files (--ignore-duplicates): each gets its own test file, named by its rule file."""
+    promtool = require_binary("promtool")
+    source = (sloth_dir / "examples" / "getting-started.yml").read_text()
+    (tmp_path / "specs" / "eu").mkdir(parents=True)
+    (tmp_path / "specs" / "us.yml").write_text(source)
+    (tmp_path / "specs" / "eu" / "main.yml").write_text(source.replace("objective: 99.9", "objective: 99.5"))
+    (tmp_path / "specs" / "other.yml").write_text(source.replace('service: "myservice"', 'service: "other"'))
+    proc = _run(llmpath_bin, "compile", tmp_path / "specs", "-o", tmp_path / "out", "--tests", "--ignore-duplicates")
+    assert proc.returncode == 0, proc.stderr
+    assert "compiled 3 SLOs into 3 rule file(s) and 3 promtool test file(s)" in proc.stderr
+    tests = tmp_path / "out" / "tests"
+    names = sorted(p.name for p in tests.iterdir())
+    assert names == [
+        "eu-main-myservice-requests-availability.test.yaml",
+        "other-requests-availability.test.yaml",
+        "us-myservice-requests-availability.test.yaml",
+    ]
+    rule_files = {name: yaml.safe_load((tests / name).read_text())["rule_files"] for name in names}
+    assert rule_files == {
+        names[0]: ["../eu/main.yml"],
+        names[1]: ["../other.yml"],
+        names[2]: ["../us.yml"],
+    }
+    assert (
+        "# Run: promtool test rules eu-main-myservice-requests-availability.test.yaml" in (tests / names[0]).read_text()
+    )
+    for name in names:
+        run = subprocess.run([promtool, "test", "rules", name], capture_output=True, text=True, timeout=300, cwd=tests)
+        assert run.returncode == 0, run.stdout + run.stderr

@@ -130,9 +130,10 @@ def test_default_spec_alerts_carry_stage_owner_runbook_and_dashboard(default_res
             assert alert.labels["stage"] == slo.stage and alert.labels["owner"] == slo.owner
             assert alert.runbook_file == f"{alert.name}-{alert.severity}.md"
             assert alert.annotations["runbook_url"] == f"runbooks/generated/{alert.runbook_file}"
+            # An absent alert has no route label: its link selects no route (not an empty `var-route=`).
+            route = "" if alert.kind == "absent" else "&var-route={{ $labels.route | urlquery }}"
             assert alert.annotations["dashboard_url"] == (
-                f"http://localhost:3000/d/{catalog.DASHBOARD_UIDS['slos']}?viewPanel={panel}"
-                "&var-route={{ $labels.route | urlquery }}"
+                f"http://localhost:3000/d/{catalog.DASHBOARD_UIDS['slos']}?viewPanel={panel}{route}"
             )
             assert alert.slo_id == slo.id
     kinds = {(s.name, a.kind, a.severity) for s in default_result.slos for a in s.alerts}
@@ -255,6 +256,32 @@ def test_runbook_files_are_unique_across_slos(sloth_dir):
     files = [a.runbook_file for s in result.slos for a in s.alerts]
     assert len(files) == len(set(files)) == 4
     assert "MyServiceHighErrorRate-myservice-requests-availability-page.md" in files
+
+
+def test_a_plugin_alert_named_like_the_ticket_alert_gets_its_own_runbook(tmp_path):
+    """Sloth accepts any alert an SLO plugin adds; one with the ticket alert's name and no severity label (so a
+    ticket) keeps a runbook of its own."""
+    from llmpath.slo.model import Rule
+
+    def same_name(config):
+        def process(request, rules):
+            rules.alerts.rules.append(Rule(expr="vector(1)", alert="SvcLatency"))
+
+        return process
+
+    path = tmp_path / "sloth.yaml"
+    path.write_text(
+        'version: "prometheus/v1"\nservice: svc\nslos:\n  - name: latency\n    objective: 99\n'
+        "    sli:\n      events:\n        error_query: sum(rate(slow_total[{{.window}}]))\n"
+        "        total_query: sum(rate(all_total[{{.window}}]))\n"
+        "    plugins:\n      chain:\n        - id: test/same_name\n    alerting:\n      name: SvcLatency\n"
+    )
+    result = compile_slos(load_specs([path]), CompileOptions(slo_plugins={"test/same_name": same_name}))
+    assert [(a.name, a.severity, a.kind, a.runbook_file) for a in result.slos[0].alerts] == [
+        ("SvcLatency", "page", "burn_rate", "SvcLatency-page.md"),
+        ("SvcLatency", "ticket", "burn_rate", "SvcLatency-ticket.md"),
+        ("SvcLatency", "ticket", "plugin", "SvcLatency-ticket-2.md"),
+    ]
 
 
 def test_unreachable_alerts_are_warnings_for_sloth_specs(tmp_path):

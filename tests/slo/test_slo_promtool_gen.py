@@ -122,3 +122,35 @@ def test_label_synthesis():
     ok = satisfy([Matcher("job", "=", "api")], must_not=Matcher("code", "=~", "5.."))
     assert ok is not None and not Matcher("code", "=~", "5..").matches(ok)
     assert satisfy([Matcher("a", "=", "x"), Matcher("a", "=", "y")]) is None
+
+
+def test_or_fallback_sli_is_fed_counters_with_the_error_counter_absent_until_errors_start():
+    """`bad or 0 * total` (ratio SLIs): the real query is tested with both sides of `or`. The burning route's
+    error counter appears (at 0) just before its first error; the healthy route never has one, so its SLI (0) comes
+    from the `0 * total` side."""
+    availability = _tests()["llm-api-availability.test.yaml"]
+    text = _generated(None)["llm-api-availability.test.yaml"]
+    assert (
+        "# Traffic: counters for the SLI's selectors (bad and total; groups route=r1, route=r2); the bad counter"
+        in (text)
+    )
+    fast = availability["tests"][0]
+    series = {s["series"]: s["values"] for s in fast["input_series"]}
+    assert set(series) == {
+        'llmpath_requests_total{code="500",route="r1"}',
+        'llmpath_requests_total{code="ok",route="r1"}',
+        'llmpath_requests_total{code="ok",route="r2"}',
+    }
+    # Errors start after one day of 5-minute steps: 288 missing samples, then 0 and a run of increments.
+    assert series['llmpath_requests_total{code="500",route="r1"}'].startswith("_x288 0+")
+    samples = {
+        (e["expr"].split("{")[0], s["labels"].split('route="')[1][:2]): s["value"]
+        for e in fast["promql_expr_test"]
+        for s in e["exp_samples"]
+        if "route=" in s["labels"]
+    }
+    assert samples[("slo:sli_error:ratio_rate5m", "r2")] == 0.0  # only the `or 0 * total` side has r2
+    assert samples[("slo:sli_error:ratio_rate5m", "r1")] == pytest.approx(0.02)  # 20x a 0.1% budget
+    assert samples[("slo:sli_error:ratio_rate30d", "r2")] == 0.0
+    low = availability["tests"][2]  # errors from the start: the counter exists from the first sample
+    assert any(s["values"].startswith("0+") for s in low["input_series"] if 'code="500"' in s["series"])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
-from llmpath.cli.slo import BUCKETS_HELP, parse_buckets
+from llmpath.cli.slo import BUCKETS_HELP, PLUGINS_HELP, load_plugins, parse_buckets, spec_failure
 
 if TYPE_CHECKING:
     from llmpath.instrumentation import StageCatalog
@@ -17,8 +18,55 @@ app = typer.Typer(help="Generate Grafana dashboards.", no_args_is_help=True)
 
 SLO_HELP = "SLO spec file or folder (repeatable). Default: the spec packaged with llmpath (llmpath slo init)."
 PERIOD_HELP = "SLO period, as for `llmpath slo compile` (30d, 28d, 7d; any duration with --windows)."
-WINDOWS_HELP = "Sloth AlertWindows file for a custom period, as for `llmpath slo compile`."
+WINDOWS_HELP = "Sloth AlertWindows file or folder for a custom period (repeatable), as for `llmpath slo compile`."
 CHECK_HELP = "Write nothing; exit 1 and name each file in OUT that is missing, out of date or no longer generated."
+
+
+@dataclass(frozen=True)
+class SpecArgs:
+    """The options that say which SLO specs to compile and how, shared by `dashboards build`, `dashboards lint`
+    and `runbooks build` (the same as `llmpath slo compile`'s)."""
+
+    slo: list[Path] | None
+    period: str | None
+    windows: list[Path]
+    buckets: list[str]
+    plugins: list[str]
+    catalog: Path | None
+
+    def stages(self) -> StageCatalog:
+        """The stage catalog (``--catalog``); an invalid file exits 2."""
+        return catalog_or_exit(self.catalog)
+
+    def compile(self, stages: StageCatalog, **urls: str | None) -> Any:
+        """Compile the specs (the default one when none are given); an invalid spec exits 1 with every problem
+        (as ``llmpath slo compile`` does), a bad option 2."""
+        from llmpath.dashboards.specs import SpecOptions, compile_specs
+        from llmpath.slo import SpecError
+
+        sli_plugins, slo_plugins = load_plugins(self.plugins)
+        options = SpecOptions(
+            tuple(self.slo or ()),
+            self.period,
+            tuple(self.windows) or None,
+            **urls,
+            histogram_buckets=parse_buckets(self.buckets),
+            stages=stages,
+            sli_plugins=sli_plugins,
+            slo_plugins=slo_plugins,
+        )
+        try:
+            return compile_specs(options)
+        except SpecError as exc:
+            spec_failure(exc)
+
+    def flags(self) -> str:
+        """These options as command-line flags (for a command line that regenerates the same output)."""
+        flags = [*(f" --slo {p}" for p in self.slo or ())]
+        flags += [f" --period {self.period}"] if self.period else []
+        flags += [*(f" --windows {w}" for w in self.windows), *(f" --buckets {b}" for b in self.buckets)]
+        flags += [*(f" --plugins {p}" for p in self.plugins)]
+        return "".join(flags) + (f" --catalog {self.catalog}" if self.catalog else "")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -43,41 +91,15 @@ def sync(out: Path, files: dict[str, str], check: bool, is_generated, what: str,
                f"{len(changed.extra)} removed)")  # fmt: skip
 
 
-def compile_or_exit(
-    slo: list[Path] | None,
-    period: str | None,
-    windows: Path | None,
-    buckets: list[str],
-    stages: StageCatalog,
-    **urls: str | None,
-):
-    """Compile the specs (the default one when none are given); bad input exits 2 with the compiler's message."""
-    from llmpath.dashboards.specs import SpecOptions, compile_specs
-    from llmpath.slo import SpecError
-
-    options = SpecOptions(
-        tuple(slo or ()), period, windows, **urls, histogram_buckets=parse_buckets(buckets), stages=stages
-    )
-    try:
-        return compile_specs(options)
-    except SpecError as exc:
-        raise fail(str(exc), 2) from None
-
-
-def spec_flags(slo: list[Path] | None, buckets: list[str], catalog: Path | None) -> str:
-    """The ``--slo``, ``--buckets`` and ``--catalog`` flags of a command line that regenerates the same output."""
-    flags = [*(f" --slo {p}" for p in slo or ()), *(f" --buckets {b}" for b in buckets)]
-    return "".join(flags) + (f" --catalog {catalog}" if catalog else "")
-
-
 @app.command("build")
 def build(
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for the dashboard JSON files."),
     slo: list[Path] | None = typer.Option(None, "--slo", help=SLO_HELP),
     check: bool = typer.Option(False, "--check", help=CHECK_HELP),
-    period: str | None = typer.Option(None, "--period", help=PERIOD_HELP),
-    windows: Path | None = typer.Option(None, "--windows", help=WINDOWS_HELP),
+    period: str | None = typer.Option(None, "--period", "-p", help=PERIOD_HELP),
+    windows: list[Path] = typer.Option([], "--windows", "-w", help=WINDOWS_HELP),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
+    plugins: list[str] = typer.Option([], "--plugins", help=PLUGINS_HELP),
     catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
 ) -> None:
     """Build the LLM API path, SLOs and Backends dashboards (Grafana JSON) into OUT.
@@ -89,13 +111,14 @@ def build(
     from llmpath.dashboards.build import DashboardError, build_dashboards, is_generated, render_all
     from llmpath.dashboards.specs import recording_rule_names, slo_views
 
-    stages = catalog_or_exit(catalog)
-    result = compile_or_exit(slo, period, windows, buckets, stages)
+    specs = SpecArgs(slo, period, windows, buckets, plugins, catalog)
+    stages = specs.stages()
+    result = specs.compile(stages)
     try:
         dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()), stages)
     except DashboardError as exc:
         raise fail(str(exc)) from None
-    command = "llmpath dashboards build" + spec_flags(slo, buckets, catalog) + f" -o {out}"
+    command = "llmpath dashboards build" + specs.flags() + f" -o {out}"
     sync(out, render_all(dashboards), check, is_generated, "dashboard files", command)
 
 
@@ -103,18 +126,21 @@ def build(
 def lint(
     files: list[Path] = typer.Argument(..., help="Dashboard JSON files (e.g. edited copies of the generated ones)."),
     slo: list[Path] | None = typer.Option(None, "--slo", help=SLO_HELP + " Their recording rules count as known."),
+    period: str | None = typer.Option(None, "--period", "-p", help=PERIOD_HELP),
+    windows: list[Path] = typer.Option([], "--windows", "-w", help=WINDOWS_HELP),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
+    plugins: list[str] = typer.Option([], "--plugins", help=PLUGINS_HELP),
     catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
 ) -> None:
-    """Check dashboard JSON files with the checks `build` applies (schema, ids, units, queries, metric names)."""
+    """Check dashboard JSON files with the checks `build` applies (schema, ids, units, queries, metric names);
+    give the spec options `build` was given, so that the same recording rules are known."""
     import json
 
     from llmpath.dashboards import dashboard_problems, known_metric_names
     from llmpath.dashboards.specs import recording_rule_names
 
-    known = known_metric_names(
-        recording_rule_names(compile_or_exit(slo, None, None, buckets, catalog_or_exit(catalog)).files.values())
-    )
+    specs = SpecArgs(slo, period, windows, buckets, plugins, catalog)
+    known = known_metric_names(recording_rule_names(specs.compile(specs.stages()).files.values()))
     problems = []
     for path in files:
         try:

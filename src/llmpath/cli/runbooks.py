@@ -6,18 +6,9 @@ from pathlib import Path
 
 import typer
 
-from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
-from llmpath.cli.dashboards import (
-    CHECK_HELP,
-    PERIOD_HELP,
-    SLO_HELP,
-    WINDOWS_HELP,
-    compile_or_exit,
-    fail,
-    spec_flags,
-    sync,
-)
-from llmpath.cli.slo import BUCKETS_HELP
+from llmpath.cli.catalog import CATALOG_HELP
+from llmpath.cli.dashboards import CHECK_HELP, PERIOD_HELP, SLO_HELP, WINDOWS_HELP, SpecArgs, fail, sync
+from llmpath.cli.slo import BUCKETS_HELP, PLUGINS_HELP
 
 app = typer.Typer(help="Generate per-alert runbooks.", no_args_is_help=True)
 
@@ -29,8 +20,8 @@ def build(
     out: Path = typer.Option(..., "-o", "--out", help="Output folder for the runbooks and their index (README.md)."),
     slo: list[Path] | None = typer.Option(None, "--slo", help=SLO_HELP),
     check: bool = typer.Option(False, "--check", help=CHECK_HELP),
-    period: str | None = typer.Option(None, "--period", help=PERIOD_HELP),
-    windows: Path | None = typer.Option(None, "--windows", help=WINDOWS_HELP),
+    period: str | None = typer.Option(None, "--period", "-p", help=PERIOD_HELP),
+    windows: list[Path] = typer.Option([], "--windows", "-w", help=WINDOWS_HELP),
     runbook_base_url: str | None = typer.Option(
         None, "--runbook-base-url", help="Base of the alerts' runbook_url (default: runbooks/generated)."
     ),
@@ -38,6 +29,7 @@ def build(
         None, "--dashboard-base-url", help=f"Grafana URL for dashboard links (default: {DEFAULT_GRAFANA_URL})."
     ),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
+    plugins: list[str] = typer.Option([], "--plugins", help=PLUGINS_HELP),
     catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
 ) -> None:
     """Write one Markdown runbook per alert of the specs (file = the alert's runbook_file), plus an index mapping
@@ -46,10 +38,9 @@ def build(
     from llmpath.dashboards.specs import recording_rule_names, slo_views
     from llmpath.runbooks import KnowledgeError, RunbookError, build_runbooks, is_generated
 
-    stages = catalog_or_exit(catalog)
-    result = compile_or_exit(
-        slo, period, windows, buckets, stages, runbook_base_url=runbook_base_url, dashboard_base_url=dashboard_base_url
-    )
+    specs = SpecArgs(slo, period, windows, buckets, plugins, catalog)
+    stages = specs.stages()
+    result = specs.compile(stages, runbook_base_url=runbook_base_url, dashboard_base_url=dashboard_base_url)
     try:
         dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()), stages)
         files = build_runbooks(
@@ -62,5 +53,6 @@ def build(
         )
     except (DashboardError, KnowledgeError, RunbookError) as exc:
         raise fail(str(exc)) from None
-    command = "llmpath runbooks build" + spec_flags(slo, buckets, catalog) + f" -o {out}"
+    urls = [("--runbook-base-url", runbook_base_url), ("--dashboard-base-url", dashboard_base_url)]
+    command = "llmpath runbooks build" + specs.flags() + "".join(f" {k} {v}" for k, v in urls if v) + f" -o {out}"
     sync(out, files, check, is_generated, "runbook files", command)

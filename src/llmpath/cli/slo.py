@@ -14,7 +14,7 @@ import typer
 from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
 
 if TYPE_CHECKING:
-    from llmpath.slo import CompileOptions, CompileResult, SpecDocument
+    from llmpath.slo import CompileOptions, CompileResult, SpecDocument, SpecError
 
 app = typer.Typer(
     help="Compile Sloth-compatible SLO specs into Prometheus rules, validate them, or start from the default spec.",
@@ -26,12 +26,17 @@ _WINDOWS_HELP = (
     "Sloth AlertWindows catalog (file or folder); adds or replaces the catalog for its period. "
     "With one file and no --period, its period is the default."
 )
-_PLUGINS_HELP = "Python plugin file or module defining SLI_PLUGINS / SLO_PLUGINS (Sloth plugin ids)."
+PLUGINS_HELP = "Python plugin file or module defining SLI_PLUGINS / SLO_PLUGINS (Sloth plugin ids); repeatable."
 _DUPLICATES_HELP = "Allow the same SLO ID in different files (their rules must not be loaded into one Prometheus)."
 BUCKETS_HELP = (
     "HISTOGRAM=BOUND,BOUND,… : the bucket bounds of a histogram whose buckets are not the catalog's (e.g. "
     "instrument_app(latency_buckets=...)); latency thresholds are checked against them. Repeatable."
 )
+
+
+#: Exit status of every command (slo compile/validate, dashboards build/lint, runbooks build) when a spec is
+#: invalid; usage errors (a bad option) exit with 2.
+SPEC_ERROR_EXIT = 1
 
 
 def _err(text: str) -> None:
@@ -43,7 +48,19 @@ def _fail(lines: list[str], out: str | None = None) -> NoReturn:
         _err(line)
     suffix = f"; nothing was written to {out}" if out else ""
     _err(f"{len(lines)} error{'s' if len(lines) != 1 else ''}{suffix}.")
-    raise typer.Exit(1)
+    raise typer.Exit(SPEC_ERROR_EXIT)
+
+
+def spec_failure(exc: SpecError, strict: bool = False, out: str | None = None) -> NoReturn:
+    """Print every problem of ``exc`` (its warnings too: as errors when ``strict``), grouped by file in line
+    order, and exit with :data:`SPEC_ERROR_EXIT`."""
+    issues = list(exc.issues) + ([w.as_error() for w in exc.warnings] if strict else [])
+    if not strict:
+        for warning in exc.warnings:
+            _err(str(warning))
+    files = list(dict.fromkeys(i.file for i in issues))
+    issues.sort(key=lambda i: (files.index(i.file), i.line or 0, i.column or 0))
+    _fail([str(i) for i in issues], out)
 
 
 def _parse_labels(values: list[str]) -> dict[str, str]:
@@ -71,7 +88,8 @@ def parse_buckets(values: list[str]) -> dict[str, tuple[float, ...]]:
     return buckets
 
 
-def _load_plugins(refs: list[str]) -> tuple[dict, dict]:
+def load_plugins(refs: list[str]) -> tuple[dict, dict]:
+    """``--plugins`` modules' (SLI plugins, SLO plugins); one that cannot be used is a usage error (exit 2)."""
     from llmpath.slo.plugins import load_plugin_module
 
     sli: dict = {}
@@ -91,13 +109,17 @@ def _compile(inputs: list[Path], options: CompileOptions, out: str | None) -> Co
 
 
 def _load(inputs: list[Path], options: CompileOptions, out: str | None) -> list[SpecDocument]:
-    """The spec documents of ``inputs``; invalid ones exit 1 with every problem."""
+    """The spec documents of ``inputs``; invalid ones exit 1 with every problem.
+
+    Warnings stay warnings here even with ``--strict``: the compile reports them as errors together with every
+    other problem, instead of the first unknown key stopping the checks that follow.
+    """
     from llmpath.slo import SpecError, load_specs
 
     try:
-        return load_specs(inputs, strict=options.strict)
+        return load_specs(inputs, strict=False)
     except SpecError as exc:
-        _fail([str(i) for i in exc.issues], out)
+        spec_failure(exc, options.strict, out)
 
 
 def _compile_docs(docs: list[SpecDocument], options: CompileOptions, out: str | None) -> CompileResult:
@@ -107,7 +129,7 @@ def _compile_docs(docs: list[SpecDocument], options: CompileOptions, out: str | 
     try:
         result = compile_slos(docs, options)
     except SpecError as exc:
-        _fail([str(i) for i in exc.issues], out)
+        spec_failure(exc, options.strict, out)
     for warning in result.warnings:
         _err(str(warning))
     return result
@@ -168,7 +190,7 @@ def compile_cmd(
         "--dashboard-base-url",
         help="Grafana base for dashboard_url (default for llmpath specs: http://localhost:3000).",
     ),
-    plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
+    plugins: list[str] = typer.Option([], "--plugins", help=PLUGINS_HELP),
     ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
     catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
@@ -188,7 +210,7 @@ def compile_cmd(
         raise typer.BadParameter(f"{out} is a folder", param_hint="--out")
     if out != "-" and not single_file and target.exists() and not target.is_dir():
         raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
-    sli_plugins, slo_plugins = _load_plugins(plugins)
+    sli_plugins, slo_plugins = load_plugins(plugins)
     options = CompileOptions(
         period=period,
         windows_file=list(windows) or None,
@@ -235,7 +257,7 @@ def validate_cmd(
     period: str | None = typer.Option(None, "--period", "-p", help=_PERIOD_HELP),
     windows: list[Path] = typer.Option([], "--windows", "-w", help=_WINDOWS_HELP),
     strict: bool = typer.Option(False, "--strict", help="Treat warnings (unknown keys, …) as errors."),
-    plugins: list[str] = typer.Option([], "--plugins", help=_PLUGINS_HELP),
+    plugins: list[str] = typer.Option([], "--plugins", help=PLUGINS_HELP),
     ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
     catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
@@ -249,7 +271,7 @@ def validate_cmd(
     """Validate specs without writing anything; duplicate SLO IDs across files are an error."""
     from llmpath.slo import CompileOptions
 
-    sli_plugins, slo_plugins = _load_plugins(plugins)
+    sli_plugins, slo_plugins = load_plugins(plugins)
     options = CompileOptions(
         period=period,
         windows_file=list(windows) or None,
@@ -316,11 +338,15 @@ def init_cmd(
     token, cache hit rate)."""
     from llmpath.slo import default_spec_path
 
-    text = default_spec_path().read_text(encoding="utf-8")
+    default = default_spec_path()
+    text = default.read_text(encoding="utf-8")
     if path == "-":
         sys.stdout.write(text)
         return
     target = Path(path)
+    # The header's commands name the file they are in.
+    text = text.replace(f"llmpath slo compile {default.name} ", f"llmpath slo compile {target} ")
+    text = text.replace(f"llmpath slo validate {default.name} ", f"llmpath slo validate {target} ")
     if target.is_dir():
         _err(f"{target} is a folder; give a file name.")
         raise typer.Exit(1)
@@ -351,11 +377,14 @@ def status(
 
     from llmpath.cli.tables import print_table
     from llmpath.promapi import PrometheusClient
-    from llmpath.slo_status import firing_lines, slo_status, status_table
+    from llmpath.slo_status import firing_lines, slo_services, slo_status, status_table
 
+    services: list[str] = []
     try:
         with PrometheusClient(prometheus.rstrip("/")) as client:
             rows = slo_status(client, service=service)
+            if not rows and service is not None:
+                services = slo_services(client)
     except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
         _err(f"llmpath slo status: cannot read SLOs from Prometheus at {prometheus}: {type(exc).__name__}: {exc}")
         raise typer.Exit(2) from None
@@ -370,6 +399,8 @@ def status(
             wanted = [f"owned by {owner!r}"] if owner else []
             wanted += ["with a firing alert"] if firing else []
             console.print(f"no SLO {' and '.join(wanted)}")
+        elif services:
+            console.print(f"no SLO has service {service!r}; services with SLOs in {prometheus}: {', '.join(services)}")
         else:
             console.print(f"no SLO rules evaluated by {prometheus} (sloth_slo_info has no series)")
         return

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,17 @@ class SpecOptions:
 
     inputs: tuple[Path, ...] = ()
     period: str | None = None
-    windows_file: Path | None = None
+    #: Sloth ``AlertWindows`` file(s) or folder(s) (``--windows``).
+    windows_file: Path | Sequence[Path] | None = None
     runbook_base_url: str | None = None
     dashboard_base_url: str | None = None
     #: Bucket bounds of histograms whose buckets are not the catalog's (``llmpath slo compile --buckets``).
     histogram_buckets: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
     #: The stage catalog (``llmpath slo compile --catalog``); default: the built-in stages and owners.
     stages: StageCatalog = STAGES
+    #: SLI and SLO plugins by id (``llmpath slo compile --plugins``, ``llmpath.slo.plugins.load_plugin_module``).
+    sli_plugins: Mapping[str, Any] = field(default_factory=dict)
+    slo_plugins: Mapping[str, Any] = field(default_factory=dict)
 
 
 def compile_specs(options: SpecOptions) -> Any:
@@ -49,6 +53,8 @@ def compile_specs(options: SpecOptions) -> Any:
             dashboard_base_url=options.dashboard_base_url,
             histogram_buckets=options.histogram_buckets,
             stages=options.stages,
+            sli_plugins=options.sli_plugins,
+            slo_plugins=options.slo_plugins,
         ),
     )
 

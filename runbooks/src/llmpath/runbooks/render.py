@@ -78,15 +78,17 @@ def build_runbooks(
     files: dict[str, str] = {}
     rows: list[IndexRow] = []
     sources: list[str] = []
+    owners: dict[str, str] = {}
     for slo in slos:
         sources.append(source_name(slo.source))
         for alert in slo.alerts:
             name = alert.runbook_file
-            where = f"alert {alert.name} of SLO {slo.id}: runbook_file {name!r}"
+            where = f"{slo.source}: alert {alert.name} ({alert.severity}) of SLO {slo.id}: runbook_file {name!r}"
             if "/" in name or "\\" in name or not name.endswith(".md") or name == INDEX:
                 raise RunbookError(f"{where} must be a plain .md file name other than {INDEX}")
             if name in files:
-                raise RunbookError(f"{where} is used by two alerts")
+                raise RunbookError(f"{where} is also the runbook of {owners[name]}; give the alerts distinct names")
+            owners[name] = f"alert {alert.name} ({alert.severity}) of SLO {slo.id} in {slo.source}"
             page = build_page(alert, slo, knowledge, grafana_url, slo.alerts, panel_titles, stages, catalog_source)
             files[name] = render_page(page)
             rows.append(IndexRow(alert.name, alert.severity, slo.id, page.stage, page.owner, name))

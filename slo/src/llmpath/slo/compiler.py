@@ -39,7 +39,13 @@ from llmpath.slo.model import (
     SpecDocument,
 )
 from llmpath.slo.plugins import PluginError, run_chain
-from llmpath.slo.validate import LABEL_NAME_RE, METRIC_NAME_RE, label_key_error, stage_owner
+from llmpath.slo.validate import (
+    LABEL_NAME_RE,
+    LLMPATH_ALERT_LABELS,
+    METRIC_NAME_RE,
+    label_key_error,
+    stage_owner,
+)
 from llmpath.slo.windows import AlertWindows, WindowCatalog
 from llmpath.slo.yamlout import dump
 
@@ -141,6 +147,12 @@ def compile_slos(docs: list[SpecDocument], options: CompileOptions | None = None
     default_period = _default_period(options, catalog_)
     version = options.sloth_version or f"llmpath-{_version()}"
     log = IssueLog()
+    if any(doc.spec == LLMPATH_V1 for doc in docs):
+        for key in sorted(set(options.extra_labels) & set(LLMPATH_ALERT_LABELS)):
+            log.error(
+                f"label {key!r} is set by the compiler from the `{key}:` of llmpath/v1 SLOs; set it there instead",
+                field="--extra-label",
+            )
     loaded = getattr(docs, "warnings", None)
     for w in loaded if loaded is not None else [w for doc in docs for w in doc.warnings]:
         log.add(w)
@@ -233,7 +245,14 @@ def _run_sli_plugin(slo: SLOSpec, options: CompileOptions, log: IssueLog) -> SLI
     except Exception as exc:
         log.error(f"plugin {plugin_id!r} execution error: {exc}", **slo.where("sli.plugin"))  # type: ignore[arg-type]
         return None
-    return SLI("raw", error_ratio_query=query)
+    if not isinstance(query, str):
+        log.error(
+            f"SLI plugin {plugin_id!r} returned {type(query).__name__} {query!r}; an SLI plugin must return its "
+            "error-ratio PromQL as a string (with {{.window}})",
+            **slo.where("sli.plugin.id"),  # type: ignore[arg-type]
+        )
+        return None
+    return SLI("raw", error_ratio_query=query, plugin_id=plugin_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,25 +274,34 @@ def severity_of(rule: Rule) -> str:
 
 
 def _runbook_files(compiled: list[Compiled]) -> dict[tuple[str, int], str]:
-    """File name per (SLO id, alert rule index): ``<alert>-<severity>.md``, qualified by SLO id on collisions."""
+    """File name per (SLO id, alert rule index): ``<alert>-<severity>.md``, qualified by SLO id on collisions.
+
+    llmpath specs cannot give two alerts of one SLO the same name and severity (validation); alerts that SLO
+    plugins add to Sloth-format SLOs might, and get ``-2``, ``-3``… so that every alert keeps its own runbook.
+    """
     owners: dict[str, set[str]] = defaultdict(set)
     for item in compiled:
         for rule in alert_rules_of(item.rules):
             owners[f"{rule.alert}-{severity_of(rule)}"].add(item.slo.id)
     out = {}
     for item in compiled:
+        used: Counter[str] = Counter()
         for i, rule in enumerate(alert_rules_of(item.rules)):
             base = f"{rule.alert}-{severity_of(rule)}"
             name = base if len(owners[base]) == 1 else f"{rule.alert}-{item.slo.id}-{severity_of(rule)}"
+            used[name] += 1
+            if used[name] > 1:
+                name += f"-{used[name]}"
             out[(item.slo.id, i)] = _FILE_SAFE.sub("_", name) + ".md"
     return out
 
 
-def dashboard_url(base: str, slo: SLOSpec) -> str:
-    """Deep link to the SLO's burn-rate panel (same panel key the dashboards generator uses)."""
+def dashboard_url(base: str, slo: SLOSpec, grouped: bool = True) -> str:
+    """Deep link to the SLO's burn-rate panel (same panel key the dashboards generator uses); ``grouped``: the
+    alert carries the SLO's ``group_by`` labels, which select the dashboard's variables (an absent alert has none)."""
     panel = catalog.stable_panel_id(f"slo:{slo.id}:burn")
     url = f"{base.rstrip('/')}/d/{catalog.DASHBOARD_UIDS['slos']}?viewPanel={panel}"
-    for label in slo.group_by:
+    for label in slo.group_by if grouped else ():
         url += f"&var-{label}=" + "{{ $labels." + label + " | urlquery }}"
     return url
 
@@ -287,9 +315,10 @@ def _annotate(item: Compiled, files: dict[tuple[str, int], str], options: Compil
         runbook_file = files[(item.slo.id, i)]
         if runbook_base is not None:
             rule.annotations["runbook_url"] = f"{runbook_base.rstrip('/')}/{runbook_file}"
-        if dash_base is not None:
-            rule.annotations["dashboard_url"] = dashboard_url(dash_base, item.slo)
         info = rule.info or {}
+        if dash_base is not None:
+            grouped = info.get("kind") != "absent"
+            rule.annotations["dashboard_url"] = dashboard_url(dash_base, item.slo, grouped)
         infos.append(
             AlertInfo(
                 name=rule.alert or "",

@@ -38,28 +38,37 @@ class Issue:
 
 
 class SpecError(ValueError):
-    """Invalid SLO input: one or more :class:`Issue` (all problems found, not just the first)."""
+    """Invalid SLO input: one or more :class:`Issue` (all problems found, not just the first).
 
-    def __init__(self, issues: Iterable[Issue]) -> None:
+    ``warnings`` are the warnings found along the way (empty when ``--strict`` made them part of ``issues``).
+    """
+
+    def __init__(self, issues: Iterable[Issue], warnings: Iterable[Issue] = ()) -> None:
         self.issues: tuple[Issue, ...] = tuple(issues)
+        self.warnings: tuple[Issue, ...] = tuple(warnings)
         super().__init__("\n".join(str(i) for i in self.issues) or "invalid SLO spec")
 
 
 class IssueLog:
-    """Collects errors and warnings while loading or compiling."""
+    """Collects errors and warnings while loading or compiling; an issue found again (e.g. a document-level
+    problem seen from each of its SLOs) is kept once."""
 
     def __init__(self) -> None:
         self.errors: list[Issue] = []
         self.warnings: list[Issue] = []
+        self._seen: set[Issue] = set()
 
     def add(self, issue: Issue) -> None:
+        if issue in self._seen:
+            return
+        self._seen.add(issue)
         (self.warnings if issue.severity == "warning" else self.errors).append(issue)
 
     def error(self, message: str, **where: object) -> None:
-        self.errors.append(Issue(message, **where))  # type: ignore[arg-type]
+        self.add(Issue(message, **where))  # type: ignore[arg-type]
 
     def warn(self, message: str, **where: object) -> None:
-        self.warnings.append(Issue(message, severity="warning", **where))  # type: ignore[arg-type]
+        self.add(Issue(message, severity="warning", **where))  # type: ignore[arg-type]
 
     def raise_if_errors(self, strict: bool = False) -> None:
         """Raise :class:`SpecError` for the errors (and, when ``strict``, the warnings too)."""
@@ -67,4 +76,4 @@ class IssueLog:
         if strict:
             problems += [w.as_error() for w in self.warnings]
         if problems:
-            raise SpecError(problems)
+            raise SpecError(problems, warnings=() if strict else self.warnings)

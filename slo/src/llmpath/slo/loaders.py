@@ -138,14 +138,16 @@ class _DocLoader:
         except YAMLSyntaxError as exc:
             self.log.error(str(exc), file=self.file, line=exc.line, column=exc.column)
             return None
-        for key, line, column in duplicates:
+        for dup in duplicates:
+            strict = kind == LLMPATH_V1
+            where = self.where(dup.path)
             self.log.add(
                 Issue(
-                    f"duplicate key {key!r} (the last value wins)",
-                    file=self.file,
-                    line=line,
-                    column=column,
-                    severity="error" if kind == LLMPATH_V1 else "warning",
+                    f"duplicate key {dup.key!r} (first at line {dup.first_line}): "
+                    + ("a key may appear only once in llmpath/v1" if strict else "Sloth uses the last value"),
+                    slo=self._slo_of(dup.path, kind) if kind else None,
+                    severity="error" if strict else "warning",
+                    **{**where, "line": dup.line, "column": dup.column},  # type: ignore[arg-type]
                 )
             )
         if kind is None:
@@ -164,7 +166,9 @@ class _DocLoader:
         for loc, hint in schema.unknown_keys(self.data, model_cls):
             self.log.add(
                 Issue(
-                    f"unknown key {loc[-1]!r}{' (not allowed in llmpath/v1)' if strict else ' (ignored)'}{hint}",
+                    f"unknown key {loc[-1]!r} "
+                    + ("(not allowed in llmpath/v1)" if strict else "(Sloth ignores it)")
+                    + hint,
                     slo=self._slo_of(loc, kind),
                     severity="error" if strict else "warning",
                     **self.where(loc),  # type: ignore[arg-type]
@@ -238,6 +242,7 @@ class _DocLoader:
                 description=s.description,
                 labels=_merge(container.labels, s.labels),
                 service_labels=dict(container.labels),
+                own_labels=dict(s.labels),
                 page=_sloth_alert(s.alerting, s.alerting.page_alert),
                 ticket=_sloth_alert(s.alerting, s.alerting.ticket_alert),
                 plugins=plugins,
@@ -336,7 +341,7 @@ class _DocLoader:
                 extra.append(
                     ExtraAlert(
                         "threshold",
-                        ta.name or alerting.name,
+                        ta.name or (f"{alerting.name}Threshold" if alerting.name else ""),
                         ta.severity,
                         _merge(alerting.labels, ta.labels),
                         _merge(alerting.annotations, ta.annotations),
@@ -356,6 +361,7 @@ class _DocLoader:
                     description=s.description,
                     labels=_merge(spec.labels, s.labels),
                     service_labels=dict(spec.labels),
+                    own_labels=dict(s.labels),
                     page=_llmpath_alert(alerting, alerting.page_alert),
                     ticket=_llmpath_alert(alerting, alerting.ticket_alert),
                     extra_alerts=extra,

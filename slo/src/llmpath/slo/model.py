@@ -62,8 +62,11 @@ class Locator:
         from llmpath.slo.yamlin import exists, position
 
         parts = logical.split(".")
-        # Alert labels/annotations are merged from `alerting.*` and `<severity>_alert.*`: name where the key is.
-        if len(parts) >= 4 and parts[0] == "alerting" and parts[2] in ("labels", "annotations"):
+        # Alert labels/annotations are merged from `alerting.*` and `<kind>_alert.*`, and the burn-rate alerts'
+        # `for` defaults to `alerting.for`: name where the key is.
+        inherited = len(parts) >= 4 and parts[2] in ("labels", "annotations")
+        inherited |= len(parts) == 3 and parts[1] in ("page_alert", "ticket_alert") and parts[2] == "for"
+        if parts[0] == "alerting" and inherited:
             shared = ".".join(["alerting", *parts[2:]])
             if not exists(self.raw, self.path(logical)) and exists(self.raw, self.path(shared)):
                 logical = shared
@@ -143,8 +146,12 @@ class SLOSpec:
     objective: float
     sli: SLI
     description: str = ""
+    #: Every label of the SLO's rules: ``service_labels``, then ``own_labels`` (and ``--extra-label`` once compiled).
     labels: dict[str, str] = field(default_factory=dict)
+    #: The document's top-level ``labels:``.
     service_labels: dict[str, str] = field(default_factory=dict)
+    #: The SLO's own ``labels:``.
+    own_labels: dict[str, str] = field(default_factory=dict)
     page: AlertMeta = field(default_factory=AlertMeta)
     ticket: AlertMeta = field(default_factory=AlertMeta)
     extra_alerts: list[ExtraAlert] = field(default_factory=list)
@@ -160,8 +167,8 @@ class SLOSpec:
     locator: Locator | None = None
 
     def where(self, logical: str = "") -> dict[str, object]:
-        """Issue location keywords for a field of this SLO."""
-        out: dict[str, object] = {"slo": self.id}
+        """Issue location keywords for a field of this SLO (``^field``: of its document, named without the SLO)."""
+        out: dict[str, object] = {"slo": None if logical.startswith("^") else self.id}
         if self.locator is not None:
             out.update(self.locator.where(logical))
         return out

@@ -11,8 +11,10 @@ For every SLO four scenarios run against the real generated rule file:
 
 Input series are built from the SLI's own PromQL: the selectors of ``sum(rate(...))`` terms become counters whose
 labels satisfy the matchers (good/bad/total roles inferred from the expression's shape, ``le`` spellings included).
-Expected values come from a simulator that evaluates the recording expressions the way Prometheus 2.42 does
-(closed range windows, ``rate`` extrapolation, float operation order), so ``promql_expr_test`` values are exact.
+A counter on the left of ``or`` (``bad or 0 * total``) appears only just before its first increment, so both sides
+of the ``or`` are evaluated. Expected values come from a simulator that evaluates the recording expressions the way
+Prometheus 2.42 does (closed range windows, ``rate`` extrapolation, float operation order), so ``promql_expr_test``
+values are exact.
 SLIs whose PromQL has another shape get their ``slo:sli_error:ratio_rate<window>`` series injected directly, which
 tests the alerting layer (windows, factors, labels, annotations) but not the SLI query itself.
 """
@@ -23,8 +25,10 @@ import itertools
 import math
 import re
 import urllib.parse
+from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any
 
 import promql_parser
@@ -93,8 +97,10 @@ def to_tree(node: Any) -> Tree:
         return ("leaf", Leaf(tuple(matchers), call.func.name, int(matrix.range.total_seconds()), by))
     if isinstance(node, promql_parser.BinaryExpr):
         op = str(node.op)
-        if op not in ("+", "-", "*", "/", "or", ">") or node.modifier is not None:
-            raise Unsupported(f"binary operator {op}")
+        # `or` always carries many-to-many matching; only on(...)/ignoring(...) change what it does.
+        plain_or = op == "or" and node.modifier is not None and node.modifier.matching is None
+        if op not in ("+", "-", "*", "/", "or", ">") or (node.modifier is not None and not plain_or):
+            raise Unsupported(f"binary operator {op} with vector matching")
         lhs, rhs = to_tree(node.lhs), to_tree(node.rhs)
         if op == ">" and rhs[0] != "const":
             raise Unsupported("comparison with a vector")
@@ -159,11 +165,17 @@ def _binop(op: str, a: Any, b: Any) -> Any:
 
 @dataclass
 class Series:
-    """One synthetic counter: its labels (``__name__`` included), group, and role (total/good/bad)."""
+    """One synthetic counter: its labels (``__name__`` included), group, and role (total/good/bad).
+
+    A ``lazy`` counter does not exist until just before its first increment (it then starts at 0), as a client
+    library creates a labelled counter (``code="500"``) with its first error: the SLI's ``or 0 * total``
+    fallback is what answers while it is absent.
+    """
 
     labels: dict[str, str]
     group: int
     role: str
+    lazy: bool = False
 
     def sort_key(self) -> tuple[tuple[str, str], ...]:
         return tuple(sorted(self.labels.items()))
@@ -219,7 +231,16 @@ class Simulation:
                 self.counts[(g, role)] = list(
                     itertools.accumulate(scenario.increments(role, burning, k) for k in range(scenario.steps + 1))
                 )
-        self.values = {i: self.counts[(s.group, s.role)] for i, s in enumerate(fixture.series)}
+        self.values: dict[int, list[int | None]] = {}
+        #: Per series, the first step it has a sample (``None``: never).
+        self.born: dict[int, int | None] = {}
+        for i, series in enumerate(fixture.series):
+            cumulative: list[int | None] = list(self.counts[(series.group, series.role)])
+            born: int | None = 0
+            if series.lazy:
+                born = next((k - 1 for k in range(1, len(cumulative)) if cumulative[k] != cumulative[k - 1]), None)
+                cumulative = [None if born is None or k < born else v for k, v in enumerate(cumulative)]
+            self.values[i], self.born[i] = cumulative, born
         self.ordered = sorted(range(len(fixture.series)), key=lambda i: fixture.series[i].sort_key())
         self._cache: dict[tuple[str, int, int], Any] = {}
         self._selection: dict[tuple[int, int], list[int]] = {}
@@ -228,10 +249,14 @@ class Simulation:
 
     def _rate(self, idx: int, leaf: Leaf, t: int) -> float | None:
         s = self.step_s
-        first = max(0, math.ceil((t * s - leaf.range_s) / s))
-        if t - first < 1 or not self.scenario.traffic:
+        born = self.born[idx]
+        if born is None or not self.scenario.traffic:
+            return None
+        first = max(0, born, math.ceil((t * s - leaf.range_s) / s))
+        if t - first < 1:
             return None
         v = self.values[idx]
+        assert v[t] is not None and v[first] is not None
         delta = float(v[t] - v[first])
         sampled = float((t - first) * s)
         to_start = float(first * s - (t * s - leaf.range_s))
@@ -318,31 +343,32 @@ class Simulation:
 # --------------------------------------------------------------------------------------------
 
 
-def _roles(error: Tree, total: Tree) -> tuple[str, Leaf, Leaf]:
-    """('bad'|'good', the bad-or-good leaf, the total leaf) for the SLI shapes the generator understands."""
+def _roles(error: Tree, total: Tree) -> tuple[str, Leaf, Leaf, bool]:
+    """('bad'|'good', the bad-or-good leaf, the total leaf, whether that leaf is the left side of an ``or``) for
+    the SLI shapes the generator understands."""
     if total[0] != "leaf":
         raise Unsupported("total is not a single sum(rate())")
     tleaf = total[1]
     if error[0] == "leaf":
-        return "bad", error[1], tleaf
+        return "bad", error[1], tleaf, False
     if error[0] == "or" and error[1][0] == "leaf" and tleaf in leaves(error[2]):
-        return "bad", error[1][1], tleaf
+        return "bad", error[1][1], tleaf, True
     if error[0] == "-" and error[1] == total:
         right = error[2]
         if right[0] == "leaf":
-            return "good", right[1], tleaf
-        if right[0] == "or" and right[1][0] == "leaf":
-            return "good", right[1][1], tleaf
+            return "good", right[1], tleaf, False
+        if right[0] == "or" and right[1][0] == "leaf" and tleaf in leaves(right[2]):
+            return "good", right[1][1], tleaf, True
     raise Unsupported("unrecognised error/total shape")
 
 
-def _raw_roles(query: Tree) -> tuple[str, Leaf, Leaf]:
+def _raw_roles(query: Tree) -> tuple[str, Leaf, Leaf, bool]:
     if query[0] == "/" and query[1][0] == "leaf" and query[2][0] == "leaf":
-        return "bad", query[1][1], query[2][1]
+        return "bad", query[1][1], query[2][1], False
     if query[0] == "-" and query[1] == ("const", 1.0) and query[2][0] == "/":
         div = query[2]
         if div[1][0] == "leaf" and div[2][0] == "leaf":
-            return "good", div[1][1], div[2][1]
+            return "good", div[1][1], div[2][1], False
     raise Unsupported("unrecognised raw ratio shape")
 
 
@@ -365,7 +391,7 @@ def _violating(base: list[Matcher], violate: tuple[Matcher, ...], seed: dict[str
     return None
 
 
-def _series_for(role: str, part: Leaf, total: Leaf, group: dict[str, str], idx: int) -> list[Series]:
+def _series_for(role: str, part: Leaf, total: Leaf, group: dict[str, str], idx: int, lazy: bool) -> list[Series]:
     gm = [Matcher(k, "=", v) for k, v in group.items()]
     other = "good" if role == "bad" else "bad"
     # Overlap: the total selector also selects the part's series (e.g. requests{code=~"5.."} within requests).
@@ -373,13 +399,13 @@ def _series_for(role: str, part: Leaf, total: Leaf, group: dict[str, str], idx: 
     if part_labels is not None:
         rest = _violating([*total.matchers, *gm], part.matchers, part_labels)
         if rest is not None:
-            return [Series(part_labels, idx, role), Series(rest, idx, other)]
+            return [Series(part_labels, idx, role, lazy), Series(rest, idx, other)]
     # Disjoint: separate series for the part and for the total (e.g. histogram _bucket vs _count).
     part_only = _violating([*part.matchers, *gm], total.matchers, {})
     total_only = _violating([*total.matchers, *gm], part.matchers, {})
     if part_only is None or total_only is None:
         raise Unsupported("no label values satisfy the selectors")
-    return [Series(part_only, idx, role), Series(total_only, idx, "total")]
+    return [Series(part_only, idx, role, lazy), Series(total_only, idx, "total")]
 
 
 def _alternative_le(series: list[Series], leaf: Leaf) -> None:
@@ -398,13 +424,13 @@ def build_fixture(item: Compiled) -> tuple[Fixture, dict[str, Tree], str]:
     events = R.event_queries(slo)
     try:
         if events is not None:
-            role, part, total = _roles(parse_tree(_window(events[0])), parse_tree(_window(events[1])))
+            role, part, total, lazy = _roles(parse_tree(_window(events[0])), parse_tree(_window(events[1])))
         else:
-            role, part, total = _raw_roles(parse_tree(_window(slo.sli.error_ratio_query or "")))
+            role, part, total, lazy = _raw_roles(parse_tree(_window(slo.sli.error_ratio_query or "")))
         groups = _groups(part, total)
         series: list[Series] = []
         for i, group in enumerate(groups):
-            built = _series_for(role, part, total, group, i)
+            built = _series_for(role, part, total, group, i, lazy)
             if i == 1:
                 _alternative_le(built, part)
             series += built
@@ -414,6 +440,13 @@ def build_fixture(item: Compiled) -> tuple[Fixture, dict[str, Tree], str]:
         _sanity_check(item, fixture, trees)
         grouping = "; groups " + ", ".join(_g(g) for g in groups) if groups != [{}] else ""
         how = f"counters for the SLI's selectors ({role} and total{grouping})"
+        if lazy and role == "bad":
+            how += (
+                "; the bad counter appears (at 0) just before its first error, so the `or 0 * total` fallback answers "
+                "until then and on the healthy groups"
+            )
+        elif lazy:
+            how += "; the good counter appears (at 0) just before its first good event"
         return fixture, trees, how
     except (Unsupported, ValueError, TypeError, AttributeError) as exc:
         return Fixture("injected", groups=[{}], burning=[True]), {}, f"injected SLI series ({exc})"
@@ -572,7 +605,7 @@ def _burns(models: list[AlertModel], budget: float) -> tuple[float, float, float
 
 
 def _values_text(cum: list[float | int | None]) -> str:
-    """promtool's expanding notation for a value list (``a+bxn`` runs, ``_`` for missing samples)."""
+    """promtool's expanding notation for a value list (``a+bxn``: n + 1 values; ``_xn``: n missing samples)."""
     out: list[str] = []
     i = 0
     n = len(cum)
@@ -581,7 +614,7 @@ def _values_text(cum: list[float | int | None]) -> str:
             j = i
             while j + 1 < n and cum[j + 1] is None:
                 j += 1
-            out.append("_" if j == i else f"_x{j - i}")
+            out.append("_" if j == i else f"_x{j - i + 1}")
             i = j + 1
             continue
         j = i
@@ -783,7 +816,11 @@ def _input_series(plan: TestPlan, sim: Simulation) -> list[dict[str, str]]:
     if not sim.scenario.traffic:
         return []
     if plan.fixture.kind == "counters":
-        return [{"series": s.text(), "values": _values_text(sim.values[i])} for i, s in enumerate(plan.fixture.series)]
+        return [
+            {"series": s.text(), "values": _values_text(sim.values[i])}
+            for i, s in enumerate(plan.fixture.series)
+            if sim.born[i] is not None
+        ]
     out = []
     for rule in plan.item.rules.sli.rules:
         record = rule.record or ""
@@ -840,11 +877,22 @@ def _fired_summary(case: dict[str, Any]) -> str:
     return ", ".join(f"{k} at {v}" for k, v in firsts.items()) or "nothing fires"
 
 
+def test_file_name(slo_id: str, rule_file: str, shared_id: bool) -> str:
+    """``<slo id>.test.yaml``; ``<rule file>-<slo id>.test.yaml`` (folders joined with ``-``, no extension) when
+    the SLO ID is in several rule files (``--ignore-duplicates``), so that no test file replaces another."""
+    if not shared_id:
+        return f"{slo_id}.test.yaml"
+    stem = PurePosixPath(rule_file).with_suffix("").as_posix()
+    return f"{stem.replace('/', '-')}-{slo_id}.test.yaml"
+
+
 def generate_tests(compiled: list[Compiled], names: dict[int, str], log: IssueLog) -> dict[str, str]:
-    """promtool test files, one per SLO: ``<slo id>.test.yaml`` referring to ``../<rule file>``."""
+    """promtool test files, one per SLO (:func:`test_file_name`), each referring to ``../<rule file>`` (test files
+    are written to ``OUT/tests/``, rule files to ``OUT/<rule file>``)."""
     by_file: dict[str, list[Compiled]] = {}
     for item in compiled:
         by_file.setdefault(names[id(item.doc)], []).append(item)
+    ids = Counter(item.slo.id for items in by_file.values() for item in items if item.rules.sli.rules)
     out: dict[str, str] = {}
     for rule_file, items in by_file.items():
         groups = [g.name for item in items for g in item.rules.groups()]
@@ -857,20 +905,24 @@ def generate_tests(compiled: list[Compiled], names: dict[int, str], log: IssueLo
                 continue
             plan = _plan(item, alert_names)
             cases = [_test_case(plan, s) for s in _scenarios(plan)]
+            name = test_file_name(item.slo.id, rule_file, ids[item.slo.id] > 1)
+            if name in out:
+                log.error(f"promtool tests: two SLOs would write the test file {name!r}", **item.slo.where(""))  # type: ignore[arg-type]
+                continue
             doc = {
-                "rule_files": [f"{'../' * (rule_file.count('/') + 1)}{rule_file}"],
+                "rule_files": [f"../{rule_file}"],
                 "evaluation_interval": _dur(1, plan.step_s),
                 "group_eval_order": groups,
                 "tests": cases,
             }
             lines = [
                 f"# promtool tests for SLO {item.slo.id} (generated by llmpath slo compile --tests; DO NOT EDIT).",
-                f"# Run: promtool test rules {item.slo.id}.test.yaml",
+                f"# Run: promtool test rules {name}",
                 f"# Traffic: {plan.how}.",
                 *(f"# Scenario {c['name']}: {_fired_summary(c)}." for c in cases),
                 *(f"# Note: {n}" for n in plan.notes),
             ]
-            out[f"{item.slo.id}.test.yaml"] = "\n".join(lines) + "\n" + yaml.safe_dump(doc, sort_keys=False, width=1000)
+            out[name] = "\n".join(lines) + "\n" + yaml.safe_dump(doc, sort_keys=False, width=1000)
             for note in plan.notes:
                 log.warn(f"promtool tests: {note}", **item.slo.where(""))  # type: ignore[arg-type]
     return out

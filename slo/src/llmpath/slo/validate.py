@@ -82,6 +82,24 @@ def label_key_error(key: str) -> str | None:
     return None
 
 
+def label_field(slo: SLOSpec, key: str) -> str | None:
+    """Where a label of ``slo.labels`` is set: the SLO's ``labels.<key>``, the document's top-level
+    ``^labels.<key>``, or ``None`` for an ``--extra-label`` (checked once, as an option)."""
+    if key in slo.own_labels:
+        return f"labels.{key}"
+    if key in slo.service_labels:
+        return f"^labels.{key}"
+    return None
+
+
+def _slo_labels(slo: SLOSpec) -> Iterator[Problem]:
+    """Sloth's SLO label checks, each reported where the label is set."""
+    for key in slo.labels:
+        field = label_field(slo, key)
+        if field is not None:
+            yield from _labels({key: slo.labels[key]}, field.rsplit(".", 1)[0], "SLO")
+
+
 def _labels(labels: dict[str, str], field: str, what: str) -> Iterator[Problem]:
     for key, value in labels.items():
         if msg := label_key_error(key):
@@ -120,7 +138,7 @@ def sloth_problems(slo: SLOSpec, check: QueryValidator = promql_error) -> list[P
         out.append(("^service", f"invalid SLO service: {msg}"))
     if not 0 < slo.objective <= 100 or math.isnan(slo.objective):
         out.append(("objective", f"objective must >0 and <=100 (got {go_float(slo.objective)})"))
-    out += [(f, m) for f, m in _labels(slo.labels, "labels", "SLO")]
+    out += list(_slo_labels(slo))
     sli = slo.sli
     if sli.kind == "none":
         out.append(("sli", "invalid SLI: at least one SLI type is required"))
@@ -131,6 +149,11 @@ def sloth_problems(slo: SLOSpec, check: QueryValidator = promql_error) -> list[P
             out.append(("sli.events", "invalid SLI: both error and total queries can't be the same"))
         out += _query(sli.error_query, "sli.events.error_query", "error", check)
         out += _query(sli.total_query, "sli.events.total_query", "total", check)
+    elif sli.kind == "raw" and sli.plugin_id:  # the query an SLI plugin returned
+        out += [
+            ("sli.plugin.id", f"SLI plugin {sli.plugin_id!r} returned an invalid query: {m}")
+            for _, m in _query(sli.error_ratio_query, "", "raw", check)
+        ]
     elif sli.kind == "raw":
         out += _query(sli.error_ratio_query, "sli.raw.error_ratio_query", "raw", check)
     for severity, alert in (("page", slo.page), ("ticket", slo.ticket)):
@@ -229,8 +252,8 @@ def llmpath_problems(
         known = ", ".join([*stages.names, *(g.name for g in stages.groups)])
         out.append(("stage", f"unknown stage {slo.stage!r}; stages and stage groups: {known}"))
     for key in slo.labels:
-        if key in LLMPATH_ALERT_LABELS:
-            out.append((f"labels.{key}", f"label {key!r} is set by the compiler from `{key}:`; use that key instead"))
+        if key in LLMPATH_ALERT_LABELS and (field := label_field(slo, key)) is not None:
+            out.append((field, f"label {key!r} is set by the compiler from `{key}:`; use that key instead"))
     for label in slo.group_by:
         if not LABEL_NAME_RE.fullmatch(label) or label.startswith(RESERVED_PREFIX) or label == "le":
             out.append(("group_by", f"invalid grouping label {label!r}"))
@@ -248,7 +271,31 @@ def llmpath_problems(
     elif sli.kind == "ratio":
         out += _ratio_problems(slo)
     out += _alert_option_problems(slo)
+    out += _alert_name_problems(slo)
     return out
+
+
+def _alert_name_problems(slo: SLOSpec) -> Iterator[Problem]:
+    """Two alerts of one SLO with the same name and severity have the same labels (Prometheus cannot tell them
+    apart) and the same runbook file."""
+    alerts = [
+        (severity, meta.name, "alerting.name", f"{severity} burn-rate alert")
+        for severity, meta in (("page", slo.page), ("ticket", slo.ticket))
+        if not meta.disable
+    ]
+    alerts += [(e.severity, e.name, f"alerting.{e.kind}_alert.name", f"{e.kind} alert") for e in slo.extra_alerts]
+    seen: dict[tuple[str, str], str] = {}
+    for severity, name, field, what in alerts:
+        if not name:
+            continue
+        if (name, severity) in seen:
+            yield (
+                field,
+                f"the {what} is named {name!r} with severity {severity}, like the {seen[name, severity]}: both "
+                f"alerts would have the same labels and runbook ({name}-{severity}.md); give this one its own name",
+            )
+        else:
+            seen[name, severity] = what
 
 
 def _latency_problems(slo: SLOSpec, histogram_buckets: Mapping[str, Sequence[float]]) -> Iterator[Problem]:
@@ -385,15 +432,23 @@ def reachability_problems(slo: SLOSpec, windows: AlertWindows) -> tuple[list[Pro
         )
         field = f"alerting.{severity}_alert"
         if len(dead) == len(pairs):
+            needed = _objective_above(min(p.factor for p in pairs))
             errors.append(
                 (
                     field,
                     f"the {severity} alert can never fire with a {go_float(slo.objective)}% objective ({detail}); "
-                    "disable it and use threshold_alert, or lower the objective",
+                    f"raise the objective to at least {needed}%, or disable the alert and use threshold_alert",
                 )
             )
         else:
-            warnings.append((field, f"part of the {severity} alert can never fire ({detail})"))
+            needed = _objective_above(max(p.factor for p in pairs))
+            warnings.append(
+                (
+                    field,
+                    f"part of the {severity} alert can never fire ({detail}); every window pair can fire with an "
+                    f"objective of at least {needed}%",
+                )
+            )
     for extra in slo.extra_alerts:
         if extra.kind != "threshold":
             continue
@@ -410,7 +465,15 @@ def reachability_problems(slo: SLOSpec, windows: AlertWindows) -> tuple[list[Pro
             errors.append(
                 (
                     field,
-                    f"factor {go_float(extra.factor or 0)} x budget {go_float(budget)} >= 1: the alert can never fire",
+                    f"factor {go_float(extra.factor or 0)} x budget {go_float(budget)} >= 1: the alert can never fire; "
+                    f"use a factor below {go_float(round(1 / budget, 6))} or an objective of at least "
+                    f"{_objective_above(extra.factor or 0)}%",
                 )
             )
     return errors, warnings
+
+
+def _objective_above(factor: float) -> str:
+    """The smallest objective (percent, 3 decimals) whose budget times ``factor`` is below 1, so the alert can fire."""
+    exact = 100 * (1 - 1 / factor)
+    return go_float(round(math.floor(exact * 1000 + 1e-4) / 1000 + 0.001, 3))

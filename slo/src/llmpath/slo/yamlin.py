@@ -38,9 +38,21 @@ class LineList(list):
         self.pos: tuple[int, int] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class DuplicateKey:
+    """A key given twice in one mapping: where it is again, where it was first, and the mapping's path."""
+
+    key: str
+    line: int
+    column: int
+    first_line: int
+    path: tuple[object, ...]
+
+
 class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
     line_offset = 0
-    duplicates: list[tuple[str, int, int]]
+    #: (key, (line, column), first (line, column), the mapping it is in), resolved to paths after loading.
+    duplicates: list[tuple[str, tuple[int, int], tuple[int, int], LineDict]]
 
 
 def _pos(loader: _Loader, node: yaml.Node) -> tuple[int, int]:
@@ -56,7 +68,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> LineDict:
         if not isinstance(key, str):
             key = str(key) if not isinstance(key, bool) else str(key).lower()
         if key in out:
-            loader.duplicates.append((key, *_pos(loader, key_node)))
+            loader.duplicates.append((key, _pos(loader, key_node), out.key_pos[key], out))
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_pos[key] = _pos(loader, key_node)
     return out
@@ -126,7 +138,7 @@ def _flush(docs: list[RawDocument], lines: list[str], start: int) -> None:
         docs.append(RawDocument(body + "\n", len(docs), start))
 
 
-def load_yaml(doc: RawDocument) -> tuple[Any, list[tuple[str, int, int]]]:
+def load_yaml(doc: RawDocument) -> tuple[Any, list[DuplicateKey]]:
     """Parse one document into :class:`LineDict`/:class:`LineList` trees; returns (data, duplicate keys)."""
     loader = _Loader(doc.text)
     loader.line_offset = doc.first_line - 1
@@ -148,7 +160,25 @@ def load_yaml(doc: RawDocument) -> tuple[Any, list[tuple[str, int, int]]]:
         raise YAMLSyntaxError(f"YAML error: {exc}", None, None) from None
     finally:
         loader.dispose()
-    return data, loader.duplicates
+    paths = _mapping_paths(data)
+    duplicates = [
+        DuplicateKey(key, line, column, first[0], (*paths.get(id(mapping), ()), key))
+        for key, (line, column), first, mapping in loader.duplicates
+    ]
+    return data, duplicates
+
+
+def _mapping_paths(node: object, path: tuple[object, ...] = ()) -> dict[int, tuple[object, ...]]:
+    """The path of every mapping in a loaded document, by ``id``."""
+    out: dict[int, tuple[object, ...]] = {}
+    if isinstance(node, dict):
+        out[id(node)] = path
+        for key, value in node.items():
+            out.update(_mapping_paths(value, (*path, key)))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out.update(_mapping_paths(value, (*path, i)))
+    return out
 
 
 def go_string(value: object) -> str | None:

@@ -1,0 +1,156 @@
+"""`llmpath slo status` against a real Prometheus evaluating compiled rules while their alerts fire: one row per
+SLO group (route), however many labels its alerts carry; an unknown --service names the services that exist."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from llmpath.demo.prometheus import ScrapeTarget, find_prometheus, prometheus_config, start_prometheus
+from llmpath.demo.supervisor import Supervisor
+from llmpath.promapi import PrometheusClient
+from llmpath.slo import CompileOptions, compile_slos, load_specs
+from llmpath.slo_status import slo_status
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+WINDOWS_1H = REPO / "slo" / "examples" / "windows-1h.yaml"
+BUDGET = "slo:period_error_budget_remaining:ratio"
+
+# Alerts with labels of their own (routing keys, channels): not groups of the SLO.
+LABELLED = """\
+version: llmpath/v1
+service: labelled
+labels: {team: inference}
+slos:
+  - name: availability
+    objective: 99.9
+    stage: route
+    group_by: [route]
+    sli:
+      ratio: {bad: 'llmpath_requests_total{code=~"5.."}', total: llmpath_requests_total}
+    alerting:
+      name: LabelledAvailability
+      labels: {category: availability}
+      page_alert: {labels: {routing_key: pager, severity: critical}}
+      ticket_alert: {labels: {slack_channel: "#llm", severity: warning}}
+"""
+
+
+class _Exporter(BaseHTTPRequestHandler):
+    """Counters that grow ten times a second: route chat fails half its requests, docs-qa none; Sloth's
+    getting-started service (scraped as job myservice) fails a fifth."""
+
+    started = time.monotonic()
+
+    def do_GET(self) -> None:
+        n = int((time.monotonic() - self.started) * 10)
+        body = (
+            "# TYPE llmpath_requests_total counter\n"
+            f'llmpath_requests_total{{route="chat",code="200"}} {n * 10}\n'
+            f'llmpath_requests_total{{route="chat",code="500"}} {n * 10}\n'
+            f'llmpath_requests_total{{route="docs-qa",code="200"}} {n * 5}\n'
+            "# TYPE http_request_duration_seconds_count counter\n"
+            f'http_request_duration_seconds_count{{code="200"}} {n * 8}\n'
+            f'http_request_duration_seconds_count{{code="500"}} {n * 2}\n'
+        ).encode()
+        self.send_response(200)
+        self.send_header("content-type", "text/plain; version=0.0.4")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def prometheus_url(tmp_path_factory: pytest.TempPathFactory, sloth_dir: Path) -> Iterator[str]:
+    """A Prometheus evaluating the labelled SLO and Sloth's getting-started SLO (1-hour windows) until both fire
+    their page and ticket alerts."""
+    if find_prometheus() is None:
+        pytest.skip("prometheus not installed (make test installs it via apt-get)")
+    work = tmp_path_factory.mktemp("status")
+    (work / "labelled.yaml").write_text(LABELLED)
+    docs = load_specs([work / "labelled.yaml", sloth_dir / "examples" / "getting-started.yml"])
+    result = compile_slos(docs, CompileOptions(windows_file=WINDOWS_1H))
+    rule_files = []
+    for name, text in result.files.items():
+        (work / name).write_text(text)
+        rule_files.append(work / name)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Exporter)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with Supervisor(work / "logs") as supervisor:
+            # The job label is the one Sloth's getting-started SLI selects.
+            target = ScrapeTarget("myservice", f"127.0.0.1:{server.server_address[1]}")
+            config = prometheus_config([target], rule_files, scrape_interval="1s", evaluation_interval="1s")
+            prometheus = start_prometheus(supervisor, work / "prometheus", config)
+            with prometheus.client() as client:
+                deadline = time.monotonic() + 90
+                firing = {
+                    (a, s) for a in ("LabelledAvailability", "MyServiceHighErrorRate") for s in ("page", "ticket")
+                }
+                # The metadata groups run apart from the alert groups: wait for their budget series too.
+                while _firing(client) != firing or len(client.query(BUDGET)) < 3:
+                    assert time.monotonic() < deadline, f"alerts never fired: {client.alerts()}"
+                    time.sleep(0.5)
+            yield prometheus.url
+    finally:
+        server.shutdown()
+
+
+def _firing(client: PrometheusClient) -> set[tuple[str, str]]:
+    return {
+        (a["labels"]["alertname"], a["labels"]["sloth_severity"]) for a in client.alerts() if a["state"] == "firing"
+    }
+
+
+def test_alert_labels_do_not_split_an_slo_into_phantom_rows(prometheus_url: str) -> None:
+    with PrometheusClient(prometheus_url) as client:
+        rows = slo_status(client)
+    got = [(r.slo_id, r.group, sorted((a.name, a.severity) for a in r.alerts)) for r in rows]
+    assert got == [
+        (
+            "labelled-availability",
+            {"route": "chat"},
+            [("LabelledAvailability", "page"), ("LabelledAvailability", "ticket")],
+        ),
+        ("labelled-availability", {"route": "docs-qa"}, []),
+        (
+            "myservice-requests-availability",
+            {},
+            [("MyServiceHighErrorRate", "page"), ("MyServiceHighErrorRate", "ticket")],
+        ),
+    ]
+    chat, docs_qa, sloth = rows
+    assert chat.sli == pytest.approx(0.5, abs=0.05) and docs_qa.sli == 1.0
+    assert sloth.sli == pytest.approx(0.8, abs=0.05) and sloth.objective == 99.9
+    assert chat.stage == "route" and chat.owner == "platform" and sloth.stage == "-"
+    assert [r.budget_remaining < 0 for r in rows] == [True, False, True]  # 500x and 200x burns: exhausted
+    assert chat.burn_rate == pytest.approx(500, rel=0.1) and docs_qa.burn_rate == 0.0
+
+
+def test_status_cli_names_the_services_when_none_matches(prometheus_url: str, llmpath_bin: str) -> None:
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [llmpath_bin, "slo", "status", "--prometheus", prometheus_url, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
+
+    nope = status("--service", "nope")
+    assert nope.returncode == 0, nope.stderr
+    assert " ".join(nope.stdout.split()) == (
+        f"no SLO has service 'nope'; services with SLOs in {prometheus_url}: labelled, myservice"
+    )
+    firing = status("--service", "myservice", "--firing")
+    assert firing.returncode == 0, firing.stderr
+    lines = firing.stdout.splitlines()
+    assert sum("requests-availability" in line for line in lines) == 1  # one row, not one per alert label set
+    assert sum(line.startswith("firing MyServiceHighErrorRate") for line in lines) == 2
