@@ -145,3 +145,21 @@ async def test_a_route_only_lowers_the_documented_max_tokens() -> None:
         over = await c.post("/v1/chat/completions", json={**body, "model": "long", "max_tokens": 65}, headers=auth())
     assert r.status_code == 422 and r.json()["error"]["message"] == "max_tokens is 9, above the limit of 8."
     assert over.status_code == 422 and over.json()["error"]["message"] == "max_tokens is 65, above the limit of 64."
+
+
+async def test_requests_refused_after_auth_keep_their_tenant_in_the_ledger(tmp_path) -> None:
+    """A 400/404 after the key was accepted is the tenant's request: the ledger and token counts must say whose."""
+    from llmpath.instrumentation import read_jsonl
+
+    ledger = tmp_path / "usage.jsonl"
+    app = make_app(usage={"ledger": str(ledger)}, routes=[{"name": "chat", "model": "m"}])
+    async with client(app) as c:
+        bad_tokens = {"model": "chat", "messages": [{"role": "user", "content": "x"}], "max_tokens": -5}
+        unknown = {"model": "nosuch", "messages": [{"role": "user", "content": "x"}]}
+        statuses = [
+            (await c.post("/v1/chat/completions", json=bad_tokens, headers=auth())).status_code,
+            (await c.post("/v1/chat/completions", json=unknown, headers=auth())).status_code,
+            (await c.post("/v1/chat/completions", json=unknown, headers=auth("sk-wrong"))).status_code,
+        ]
+    assert statuses == [400, 404, 401]
+    assert [(r.status_code, r.tenant) for r in read_jsonl(ledger)] == [(400, "acme"), (404, "acme"), (401, None)]

@@ -199,6 +199,7 @@ class Gateway:
         """Serve ``POST /v1/chat/completions`` (``kind="chat"``) or ``/v1/completions`` (``"text"``)."""
         with stage("auth") as st:  # ingress: the key, then the body (a slow upload or a busy event loop shows here)
             principal = self.authenticate(request)
+            set_request_labels(tenant=principal.tenant)  # also on the requests refused from here on
             started = perf_counter()
             raw = await self._read_body(request)
             waited = perf_counter() - started
@@ -210,7 +211,7 @@ class Gateway:
             parsed, route = self._validate(errors.parse_json(raw), kind)
             st.set_attribute("llmpath.stream", parsed.wants_stream)
         backend_model = parsed.model if route.passthrough else route.config.backend_model
-        set_request_labels(route=route.config.name, model=backend_model, tenant=principal.tenant)
+        set_request_labels(route=route.config.name, model=backend_model)
         with stage("assemble") as st:
             assembled = self._assemble(parsed, route, principal.tenant)
             st.set_attribute("llmpath.assemble.documents", len(assembled.documents))
