@@ -100,8 +100,14 @@ def summary(
     prices: Path | None = PRICES,
 ) -> None:
     """Requests, errors, TTFT, where the time goes per stage, latency and errors per route, prompt-cache hit rate
-    per route, tokens per tenant."""
+    per route, tokens per tenant.
+
+    TTFT (the headline and per route), the stages and the prompt cache cover the requests that got a first token,
+    whatever their final status (a stream cut off after its first token, e.g. a 499, counts; a 429 does not), like
+    the TTFT histogram; "–" (null in --json) where none did. Stages no such request has are left out.
+    """
     from rich.console import Console
+    from rich.text import Text
 
     from llmpath.ledger import PriceFileError, load_prices, summarize
     from llmpath.ledger.render import (
@@ -131,19 +137,29 @@ def summary(
     console.print(headline(result))
     statuses = ", ".join(f"{code}: {n}" for code, n in result.statuses.items())
     console.print(f"from {when(result.first_time)} to {when(result.last_time)}; status codes {statuses}")
+    if not result.stages:
+        console.print("no stage timings: none of these requests got a first token")
     for part in (stage_table(result), route_table(result), cache_table(result), tenant_table(result)):
-        print_table(console, part)
+        if part.row_count:
+            print_table(console, part)
     for part in cost_tables(result):
         print_table(console, part)
     if (line := unpriced_line(result)) is not None:
-        console.print(f"[yellow]{line}[/]")
+        console.print(Text(line, style="yellow"))
 
 
 @app.command()
 def slowest(
     ledgers: list[Path] = LEDGERS,
     count: int = typer.Option(10, "--count", "-n", min=1, help="How many requests."),
-    by: str = typer.Option("ttft", "--by", help="ttft (requests that got a first token) or duration."),
+    by: str = typer.Option(
+        "ttft",
+        "--by",
+        help="ttft (requests that got a first token): the columns are the stages before the first token and "
+        "unattributed, adding up to TTFT. duration: every stage (decode too), unattributed and untracked (time in "
+        "no stage after the first token, or in no stage at all without one), adding up to the duration. Stages that "
+        "overlap add up to more.",
+    ),
     since: str | None = SINCE,
     route: str | None = ROUTE,
     tenant: str | None = TENANT,
@@ -151,7 +167,7 @@ def slowest(
     status: str | None = STATUS,
     as_json: bool = JSON,
 ) -> None:
-    """The slowest requests with the time each stage took: which stage made them slow, and their trace ids."""
+    """The slowest requests with the time (ms) each stage took: which stage made them slow, and their trace ids."""
     from rich.console import Console
 
     from llmpath.ledger import slowest as pick
@@ -180,7 +196,7 @@ def show(
     from rich.console import Console
 
     from llmpath.ledger import find
-    from llmpath.ledger.render import ms, record_table
+    from llmpath.ledger.render import record_header, record_table
 
     found = find(_records(ledgers, None, None, None, None), ident)
     if not found:
@@ -191,14 +207,6 @@ def show(
         return
     console = Console()
     for r in found:
-        console.print(
-            f"[bold]{r.request_id}[/]  trace {r.trace_id or '–'}  tenant {r.tenant or '–'}  route {r.route}  "
-            f"model {r.model}  status {r.status_code}" + (f"  error {r.error}" if r.error else "")
-        )
-        console.print(
-            f"TTFT {ms(r.ttft_s)}, duration {ms(r.duration_s)}, per output token {ms(r.tpot_s)}; tokens "
-            f"{r.input_tokens:,} input ({r.cached_tokens:,} cached), {r.output_tokens:,} output"
-        )
-        if r.extra:
-            console.print("annotations: " + ", ".join(f"{k}={v}" for k, v in sorted(r.extra.items())))
+        for line in record_header(r):
+            console.print(line)
         print_table(console, record_table(r))

@@ -1,4 +1,8 @@
-"""Rich tables for ledger figures (used by ``llmpath usage`` and the demo's report)."""
+"""Rich tables for ledger figures (used by ``llmpath usage`` and the demo's report).
+
+Ledger values (tenants, routes, models, ids, stage names) go into tables as :class:`~rich.text.Text`, never through
+rich markup or emoji codes, so ``team[eu]`` or ``[red]ops`` print as they are.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,20 @@ from datetime import UTC, datetime
 
 from rich import box
 from rich.table import Table
+from rich.text import Text
 
-from llmpath.instrumentation import UNATTRIBUTED
+from llmpath.instrumentation import STAGES, UNATTRIBUTED
 from llmpath.instrumentation.catalog import TOKEN_TYPES
 from llmpath.instrumentation.usage import UsageRecord
-from llmpath.ledger.summary import LedgerSummary, stage_totals
+from llmpath.ledger.summary import LedgerSummary, stage_totals, untracked_s
+
+#: The ``usage slowest --by duration`` column for time in no stage (see :func:`untracked_s`).
+UNTRACKED = "untracked"
+
+
+def plain(value: str) -> Text:
+    """A ledger value as literal text (no markup, no emoji codes)."""
+    return Text(value)
 
 
 def ms(seconds: float | None) -> str:
@@ -29,11 +42,11 @@ def when(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def table(title: str, columns: dict[str, str] | Sequence[tuple[str, str]]) -> Table:
-    """A compact table; ``columns``: header → justification (pairs when headers repeat)."""
+def table(title: str | Text, columns: dict[str, str] | Sequence[tuple[str, str]]) -> Table:
+    """A compact table; ``columns``: header → justification (pairs when headers repeat; headers are literal)."""
     out = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for header, justify in columns.items() if isinstance(columns, dict) else columns:
-        out.add_column(header, justify=justify, no_wrap=justify == "left")  # type: ignore[arg-type]
+        out.add_column(plain(header), justify=justify, no_wrap=justify == "left")  # type: ignore[arg-type]
     return out
 
 
@@ -52,7 +65,9 @@ def stage_table(summary: LedgerSummary) -> Table:
         {"stage": "left", "owner": "left", "p50": "right", "p95": "right", "mean": "right", "of TTFT": "right"},
     )
     for row in summary.stages:
-        out.add_row(row.stage, row.owner, ms(row.p50_s), ms(row.p95_s), ms(row.mean_s), pct(row.ttft_share))
+        out.add_row(
+            plain(row.stage), plain(row.owner), ms(row.p50_s), ms(row.p95_s), ms(row.mean_s), pct(row.ttft_share)
+        )
     return out
 
 
@@ -64,7 +79,7 @@ def route_table(summary: LedgerSummary) -> Table:
          "TTFT p95": "right", "duration p50": "right"},
     )  # fmt: skip
     for r in summary.routes:
-        out.add_row(r.route, str(r.requests), str(r.server_errors), str(r.client_errors), ms(r.ttft_p50_s),
+        out.add_row(plain(r.route), str(r.requests), str(r.server_errors), str(r.client_errors), ms(r.ttft_p50_s),
                     ms(r.ttft_p95_s), ms(r.duration_p50_s))  # fmt: skip
     return out
 
@@ -77,7 +92,7 @@ def cache_table(summary: LedgerSummary) -> Table:
     )
     for c in summary.cache:
         out.add_row(
-            c.route,
+            plain(c.route),
             str(c.requests),
             pct(c.predicted_hit_rate),
             pct(c.actual_hit_rate),
@@ -98,7 +113,7 @@ def cost_tables(summary: LedgerSummary) -> list[Table]:
             f"Cost by {title}{unit}", {title: "left", "requests": "right", "cost": "right", "cache saved": "right"}
         )
         for row in rows:
-            out.add_row(row.name, f"{row.requests:,}", money(row.cost), money(row.cache_saving))
+            out.add_row(plain(row.name), f"{row.requests:,}", money(row.cost), money(row.cache_saving))
         out.add_row("[bold]total", f"[bold]{sum(r.requests for r in rows):,}", f"[bold]{money(cost.total)}",
                     f"[bold]{money(cost.cache_saving)}")  # fmt: skip
         tables.append(out)
@@ -106,7 +121,8 @@ def cost_tables(summary: LedgerSummary) -> list[Table]:
 
 
 def unpriced_line(summary: LedgerSummary) -> str | None:
-    """Which models had no price (their requests are not in the cost tables), or ``None``."""
+    """Which models had no price (their requests are not in the cost tables), or ``None``; plain text (print it
+    as :class:`~rich.text.Text`, not markup)."""
     if summary.cost is None or not summary.cost.unpriced:
         return None
     listed = ", ".join(f"{model} ({n:,} requests)" for model, n in summary.cost.unpriced.items())
@@ -124,7 +140,7 @@ def tenant_table(summary: LedgerSummary) -> Table:
     out = table("By tenant", {**columns, **dict.fromkeys(TOKEN_TYPES, "right")})
     for t in summary.tenants:
         out.add_row(
-            t.tenant, f"{t.requests:,}", f"{t.throttled:,}", f"{t.server_errors:,}",
+            plain(t.tenant), f"{t.requests:,}", f"{t.throttled:,}", f"{t.server_errors:,}",
             *(f"{t.tokens[k]:,}" for k in TOKEN_TYPES),
         )  # fmt: skip
     totals = [summary.requests, sum(t.throttled for t in summary.tenants), summary.errors]
@@ -134,26 +150,54 @@ def tenant_table(summary: LedgerSummary) -> Table:
 
 
 def slowest_table(records: list[UsageRecord], by: str) -> Table:
-    """The given requests, one row each: TTFT (or duration) and the time of every stage before the first token."""
-    names = [*dict.fromkeys(s.name for r in records for s in r.stages if s.name != "decode"), UNATTRIBUTED]
+    """The given requests, one row each, with ms per stage. By ``ttft``: the stages before the first token and
+    ``unattributed``, which add up to TTFT; by ``duration``: every stage (decode too), ``unattributed`` and
+    ``untracked`` (see :func:`untracked_s`), which add up to the duration. Stages that overlap add up to more."""
+    seen = dict.fromkeys(s.name for r in records for s in r.stages)
+    before = [name for name in seen if name not in STAGES or STAGES[name].before_first_token]
+    names = [*before, UNATTRIBUTED]
+    if by == "duration":
+        names += [name for name in seen if name not in before] + [UNTRACKED]
     columns = [("request", "left"), ("trace", "left"), ("route", "left"), ("status", "right"), (by, "right")]
     out = table(f"Slowest requests by {by} (ms per stage)", columns + [(name, "right") for name in names])
     for r in records:
         spent = stage_totals(r)
+        if by == "duration":
+            spent[UNTRACKED] = untracked_s(r)
         value = r.ttft_s if by == "ttft" else r.duration_s
         cells = [f"{spent[n] * 1000:,.1f}" if n in spent else "–" for n in names]
-        out.add_row(r.request_id, r.trace_id or "–", r.route, str(r.status_code), ms(value), *cells)
+        out.add_row(plain(r.request_id), plain(r.trace_id or "–"), plain(r.route), str(r.status_code), ms(value),
+                    *cells)  # fmt: skip
     return out
+
+
+def record_header(record: UsageRecord) -> list[Text]:
+    """One request's labels, timings and tokens (and its annotations) as lines of literal text."""
+    error = f"  error {record.error}" if record.error else ""
+    lines = [
+        Text.assemble(
+            (record.request_id, "bold"),
+            f"  trace {record.trace_id or '–'}  tenant {record.tenant or '–'}  route {record.route}  "
+            f"model {record.model}  status {record.status_code}{error}",
+        ),
+        Text(
+            f"TTFT {ms(record.ttft_s)}, duration {ms(record.duration_s)}, per output token {ms(record.tpot_s)}; "
+            f"tokens {record.input_tokens:,} input ({record.cached_tokens:,} cached), {record.output_tokens:,} output"
+        ),
+    ]
+    if record.extra:
+        lines.append(Text("annotations: " + ", ".join(f"{k}={v}" for k, v in sorted(record.extra.items()))))
+    return lines
 
 
 def record_table(record: UsageRecord) -> Table:
     """One request's timeline: each stage's start offset, duration and timing source."""
     out = table(
-        f"request {record.request_id} — {when(record.time)}",
+        Text(f"request {record.request_id} — {when(record.time)}"),
         {"stage": "left", "starts at": "right", "takes": "right", "source": "left"},
     )
     for s in sorted(record.stages, key=lambda s: s.start_s):
-        out.add_row(s.name, ms(s.start_s), ms(s.duration_s), s.source)
+        out.add_row(plain(s.name), ms(s.start_s), ms(s.duration_s), plain(s.source))
     if record.unattributed_s is not None:
         out.add_row(UNATTRIBUTED, "", ms(record.unattributed_s), "")
     return out

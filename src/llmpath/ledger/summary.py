@@ -112,17 +112,20 @@ class CostSummary:
 
 @dataclass
 class LedgerSummary:
+    """The figures of :func:`summarize`. TTFT, the stages and the prompt cache cover the requests that got a first
+    token, whatever their final status (like ``llmpath_time_to_first_token_seconds``); ``None`` without any."""
+
     requests: int
     #: Requests answered 5xx (the server's failures; 4xx are the clients').
     errors: int
-    ttft_p50_s: float
-    ttft_p95_s: float
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
     stages: list[StageRow]
     cache: list[CacheRow]
     tokens: dict[str, int]
     tokens_by_tenant: dict[str, dict[str, int]] = field(default_factory=dict)
     tenants: list[TenantRow] = field(default_factory=list)
-    ttft_p99_s: float = 0.0
+    ttft_p99_s: float | None = None
     routes: list[RouteRow] = field(default_factory=list)
     #: Requests per HTTP status code.
     statuses: dict[int, int] = field(default_factory=dict)
@@ -143,14 +146,30 @@ def stage_totals(record: UsageRecord) -> dict[str, float]:
     return totals
 
 
+def untracked_s(record: UsageRecord) -> float:
+    """Seconds of the request's duration in no stage and not in ``unattributed`` (so its stage totals,
+    ``unattributed`` and this add up to the duration when stages do not overlap): the time after the first token
+    outside ``decode``, or, without a first token, all the time outside the stages."""
+    spans = sorted((max(s.start_s, 0.0), min(s.start_s + s.duration_s, record.duration_s)) for s in record.stages)
+    covered, reach = 0.0, 0.0
+    for start, end in spans:
+        if end > max(start, reach):
+            covered += end - max(start, reach)
+            reach = end
+    return max(record.duration_s - covered - (record.unattributed_s or 0.0), 0.0)
+
+
 def summarize(
     records: Iterable[UsageRecord], catalog: StageCatalog = STAGES, prices: Prices | None = None
 ) -> LedgerSummary:
-    """Aggregate ledger records into the report's figures (successful requests for timings and cache).
+    """Aggregate ledger records into the report's figures.
 
-    One pass that keeps numbers, not records, so a ledger of millions of requests fits in memory. Stages come in
-    ``catalog`` order with its owners; a stage the records have and the catalog lacks follows them (owner
-    ``unknown``; counted as before the first token when it always ended before it), so no time goes missing.
+    TTFT (overall and per route), the stages and the prompt cache cover every request that got a first token,
+    whatever its final status (a stream cut off after its first token counts; a 429 or a 500 before it does not),
+    the rule of the ``llmpath_time_to_first_token_seconds`` histogram. One pass that keeps numbers, not records, so
+    a ledger of millions of requests fits in memory. Stages come in ``catalog`` order with its owners, those no
+    such request has left out; a stage the records have and the catalog lacks follows them (owner ``unknown``;
+    counted as before the first token when it always ended before it), so no time goes missing.
     With ``prices``, every request's tokens are priced (failed requests too: their tokens were processed).
     """
     acc = _Accumulator(catalog, prices)
@@ -213,11 +232,13 @@ class _Accumulator:
     def __init__(self, catalog: StageCatalog, prices: Prices | None) -> None:
         self.catalog = catalog
         self.costs = _Costs(prices) if prices is not None else None
-        #: TTFT of each successful request, in order; the per-stage arrays have one value per entry.
+        #: TTFT of each request with a first token, in order; the per-stage arrays have one value per entry.
         self.ttfts = array("d")
         names = catalog.names_with_unattributed
         self.per_stage: dict[str, array[float]] = {name: array("d") for name in names}
         self.before_first = {name: name == UNATTRIBUTED or catalog[name].before_first_token for name in names}
+        #: The stages those requests have (the others are left out of the report).
+        self.observed: set[str] = set()
         self.cache: dict[str, CacheRow] = {}
         self.routes: dict[str, _RouteFigures] = defaultdict(_RouteFigures)
         self.tenants: dict[str, TenantRow] = {}
@@ -240,7 +261,7 @@ class _Accumulator:
         self._tenant(r)
         if self.costs is not None:
             self.costs.add(r)
-        if code == 200 and r.ttft_s is not None:
+        if r.ttft_s is not None:
             self._timings(r, r.ttft_s)
 
     def _tenant(self, r: UsageRecord) -> None:
@@ -262,6 +283,7 @@ class _Accumulator:
             if st.name not in self.catalog and st.start_s + st.duration_s > ttft + 1e-6:
                 self.before_first[st.name] = False
         totals = stage_totals(r)
+        self.observed.update(totals)
         for name, values in self.per_stage.items():
             values.append(totals.get(name, 0.0))
         self.ttfts.append(ttft)
@@ -278,6 +300,8 @@ class _Accumulator:
         mean_ttft = statistics.fmean(ttfts) if ttfts else 0.0
         stages = []
         for name, values in self.per_stage.items():
+            if name not in self.observed:
+                continue
             owner = catalog.owner(name) if name in catalog or name == UNATTRIBUTED else UNKNOWN_OWNER
             mean = statistics.fmean(values) if values else 0.0
             share = (mean / mean_ttft if mean_ttft else 0.0) if self.before_first[name] else None
@@ -299,14 +323,14 @@ class _Accumulator:
         return LedgerSummary(
             requests=requests,
             errors=sum(n for code, n in self.statuses.items() if code >= 500),
-            ttft_p50_s=percentile(ttfts, 0.5),
-            ttft_p95_s=percentile(ttfts, 0.95),
+            ttft_p50_s=percentile(ttfts, 0.5) if ttfts else None,
+            ttft_p95_s=percentile(ttfts, 0.95) if ttfts else None,
             stages=stages,
             cache=sorted(self.cache.values(), key=lambda c: c.route),
             tokens={kind: sum(t.tokens[kind] for t in tenants) for kind in TOKEN_TYPES},
             tokens_by_tenant={t.tenant: t.tokens for t in tenants},
             tenants=tenants,
-            ttft_p99_s=percentile(ttfts, 0.99),
+            ttft_p99_s=percentile(ttfts, 0.99) if ttfts else None,
             routes=routes,
             statuses=dict(sorted(self.statuses.items())),
             first_time=self.first_time if requests else 0.0,
