@@ -91,3 +91,26 @@ async def test_bad_request_is_typed_with_param(engine) -> None:
         await backend.aclose()
     assert info.value.status_code == 400 and info.value.param == "max_tokens"
     assert "maximum context length" in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
+async def test_base_url_with_or_without_v1_reaches_the_engine(engine, suffix: str) -> None:
+    backend = create_backend("openai", engine.url + suffix)
+    try:
+        assert backend.url == engine.url and backend.name == engine.url
+        assert await backend.health() is True
+        chat = await collect(backend, request(f"v1-chat-{suffix}"))
+        cmpl = await collect(backend, request(f"v1-cmpl-{suffix}", stream=False, messages=None, prompt="Hello"))
+    finally:
+        await backend.aclose()
+    assert chat[-1].finish_reason == "length" and chat[-1].usage.completion_tokens == 6
+    assert cmpl[-1].usage.prompt_tokens == len("Hello") + 1 and cmpl[-1].usage.completion_tokens == 6
+
+
+def test_base_url_normalisation_strips_one_v1_only() -> None:
+    from llmpath.backends.openai import openai_base_url
+
+    assert openai_base_url("https://api.example.com/v1") == "https://api.example.com"
+    assert openai_base_url("http://h:8000/proxy/v1/") == "http://h:8000/proxy"
+    assert openai_base_url("http://h:8000/v1/v1") == "http://h:8000/v1"
+    assert openai_base_url("http://h:8000/v10") == "http://h:8000/v10"

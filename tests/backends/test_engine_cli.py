@@ -34,3 +34,14 @@ def test_bad_flags_exit_2_with_the_reason(llmpath_bin: str, flags: list[str], me
     out = run(llmpath_bin, "serve", "--port", "1", *flags)
     assert out.returncode == 2
     assert message in out.stderr
+
+
+@pytest.mark.parametrize("device", [[], ["--device", "cpu"]])
+def test_gpu_only_preset_is_refused_on_cpu_in_one_line(llmpath_bin: str, device: list[str]) -> None:
+    out = run(llmpath_bin, "serve", "--port", "1", "--preset", "llama-8b", *device)
+    assert out.returncode == 2
+    assert out.stderr == (
+        "llmpath engine serve: --preset llama-8b is GPU only (the Llama-3-8B shape: tens of GB of weights and KV "
+        "cache); use --device cuda, or --preset tiny or small on CPU\n"
+    )
+    assert out.stdout == ""

@@ -1,7 +1,9 @@
 """A backend for any OpenAI-compatible server (OpenAI, vLLM, SGLang's ``/v1`` routes, the embedded engine).
 
-Chat messages go to ``/v1/chat/completions``, a prompt or token ids to ``/v1/completions``; streams ask for
-``stream_options.include_usage`` so the final usage (with ``prompt_tokens_details.cached_tokens``) arrives.
+The URL is the server's base, with or without one trailing ``/v1`` (``http://h:8000`` and ``http://h:8000/v1`` are
+the same backend). Chat messages go to ``/v1/chat/completions``, a prompt or token ids to ``/v1/completions``;
+streams ask for ``stream_options.include_usage`` so the final usage (with ``prompt_tokens_details.cached_tokens``)
+arrives.
 OpenAI's protocol carries no server timings, so every timing is the gateway's clock (``TimingSource.GATEWAY``):
 queue is reported as 0 and the time to the first content chunk as prefill. Prompt and cached token counts are
 known only at the end: ``FirstToken`` carries them when the server sends usage on every chunk
@@ -69,6 +71,12 @@ def openai_body(request: BackendRequest, model: str | None, continuous_usage: bo
     return "/v1/completions", body
 
 
+def openai_base_url(url: str) -> str:
+    """The server's base URL without one trailing ``/v1``: ``http://h:8000/v1/`` and ``http://h:8000`` both give
+    ``http://h:8000`` (most OpenAI clients take the ``/v1`` form; the backend adds ``/v1/...`` itself)."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
 def _usage(obj: Any) -> Usage | None:
     if not isinstance(obj, dict) or "prompt_tokens" not in obj:
         return None
@@ -93,7 +101,7 @@ class OpenAIBackend:
         headers: dict[str, str] | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
+        self.url = openai_base_url(url)
         self.name = name or self.url
         self.timing_source = TimingSource.GATEWAY
         #: Overrides ``BackendRequest.model`` (the upstream's model id), when set.

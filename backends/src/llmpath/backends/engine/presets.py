@@ -81,6 +81,10 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+#: Presets refused on CPU: their weights and KV pool take tens of GB (``--device cuda`` only).
+GPU_ONLY_PRESETS = frozenset({"llama-8b"})
+
+
 def preset(name: str) -> ModelConfig:
     """The preset called ``name``; a ``ValueError`` names the known ones."""
     try:

@@ -19,7 +19,7 @@ from llmpath.backends.engine.faults import FaultInjector
 from llmpath.backends.engine.kv_pool import TokenSlotPool
 from llmpath.backends.engine.metrics import EngineMetrics
 from llmpath.backends.engine.model import LlamaModel, load_safetensors
-from llmpath.backends.engine.presets import ModelConfig, config_from_hf, preset, with_context
+from llmpath.backends.engine.presets import GPU_ONLY_PRESETS, ModelConfig, config_from_hf, preset, with_context
 from llmpath.backends.engine.radix_cache import RadixCache
 from llmpath.backends.engine.sampling import Sampler, SamplingParams
 from llmpath.backends.engine.scheduler import EngineRequest, Output, Scheduler, SchedulerConfig
@@ -158,6 +158,11 @@ class EngineArgs:
             raise ValueError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda: no CUDA device is available")
+        if self.model_path is None and self.preset in GPU_ONLY_PRESETS and self.device != "cuda":
+            raise ValueError(
+                f"--preset {self.preset} is GPU only (the Llama-3-8B shape: tens of GB of weights and KV cache); "
+                "use --device cuda, or --preset tiny or small on CPU"
+            )
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.schedule_policy not in ("fcfs", "lpm"):
@@ -304,7 +309,8 @@ class Engine:
         outputs: asyncio.Queue[Output] = asyncio.Queue()
 
         def emit(out: Output) -> None:
-            loop.call_soon_threadsafe(outputs.put_nowait, out)
+            if not loop.is_closed():  # an abort's last output may come after the server stopped
+                loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         req = EngineRequest(
             rid=rid or uuid.uuid4().hex,

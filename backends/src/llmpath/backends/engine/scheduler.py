@@ -200,9 +200,11 @@ class Scheduler:
         req.queue_enter_mono = time.monotonic()
         self._inbox.put(("req", req))
 
-    def abort(self, rid: str) -> None:
-        """Abort a queued or running request (the client went away); its KV slots go back to the pool."""
-        self._inbox.put(("abort", rid))
+    def abort(self, rid: str, *, requested: bool = False) -> None:
+        """Abort a queued or running request; its KV slots go back to the pool and its client gets a last output
+        with an ``abort`` finish reason. ``requested``: ``POST /abort_request`` (SGLang's messages) rather than a
+        client that went away."""
+        self._inbox.put(("abort", (rid, requested)))
 
     def flush_cache(self) -> Future[bool]:
         """Drop the radix cache; resolves to False while requests run or wait (as SGLang)."""
@@ -264,7 +266,7 @@ class Scheduler:
             if kind == "req":
                 self.waiting.append(payload)
             elif kind == "abort":
-                self._abort(payload)
+                self._abort(*payload)
             elif kind == "flush":
                 payload.set_result(self._flush())
             try:
@@ -280,24 +282,34 @@ class Scheduler:
         self.pool.clear()
         return True
 
-    def _abort(self, rid: str) -> None:
-        reason = {"type": "abort", "message": "client disconnected", "status_code": 499}
-        for req in self.waiting:
-            if req.rid == rid:
-                self.waiting.remove(req)
-                self._dequeued()
-                req.finish_reason = reason
-                self._finish(req, aborted=True)
-                return
-        for req in self.running:
-            if req.rid == rid:
-                req.finish_reason = reason
-                self._finish(req, aborted=True)
-                return
-        if self.chunked is not None and self.chunked.rid == rid:
-            req = self._stop_chunking()
-            req.finish_reason = reason
-            self._finish(req, aborted=True)
+    def _abort(self, rid: str, requested: bool) -> None:
+        """Finish ``rid`` with an abort reason and send its output so far (SGLang: ``Abort before prefill`` for a
+        waiting request, ``Aborted`` for a running one)."""
+        req = next((r for r in self.waiting if r.rid == rid), None)
+        if req is not None:
+            self.waiting.remove(req)
+            self._dequeued()
+            message = "Abort before prefill"
+        else:
+            req = next((r for r in self.running if r.rid == rid), None)
+            if req is None and self.chunked is not None and self.chunked.rid == rid:
+                req = self._stop_chunking()
+            if req is None:
+                return  # finished already, or unknown: nothing to do (SGLang answers 200 too)
+            message = "Aborted"
+        if requested:
+            req.finish_reason = {"type": "abort", "message": message, "status_code": None, "err_type": None}
+        else:
+            req.finish_reason = {
+                "type": "abort",
+                "message": "client disconnected",
+                "status_code": 499,
+                "err_type": None,
+            }
+        self._finish(req, aborted=True)
+        tail = req.decoder.flush() if req.decoder is not None else ""
+        req.text += tail
+        req.emit(Output([], tail, req.text, self._meta(req), True))
 
     def _dequeued(self) -> None:
         with self._lock:

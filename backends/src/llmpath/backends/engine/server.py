@@ -186,7 +186,7 @@ def create_app(engine: Engine, on_shutdown: Callable[[], None] | None = None) ->
         rid = body.get("rid") if isinstance(body, dict) else None
         if not isinstance(rid, str):
             raise ApiError(400, "abort_request needs a string 'rid'")
-        engine.scheduler.abort(rid)
+        engine.scheduler.abort(rid, requested=True)  # its client gets the output so far, finish_reason abort
         return Response(status_code=200)
 
     @app.get("/metrics")
