@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -260,30 +260,37 @@ async def test_infinite_durations_are_ignored(make_harness, tmp_path):
 async def test_one_stage_object_shared_by_concurrent_and_nested_runs(make_harness):
     app = FastAPI()
     h = make_harness(app=app)
-    shared = stage("auth")
-    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+    shared = stage("auth", kind="shared")
+    a_inside, a_left = asyncio.Event(), asyncio.Event()
 
     @app.get("/shared/{name}")
     async def shared_run(name: str) -> dict[str, bool]:
-        async with shared:
-            if name == "a":
-                await gates["b"].wait()  # /b enters and leaves while /a is inside
+        if name == "a":  # holds the object first, then leaves while /b is still inside its own run
+            async with shared as run:
+                run.set_attribute("holder", "a")
+                a_inside.set()
+                await asyncio.sleep(0.01)
+            a_left.set()
+        else:
+            await a_inside.wait()
+            async with shared:  # entered while /a holds it
+                await a_left.wait()
+                with shared:  # nested, after /a left
+                    await asyncio.sleep(0.001)
                 await asyncio.sleep(0.03)
-            else:
-                gates["b"].set()
-                await asyncio.sleep(0.001)
-        if name == "b":
-            with shared, shared:  # nested in one request
-                await asyncio.sleep(0.001)
         return {"ok": True}
 
     async with h.client() as c:
         await asyncio.gather(c.get("/shared/a"), c.get("/shared/b"))
     a, b = sorted(h.records, key=lambda r: len(r.stages))
-    assert [s.name for s in a.stages] == ["auth"] and a.stages[0].duration_s > 0.025  # /a kept its own run
-    assert [s.name for s in b.stages] == ["auth"] * 3 and all(s.duration_s < 0.025 for s in b.stages)
-    assert b.stages[2].start_s >= b.stages[1].start_s and b.stages[2].duration_s <= b.stages[1].duration_s
-    assert shared._others is None or not shared._others  # every extra run was ended
+    assert [s.name for s in a.stages] == ["auth"] and 0.009 < a.stages[0].duration_s < 0.03
+    outer, inner = b.stages  # in start order
+    assert outer.duration_s > 0.03 > inner.duration_s  # the nested run ended itself, not the outer one
+    assert outer.start_s < inner.start_s and inner.start_s + inner.duration_s < outer.start_s + outer.duration_s
+    spans = [sp for sp in h.exporter.get_finished_spans() if sp.name == "llmpath.auth"]
+    holders = sorted(sp.attributes.get("holder", "-") for sp in spans)
+    assert holders == ["-", "-", "a"]  # /a's attribute stayed on /a's span
+    assert all(sp.attributes["kind"] == "shared" for sp in spans)
 
 
 @stage("decode")
@@ -300,7 +307,7 @@ def read_documents(n: int) -> Iterator[str]:
         yield f"doc{i}"
 
 
-async def test_stage_decorator_on_generators_times_the_iteration(make_harness):
+async def test_stage_decorator_on_generators_times_the_iteration(make_harness, caplog):
     app = FastAPI()
     h = make_harness(app=app, catalog=STAGES.with_stage(Stage("retrieve_docs", "Read documents.", "application")))
 
@@ -309,12 +316,20 @@ async def test_stage_decorator_on_generators_times_the_iteration(make_harness):
         assert list(read_documents(3)) == ["doc0", "doc1", "doc2"]
         return StreamingResponse(stream_tokens(4), media_type="text/event-stream")
 
+    @app.get("/sync-body")
+    def sync_body() -> StreamingResponse:
+        # Starlette iterates a sync body in a thread pool, each step in a copy of the context.
+        return StreamingResponse(read_documents(3), media_type="text/plain")
+
     async with h.client() as c:
         r = await c.get("/gen")
-    assert r.text.count("data:") == 4
+        body = await c.get("/sync-body")
+    assert r.text.count("data:") == 4 and body.text == "doc0doc1doc2"
     stages = {s.name: s.duration_s for s in h.records[0].stages}
     assert stages["retrieve_docs"] >= 0.015 and stages["decode"] >= 0.04
+    assert [s.name for s in h.records[1].stages] == ["retrieve_docs"] and h.records[1].stages[0].duration_s >= 0.015
     assert h.span("llmpath.decode").status.is_ok
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]  # no context detached in another context
 
 
 async def test_an_exception_handled_into_a_500_keeps_its_type_and_the_request_id(make_harness):
@@ -328,11 +343,17 @@ async def test_an_exception_handled_into_a_500_keeps_its_type_and_the_request_id
     async def lookup() -> None:
         raise KeyError("prompt text")
 
+    @app.get("/unavailable")
+    async def unavailable() -> None:
+        raise HTTPException(503, "try later")  # the HTTP error itself: no exception class to report
+
     h = make_harness(app=app)
     async with h.client() as c:
         r = await c.get("/lookup")
+        unavailable_status = (await c.get("/unavailable")).status_code
     assert r.status_code == 500 and r.headers["x-request-id"] == h.records[0].request_id
     assert h.records[0].error == "KeyError" and h.records[0].status_code == 500
+    assert unavailable_status == 503 and h.records[1].error is None
 
 
 def test_cardinality_guard_caps_per_label():

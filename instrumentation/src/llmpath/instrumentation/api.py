@@ -41,13 +41,14 @@ class StageScope:
     The handle it yields has ``set_attribute(key, value)`` for the stage span (ignored when not sampled).
     """
 
-    __slots__ = ("_ctx", "_others", "_parent", "_req", "_span", "_t0", "_token", "attributes", "name")
+    __slots__ = ("_base", "_ctx", "_others", "_parent", "_req", "_span", "_t0", "_token", "attributes", "name")
 
     def __init__(self, name: str, attributes: dict[str, Any] | None = None) -> None:
         if name not in _VALID_NAMES:
             _check_name(name)
         self.name = name
-        self.attributes = attributes
+        #: The attributes every run starts with; ``attributes`` are the current run's (``set_attribute``).
+        self._base = self.attributes = attributes
         self._req: RequestTelemetry | None = None
         #: Runs of this object entered while it was already running (one object shared by concurrent requests,
         #: or nested in one), by request, innermost last.
@@ -56,7 +57,7 @@ class StageScope:
     def __enter__(self) -> StageScope:
         req = CURRENT.get()
         if req is not None:
-            if self._req is not None:
+            if self._req is not None or (self._others and req in self._others):
                 return self._enter_another(req)
             self._req = req
             if req.sampled:
@@ -80,7 +81,7 @@ class StageScope:
 
     def _enter_another(self, req: RequestTelemetry) -> StageScope:
         """This object is already running: time this run with a fresh scope, which ``__exit__`` will find."""
-        run = StageScope(self.name, self.attributes)
+        run = StageScope(self.name, self._base)
         run.__enter__()
         if self._others is None:
             self._others = {}
@@ -108,13 +109,13 @@ class StageScope:
             parent = self._parent = current_span_context()
             ctx = self._ctx = emitter.child_context(parent)
             self._token = context.attach(trace.set_span_in_context(NonRecordingSpan(ctx)))
-            if self.attributes is not None:
-                self.attributes = dict(self.attributes)
+            base = self._base
+            self.attributes = None if base is None else dict(base)
             self._t0 = perf_counter()
         else:
             self._ctx = None
             t0 = self._t0 = perf_counter()
-            self._span, self._token = req.instrumentation.start_stage_span(req, self.name, t0, self.attributes)
+            self._span, self._token = req.instrumentation.start_stage_span(req, self.name, t0, self._base)
 
     def _exit_sampled(self, req: RequestTelemetry, t1: float, exc_type: type[BaseException] | None) -> None:
         # A generator closed early (a client that went away mid-stream) is not an error of the stage.
@@ -155,22 +156,28 @@ class StageScope:
         """Use as a decorator: every call of ``fn`` runs inside a fresh scope of this stage. For a generator
         function (sync or async, e.g. a streamed body) the stage lasts from the first item asked for until the
         generator is exhausted or closed."""
-        name, attributes = self.name, self.attributes
+        name, attributes = self.name, self._base
         if inspect.isasyncgenfunction(fn):
 
             @functools.wraps(fn)
             async def async_gen_wrapper(*args: Any, **kwargs: Any) -> Any:
-                with StageScope(name, attributes):
+                t0 = perf_counter()
+                try:
                     async for item in fn(*args, **kwargs):
                         yield item
+                finally:
+                    _record_iteration(name, t0, attributes)
 
             return async_gen_wrapper  # type: ignore[return-value]
         if inspect.isgeneratorfunction(fn):
 
             @functools.wraps(fn)
             def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
-                with StageScope(name, attributes):
+                t0 = perf_counter()
+                try:
                     yield from fn(*args, **kwargs)
+                finally:
+                    _record_iteration(name, t0, attributes)
 
             return gen_wrapper  # type: ignore[return-value]
         if inspect.iscoroutinefunction(fn):
@@ -190,14 +197,22 @@ class StageScope:
         return wrapper  # type: ignore[return-value]
 
 
+def _record_iteration(name: str, t0: float, attributes: dict[str, Any] | None) -> None:
+    """A decorated generator's stage, recorded when it ends. Its span is not made current across ``yield``: a
+    server may resume the generator in another context each time (Starlette does for sync iterators)."""
+    req = CURRENT.get()
+    if req is not None and not req.finished:
+        record_stage(name, perf_counter() - t0, source="gateway", attributes=attributes)
+
+
 def stage(name: str, **attributes: Any) -> StageScope:
     """Time a stage of the current request: one child span of the request (when sampled) and one observation in
     ``llmpath_stage_duration_seconds{stage,route}``. An exception marks the span as error and propagates.
 
     Works as ``with stage("route") as s: s.set_attribute("llmpath.backend", b)``, ``async with``, and as a
     decorator ``@stage("auth")`` on sync and async functions and generators. One object may be shared by
-    concurrent requests (``AUTH = stage("auth")``; ``with AUTH:``): each run is timed on its own. Outside a request
-    it does nothing.
+    the concurrent requests of one event loop (``AUTH = stage("auth")``; ``with AUTH:``): each run is timed on its
+    own. Outside a request it does nothing.
     """
     return StageScope(name, {k: clean_attribute(v) for k, v in attributes.items()} if attributes else None)
 

@@ -71,9 +71,15 @@ class LLMPathMiddleware:
             elif kind == "http.response.start":
                 status = req.status_code = message["status"]
                 req.response_started = True
-                if status >= 500 and req.error is None and (handled := sys.exc_info()[1]) is not None:
-                    # An error page sent while an exception is being handled (a middleware or handler inside
-                    # this one that turns exceptions into responses): its class is the request's error type.
+                # An error page sent while an exception is being handled (a handler inside this middleware that
+                # turns exceptions into responses): its class is the request's error type, unless the exception
+                # is the HTTP error itself (HTTPException(503), a gateway's own API error).
+                if (
+                    status >= 500
+                    and req.error is None
+                    and (handled := sys.exc_info()[1]) is not None
+                    and getattr(handled, "status_code", None) != status
+                ):
                     req.error = type(handled).__qualname__
                 headers = message.get("headers") or []
                 for key, _ in headers:  # ASGI header names are lowercase
