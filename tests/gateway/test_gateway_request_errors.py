@@ -114,7 +114,7 @@ async def test_prompt_cache_flush_bodies(body: bytes, status: int, code: str | N
         assert (r.json()["error"]["code"], r.json()["error"]["param"]) == (code, param)
 
 
-async def test_a_reload_without_a_configuration_file_is_a_failed_reload(caplog) -> None:
+async def test_a_reload_without_a_configuration_file_is_refused_and_not_counted(caplog) -> None:
     registry = CollectorRegistry()
     app = make_app(registry)
     caplog.set_level(logging.INFO, logger="llmpath")
@@ -123,10 +123,10 @@ async def test_a_reload_without_a_configuration_file_is_a_failed_reload(caplog) 
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "reload_failed"
     assert "started without --config" in r.json()["error"]["message"]
-    assert registry.get_sample_value("llmpath_gateway_config_reloads_total", {"result": "failure"}) == 1
-    assert registry.get_sample_value("llmpath_gateway_config_last_reload_successful") == 0
+    assert not registry.get_sample_value("llmpath_gateway_config_reloads_total", {"result": "failure"})
+    assert registry.get_sample_value("llmpath_gateway_config_last_reload_successful") != 0
     assert (
-        "configuration reload (POST /admin/reload) failed, nothing changed: the gateway was started without "
+        "configuration reload (POST /admin/reload) refused: the gateway was started without "
         "--config: there is no file to reload" in caplog.text
     )
 

@@ -409,11 +409,13 @@ HOT_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "text"}
 
 def _hang_up(ledger: Any, reloader: ConfigReloader) -> None:
     """``SIGHUP``: reopen the usage ledger (after logrotate moved it, the next record starts a new file), then
-    reload the configuration file (failures, a gateway started without a file included, are logged and counted by
-    the reloader)."""
+    reload the configuration file if there is one (failures are logged and counted by the reloader)."""
     if ledger is not None:
         ledger.close()  # the next record opens the path again
         log.info("usage ledger reopened (SIGHUP)")
+    if reloader.load is None:
+        log.info("SIGHUP: no configuration file to reload (started without --config)")
+        return
     with contextlib.suppress(ReloadError):
         reloader.reload("SIGHUP")
 

@@ -103,9 +103,11 @@ class ConfigReloader:
 
     def reload(self, trigger: str) -> ConfigChange:
         """Reload now (``trigger`` is logged: ``SIGHUP`` or the endpoint); raises :class:`ReloadError`."""
+        if self.load is None:  # no reload was attempted: not counted (no later reload could clear the alert)
+            reason = "the gateway was started without --config: there is no file to reload"
+            log.warning("configuration reload (%s) refused: %s", trigger, reason)
+            raise ReloadError(reason)
         try:
-            if self.load is None:  # a failed reload like any other: logged, counted, alertable
-                raise ReloadError("the gateway was started without --config: there is no file to reload")
             change = apply_config(self.gateway, self.load())
         except (ConfigError, ReloadError) as exc:
             log.error("configuration reload (%s) failed, nothing changed: %s", trigger, exc)

@@ -15,6 +15,8 @@ log = logging.getLogger("llmpath.gateway")
 
 #: On a forced stop, how long the requests in flight get to send their 503 ``shutting_down`` once cancelled.
 FORCED_CUT_S = 1.0
+#: On a forced stop, how long the application's own shutdown (backend clients, exporters) may take.
+FORCED_SHUTDOWN_S = 5.0
 
 
 class DrainingServer(uvicorn.Server):
@@ -50,4 +52,8 @@ class DrainingServer(uvicorn.Server):
             await asyncio.wait(tasks, timeout=FORCED_CUT_S)
         lifespan_done = getattr(self.lifespan, "shutdown_event", None)
         if lifespan_done is not None and not lifespan_done.is_set():  # uvicorn skipped it for the forced exit
-            await self.lifespan.shutdown()
+            try:  # bounded: uvicorn ignores a further SIGINT, so a stuck shutdown must not hang the stop
+                await asyncio.wait_for(self.lifespan.shutdown(), FORCED_SHUTDOWN_S)
+            except TimeoutError:
+                log.warning("application shutdown took over %g s after the forced stop: exiting without it",
+                            FORCED_SHUTDOWN_S)  # fmt: skip
