@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -140,3 +141,16 @@ def test_stages_nobody_observed_are_left_out(llmpath_bin: str, tmp_path: Path) -
     text = usage(llmpath_bin, "summary", path, "--catalog", catalog)
     assert not rows(text, "moderation") and not rows(text, "schedule")
     assert rows(text, "prefill")[0][:4] == ["prefill", "serving", "29.0", "ms"]
+
+
+def test_custom_stages_after_the_first_token_are_not_counted_in_ttft(llmpath_bin: str, tmp_path: Path) -> None:
+    base = record("r", ttft=0.005, decode=0.02)
+    after = StageTiming("moderate_output", 0.01, 0.002, "gateway")  # a custom stage while streaming
+    before = StageTiming("moderate_input", 0.0, 0.0005, "gateway")
+    path = ledger(tmp_path, replace(base, stages=[before, *base.stages, after]))
+    by_ttft = usage(llmpath_bin, "slowest", path)
+    header = next(line.split() for line in by_ttft.splitlines() if line.split()[:1] == ["request"])
+    assert "moderate_input" in header and "moderate_output" not in header  # the columns add up to TTFT
+    text = usage(llmpath_bin, "slowest", path, "--by", "duration")
+    header = next(line.split() for line in text.splitlines() if line.split()[:1] == ["request"])
+    assert header.index("moderate_input") < header.index("unattributed") < header.index("moderate_output")

@@ -154,7 +154,7 @@ def slowest_table(records: list[UsageRecord], by: str) -> Table:
     ``unattributed``, which add up to TTFT; by ``duration``: every stage (decode too), ``unattributed`` and
     ``untracked`` (see :func:`untracked_s`), which add up to the duration. Stages that overlap add up to more."""
     seen = dict.fromkeys(s.name for r in records for s in r.stages)
-    before = [name for name in seen if name not in STAGES or STAGES[name].before_first_token]
+    before = [name for name in seen if _before_first_token(name, records)]
     names = [*before, UNATTRIBUTED]
     if by == "duration":
         names += [name for name in seen if name not in before] + [UNTRACKED]
@@ -169,6 +169,14 @@ def slowest_table(records: list[UsageRecord], by: str) -> Table:
         out.add_row(plain(r.request_id), plain(r.trace_id or "–"), plain(r.route), str(r.status_code), ms(value),
                     *cells)  # fmt: skip
     return out
+
+
+def _before_first_token(name: str, records: list[UsageRecord]) -> bool:
+    """Whether stage ``name`` runs before the first token: the catalog says so for built-in stages; a custom
+    stage does if it starts before the first token in some request."""
+    if name in STAGES:
+        return STAGES[name].before_first_token
+    return any(s.name == name and s.start_s < r.ttft_s for r in records if r.ttft_s is not None for s in r.stages)
 
 
 def record_header(record: UsageRecord) -> list[Text]:
