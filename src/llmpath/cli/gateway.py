@@ -165,7 +165,7 @@ def check_config(
     cfg = _load(config, overrides)
     typer.echo(f"{config}: OK")
     typer.echo(f"  listen      {cfg.listen.host}:{cfg.listen.port}")
-    typer.echo(f"  backends    {', '.join(f'{b.display_name} ({b.kind})' for b in cfg.backends) or '(none)'}")
+    typer.echo(f"  backends    {', '.join(f'{b.display_name} ({b.kind})' for b in cfg.backends)}")
     typer.echo(f"  routing     {cfg.routing.policy}")
     typer.echo(f"  routes      {', '.join(r.name for r in cfg.routes) or '(passthrough: any model)'}")
     typer.echo(f"  api keys    {len(cfg.api_keys)} ({sum(k.admin for k in cfg.api_keys)} admin)")

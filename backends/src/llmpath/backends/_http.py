@@ -85,6 +85,15 @@ class HttpClient:
         async with self.session().get(url) as resp:
             return resp.status, await resp.read()
 
+    async def probe(self, path: str) -> str | None:
+        """``GET path`` as a health check: ``None`` when it answers 200, else why not (``connection refused``,
+        ``timed out``, ``answered HTTP 503``)."""
+        try:
+            status, _ = await self.get(self.url(path))
+        except TRANSPORT_ERRORS as exc:
+            return _transport_reason(exc)
+        return None if status == 200 else f"answered HTTP {status}"
+
     async def aclose(self) -> None:
         """Close the connections (if the session is ours)."""
         session, self._session = self._session, None
@@ -145,7 +154,7 @@ def transport_error(exc: BaseException, url: str) -> BackendError:
     return BackendProtocolError(f"{url}: {type(exc).__name__}: {exc}")
 
 
-def describe_transport_error(exc: BaseException) -> str:
+def _transport_reason(exc: BaseException) -> str:
     """A short reason for a failed connection, for health reports: ``connection refused``, ``timed out``, ..."""
     if isinstance(exc, TimeoutError):
         return "timed out"

@@ -21,7 +21,6 @@ import aiohttp
 from llmpath.backends._http import (
     TRANSPORT_ERRORS,
     HttpClient,
-    describe_transport_error,
     json_object,
     raise_for_status,
     raise_stream_error,
@@ -111,6 +110,8 @@ class OpenAIBackend:
         if api_key:
             hdrs["Authorization"] = f"Bearer {api_key}"
         self._http = HttpClient(self.url, connect_timeout, read_timeout, hdrs, session)
+        #: Why the last health check failed (``None`` when it passed, or before the first).
+        self.health_error: str | None = None
         self._urls = {path: self._http.url(path) for path in ("/v1/chat/completions", "/v1/completions")}
 
     async def generate(self, request: BackendRequest) -> AsyncIterator[BackendEvent]:
@@ -158,13 +159,8 @@ class OpenAIBackend:
     async def health(self) -> bool:
         """True when ``GET /v1/models`` answers 200; otherwise ``health_error`` says why (``connection refused``,
         ``timed out``, ``answered HTTP 503``)."""
-        try:
-            status, _ = await self._http.get(self._http.url("/v1/models"))
-        except TRANSPORT_ERRORS as exc:
-            self.health_error: str | None = describe_transport_error(exc)
-            return False
-        self.health_error = None if status == 200 else f"answered HTTP {status}"
-        return status == 200
+        self.health_error = await self._http.probe("/v1/models")
+        return self.health_error is None
 
     async def aclose(self) -> None:
         await self._http.aclose()

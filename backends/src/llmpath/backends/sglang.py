@@ -24,7 +24,6 @@ import aiohttp
 from llmpath.backends._http import (
     TRANSPORT_ERRORS,
     HttpClient,
-    describe_transport_error,
     error_for_status,
     json_object,
     raise_for_status,
@@ -207,6 +206,8 @@ class SGLangBackend:
         self._render_chat = load_chat_template(chat_template)
         self._incremental = incremental_output
         self._http = HttpClient(self.url, connect_timeout, read_timeout, headers, session)
+        #: Why the last health check failed (``None`` when it passed, or before the first).
+        self.health_error: str | None = None
         self._generate_url = self._http.url("/generate")
 
     async def generate(self, request: BackendRequest) -> AsyncIterator[BackendEvent]:
@@ -236,13 +237,8 @@ class SGLangBackend:
     async def health(self) -> bool:
         """True when ``GET /health`` answers 200; otherwise ``health_error`` says why (``connection refused``,
         ``timed out``, ``answered HTTP 503``)."""
-        try:
-            status, _ = await self._http.get(self._http.url("/health"))
-        except TRANSPORT_ERRORS as exc:
-            self.health_error: str | None = describe_transport_error(exc)
-            return False
-        self.health_error = None if status == 200 else f"answered HTTP {status}"
-        return status == 200
+        self.health_error = await self._http.probe("/health")
+        return self.health_error is None
 
     async def server_info(self) -> dict[str, Any]:
         """``GET /server_info`` (SGLang's server arguments and load)."""

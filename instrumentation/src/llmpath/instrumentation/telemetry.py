@@ -60,7 +60,6 @@ logger = logging.getLogger("llmpath.instrumentation")
 
 #: Paths that get no spans, metrics or usage records by default (probes, not LLM traffic).
 DEFAULT_EXCLUDED_PATHS: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz", "/ready", "/favicon.ico")
-#: ``route`` label of requests no route of a Starlette/FastAPI router matched (keeps 404 scans bounded).
 _REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode()
 _BY_START = itemgetter(1)

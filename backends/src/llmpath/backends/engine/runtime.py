@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -309,7 +310,8 @@ class Engine:
         outputs: asyncio.Queue[Output] = asyncio.Queue()
 
         def emit(out: Output) -> None:
-            if not loop.is_closed():  # an abort's last output may come after the server stopped
+            # An abort's last output may come after the server stopped, and the loop may close at any moment.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(outputs.put_nowait, out)
 
         req = EngineRequest(
