@@ -28,15 +28,21 @@ def render_chatml(messages: Messages, add_generation_prompt: bool = True) -> str
     return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
 
 
+class ChatTemplateRejected(ValueError):
+    """The template called ``raise_exception(message)``: it refuses these messages (a role the model does not
+    support, roles that do not alternate); the message is the template's own."""
+
+
 def jinja_template(source: str, **special_tokens: str) -> Callable[[Messages], str]:
-    """A renderer for a Hugging Face Jinja chat template (needs ``jinja2``)."""
+    """A renderer for a Hugging Face Jinja chat template (needs ``jinja2``), in Jinja's immutable sandbox; the
+    template's ``raise_exception`` raises :class:`ChatTemplateRejected`, a syntax error ``TemplateSyntaxError``."""
     try:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
         raise ValueError("a Jinja chat template needs the 'jinja2' package: pip install jinja2") from None
 
     def raise_exception(message: str) -> None:
-        raise ValueError(f"chat template: {message}")
+        raise ChatTemplateRejected(str(message))
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
@@ -57,17 +63,24 @@ def load_chat_template(spec: str | Callable[[Messages], str] | None) -> Callable
         return spec
     path = Path(spec)
     if "{" not in spec and (path.is_dir() or path.suffix == ".json"):
-        cfg_path = path / "tokenizer_config.json" if path.is_dir() else path
-        try:
-            cfg: dict[str, Any] = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{cfg_path}: cannot read a chat template: {exc}") from None
-        source = named_template(cfg.get("chat_template"))
-        if source is None:
-            raise ValueError(f"{cfg_path}: no chat_template")
-        specials = {k: token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        return jinja_template(source, **{k: v for k, v in specials.items() if v is not None})
+        source, specials = read_tokenizer_config(path)
+        return jinja_template(source, **specials)
     return jinja_template(spec)
+
+
+def read_tokenizer_config(path: Path) -> tuple[str, dict[str, str]]:
+    """The chat template of a ``tokenizer_config.json`` (``path`` is the file or its folder) and its special
+    tokens (``bos_token``, ...); raises ``ValueError`` naming the file when it has none or cannot be read."""
+    cfg_path = path / "tokenizer_config.json" if path.is_dir() else path
+    try:
+        cfg: Any = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{cfg_path}: cannot read a chat template: {exc}") from None
+    source = named_template(cfg.get("chat_template")) if isinstance(cfg, dict) else None
+    if source is None:
+        raise ValueError(f"{cfg_path}: no chat_template in it")
+    specials = {k: token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    return source, {k: v for k, v in specials.items() if v is not None}
 
 
 def named_template(source: object) -> str | None:

@@ -2,31 +2,28 @@
 
 The value is ``chatml``, a Jinja chat template (text containing ``{{``, ``{%`` or ``{#``), or the path of a model's
 ``tokenizer_config.json`` or of its folder; anything else is an error (a misspelt ``chatML`` must not become a
-template that renders every prompt as the word itself). The renderer works like
-:func:`llmpath.backends.chat_template.load_chat_template` (same sandbox and options), except that the template's
-``raise_exception(...)`` raises :class:`ChatTemplateRejected`, so that a template refusing the client's messages
-(a 400) is told apart from a broken one (a 500).
+template that renders every prompt as the word itself). The renderer is the backends'
+:func:`~llmpath.backends.chat_template.jinja_template`, whose ``raise_exception(...)`` raises
+:class:`ChatTemplateRejected`, so that a template refusing the client's messages (a 400) is told apart from a
+broken one (a 500).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-from llmpath.backends.chat_template import Messages, named_template, render_chatml, token_text
+from llmpath.backends.chat_template import (
+    ChatTemplateRejected,
+    Messages,
+    jinja_template,
+    read_tokenizer_config,
+    render_chatml,
+)
 
 #: The built-in template names (the embedded engine's ChatML).
 NAMES = ("chatml",)
 _JINJA_MARKERS = ("{{", "{%", "{#")
-
-
-class ChatTemplateRejected(Exception):
-    """The template called ``raise_exception(message)``: it refuses these messages (e.g. a role the model does not
-    support, roles that do not alternate)."""
 
 
 def is_template_source(value: str) -> bool:
@@ -57,17 +54,10 @@ def load_renderer(spec: str, base: Path | None = None) -> Callable[[Messages], s
         origin = f"{path}: chat_template: "
     from jinja2 import TemplateSyntaxError
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = _raise_exception
     try:
-        template = env.from_string(source)
+        return jinja_template(source, **specials)
     except TemplateSyntaxError as exc:
         raise ValueError(f"{origin}Jinja syntax error at line {exc.lineno} of the template: {exc.message}") from None
-
-    def render(messages: Messages) -> str:
-        return template.render(messages=list(messages), add_generation_prompt=True, **specials)
-
-    return render
 
 
 def check_renders(render: Callable[[Messages], str]) -> str | None:
@@ -96,16 +86,4 @@ def _read_tokenizer_config(spec: str, path: Path) -> tuple[str, dict[str, str]]:
             f"{cfg_path} is not a tokenizer_config.json (a .json file with a chat_template); to use a Jinja "
             "template file, put its text in the field"
         )
-    try:
-        cfg: Any = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{cfg_path}: cannot read a chat template: {exc}") from None
-    source = named_template(cfg.get("chat_template")) if isinstance(cfg, dict) else None
-    if source is None:
-        raise ValueError(f"{cfg_path}: no chat_template in it")
-    specials = {k: token_text(cfg.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    return source, {k: v for k, v in specials.items() if v is not None}
-
-
-def _raise_exception(message: str) -> None:
-    raise ChatTemplateRejected(str(message))
+    return read_tokenizer_config(cfg_path)
