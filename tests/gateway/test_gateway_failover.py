@@ -46,7 +46,14 @@ def faults(stack, **state: float) -> None:
                 httpx.delete(f"{engine.url}/debug/fault").raise_for_status()
 
 
+def rejections(gw) -> dict[str, float]:
+    metrics = gw.metrics()
+    reasons = ("queue_full", "queue_timeout", "rate_limited", "token_rate_limited")
+    return {r: metrics[f'llmpath_admission_rejections_total{{reason="{r}"}}'] for r in reasons}
+
+
 def test_tenant_rate_limit(gw, keys) -> None:
+    before = rejections(gw)  # every reason is exported before its first rejection
     first = post(gw, keys, "first", key=keys.limited, stream=True)  # the SSE response carries them too
     assert first.status_code == 200
     assert first.headers["x-ratelimit-limit-requests"] == "1" and first.headers["x-ratelimit-remaining-requests"] == "0"
@@ -58,7 +65,8 @@ def test_tenant_rate_limit(gw, keys) -> None:
     assert limited.json()["error"]["code"] == "rate_limited" and limited.json()["error"]["type"] == "rate_limit_error"
     assert 1 <= int(limited.headers["retry-after"]) <= 5  # 0.2 requests/s: the next token in at most 5 s
     assert post(gw, keys, "another tenant").status_code == 200  # tenants have their own buckets
-    assert gw.metrics()['llmpath_admission_rejections_total{reason="rate_limited"}'] >= 1
+    after = rejections(gw)
+    assert {r: after[r] - before[r] for r in after} == {r: 1 if r == "rate_limited" else 0 for r in after}
 
 
 def test_admission_queue_full_and_queue_timeout(gw, stack, keys) -> None:

@@ -23,10 +23,16 @@ pytestmark = pytest.mark.slow
 NEW_KEY = "sk-rotated-9c1e5a7b3d2f"
 
 
+@pytest.fixture(scope="module")
+def engines(stack) -> list:
+    """Two engines for the module, started together; fault injection on (the drain test slows decoding down)."""
+    return stack.start_engines(2, "--enable-fault-injection")
+
+
 @pytest.fixture
-def gw(stack, keys):
+def gw(stack, keys, engines):
     """A fresh gateway per test (each one rewrites its configuration file)."""
-    engine = stack.engines[0] if stack.engines else stack.start_engines(1)[0]
+    engine = engines[0]
     config = {
         "backends": [{"url": engine.url, "name": engine.name}],
         "routes": [{"name": "chat", "model": "chat"}],
@@ -133,8 +139,8 @@ def test_sighup_reloads_and_a_bad_file_changes_nothing(gw, keys) -> None:
     assert gw.metrics()["llmpath_gateway_config_last_reload_successful"] == 1
 
 
-def test_other_sections_are_reported_not_applied(gw, keys, stack) -> None:
-    engine = stack.engines[0]
+def test_other_sections_are_reported_not_applied(gw, keys, engines) -> None:
+    engine = engines[0]
     limits = {"max_tokens": 64, "default_max_tokens": 16, "timeouts": {"read_s": 30}}
     config = rewrite(gw, routing={"policy": "round_robin"}, debug={"waterfall_requests": 5}, limits=limits)
     resp = reload(gw, keys.admin)
@@ -184,8 +190,8 @@ def _sample(url: str, series: str) -> float:
     return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " "))
 
 
-def test_sighup_reopens_the_usage_ledger_after_logrotate_moved_it(stack, keys) -> None:
-    engine = stack.engines[0] if stack.engines else stack.start_engines(1)[0]
+def test_sighup_reopens_the_usage_ledger_after_logrotate_moved_it(stack, keys, engines) -> None:
+    engine = engines[0]
     ledger = stack.tmp / f"rotated-{time.monotonic_ns()}.jsonl"
     config = {"backends": [{"url": engine.url, "name": engine.name}], "api_keys": keys.config(),
               "usage": {"ledger": str(ledger)}}  # fmt: skip
@@ -204,5 +210,60 @@ def test_sighup_reopens_the_usage_ledger_after_logrotate_moved_it(stack, keys) -
         assert len(moved.read_text().splitlines()) == 1 and len(ledger.read_text().splitlines()) == 1
         assert "usage ledger reopened (SIGHUP)" in gw.log.read_text()
     finally:
+        gw.proc.terminate()
+        gw.proc.wait(timeout=20)
+
+
+def test_a_backend_is_drained_by_leaving_it_out_of_the_routes(stack, keys, engines) -> None:
+    """The runbooks' "drain a backend": a reload that leaves a backend out of ``routes[].backends`` sends it no new
+    request, while a stream already running there finishes."""
+    config = {"backends": [{"url": e.url, "name": e.name} for e in engines],
+              "routes": [{"name": "chat", "model": "chat"}], "routing": {"policy": "round_robin"},
+              "tokenizer": {"chars_per_token": 1}, "api_keys": keys.config(),
+              "limits": {"max_tokens": 64, "default_max_tokens": 16}}  # fmt: skip
+    gw = stack.start_gateway(f"drain-{time.monotonic_ns()}", config)
+
+    def decisions() -> dict[str, float]:
+        metrics = gw.metrics()
+        return {e.name: sum(v for k, v in metrics.items() if k.startswith("llmpath_route_decisions_total{")
+                            and f'backend="{e.name}"' in k) for e in engines}  # fmt: skip
+
+    try:
+        streamed: list[str] = []
+
+        def long_stream() -> None:
+            body = {"model": "chat", "messages": [{"role": "user", "content": "Stream through the drain."}],
+                    "max_tokens": 60, "ignore_eos": True, "stream": True}  # fmt: skip
+            with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(keys.user),
+                              timeout=60) as resp:  # fmt: skip
+                streamed.extend(line for line in resp.iter_lines() if line.startswith("data: "))
+
+        for engine in engines:  # about 20 ms per token: the stream runs through the reload
+            httpx.post(f"{engine.url}/debug/fault", json={"decode_slowdown": 20}).raise_for_status()
+        stream = threading.Thread(target=long_stream)
+        stream.start()
+        deadline = time.monotonic() + 10
+        while not any(decisions().values()):
+            assert time.monotonic() < deadline, "the stream was not routed"
+            time.sleep(0.02)
+        drained = next(name for name, n in decisions().items() if n)
+        kept = next(e.name for e in engines if e.name != drained)
+        rewrite(gw, routes=[{"name": "chat", "model": "chat", "backends": [kept]}])
+        resp = reload(gw, keys.admin)
+        assert stream.is_alive()
+        for engine in engines:
+            httpx.delete(f"{engine.url}/debug/fault").raise_for_status()
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"applied": ["routes"], "restart_required": []}
+
+        before = decisions()
+        assert all(chat(gw, keys.user).status_code == 200 for _ in range(6))
+        after = decisions()
+        assert after[drained] == before[drained] and after[kept] == before[kept] + 6
+        stream.join(timeout=60)
+        assert streamed[-1] == "data: [DONE]" and len(streamed) > 10  # the drained backend's stream finished
+    finally:
+        for engine in engines:
+            httpx.delete(f"{engine.url}/debug/fault")
         gw.proc.terminate()
         gw.proc.wait(timeout=20)

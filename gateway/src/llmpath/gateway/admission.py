@@ -16,15 +16,22 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from llmpath.gateway.config import RateConfig, TokenRateConfig
 
+RejectionReason = Literal["queue_full", "queue_timeout", "rate_limited", "token_rate_limited"]
+#: Every value of ``llmpath_admission_rejections_total{reason}``, exported at 0 from the start.
+REJECTION_REASONS: tuple[RejectionReason, ...] = get_args(RejectionReason)
+
 
 class AdmissionRejected(Exception):
-    """Not admitted; ``reason`` is ``queue_full``, ``queue_timeout``, ``rate_limited`` or ``token_rate_limited``;
-    ``headers``: the ``x-ratelimit-*`` headers of the limit that refused."""
+    """Not admitted (see :data:`RejectionReason`); ``headers``: the ``x-ratelimit-*`` headers of the limit that
+    refused."""
 
-    def __init__(self, reason: str, retry_after_s: float, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, reason: RejectionReason, retry_after_s: float, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.retry_after_s = retry_after_s

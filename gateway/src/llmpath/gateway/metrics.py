@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from llmpath.gateway.admission import REJECTION_REASONS
 from llmpath.instrumentation import catalog
 
 
@@ -23,8 +24,12 @@ class GatewayMetrics:
         self._rejections = metric(catalog.ADMISSION_REJECTIONS_TOTAL)
         self._reloads = metric(catalog.CONFIG_RELOADS_TOTAL)
         self._reload_ok = metric(catalog.CONFIG_LAST_RELOAD_SUCCESSFUL)
+        # Counters that an alert or a runbook query reads exist at 0 before their first event (an empty result
+        # would read as "no data", not "none").
         for result in ("success", "failure"):
             self._reloads.labels(result)
+        for reason in REJECTION_REASONS:
+            self._rejections.labels(reason)
         self._reload_ok.set(1)
         self._children: dict[tuple[object, ...], Any] = {}
         self._admission_last: tuple[int, int] | None = None
