@@ -175,6 +175,10 @@ def test_show_finds_a_request_or_every_request_of_a_trace(llmpath_bin: str, ledg
 
     missing = usage(llmpath_bin, "show", "req-999", *ledgers)
     assert missing.returncode == 1 and "no request or trace 'req-999'" in missing.stderr
+    # the "–" the tables print for a request without a trace id, copied as an id: pointed at the request id
+    for placeholder in ("–", "None"):
+        no_id = usage(llmpath_bin, "show", placeholder, *ledgers)
+        assert no_id.returncode == 2 and "show it by request id" in no_id.stderr
 
 
 def test_bad_input_names_the_file_line_and_reason(llmpath_bin: str, ledgers: tuple[Path, Path], tmp_path: Path) -> None:

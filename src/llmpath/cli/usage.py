@@ -26,6 +26,8 @@ TENANT = typer.Option(None, "--tenant", help="Only this tenant.")
 MODEL = typer.Option(None, "--model", help="Only this model.")
 STATUS = typer.Option(None, "--status", help="Only this status code (503) or class (5xx, 4xx).")
 JSON = typer.Option(False, "--json", help="Machine-readable JSON instead of tables.")
+#: What tables and JSON show in place of a missing trace id, copied as if it were one.
+NO_ID = frozenset({"–", "-", "None", "null"})
 CATALOG = typer.Option(None, "--catalog", help=CATALOG_HELP)
 PRICES = typer.Option(
     None,
@@ -198,6 +200,8 @@ def show(
     from llmpath.ledger import find
     from llmpath.ledger.render import record_header, record_table
 
+    if ident in NO_ID:
+        raise _fail(f"{ident!r} is no id: where a request has no trace id (no tracing SDK), show it by request id")
     found = find(_records(ledgers, None, None, None, None), ident)
     if not found:
         typer.echo(f"llmpath usage: no request or trace {ident!r} in {', '.join(map(str, ledgers))}", err=True)
