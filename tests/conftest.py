@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +14,14 @@ import pytest
 from llmpath.demo.supervisor import Supervisor, free_port
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A run started in the background of a script (``make test &``) starts with SIGINT ignored (POSIX), and the
+    servers the tests start would inherit that: a gateway would then drain on SIGINT but exit 0 instead of by the
+    signal. Give this process Python's usual handler, so children start with the default disposition."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(name="free_port")
