@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from opentelemetry import trace
@@ -186,6 +187,37 @@ async def test_fastapi_instrumentor_server_span_is_reused_never_two(make_harness
         assert h.span("llmpath.auth").parent.span_id == server.context.span_id
     finally:
         FastAPIInstrumentor.uninstrument_app(app)
+
+
+@pytest.mark.skipif(not hasattr(FastAPI(), "_native_telemetry"), reason="FastAPI without native telemetry")
+async def test_fastapi_native_telemetry_server_span_is_reused_never_two(make_harness, fast_spans):
+    """FastAPI's own OpenTelemetry support (on by default where a tracer provider is configured) makes the SERVER
+    span outside every middleware: llmpath adds its attributes and stages to it instead of making a second."""
+    from llmpath.instrumentation import instrument_app
+
+    h = make_harness(fast_spans=fast_spans)
+    app = FastAPI(telemetry={"tracer_provider": h.provider, "metrics": False, "logs": False})
+
+    @app.get("/items/{item}")
+    async def item(item: str) -> dict[str, str]:
+        with stage("auth"):
+            pass
+        return {"item": item}
+
+    instrument_app(app, registry=h.registry, tracer_provider=h.provider, usage_sink=h.records.append)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        r = await c.get("/items/a1")
+    assert r.status_code == 200
+    spans = h.spans()
+    servers = [s for s in spans if s.kind is SpanKind.SERVER]
+    assert len(servers) == 1, [s.name for s in spans]
+    server = servers[0]
+    assert server.instrumentation_scope.name == "fastapi"
+    assert server.attributes["llmpath.request_id"] == r.headers["x-request-id"]
+    assert server.attributes["llmpath.route"] == "/items/{item}"
+    auth = h.span("llmpath.auth")
+    assert auth.context.trace_id == server.context.trace_id
+    assert h.records[0].trace_id == format(server.context.trace_id, "032x")
 
 
 async def test_no_sdk_configured_passes_the_callers_trace_through():
