@@ -68,19 +68,25 @@ def reload(gw, key: str) -> httpx.Response:
     return httpx.post(f"{gw.url}/admin/reload", headers={"Authorization": f"Bearer {key}"}, timeout=30)
 
 
+def long_stream(gw, key: str, streamed: list[str]) -> threading.Thread:
+    """A thread streaming 60 tokens through ``gw``, its ``data:`` lines collected into ``streamed``."""
+
+    def run() -> None:
+        body = {"model": "chat", "messages": [{"role": "user", "content": "Stream through the reload."}],
+                "max_tokens": 60, "ignore_eos": True, "stream": True}  # fmt: skip
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {key}"}, timeout=60) as resp:  # fmt: skip
+            streamed.extend(line for line in resp.iter_lines() if line.startswith("data: "))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
 def test_keys_limits_and_routes_change_without_a_restart_or_a_dropped_stream(gw, keys) -> None:
     pid = gw.proc.pid
     streamed: list[str] = []
-
-    def long_stream() -> None:
-        body = {"model": "chat", "messages": [{"role": "user", "content": "Stream through the reload."}],
-                "max_tokens": 60, "ignore_eos": True, "stream": True}  # fmt: skip
-        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(keys.other),
-                          timeout=60) as resp:  # fmt: skip
-            streamed.extend(line for line in resp.iter_lines() if line.startswith("data: "))
-
-    stream = threading.Thread(target=long_stream)
-    stream.start()
+    stream = long_stream(gw, keys.other, streamed)
     time.sleep(0.2)
     api_keys = [k for k in keys.config() if k["tenant"] != "beta"] + [{"sha256": hash_key(NEW_KEY), "tenant": "new"}]
     rewrite(
@@ -230,18 +236,9 @@ def test_a_backend_is_drained_by_leaving_it_out_of_the_routes(stack, keys, engin
 
     try:
         streamed: list[str] = []
-
-        def long_stream() -> None:
-            body = {"model": "chat", "messages": [{"role": "user", "content": "Stream through the drain."}],
-                    "max_tokens": 60, "ignore_eos": True, "stream": True}  # fmt: skip
-            with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(keys.user),
-                              timeout=60) as resp:  # fmt: skip
-                streamed.extend(line for line in resp.iter_lines() if line.startswith("data: "))
-
         for engine in engines:  # about 20 ms per token: the stream runs through the reload
             httpx.post(f"{engine.url}/debug/fault", json={"decode_slowdown": 20}).raise_for_status()
-        stream = threading.Thread(target=long_stream)
-        stream.start()
+        stream = long_stream(gw, keys.user, streamed)
         deadline = time.monotonic() + 10
         while not any(decisions().values()):
             assert time.monotonic() < deadline, "the stream was not routed"
