@@ -152,6 +152,40 @@ async def test_abort_of_an_unknown_rid_is_a_no_op_and_bad_bodies_are_400(url: st
     assert out["meta_info"]["finish_reason"]["type"] in ("length", "stop")
 
 
+async def test_a_known_rid_aborts_its_prefix_family_and_abort_all_aborts_everything(url: str) -> None:
+    """SGLang's matching: a rid the engine knows aborts every request whose rid starts with it; a prefix that is
+    no request's rid, or an empty rid without ``abort_all``, aborts nothing; ``abort_all`` aborts every request."""
+
+    def submit(client: httpx.AsyncClient, rid: str) -> asyncio.Task[httpx.Response]:
+        return asyncio.create_task(client.post("/generate", json={"text": PROMPT, "rid": rid, "sampling_params": LONG}))
+
+    async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+        family = submit(client, "fam")
+        await wait_loads(client, num_running_reqs=1)
+        child, other = submit(client, "fam-2"), submit(client, "other")
+        await wait_loads(client, num_waiting_reqs=2)
+        for body in ({"rid": "fa"}, {}, {"rid": "", "abort_all": False}):  # none of these aborts anything
+            assert (await client.post("/abort_request", json=body)).status_code == 200
+        await asyncio.sleep(0.1)
+        assert not (family.done() or child.done() or other.done())
+
+        await abort(client, "fam")
+        reasons = [(await asyncio.wait_for(t, 10)).json()["meta_info"]["finish_reason"] for t in (family, child)]
+        assert reasons == [ABORTED, ABORTED_WAITING]
+        await wait_loads(client, num_running_reqs=1, num_waiting_reqs=0)  # "other" runs now
+        assert not other.done()
+
+        queued = submit(client, "late")
+        await wait_loads(client, num_waiting_reqs=1)
+        assert (await client.post("/abort_request", json={"abort_all": True})).status_code == 200
+        reasons = [(await asyncio.wait_for(t, 10)).json()["meta_info"]["finish_reason"] for t in (other, queued)]
+        assert reasons == [ABORTED, ABORTED_WAITING]
+        loads = await wait_loads(client, num_running_reqs=0, num_waiting_reqs=0, num_used_tokens=0)
+        bad = await client.post("/abort_request", json={"abort_all": "yes"})
+    assert loads["num_used_tokens"] == 0
+    assert bad.status_code == 400 and bad.json()["error"]["message"] == "abort_request needs a boolean 'abort_all'"
+
+
 async def test_sglang_backend_ends_an_aborted_request_with_done_abort(url: str) -> None:
     """What the gateway sees when an operator aborts a request (the OpenAI backend sends no rid to abort by)."""
     from llmpath.backends import BackendRequest, ChatMessage, Done, SamplingParams, TokenDelta, create_backend

@@ -200,10 +200,11 @@ class Scheduler:
         req.queue_enter_mono = time.monotonic()
         self._inbox.put(("req", req))
 
-    def abort(self, rid: str, *, requested: bool = False) -> None:
+    def abort(self, rid: str | None, *, requested: bool = False) -> None:
         """Abort a queued or running request; its KV slots go back to the pool and its client gets a last output
-        with an ``abort`` finish reason. ``requested``: ``POST /abort_request`` (SGLang's messages) rather than a
-        client that went away."""
+        with an ``abort`` finish reason. ``requested``: ``POST /abort_request`` (SGLang's messages and matching:
+        a known ``rid`` aborts every request whose rid starts with it; ``None`` aborts all) rather than a client
+        that went away (its own rid only)."""
         self._inbox.put(("abort", (rid, requested)))
 
     def flush_cache(self) -> Future[bool]:
@@ -282,20 +283,25 @@ class Scheduler:
         self.pool.clear()
         return True
 
-    def _abort(self, rid: str, requested: bool) -> None:
-        """Finish ``rid`` with an abort reason and send its output so far (SGLang: ``Abort before prefill`` for a
+    def _abort(self, rid: str | None, requested: bool) -> None:
+        """Finish the matching requests (see :meth:`abort`); an unknown rid is a no-op, as in SGLang."""
+        pending = [*self.waiting, *self.running, *([self.chunked] if self.chunked is not None else [])]
+        if rid is not None and not any(r.rid == rid for r in pending):
+            return  # finished already, or unknown (SGLang's tokenizer manager drops it; the HTTP answer is 200)
+        for req in pending:
+            if rid is None or req.rid == rid or (requested and req.rid.startswith(rid)):
+                self._abort_one(req, requested)
+
+    def _abort_one(self, req: EngineRequest, requested: bool) -> None:
+        """Finish ``req`` with an abort reason and send its output so far (SGLang: ``Abort before prefill`` for a
         waiting request, ``Aborted`` for a running one)."""
-        req = next((r for r in self.waiting if r.rid == rid), None)
-        if req is not None:
+        if req in self.waiting:
             self.waiting.remove(req)
             self._dequeued()
             message = "Abort before prefill"
         else:
-            req = next((r for r in self.running if r.rid == rid), None)
-            if req is None and self.chunked is not None and self.chunked.rid == rid:
-                req = self._stop_chunking()
-            if req is None:
-                return  # finished already, or unknown: nothing to do (SGLang answers 200 too)
+            if req is self.chunked:
+                self._stop_chunking()
             message = "Aborted"
         if requested:
             req.finish_reason = {"type": "abort", "message": message, "status_code": None, "err_type": None}

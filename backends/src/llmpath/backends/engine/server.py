@@ -182,11 +182,20 @@ def create_app(engine: Engine, on_shutdown: Callable[[], None] | None = None) ->
     @app.post("/abort_request")
     @_guard(native_error)
     async def abort_request(request: Request) -> Response:
+        # SGLang's AbortReqInput: {"rid": "", "abort_all": false}. A known rid aborts every request whose rid
+        # starts with it; an empty rid without abort_all is ignored (it would match every request).
         body = await _json_body(request)
-        rid = body.get("rid") if isinstance(body, dict) else None
+        if not isinstance(body, dict):
+            raise ApiError(400, "abort_request needs a JSON object with 'rid' or 'abort_all'")
+        rid, abort_all = body.get("rid", ""), body.get("abort_all", False)
         if not isinstance(rid, str):
             raise ApiError(400, "abort_request needs a string 'rid'")
-        engine.scheduler.abort(rid, requested=True)  # its client gets the output so far, finish_reason abort
+        if not isinstance(abort_all, bool):
+            raise ApiError(400, "abort_request needs a boolean 'abort_all'")
+        if abort_all or rid:  # the clients get their output so far, finish_reason abort
+            engine.scheduler.abort(None if abort_all else rid, requested=True)
+        else:
+            log.warning("abort_request with an empty rid and abort_all false: ignored")
         return Response(status_code=200)
 
     @app.get("/metrics")
