@@ -193,6 +193,8 @@ async def main() -> int:
     p.add_argument("--url", default=None, help="measure a running SGLang-compatible server instead")
     p.add_argument("--compare-eager", action="store_true", help="also time a plain HF transformers forward")
     args = p.parse_args()
+    if args.compare_eager and args.url:
+        p.error("--compare-eager times the in-process engine against a Hugging Face forward: not with --url")
 
     generate, close, label = over_http(args.url) if args.url else in_process(args)
     print(f"# {label}")
@@ -217,7 +219,7 @@ async def main() -> int:
         import torch
 
         torch.cuda.empty_cache()
-    if args.compare_eager and not args.url:
+    if args.compare_eager:
         ref = eager_reference(args)
         if ref is not None:
             ec, ew = ref

@@ -222,20 +222,22 @@ def main() -> None:
             "proxy", [*proxy_cmd, "--upstream", f"127.0.0.1:{engine_port}"], ready_url=f"{proxy_url}/health"
         )
         urls = {"direct": engine_url, "proxy": proxy_url, "gateway": gw_url}
-        _measure(args, urls, {"engine": engine.pid, "proxy": proxy.pid, "gateway": gateway.pid})
+        since = _measure(args, urls, {"engine": engine.pid, "proxy": proxy.pid, "gateway": gateway.pid})
     if args.ledger:
-        _explain_slowest(tmp / "usage.jsonl")
+        _explain_slowest(tmp / "usage.jsonl", since)
+    print(f"logs, gateway configuration{' and ledger' if args.ledger else ''}: {tmp}")
 
 
-def _explain_slowest(ledger: Path, count: int = 8) -> None:
-    """The slowest requests through the gateway, stage by stage, from its usage ledger (``llmpath usage slowest``);
-    ``unattributed`` is gateway time no stage covers, e.g. the event loop or a pause."""
+def _explain_slowest(ledger: Path, since: float, count: int = 8) -> None:
+    """The slowest measured requests through the gateway (started at ``since`` or later: not the warm-up), stage
+    by stage, from its usage ledger (``llmpath usage slowest``); ``unattributed`` is gateway time no stage covers,
+    e.g. the event loop or a pause."""
     from rich.console import Console
 
     from llmpath.ledger import read_ledger, slowest
     from llmpath.ledger.render import slowest_table
 
-    Console(width=200).print(slowest_table(slowest(read_ledger(ledger), count), "ttft"))
+    Console(width=200).print(slowest_table(slowest(read_ledger(ledger, since=since), count), "ttft"))
 
 
 #: The processes each mode crosses (whose CPU it is charged); the load generator is this process.
@@ -246,16 +248,18 @@ _CROSSES = {
 }
 
 
-def _measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, int]) -> None:
+def _measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, int]) -> float:
     """Run every mode at every concurrency, interleaved, and print the comparison.
 
     ``urls``: mode → base URL (``direct`` and ``gateway``, and ``proxy`` for the reference hop); ``pids``:
-    process name → pid, for the CPU figures (empty with ``--against``)."""
+    process name → pid, for the CPU figures (empty with ``--against``). Returns when the measured requests
+    began (epoch seconds; the warm-up requests came before)."""
     prompts = _prompts(64, args.prompt_bytes)
     calls: dict[str, Call] = {"direct": _direct, "proxy": _direct, "gateway": _gateway}
     modes = [mode for mode in calls if mode in urls]
     for mode in modes:  # warm both radix namespaces (the gateway sends a tenant cache_salt)
         asyncio.run(_run(calls[mode], urls[mode], prompts, len(prompts), 4, args.max_tokens))
+    measured_since = time.time()
 
     ttft: dict[tuple[int, str], list[float]] = {}
     latency: dict[tuple[int, str], list[float]] = {}
@@ -284,7 +288,8 @@ def _measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, int
                 per_round.setdefault((c, mode), []).append(statistics.median(first for first, _ in results))
     load_after = os.getloadavg()[0]
 
-    print(f"P2 gateway overhead — preset {args.preset}, {args.prompt_bytes}-byte prompts, {args.max_tokens} tokens,")
+    served = f"against {urls['direct']} and {urls['gateway']}" if args.against else f"preset {args.preset}"
+    print(f"P2 gateway overhead — {served}, {args.prompt_bytes}-byte prompts, {args.max_tokens} tokens,")
     print(f"{args.rounds} rounds × {args.requests} requests per mode; load avg {load_before:.2f} → {load_after:.2f}")
     print(f"{'conc':>4} {'mode':>8} {'TTFT p50 ms':>12} {'p99 ms':>9}   added to direct p50 / p99")
     verdicts = []
@@ -319,6 +324,7 @@ def _measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, int
     for c, ok50, ok99 in verdicts:
         verdict50, verdict99 = ("MET" if ok else "MISSED" for ok in (ok50, ok99))
         print(f"target at concurrency {c}: p50 ≤ 1 ms {verdict50}; p99 ≤ 5 ms {verdict99}")
+    return measured_since
 
 
 def _added(values: list[float], base: list[float], q: float) -> float:

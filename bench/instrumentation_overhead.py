@@ -10,7 +10,8 @@ Rounds interleave the variants so machine noise hits all of them alike; medians 
 
     .venv/bin/python bench/instrumentation_overhead.py [--requests 20000] [--rounds 5]
 
-Targets (issue 2): (c−a)/(b−a) ≤ 1.0 at 100% sampling and ≤ 0.5 at 10% sampling.
+Targets (issue 2): (c−a)/(b−a) ≤ 1.0 at 100% sampling and ≤ 0.5 at 10% sampling. The exit status is 1 when a
+target is missed (0 when both are met), so a CI job can gate on it.
 
 ``--interference [MiB]`` measures instead why llmpath's cost in place is about twice its cost in a hot loop. The
 llmpath middleware (unsampled request, JSON-lines ledger) wraps a minimal ASGI app and only its requests are timed:
@@ -285,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="instead of P1: the middleware alone, after a FastAPI request, after writing MIB MiB (default 4)",
     )
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.requests < args.rounds:
+        parser.error("--rounds must be at least 1 and --requests at least --rounds (requests are split over rounds)")
     if args.interference is not None:
         return interference(args.requests, args.rounds, args.interference)
     print(f"µs/request per round ({args.requests} requests per variant, {args.rounds} rounds, sink={args.sink}):")

@@ -230,6 +230,9 @@ def main() -> None:
     parser.add_argument("--kv-tokens", type=int, default=6144, help="KV pool per engine (forces evictions)")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    if not Path(SGLANG_ROUTER).exists():
+        parser.error(f"{SGLANG_ROUTER} not found: the comparison needs SGLang's router (pip install sglang-router; "
+                     "make install and make test put it in .venv)")  # fmt: skip
 
     tmp = Path(tempfile.mkdtemp(prefix="llmpath-bench-routing-"))
     with Supervisor(tmp) as sup:

@@ -27,7 +27,7 @@ a rate scaled with the workers, so the offered prefill load per worker is the sa
 deterministic given ``--seed`` (simulated time; wall time only decides how long you wait).
 
     .venv/bin/python bench/scaling_sim.py --quick          # 8 and 32 workers × 1 and 4 gateways: seconds
-    .venv/bin/python bench/scaling_sim.py                  # 8–256 workers × 1–16 gateways: ~5 min on 2 cores
+    .venv/bin/python bench/scaling_sim.py                  # 8–256 workers × 1–16 gateways: ~2 min on 2 cores (--jobs)
     .venv/bin/python bench/scaling_sim.py --markdown --json figures.json > figures.md
     .venv/bin/python bench/scaling_sim.py --tiebreak shared --load-view global --workers 256 --gateways 1 16
 

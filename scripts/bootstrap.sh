@@ -14,10 +14,11 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # Run pip quietly, dropping the harmless "Location ... is ignored" lines some pip configurations print.
 run_pip() { "${pip[@]}" "$@" 2>&1 | { grep -v "is ignored" || true; }; return "${PIPESTATUS[0]}"; }
 
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+# -W: torch warns that NumPy is missing until the parts below bring it in.
+if ! "$venv/bin/python" -W ignore::UserWarning -c "import torch" 2>/dev/null; then
   echo "bootstrap: installing torch (${TORCH_SPEC:-torch==2.13.0})"
   run_pip install "${TORCH_SPEC:-torch==2.13.0}"
-  "$venv/bin/python" -c "import torch" || { echo "bootstrap: torch failed to install" >&2; exit 1; }
+  "$venv/bin/python" -W ignore::UserWarning -c "import torch" || { echo "bootstrap: torch failed to install" >&2; exit 1; }
 fi
 
 echo "bootstrap: installing llmpath parts (editable, with test extras)"

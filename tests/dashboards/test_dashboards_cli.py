@@ -155,7 +155,7 @@ def test_runbooks_build_custom_spec_and_urls(llmpath_bin: str, tmp_path: Path) -
     out = tmp_path / "rb"
     result = _run(
         llmpath_bin, "runbooks", "build", "--slo", str(spec), "-o", str(out),
-        "--dashboard-base-url", "https://grafana.acme.io", "--runbook-base-url", "https://runbooks.acme.io",
+        "--dashboard-base-url", "https://grafana.acme.io",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [

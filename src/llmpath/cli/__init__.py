@@ -15,7 +15,7 @@ app.add_typer(slo.app, name="slo")
 app.add_typer(dashboards.app, name="dashboards")
 app.add_typer(runbooks.app, name="runbooks")
 app.add_typer(usage.app, name="usage")
-app.add_typer(demo.app, name="demo")
+app.command("demo")(demo.demo)
 
 #: The distributions of the platform, in the order of the request path's dependencies.
 PARTS = (

@@ -6,10 +6,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Run the whole loop on the embedded default.", invoke_without_command=True)
 
-
-@app.callback()
 def demo(
     once: bool = typer.Option(False, "--once", help="Exit after the report instead of serving until Ctrl-C."),
     duration: float = typer.Option(90.0, "--duration", min=5, help="Longest time to drive the workload (seconds)."),

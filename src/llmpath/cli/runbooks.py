@@ -22,9 +22,6 @@ def build(
     check: bool = typer.Option(False, "--check", help=CHECK_HELP),
     period: str | None = typer.Option(None, "--period", "-p", help=PERIOD_HELP),
     windows: list[Path] = typer.Option([], "--windows", "-w", help=WINDOWS_HELP),
-    runbook_base_url: str | None = typer.Option(
-        None, "--runbook-base-url", help="Base of the alerts' runbook_url (default: runbooks/generated)."
-    ),
     dashboard_base_url: str | None = typer.Option(
         None, "--dashboard-base-url", help=f"Grafana URL for dashboard links (default: {DEFAULT_GRAFANA_URL})."
     ),
@@ -40,7 +37,7 @@ def build(
 
     specs = SpecArgs(slo, period, windows, buckets, plugins, catalog)
     stages = specs.stages()
-    result = specs.compile(stages, runbook_base_url=runbook_base_url, dashboard_base_url=dashboard_base_url)
+    result = specs.compile(stages, dashboard_base_url=dashboard_base_url)
     try:
         dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()), stages)
         files = build_runbooks(
@@ -53,6 +50,6 @@ def build(
         )
     except (DashboardError, KnowledgeError, RunbookError) as exc:
         raise fail(str(exc)) from None
-    urls = [("--runbook-base-url", runbook_base_url), ("--dashboard-base-url", dashboard_base_url)]
-    command = "llmpath runbooks build" + specs.flags() + "".join(f" {k} {v}" for k, v in urls if v) + f" -o {out}"
+    url = f" --dashboard-base-url {dashboard_base_url}" if dashboard_base_url else ""
+    command = "llmpath runbooks build" + specs.flags() + url + f" -o {out}"
     sync(out, files, check, is_generated, "runbook files", command)

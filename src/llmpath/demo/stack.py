@@ -113,7 +113,7 @@ def build_artifacts(cfg: StackConfig) -> Artifacts:
     commands = [
         ["slo", "compile", *specs, "-o", str(art.rules_dir), *slo_opts, "--runbook-base-url", runbook_url],
         ["dashboards", "build", *slo_flags, "-o", str(art.dashboards_dir), *slo_opts],
-        ["runbooks", "build", *slo_flags, "-o", str(art.runbooks_dir), *slo_opts, "--runbook-base-url", runbook_url],
+        ["runbooks", "build", *slo_flags, "-o", str(art.runbooks_dir), *slo_opts],
     ]
     for args in commands:
         proc = subprocess.run([*llmpath_command(), *args], capture_output=True, text=True)
