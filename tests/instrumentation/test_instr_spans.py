@@ -222,7 +222,6 @@ async def test_fastapi_native_telemetry_server_span_is_reused_never_two(make_har
 
 async def test_no_sdk_configured_passes_the_callers_trace_through():
     """With the API's no-op tracer, the caller's trace id still reaches the ledger and downstream headers."""
-    import httpx
     from prometheus_client import CollectorRegistry
 
     from llmpath.instrumentation import inject_trace_headers, instrument_app
