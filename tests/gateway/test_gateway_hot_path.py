@@ -75,6 +75,7 @@ async def test_an_unexpected_error_is_an_openai_500_and_is_logged(hot, monkeypat
     assert "boom" not in r.text
     assert any("unexpected error" in rec.message for rec in caplog.records)
     assert app.state.waterfall.recent()[0].status_code == 500
+    assert r.headers["x-request-id"] == app.state.waterfall.recent()[0].request_id
 
 
 def test_the_hot_paths_are_the_documented_fastapi_routes(hot) -> None:

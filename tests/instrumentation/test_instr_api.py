@@ -361,6 +361,65 @@ async def test_an_exception_handled_into_a_500_keeps_its_type_and_the_request_id
     assert unavailable_status == 503 and h.records[1].error is None
 
 
+async def _uncaught_500(h, path: str = "/fail") -> httpx.Response:
+    transport = httpx.ASGITransport(app=h.app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        return await c.get(path)
+
+
+async def test_the_500_page_of_an_uncaught_exception_carries_the_request_id(make_harness):
+    app = FastAPI()
+
+    @app.get("/fail")
+    async def fail() -> None:
+        raise RuntimeError("prompt text")
+
+    h = make_harness(app=app)
+    r = await _uncaught_500(h)
+    assert r.status_code == 500 and r.text == "Internal Server Error"  # Starlette's own page, unchanged
+    assert r.headers["x-request-id"] == h.records[0].request_id
+    assert h.records[0].error == "RuntimeError" and h.records[0].status_code == 500
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+async def test_the_apps_own_500_handler_keeps_its_page_and_gets_the_request_id(make_harness, kind):
+    app = FastAPI()
+
+    async def async_page(request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": {"type": "server_error", "handler": "async"}}, status_code=500)
+
+    def sync_page(request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": {"type": "server_error", "handler": "sync"}}, status_code=500)
+
+    app.add_exception_handler(Exception, async_page if kind == "async" else sync_page)
+
+    @app.get("/fail")
+    async def fail() -> None:
+        raise RuntimeError("boom")
+
+    h = make_harness(app=app)
+    r = await _uncaught_500(h)
+    assert r.status_code == 500 and r.json()["error"]["handler"] == kind
+    assert r.headers["x-request-id"] == h.records[0].request_id
+
+
+async def test_a_500_handler_that_sets_the_request_id_itself_is_left_alone(make_harness):
+    app = FastAPI()
+
+    @app.exception_handler(500)
+    async def page(request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"error": "x"}, status_code=500, headers={"X-Request-ID": "set-by-the-app"})
+
+    @app.get("/fail")
+    async def fail() -> None:
+        raise RuntimeError("boom")
+
+    h = make_harness(app=app)
+    r = await _uncaught_500(h)
+    assert r.headers.get_list("x-request-id") == ["set-by-the-app"]
+    assert h.records[0].status_code == 500
+
+
 def test_cardinality_guard_caps_per_label():
     guard = CardinalityGuard({"route": 2, "*": 1})
     assert [guard.admit("route", v) for v in ("a", "b", "c", "a")] == ["a", "b", "__other__", "a"]

@@ -80,15 +80,19 @@ def test_request_id_is_honoured_assigned_and_returned(processes, free_port, tmp_
         given = client.post(f"{base}/v1/chat/completions", json={}, headers={"x-request-id": "req-abc.123"})
         assigned = client.post(f"{base}/v1/chat/completions", json={})
         unsafe = client.post(f"{base}/v1/chat/completions", json={}, headers={"x-request-id": 'bad id"}'})
+        failed = client.get(f"{base}/fail", headers={"x-request-id": "req-fail.1"})  # Starlette's 500 page
+    assert failed.status_code == 500 and failed.headers["x-request-id"] == "req-fail.1"
     assert given.headers["x-request-id"] == "req-abc.123" == given.json()["request_id"]
     assert len(assigned.headers["x-request-id"]) == 32
     assert unsafe.headers["x-request-id"] != 'bad id"}' and len(unsafe.headers["x-request-id"]) == 32
-    records = wait_for_records(ledger, 3)
+    records = wait_for_records(ledger, 4)
     assert [r.request_id for r in records] == [
         "req-abc.123",
         assigned.headers["x-request-id"],
         unsafe.headers["x-request-id"],
+        "req-fail.1",
     ]
+    assert records[3].status_code == 500 and records[3].error == "RuntimeError"
 
 
 def test_client_disconnect_mid_stream_is_recorded_once(processes, free_port, tmp_path):

@@ -189,6 +189,37 @@ async def test_fastapi_instrumentor_server_span_is_reused_never_two(make_harness
         FastAPIInstrumentor.uninstrument_app(app)
 
 
+@pytest.mark.parametrize("first", ["llmpath", "opentelemetry"])
+async def test_uncaught_500_page_has_the_request_id_under_the_fastapi_instrumentor(make_harness, first):
+    """opentelemetry-instrumentation-fastapi rebuilds the stack around a copy of Starlette's error layer, whichever
+    of the two instruments the app first; the 500 page still gets the request id."""
+    from llmpath.instrumentation import instrument_app
+
+    app = FastAPI()
+
+    @app.get("/fail")
+    async def fail() -> None:
+        raise RuntimeError("boom")
+
+    h = make_harness(app=FastAPI())  # only for its provider, registry and records
+    if first == "opentelemetry":
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=h.provider, exclude_spans=["receive", "send"])
+        instrument_app(app, registry=h.registry, tracer_provider=h.provider, usage_sink=h.records.append)
+    else:
+        instrument_app(app, registry=h.registry, tracer_provider=h.provider, usage_sink=h.records.append)
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=h.provider, exclude_spans=["receive", "send"])
+    try:
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            r = await c.get("/fail")
+    finally:
+        FastAPIInstrumentor.uninstrument_app(app)
+    assert r.status_code == 500 and r.text == "Internal Server Error"
+    assert r.headers.get_list("x-request-id") == [h.records[0].request_id]
+    servers = [s for s in h.spans() if s.kind is SpanKind.SERVER]
+    assert len(servers) == 1 and servers[0].attributes["llmpath.request_id"] == h.records[0].request_id
+
+
 @pytest.mark.skipif(not hasattr(FastAPI(), "_native_telemetry"), reason="FastAPI without native telemetry")
 async def test_fastapi_native_telemetry_server_span_is_reused_never_two(make_harness, fast_spans):
     """FastAPI's own OpenTelemetry support (on by default where a tracer provider is configured) makes the SERVER

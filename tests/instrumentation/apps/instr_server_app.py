@@ -117,6 +117,11 @@ async def call_backend() -> dict[str, Any]:
     return {"seen": seen, "trace_id": req.trace_id, "request_id": req.request_id}
 
 
+@app.get("/fail")
+async def fail() -> None:
+    raise RuntimeError("an exception no handler catches")
+
+
 @app.get("/pid")
 async def pid() -> dict[str, int]:
     return {"pid": os.getpid()}

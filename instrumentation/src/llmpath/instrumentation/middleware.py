@@ -20,6 +20,9 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode()
+#: Where the middleware leaves a failed request's id in the ASGI scope for the 500 page written outside it
+#: (:mod:`llmpath.instrumentation.error_pages`).
+FAILED_REQUEST_ID_KEY = "llmpath.failed_request_id"
 #: Status recorded when the client went away before the response completed (nginx's convention).
 CLIENT_CLOSED_REQUEST = 499
 
@@ -98,6 +101,7 @@ class LLMPathMiddleware:
         try:
             await self.app(scope, receive, send_with_telemetry)
         except BaseException as exc:
+            scope[FAILED_REQUEST_ID_KEY] = req.request_id
             if not req.finished:
                 _classify_failure(req, exc, bool(disconnected))
                 instr.finish(req)
@@ -151,8 +155,24 @@ def instrument_app(app: Any, **options: Any) -> Any:
         # rebuilds the stack around what is inside it, whichever of the two instruments the app first.
         app.add_middleware(LLMPathMiddleware, instrumentation=instrumentation)
         app.state.llmpath = instrumentation
+        if hasattr(app, "build_middleware_stack"):  # Starlette's
+            _tag_error_pages_when_built(app)
         return app
     return LLMPathMiddleware(app, instrumentation=instrumentation)
+
+
+def _tag_error_pages_when_built(app: Any) -> None:
+    """Make the app's stack, each time it is built, put the request id on the 500 page of an uncaught exception."""
+    from llmpath.instrumentation.error_pages import tag_error_pages  # needs Starlette
+
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> Any:
+        stack = build()
+        tag_error_pages(stack)
+        return stack
+
+    app.build_middleware_stack = build_middleware_stack
 
 
 def get_instrumentation(app: Any) -> Instrumentation:
