@@ -12,6 +12,7 @@ from llmpath.backends import (
     BackendBadRequest,
     BackendProtocolError,
     BackendRequest,
+    BackendServerError,
     BackendUnavailable,
     ChatMessage,
     Done,
@@ -139,6 +140,35 @@ async def test_in_stream_error_and_abort_are_typed(loopback) -> None:
     url = replay(loopback, "/generate", (FIXTURES / "generate_stream_abort.sse").read_bytes())
     with pytest.raises(BackendUnavailable, match="overloaded"):
         await events_of(SGLangBackend(url), request())
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "status"),
+    [
+        # SGLang versions that stream a ValueError from checking the request as a message only (their
+        # non-streaming path answers it 400): the client's error, not the backend's.
+        ({"message": "The input (201 tokens) is longer than the model's context length (64 tokens)."},
+         BackendBadRequest, 400),
+        ({"message": "bad top_p", "type": "invalid_request_error"}, BackendBadRequest, 400),
+        ({"message": "scheduler crashed", "type": "internal_error"}, BackendServerError, 500),
+        ({"message": "no such adapter", "type": "invalid_request_error", "code": 404}, BackendBadRequest, 404),
+    ],
+)  # fmt: skip
+async def test_in_stream_errors_without_a_code_take_their_status_from_the_type(loopback, error, kind, status) -> None:
+    body = b"data: " + json.dumps({"error": error}).encode() + b"\n\ndata: [DONE]\n\n"
+    url = replay(loopback, "/generate", body)
+    with pytest.raises(kind) as info:
+        await events_of(SGLangBackend(url), request())
+    raised = info.value
+    assert (raised.status_code if isinstance(raised, BackendBadRequest) else raised.upstream_status) == status
+
+
+async def test_openai_in_stream_error_without_a_code_is_a_server_error(loopback) -> None:
+    body = b'data: {"error": {"message": "The server had an error.", "type": null}}\n\ndata: [DONE]\n\n'
+    url = replay(loopback, "/v1/chat/completions", body)
+    with pytest.raises(BackendServerError) as info:
+        await events_of(OpenAIBackend(url), request(messages=[ChatMessage("user", "hi")], prompt=None))
+    assert info.value.upstream_status == 500
 
 
 async def test_http_errors_are_typed(loopback) -> None:

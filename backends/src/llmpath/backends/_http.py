@@ -218,13 +218,32 @@ def _event_data(block: bytes) -> bytes | None:
     return b"\n".join(lines) if lines else None
 
 
-def raise_stream_error(obj: dict[str, Any]) -> None:
-    """Raise the typed error of an in-stream error event (SGLang ``{"error": {...}}``, OpenAI ``object: error``)."""
+#: The HTTP status of an in-stream error that has an OpenAI error ``type`` but no numeric ``code``.
+_STATUS_OF_ERROR_TYPE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "rate_limit_error": 429,
+    "server_error": 500,
+    "internal_error": 500,
+}
+
+
+def raise_stream_error(obj: dict[str, Any], default_status: int = 500) -> None:
+    """Raise the typed error of an in-stream error event (SGLang ``{"error": {...}}``, OpenAI ``object: error``).
+
+    Its status is the event's numeric ``code``, else the one its ``type`` stands for (``invalid_request_error`` →
+    400), else ``default_status``.
+    """
     err = obj.get("error") if "error" in obj else (obj if obj.get("object") == "error" else None)
     if err is None:
         return
     if isinstance(err, str):
         err = {"message": err}
     code = err.get("code")
-    status = code if isinstance(code, int) else 500
+    if isinstance(code, int) and not isinstance(code, bool):
+        status = code
+    else:
+        status = _STATUS_OF_ERROR_TYPE.get(str(err.get("type")), default_status)
     raise error_for_status(status, orjson.dumps({"error": err}))

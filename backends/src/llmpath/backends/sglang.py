@@ -83,7 +83,9 @@ class GenerateStreamParser:
 
     def feed(self, chunk: dict[str, Any]) -> list[BackendEvent]:
         """Events for one output object (raises typed errors for in-stream errors and malformed chunks)."""
-        raise_stream_error(chunk)
+        # An error with a message only is SGLang's streamed form of a ValueError from checking the request (a
+        # prompt longer than the context, bad sampling parameters): its non-streaming path answers those 400.
+        raise_stream_error(chunk, default_status=400)
         meta = chunk.get("meta_info")
         if not isinstance(meta, dict) or "completion_tokens" not in meta or "prompt_tokens" not in meta:
             raise BackendProtocolError(f"/generate output without meta_info counts: {json.dumps(chunk)[:200]}")

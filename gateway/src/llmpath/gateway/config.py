@@ -88,7 +88,9 @@ class HealthConfig(_Strict):
     """Active health checks and passive ejection."""
 
     interval_s: PositiveFloat = 5.0
-    timeout_s: PositiveFloat = 2.0
+    #: SGLang's ``/health`` generates one token and answers after at least a second (and only once some output
+    #: came back), so a probe needs more than that; 5 s is sglang-router's ``--health-check-timeout-secs``.
+    timeout_s: PositiveFloat = 5.0
     #: Consecutive failures (health checks, connections that failed, 5xx answers) before a backend is ejected.
     eject_after_failures: PositiveInt = 3
     #: How long an ejected backend stays out before it is probed again.
