@@ -67,6 +67,12 @@ def test_chunks_compute_the_same_outputs_and_are_counted(whole: str, chunked: st
 
     assert stage_count(after, "chunked_prefill") - stage_count(before, "chunked_prefill") == chunks - 1
     assert stage_count(after, "prefill_forward") - stage_count(before, "prefill_forward") == 1
+    # prefill_forward covers every chunk, as SGLang measures it: the prefill the request's meta_info reports.
+    meta = out["meta_info"]
+    prefill_sum = metric(after, "sglang:per_stage_req_latency_seconds_sum", stage="prefill_forward") - metric(
+        before, "sglang:per_stage_req_latency_seconds_sum", stage="prefill_forward"
+    )
+    assert prefill_sum == pytest.approx(meta["prefill_finished_time"] - meta["forward_entry_time"], abs=0.005)
     # Each chunk's KV went into the radix cache: the same prompt again is cached but for its last token.
     again = generate(chunked, PROMPT)
     assert again["meta_info"]["cached_tokens"] == prompt - 1

@@ -143,8 +143,9 @@ def _latency(b: Board) -> None:
     )  # fmt: skip
     b.timeseries(
         "backends:prefill_forward", "Prefill forward p95 by backend",
-        "95th percentile of the prefill forward passes on each engine (with chunked prefill, one per chunk): grows "
-        "with uncached prompt tokens and GPU saturation.", "s",
+        "95th percentile of prefill on each engine: whole prefills (prefill_forward, first forward entry to the "
+        "first token) and, with chunked prefill, each chunk but the last (chunked_prefill). Grows with uncached "
+        "prompt tokens and GPU saturation.", "s",
         [_by_backend(quantile(0.95, "sglang:per_stage_req_latency_seconds", 'stage=~"prefill_forward|chunked_prefill"',
                               group=BACKEND))], w=8,
     )  # fmt: skip

@@ -457,8 +457,9 @@ class Scheduler:
                     self.metrics.observe("sglang:per_stage_req_latency_seconds", end - start, stage="chunked_prefill")
         for req, tok in zip(prefilled, next_ids[: len(prefilled)], strict=True):
             req.prefill_finished_ts, req.prefill_finished_mono = end_ts, end
-            if self.metrics and req.log_metrics:
-                self.metrics.observe("sglang:per_stage_req_latency_seconds", end - start, stage="prefill_forward")
+            if self.metrics and req.log_metrics:  # SGLang's prefill_forward: first forward entry → prefill end
+                forward = end - (req.forward_entry_mono if req.forward_entry_mono is not None else start)
+                self.metrics.observe("sglang:per_stage_req_latency_seconds", forward, stage="prefill_forward")
             self._cache_unfinished(req)
             self.running.append(req)
             self._append_token(req, tok)
