@@ -52,6 +52,29 @@ def test_dashboards_build_and_check_detect_every_kind_of_drift(llmpath_bin: str,
     assert sorted(p.name for p in out.iterdir()) == sorted(DASHBOARDS)
 
 
+def test_runbook_base_url_links_each_burn_rate_panel_to_its_alerts_runbooks(llmpath_bin: str, tmp_path: Path) -> None:
+    from llmpath.dashboards import burn_panel_id
+    from llmpath.dashboards.specs import SpecOptions, compile_specs
+
+    base = "https://runbooks.example.com/llm"
+    built = _run(llmpath_bin, "dashboards", "build", "-o", str(tmp_path / "a"), "--runbook-base-url", base)
+    assert built.returncode == 0, built.stderr
+    slos_json = json.loads((tmp_path / "a" / "llmpath-slos.json").read_text())
+    panels = {p["id"]: p for p in slos_json["panels"]}
+    for slo in compile_specs(SpecOptions()).slos:
+        links = panels[burn_panel_id(slo.id)]["links"]
+        assert {link["url"] for link in links} == {f"{base}/{alert.runbook_file}" for alert in slo.alerts}, slo.id
+        assert all(link["targetBlank"] and link["type"] == "link" for link in links)
+    # Without it (or with a URL Grafana could not open) there are no links.
+    plain = _run(llmpath_bin, "dashboards", "build", "-o", str(tmp_path / "b"))
+    assert plain.returncode == 0, plain.stderr
+    plain_json = json.loads((tmp_path / "b" / "llmpath-slos.json").read_text())
+    assert not any(p.get("links") for p in plain_json["panels"])
+    relative = _run(llmpath_bin, "dashboards", "build", "-o", str(tmp_path / "c"), "--runbook-base-url", "runbooks")
+    assert relative.returncode == 2 and "absolute http(s) URL" in relative.stderr
+    assert not (tmp_path / "c").exists()
+
+
 def test_bad_spec_exits_1_like_slo_compile_naming_the_file_and_writes_nothing(llmpath_bin: str, tmp_path: Path) -> None:
     spec = tmp_path / "broken.yaml"
     spec.write_text("version: prometheus/v1\nservice: x\nslos:\n  - name: a\n    objective: 120\n")

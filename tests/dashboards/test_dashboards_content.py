@@ -12,7 +12,9 @@ from typing import Any
 from jsonschema import Draft7Validator
 
 from llmpath.dashboards import SloView, build_dashboards, burn_panel_id, queries, render_all
+from llmpath.dashboards.api_path import stage_latency_key
 from llmpath.dashboards.checks import iter_panels
+from llmpath.dashboards.slos import burn_panel_key
 from llmpath.dashboards.specs import recording_rule_names, slo_views
 from llmpath.dashboards.synthetic import promtool_returns_data
 from llmpath.instrumentation import catalog
@@ -66,15 +68,19 @@ def test_every_panel_has_title_description_unit_and_bound_datasource(dashboards:
             assert "Metrics: `" in panel["description"], where
 
 
-def test_datasource_route_and_model_variables(dashboards: dict[str, dict]) -> None:
+def test_datasource_route_and_model_variables_and_each_is_used(dashboards: dict[str, dict]) -> None:
     for name, dashboard in dashboards.items():
         variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-        assert set(variables) == {"datasource", "route", "model"}, name
+        # SLO series carry no model label: a model variable there would change nothing.
+        assert set(variables) == ({"datasource", "route"} if name == "llmpath-slos.json" else
+                                  {"datasource", "route", "model"}), name  # fmt: skip
         assert variables["datasource"]["type"] == "datasource"
         assert variables["datasource"]["query"] == "prometheus"
-        for var in ("route", "model"):
+        exprs = [t["expr"] for panel in iter_panels(dashboard) for t in panel.get("targets", [])]
+        for var in set(variables) - {"datasource"}:
             assert variables[var]["refresh"] == 2 and variables[var]["includeAll"] and variables[var]["multi"]
             assert variables[var]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert any(f"${var}" in expr for expr in exprs), (name, var)
 
 
 def test_panel_ids_are_stable_unique_and_output_is_deterministic(compiled: Any, dashboards: dict[str, dict]) -> None:
@@ -122,6 +128,12 @@ def test_ttft_tpot_cache_and_token_panels(dashboards: dict[str, dict]) -> None:
     assert 'type="input"' in denominator and denominator.endswith("> 0)")
     predicted, actual = _exprs(_by_key(dashboard, "cache:predicted_vs_actual"))
     assert catalog.PROMPT_CACHE_PREDICTED_TOKENS_TOTAL in predicted and 'type="cached"' in actual
+    # The prediction has no model label, so the actual side must not be narrowed to the selected models either.
+    assert "$model" not in predicted and "$model" not in actual and 'route=~"$route"' in actual
+    assert "$model" not in _exprs(_by_key(dashboard, "cache:prediction_accuracy"))[0]
+    # The ten tenants are chosen once over the whole range, not again at every step of the graph.
+    (rate,) = _exprs(_by_key(dashboard, "tokens:top_tenants_rate"))
+    assert "\nand on (tenant)\ntopk(10, " in rate and "[$__range] @ end()" in rate
     assert "by (type)" in _exprs(_by_key(dashboard, "tokens:by_type"))[0]
     top = _by_key(dashboard, "tokens:top_tenants")
     assert top["type"] == "table" and top["targets"][0]["instant"]
@@ -163,8 +175,15 @@ def test_slo_dashboard_has_a_row_per_slo_and_the_panel_alerts_link_to(
                 "Owning stage"} <= titles  # fmt: skip
         owner = _by_key(dashboard, f"slo:{slo.id}:owner")
         assert owner["targets"][0]["legendFormat"] == f"{slo.stage} → {slo.owner}"
-    steps = [s["value"] for s in burn["fieldConfig"]["defaults"]["thresholds"]["steps"]]
-    assert 14.4 in steps and 1 in steps
+    # Burn-rate colours sit at the alerts' factors (Sloth's defaults: tickets at ×1 and ×3, pages from ×6 up).
+    availability = next(s for s in compiled.slos if s.name == "availability")
+    factors = {w.factor for a in availability.alerts for w in a.windows}
+    assert factors == {1, 3, 6, 14.4}
+    for key in (burn_panel_key(availability.id), f"slo:{availability.id}:burn_now"):
+        marks = _by_key(dashboard, key)["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert [(m["color"], m["value"]) for m in marks] == [("green", None), ("yellow", 1), ("orange", 3), ("red", 6)]
+    period = _by_key(dashboard, f"slo:{availability.id}:burn_period")["fieldConfig"]["defaults"]["thresholds"]
+    assert [m["value"] for m in period["steps"]] == [None, 0.5, 0.75, 1]  # red once the period's budget is spent
 
 
 def test_slo_route_filter_only_where_the_sli_keeps_route() -> None:
@@ -205,3 +224,44 @@ def test_rate_windows_are_grafana_variables(dashboards: dict[str, dict]) -> None
         for panel in _panels(dashboard):
             for expr in _exprs(panel):
                 assert set(re.findall(r"\[([^\]]+)\]", expr)) - {":_"} <= {"$__rate_interval", "$__range"}, expr
+
+
+def _steps(panel: dict) -> list[tuple[str, float | None]]:
+    return [(m["color"], m["value"]) for m in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+
+
+def _latency_panel_key(sli: Any) -> str:
+    """The API-path panel that shows a latency SLI's histogram (written out here, not taken from the code)."""
+    if sli.histogram == catalog.STAGE_DURATION:
+        return stage_latency_key(sli.selector["stage"])
+    if sli.histogram == catalog.STAGE_GROUP_DURATION:
+        return stage_latency_key(sli.selector["group"])
+    return {catalog.TIME_TO_FIRST_TOKEN: "ttft:latency", catalog.TIME_PER_OUTPUT_TOKEN: "tpot:latency",
+            catalog.REQUEST_DURATION: "request:latency"}[sli.histogram]  # fmt: skip
+
+
+def test_api_path_marks_the_slos_it_measures(compiled: Any, dashboards: dict[str, dict]) -> None:
+    dashboard = dashboards["llmpath-api-path.json"]
+    # Availability 99.9 %, paging from ×6: yellow from the 0.1 % budget, red from 0.6 %.
+    for key in ("overview:errors", "traffic:error_ratio_by_route"):
+        assert _steps(_by_key(dashboard, key)) == [("green", None), ("yellow", 0.001), ("red", 0.006)], key
+    marked = set()
+    latency = [s for s in compiled.slos if s.sli.kind == "latency"]
+    assert len(latency) >= 4
+    for slo in latency:
+        panel = _by_key(dashboard, _latency_panel_key(slo.sli))
+        assert ("red", slo.sli.threshold) in _steps(panel), slo.name
+        assert panel["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "dashed"
+        assert f"{slo.service}/{slo.name}: {slo.sli.threshold:g} s" in panel["description"]
+        marked.add(panel["id"])
+    assert stable_panel_id(stage_latency_key("auth")) not in marked  # no SLO on auth: no line
+    auth = _by_key(dashboard, stage_latency_key("auth"))
+    assert auth["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "off"
+    assert "All models" in auth["description"] and "All models" not in _by_key(dashboard, "ttft:latency")["description"]
+
+
+def test_api_path_without_slos_keeps_generic_error_colours() -> None:
+    dashboard = build_dashboards()["llmpath-api-path.json"]
+    assert _steps(_by_key(dashboard, "overview:errors")) == [("green", None), ("yellow", 0.01), ("red", 0.05)]
+    ttft = _by_key(dashboard, "ttft:latency")
+    assert ttft["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "off"

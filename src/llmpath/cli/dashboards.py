@@ -101,6 +101,12 @@ def build(
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
     plugins: list[str] = typer.Option([], "--plugins", help=PLUGINS_HELP),
     catalog: Path | None = typer.Option(None, "--catalog", help=CATALOG_HELP),
+    runbook_base_url: str | None = typer.Option(
+        None,
+        "--runbook-base-url",
+        help="Where the runbooks are published (the URL given to `llmpath slo compile`): each SLO's burn-rate panel "
+        "then links to the runbooks of its alerts. An absolute http(s) URL.",
+    ),
 ) -> None:
     """Build the LLM API path, SLOs and Backends dashboards (Grafana JSON) into OUT.
 
@@ -111,14 +117,18 @@ def build(
     from llmpath.dashboards.build import DashboardError, build_dashboards, is_generated, render_all
     from llmpath.dashboards.specs import recording_rule_names, slo_views
 
+    if runbook_base_url is not None and not runbook_base_url.startswith(("http://", "https://")):
+        raise fail(f"--runbook-base-url {runbook_base_url!r}: must be an absolute http(s) URL (Grafana opens panel "
+                   "links from its own pages)", 2)  # fmt: skip
     specs = SpecArgs(slo, period, windows, buckets, plugins, catalog)
     stages = specs.stages()
-    result = specs.compile(stages)
+    result = specs.compile(stages, runbook_base_url=runbook_base_url)
     try:
         dashboards = build_dashboards(slo_views(result.slos), recording_rule_names(result.files.values()), stages)
     except DashboardError as exc:
         raise fail(str(exc)) from None
-    command = "llmpath dashboards build" + specs.flags() + f" -o {out}"
+    url = f" --runbook-base-url {runbook_base_url}" if runbook_base_url else ""
+    command = "llmpath dashboards build" + specs.flags() + url + f" -o {out}"
     sync(out, render_all(dashboards), check, is_generated, "dashboard files", command)
 
 

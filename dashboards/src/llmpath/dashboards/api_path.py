@@ -2,16 +2,61 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from grafanalib.core import Dashboard
 
 from llmpath.dashboards import common
-from llmpath.dashboards.panels import Board, Query, steps
+from llmpath.dashboards.panels import Board, Query, Steps, steps
 from llmpath.dashboards.promql import mean, quantile, ratio, sel, sum_increase, sum_rate, zero_if_absent
+from llmpath.dashboards.slos import SloView
 from llmpath.instrumentation import catalog
 from llmpath.instrumentation.catalog import STAGES, UNATTRIBUTED, StageCatalog
 
+#: Error-ratio colours without an availability SLO in the specs.
 ERROR_STEPS = steps(("green", None), ("yellow", 0.01), ("red", 0.05))
 PERCENTILES = (0.5, 0.95, 0.99)
+
+
+class SloMarks:
+    """What the compiled SLOs put on the API-path panels: the error-ratio colours of an availability SLO (yellow
+    from its error budget, red from its fastest page burn) and a dashed line at each latency SLO's threshold on
+    the panel of its histogram."""
+
+    def __init__(self, views: Sequence[SloView]) -> None:
+        self.availability = next((v for v in views if v.counts_server_errors), None)
+        self._latency = [v for v in views if v.latency is not None]
+
+    def error_steps(self) -> Steps:
+        view = self.availability
+        if view is None or view.error_budget <= 0:
+            return ERROR_STEPS
+        budget = view.error_budget
+        page = view.fastest_page_factor
+        red = round(budget * page, 10) if page is not None and budget * page < 1 else None
+        return steps(("green", None), ("yellow", budget), *((("red", red),) if red is not None else ()))
+
+    def error_note(self) -> str:
+        view = self.availability
+        if view is None:
+            return ""
+        page = view.fastest_page_factor
+        red = f", red where it pages (×{page:g} the budget)" if page is not None else ""
+        return f" Yellow from SLO {view.service}/{view.name}'s error budget ({view.error_budget:.3%}){red}."
+
+    def latency(self, histogram: str, how: str, **matchers: str) -> tuple[Steps | None, str]:
+        """Threshold steps for a panel of ``histogram`` with ``matchers``, and a description note saying ``how``
+        the thresholds show (``"Dashed line"``, ``"Red"``); ``(None, "")`` without a latency SLO on it."""
+        wanted = tuple(sorted(matchers.items()))
+        bounds = sorted(
+            {(v.latency.threshold, f"{v.service}/{v.name}") for v in self._latency
+             if v.latency is not None and v.latency.histogram == histogram and v.latency.matchers == wanted}
+        )  # fmt: skip
+        if not bounds:
+            return None, ""
+        marks = steps(("green", None), *(("red", threshold) for threshold, _ in bounds))
+        note = "; ".join(f"SLO {name}: {threshold:g} s" for threshold, name in bounds)
+        return marks, f" {how}: the latency SLO threshold ({note})."
 
 
 def stage_latency_key(stage: str) -> str:
@@ -50,15 +95,17 @@ def _stage_description(stage: str, stages: StageCatalog) -> tuple[str, str]:
     return meaning, stages.owner(stage)
 
 
-def build(stages: StageCatalog = STAGES) -> Dashboard:
+def build(stages: StageCatalog = STAGES, views: Sequence[SloView] = ()) -> Dashboard:
     """Build the LLM API path dashboard (grafanalib object; see :func:`llmpath.dashboards.grafana.finalize`), with
-    one latency panel per stage of ``stages`` (titles name their owners)."""
-    b = Board(common.SAMPLE_VARIABLES)
-    _overview(b)
-    _traffic(b)
+    one latency panel per stage of ``stages`` (titles name their owners) and the SLOs of ``views`` marked on the
+    panels they measure (:class:`SloMarks`)."""
+    b = Board(common.SAMPLE_VARIABLES, no_model_note="All models: these metrics have no model label.")
+    marks = SloMarks(views)
+    _overview(b, marks)
+    _traffic(b, marks)
     _where_time_goes(b, stages)
-    _stage_percentiles(b, stages)
-    _ttft_tpot(b)
+    _stage_percentiles(b, stages, marks)
+    _ttft_tpot(b, marks)
     _routing_admission(b)
     _prompt_cache(b)
     _tokens_row(b)
@@ -73,26 +120,32 @@ def build(stages: StageCatalog = STAGES) -> Dashboard:
     )
 
 
-def _overview(b: Board) -> None:
+def _overview(b: Board, marks: SloMarks) -> None:
     b.row("row:overview", "Overview")
     b.stat(
         "overview:requests", "Requests/s", "Finished requests per second (all status codes).", "reqps",
         [Query(sum_rate(_requests()))],
     )  # fmt: skip
     b.stat(
-        "overview:errors", "Error ratio (5xx)", "Share of requests answered with a 5xx status.", "percentunit",
-        [Query(_error_ratio())], thresholds=ERROR_STEPS, decimals=2,
+        "overview:errors", "Error ratio (5xx)",
+        "Share of requests answered with a 5xx status." + marks.error_note(), "percentunit",
+        [Query(_error_ratio())], thresholds=marks.error_steps(), decimals=2,
     )  # fmt: skip
+    ttft_steps, ttft_note = marks.latency(catalog.TIME_TO_FIRST_TOKEN, "Red")
     b.stat(
-        "overview:ttft_p95", "TTFT p95", "95th percentile of time to first token measured by the gateway.", "s",
-        [Query(quantile(0.95, catalog.TIME_TO_FIRST_TOKEN))],
+        "overview:ttft_p95", "TTFT p95",
+        "95th percentile of time to first token measured by the gateway." + ttft_note,
+        "s", [Query(quantile(0.95, catalog.TIME_TO_FIRST_TOKEN))], thresholds=ttft_steps,
     )  # fmt: skip
+    overhead_steps, overhead_note = marks.latency(catalog.STAGE_GROUP_DURATION, "Red", group="gateway_overhead")
     b.stat(
         "overview:overhead_p95",
         "Gateway overhead p95",
-        "95th percentile of the time the gateway adds before calling the backend (auth … cache_lookup).",
+        "95th percentile of the time the gateway adds before calling the backend (auth … cache_lookup)."
+        + overhead_note,
         "s",
         [Query(quantile(0.95, catalog.STAGE_GROUP_DURATION, 'group="gateway_overhead"'))],
+        thresholds=overhead_steps,
     )
     b.stat(
         "overview:cache_hit_rate", "Prompt-cache hit rate", "Cached prompt tokens ÷ all prompt tokens.", "percentunit",
@@ -104,7 +157,7 @@ def _overview(b: Board) -> None:
     )  # fmt: skip
 
 
-def _traffic(b: Board) -> None:
+def _traffic(b: Board, marks: SloMarks) -> None:
     b.row("row:traffic", "Traffic and errors")
     b.timeseries(
         "traffic:requests_by_route", "Requests/s by route", "Finished requests per second, per route.", "reqps",
@@ -113,10 +166,10 @@ def _traffic(b: Board) -> None:
     b.timeseries(
         "traffic:error_ratio_by_route",
         "Error ratio (5xx) by route",
-        "Share of each route's requests answered with a 5xx status (the availability SLI).",
+        "Share of each route's requests answered with a 5xx status (the availability SLI)." + marks.error_note(),
         "percentunit",
         [Query(_error_ratio(("route",)), "{{route}}")],
-        w=8, thresholds=ERROR_STEPS, threshold_style="line", minimum=0,
+        w=8, thresholds=marks.error_steps(), threshold_style="dashed", minimum=0,
     )  # fmt: skip
     b.timeseries(
         "traffic:responses_by_code", "Responses/s by status code",
@@ -154,50 +207,52 @@ def _where_time_goes(b: Board, stages: StageCatalog) -> None:
     )  # fmt: skip
 
 
-def _stage_percentiles(b: Board, stages: StageCatalog) -> None:
+def _stage_percentiles(b: Board, stages: StageCatalog, marks: SloMarks) -> None:
     b.row("row:stages", "Latency per stage (p50 / p95 / p99)")
     for stage in stages.names_with_unattributed:
         meaning, owner = _stage_description(stage, stages)
+        slo_steps, note = marks.latency(catalog.STAGE_DURATION, "Dashed line", stage=stage)
         b.timeseries(
             stage_latency_key(stage),
             f"{stage} — p50 / p95 / p99 (owner: {owner})",
-            f"{meaning} Owned by {owner}. Percentiles over the selected routes.",
+            f"{meaning} Owned by {owner}. Percentiles over the selected routes.{note}",
             "s",
             _percentiles(catalog.STAGE_DURATION, f'stage="{stage}"'),
-            w=8, h=7,
+            w=8, h=7, thresholds=slo_steps, threshold_style="dashed" if slo_steps else "off",
         )  # fmt: skip
     for group in stages.groups:
+        slo_steps, note = marks.latency(catalog.STAGE_GROUP_DURATION, "Dashed line", group=group.name)
         b.timeseries(
             stage_latency_key(group.name),
             f"{group.name} — p50 / p95 / p99 (owner: {group.owner})",
-            f"{group.meaning} Stages: {', '.join(group.stages)}. Owned by {group.owner}.",
+            f"{group.meaning} Stages: {', '.join(group.stages)}. Owned by {group.owner}.{note}",
             "s",
             _percentiles(catalog.STAGE_GROUP_DURATION, f'group="{group.name}"'),
-            w=8, h=7,
+            w=8, h=7, thresholds=slo_steps, threshold_style="dashed" if slo_steps else "off",
         )  # fmt: skip
 
 
-def _ttft_tpot(b: Board) -> None:
+def _ttft_tpot(b: Board, marks: SloMarks) -> None:
     b.row("row:ttft", "Time to first token and time per output token")
-    b.timeseries(
-        "ttft:latency", "Time to first token — p50 / p95 / p99",
-        "Time from the request's arrival at the gateway to the first output token (all stages before decode).",
-        "s", _percentiles(catalog.TIME_TO_FIRST_TOKEN),
+    panels = (
+        ("ttft:latency", "Time to first token — p50 / p95 / p99",
+         "Time from the request's arrival at the gateway to the first output token (all stages before decode).",
+         catalog.TIME_TO_FIRST_TOKEN, None),
+        ("ttft:p95_by_route", "Time to first token p95 by route", "95th percentile of TTFT for each route.",
+         catalog.TIME_TO_FIRST_TOKEN,
+         [Query(quantile(0.95, catalog.TIME_TO_FIRST_TOKEN, group=["route"]), "{{route}}")]),
+        ("tpot:latency", "Time per output token — p50 / p95 / p99",
+         "Mean time per output token after the first, per request (the decode speed users feel while streaming).",
+         catalog.TIME_PER_OUTPUT_TOKEN, None),
+        ("request:latency", "Request duration — p50 / p95 / p99",
+         "Whole request duration at the gateway, to the last byte.", catalog.REQUEST_DURATION, None),
     )  # fmt: skip
-    b.timeseries(
-        "ttft:p95_by_route", "Time to first token p95 by route", "95th percentile of TTFT for each route.", "s",
-        [Query(quantile(0.95, catalog.TIME_TO_FIRST_TOKEN, group=["route"]), "{{route}}")],
-    )  # fmt: skip
-    b.timeseries(
-        "tpot:latency", "Time per output token — p50 / p95 / p99",
-        "Mean time per output token after the first, per request (the decode speed users feel while streaming).",
-        "s", _percentiles(catalog.TIME_PER_OUTPUT_TOKEN),
-    )  # fmt: skip
-    b.timeseries(
-        "request:latency", "Request duration — p50 / p95 / p99",
-        "Whole request duration at the gateway, to the last byte.", "s",
-        _percentiles(catalog.REQUEST_DURATION),
-    )  # fmt: skip
+    for key, title, description, histogram, queries in panels:
+        slo_steps, note = marks.latency(histogram, "Dashed line")
+        b.timeseries(
+            key, title, description + note, "s", queries or _percentiles(histogram),
+            thresholds=slo_steps, threshold_style="dashed" if slo_steps else "off",
+        )  # fmt: skip
 
 
 def _routing_admission(b: Board) -> None:
@@ -256,6 +311,8 @@ def _routing_admission(b: Board) -> None:
 def _prompt_cache(b: Board) -> None:
     b.row("row:cache", "Prompt cache")
     predicted = sel(catalog.PROMPT_CACHE_PREDICTED_TOKENS_TOTAL)
+    # The prediction has no model label: compare it with the cached tokens of every model, not the selected ones.
+    actual = sel(catalog.TOKENS_TOTAL, 'type="cached"', 'route=~"$route"', scoped=False)
     b.timeseries(
         "cache:hit_rate", "Prompt-cache hit rate by route (cached ÷ prompt tokens)",
         "Share of each route's prompt tokens the backend served from its prefix cache (KV reuse).", "percentunit",
@@ -267,7 +324,7 @@ def _prompt_cache(b: Board) -> None:
         "means the gateway's view of the backends' caches has drifted (eviction, routing, TTL).", "short",
         [
             Query(sum_rate(predicted, ["route"]), "{{route}} predicted"),
-            Query(sum_rate(_tokens("cached"), ["route"]), "{{route}} actual"),
+            Query(sum_rate(actual, ["route"]), "{{route}} actual"),
         ],
     )  # fmt: skip
     b.timeseries(
@@ -279,7 +336,7 @@ def _prompt_cache(b: Board) -> None:
         "cache:prediction_accuracy", "Actual ÷ predicted cached tokens by route",
         "Backend-reported cached tokens divided by the gateway's prediction; 100% means the prediction holds.",
         "percentunit",
-        [Query(ratio(zero_if_absent(sum_rate(_tokens("cached"), ["route"]), sum_rate(predicted, ["route"])),
+        [Query(ratio(zero_if_absent(sum_rate(actual, ["route"]), sum_rate(predicted, ["route"])),
                      sum_rate(predicted, ["route"])), "{{route}}")],
         minimum=0,
     )  # fmt: skip
@@ -296,8 +353,10 @@ def _tokens_row(b: Board) -> None:
     )  # fmt: skip
     b.timeseries(
         "tokens:top_tenants_rate", "Tokens/s of the top 10 tenants",
-        "Input + output tokens per second of the ten busiest tenants.", "short",
-        [Query(f"topk(10, {sum_rate(billable, ['tenant'])})", "{{tenant}}")], w=8,
+        "Input + output tokens per second of the ten tenants with the most tokens over the whole time range "
+        "(chosen once, so the graph shows the same ten throughout).", "short",
+        [Query(f"{sum_rate(billable, ['tenant'])}\nand on (tenant)\n"
+               f"topk(10, sum by (tenant) (increase({billable}[$__range] @ end())))", "{{tenant}}")], w=8,
     )  # fmt: skip
     b.table(
         "tokens:top_tenants", "Top tenants by tokens (time range)",

@@ -33,11 +33,12 @@ def build_dashboards(
 ) -> dict[str, dict[str, Any]]:
     """All dashboards as Grafana JSON, keyed by file name; raises :class:`DashboardError` if any check fails.
 
-    ``views`` are the SLOs for the SLOs dashboard; ``rule_names`` the recording rules they compile to (queries may
-    read them); ``stages`` the stage catalog (a latency panel per stage, owners in the titles).
+    ``views`` are the SLOs for the SLOs dashboard (and the SLO thresholds marked on the API path); ``rule_names``
+    the recording rules they compile to (queries may read them); ``stages`` the stage catalog (a latency panel
+    per stage, owners in the titles).
     """
     known = known_metric_names(rule_names)
-    built = {"api_path": api_path.build(stages), "slos": slos.build(views), "backends": backends.build()}
+    built = {"api_path": api_path.build(stages, views), "slos": slos.build(views), "backends": backends.build()}
     result: dict[str, dict[str, Any]] = {}
     for key, dashboard in built.items():
         name = file_name(key)

@@ -39,15 +39,12 @@ def label_variable(name: str, label: str, selector: str, source_label: str | Non
     )
 
 
-def llmpath_variables() -> Templating:
-    """datasource, route and model, read from the gateway's request counter."""
-    return Templating(
-        list=[
-            datasource_variable(),
-            label_variable("route", "Route", catalog.REQUESTS_TOTAL),
-            label_variable("model", "Model", f'{catalog.REQUESTS_TOTAL}{{route=~"$route"}}'),
-        ]
-    )
+def llmpath_variables(*, model: bool = True) -> Templating:
+    """datasource, route and (unless ``model=False``) model, read from the gateway's request counter."""
+    variables = [datasource_variable(), label_variable("route", "Route", catalog.REQUESTS_TOTAL)]
+    if model:
+        variables.append(label_variable("model", "Model", f'{catalog.REQUESTS_TOTAL}{{route=~"$route"}}'))
+    return Templating(list=variables)
 
 
 def slo_alert_annotations() -> Annotations:

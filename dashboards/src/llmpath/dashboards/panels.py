@@ -57,6 +57,8 @@ class Board:
     """
 
     variables: Mapping[str, str]
+    #: Added to the description of a panel none of whose queries uses ``$model`` (on a dashboard that has it).
+    no_model_note: str = ""
     panels: list[Any] = field(default_factory=list)
     _x: int = 0
     _y: int = 0
@@ -81,6 +83,8 @@ class Board:
         self._line_height = max(self._line_height, h)
 
     def _common(self, key: str, title: str, description: str, queries: Sequence[Query]) -> dict[str, Any]:
+        if self.no_model_note and not any("$model" in q.expr for q in queries):
+            description = f"{description.rstrip()} {self.no_model_note}"
         return {
             "id": stable_panel_id(key),
             "title": title,
@@ -103,10 +107,12 @@ class Board:
         threshold_style: str = "off",
         minimum: float | None = None,
         maximum: float | None = None,
+        links: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         """A time-series panel (legend as a table with mean/last/max)."""
         panel = TimeSeries(
             **self._common(key, title, description, queries),
+            links=list(links),
             unit=unit,
             stacking={"mode": "normal", "group": "A"} if stacked else {"mode": "none", "group": "A"},
             fillOpacity=60 if stacked else 10,

@@ -11,15 +11,17 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from grafanalib.core import Dashboard
+from grafanalib.core import Dashboard, DashboardLink
 
 from llmpath.dashboards import common
-from llmpath.dashboards.panels import Board, Query, steps
+from llmpath.dashboards.panels import Board, Query, Steps, steps
 from llmpath.instrumentation.catalog import stable_panel_id
 
 SLO_LABELS = "sloth_id, sloth_slo, sloth_service"
 _REGEX_SPECIAL = re.compile(r"([.+*?()\[\]{}|^$\\])")
 BUDGET_STEPS = steps(("red", None), ("orange", 0), ("yellow", 0.25), ("green", 0.5))
+#: The period's average burn rate, coloured as the budget it leaves (burn 1 = budget 0).
+PERIOD_BURN_STEPS = steps(("green", None), ("yellow", 0.5), ("orange", 0.75), ("red", 1))
 
 
 def burn_panel_key(slo_id: str) -> str:
@@ -47,6 +49,32 @@ class SloView:
     windows: tuple[str, ...]  # SLI recording windows used by the alerts, shortest first
     factors: tuple[tuple[str, float], ...]  # (severity, burn factor) of every burn-rate alert window pair
     grouping: tuple[str, ...]  # labels the SLI keeps (e.g. route): the dashboard filters on those it knows
+    #: A latency SLI's bound (histogram, label matchers, threshold); ``None`` for other SLIs.
+    latency: LatencyBound | None = None
+    #: Whether the SLI is the share of 5xx answers among ``llmpath_requests_total`` (the API path's error ratio).
+    counts_server_errors: bool = False
+    #: ``(alert name, severity, runbook URL)`` of the alerts whose runbook URL is absolute (``--runbook-base-url``).
+    runbooks: tuple[tuple[str, str, str], ...] = ()
+
+    @property
+    def error_budget(self) -> float:
+        """The error budget as a ratio (``1 - objective/100``, rounded off float noise: 99.9 → 0.001)."""
+        return round(1 - self.objective / 100, 10)
+
+    @property
+    def fastest_page_factor(self) -> float | None:
+        """The lowest burn factor that pages (the 6× of Sloth's 30m/6h pair), or ``None`` without page alerts."""
+        return min((f for severity, f in self.factors if severity == "page"), default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyBound:
+    """A latency SLO's bound: requests of ``histogram`` (with ``matchers``, e.g. ``stage="prefill"``) should take at
+    most ``threshold`` seconds."""
+
+    histogram: str
+    matchers: tuple[tuple[str, str], ...]
+    threshold: float
 
 
 def _selector(view: SloView, *extra: str) -> str:
@@ -73,7 +101,7 @@ def build(views: Sequence[SloView]) -> Dashboard:
         "Every SLO compiled from the specs: objective, current SLI, error budget left, burn rates and firing "
         "alerts, with the stage and team that own it. Alerts link to the burn-rate panel of their SLO.",
         b,
-        common.llmpath_variables(),
+        common.llmpath_variables(model=False),  # SLO series carry no model label
         tags=["slo"],
     )
 
@@ -109,9 +137,7 @@ def _slo_row(b: Board, view: SloView) -> None:
     sel = _selector(view)
     meta = f'{{sloth_id="{view.id}"}}'
     short = view.windows[0]
-    page = max((f for s, f in view.factors if s == "page"), default=14.4)
-    burn_steps = steps(("green", None), ("yellow", 1), ("orange", min((f for _, f in view.factors), default=1)),
-                       ("red", page))  # fmt: skip
+    burn_steps = _burn_steps(view)
     key = f"slo:{view.id}"
     b.stat(f"{key}:objective", "Objective", f"{about} Target share of good events.", "percentunit",
            [Query(f"slo:objective:ratio{meta}")], w=3, decimals=3, graph=False)  # fmt: skip
@@ -132,7 +158,7 @@ def _slo_row(b: Board, view: SloView) -> None:
     b.stat(
         f"{key}:burn_period", f"Burn rate ({view.period})",
         f"{about} Average burn rate over the whole period.", "none",
-        [Query(f"slo:period_burn_rate:ratio{sel}", "{{route}}")], w=3, thresholds=burn_steps, decimals=2,
+        [Query(f"slo:period_burn_rate:ratio{sel}", "{{route}}")], w=3, thresholds=PERIOD_BURN_STEPS, decimals=2,
     )  # fmt: skip
     b.stat(
         f"{key}:firing", "Firing alerts", f"{about} This SLO's alerts firing now.", "none",
@@ -151,7 +177,7 @@ def _slo_row(b: Board, view: SloView) -> None:
         f"above their factor: {_factor_text(view)}.", "none",
         [Query(f"slo:sli_error:ratio_rate{w}{sel}\n/ on ({SLO_LABELS}) group_left ()\n{budget}", f"{w} {{{{route}}}}")
          for w in view.windows],
-        thresholds=burn_steps, threshold_style="dashed", minimum=0,
+        thresholds=burn_steps, threshold_style="dashed", minimum=0, links=_runbook_links(view),
     )  # fmt: skip
     sli_windows = dict.fromkeys((short, view.windows[-1]))
     b.timeseries(
@@ -168,6 +194,34 @@ def _slo_row(b: Board, view: SloView) -> None:
         f"{about} Budget left over the {view.period} period, over time.", "percentunit",
         [Query(f"slo:period_error_budget_remaining:ratio{sel}", "{{route}}")], w=6, thresholds=BUDGET_STEPS,
     )  # fmt: skip
+
+
+def _burn_steps(view: SloView) -> Steps:
+    """Burn-rate colours at the alerts' factors: yellow from the lowest ticket factor, orange from the highest,
+    red from the lowest page factor (Sloth's defaults: 1, 3, 6); without alerts, yellow from 1."""
+    ticket = sorted({f for severity, f in view.factors if severity != "page"})
+    page = view.fastest_page_factor
+    marks = [("yellow", ticket[0] if ticket else 1.0)]
+    if len(ticket) > 1:
+        marks.append(("orange", ticket[-1]))
+    if page is not None:
+        marks.append(("red", page))
+    kept: list[tuple[str, float | None]] = [("green", None)]
+    for color, value in marks:
+        if value > (kept[-1][1] or 0.0):
+            kept.append((color, value))
+    return steps(*kept)
+
+
+def _runbook_links(view: SloView) -> list[dict[str, object]]:
+    """Panel links to the runbooks of the SLO's alerts (only where their URL is absolute)."""
+    return [
+        DashboardLink(
+            title=f"Runbook: {name} ({severity})", uri=url, type="link", targetBlank=True, keepTime=False,
+            tooltip=f"What to do when {name} fires",
+        ).to_json_data()
+        for name, severity, url in view.runbooks
+    ]  # fmt: skip
 
 
 def _factor_text(view: SloView) -> str:

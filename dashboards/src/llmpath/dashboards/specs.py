@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
-from llmpath.dashboards.slos import SloView
-from llmpath.instrumentation.catalog import STAGES, StageCatalog
+from llmpath.dashboards.slos import LatencyBound, SloView
+from llmpath.instrumentation.catalog import REQUESTS_TOTAL, STAGES, StageCatalog
 
 BURN_KINDS = ("burn_rate", "threshold")
 
@@ -85,6 +85,36 @@ def slo_view(slo: Any) -> SloView:
         windows=tuple(sorted(windows or {"5m"}, key=_duration_key)),
         factors=tuple((a.severity, pair.factor) for a in burn for pair in a.windows),
         grouping=tuple(slo.group_by),
+        latency=_latency_bound(slo.sli),
+        counts_server_errors=_counts_server_errors(slo.sli),
+        runbooks=tuple(
+            (a.name, a.severity, url)
+            for a in slo.alerts
+            if (url := a.annotations.get("runbook_url", "")).startswith(("http://", "https://"))
+        ),
+    )
+
+
+def _latency_bound(sli: Any) -> LatencyBound | None:
+    if sli.kind != "latency" or not sli.histogram or sli.threshold is None:
+        return None
+    return LatencyBound(sli.histogram, tuple(sorted(sli.selector.items())), float(sli.threshold))
+
+
+def _counts_server_errors(sli: Any) -> bool:
+    """A ``ratio`` SLI of 5xx answers (``bad``) among all of ``llmpath_requests_total`` (``total``)."""
+    from llmpath.dashboards.checks import PromQLError, selectors
+
+    if sli.kind != "ratio" or not sli.bad or not sli.total:
+        return False
+    try:
+        (bad,), (total,) = selectors(sli.bad), selectors(sli.total)
+    except (PromQLError, ValueError):  # not one plain selector each
+        return False
+    return (
+        bad.name == total.name == REQUESTS_TOTAL
+        and ("code", "=~", "5..") in bad.matchers
+        and not any(label == "code" for label, _, _ in total.matchers)
     )
 
 
