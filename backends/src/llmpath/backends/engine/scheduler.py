@@ -326,7 +326,7 @@ class Scheduler:
         for req in [*self.waiting, *self.running, *chunked]:
             if req in self.waiting:
                 self._dequeued()
-            req.finish_reason = {"type": "abort", "message": message, "status_code": 500}
+            req.finish_reason = {"type": "abort", "message": message, "status_code": 500, "err_type": None}
             try:
                 self._finish(req, aborted=True)
             except Exception:  # keep failing the others
