@@ -163,3 +163,22 @@ async def test_requests_refused_after_auth_keep_their_tenant_in_the_ledger(tmp_p
         ]
     assert statuses == [400, 404, 401]
     assert [(r.status_code, r.tenant) for r in read_jsonl(ledger)] == [(400, "acme"), (404, "acme"), (401, None)]
+
+
+async def test_an_assistant_message_sent_back_by_the_openai_sdk_validates() -> None:
+    """``message.model_dump()`` of an SDK answer carries ``refusal: null``: it passes validation (the backend here
+    is unreachable, so the request ends at the backend); a refusal text is refused naming its field."""
+    app = make_app()
+    turn = [{"role": "user", "content": "hi"}]
+    answer = {"role": "assistant", "content": "hello", "refusal": None}
+    async with client(app) as c:
+        sent_back = await c.post(
+            "/v1/chat/completions", headers=auth(),
+            json={"model": "m", "messages": [*turn, answer, {"role": "user", "content": "more"}]},
+        )  # fmt: skip
+        refusal = await c.post(
+            "/v1/chat/completions", headers=auth(),
+            json={"model": "m", "messages": [*turn, {**answer, "refusal": "I can't"}]},
+        )  # fmt: skip
+    assert sent_back.status_code == 503, sent_back.text  # validated, then no backend answered
+    assert refusal.status_code == 400 and refusal.json()["error"]["param"] == "messages[1].refusal"

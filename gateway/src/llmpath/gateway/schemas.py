@@ -42,6 +42,9 @@ class ChatMessageIn(_Request):
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
     tool_call_id: str | None = None
+    #: The OpenAI SDK sends an earlier answer back with ``refusal: null`` (``message.model_dump()``); a refusal text
+    #: is not supported.
+    refusal: None = None
 
     def text(self) -> str:
         """The message content as one string (text parts joined)."""
