@@ -24,12 +24,12 @@ class SloMarks:
     the panel of its histogram."""
 
     def __init__(self, views: Sequence[SloView]) -> None:
-        self.availability = next((v for v in views if v.counts_server_errors), None)
+        self.availability = next((v for v in views if v.counts_server_errors and v.error_budget > 0), None)
         self._latency = [v for v in views if v.latency is not None]
 
     def error_steps(self) -> Steps:
         view = self.availability
-        if view is None or view.error_budget <= 0:
+        if view is None:
             return ERROR_STEPS
         budget = view.error_budget
         page = view.fastest_page_factor
