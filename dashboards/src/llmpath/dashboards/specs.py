@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from llmpath.dashboards.checks import PromQLError, selectors
 from llmpath.dashboards.slos import LatencyBound, SloView
 from llmpath.instrumentation.catalog import REQUESTS_TOTAL, STAGES, StageCatalog
 
@@ -103,8 +104,6 @@ def _latency_bound(sli: Any) -> LatencyBound | None:
 
 def _counts_server_errors(sli: Any) -> bool:
     """A ``ratio`` SLI of 5xx answers (``bad``) among all of ``llmpath_requests_total`` (``total``)."""
-    from llmpath.dashboards.checks import PromQLError, selectors
-
     if sli.kind != "ratio" or not sli.bad or not sli.total:
         return False
     try:
