@@ -192,6 +192,39 @@ async def test_http_errors_are_typed(loopback) -> None:
         await events_of(SGLangBackend(url), request())
 
 
+@pytest.mark.parametrize(
+    ("path", "status", "body", "code"),
+    [
+        # SGLang's two context refusals (a 400 body, and the streamed message-only form), without a code.
+        ("/generate", 400, {"error": {"message": "The input (201 tokens) is longer than the model's context length "
+                                                 "(64 tokens)."}}, "context_length_exceeded"),
+        ("/generate", 200, {"error": {"message": "Requested token count exceeds the model's maximum context length "
+                                                 "of 64 tokens. You requested a total of 90 tokens."}},
+         "context_length_exceeded"),
+        # vLLM's wording, and OpenAI's own code, on the OpenAI-compatible path.
+        ("/v1/chat/completions", 400, {"object": "error", "message": "This model's maximum context length is 4096 "
+                                       "tokens. However, you requested 5000 tokens.", "type": "BadRequestError"},
+         "context_length_exceeded"),
+        ("/v1/chat/completions", 400, {"error": {"message": "Too long.", "code": "context_length_exceeded",
+                                                 "param": "messages", "type": "invalid_request_error"}},
+         "context_length_exceeded"),
+        ("/v1/chat/completions", 400, {"error": {"message": "Bad top_p.", "code": "invalid_value", "param": "top_p"}},
+         "invalid_value"),
+        ("/generate", 400, {"error": {"message": "top_p must be in (0, 1], got 0.0."}}, None),
+    ],
+)  # fmt: skip
+async def test_context_length_refusals_carry_openais_code(loopback, path, status, body, code) -> None:
+    raw = json.dumps(body).encode()
+    if status == 200:  # an in-stream error
+        raw = b"data: " + raw + b"\n\ndata: [DONE]\n\n"
+    url = replay(loopback, path, raw, status=status)
+    backend = SGLangBackend(url) if path == "/generate" else OpenAIBackend(url)
+    req = request() if path == "/generate" else request(messages=[ChatMessage("user", "hi")], prompt=None)
+    with pytest.raises(BackendBadRequest) as info:
+        await events_of(backend, req)
+    assert info.value.code == code and info.value.status_code == 400
+
+
 async def test_openai_chat_stream_fixture(loopback) -> None:
     url = replay(loopback, "/v1/chat/completions", (FIXTURES / "chat_stream_usage.sse").read_bytes())
     backend = OpenAIBackend(url, api_key="sk-test")

@@ -161,6 +161,16 @@ def test_models_and_probes(gw, client, keys) -> None:
     assert resp.status_code == 200
     assert [m["id"] for m in resp.json()["data"]] == ["tiny", "support", "private"]
     assert client.get("/v1/models").status_code == 401
+    one = client.get("/v1/models/support", headers=keys.auth())
+    assert one.status_code == 200 and one.json() == {
+        "id": "support",
+        "object": "model",
+        "created": 0,
+        "owned_by": "llmpath",
+    }
+    missing = client.get("/v1/models/nope", headers=keys.auth())
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    assert client.get("/v1/models/support").status_code == 401
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
@@ -210,7 +220,28 @@ def test_admin_endpoints_need_the_admin_key(client, keys) -> None:
             None,
         ),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n", None),
-        ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": []}, 400, "tools", None),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": []},
+            400,
+            "tools",
+            "unsupported_parameter",
+        ),
+        (
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hi"}],
+                "response_format": {"type": "json_object"},
+            },
+            400,
+            "response_format",
+            "unsupported_value",
+        ),
+        (
+            {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            400,
+            "messages[0].content[0].type",
+            "unsupported_value",
+        ),
         ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, 400, "stream", None),
         ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "model_not_found"),
         (
@@ -228,7 +259,7 @@ def test_admin_endpoints_need_the_admin_key(client, keys) -> None:
         ({"model": "tiny", "messages": [{"role": "user", "content": "x"}] * 17}, 422, "messages", "limit_exceeded"),
         (
             {"model": "tiny", "messages": [{"role": "user", "content": "x" * 3500}]},
-            422,
+            400,
             "messages",
             "context_length_exceeded",
         ),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -101,33 +102,45 @@ class HttpClient:
             await session.close()
 
 
-def error_message(body: bytes) -> tuple[str, str | None]:
-    """The message (and OpenAI ``param``) of an error body: SGLang, OpenAI, FastAPI or plain text."""
+@dataclass(frozen=True, slots=True)
+class ErrorBody:
+    """What an error body says: its message, and OpenAI's ``param`` and (string) ``code`` when it has them."""
+
+    message: str
+    param: str | None = None
+    code: str | None = None
+
+
+def error_body(body: bytes) -> ErrorBody:
+    """The message (and OpenAI ``param`` and ``code``) of an error body: SGLang, OpenAI, FastAPI or plain text."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
         obj: Any = orjson.loads(text)
     except orjson.JSONDecodeError:
-        return text[:500] or "(empty body)", None
+        return ErrorBody(text[:500] or "(empty body)")
     if isinstance(obj, dict):
         err = obj.get("error", obj)
         if isinstance(err, str):
-            return err, None
+            return ErrorBody(err)
         if isinstance(err, dict):
             msg = err.get("message") or err.get("detail") or orjson.dumps(err).decode()[:500]
-            return str(msg), err.get("param")
-    return text[:500], None
+            param, code = err.get("param"), err.get("code")
+            return ErrorBody(
+                str(msg), param if isinstance(param, str) else None, code if isinstance(code, str) else None
+            )
+    return ErrorBody(text[:500])
 
 
 def error_for_status(status: int, body: bytes, retry_after: str | None = None) -> BackendError:
     """The typed error for an HTTP error status."""
-    message, param = error_message(body)
-    text = f"backend answered {status}: {message}"
+    err = error_body(body)
+    text = f"backend answered {status}: {err.message}"
     if status in (429, 503):
         return BackendUnavailable(text, retry_after=_seconds(retry_after))
     if status in (408, 504):
         return BackendTimeout(text)
     if 400 <= status < 500:
-        return BackendBadRequest(message, status_code=status, param=param)
+        return BackendBadRequest(err.message, status_code=status, param=err.param, code=err.code)
     return BackendServerError(text, upstream_status=status)
 
 

@@ -11,6 +11,7 @@ event was yielded means the request can safely be retried on another backend.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -172,13 +173,27 @@ class BackendServerError(BackendError):
         self.upstream_status = upstream_status
 
 
-class BackendBadRequest(BackendError):
-    """The backend rejected the request (4xx); the client's fault, never retried."""
+#: OpenAI's error code for a prompt (plus ``max_tokens``) that does not fit the model's context.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+#: How servers word that rejection without the code: SGLang ("longer than the model's context length", "exceeds the
+#: model's maximum context length"), vLLM ("This model's maximum context length is ...").
+_CONTEXT_LENGTH_WORDING = re.compile(r"context length", re.IGNORECASE)
 
-    def __init__(self, message: str, status_code: int = 400, param: str | None = None) -> None:
+
+class BackendBadRequest(BackendError):
+    """The backend rejected the request (4xx); the client's fault, never retried.
+
+    ``code`` is the backend's OpenAI error code; a rejection worded as a context-length one gets
+    :data:`CONTEXT_LENGTH_EXCEEDED` when the backend gave no code (SGLang never does).
+    """
+
+    def __init__(self, message: str, status_code: int = 400, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.param = param
+        if code is None and _CONTEXT_LENGTH_WORDING.search(message):
+            code = CONTEXT_LENGTH_EXCEEDED
+        self.code = code
 
 
 @runtime_checkable

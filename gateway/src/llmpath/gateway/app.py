@@ -38,6 +38,7 @@ from llmpath.gateway.schemas import (
     Completion,
     CompletionRequest,
     ErrorResponse,
+    ModelCard,
     ModelList,
     error_responses,
 )
@@ -257,6 +258,18 @@ def create_app(
             "object": "list",
             "data": [{"id": name, "object": "model", "created": 0, "owned_by": "llmpath"} for name in gateway.routes],
         }
+
+    @app.get(
+        "/v1/models/{model:path}",
+        response_model=ModelCard,
+        responses=error_responses(401, 404),
+        summary="One route (any name when no routes are configured: the model goes to the backend as it is)",
+    )
+    async def model(request: Request, model: str) -> dict[str, Any]:
+        gateway.authenticate(request)
+        if gateway.route_for(model) is None:
+            raise errors.model_not_found(model)
+        return {"id": model, "object": "model", "created": 0, "owned_by": "llmpath"}
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:

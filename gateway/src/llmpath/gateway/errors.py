@@ -12,6 +12,8 @@ import orjson
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from llmpath.gateway.schemas import REFUSED
+
 
 class APIError(Exception):
     """An error answered to the client; ``headers`` are added to the response (e.g. ``Retry-After``)."""
@@ -84,6 +86,12 @@ def limit_exceeded(param: str, message: str, code: str = "limit_exceeded") -> AP
     return APIError(422, message, param=param, code=code)
 
 
+def context_length_exceeded(kind: str, message: str) -> APIError:
+    """A 400 as OpenAI answers a prompt too long for the model (``param`` ``messages``, or ``prompt`` for
+    ``kind="text"``), whether the gateway's ``max_prompt_tokens`` or the backend refused it."""
+    return APIError(400, message, param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
+
+
 def model_not_found(model: str) -> APIError:
     return APIError(
         404,
@@ -116,6 +124,11 @@ def from_validation_error(exc: ValidationError) -> APIError:
     """A 400 naming the first invalid field as OpenAI does (``messages[0].role``)."""
     err = exc.errors(include_url=False, include_input=False)[0]
     param = _param_path(err["loc"])
+    if err["type"] == REFUSED:  # carries its own param (under the error's location) and code
+        ctx = err["ctx"]
+        rel = ctx["param"]
+        param = f"{param}{rel}" if rel.startswith("[") or not param else f"{param}.{rel}"
+        return APIError(400, ctx["message"], param=param, code=ctx["code"])
     msg = err["msg"]
     if err["type"] == "missing":
         msg = "Missing required parameter"

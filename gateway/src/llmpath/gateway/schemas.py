@@ -1,14 +1,18 @@
 """OpenAI-compatible request and response models (the subset the gateway serves), validated with pydantic.
 
 Requests are strict like OpenAI's API: unknown fields are rejected, nothing is coerced, and fields the gateway
-cannot honour (tools, n > 1, logprobs, ...) are rejected with a 400 naming them rather than silently ignored.
+cannot honour (tools, n > 1, logprobs, ...) are rejected with a 400 naming them rather than silently ignored. Those
+fields are accepted only with the values that ask for nothing (``logprobs: false``, ``tools: null``,
+``response_format: {"type": "text"}``: what SDKs and frameworks send by default).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import json
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -25,11 +29,52 @@ JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 #: Upper bound of token counts and ``top_k``: what backends take as a C ``int`` (larger is a 400, not a 500 when
 #: the backend request cannot be encoded or the backend rejects it).
 MAX_INT32 = 2**31 - 1
+#: What ``top_p: 0`` is sent to backends as: SGLang and vLLM take top_p in (0, 1]; this keeps the top token only.
+MIN_TOP_P = 1e-6
+
+
+#: The pydantic error type of a refusal that carries its own OpenAI ``param`` (relative to the error's location)
+#: and ``code`` in its context (see :func:`refused`).
+REFUSED = "llmpath_refused"
+
+
+def refused(param: str, message: str, code: str) -> PydanticCustomError:
+    """A validation error answered as a 400 with this ``code``, naming ``param`` under the error's location."""
+    return PydanticCustomError(REFUSED, "{message}", {"message": message, "param": param, "code": code})
+
+
+def _same(value: Any, accepted: Any) -> bool:
+    # Type-exact: 0 is not false and 1 is not true, as in the strict models.
+    return type(value) is type(accepted) and value == accepted
 
 
 class _Request(BaseModel):
     # Strict like OpenAI: no coercion ("5" is not 5, 0 is not false); ints are accepted for floats.
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    #: OpenAI fields the gateway does not implement → the values that ask for nothing (accepted and dropped). Any
+    #: other value is a 400: ``unsupported_parameter`` when only null is accepted, else ``unsupported_value``.
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_no_op_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.UNSUPPORTED.keys() & data.keys():
+            return data
+        data = dict(data)
+        for name, accepted in cls.UNSUPPORTED.items():
+            if name not in data:
+                continue
+            value = data.pop(name)
+            if value is None or any(_same(value, a) for a in accepted):
+                continue
+            if not accepted:
+                raise refused(name, f"Unsupported parameter: '{name}' is not supported by this gateway.",
+                              "unsupported_parameter")  # fmt: skip
+            shown = " or ".join(json.dumps(a) for a in (None, *accepted))
+            raise refused(name, f"Unsupported value: '{name}' is not supported by this gateway; it is accepted "
+                          f"only as {shown}.", "unsupported_value")  # fmt: skip
+        return data
 
 
 class TextPart(_Request):
@@ -42,9 +87,20 @@ class ChatMessageIn(_Request):
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
     tool_call_id: str | None = None
-    #: The OpenAI SDK sends an earlier answer back with ``refusal: null`` (``message.model_dump()``); a refusal text
-    #: is not supported.
-    refusal: None = None
+
+    #: The OpenAI SDK sends an earlier answer back with these as null (``message.model_dump()``).
+    UNSUPPORTED = {"refusal": (), "tool_calls": ([],), "function_call": (), "audio": (), "annotations": ([],)}
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        # Named here: the union's own error would report the first branch that failed ("a valid string").
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] != "text":
+                    raise refused(f"[{i}].type", "Unsupported value: only text content parts are supported by "
+                                  "this gateway (no images, audio or files).", "unsupported_value")  # fmt: skip
+        return value
 
     def text(self) -> str:
         """The message content as one string (text parts joined)."""
@@ -57,6 +113,8 @@ class ChatMessageIn(_Request):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    #: Accepted (OpenAI's SDKs may send it); chunks never carry OpenAI's obfuscation padding.
+    include_obfuscation: bool | None = None
 
 
 class _Sampling(_Request):
@@ -65,7 +123,8 @@ class _Sampling(_Request):
     model: str = Field(min_length=1, max_length=256)
     max_tokens: Annotated[JsonInt, Field(ge=1, le=MAX_INT32)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    #: 0 is accepted as OpenAI does (the most likely token only); backends get :data:`MIN_TOP_P` for it.
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     #: SGLang extension: top-k sampling (-1 = off).
     top_k: Annotated[JsonInt, Field(ge=-1, le=MAX_INT32)] | None = None
     n: Annotated[JsonInt, Field(ge=1, le=1)] | None = Field(default=None, description="Only n=1 is supported.")
@@ -104,11 +163,33 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[JsonInt, Field(ge=1, le=MAX_INT32)] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
+    #: Accepted and not used: routing follows the prompt's own prefix, and end users are never logged.
+    prompt_cache_key: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
+
+    UNSUPPORTED = {
+        "logprobs": (False,),
+        "top_logprobs": (0,),
+        "logit_bias": ({},),
+        "response_format": ({"type": "text"},),
+        "tools": (),
+        "tool_choice": ("none", "auto"),
+        "parallel_tool_calls": (),
+        "functions": (),
+        "function_call": ("none", "auto"),
+        "modalities": (["text"],),
+        "audio": (),
+        "prediction": (),
+        "web_search_options": (),
+        "reasoning_effort": (),
+        "verbosity": (),
+        "service_tier": ("auto", "default"),
+    }
 
     @model_validator(mode="after")
     def _one_max_tokens(self) -> ChatCompletionRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
-            raise ValueError("give either max_tokens or max_completion_tokens, not both")
+            raise refused("max_tokens", "Give either max_tokens or max_completion_tokens, not both.", "invalid_value")
         return self
 
     @property
@@ -122,6 +203,8 @@ class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     echo: Literal[False] | None = Field(default=None, description="echo is not supported.")
     suffix: None = Field(default=None, description="suffix is not supported.")
+
+    UNSUPPORTED = {"logprobs": (), "best_of": (1,), "logit_bias": ({},)}
 
     @field_validator("echo", mode="before")
     @classmethod
@@ -224,7 +307,8 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 _ERROR_DESCRIPTIONS = {
-    400: "Malformed JSON or a request that does not follow the schema (error.param names the field).",
+    400: "Malformed JSON, a request that does not follow the schema, an unsupported feature, or a prompt longer "
+    "than the context (code context_length_exceeded); error.param names the field.",
     401: "Missing or invalid API key.",
     403: "The key may not use this endpoint.",
     404: "Unknown model (route).",

@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from llmpath.backends.base import (
+    CONTEXT_LENGTH_EXCEEDED,
     BackendBadRequest,
     BackendError,
     BackendEvent,
@@ -59,7 +60,7 @@ from llmpath.gateway.openai_format import SSE_DONE, ResponseFormat, openai_finis
 from llmpath.gateway.pool import BackendPool
 from llmpath.gateway.prompt_cache import CacheKey, CacheLookup, PromptCache
 from llmpath.gateway.routing import Candidate, RouteDecision, Router, RouteReason
-from llmpath.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from llmpath.gateway.schemas import MIN_TOP_P, ChatCompletionRequest, CompletionRequest
 from llmpath.instrumentation import (
     ModelCallSpan,
     StageScope,
@@ -164,6 +165,14 @@ class Gateway:
         self.draining = False
 
     # ---- helpers for the app ------------------------------------------------------------------
+
+    def route_for(self, model: str) -> RouteRuntime | None:
+        """The route serving ``model``: its own, or the passthrough route when none is configured."""
+        route = self.routes.get(model)
+        if route is None:
+            default = self.routes.get(DEFAULT_ROUTE)
+            return default if default is not None and default.passthrough else None
+        return route
 
     def authenticate(self, request: Request, *, admin: bool = False) -> Principal:
         principal = self.keys.authenticate(request.headers.get("authorization"))
@@ -286,11 +295,9 @@ class Gateway:
             parsed = model_cls.model_validate(body)
         except ValidationError as exc:
             raise errors.from_validation_error(exc) from None
-        route = self.routes.get(parsed.model)
+        route = self.route_for(parsed.model)
         if route is None:
-            route = self.routes.get(DEFAULT_ROUTE)
-            if route is None or not route.passthrough:
-                raise errors.model_not_found(parsed.model)
+            raise errors.model_not_found(parsed.model)
         limits = self.config.limits
         if isinstance(parsed, ChatCompletionRequest) and len(parsed.messages) > limits.max_messages:
             raise errors.limit_exceeded(
@@ -310,10 +317,8 @@ class Gateway:
     def _check_prompt_tokens(self, tokens: int, kind: str) -> None:
         limit = self.config.limits.max_prompt_tokens
         if tokens > limit:
-            raise errors.limit_exceeded(
-                "messages" if kind == "chat" else "prompt",
-                f"The prompt is about {tokens} tokens, above the limit of {limit}.",
-                code="context_length_exceeded",
+            raise errors.context_length_exceeded(
+                kind, f"The prompt is about {tokens} tokens, above this gateway's limit of {limit}."
             )
 
     def _assemble(
@@ -339,7 +344,7 @@ class Gateway:
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if parsed.temperature is None else parsed.temperature,
-            top_p=1.0 if parsed.top_p is None else parsed.top_p,
+            top_p=1.0 if parsed.top_p is None else max(parsed.top_p, MIN_TOP_P),
             top_k=-1 if parsed.top_k is None else parsed.top_k,
             stop=parsed.stop_list(),
             seed=parsed.seed,
@@ -575,7 +580,7 @@ class BackendCallResponse(Response):
                 scope.close()
                 if isinstance(exc, BackendServerError):  # consecutive 5xx answers eject, like outlier detection
                     gw.pool.report_failure(state.name, f"answered {exc.upstream_status}")
-                raise _api_error(exc) from None
+                raise _api_error(exc, p.kind) from None
             except BaseException as exc:
                 await events.aclose()
                 scope.__exit__(type(exc), exc, exc.__traceback__)
@@ -623,7 +628,7 @@ class BackendCallResponse(Response):
                     tracker.event(event)
             raise BackendError("the backend stream ended without a final event")
         except BackendError as exc:
-            error = _api_error(exc)
+            error = _api_error(exc, p.kind)
             call.set_error(type(exc).__name__)
             annotate_request(stream_error=error.code or type(exc).__name__)
             self._finished = True
@@ -647,7 +652,7 @@ class BackendCallResponse(Response):
             raise BackendError("the backend stream ended without a final event")
         except BackendError as exc:
             call.set_error(type(exc).__name__)
-            await self._send_error(send, _api_error(exc))
+            await self._send_error(send, _api_error(exc, self.p.kind))
 
     async def _end_early(self, send: Any, exc: APIError) -> None:
         """End a response cut short: the error as JSON if nothing was sent yet, as an SSE error event in a stream
@@ -833,8 +838,10 @@ class _Tracker:
         self.call.set_usage(input_tokens=prompt, output_tokens=output, cached_tokens=cached)
 
 
-def _api_error(exc: BackendError) -> APIError:
+def _api_error(exc: BackendError, kind: str) -> APIError:
     if isinstance(exc, BackendBadRequest):
+        if exc.code == CONTEXT_LENGTH_EXCEEDED:
+            return errors.context_length_exceeded(kind, f"The backend rejected the prompt: {exc}")
         return APIError(
             exc.status_code, f"The backend rejected the request: {exc}", param=exc.param, code="backend_rejected"
         )
