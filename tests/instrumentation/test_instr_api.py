@@ -312,6 +312,34 @@ def read_documents(n: int) -> Iterator[str]:
         yield f"doc{i}"
 
 
+async def test_a_custom_stage_in_the_gateway_overhead_group_counts_in_its_duration(make_harness):
+    """Placed after validate and joined to gateway_overhead: its time is in the group's per-request duration (a
+    stage outside every group is not), and the catalog lists it in the group in pipeline order."""
+    app = FastAPI()
+    moderation = Stage("moderation", "Content moderation.", "trust-safety")
+    catalog = STAGES.with_stage(moderation, after="validate", groups=["gateway_overhead"]).with_stage(
+        Stage("audit", "Audit logging.", "security")
+    )
+    h = make_harness(app=app, catalog=catalog)
+
+    @app.get("/moderated")
+    async def moderated() -> dict[str, bool]:
+        async with stage("moderation"):
+            await asyncio.sleep(0.03)
+        async with stage("audit"):
+            await asyncio.sleep(0.03)
+        return {"ok": True}
+
+    async with h.client() as c:
+        assert (await c.get("/moderated")).status_code == 200
+    assert catalog.group("gateway_overhead").stages == ("auth", "validate", "moderation", "route", "assemble",
+                                                        "cache_lookup")  # fmt: skip
+    assert catalog.names.index("moderation") == catalog.names.index("validate") + 1
+    group = {"group": "gateway_overhead", "route": "/moderated"}
+    assert h.value("llmpath_stage_group_duration_seconds_count", **group) == 1
+    assert 0.03 <= h.value("llmpath_stage_group_duration_seconds_sum", **group) < 0.055  # moderation, not audit
+
+
 async def test_stage_decorator_on_generators_times_the_iteration(make_harness, caplog):
     app = FastAPI()
     h = make_harness(app=app, catalog=STAGES.with_stage(Stage("retrieve_docs", "Read documents.", "application")))

@@ -43,16 +43,26 @@ DEFAULT_STAGES: tuple[Stage, ...] = (
 )
 
 
+class PlacementError(ValueError):
+    """A custom stage placed where it cannot run: a pre-first-token stage after one that runs after the first
+    token, or the other way round."""
+
+
 class StageCatalog:
     """An ordered, validated set of stages with owners; the defaults are :data:`DEFAULT_STAGES`.
 
-    Owners are overridable and custom stages may be added (names must match ``[a-z][a-z0-9_]*``).
-    Custom stages are inserted before ``decode`` unless ``after_first_token`` is set.
+    Owners are overridable and custom stages may be added (names must match ``[a-z][a-z0-9_]*``), at a given place
+    in the pipeline and as members of stage groups (see :meth:`with_stage`).
     """
 
-    __slots__ = ("_by_name", "_group_owners", "_stages")
+    __slots__ = ("_by_name", "_group_members", "_group_owners", "_stages")
 
-    def __init__(self, stages: Iterable[Stage] = DEFAULT_STAGES, group_owners: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        stages: Iterable[Stage] = DEFAULT_STAGES,
+        group_owners: Mapping[str, str] | None = None,
+        group_members: Mapping[str, Iterable[str]] | None = None,
+    ) -> None:
         ordered = tuple(stages)
         by_name: dict[str, Stage] = {}
         for st in ordered:
@@ -63,6 +73,8 @@ class StageCatalog:
         self._stages = ordered
         self._by_name = by_name
         self._group_owners = dict(group_owners or {})
+        #: Custom stages added to the built-in stage groups.
+        self._group_members = {g: tuple(members) for g, members in (group_members or {}).items()}
 
     def __iter__(self) -> Iterator[Stage]:
         return iter(self._stages)
@@ -103,8 +115,13 @@ class StageCatalog:
 
     @property
     def groups(self) -> tuple[StageGroup, ...]:
-        """The stage groups (:data:`STAGE_GROUPS`) with this catalog's owners."""
-        return tuple(replace(g, owner=self._group_owners.get(g.name, g.owner)) for g in STAGE_GROUPS)
+        """The stage groups (:data:`STAGE_GROUPS`) with this catalog's owners and custom members (in stage order)."""
+        out = []
+        for g in STAGE_GROUPS:
+            members = {*g.stages, *self._group_members.get(g.name, ())}
+            stages = tuple(n for n in self.names if n in members) if g.name in self._group_members else g.stages
+            out.append(replace(g, owner=self._group_owners.get(g.name, g.owner), stages=stages))
+        return tuple(out)
 
     def group(self, name: str | None) -> StageGroup | None:
         """The stage group ``name`` with this catalog's owner, or ``None``."""
@@ -116,22 +133,44 @@ class StageCatalog:
             if name not in STAGE_GROUPS_BY_NAME:
                 self[name]  # raises a clear KeyError for unknown stages
         groups = {**self._group_owners, **{n: o for n, o in owners.items() if n in STAGE_GROUPS_BY_NAME}}
-        return StageCatalog((replace(s, owner=owners.get(s.name, s.owner)) for s in self._stages), groups)
+        stages = (replace(s, owner=owners.get(s.name, s.owner)) for s in self._stages)
+        return StageCatalog(stages, groups, self._group_members)
 
-    def with_stage(self, stage: Stage) -> StageCatalog:
-        """A copy with a custom stage added; a pre-first-token stage goes before the first post-first-token one."""
+    def with_stage(self, stage: Stage, *, after: str | None = None, groups: Iterable[str] = ()) -> StageCatalog:
+        """A copy with a custom stage added.
+
+        It goes right after the stage ``after`` when given (e.g. ``after="validate"`` for a moderation step the
+        gateway runs before routing); otherwise a pre-first-token stage goes before the first post-first-token one
+        (``decode``) and a post-first-token stage last. ``groups`` names stage groups the stage belongs to, e.g.
+        ``["gateway_overhead"]`` for a step the gateway runs before calling the backend: its time then counts in
+        ``llmpath_stage_group_duration_seconds{group="gateway_overhead"}``.
+        """
         validate_stage_name(stage.name)
         if stage.name in self._by_name or stage.name == UNATTRIBUTED:
             raise ValueError(f"stage {stage.name!r} already exists")
         if stage.name in STAGE_GROUPS_BY_NAME:
             raise ValueError(f"{stage.name!r} is the name of a stage group")
         stages = list(self._stages)
-        if stage.before_first_token:
+        if after is not None:
+            previous = self[after]  # a clear KeyError for an unknown stage
+            idx = stages.index(previous) + 1
+            if stage.before_first_token and not previous.before_first_token:
+                raise PlacementError(f"stage {stage.name!r} runs before the first token: it cannot follow {after!r}")
+            if not stage.before_first_token and idx < len(stages) and stages[idx].before_first_token:
+                raise PlacementError(
+                    f"stage {stage.name!r} runs after the first token: it cannot precede {stages[idx].name!r}"
+                )
+        elif stage.before_first_token:
             idx = next((i for i, s in enumerate(stages) if not s.before_first_token), len(stages))
-            stages.insert(idx, stage)
         else:
-            stages.append(stage)
-        return StageCatalog(stages, self._group_owners)
+            idx = len(stages)
+        stages.insert(idx, stage)
+        members = dict(self._group_members)
+        for group in groups:
+            if group not in STAGE_GROUPS_BY_NAME:
+                raise ValueError(f"unknown stage group {group!r}; known: {', '.join(STAGE_GROUPS_BY_NAME)}")
+            members[group] = (*members.get(group, ()), stage.name)
+        return StageCatalog(stages, self._group_owners, members)
 
 
 def validate_stage_name(name: str) -> str:

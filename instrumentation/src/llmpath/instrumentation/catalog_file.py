@@ -10,11 +10,13 @@ same owners and stages as the spans::
     cache_lookup = "traffic"
     gateway_overhead = "edge"     # a stage group (the gateway's stages as one duration)
 
-    [[stages]]                    # your own stages, in pipeline order
+    [[stages]]                    # your own stages
     name = "moderation"
     meaning = "Content moderation: the prompt is checked against the usage policy."
     owner = "trust-safety"
-    before_first_token = true     # optional (default true); false places it after the first token
+    after = "validate"            # optional: its place in the pipeline (default: before decode, or last)
+    groups = ["gateway_overhead"] # optional: stage groups it belongs to
+    before_first_token = true     # optional (default true); false: it runs after the first token
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from llmpath.instrumentation.catalog import STAGES, Stage, StageCatalog
+from llmpath.instrumentation.catalog import STAGES, PlacementError, Stage, StageCatalog
 
-_STAGE_KEYS = {"name", "meaning", "owner", "before_first_token"}
+_STAGE_KEYS = {"name", "meaning", "owner", "before_first_token", "after", "groups"}
 
 
 class CatalogFileError(ValueError):
@@ -65,11 +67,24 @@ def _catalog(data: dict[str, Any], base: StageCatalog) -> StageCatalog:
     for i, item in enumerate(stages):
         field = f"stages[{i}]"
         stage = _stage(item, field, catalog)
+        after, groups = _placement(item, field, catalog)
         try:
-            catalog = catalog.with_stage(stage)
+            catalog = catalog.with_stage(stage, after=after, groups=groups)
+        except PlacementError as exc:
+            raise CatalogFileError(f"{field}.after: {exc}") from None
         except ValueError as exc:  # the name: invalid, taken, or a stage group's
             raise CatalogFileError(f"{field}.name: {exc}") from None
     return catalog
+
+
+def _placement(item: dict[str, Any], field: str, catalog: StageCatalog) -> tuple[str | None, list[str]]:
+    after, groups = item.get("after"), item.get("groups", [])
+    if after is not None and (not isinstance(after, str) or after not in catalog):
+        raise CatalogFileError(f"{field}.after: must name a stage defined before it; known: {', '.join(catalog.names)}")
+    if not isinstance(groups, list) or any(catalog.group(g) is None for g in groups):
+        known = ", ".join(g.name for g in catalog.groups)
+        raise CatalogFileError(f"{field}.groups: must be a list of stage groups; known: {known}")
+    return after, groups
 
 
 def _stage(item: Any, field: str, catalog: StageCatalog) -> Stage:

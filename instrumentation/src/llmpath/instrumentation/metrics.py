@@ -10,6 +10,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
@@ -236,6 +237,22 @@ class PrometheusMetrics:
         else:
             rm.tenants[tenant] = children  # type: ignore[assignment]
         return children  # type: ignore[return-value]
+
+    def join_groups(self, groups: Sequence[StageGroup]) -> None:
+        """Count the members of a catalog's ``groups`` (custom stages added to a built-in group) in their group's
+        duration. One registry's groups hold the members of every catalog instrumented on it."""
+        merged, changed = [], False
+        for group in self.groups:
+            other = next((g for g in groups if g.name == group.name), None)
+            extra = [] if other is None else [st for st in other.stages if st not in group.stages]
+            if extra:
+                group, changed = replace(group, stages=(*group.stages, *extra)), True
+            merged.append(group)
+        if changed:
+            with self._lock:
+                self.groups = tuple(merged)
+                for by_stage in self._stage.values():
+                    by_stage.clear()  # cached group indexes of stages
 
     def stage_children(self, route: str) -> dict[str, tuple[Any, tuple[int, ...]]]:
         """stage name → (child of ``llmpath_stage_duration_seconds{stage, route}``, its group indexes)."""

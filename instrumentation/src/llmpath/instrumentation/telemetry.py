@@ -92,6 +92,7 @@ class Instrumentation:
         fast_spans: bool = True,
     ) -> None:
         self.metrics = metrics_for(registry, latency_buckets=latency_buckets, tpot_buckets=tpot_buckets)
+        self.metrics.join_groups(catalog.groups)
         self.registry: CollectorRegistry = self.metrics.registry
         self.tracer = trace.get_tracer(INSTRUMENTATION_NAME, __version__, tracer_provider=tracer_provider)
         self.genai = GenAIMetrics(meter_provider, __version__)
