@@ -94,6 +94,7 @@ async def test_metrics_stream_maps_meta_info_to_stage_timings(loopback) -> None:
     assert first.prefill_seconds == pytest.approx(0.05) and (first.prompt_tokens, first.cached_tokens) == (9, 4)
     assert [(d.text, d.num_tokens) for d in deltas] == [(" Paris", 1), (" is", 1), (" the", 1)]
     assert isinstance(done, Done) and done.finish_reason == "length"
+    assert done.response_model is None  # /generate does not say
     assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.cached_tokens) == (9, 3, 4)
     t = done.timings
     assert t.source is TimingSource.BACKEND and t.queue_seconds == 0.0123 and t.prefill_seconds == pytest.approx(0.05)
@@ -234,6 +235,7 @@ async def test_openai_chat_stream_fixture(loopback) -> None:
     done = events[-1]
     assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.cached_tokens) == (42, 3, 32)
     assert done.finish_reason == "stop" and done.timings.source is TimingSource.GATEWAY
+    assert done.response_model == "meta-llama/Llama-3.1-8B-Instruct"  # what the server says generated it
     seen = loopback.requests
     assert seen[0].headers["authorization"] == "Bearer sk-test"
     body = json.loads(seen[0].body)

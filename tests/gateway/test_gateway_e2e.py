@@ -574,19 +574,19 @@ def test_trace_spans_per_stage_and_propagation_to_the_engine(gw, client, keys, o
     assert call["name"] == "chat tiny" and call["parent_id"] == server["span_id"]
     assert call["attributes"]["gen_ai.usage.output_tokens"] == 4
     assert "gen_ai.usage.cache_read.input_tokens" in call["attributes"]
-    stage_spans = [s for s in gateway if "llmpath.stage" in s["attributes"]]
-    assert {s["attributes"]["llmpath.stage"] for s in stage_spans} == set(STAGES.names)
+    stage_spans = [s for s in gateway if "llmpath.stage.name" in s["attributes"]]
+    assert {s["attributes"]["llmpath.stage.name"] for s in stage_spans} == set(STAGES.names)
     for span in stage_spans:
         measured_by = span["attributes"]["llmpath.timing.source"]
-        if span["attributes"]["llmpath.stage"] in ("prefill", "decode") or measured_by == "backend":
+        if span["attributes"]["llmpath.stage.name"] in ("prefill", "decode") or measured_by == "backend":
             assert span["parent_id"] in (server["span_id"], call["span_id"])  # during the model call
         else:
             assert span["parent_id"] == server["span_id"], span
-    auth = next(s for s in stage_spans if s["attributes"]["llmpath.stage"] == "auth")
+    auth = next(s for s in stage_spans if s["attributes"]["llmpath.stage.name"] == "auth")
     assert auth["attributes"]["http.request.body.size"] == len(resp.request.content)
-    route = next(s for s in stage_spans if s["attributes"]["llmpath.stage"] == "route")
+    route = next(s for s in stage_spans if s["attributes"]["llmpath.stage.name"] == "route")
     assert route["attributes"]["llmpath.route.backend"] in {"e0", "e1", "e2"}
-    prefill = next(s for s in stage_spans if s["attributes"]["llmpath.stage"] == "prefill")
+    prefill = next(s for s in stage_spans if s["attributes"]["llmpath.stage.name"] == "prefill")
     assert prefill["attributes"]["llmpath.timing.source"] == "backend"
     engine_root = next(s for s in spans if s["service"] == "llmpath-engine" and s["parent_id"] == call["span_id"])
     assert engine_root["name"].startswith("Req ")

@@ -105,8 +105,8 @@ async def test_stage_spans_name_the_owners_of_the_configured_stage_catalog(tmp_p
     async with client(app) as c:
         assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 401
     owners = {
-        s.attributes["llmpath.stage"]: s.attributes["llmpath.stage.owner"]
+        s.attributes["llmpath.stage.name"]: s.attributes["llmpath.stage.owner"]
         for s in exporter.get_finished_spans()
-        if "llmpath.stage" in s.attributes
+        if "llmpath.stage.name" in s.attributes
     }
     assert owners == {"auth": "identity"}  # the auth stage refused the request, under the configured owner

@@ -5,10 +5,14 @@ configuration file, and the documented ``max_tokens`` maxima."""
 from __future__ import annotations
 
 import logging
+import socket
+import threading
+import time
 from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from prometheus_client import CollectorRegistry
 
 from llmpath.gateway.app import HotPath, create_app
@@ -182,3 +186,23 @@ async def test_an_assistant_message_sent_back_by_the_openai_sdk_validates() -> N
         )  # fmt: skip
     assert sent_back.status_code == 503, sent_back.text  # validated, then no backend answered
     assert refusal.status_code == 400 and refusal.json()["error"]["param"] == "messages[1].refusal"
+
+
+def test_the_gateway_starts_outside_the_main_thread() -> None:
+    """uvicorn run in a thread (as embedding servers and test harnesses do), on uvloop, whose signal handlers
+    raise ValueError outside the main thread: the gateway starts without its reload-on-SIGHUP handler."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(), port=port, loop="uvloop", log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        assert server.started, "the gateway failed to start in a thread"
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "ok"}
+    finally:
+        server.should_exit = True
+        thread.join(10)

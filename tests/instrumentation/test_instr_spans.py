@@ -31,18 +31,18 @@ async def test_span_tree_one_server_span_with_eight_stage_children(make_harness,
     assert server.parent is None
     assert server.attributes["http.route"] == "/v1/chat/completions"
     assert server.attributes["http.response.status_code"] == 200
-    assert server.attributes["llmpath.route"] == "chat"
+    assert server.attributes["llmpath.route.name"] == "chat"
     assert server.attributes["llmpath.model"] == "tiny-llama"
     assert server.attributes["llmpath.request_id"] == r.headers["x-request-id"]
 
-    stages = {s.attributes["llmpath.stage"]: s for s in spans if s.name.startswith("llmpath.")}
+    stages = {s.attributes["llmpath.stage.name"]: s for s in spans if s.name.startswith("llmpath.")}
     assert sorted(stages) == sorted(STAGE_NAMES)
     call = h.span("chat tiny-llama")
     for name, span in stages.items():
         assert span.name == f"llmpath.{name}"
         assert span.kind is SpanKind.INTERNAL
         assert span.context.trace_id == server.context.trace_id
-        assert span.attributes["llmpath.route"] == "chat"  # the gateway's route, set after auth/validate ran
+        assert span.attributes["llmpath.route.name"] == "chat"  # the gateway's route, set after auth/validate ran
         assert span.attributes["llmpath.stage.owner"] == STAGES.owner(name)
         expected_source = "backend" if name in ("prefill", "decode") else "gateway"
         assert span.attributes["llmpath.timing.source"] == expected_source
@@ -183,7 +183,7 @@ async def test_fastapi_instrumentor_server_span_is_reused_never_two(make_harness
         server = servers[0]
         assert server.instrumentation_scope.name.startswith("opentelemetry.instrumentation")
         assert server.attributes["llmpath.request_id"] == r.headers["x-request-id"]
-        assert server.attributes["llmpath.route"] == "/both"
+        assert server.attributes["llmpath.route.name"] == "/both"
         assert h.span("llmpath.auth").parent.span_id == server.context.span_id
     finally:
         FastAPIInstrumentor.uninstrument_app(app)
@@ -245,7 +245,7 @@ async def test_fastapi_native_telemetry_server_span_is_reused_never_two(make_har
     server = servers[0]
     assert server.instrumentation_scope.name == "fastapi"
     assert server.attributes["llmpath.request_id"] == r.headers["x-request-id"]
-    assert server.attributes["llmpath.route"] == "/items/{item}"
+    assert server.attributes["llmpath.route.name"] == "/items/{item}"
     auth = h.span("llmpath.auth")
     assert auth.context.trace_id == server.context.trace_id
     assert h.records[0].trace_id == format(server.context.trace_id, "032x")

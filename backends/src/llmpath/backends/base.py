@@ -120,6 +120,9 @@ class Done:
     usage: Usage
     finish_reason: str  # "stop" | "length" | "abort"
     timings: BackendTimings
+    #: The model that generated the response, when the backend says (OpenAI-compatible servers; SGLang's
+    #: ``/generate`` does not).
+    response_model: str | None = None
 
 
 BackendEvent = Scheduled | FirstToken | TokenDelta | Done

@@ -121,6 +121,7 @@ class OpenAIBackend:
         first_at: float | None = None
         usage: Usage | None = None
         finish: str | None = None
+        model: str | None = None
         try:
             async with self._http.post_json(self._urls[path], body, request.trace_headers) as resp:
                 await raise_for_status(resp)
@@ -128,6 +129,8 @@ class OpenAIBackend:
                 async for chunk in chunks:
                     raise_stream_error(chunk)
                     usage = _usage(chunk.get("usage")) or usage
+                    if isinstance(chunk.get("model"), str):
+                        model = chunk["model"]
                     for choice in chunk.get("choices") or []:
                         text = _choice_text(choice, chat)
                         if first_at is None and (text or choice.get("finish_reason")):
@@ -154,7 +157,7 @@ class OpenAIBackend:
             e2e_seconds=end - started,
             source=TimingSource.GATEWAY,
         )
-        yield Done(usage, finish, timings)
+        yield Done(usage, finish, timings, model)
 
     async def health(self) -> bool:
         """True when ``GET /v1/models`` answers 200; otherwise ``health_error`` says why (``connection refused``,

@@ -437,7 +437,7 @@ def _install_sighup(loop: asyncio.AbstractEventLoop, handler: Callable[[], None]
     """Run ``handler`` on ``SIGHUP`` (where signals can be handled); returns whether it is installed."""
     try:
         loop.add_signal_handler(signal.SIGHUP, handler)
-    except (NotImplementedError, RuntimeError, AttributeError):  # no SIGHUP (Windows) or not the main thread
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):  # no SIGHUP (Windows), not the main thread
         return False
     return True
 

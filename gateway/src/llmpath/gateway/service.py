@@ -798,7 +798,7 @@ class _Tracker:
             )
             annotate_request(backend_dispatch_s=round(dispatch, 6))
         self.call.set_finish_reasons([event.finish_reason])
-        self.call.set_response(response_id=p.fmt.id, response_model=p.backend_model)
+        self.call.set_response(response_id=p.fmt.id, response_model=event.response_model)  # None: not known
         annotate_request(finish_reason=event.finish_reason)
         self._gateway.record_prediction(p, usage.prompt_tokens)
         self._gateway.record_output(p, self.text())

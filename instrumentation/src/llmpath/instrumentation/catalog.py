@@ -213,9 +213,9 @@ STAGE_GROUPS_BY_NAME: Mapping[str, StageGroup] = {g.name: g for g in STAGE_GROUP
 
 #: Stage span name: ``llmpath.<stage>`` (e.g. ``llmpath.route``), a child of the request's SERVER span.
 STAGE_SPAN_NAME = "llmpath.{stage}"
-ATTR_STAGE = "llmpath.stage"
+ATTR_STAGE = "llmpath.stage.name"
 ATTR_STAGE_OWNER = "llmpath.stage.owner"
-ATTR_ROUTE = "llmpath.route"
+ATTR_ROUTE = "llmpath.route.name"
 ATTR_MODEL = "llmpath.model"
 ATTR_TENANT = "llmpath.tenant"
 ATTR_REQUEST_ID = "llmpath.request_id"

@@ -1,4 +1,5 @@
-"""OTel GenAI semantic-convention metrics (v1.41 names) through the OTel metrics API.
+"""OTel semantic-convention metrics through the OTel metrics API: GenAI (v1.41 names) and the HTTP server's
+``http.server.request.duration``.
 
 With no MeterProvider configured the API's instruments are no-ops, so this costs next to nothing.
 """
@@ -24,16 +25,22 @@ DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 TOKEN_BUCKETS = tuple(float(4**i) for i in range(14))  # 1, 4, 16, ... 67108864
+# The HTTP semantic conventions' advice for http.server.request.duration (docs/http/http-metrics.md).
+HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+HTTP_SERVER_REQUEST_DURATION = "http.server.request.duration"
 
 OPERATION = "gen_ai.operation.name"
 PROVIDER = "gen_ai.provider.name"
 REQUEST_MODEL = "gen_ai.request.model"
 TOKEN_TYPE = "gen_ai.token.type"
 ERROR_TYPE = "error.type"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
 
 
 class GenAIMetrics:
-    """The GenAI histograms of one meter provider (``None`` = the global one)."""
+    """The GenAI histograms, and ``http.server.request.duration``, of one meter provider (``None`` = the global
+    one)."""
 
     def __init__(self, meter_provider: metrics.MeterProvider | None = None, version: str = "") -> None:
         meter = metrics.get_meter("llmpath.instrumentation", version, meter_provider=meter_provider)
@@ -61,6 +68,9 @@ class GenAIMetrics:
         self.client_tokens = histogram(
             GENAI_CLIENT_TOKEN_USAGE, "{token}", "Number of input and output tokens used.", TOKEN_BUCKETS
         )
+        self.http_server_duration = histogram(
+            HTTP_SERVER_REQUEST_DURATION, "s", "Duration of HTTP server requests.", HTTP_DURATION_BUCKETS
+        )
 
     def record_server(
         self,
@@ -80,6 +90,10 @@ class GenAIMetrics:
             self.server_ttft.record(ttft, attributes)
         if tpot is not None:
             self.server_tpot.record(tpot, attributes)
+
+    def record_http_server(self, attributes: Mapping[str, Any], duration: float) -> None:
+        """``http.server.request.duration`` for one request (when llmpath made its SERVER span)."""
+        self.http_server_duration.record(duration, attributes)
 
     def record_client(
         self,

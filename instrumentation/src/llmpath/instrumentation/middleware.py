@@ -10,7 +10,7 @@ from typing import Any
 
 from llmpath.instrumentation.catalog import REQUEST_ID_HEADER
 from llmpath.instrumentation.exposition import serve_metrics
-from llmpath.instrumentation.request import CURRENT
+from llmpath.instrumentation.request import CLIENT_CLOSED_REQUEST, CURRENT
 from llmpath.instrumentation.telemetry import Instrumentation
 
 Scope = MutableMapping[str, Any]
@@ -23,8 +23,6 @@ _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode()
 #: Where the middleware leaves a failed request's id in the ASGI scope for the 500 page written outside it
 #: (:mod:`llmpath.instrumentation.error_pages`).
 FAILED_REQUEST_ID_KEY = "llmpath.failed_request_id"
-#: Status recorded when the client went away before the response completed (nginx's convention).
-CLIENT_CLOSED_REQUEST = 499
 
 
 class LLMPathMiddleware:
@@ -72,8 +70,10 @@ class LLMPathMiddleware:
                 if not message.get("more_body", False):
                     instr.finish(req)  # before the last byte leaves: a completed response is always recorded
             elif kind == "http.response.start":
-                status = req.status_code = message["status"]
+                status = req.status_code = req.response_status = message["status"]
                 req.response_started = True
+                if status == CLIENT_CLOSED_REQUEST and req.error is None:  # an app recording a client that left
+                    req.error = "client_disconnect"
                 # An error page sent while an exception is being handled (a handler inside this middleware that
                 # turns exceptions into responses): its class is the request's error type, unless the exception
                 # is the HTTP error itself (HTTPException(503), a gateway's own API error).

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from llmpath.instrumentation.spans import PendingStage, SdkSpanEmitter
     from llmpath.instrumentation.telemetry import Instrumentation
 
+#: Status recorded when the client went away before the response completed (nginx's convention).
+CLIENT_CLOSED_REQUEST = 499
 #: ``(stage name, start, end, timing source)``, ``perf_counter`` seconds.
 StageInterval = tuple[str, float, float, str]
 
@@ -42,6 +44,7 @@ class RequestTelemetry:
         "method",
         "model",
         "model_from_call",
+        "operation",
         "owns_span",
         "path",
         "pending_spans",
@@ -50,6 +53,7 @@ class RequestTelemetry:
         "provider_from_call",
         "request_id",
         "response_started",
+        "response_status",
         "sampled",
         "scope",
         "span",
@@ -90,8 +94,12 @@ class RequestTelemetry:
         self.end: float | None = None
         self.usage: list[int] | None = None
         self.extra: dict[str, Any] | None = None
+        #: ``gen_ai.operation.name`` of the request's model call (``chat`` when none named it).
+        self.operation: str | None = None
         self.status_code = 0
         self.response_started = False
+        #: The status actually sent (``status_code`` becomes 499 when the client leaves mid-stream).
+        self.response_status: int | None = None
         self.finished = False
         self.error: str | None = None
         self.scope: dict[str, Any] | None = None

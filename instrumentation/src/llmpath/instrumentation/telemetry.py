@@ -37,10 +37,18 @@ from llmpath.instrumentation.catalog import (
     StageCatalog,
 )
 from llmpath.instrumentation.exposition import multiprocess_dir
-from llmpath.instrumentation.genai import OPERATION, PROVIDER, REQUEST_MODEL, GenAIMetrics
+from llmpath.instrumentation.genai import (
+    ERROR_TYPE,
+    OPERATION,
+    PROVIDER,
+    REQUEST_MODEL,
+    SERVER_ADDRESS,
+    SERVER_PORT,
+    GenAIMetrics,
+)
 from llmpath.instrumentation.guard import DEFAULT_MAX_LABEL_VALUES, CardinalityGuard
 from llmpath.instrumentation.metrics import metrics_for
-from llmpath.instrumentation.request import RequestTelemetry, StageInterval
+from llmpath.instrumentation.request import CLIENT_CLOSED_REQUEST, RequestTelemetry, StageInterval
 from llmpath.instrumentation.spans import SdkSpanEmitter, SdkTracer
 from llmpath.instrumentation.tracing import ASGI_GETTER, INSTRUMENTATION_NAME
 from llmpath.instrumentation.usage import (
@@ -162,6 +170,8 @@ class Instrumentation:
         req.scope = scope
         req.method = method = scope.get("method", "GET")
         req.path = path = scope.get("path", "")
+        if method not in KNOWN_HTTP_METHODS:  # the semantic conventions' bound on an attacker-chosen value
+            method = OTHER_HTTP_METHOD
 
         current = trace.get_current_span()
         current_ctx = current.get_span_context()
@@ -172,7 +182,7 @@ class Instrumentation:
         else:
             parent = propagate.extract(headers, getter=ASGI_GETTER) if traced else None
             span = self.tracer.start_span(
-                method,
+                "HTTP" if method is OTHER_HTTP_METHOD else method,
                 context=parent,
                 kind=SpanKind.SERVER,
                 attributes={
@@ -187,6 +197,8 @@ class Instrumentation:
                 span = trace.get_current_span(parent)  # no SDK: pass the caller's trace context through
             else:
                 req.owns_span = True
+                if span.is_recording():
+                    span.set_attributes(_connection_attributes(scope, headers, req.method))
             token = context.attach(trace.set_span_in_context(span, parent))
         req.span = span
         req.trace_id_int = span.get_span_context().trace_id
@@ -296,15 +308,21 @@ class Instrumentation:
         self.metrics.observe_request(
             self.guard, route, model, req.tenant, code, duration, ttft, tpot, sums, usage, exemplar
         )
+        error = req.error if req.error is not None else (str(code) if code >= 500 else None)
         if req.model is not None:
-            error = req.error if req.error is not None else (str(code) if code >= 500 else None)
             self.genai.record_server(
-                {OPERATION: "chat", PROVIDER: req.provider or UNKNOWN_LABEL_VALUE, REQUEST_MODEL: model},
+                {
+                    OPERATION: req.operation or "chat",
+                    PROVIDER: req.provider or UNKNOWN_LABEL_VALUE,
+                    REQUEST_MODEL: model,
+                },
                 duration=duration,
                 ttft=ttft,
                 tpot=tpot,
                 error_type=error,
             )
+        if req.owns_span:  # else the outer instrumentation that made the SERVER span records it
+            self.genai.record_http_server(_http_metric_attributes(req, error), duration)
         if self.usage:
             self._emit_usage(req, route, model, stages, ttft, duration, code, unattributed, tpot)
 
@@ -381,21 +399,86 @@ class Instrumentation:
         if span is None:
             return
         code = req.status_code
-        attrs: dict[str, Any] = {ATTR_ROUTE: req.route, "http.response.status_code": code}
+        attrs: dict[str, Any] = {ATTR_ROUTE: req.route}
+        sent = _sent_status(req)
+        if sent is not None:
+            attrs["http.response.status_code"] = sent
         if req.model is not None:
             attrs[ATTR_MODEL] = req.model
         if req.tenant is not None:
             attrs[ATTR_TENANT] = req.tenant
-        template = getattr((req.scope or {}).get("route"), "path", None)
+        template = _route_template(req)
         if template:
             attrs["http.route"] = template
-        if req.error is not None:
-            attrs["error.type"] = req.error
+        error = req.error if req.error is not None else (str(code) if code >= 500 else None)
+        if error is not None:
+            attrs[ERROR_TYPE] = error
         span.set_attributes(attrs)
         if code >= 500:
-            span.set_status(Status(StatusCode.ERROR, req.error or str(code)))
+            span.set_status(Status(StatusCode.ERROR, req.error))  # the status code alone says the rest
         if req.owns_span:
-            span.update_name(f"{req.method} {template}" if template else req.method)
+            method = req.method if req.method in KNOWN_HTTP_METHODS else "HTTP"
+            span.update_name(f"{method} {template}" if template else method)
+
+
+#: HTTP methods the semantic conventions know (RFC 9110 and PATCH); others are recorded as ``_OTHER``.
+KNOWN_HTTP_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
+OTHER_HTTP_METHOD = "_OTHER"
+
+
+def _route_template(req: RequestTelemetry) -> str | None:
+    return getattr((req.scope or {}).get("route"), "path", None) or None
+
+
+def _sent_status(req: RequestTelemetry) -> int | None:
+    """The response's status for the spans and OTel metrics. A client that left is 499 only in the Prometheus
+    ``code`` label: here it is the status it was sent before it left, or none if the response had not started."""
+    if req.status_code != CLIENT_CLOSED_REQUEST:
+        return req.status_code
+    sent = req.response_status
+    return None if sent is None or sent == CLIENT_CLOSED_REQUEST else sent
+
+
+def _connection_attributes(
+    scope: Mapping[str, Any], headers: Iterable[tuple[bytes, bytes]], method: str
+) -> dict[str, Any]:
+    """The SERVER span's recommended connection attributes (sampled requests only; no client address: privacy)."""
+    attrs: dict[str, Any] = {}
+    if method not in KNOWN_HTTP_METHODS:
+        attrs["http.request.method_original"] = method
+    version = scope.get("http_version")
+    if version:
+        attrs["network.protocol.version"] = version
+    host = None
+    for key, value in headers:
+        if key == b"host":
+            host = value.decode("latin-1")
+        elif key == b"user-agent":
+            attrs["user_agent.original"] = value.decode("latin-1")
+    server = scope.get("server")
+    if host:
+        name, _, port = host.rpartition(":") if host.rfind(":") > host.rfind("]") else (host, "", "")
+        attrs[SERVER_ADDRESS] = name.strip("[]")
+        if port.isdigit():
+            attrs[SERVER_PORT] = int(port)
+    elif server:
+        attrs[SERVER_ADDRESS], attrs[SERVER_PORT] = server[0], server[1]
+    return attrs
+
+
+def _http_metric_attributes(req: RequestTelemetry, error: str | None) -> dict[str, Any]:
+    """``http.server.request.duration``'s attributes (the semantic conventions' required and recommended ones)."""
+    method = req.method if req.method in KNOWN_HTTP_METHODS else OTHER_HTTP_METHOD
+    attrs: dict[str, Any] = {"http.request.method": method, "url.scheme": (req.scope or {}).get("scheme", "http")}
+    template = _route_template(req)
+    if template:
+        attrs["http.route"] = template
+    sent = _sent_status(req)
+    if sent is not None:
+        attrs["http.response.status_code"] = sent
+    if error is not None:
+        attrs[ERROR_TYPE] = error
+    return attrs
 
 
 def _is_server_span(span: trace.Span) -> bool:

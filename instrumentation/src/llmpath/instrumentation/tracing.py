@@ -12,7 +12,14 @@ from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from llmpath.instrumentation.catalog import REQUEST_ID_HEADER
-from llmpath.instrumentation.genai import OPERATION, PROVIDER, REQUEST_MODEL, GenAIMetrics
+from llmpath.instrumentation.genai import (
+    OPERATION,
+    PROVIDER,
+    REQUEST_MODEL,
+    SERVER_ADDRESS,
+    SERVER_PORT,
+    GenAIMetrics,
+)
 from llmpath.instrumentation.request import CURRENT
 
 INSTRUMENTATION_NAME = "llmpath.instrumentation"
@@ -120,6 +127,7 @@ class ModelCallSpan:
             if req.model is None:  # until record_usage or set_request_labels names it
                 req.model = self.model
                 req.model_from_call = True
+            req.operation = self.operation
             tracer = req.instrumentation.tracer if req.sampled else None
             self._genai = req.instrumentation.genai
         else:
@@ -152,6 +160,11 @@ class ModelCallSpan:
             self._span = self._token = None
         if self._genai is not None:
             base = {OPERATION: self.operation, PROVIDER: self.provider, REQUEST_MODEL: self.model}
+            address = self._attributes.get(SERVER_ADDRESS)
+            if address is not None:  # recommended on the client metrics: one series per backend
+                base[SERVER_ADDRESS] = address
+                if (port := self._attributes.get(SERVER_PORT)) is not None:
+                    base[SERVER_PORT] = port
             usage = self._usage
             self._genai.record_client(
                 base,
@@ -234,9 +247,9 @@ def model_call_span(
     """
     attrs: dict[str, Any] = {OPERATION: operation, PROVIDER: provider, REQUEST_MODEL: model}
     if server_address is not None:
-        attrs["server.address"] = server_address
+        attrs[SERVER_ADDRESS] = server_address
     if server_port is not None:
-        attrs["server.port"] = int(server_port)
+        attrs[SERVER_PORT] = int(server_port)
     if stream:
         attrs["gen_ai.request.stream"] = True
     if max_tokens is not None:

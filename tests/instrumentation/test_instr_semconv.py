@@ -1,0 +1,207 @@
+"""The SERVER span and the OTel metrics follow the HTTP and GenAI semantic conventions: ``error.type`` on a 5xx,
+no status for a response never sent, ``_OTHER`` for unknown methods, ``http.server.request.duration``, and the
+operation and backend of the model call on the GenAI metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.trace import StatusCode
+
+from llmpath.instrumentation import model_call_span, record_usage
+
+
+def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
+    """Metric name → its data points."""
+    out: dict[str, list[Any]] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                out.setdefault(m.name, []).extend(m.data.data_points)
+    return out
+
+
+def semconv_app() -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/ok")
+    async def ok() -> dict[str, bool]:
+        return {"ok": True}
+
+    @app.get("/unavailable")
+    async def unavailable() -> JSONResponse:  # an error answered without an exception
+        return JSONResponse({"error": "no backend"}, status_code=503)
+
+    @app.get("/bad")
+    async def bad() -> JSONResponse:
+        return JSONResponse({"error": "bad"}, status_code=400)
+
+    @app.post("/v1/completions")
+    async def completions() -> dict[str, str]:
+        with model_call_span("tiny", operation="text_completion", server_address="10.0.0.7", server_port=30000) as c:
+            c.set_usage(input_tokens=9, output_tokens=2)
+        record_usage(input_tokens=9, cached_tokens=0, output_tokens=2, model="tiny")
+        return {"text": "ab"}
+
+    @app.get("/stream")
+    async def stream() -> StreamingResponse:
+        async def tokens() -> Any:
+            for i in range(5):
+                yield f"data: {i}\n\n"
+                await asyncio.sleep(0)
+
+        return StreamingResponse(tokens(), media_type="text/event-stream")
+
+    return app
+
+
+async def test_the_server_span_follows_the_http_conventions(make_harness) -> None:
+    h = make_harness(app=semconv_app())
+    async with h.client(headers={"user-agent": "sdk/1.2"}) as c:
+        assert (await c.get("/unavailable")).status_code == 503
+        assert (await c.get("/bad")).status_code == 400
+        assert (await c.request("PURGE", "/ok")).status_code == 405
+    unavailable = h.span("GET /unavailable")
+    assert unavailable.status.status_code is StatusCode.ERROR and not unavailable.status.description
+    assert unavailable.attributes["error.type"] == "503"  # the status code, as the conventions say
+    assert unavailable.attributes["http.response.status_code"] == 503
+    bad = h.span("GET /bad")
+    assert bad.status.status_code is StatusCode.UNSET and "error.type" not in bad.attributes  # a 4xx is no error
+    [purge] = [s for s in h.spans() if s.attributes["http.request.method"] == "_OTHER"]
+    assert purge.name.startswith("HTTP") and purge.attributes["http.request.method_original"] == "PURGE"
+    attrs = bad.attributes
+    assert (attrs["server.address"], attrs["user_agent.original"], attrs["network.protocol.version"]) == (
+        "gw",
+        "sdk/1.2",
+        "1.1",
+    )
+    assert "client.address" not in attrs  # privacy: not recorded
+
+
+async def test_http_server_request_duration_is_recorded_once(make_harness) -> None:
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    h = make_harness(app=semconv_app(), meter_provider=meter_provider)
+    async with h.client() as c:
+        await c.get("/ok")
+        await c.get("/unavailable")
+        await c.request("PURGE", "/ok")
+    by_status = {
+        p.attributes.get("http.response.status_code"): p for p in points(reader)["http.server.request.duration"]
+    }
+    assert set(by_status) == {200, 503, 405}
+    assert dict(by_status[200].attributes) == {
+        "http.request.method": "GET",
+        "url.scheme": "http",
+        "http.route": "/ok",
+        "http.response.status_code": 200,
+    }
+    assert by_status[503].attributes["error.type"] == "503"
+    assert by_status[405].attributes["http.request.method"] == "_OTHER"
+    assert all(p.count == 1 for p in by_status.values())
+    assert by_status[200].explicit_bounds[:3] == (0.005, 0.01, 0.025)  # the conventions' advice
+
+    # With opentelemetry-instrumentation-fastapi outside, its SERVER span and its duration metric are the ones.
+    app = semconv_app()
+    reader2 = InMemoryMetricReader()
+    outer_meters = MeterProvider(metric_readers=[reader2])
+    h2 = make_harness(app=app, meter_provider=outer_meters)
+    FastAPIInstrumentor.instrument_app(app, tracer_provider=h2.provider, meter_provider=outer_meters)
+    try:
+        async with h2.client() as c:
+            await c.get("/ok")
+        names = points(reader2)
+        # the instrumentor's (its semconv opt-in decides the name: http.server.duration by default), not llmpath's
+        assert "http.server.request.duration" not in names and names["http.server.duration"][0].count == 1
+    finally:
+        FastAPIInstrumentor.uninstrument_app(app)
+    meter_provider.shutdown()
+    outer_meters.shutdown()
+
+
+async def test_genai_metrics_carry_the_calls_operation_and_backend(make_harness) -> None:
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    h = make_harness(app=semconv_app(), meter_provider=meter_provider)
+    async with h.client() as c:
+        assert (await c.post("/v1/completions")).status_code == 200
+    got = points(reader)
+    [server] = got["gen_ai.server.request.duration"]
+    assert server.attributes["gen_ai.operation.name"] == "text_completion"  # not "chat"
+    [client] = got["gen_ai.client.operation.duration"]
+    assert dict(client.attributes) == {
+        "gen_ai.operation.name": "text_completion",
+        "gen_ai.provider.name": "sglang",
+        "gen_ai.request.model": "tiny",
+        "server.address": "10.0.0.7",
+        "server.port": 30000,
+    }
+    meter_provider.shutdown()
+
+
+async def _serve_until_the_client_leaves(app: Any, leave_after_bodies: int) -> None:
+    """One GET /stream over ASGI whose client is gone after ``leave_after_bodies`` body messages (the server's
+    send raises OSError, as uvicorn's does on a closed connection)."""
+    bodies = 0
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(3600)  # no disconnect message: the failed send is how the app learns of it
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal bodies
+        if message["type"] == "http.response.body":
+            bodies += 1
+            if bodies > leave_after_bodies:
+                raise OSError("connection closed")
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": "/stream", "raw_path": b"/stream", "root_path": "", "query_string": b"", "headers": [],
+        "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
+    }  # fmt: skip
+    with contextlib.suppress(OSError):
+        await app(scope, receive, send)
+
+
+async def test_a_client_that_left_keeps_the_status_it_was_sent(make_harness) -> None:
+    """Mid-stream: the span keeps the 200 it sent and says client_disconnect; only the Prometheus code is 499."""
+    h = make_harness(app=semconv_app())
+    await _serve_until_the_client_leaves(h.app, leave_after_bodies=1)
+    span = h.span("GET /stream")
+    assert span.attributes["http.response.status_code"] == 200
+    assert span.attributes["error.type"] == "client_disconnect"
+    assert span.status.status_code is StatusCode.UNSET
+    assert h.value("llmpath_requests_total", route="/stream", model="unknown", code="499") == 1
+
+
+async def test_a_499_recorded_before_the_response_started_sends_no_status(make_harness) -> None:
+    """A gateway records a client that left before the response started by answering 499 to nobody: the span
+    has no status code and says client_disconnect, and so does gen_ai.server.request.duration."""
+    app = FastAPI()
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    h = make_harness(app=app, meter_provider=meter_provider)
+
+    @app.get("/left")
+    async def left() -> JSONResponse:
+        record_usage(input_tokens=3, cached_tokens=0, output_tokens=0, model="tiny")
+        return JSONResponse({}, status_code=499)
+
+    async with h.client() as c:
+        await c.get("/left")
+    span = h.span("GET /left")
+    assert "http.response.status_code" not in span.attributes and span.attributes["error.type"] == "client_disconnect"
+    [server] = points(reader)["gen_ai.server.request.duration"]
+    assert server.attributes["error.type"] == "client_disconnect"
+    [http] = points(reader)["http.server.request.duration"]
+    assert "http.response.status_code" not in http.attributes and http.attributes["error.type"] == "client_disconnect"
+    meter_provider.shutdown()
