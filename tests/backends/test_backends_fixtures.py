@@ -226,6 +226,17 @@ async def test_context_length_refusals_carry_openais_code(loopback, path, status
     assert info.value.code == code and info.value.status_code == 400
 
 
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_backend_key_is_the_backends_failure_and_its_body_is_dropped(loopback, status) -> None:
+    """OpenAI's 401 echoes a masked piece of the key: it is a server error (the gateway's 502, counted against the
+    backend), and the body is not kept where a client could see it."""
+    body = b'{"error": {"message": "Incorrect API key provided: sk-proj-****wxyz.", "code": "invalid_api_key"}}'
+    url = replay(loopback, "/v1/chat/completions", body, status=status)
+    with pytest.raises(BackendServerError) as info:
+        await events_of(OpenAIBackend(url, api_key="sk-x"), request(messages=[ChatMessage("user", "hi")], prompt=None))
+    assert info.value.upstream_status == status and "wxyz" not in str(info.value)
+
+
 async def test_openai_chat_stream_fixture(loopback) -> None:
     url = replay(loopback, "/v1/chat/completions", (FIXTURES / "chat_stream_usage.sse").read_bytes())
     backend = OpenAIBackend(url, api_key="sk-test")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,40 @@ def test_folder_retriever_ranks_by_bm25(corpus: Path) -> None:
     assert all(d.source != "ignored.bin" for d in docs)
     assert retriever.retrieve("shipping worldwide")[0].source == "sub/shipping.txt"
     assert retriever.retrieve("zebra") == []
+
+
+def test_bm25_scores_follow_the_formula(corpus: Path) -> None:
+    """Okapi BM25 (k1=1.2, b=0.75, idf = ln(1 + (N − df + 0.5)/(df + 0.5))) computed by hand for two chunks."""
+    retriever = FolderRetriever(RetrieverConfig(path=corpus, top_k=2, chunk_chars=100))
+    [doc] = retriever.retrieve("billing")
+    n, df, tf, length = 2, 1, 1, 14  # "billing": in 1 of the 2 chunks; 14 terms in the refunds chunk
+    avg = (14 + 10) / 2  # and 10 in the shipping one
+    idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+    assert doc.score == pytest.approx(idf * tf * 2.2 / (tf + 1.2 * (1 - 0.75 + 0.75 * length / avg)))
+
+
+def test_a_long_query_is_bounded_to_its_end(corpus: Path) -> None:
+    """A pasted document followed by the question: only the last 4,096 characters, 256 distinct terms, count."""
+    retriever = FolderRetriever(RetrieverConfig(path=corpus, top_k=1))
+    noise = " ".join(f"w{i}" for i in range(100_000))
+    assert retriever.retrieve("shipping " + noise + " refunds")[0].source == "refunds.md"
+    assert retriever.retrieve("refunds " + noise) == []  # the start of a long message is not the query
+    terms = " ".join(f"t{i}" for i in range(300))
+    assert retriever.retrieve(f"{terms} shipping")[0].source == "sub/shipping.txt"
+    assert retriever.retrieve(f"shipping {terms}") == []  # 300 distinct terms after it: past the last 256
+
+
+def test_the_retriever_stays_inside_its_folder(tmp_path: Path) -> None:
+    docs, outside = tmp_path / "docs", tmp_path / "secret.txt"
+    docs.mkdir()
+    outside.write_text("TOPSECRET refunds")
+    (docs / "a.txt").write_text("refunds policy")
+    (docs / "link.txt").symlink_to(outside)
+    retriever = FolderRetriever(RetrieverConfig(path=docs))
+    assert [d.source for d in retriever.retrieve("refunds", k=5)] == ["a.txt"]
+    for pattern in ("../*.txt", "/etc/*.conf", "sub/../../*.txt"):
+        with pytest.raises(ValueError, match="stay inside it"):
+            RetrieverConfig(path=docs, patterns=(pattern,))
 
 
 def test_long_documents_are_chunked_on_paragraphs(tmp_path: Path) -> None:

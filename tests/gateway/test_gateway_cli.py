@@ -36,6 +36,12 @@ def test_serve_exits_non_zero_when_the_port_is_taken(llmpath_bin: str) -> None:
     assert result.returncode == 3 and "address already in use" in result.stderr
 
 
+def test_serve_takes_only_logging_levels(llmpath_bin: str) -> None:
+    """uvicorn's "trace" is no Python logging level: refused as a bad option (it crashed at start before)."""
+    result = run(llmpath_bin, "serve", "--log-level", "trace", "--backend", "http://127.0.0.1:9", "--api-key", "sk-x")
+    assert result.returncode == 2 and "'trace' is not one of" in result.stderr
+
+
 def test_serve_refuses_without_backends(llmpath_bin: str) -> None:
     result = run(llmpath_bin, "serve", "--api-key", "sk-x")
     assert result.returncode == 2 and "no backends" in result.stderr

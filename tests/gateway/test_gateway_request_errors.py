@@ -4,6 +4,7 @@ configuration file, and the documented ``max_tokens`` maxima."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -206,3 +207,63 @@ def test_the_gateway_starts_outside_the_main_thread() -> None:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+async def test_a_prompt_over_the_limit_is_refused_before_retrieval(tmp_path) -> None:
+    """Assembly only adds to the client's text, so a message already over max_prompt_tokens never reaches the
+    retriever (whose scoring runs on the event loop)."""
+    (tmp_path / "refunds.md").write_text("Refunds are issued within 14 days.")
+    app = make_app(
+        routes=[{"name": "support", "model": "m", "retriever": {"path": str(tmp_path)}}],
+        limits={"max_prompt_tokens": 400},
+        tokenizer={"chars_per_token": 1},
+    )
+    retriever = app.gateway.routes["support"].assembler.retriever
+    queries: list[str] = []
+    retrieve = retriever.retrieve
+
+    def counted(query: str, k: int | None = None) -> Any:
+        queries.append(query)
+        return retrieve(query, k)
+
+    retriever.retrieve = counted
+    async with client(app) as c:
+        statuses = []
+        for text in ("refunds? " * 60, "refunds?"):
+            body = {"model": "support", "messages": [{"role": "user", "content": text}]}
+            resp = await c.post("/v1/chat/completions", headers=auth(), json=body)
+            statuses.append((resp.status_code, resp.json()["error"]["code"]))
+    assert statuses == [(400, "context_length_exceeded"), (503, "no_backend")]  # the second: assembled, no backend
+    assert queries == ["refunds?"]  # only the request within the limit was retrieved for
+
+
+async def test_readyz_shows_no_credentials_from_backend_urls() -> None:
+    """/readyz needs no key: a backend URL's user, password and query (``?api-key=``) are left out of it."""
+    app = make_app(backends=[{"url": "http://svc:S3CRETPASS@127.0.0.1:9/v1?api-key=QUERYKEY", "name": "b"}])
+    async with client(app) as c:
+        ready = await c.get("/readyz")
+    assert [b["url"] for b in ready.json()["backends"]] == ["http://127.0.0.1:9/v1"]
+    assert "S3CRETPASS" not in ready.text and "QUERYKEY" not in ready.text
+
+
+async def test_a_stalled_body_is_answered_408() -> None:
+    """A body that stops arriving (a slow-loris upload) holds the connection no longer than limits.timeouts.body_s."""
+    app = make_app(limits={"timeouts": {"body_s": 0.2}})
+
+    async def stalled() -> Any:
+        yield b'{"model": "m", '
+        await asyncio.sleep(2)
+        yield b'"messages": []}'
+
+    async with client(app) as c:
+        resp = await c.post("/v1/chat/completions", headers=auth(), content=stalled())
+    assert resp.status_code == 408 and resp.json()["error"]["code"] == "request_timeout"
+    assert resp.headers["connection"] == "close"
+
+
+async def test_no_redirect_echoes_the_host_header() -> None:
+    """A trailing slash is a 404, not a redirect to the client's own Host (an open redirect behind a cache)."""
+    app = make_app()
+    async with client(app) as c:
+        resp = await c.get("/debug/requests/", headers={**auth(ADMIN), "host": "evil.example"})
+    assert resp.status_code == 404 and "location" not in resp.headers

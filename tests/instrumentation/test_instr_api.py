@@ -525,3 +525,25 @@ def test_prepare_multiprocess_dir_only_removes_metric_files(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="refusing"):
         prepare_multiprocess_dir("/")
     assert (tmp_path / "mp" / "notes.txt").exists()
+
+
+async def test_an_incoming_request_id_with_a_trailing_newline_is_not_kept(make_harness):
+    """Only the whole header value counts ("$" in a regex would accept a final newline)."""
+    h = make_harness()
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    for value in (b"req-1\n", b"req-2"):
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+            "path": "/items/1", "raw_path": b"/items/1", "root_path": "", "query_string": b"",
+            "headers": [(b"x-request-id", value)], "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5),
+        }  # fmt: skip
+        await h.app(scope, receive, send)
+    ids = [dict(m["headers"])[b"x-request-id"] for m in sent if m["type"] == "http.response.start"]
+    assert ids[1] == b"req-2" and ids[0] != b"req-1\n" and len(ids[0]) == 32

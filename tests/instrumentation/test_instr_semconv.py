@@ -205,3 +205,27 @@ async def test_a_499_recorded_before_the_response_started_sends_no_status(make_h
     [http] = points(reader)["http.server.request.duration"]
     assert "http.response.status_code" not in http.attributes and http.attributes["error.type"] == "client_disconnect"
     meter_provider.shutdown()
+
+
+async def test_genai_model_attributes_are_bounded_like_the_labels(make_harness) -> None:
+    """A client choosing model names (a passthrough gateway) cannot grow the OTel series without bound either."""
+    app = FastAPI()
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    h = make_harness(app=app, meter_provider=meter_provider, max_label_values={"model": 2})
+
+    @app.post("/v1/chat/completions/{model}")
+    async def chat(model: str) -> dict[str, bool]:
+        with model_call_span(model) as call:
+            call.set_usage(input_tokens=1, output_tokens=1)
+        return {"ok": True}
+
+    async with h.client() as c:
+        for model in ("a", "b", "junk-1", "junk-2", "a"):
+            await c.post(f"/v1/chat/completions/{model}")
+    got = points(reader)
+    for name in ("gen_ai.server.request.duration", "gen_ai.client.operation.duration"):
+        models = {p.attributes["gen_ai.request.model"]: p.count for p in got[name]}
+        assert models == {"a": 2, "b": 1, "__other__": 2}, name
+    assert h.value("llmpath_requests_total", route="/v1/chat/completions/{model}", model="__other__", code="200") == 2
+    meter_provider.shutdown()

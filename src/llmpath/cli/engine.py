@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from llmpath.cli.log_level import LogLevel
+
 app = typer.Typer(help="The embedded SGLang-compatible engine.", no_args_is_help=True)
 
 
@@ -59,7 +61,7 @@ def serve(
     bucket_ttft: str | None = typer.Option(
         None, "--bucket-time-to-first-token", help="TTFT buckets, SGLang's rules: 'default', 'tse M B N', 'custom V …'."
     ),
-    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    log_level: LogLevel = typer.Option(LogLevel.info, "--log-level", case_sensitive=False, help="Log level."),
 ) -> None:
     """Serve SGLang's HTTP API (/generate, /v1/chat/completions, /metrics, …) from an embedded engine."""
     from llmpath.backends.engine.metrics import DEFAULT_BUCKETS, parse_buckets

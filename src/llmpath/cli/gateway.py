@@ -9,6 +9,8 @@ from typing import Any
 
 import typer
 
+from llmpath.cli.log_level import LogLevel
+
 app = typer.Typer(
     help="The reference gateway: seven instrumented stages in front of SGLang-compatible engines.",
     no_args_is_help=True,
@@ -110,7 +112,7 @@ def serve(
     api_key: list[str] = typer.Option([], "--api-key", envvar="LLMPATH_GATEWAY_API_KEYS", help=_API_KEY_HELP),
     admin_key: list[str] = typer.Option([], "--admin-key", envvar="LLMPATH_GATEWAY_ADMIN_KEYS", help=_ADMIN_KEY_HELP),
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=_NO_AUTH_HELP),
-    log_level: str = typer.Option("info", help="Log level (debug, info, warning, error)."),
+    log_level: LogLevel = typer.Option(LogLevel.info, case_sensitive=False, help="Log level."),
     access_log: bool = typer.Option(False, help="Log one line per request (method, path, status; no bodies)."),
 ) -> None:
     """Serve the OpenAI-compatible gateway. SIGHUP (or POST /admin/reload) applies a changed --config file: API keys,

@@ -139,6 +139,10 @@ def error_for_status(status: int, body: bytes, retry_after: str | None = None) -
         return BackendUnavailable(text, retry_after=_seconds(retry_after))
     if status in (408, 504):
         return BackendTimeout(text)
+    if status in (401, 403, 407):
+        # The caller's credentials for the backend (its own fault, not the client's); the body may echo part of
+        # the key, so it is not kept.
+        return BackendServerError(f"backend answered {status}: the caller's credentials were refused", status)
     if 400 <= status < 500:
         return BackendBadRequest(err.message, status_code=status, param=err.param, code=err.code)
     return BackendServerError(text, upstream_status=status)

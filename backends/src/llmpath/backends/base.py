@@ -166,7 +166,8 @@ class BackendProtocolError(BackendError):
 
 
 class BackendServerError(BackendError):
-    """The backend answered a 5xx other than 503 (an internal error): the request failed there."""
+    """The backend answered a 5xx other than 503 (an internal error), or refused the caller's own credentials
+    (401, 403, 407): the request failed there, not through the client's fault."""
 
     status_code = 502
 

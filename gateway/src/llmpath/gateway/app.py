@@ -217,6 +217,7 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
+        redirect_slashes=False,  # a redirect would echo the client's Host header back as the Location
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.gateway = gateway
@@ -229,7 +230,7 @@ def create_app(
     flush_schema = _request_body(FlushRequest, defs, required=False)
     admin = [Depends(_admin_dependency(gateway))]  # runs before query parameters are validated
     stream_doc = {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}}
-    completion_errors = error_responses(400, 401, 404, 413, 422, 429, 502, 503, 504)
+    completion_errors = error_responses(400, 401, 404, 408, 413, 422, 429, 502, 503, 504)
 
     @app.post(
         "/v1/chat/completions",

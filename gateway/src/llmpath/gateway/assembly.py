@@ -47,11 +47,18 @@ class Retriever(Protocol):
     def retrieve(self, query: str, k: int) -> list[Document]: ...
 
 
+#: The query a retriever scores: the end of the text (where a question follows pasted material) and at most this
+#: many distinct terms, so that a long message costs the event loop a bounded time.
+MAX_QUERY_CHARS = 4096
+MAX_QUERY_TERMS = 256
+
+
 class FolderRetriever:
     """BM25 (k1=1.2, b=0.75) over paragraph chunks of the text files under a folder.
 
     Files are read at construction and re-read when their modification times change (checked at most every
-    ``refresh_s`` seconds).
+    ``refresh_s`` seconds). Only files inside the folder are read: a symbolic link that leads out of it is
+    skipped. Scoring walks an inverted index (term → chunks), so a query costs what its matching chunks cost.
     """
 
     k1 = 1.2
@@ -62,8 +69,9 @@ class FolderRetriever:
         self.refresh_s = refresh_s
         self._checked = 0.0
         self._fingerprint: tuple[tuple[str, float, int], ...] = ()
-        self._chunks: list[tuple[str, str, Counter[str], int]] = []
-        self._df: Counter[str] = Counter()
+        self._chunks: list[tuple[str, str, int]] = []
+        #: term → (inverse document frequency, [(chunk index, term frequency)]).
+        self._postings: dict[str, tuple[float, list[tuple[int, int]]]] = {}
         self._avg_len = 1.0
         self._load()
 
@@ -71,31 +79,36 @@ class FolderRetriever:
         return len(self._chunks)
 
     def retrieve(self, query: str, k: int | None = None) -> list[Document]:
-        """The top ``k`` chunks for ``query`` (``config.top_k`` by default), best first."""
+        """The top ``k`` chunks for ``query`` (``config.top_k`` by default), best first. The query is its last
+        :data:`MAX_QUERY_CHARS` characters, and of those its last :data:`MAX_QUERY_TERMS` distinct terms."""
         self._maybe_reload()
         k = k or self.config.top_k
-        terms = set(_terms(query))
+        terms = list(dict.fromkeys(reversed(_terms(query[-MAX_QUERY_CHARS:]))))[:MAX_QUERY_TERMS]  # the last ones
         if not terms or not self._chunks:
             return []
-        n = len(self._chunks)
-        scored: list[tuple[float, int]] = []
-        for i, (_, _, tf, length) in enumerate(self._chunks):
-            score = 0.0
-            for term in terms:
-                f = tf.get(term)
-                if not f:
-                    continue
-                df = self._df[term]
-                idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
-                score += idf * f * (self.k1 + 1) / (f + self.k1 * (1 - self.b + self.b * length / self._avg_len))
-            if score > self.config.min_score and score > 0:
-                scored.append((score, i))
+        k1, b, avg = self.k1, self.b, self._avg_len
+        scores: dict[int, float] = {}
+        for term in terms:
+            entry = self._postings.get(term)
+            if entry is None:
+                continue
+            idf, postings = entry
+            for i, f in postings:
+                norm = k1 * (1 - b + b * self._chunks[i][2] / avg)
+                scores[i] = scores.get(i, 0.0) + idf * f * (k1 + 1) / (f + norm)
+        scored = [(s, i) for i, s in scores.items() if s > self.config.min_score and s > 0]
         scored.sort(key=lambda x: (-x[0], x[1]))
         return [Document(self._chunks[i][0], self._chunks[i][1], s) for s, i in scored[:k]]
 
     def _files(self) -> list[Path]:
         root = self.config.path
-        found = {p for pattern in self.config.patterns for p in root.glob(pattern) if p.is_file()}
+        resolved = root.resolve()
+        found = {
+            p
+            for pattern in self.config.patterns
+            for p in root.glob(pattern)
+            if p.is_file() and p.resolve().is_relative_to(resolved)  # no link (or "..") out of the folder
+        }
         return sorted(found)
 
     def _maybe_reload(self) -> None:
@@ -119,7 +132,8 @@ class FolderRetriever:
     def _load(self) -> None:
         self._checked = time.monotonic()
         self._fingerprint = self._stat()
-        chunks: list[tuple[str, str, Counter[str], int]] = []
+        chunks: list[tuple[str, str, int]] = []
+        by_term: dict[str, list[tuple[int, int]]] = {}
         root = self.config.path
         for name, _, _ in self._fingerprint:
             path = Path(name)
@@ -131,13 +145,15 @@ class FolderRetriever:
             for chunk in _chunk(text, self.config.chunk_chars):
                 terms = _terms(chunk)
                 if terms:
-                    chunks.append((source, chunk, Counter(terms), len(terms)))
-        df: Counter[str] = Counter()
-        for _, _, tf, _ in chunks:
-            df.update(tf.keys())
+                    for term, f in Counter(terms).items():
+                        by_term.setdefault(term, []).append((len(chunks), f))
+                    chunks.append((source, chunk, len(terms)))
+        n = len(chunks)
         self._chunks = chunks
-        self._df = df
-        self._avg_len = sum(c[3] for c in chunks) / len(chunks) if chunks else 1.0
+        self._postings = {
+            term: (math.log(1 + (n - len(posts) + 0.5) / (len(posts) + 0.5)), posts) for term, posts in by_term.items()
+        }
+        self._avg_len = sum(c[2] for c in chunks) / n if chunks else 1.0
 
 
 def _terms(text: str) -> list[str]:

@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yarl import URL
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
@@ -68,6 +69,12 @@ class BackendConfig(_Strict):
     def base_url(self) -> str:
         return str(self.url).rstrip("/")
 
+    @property
+    def public_url(self) -> str:
+        """The URL without credentials or query (``https://user:key@host/v1?api-key=…`` → ``https://host/v1``), for
+        unauthenticated status pages and logs."""
+        return str(URL(self.base_url).with_user(None).with_query(None).with_fragment(None))
+
 
 class RoutingConfig(_Strict):
     """How a backend is chosen (see docs/gateway.md, "Routing")."""
@@ -109,6 +116,14 @@ class RetrieverConfig(_Strict):
     chunk_chars: Annotated[int, Field(ge=100, le=100_000)] = 1200
     #: Minimum BM25 score for a chunk to be used.
     min_score: NonNegativeFloat = 0.0
+
+    @field_validator("patterns")
+    @classmethod
+    def _inside_the_folder(cls, patterns: tuple[str, ...]) -> tuple[str, ...]:
+        for pattern in patterns:
+            if not pattern or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+                raise ValueError(f"{pattern!r}: a pattern must be relative to path and stay inside it (no '..')")
+        return patterns
 
 
 class RouteConfig(_Strict):
@@ -218,6 +233,8 @@ class TimeoutsConfig(_Strict):
     read_s: PositiveFloat = 120.0
     #: Longest a request may wait for admission.
     queue_s: PositiveFloat = 30.0
+    #: Longest the request body may take to arrive after its headers (a stalled upload is answered 408).
+    body_s: PositiveFloat = 30.0
 
 
 class LimitsConfig(_Strict):

@@ -60,6 +60,16 @@ def body_too_large(limit: int) -> APIError:
     return APIError(413, f"Request body exceeds the limit of {limit} bytes.", code="request_too_large")
 
 
+def body_timeout(seconds: float) -> APIError:
+    # Connection: close — the rest of a stalled body must not be read as the next request.
+    return APIError(
+        408,
+        f"The request body did not arrive within {seconds:g} s.",
+        code="request_timeout",
+        headers={"Connection": "close"},
+    )
+
+
 def invalid_json(reason: str) -> APIError:
     return APIError(400, f"The request body is not valid JSON: {reason}.", code="invalid_json")
 

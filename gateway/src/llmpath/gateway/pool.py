@@ -43,7 +43,7 @@ class BackendState:
     def status(self, now: float) -> dict[str, object]:
         return {
             "name": self.name,
-            "url": self.config.base_url,
+            "url": self.config.public_url,  # /readyz has no auth: no credentials from the configured URL
             "kind": self.config.kind,
             "available": self.available(now),
             "healthy": self.healthy,

@@ -312,6 +312,7 @@ _ERROR_DESCRIPTIONS = {
     401: "Missing or invalid API key.",
     403: "The key may not use this endpoint.",
     404: "Unknown model (route).",
+    408: "The request body did not arrive within limits.timeouts.body_s.",
     413: "Request body larger than limits.max_body_bytes.",
     422: "A configured limit is exceeded (error.param names the field).",
     429: "Admission queue full, queue timeout or tenant rate limit (see Retry-After).",

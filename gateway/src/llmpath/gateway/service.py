@@ -219,6 +219,8 @@ class Gateway:
         with stage("validate") as st:
             parsed, route = self._validate(errors.parse_json(raw), kind)
             st.set_attribute("llmpath.stream", parsed.wants_stream)
+            # Assembly only adds to the client's text: a prompt already too long is refused before retrieval runs.
+            self._check_prompt_tokens(self._client_tokens(parsed), kind)
         backend_model = parsed.model if route.passthrough else route.config.backend_model
         set_request_labels(route=route.config.name, model=backend_model)
         with stage("assemble") as st:
@@ -273,18 +275,23 @@ class Gateway:
         return BackendCallResponse(self, prepared)
 
     async def _read_body(self, request: Request) -> bytes:
-        """The request body, refused (413) as soon as it is larger than ``limits.max_body_bytes``."""
+        """The request body, refused (413) as soon as it is larger than ``limits.max_body_bytes``, or (408) when it
+        has not all arrived ``timeouts.body_s`` after the headers."""
         limit = self.config.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise errors.body_too_large(limit)
         chunks: list[bytes] = []
         size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise errors.body_too_large(limit)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.config.limits.timeouts.body_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise errors.body_too_large(limit)
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise errors.body_timeout(self.config.limits.timeouts.body_s) from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _validate(self, body: Any, kind: str) -> tuple[ChatCompletionRequest | CompletionRequest, RouteRuntime]:
@@ -313,6 +320,14 @@ class Gateway:
         if len(parsed.stop_list()) > limits.max_stop_sequences:
             raise errors.limit_exceeded("stop", f"At most {limits.max_stop_sequences} stop sequences are allowed.")
         return parsed, route
+
+    def _client_tokens(self, parsed: ChatCompletionRequest | CompletionRequest) -> int:
+        """The estimated tokens of the client's own text (messages or prompt), as the assembled prompt's are."""
+        if isinstance(parsed, ChatCompletionRequest):
+            size = sum(len(m.text().encode("utf-8", "surrogatepass")) for m in parsed.messages)
+        else:
+            size = len(parsed.prompt_text().encode("utf-8", "surrogatepass"))
+        return int(-(-size // self.prompt_cache.tokenization.chars_per_token))
 
     def _check_prompt_tokens(self, tokens: int, kind: str) -> None:
         limit = self.config.limits.max_prompt_tokens

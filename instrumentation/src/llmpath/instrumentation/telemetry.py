@@ -68,7 +68,7 @@ logger = logging.getLogger("llmpath.instrumentation")
 
 #: Paths that get no spans, metrics or usage records by default (probes, not LLM traffic).
 DEFAULT_EXCLUDED_PATHS: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz", "/ready", "/favicon.ico")
-_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._:@/+=-]{1,128}$")
+_REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")  # fullmatch: "$" would let a final newline in
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode()
 _BY_START = itemgetter(1)
 _NO_USAGE = (0, 0, 0)
@@ -162,7 +162,7 @@ class Instrumentation:
         traced = False
         for key, value in headers:
             if key == _REQUEST_ID_KEY:
-                if self.trust_request_id and _REQUEST_ID_RE.match(value):
+                if self.trust_request_id and _REQUEST_ID_RE.fullmatch(value):
                     request_id = value.decode("latin-1")
             elif key in fields:
                 traced = True
@@ -314,7 +314,7 @@ class Instrumentation:
                 {
                     OPERATION: req.operation or "chat",
                     PROVIDER: req.provider or UNKNOWN_LABEL_VALUE,
-                    REQUEST_MODEL: model,
+                    REQUEST_MODEL: self.guard.admit("model", model),  # bounded as in the Prometheus labels
                 },
                 duration=duration,
                 ttft=ttft,

@@ -95,6 +95,7 @@ class ModelCallSpan:
         "_attributes",
         "_error",
         "_genai",
+        "_metric_model",
         "_span",
         "_t0",
         "_token",
@@ -117,6 +118,8 @@ class ModelCallSpan:
         self._usage: tuple[int, int] | None = None
         self._error: str | None = None
         self._genai: GenAIMetrics | None = None
+        #: The model as the metrics name it: past the cardinality guard's cap, ``__other__``.
+        self._metric_model = model
 
     def __enter__(self) -> ModelCallSpan:
         req = CURRENT.get()
@@ -130,6 +133,7 @@ class ModelCallSpan:
             req.operation = self.operation
             tracer = req.instrumentation.tracer if req.sampled else None
             self._genai = req.instrumentation.genai
+            self._metric_model = req.instrumentation.guard.admit("model", self.model)  # bounded like the labels
         else:
             tracer = trace.get_tracer(INSTRUMENTATION_NAME)
             self._genai = _fallback_genai()
@@ -159,7 +163,7 @@ class ModelCallSpan:
                 context.detach(self._token)  # type: ignore[arg-type]
             self._span = self._token = None
         if self._genai is not None:
-            base = {OPERATION: self.operation, PROVIDER: self.provider, REQUEST_MODEL: self.model}
+            base = {OPERATION: self.operation, PROVIDER: self.provider, REQUEST_MODEL: self._metric_model}
             address = self._attributes.get(SERVER_ADDRESS)
             if address is not None:  # recommended on the client metrics: one series per backend
                 base[SERVER_ADDRESS] = address
