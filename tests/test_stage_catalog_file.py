@@ -133,6 +133,10 @@ def test_load_catalog_applies_owners_and_places_custom_stages(files: tuple[Path,
             "stages[0].after: stage 'x' runs after the first token: it cannot precede 'validate'",
         ),
         ("[[stages]]\nname='x'\nmeaning='m'\nowner='o'\ngroups=['edge']\n", "stages[0].groups: must be a list of"),
+        (
+            "[[stages]]\nname='x'\nmeaning='m'\nowner='o'\ngroups=['gateway_overhead']\n",  # placed before decode
+            "stages[0].after: stage 'x' is not next to the other stages of 'gateway_overhead'",
+        ),
         ("stage = []\n", "unknown key(s) stage (expected [owners] and [[stages]])"),
         ("[owners\n", "not valid TOML"),
     ],

@@ -206,6 +206,9 @@ async def test_http_errors_are_typed(loopback) -> None:
         ("/v1/chat/completions", 400, {"object": "error", "message": "This model's maximum context length is 4096 "
                                        "tokens. However, you requested 5000 tokens.", "type": "BadRequestError"},
          "context_length_exceeded"),
+        ("/v1/chat/completions", 400, {"error": {"code": 400, "message": "the request exceeds the available context "
+                                                 "size, try increasing it", "type": "exceed_context_size_error"}},
+         "context_length_exceeded"),  # llama.cpp's server
         ("/v1/chat/completions", 400, {"error": {"message": "Too long.", "code": "context_length_exceeded",
                                                  "param": "messages", "type": "invalid_request_error"}},
          "context_length_exceeded"),

@@ -168,6 +168,7 @@ def test_models_and_probes(gw, client, keys) -> None:
         "created": 0,
         "owned_by": "llmpath",
     }
+    assert client.get("/v1/models/", headers=keys.auth()).status_code == 404
     missing = client.get("/v1/models/nope", headers=keys.auth())
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     assert client.get("/v1/models/support").status_code == 401

@@ -209,34 +209,6 @@ def test_the_gateway_starts_outside_the_main_thread() -> None:
         thread.join(10)
 
 
-async def test_a_prompt_over_the_limit_is_refused_before_retrieval(tmp_path) -> None:
-    """Assembly only adds to the client's text, so a message already over max_prompt_tokens never reaches the
-    retriever (whose scoring runs on the event loop)."""
-    (tmp_path / "refunds.md").write_text("Refunds are issued within 14 days.")
-    app = make_app(
-        routes=[{"name": "support", "model": "m", "retriever": {"path": str(tmp_path)}}],
-        limits={"max_prompt_tokens": 400},
-        tokenizer={"chars_per_token": 1},
-    )
-    retriever = app.gateway.routes["support"].assembler.retriever
-    queries: list[str] = []
-    retrieve = retriever.retrieve
-
-    def counted(query: str, k: int | None = None) -> Any:
-        queries.append(query)
-        return retrieve(query, k)
-
-    retriever.retrieve = counted
-    async with client(app) as c:
-        statuses = []
-        for text in ("refunds? " * 60, "refunds?"):
-            body = {"model": "support", "messages": [{"role": "user", "content": text}]}
-            resp = await c.post("/v1/chat/completions", headers=auth(), json=body)
-            statuses.append((resp.status_code, resp.json()["error"]["code"]))
-    assert statuses == [(400, "context_length_exceeded"), (503, "no_backend")]  # the second: assembled, no backend
-    assert queries == ["refunds?"]  # only the request within the limit was retrieved for
-
-
 async def test_readyz_shows_no_credentials_from_backend_urls() -> None:
     """/readyz needs no key: a backend URL's user, password and query (``?api-key=``) are left out of it."""
     app = make_app(backends=[{"url": "http://svc:S3CRETPASS@127.0.0.1:9/v1?api-key=QUERYKEY", "name": "b"}])
@@ -267,3 +239,12 @@ async def test_no_redirect_echoes_the_host_header() -> None:
     async with client(app) as c:
         resp = await c.get("/debug/requests/", headers={**auth(ADMIN), "host": "evil.example"})
     assert resp.status_code == 404 and "location" not in resp.headers
+
+
+async def test_models_retrieve_in_passthrough_mode() -> None:
+    """Without routes every name is served, so every name is found, but the empty one."""
+    async with client(make_app()) as c:
+        found = await c.get("/v1/models/org/any-model", headers=auth())
+        empty = await c.get("/v1/models/", headers=auth())
+    assert found.status_code == 200 and found.json()["id"] == "org/any-model"
+    assert empty.status_code == 404 and empty.json()["error"]["code"] == "model_not_found"

@@ -8,14 +8,17 @@ import asyncio
 import contextlib
 from typing import Any
 
+import httpx
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
+from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.trace import StatusCode
+from prometheus_client import CollectorRegistry
 
-from llmpath.instrumentation import model_call_span, record_usage
+from llmpath.instrumentation import instrument_app, model_call_span, record_usage
 
 
 def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
@@ -229,3 +232,33 @@ async def test_genai_model_attributes_are_bounded_like_the_labels(make_harness) 
         assert models == {"a": 2, "b": 1, "__other__": 2}, name
     assert h.value("llmpath_requests_total", route="/v1/chat/completions/{model}", model="__other__", code="200") == 2
     meter_provider.shutdown()
+
+
+async def test_no_http_duration_from_llmpath_when_the_fastapi_instrumentor_is_on_without_a_tracer_sdk() -> None:
+    """Metrics configured, tracing not: the instrumentor's SERVER span is invisible (invalid), yet it records the
+    HTTP metrics; llmpath notices the instrumentor itself and records none, in either order of instrumenting."""
+    for llmpath_first in (True, False):
+        app = semconv_app()
+        reader = InMemoryMetricReader()
+        meters = MeterProvider(metric_readers=[reader])
+        no_sdk = trace.NoOpTracerProvider()
+        llmpath_options = {"registry": CollectorRegistry(), "tracer_provider": no_sdk, "meter_provider": meters}
+        if llmpath_first:
+            instrument_app(app, **llmpath_options)
+        FastAPIInstrumentor.instrument_app(app, tracer_provider=no_sdk, meter_provider=meters)
+        if not llmpath_first:
+            instrument_app(app, **llmpath_options)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+                assert (await c.get("/ok")).status_code == 200
+            data = reader.get_metrics_data()
+            scopes = {
+                (sm.scope.name, m.name) for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+            }
+            assert not {name for scope, name in scopes if scope == "llmpath.instrumentation"} & {
+                "http.server.request.duration"
+            }, llmpath_first
+            assert any(name.startswith("http.server") for scope, name in scopes if scope != "llmpath.instrumentation")
+        finally:
+            FastAPIInstrumentor.uninstrument_app(app)
+            meters.shutdown()

@@ -180,8 +180,9 @@ class BackendServerError(BackendError):
 #: OpenAI's error code for a prompt (plus ``max_tokens``) that does not fit the model's context.
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 #: How servers word that rejection without the code: SGLang ("longer than the model's context length", "exceeds the
-#: model's maximum context length"), vLLM ("This model's maximum context length is ...").
-_CONTEXT_LENGTH_WORDING = re.compile(r"context length", re.IGNORECASE)
+#: model's maximum context length"), vLLM ("This model's maximum context length is ..."), llama.cpp ("exceeds the
+#: available context size").
+_CONTEXT_LENGTH_WORDING = re.compile(r"context (length|size|window)", re.IGNORECASE)
 
 
 class BackendBadRequest(BackendError):

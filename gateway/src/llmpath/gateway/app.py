@@ -268,7 +268,7 @@ def create_app(
     )
     async def model(request: Request, model: str) -> dict[str, Any]:
         gateway.authenticate(request)
-        if gateway.route_for(model) is None:
+        if not model or gateway.route_for(model) is None:
             raise errors.model_not_found(model)
         return {"id": model, "object": "model", "created": 0, "owned_by": "llmpath"}
 

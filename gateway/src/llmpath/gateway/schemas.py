@@ -11,8 +11,17 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, PydanticCustomError
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
@@ -55,6 +64,19 @@ class _Request(BaseModel):
     #: OpenAI fields the gateway does not implement → the values that ask for nothing (accepted and dropped). Any
     #: other value is a 400: ``unsupported_parameter`` when only null is accepted, else ``unsupported_value``.
     UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {}
+
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        """The schema documents the unsupported fields with the values accepted (the validator drops them)."""
+        schema = handler(core_schema)
+        target = handler.resolve_ref_schema(schema)
+        properties = target.setdefault("properties", {})
+        for name, accepted in cls.UNSUPPORTED.items():
+            properties[name] = {
+                "enum": [None, *accepted],
+                "description": "Not supported by this gateway: accepted only with the values that ask for nothing.",
+            }
+        return schema
 
     @model_validator(mode="before")
     @classmethod

@@ -219,8 +219,6 @@ class Gateway:
         with stage("validate") as st:
             parsed, route = self._validate(errors.parse_json(raw), kind)
             st.set_attribute("llmpath.stream", parsed.wants_stream)
-            # Assembly only adds to the client's text: a prompt already too long is refused before retrieval runs.
-            self._check_prompt_tokens(self._client_tokens(parsed), kind)
         backend_model = parsed.model if route.passthrough else route.config.backend_model
         set_request_labels(route=route.config.name, model=backend_model)
         with stage("assemble") as st:
@@ -320,14 +318,6 @@ class Gateway:
         if len(parsed.stop_list()) > limits.max_stop_sequences:
             raise errors.limit_exceeded("stop", f"At most {limits.max_stop_sequences} stop sequences are allowed.")
         return parsed, route
-
-    def _client_tokens(self, parsed: ChatCompletionRequest | CompletionRequest) -> int:
-        """The estimated tokens of the client's own text (messages or prompt), as the assembled prompt's are."""
-        if isinstance(parsed, ChatCompletionRequest):
-            size = sum(len(m.text().encode("utf-8", "surrogatepass")) for m in parsed.messages)
-        else:
-            size = len(parsed.prompt_text().encode("utf-8", "surrogatepass"))
-        return int(-(-size // self.prompt_cache.tokenization.chars_per_token))
 
     def _check_prompt_tokens(self, tokens: int, kind: str) -> None:
         limit = self.config.limits.max_prompt_tokens

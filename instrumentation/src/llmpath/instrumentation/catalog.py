@@ -170,6 +170,13 @@ class StageCatalog:
             if group not in STAGE_GROUPS_BY_NAME:
                 raise ValueError(f"unknown stage group {group!r}; known: {', '.join(STAGE_GROUPS_BY_NAME)}")
             members[group] = (*members.get(group, ()), stage.name)
+            run = {*STAGE_GROUPS_BY_NAME[group].stages, *members[group]}
+            at = [i for i, s in enumerate(stages) if s.name in run]
+            if at[-1] - at[0] + 1 != len(at):  # a group is a run of consecutive stages
+                raise PlacementError(
+                    f"stage {stage.name!r} is not next to the other stages of {group!r} "
+                    f"({', '.join(stages[i].name for i in at)}): place it among them with after="
+                )
         return StageCatalog(stages, self._group_owners, members)
 
 

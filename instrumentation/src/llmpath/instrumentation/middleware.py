@@ -156,13 +156,14 @@ def instrument_app(app: Any, **options: Any) -> Any:
         app.add_middleware(LLMPathMiddleware, instrumentation=instrumentation)
         app.state.llmpath = instrumentation
         if hasattr(app, "build_middleware_stack"):  # Starlette's
-            _tag_error_pages_when_built(app)
+            _adapt_when_built(app, instrumentation)
         return app
     return LLMPathMiddleware(app, instrumentation=instrumentation)
 
 
-def _tag_error_pages_when_built(app: Any) -> None:
-    """Make the app's stack, each time it is built, put the request id on the 500 page of an uncaught exception."""
+def _adapt_when_built(app: Any, instrumentation: Instrumentation) -> None:
+    """Each time the app's stack is built: put the request id on the 500 page of an uncaught exception, and note
+    whether opentelemetry-instrumentation-fastapi (applied before or after llmpath) records the HTTP metrics."""
     from llmpath.instrumentation.error_pages import tag_error_pages  # needs Starlette
 
     build = app.build_middleware_stack
@@ -170,6 +171,7 @@ def _tag_error_pages_when_built(app: Any) -> None:
     def build_middleware_stack() -> Any:
         stack = build()
         tag_error_pages(stack)
+        instrumentation.outer_http_instrumentation = bool(getattr(app, "_is_instrumented_by_opentelemetry", False))
         return stack
 
     app.build_middleware_stack = build_middleware_stack

@@ -116,6 +116,9 @@ class Instrumentation:
         self.exemplars = exemplars and multiprocess_dir() is None  # prometheus-client has none in multiprocess mode
         self.trust_request_id = trust_request_id
         self.fast_spans = fast_spans
+        #: opentelemetry-instrumentation-fastapi is on the app (it records ``http.server.*`` itself, even when no
+        #: tracer SDK makes its SERVER span visible).
+        self.outer_http_instrumentation = False
         self._emitter: SdkSpanEmitter | None = None
         self._emitter_key: object = None
         self._textmap: object = None
@@ -308,7 +311,7 @@ class Instrumentation:
         self.metrics.observe_request(
             self.guard, route, model, req.tenant, code, duration, ttft, tpot, sums, usage, exemplar
         )
-        error = req.error if req.error is not None else (str(code) if code >= 500 else None)
+        error = _error_type(req)
         if req.model is not None:
             self.genai.record_server(
                 {
@@ -321,7 +324,7 @@ class Instrumentation:
                 tpot=tpot,
                 error_type=error,
             )
-        if req.owns_span:  # else the outer instrumentation that made the SERVER span records it
+        if req.owns_span and not self.outer_http_instrumentation:  # else the outer instrumentation records it
             self.genai.record_http_server(_http_metric_attributes(req, error), duration)
         if self.usage:
             self._emit_usage(req, route, model, stages, ttft, duration, code, unattributed, tpot)
@@ -410,7 +413,7 @@ class Instrumentation:
         template = _route_template(req)
         if template:
             attrs["http.route"] = template
-        error = req.error if req.error is not None else (str(code) if code >= 500 else None)
+        error = _error_type(req)
         if error is not None:
             attrs[ERROR_TYPE] = error
         span.set_attributes(attrs)
@@ -424,6 +427,13 @@ class Instrumentation:
 #: HTTP methods the semantic conventions know (RFC 9110 and PATCH); others are recorded as ``_OTHER``.
 KNOWN_HTTP_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
 OTHER_HTTP_METHOD = "_OTHER"
+
+
+def _error_type(req: RequestTelemetry) -> str | None:
+    """``error.type``: the request's error, else the status code of a 5xx (the HTTP conventions' rule)."""
+    if req.error is not None:
+        return req.error
+    return str(req.status_code) if req.status_code >= 500 else None
 
 
 def _route_template(req: RequestTelemetry) -> str | None:
