@@ -39,6 +39,7 @@ from llmpath.instrumentation import (
     stage,
 )
 from llmpath.instrumentation.multiprocess import mark_process_dead, prepare_multiprocess_dir
+from tests.instrumentation.conftest import metric_points
 
 
 @stage("validate")
@@ -173,12 +174,7 @@ async def test_genai_metrics_through_a_configured_meter_provider(make_harness):
     async with h.client() as c:
         await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         await c.get("/items/1")  # no model: not a GenAI request
-    data = reader.get_metrics_data()
-    points: dict[str, list] = {}
-    for rm in data.resource_metrics:
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                points.setdefault(m.name, []).extend(m.data.data_points)
+    points = metric_points(reader)
     for name in (
         "gen_ai.server.request.duration",
         "gen_ai.server.time_to_first_token",

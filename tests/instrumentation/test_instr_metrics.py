@@ -29,6 +29,7 @@ from llmpath.instrumentation import (
     stage,
 )
 from llmpath.instrumentation.exposition import render
+from tests.instrumentation.conftest import metric_points
 
 BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hello"}]}
 PRE_FIRST_TOKEN = ["auth", "validate", "route", "assemble", "cache_lookup", "schedule", "prefill"]
@@ -328,12 +329,7 @@ async def test_error_responses_have_no_first_token(make_harness):
         assert by_route[route].ttft_s is None and by_route[route].unattributed_s is None, route
         assert by_route[route].tpot_s is None, route
     assert by_route["/marked"].ttft_s is not None and by_route["/marked"].unattributed_s is not None
-    genai = {
-        m.name: sum(p.count for p in m.data.data_points)
-        for rm in reader.get_metrics_data().resource_metrics
-        for sm in rm.scope_metrics
-        for m in sm.metrics
-    }
+    genai = {name: sum(p.count for p in points) for name, points in metric_points(reader).items()}
     assert genai["gen_ai.server.request.duration"] == 3  # the three requests with a model
     assert genai["gen_ai.server.time_to_first_token"] == 1  # only /marked
     meter_provider.shutdown()

@@ -19,17 +19,7 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
 from llmpath.instrumentation import instrument_app, model_call_span, record_usage
-
-
-def points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:
-    """Metric name → its data points."""
-    out: dict[str, list[Any]] = {}
-    data = reader.get_metrics_data()
-    for rm in data.resource_metrics if data else ():
-        for sm in rm.scope_metrics:
-            for m in sm.metrics:
-                out.setdefault(m.name, []).extend(m.data.data_points)
-    return out
+from tests.instrumentation.conftest import metric_points
 
 
 def semconv_app() -> FastAPI:
@@ -98,7 +88,7 @@ async def test_http_server_request_duration_is_recorded_once(make_harness) -> No
         await c.get("/unavailable")
         await c.request("PURGE", "/ok")
     by_status = {
-        p.attributes.get("http.response.status_code"): p for p in points(reader)["http.server.request.duration"]
+        p.attributes.get("http.response.status_code"): p for p in metric_points(reader)["http.server.request.duration"]
     }
     assert set(by_status) == {200, 503, 405}
     assert dict(by_status[200].attributes) == {
@@ -121,7 +111,7 @@ async def test_http_server_request_duration_is_recorded_once(make_harness) -> No
     try:
         async with h2.client() as c:
             await c.get("/ok")
-        names = points(reader2)
+        names = metric_points(reader2)
         # the instrumentor's (its semconv opt-in decides the name: http.server.duration by default), not llmpath's
         assert "http.server.request.duration" not in names and names["http.server.duration"][0].count == 1
     finally:
@@ -136,7 +126,7 @@ async def test_genai_metrics_carry_the_calls_operation_and_backend(make_harness)
     h = make_harness(app=semconv_app(), meter_provider=meter_provider)
     async with h.client() as c:
         assert (await c.post("/v1/completions")).status_code == 200
-    got = points(reader)
+    got = metric_points(reader)
     [server] = got["gen_ai.server.request.duration"]
     assert server.attributes["gen_ai.operation.name"] == "text_completion"  # not "chat"
     [client] = got["gen_ai.client.operation.duration"]
@@ -203,9 +193,9 @@ async def test_a_499_recorded_before_the_response_started_sends_no_status(make_h
         await c.get("/left")
     span = h.span("GET /left")
     assert "http.response.status_code" not in span.attributes and span.attributes["error.type"] == "client_disconnect"
-    [server] = points(reader)["gen_ai.server.request.duration"]
+    [server] = metric_points(reader)["gen_ai.server.request.duration"]
     assert server.attributes["error.type"] == "client_disconnect"
-    [http] = points(reader)["http.server.request.duration"]
+    [http] = metric_points(reader)["http.server.request.duration"]
     assert "http.response.status_code" not in http.attributes and http.attributes["error.type"] == "client_disconnect"
     meter_provider.shutdown()
 
@@ -226,7 +216,7 @@ async def test_genai_model_attributes_are_bounded_like_the_labels(make_harness) 
     async with h.client() as c:
         for model in ("a", "b", "junk-1", "junk-2", "a"):
             await c.post(f"/v1/chat/completions/{model}")
-    got = points(reader)
+    got = metric_points(reader)
     for name in ("gen_ai.server.request.duration", "gen_ai.client.operation.duration"):
         models = {p.attributes["gen_ai.request.model"]: p.count for p in got[name]}
         assert models == {"a": 2, "b": 1, "__other__": 2}, name

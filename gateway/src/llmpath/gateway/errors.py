@@ -92,8 +92,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def limit_exceeded(param: str, message: str, code: str = "limit_exceeded") -> APIError:
-    return APIError(422, message, param=param, code=code)
+def limit_exceeded(param: str, message: str) -> APIError:
+    return APIError(422, message, param=param, code="limit_exceeded")
 
 
 def context_length_exceeded(kind: str, message: str) -> APIError:

@@ -274,7 +274,7 @@ class Gateway:
 
     async def _read_body(self, request: Request) -> bytes:
         """The request body, refused (413) as soon as it is larger than ``limits.max_body_bytes``, or (408) when it
-        has not all arrived ``timeouts.body_s`` after the headers."""
+        has not all arrived ``limits.timeouts.body_s`` after the headers."""
         limit = self.config.limits.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

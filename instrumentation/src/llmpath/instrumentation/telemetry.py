@@ -173,8 +173,7 @@ class Instrumentation:
         req.scope = scope
         req.method = method = scope.get("method", "GET")
         req.path = path = scope.get("path", "")
-        if method not in KNOWN_HTTP_METHODS:  # the semantic conventions' bound on an attacker-chosen value
-            method = OTHER_HTTP_METHOD
+        method = _method_attribute(method)
 
         current = trace.get_current_span()
         current_ctx = current.get_span_context()
@@ -185,7 +184,7 @@ class Instrumentation:
         else:
             parent = propagate.extract(headers, getter=ASGI_GETTER) if traced else None
             span = self.tracer.start_span(
-                "HTTP" if method is OTHER_HTTP_METHOD else method,
+                _server_span_name(method, None),
                 context=parent,
                 kind=SpanKind.SERVER,
                 attributes={
@@ -420,13 +419,23 @@ class Instrumentation:
         if code >= 500:
             span.set_status(Status(StatusCode.ERROR, req.error))  # the status code alone says the rest
         if req.owns_span:
-            method = req.method if req.method in KNOWN_HTTP_METHODS else "HTTP"
-            span.update_name(f"{method} {template}" if template else method)
+            span.update_name(_server_span_name(_method_attribute(req.method), template))
 
 
 #: HTTP methods the semantic conventions know (RFC 9110 and PATCH); others are recorded as ``_OTHER``.
 KNOWN_HTTP_METHODS = frozenset({"CONNECT", "DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT", "TRACE"})
 OTHER_HTTP_METHOD = "_OTHER"
+
+
+def _method_attribute(method: str) -> str:
+    """``http.request.method``: ``_OTHER`` for a method the conventions do not know (a client cannot mint values)."""
+    return method if method in KNOWN_HTTP_METHODS else OTHER_HTTP_METHOD
+
+
+def _server_span_name(method: str, template: str | None) -> str:
+    """``{method} {route}``, or ``HTTP {route}`` for ``_OTHER`` (``method`` is the attribute's value)."""
+    name = "HTTP" if method == OTHER_HTTP_METHOD else method
+    return f"{name} {template}" if template else name
 
 
 def _error_type(req: RequestTelemetry) -> str | None:
@@ -454,7 +463,7 @@ def _connection_attributes(
 ) -> dict[str, Any]:
     """The SERVER span's recommended connection attributes (sampled requests only; no client address: privacy)."""
     attrs: dict[str, Any] = {}
-    if method not in KNOWN_HTTP_METHODS:
+    if _method_attribute(method) == OTHER_HTTP_METHOD:
         attrs["http.request.method_original"] = method
     version = scope.get("http_version")
     if version:
@@ -478,8 +487,10 @@ def _connection_attributes(
 
 def _http_metric_attributes(req: RequestTelemetry, error: str | None) -> dict[str, Any]:
     """``http.server.request.duration``'s attributes (the semantic conventions' required and recommended ones)."""
-    method = req.method if req.method in KNOWN_HTTP_METHODS else OTHER_HTTP_METHOD
-    attrs: dict[str, Any] = {"http.request.method": method, "url.scheme": (req.scope or {}).get("scheme", "http")}
+    attrs: dict[str, Any] = {
+        "http.request.method": _method_attribute(req.method),
+        "url.scheme": (req.scope or {}).get("scheme", "http"),
+    }
     template = _route_template(req)
     if template:
         attrs["http.route"] = template
