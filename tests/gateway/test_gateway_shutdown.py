@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -43,14 +44,17 @@ def ledger(gw) -> list[dict[str, Any]]:
     return [json.loads(line) for line in gw.ledger.read_text().splitlines()]
 
 
-def terminate_during_a_request(gw, keys, engine, queue_delay_s: float) -> tuple[concurrent.futures.Future, float]:
-    """Start a request the engine holds for ``queue_delay_s``, then SIGTERM the gateway while it waits."""
+def terminate_during_a_request(
+    gw, keys, engine, queue_delay_s: float, arrived: Callable[[], bool] | None = None
+) -> tuple[concurrent.futures.Future, float]:
+    """Start a request the engine holds for ``queue_delay_s``, then SIGTERM the gateway while it waits: once it is
+    queued at the engine, or once ``arrived()`` says it is where the test wants it."""
     httpx.post(f"{engine.url}/debug/fault", json={"queue_delay_s": queue_delay_s}).raise_for_status()
     pool = concurrent.futures.ThreadPoolExecutor(1)
     pending = pool.submit(slow_chat, gw, keys)
     deadline = time.monotonic() + 10
-    while not _queued(engine):
-        assert time.monotonic() < deadline, "the request never reached the engine"
+    while not (arrived or (lambda: _queued(engine)))():
+        assert time.monotonic() < deadline, "the request never got where it should wait"
         time.sleep(0.02)
     gw.proc.send_signal(signal.SIGTERM)
     pool.shutdown(wait=False)
@@ -72,8 +76,9 @@ def test_requests_in_flight_finish_and_new_connections_are_refused(stack, keys, 
         while time.monotonic() - sent < 1.0 and not refused:  # the listening socket closes at once
             try:
                 httpx.get(f"{gw.url}/readyz", timeout=0.5)
-            # A connection the kernel queued just before the listener closed is reset instead of refused.
-            except (httpx.ConnectError, httpx.ReadError):
+            # A connection the kernel queued just before the listener closed is reset, or closed unanswered, instead
+            # of refused.
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
                 refused = True
             time.sleep(0.02)
         assert refused, "still accepting connections after SIGTERM"
@@ -94,8 +99,10 @@ def test_past_the_drain_time_requests_are_cut_and_recorded(stack, keys, engine) 
             httpx.post(f"{engine.url}/debug/fault", json={"queue_delay_s": 5}).raise_for_status()
             at_engine = pool.submit(slow_chat, gw, keys)  # takes the only slot and waits in the engine's queue
             time.sleep(0.3)
-            # the next one waits in the gateway's admission queue behind it
-            in_gateway, sent = terminate_during_a_request(gw, keys, engine, queue_delay_s=5)
+            # the next one waits in the gateway's admission queue behind it (the engine's queue already holds the
+            # first one, so wait for this one in the gateway's queue before the signal)
+            in_queue = lambda: gw.metrics().get("llmpath_admission_queue_depth") == 1  # noqa: E731
+            in_gateway, sent = terminate_during_a_request(gw, keys, engine, queue_delay_s=5, arrived=in_queue)
             assert gw.proc.wait(timeout=10) == -signal.SIGTERM  # uvicorn re-raises the signal once drained
             assert time.monotonic() - sent < 4  # the drain time, not the request, bounds the exit
             for resp in (at_engine.result(timeout=10), in_gateway.result(timeout=10)):
