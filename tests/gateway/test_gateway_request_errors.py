@@ -104,6 +104,7 @@ async def test_a_chat_template_refusing_the_messages_is_a_400_naming_messages(ca
         (b"[1]", 400, "invalid_type", None),
         (b'{"tenant": 5}', 400, "invalid_value", "tenant"),
         (b'{"tenants": "acme"}', 400, "invalid_value", "tenants"),
+        (b" ", 400, "invalid_json", None),  # found by schemathesis: not JSON, so it must not flush everyone
         (b"", 200, None, None),
         (b'{"tenant": "acme"}', 200, None, None),
     ],

@@ -321,7 +321,7 @@ def create_app(
     async def flush_prompt_cache(request: Request) -> dict[str, Any]:
         raw = await request.body()
         body = FlushRequest()
-        if raw.strip():  # no body (or an empty one) flushes everyone, as `{}` does
+        if raw:  # no body flushes everyone, as `{}` does; whitespace alone is no JSON (400, as the schema says)
             data = errors.parse_json_object(raw)
             try:
                 body = FlushRequest.model_validate(data)
