@@ -110,3 +110,25 @@ async def test_stage_spans_name_the_owners_of_the_configured_stage_catalog(tmp_p
         if "llmpath.stage.name" in s.attributes
     }
     assert owners == {"auth": "identity"}  # the auth stage refused the request, under the configured owner
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_a_clients_request_id_is_taken_only_when_trusted(trusted: bool) -> None:
+    config = load_config(
+        None,
+        {
+            "listen": {"trust_request_id": trusted},
+            "backends": [{"url": "http://127.0.0.1:9", "name": "nowhere"}],
+            "api_keys": [{"sha256": hash_key(KEY), "tenant": "acme"}],
+        },
+    )
+    app = create_app(config, registry=CollectorRegistry(), tracer_provider=TracerProvider())
+    async with client(app) as c:  # no key: even a refused request gets a record, under the id it was given
+        resp = await c.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "chosen-by-client"})
+    assert resp.status_code == 401
+    [record] = app.state.waterfall.recent()
+    assert record.request_id == resp.headers["x-request-id"]
+    if trusted:
+        assert record.request_id == "chosen-by-client"
+    else:
+        assert len(record.request_id) == 32 and int(record.request_id, 16) >= 0  # minted by the gateway

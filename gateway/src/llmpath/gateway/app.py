@@ -355,6 +355,7 @@ def create_app(
         meter_provider=otel.meter_provider if otel is not None else None,
         usage_sink=sinks,
         excluded_paths=EXCLUDED_PATHS,
+        trust_request_id=config.listen.trust_request_id,
         catalog=STAGES if config.stage_catalog is None else load_catalog(config.stage_catalog),
     )
     metrics = GatewayMetrics(app.state.llmpath.metric)

@@ -47,6 +47,9 @@ class ListenConfig(_Strict):
     #: On SIGTERM or SIGINT the gateway stops accepting connections (``/readyz`` then fails to connect) and gives the
     #: requests in flight — streams included — this many seconds to finish before it cancels them.
     drain_s: NonNegativeFloat = 30.0
+    #: Take a well-formed ``X-Request-Id`` sent by the client as the request's id (response header, ledger, spans):
+    #: right behind a proxy that sets it; ``false`` where clients connect directly, so they cannot choose the ids.
+    trust_request_id: bool = True
 
 
 class BackendConfig(_Strict):
