@@ -179,20 +179,46 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 # --------------------------------------------------------------------------------------------------
 
 
+#: An exported histogram series: (metric name, its data point's attributes as sorted pairs).
+HistogramKey = tuple[str, tuple[tuple[str, Any], ...]]
+
+
 class OtlpCollector:
-    """Receives ``POST /v1/traces`` (OTLP/HTTP protobuf) and keeps the spans as dicts."""
+    """Receives ``POST /v1/traces`` and ``POST /v1/metrics`` (OTLP/HTTP protobuf): keeps the spans as dicts and
+    the latest (cumulative) count and sum of every histogram series."""
 
     def __init__(self) -> None:
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
         spans: list[dict[str, Any]] = []
+        histograms: dict[HistogramKey, tuple[int, float]] = {}
         lock = threading.Lock()
         self.spans = spans
+        self.histograms = histograms
         self._lock = lock
+
+        def keep_metrics(body: bytes) -> None:
+            req = ExportMetricsServiceRequest()
+            req.ParseFromString(body)
+            with lock:
+                for rm in req.resource_metrics:
+                    for sm in rm.scope_metrics:
+                        for metric in sm.metrics:
+                            for point in metric.histogram.data_points:
+                                attrs = tuple(sorted((a.key, _any_value(a.value)) for a in point.attributes))
+                                histograms[(metric.name, attrs)] = (point.count, point.sum)
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path == "/v1/metrics":
+                    keep_metrics(body)
+                    self.send_response(200)
+                    self.send_header("content-type", "application/x-protobuf")
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 req = ExportTraceServiceRequest()
                 req.ParseFromString(body)
                 with lock:
@@ -235,6 +261,23 @@ class OtlpCollector:
                 return snapshot
             time.sleep(0.1)
         raise AssertionError(f"spans never matched; got {[(s['service'], s['name']) for s in self.spans]}")
+
+    def histogram_snapshot(self) -> dict[HistogramKey, tuple[int, float]]:
+        """The latest exported count and sum of every histogram series."""
+        with self._lock:
+            return dict(self.histograms)
+
+    def wait_for_histograms(
+        self, predicate: Callable[[dict[HistogramKey, tuple[int, float]]], bool], timeout: float = 15
+    ) -> dict[HistogramKey, tuple[int, float]]:
+        """The first snapshot that matches ``predicate`` (exports are periodic)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            snapshot = self.histogram_snapshot()
+            if predicate(snapshot):
+                return snapshot
+            time.sleep(0.1)
+        raise AssertionError(f"histograms never matched; got {sorted(self.histogram_snapshot())}")
 
     def close(self) -> None:
         self.server.shutdown()

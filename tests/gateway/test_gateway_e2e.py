@@ -60,7 +60,9 @@ def gw(otlp_collector, stack, keys, tmp_path_factory: pytest.TempPathFactory):
         },
         "usage": {"ledger": str(stack.tmp / "usage.jsonl")},
     }
-    return stack.start_gateway("gateway", config, env=otel)
+    # The gateway also exports its OTel metrics (GenAI, HTTP) to the collector.
+    metrics_export = {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_METRIC_EXPORT_INTERVAL": "300"}
+    return stack.start_gateway("gateway", config, env={**otel, **metrics_export})
 
 
 @pytest.fixture
@@ -593,6 +595,55 @@ def test_trace_spans_per_stage_and_propagation_to_the_engine(gw, client, keys, o
     assert engine_root["name"].startswith("Req ")
     for span in spans:  # no prompt text on any span
         assert SYSTEM_A[:40] not in json.dumps(span["attributes"])
+
+
+def test_genai_client_and_server_metrics_over_otlp(gw, stack, client, keys, otlp_collector) -> None:
+    """A streamed call's GenAI metrics as the gateway exports them: one duration and time to first chunk, one time
+    per output chunk for each chunk after the first (the engine streams a token per chunk), the token usage."""
+    before = otlp_collector.histogram_snapshot()
+    body = {
+        "model": "tiny",
+        "messages": convo(SYSTEM_E, "metrics please"),
+        "max_tokens": 9,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with connect_sse(client, "POST", "/v1/chat/completions", json=body, headers=keys.auth()) as source:
+        request_id = source.response.headers["x-request-id"]
+        usage = [json.loads(e.data) for e in source.iter_sse() if e.data != "[DONE]"][-1]["usage"]
+    assert usage["completion_tokens"] == 9
+    backend = gw.record(request_id)["extra"]["backend"]
+    host, port = next(e.url for e in stack.engines if e.name == backend).removeprefix("http://").split(":")
+    client_attrs = (
+        ("gen_ai.operation.name", "chat"),
+        ("gen_ai.provider.name", "sglang"),
+        ("gen_ai.request.model", "tiny"),
+        ("server.address", host),
+        ("server.port", int(port)),
+    )
+    server_attrs = client_attrs[:3]
+
+    def added(snapshot: dict[Any, tuple[int, float]], name: str, attrs: tuple[Any, ...]) -> tuple[int, float]:
+        """What this request added to a series: (count, sum)."""
+        (count, total), (count0, total0) = snapshot.get((name, attrs), (0, 0.0)), before.get((name, attrs), (0, 0.0))
+        return count - count0, total - total0
+
+    after = otlp_collector.wait_for_histograms(
+        lambda snapshot: added(snapshot, "gen_ai.client.operation.duration", client_attrs)[0] == 1
+    )
+    assert added(after, "gen_ai.client.operation.time_to_first_chunk", client_attrs)[0] == 1
+    chunks, chunk_time = added(after, "gen_ai.client.operation.time_per_output_chunk", client_attrs)
+    assert chunks == 9 - 1
+    assert 0 < chunk_time < added(after, "gen_ai.client.operation.duration", client_attrs)[1]  # gaps inside the call
+    tokens = {
+        dict(attrs)["gen_ai.token.type"]: added(after, name, attrs)[1]
+        for name, attrs in after
+        if name == "gen_ai.client.token.usage" and set(client_attrs) <= set(attrs)
+    }
+    assert tokens == {"input": usage["prompt_tokens"], "output": 9}
+    assert added(after, "gen_ai.server.request.duration", server_attrs)[0] == 1
+    assert added(after, "gen_ai.server.time_to_first_token", server_attrs)[0] == 1
 
 
 def test_waterfall_page_in_headless_chromium(gw, client, keys, chromium) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any
 
 import httpx
@@ -43,6 +44,18 @@ def semconv_app() -> FastAPI:
             c.set_usage(input_tokens=9, output_tokens=2)
         record_usage(input_tokens=9, cached_tokens=0, output_tokens=2, model="tiny")
         return {"text": "ab"}
+
+    @app.post("/v1/chat/completions")
+    async def chat(stream: bool = True) -> dict[str, float]:
+        before_first = after_last = 0.0
+        with model_call_span("tiny", server_address="10.0.0.7", server_port=30000, stream=stream) as c:
+            for i in range(4 if stream else 0):  # a streamed call: four chunks, 10 ms apart
+                await asyncio.sleep(0.01)
+                if i == 0:
+                    before_first = time.perf_counter()
+                c.mark_chunk()
+            after_last = time.perf_counter()
+        return {"first_to_last": after_last - before_first}
 
     @app.get("/stream")
     async def stream() -> StreamingResponse:
@@ -137,6 +150,30 @@ async def test_genai_metrics_carry_the_calls_operation_and_backend(make_harness)
         "server.address": "10.0.0.7",
         "server.port": 30000,
     }
+    meter_provider.shutdown()
+
+
+async def test_time_per_output_chunk_for_each_chunk_after_the_first(make_harness) -> None:
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    h = make_harness(app=semconv_app(), meter_provider=meter_provider)
+    async with h.client() as c:
+        streamed = (await c.post("/v1/chat/completions")).json()
+        assert (await c.post("/v1/chat/completions", params={"stream": "false"})).status_code == 200
+    got = metric_points(reader)
+    [first] = got["gen_ai.client.operation.time_to_first_chunk"]  # the streamed call only
+    [per_chunk] = got["gen_ai.client.operation.time_per_output_chunk"]
+    assert first.count == 1 and per_chunk.count == 3
+    assert 0.029 <= per_chunk.sum <= streamed["first_to_last"]  # three gaps of 10 ms sleeps, from the first chunk
+    assert dict(per_chunk.attributes) == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "sglang",
+        "gen_ai.request.model": "tiny",
+        "server.address": "10.0.0.7",
+        "server.port": 30000,
+    }
+    [calls] = got["gen_ai.client.operation.duration"]
+    assert calls.count == 2
     meter_provider.shutdown()
 
 

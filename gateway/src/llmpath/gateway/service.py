@@ -613,10 +613,10 @@ class BackendCallResponse(Response):
             async for event in events:
                 if isinstance(event, TokenDelta):
                     tracker.delta(event)
+                    if first:
+                        mark_first_token()
+                    call.mark_chunk()  # every chunk the backend streamed, sent on or not
                     if event.text or first:
-                        if first:
-                            mark_first_token()
-                            call.mark_first_chunk()
                         chunk = fmt.chunk(event.text, first=first)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         first = False

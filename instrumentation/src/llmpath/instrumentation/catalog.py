@@ -244,6 +244,7 @@ GENAI_SERVER_TIME_TO_FIRST_TOKEN = "gen_ai.server.time_to_first_token"
 GENAI_SERVER_TIME_PER_OUTPUT_TOKEN = "gen_ai.server.time_per_output_token"
 GENAI_CLIENT_OPERATION_DURATION = "gen_ai.client.operation.duration"
 GENAI_CLIENT_TIME_TO_FIRST_CHUNK = "gen_ai.client.operation.time_to_first_chunk"
+GENAI_CLIENT_TIME_PER_OUTPUT_CHUNK = "gen_ai.client.operation.time_per_output_chunk"
 GENAI_CLIENT_TOKEN_USAGE = "gen_ai.client.token.usage"
 
 

@@ -13,6 +13,7 @@ from opentelemetry import metrics
 
 from llmpath.instrumentation.catalog import (
     GENAI_CLIENT_OPERATION_DURATION,
+    GENAI_CLIENT_TIME_PER_OUTPUT_CHUNK,
     GENAI_CLIENT_TIME_TO_FIRST_CHUNK,
     GENAI_CLIENT_TOKEN_USAGE,
     GENAI_SERVER_REQUEST_DURATION,
@@ -64,6 +65,12 @@ class GenAIMetrics:
         )
         self.client_ttfc = histogram(
             GENAI_CLIENT_TIME_TO_FIRST_CHUNK, "s", "Time to the first chunk of a streamed response.", DURATION_BUCKETS
+        )
+        self.client_tpoc = histogram(
+            GENAI_CLIENT_TIME_PER_OUTPUT_CHUNK,
+            "s",
+            "Time per output chunk after the first, from the end of the previous chunk to the end of this one.",
+            DURATION_BUCKETS,
         )
         self.client_tokens = histogram(
             GENAI_CLIENT_TOKEN_USAGE, "{token}", "Number of input and output tokens used.", TOKEN_BUCKETS

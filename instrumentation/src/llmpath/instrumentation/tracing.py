@@ -95,6 +95,8 @@ class ModelCallSpan:
         "_attributes",
         "_error",
         "_genai",
+        "_last_chunk",
+        "_metric_attributes",
         "_metric_model",
         "_span",
         "_t0",
@@ -115,11 +117,14 @@ class ModelCallSpan:
         self._token: object | None = None
         self._t0 = 0.0
         self._ttfc: float | None = None
+        #: When the latest chunk arrived (``perf_counter``), once the first has.
+        self._last_chunk = 0.0
         self._usage: tuple[int, int] | None = None
         self._error: str | None = None
         self._genai: GenAIMetrics | None = None
         #: The model as the metrics name it: past the cardinality guard's cap, ``__other__``.
         self._metric_model = model
+        self._metric_attributes: dict[str, Any] | None = None
 
     def __enter__(self) -> ModelCallSpan:
         req = CURRENT.get()
@@ -163,15 +168,9 @@ class ModelCallSpan:
                 context.detach(self._token)  # type: ignore[arg-type]
             self._span = self._token = None
         if self._genai is not None:
-            base = {OPERATION: self.operation, PROVIDER: self.provider, REQUEST_MODEL: self._metric_model}
-            address = self._attributes.get(SERVER_ADDRESS)
-            if address is not None:  # recommended on the client metrics: one series per backend
-                base[SERVER_ADDRESS] = address
-                if (port := self._attributes.get(SERVER_PORT)) is not None:
-                    base[SERVER_PORT] = port
             usage = self._usage
             self._genai.record_client(
-                base,
+                self._metric_attributes or self._client_metric_attributes(),
                 duration=duration,
                 time_to_first_chunk=self._ttfc,
                 input_tokens=usage[0] if usage else None,
@@ -222,9 +221,33 @@ class ModelCallSpan:
     def mark_first_chunk(self) -> None:
         """The first chunk arrived: ``gen_ai.response.time_to_first_chunk`` and its client metric."""
         if self._ttfc is None:
-            self._ttfc = perf_counter() - self._t0
+            self._last_chunk = now = perf_counter()
+            self._ttfc = now - self._t0
             if self._span is not None:
                 self._span.set_attribute("gen_ai.response.time_to_first_chunk", self._ttfc)
+
+    def mark_chunk(self) -> None:
+        """A chunk of the streamed response arrived: the first is :meth:`mark_first_chunk`; each later one records
+        ``gen_ai.client.operation.time_per_output_chunk`` (from the end of the previous chunk to this one's)."""
+        if self._ttfc is None:
+            self.mark_first_chunk()
+            return
+        now = perf_counter()
+        if self._genai is not None:
+            attributes = self._metric_attributes or self._client_metric_attributes()
+            self._genai.client_tpoc.record(now - self._last_chunk, attributes)
+        self._last_chunk = now
+
+    def _client_metric_attributes(self) -> dict[str, Any]:
+        """The ``gen_ai.client.*`` metrics' attributes (made once per call)."""
+        base = {OPERATION: self.operation, PROVIDER: self.provider, REQUEST_MODEL: self._metric_model}
+        address = self._attributes.get(SERVER_ADDRESS)
+        if address is not None:  # recommended on the client metrics: one series per backend
+            base[SERVER_ADDRESS] = address
+            if (port := self._attributes.get(SERVER_PORT)) is not None:
+                base[SERVER_PORT] = port
+        self._metric_attributes = base
+        return base
 
     def set_error(self, error_type: str) -> None:
         """Mark the call failed without an exception (e.g. the backend answered 503): a low-cardinality type."""
@@ -246,8 +269,9 @@ def model_call_span(
 ) -> ModelCallSpan:
     """A context manager for the CLIENT span of a model call (``chat {model}``), current while it runs so that
     :func:`inject_trace_headers` makes the backend's spans its children. Sampling-relevant attributes are set at
-    start; the handle has ``set_usage``, ``set_finish_reasons``, ``set_response``, ``mark_first_chunk``.
-    Also records ``gen_ai.client.operation.duration`` and ``gen_ai.client.token.usage``.
+    start; the handle has ``set_usage``, ``set_finish_reasons``, ``set_response``, ``mark_first_chunk`` and
+    ``mark_chunk``. Also records ``gen_ai.client.operation.duration``, ``gen_ai.client.token.usage`` and, for a
+    streamed call, ``…time_to_first_chunk`` and ``…time_per_output_chunk``.
     """
     attrs: dict[str, Any] = {OPERATION: operation, PROVIDER: provider, REQUEST_MODEL: model}
     if server_address is not None:
