@@ -7,6 +7,7 @@ import subprocess
 import tomllib
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -97,3 +98,31 @@ def test_malformed_knowledge_is_rejected_with_entry_and_field(edit, message: str
 def test_toml_syntax_errors_name_the_file() -> None:
     with pytest.raises(KnowledgeError, match=r"^k\.toml: "):
         parse_knowledge("version = \n", "k.toml")
+
+
+def _matches(matcher: Any, value: str) -> bool:
+    import promql_parser
+
+    op = matcher.op
+    if op in (promql_parser.MatchOp.Equal, promql_parser.MatchOp.NotEqual):
+        hit = matcher.value == value
+    else:
+        hit = re.fullmatch(matcher.value, value) is not None
+    return hit if op in (promql_parser.MatchOp.Equal, promql_parser.MatchOp.Re) else not hit
+
+
+def test_time_before_the_first_token_leaves_decode_out() -> None:
+    """Decode runs after the first token and is most requests' longest stage: a query about the stages before the
+    first token must not select it (it pointed on-call at decode)."""
+    import promql_parser
+
+    checked = 0
+    for entry in _entries():
+        for check in entry.diagnosis:
+            if "before the first token" not in check.question:
+                continue
+            for selector in re.findall(r"llmpath_stage_duration_seconds_\w+(?:\{[^}]*\})?", check.query):
+                stage = [m for m in promql_parser.parse(selector).matchers.matchers if m.name == "stage"]
+                assert stage and not all(_matches(m, "decode") for m in stage), (entry.key, selector)
+                checked += 1
+    assert checked >= 2
