@@ -14,6 +14,7 @@ from jsonschema import Draft7Validator
 from llmpath.dashboards import SloView, build_dashboards, burn_panel_id, queries, render_all
 from llmpath.dashboards.api_path import stage_latency_key
 from llmpath.dashboards.checks import iter_panels
+from llmpath.dashboards.links import DASHBOARD_VARIABLES
 from llmpath.dashboards.slos import burn_panel_key
 from llmpath.dashboards.specs import recording_rule_names, slo_views
 from llmpath.dashboards.synthetic import promtool_returns_data
@@ -69,11 +70,12 @@ def test_every_panel_has_title_description_unit_and_bound_datasource(dashboards:
 
 
 def test_datasource_route_and_model_variables_and_each_is_used(dashboards: dict[str, dict]) -> None:
+    expected = {f"{uid}.json": {"datasource", *DASHBOARD_VARIABLES[key]} for key, uid in catalog.DASHBOARD_UIDS.items()}
+    # SLO series carry no model label: a model variable there would change nothing.
+    assert expected["llmpath-slos.json"] == {"datasource", "route"}
     for name, dashboard in dashboards.items():
         variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-        # SLO series carry no model label: a model variable there would change nothing.
-        assert set(variables) == ({"datasource", "route"} if name == "llmpath-slos.json" else
-                                  {"datasource", "route", "model"}), name  # fmt: skip
+        assert set(variables) == expected[name], name  # what deep links may set (DASHBOARD_VARIABLES)
         assert variables["datasource"]["type"] == "datasource"
         assert variables["datasource"]["query"] == "prometheus"
         exprs = [t["expr"] for panel in iter_panels(dashboard) for t in panel.get("targets", [])]

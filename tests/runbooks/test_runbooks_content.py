@@ -99,6 +99,8 @@ def test_links_open_panels_that_exist_with_the_alerts_variables(
             query = parse_qs(parsed.query)
             assert int(query["viewPanel"][0]) in ids[uid], (name, url)
             assert query["var-route"] == ["$__all"]
+            defined = {v["name"] for v in dashboards[f"{uid}.json"]["templating"]["list"]}
+            assert {k.removeprefix("var-") for k in query if k.startswith("var-")} <= defined, (name, url)
     for _slo, alert in _alerts(compiled):
         burn = alert.annotations["dashboard_url"].split("?")[1].split("&")[0]
         assert f"{GRAFANA}/d/llmpath-slos?{burn}&" in runbooks[alert.runbook_file]
