@@ -143,3 +143,11 @@ def test_short_period_catalog_of_the_end_to_end_test() -> None:
     assert f"slo:sli_error:ratio_rate{fastest.short}{{" in text and f"[{fastest.short}])" in text
     burn = next(p for p in iter_panels(dashboards["llmpath-slos.json"]) if p["title"] == "Burn rate by window")
     assert fastest.short in {t["legendFormat"].split()[0] for t in burn["targets"]}
+
+
+def test_a_threshold_runbook_says_what_tripped_it(runbooks: dict[str, str]) -> None:
+    """A threshold alert's short version gives its windows and error ratio: a 10-minute page and a 3-day ticket."""
+    page = runbooks["LLMAPITTFTMostlySlow-page.md"]
+    assert "has had more than 50% bad events over both the last 10m and 2m (its objective allows 5%)" in page
+    ticket = runbooks["LLMAPIPromptCacheHitRateLow-ticket.md"]
+    assert "more than 50% bad events over both the last 3d and 6h (its objective allows 50%)" in ticket

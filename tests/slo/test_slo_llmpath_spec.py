@@ -322,3 +322,44 @@ def test_slo_info_carries_stage_and_owner(default_result):
         ("ttft", "prefill", "llmpath/v1"),
         ("availability", "route", "llmpath/v1"),
     }
+
+
+SLOW_PAGE = """\
+version: llmpath/v1
+service: svc
+slos:
+  - name: ttft
+    objective: {objective}
+    sli:
+      latency:
+        histogram: llmpath_time_to_first_token_seconds
+        threshold: 0.5
+    alerting:
+      name: SvcTTFT
+{extra}"""
+FAST_PAGE = """\
+      threshold_alert:
+        severity: page
+        factor: 10
+        short_window: 2m
+        long_window: 10m
+"""
+
+
+@pytest.mark.parametrize(
+    ("objective", "extra", "warned"),
+    [
+        (95, "", "the fastest page (14.4x over 1h/5m) fires only after about 43 minutes"),
+        (95, FAST_PAGE, None),  # half the requests slow over 10m: 5 minutes
+        (99, "", None),  # 14.4% of an hour: about 9 minutes
+        # 14.4x cannot fire at all (a separate warning); 6x over 6h needs 60% of 6 hours bad
+        (90, "", "(6x over 6h/30m) fires only after about 216 minutes; for a 90% objective add a page threshold_alert"),
+    ],
+)
+def test_a_page_that_takes_long_to_fire_at_100_percent_errors_is_a_warning(tmp_path, objective, extra, warned):
+    result = _compile(tmp_path, SLOW_PAGE.format(objective=objective, extra=extra))
+    messages = [w.message for w in result.warnings if "with every event bad" in w.message]
+    if warned is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and warned in messages[0] and "(e.g. factor " in messages[0]

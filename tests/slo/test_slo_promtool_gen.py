@@ -37,8 +37,8 @@ def _minutes(duration: str) -> float:
 
 
 def test_fast_burn_pages_when_the_windows_predict():
-    ttft = _tests()["llm-api-ttft.test.yaml"]
-    fast, slow, low, zero = ttft["tests"]
+    overhead = _tests()["llm-api-gateway-overhead.test.yaml"]
+    fast, slow, low, zero = overhead["tests"]
     assert "fast burn (20x" in fast["name"] and "errors from 1d" in fast["name"]
     # 20x burn: the 1h window crosses 14.4x after 14.4/20 of an hour (43.2 min); evaluations every 5 minutes.
     first = _first_firing(fast, "page")
@@ -48,7 +48,19 @@ def test_fast_burn_pages_when_the_windows_predict():
     assert _first_firing(slow, "page") is None and _first_firing(slow, "ticket") is not None
     assert all(t["exp_alerts"] == [] for t in low["alert_rule_test"])
     assert zero["input_series"] == [] and all(t["exp_alerts"] == [] for t in zero["alert_rule_test"])
-    assert ttft["evaluation_interval"] == "5m" and ttft["rule_files"] == ["../llm-api.yaml"]
+    assert overhead["evaluation_interval"] == "5m" and overhead["rule_files"] == ["../llm-api.yaml"]
+
+
+def test_a_ttft_outage_pages_within_minutes_through_the_threshold_alert():
+    """At 95% the burn-rate page needs 72% of an hour bad (43 minutes into an outage); the default spec's threshold
+    page (half the requests slow over 10m and 2m) fires 6 minutes in, and not for the slow burn."""
+    ttft = _tests()["llm-api-ttft.test.yaml"]
+    fast, slow = ttft["tests"][:2]
+    start = _minutes(fast["name"].split("errors from ")[1])
+    first = next(t for t in fast["alert_rule_test"] if t["exp_alerts"])
+    assert first["alertname"] == "LLMAPITTFTMostlySlow" and _minutes(first["eval_time"]) - start <= 6
+    assert {a["exp_labels"]["sloth_severity"] for a in first["exp_alerts"]} == {"page"}
+    assert _first_firing(slow, "page") is None and _first_firing(slow, "ticket") is not None
 
 
 def test_short_catalog_pages_within_minutes_and_absent_fires():
@@ -103,15 +115,19 @@ def test_cache_slo_only_tests_its_threshold_ticket():
 
 def test_values_are_exact_prometheus_floats():
     # rate() multiplies by (extrapolated/sampled)/range, as Prometheus 2.42 does: 72000 * (1/21600), not 72000/21600.
-    fast = _tests()["llm-api-ttft.test.yaml"]["tests"][0]
+    case = _tests()["llm-api-ttft.test.yaml"]
+    fast = case["tests"][0]
+    step = _minutes(case["evaluation_interval"])
     (test,) = [e for e in fast["promql_expr_test"] if e["expr"].startswith("slo:sli_error:ratio_rate6h")]
     (value,) = [s["value"] for s in test["exp_samples"] if '"r1"' in s["labels"]]
-    burning = int(_minutes(test["eval_time"]) - 24 * 60) // 5  # 5-minute steps with every request slow (95%, 20x)
+    start = _minutes(fast["name"].split("errors from ")[1])
+    burning = int((_minutes(test["eval_time"]) - start) // step)  # steps with every request slow (95%, 20x)
     per_step = int(fast["input_series"][0]["values"].split("+")[1].split("x")[0])
-    count = per_step * 72 * ((21600 / 21600) / 21600)  # 6h = 72 steps of 5 minutes
-    bucket = per_step * (72 - burning) * ((21600 / 21600) / 21600)
+    steps = int(6 * 60 // step)
+    count = per_step * steps * ((21600 / 21600) / 21600)
+    bucket = per_step * (steps - burning) * ((21600 / 21600) / 21600)
     assert value == (count - bucket) / count
-    assert value != (per_step * 72 / 21600 - per_step * (72 - burning) / 21600) / (per_step * 72 / 21600)
+    assert value != (per_step * steps / 21600 - per_step * (steps - burning) / 21600) / (per_step * steps / 21600)
 
 
 def test_label_synthesis():

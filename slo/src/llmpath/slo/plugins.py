@@ -22,6 +22,7 @@ from llmpath.slo.validate import (
     Problem,
     llmpath_problems,
     metricsql_error,
+    page_delay_warnings,
     plugin_problems,
     promql_error,
     reachability_problems,
@@ -76,7 +77,7 @@ def _validate_factory(check: Callable[[str], str | None]) -> SLOPluginFactory:
             if not problems:
                 errors, warnings = reachability_problems(req.slo, req.windows)
                 problems += errors if llm else []
-                req.warnings += warnings + ([] if llm else errors)
+                req.warnings += warnings + ([] if llm else errors) + page_delay_warnings(req.slo, req.windows)
             if problems:
                 raise PluginError(problems)
 

@@ -473,6 +473,54 @@ def reachability_problems(slo: SLOSpec, windows: AlertWindows) -> tuple[list[Pro
     return errors, warnings
 
 
+#: With every event bad, a page that takes longer than this to fire is too slow for an outage (a warning).
+MAX_PAGE_DELAY_MS = 15 * 60_000
+
+
+def page_delay_warnings(slo: SLOSpec, windows: AlertWindows) -> list[Problem]:
+    """A warning when even 100 % bad events take more than :data:`MAX_PAGE_DELAY_MS` to page.
+
+    A pair fires once its long window's error ratio passes ``factor x budget``; with every event bad that ratio
+    grows by one long window per long window, so the delay is ``long x factor x budget``. Low objectives make it
+    long: at 95 %, Sloth's 14.4x over 1h needs 72 % of the last hour bad, 43 minutes into an outage.
+    """
+    from llmpath.slo.rules import threshold_windows
+
+    budget = (100 - slo.objective) / 100
+    if not 0 < budget < 1:
+        return []
+    pages: list[tuple[float, str]] = []
+    if not slo.page.disable:
+        for p in windows.burn_windows("page"):
+            if p.factor * budget < 1:
+                what = f"{go_float(p.factor)}x over {p.long}/{p.short}"
+                pages.append((parse_duration(p.long) * p.factor * budget, what))
+    for extra in slo.extra_alerts:
+        if extra.kind != "threshold" or extra.severity != "page" or not (extra.factor or 0) * budget < 1:
+            continue
+        try:
+            short, long = threshold_windows(extra, windows)
+        except ValueError:
+            continue
+        factor = extra.factor or 1.0
+        what = f"{go_float(factor)}x over {format_duration(long)}/{format_duration(short)}"
+        pages.append((long * factor * budget, what))
+    if not pages:
+        return []
+    delay, fastest = min(pages)
+    if delay <= MAX_PAGE_DELAY_MS:
+        return []
+    return [
+        (
+            "alerting.page_alert",
+            f"with every event bad, the fastest page ({fastest}) fires only after about {round(delay / 60_000)} "
+            f"minutes; for a {go_float(slo.objective)}% objective add a page threshold_alert over short windows "
+            f"(e.g. factor {go_float(round(0.5 / budget, 2))}, half the events bad, over 10m/2m) or raise the "
+            "objective",
+        )
+    ]
+
+
 def _objective_above(factor: float) -> str:
     """The smallest objective (percent, 3 decimals) whose budget times ``factor`` is below 1, so the alert can fire."""
     exact = 100 * (1 - 1 / factor)
