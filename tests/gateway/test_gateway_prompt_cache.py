@@ -75,6 +75,17 @@ def test_flush_one_tenant_or_everyone() -> None:
     assert key(cache, SYSTEM, "t2").cache_salt != k2.cache_salt
 
 
+def test_flushing_one_tenant_again_and_again_keeps_memory_bounded() -> None:
+    cache = make_cache()
+    salts = set()
+    for _ in range(50):
+        salts.add(key(cache, SYSTEM, "t1").cache_salt)
+        key(cache, SYSTEM, "t2")
+        cache.flush("t1")
+    assert len(salts) == 50  # every flush moved t1 to a new salt
+    assert len(cache._seeds) == 1  # t2's seed only: t1's old epochs' seeds were dropped with each flush
+
+
 def test_disabled_layer_bypasses_the_index_but_keeps_the_backends_isolation() -> None:
     """``prompt_cache.enabled: false`` turns off the gateway's index (lookups `bypass`, nothing recorded, no
     prediction); the backend still reuses prefixes: the same salt for a tenant's requests, another tenant's differs,

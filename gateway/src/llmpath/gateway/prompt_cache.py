@@ -153,6 +153,9 @@ class PromptCache:
         else:
             scope = f"tenant:{tenant}"
             self._tenant_epochs[scope] = self._tenant_epochs.get(scope, 0) + 1
+            prefix = f"{scope}\x00"  # the old epoch's seeds are never asked for again
+            for memo_key in [k for k in self._seeds if k[0].startswith(prefix)]:
+                del self._seeds[memo_key]
 
     def forget_backend(self, backend: str) -> None:
         """A backend restarted or was ejected: its cache is gone."""
