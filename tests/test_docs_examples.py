@@ -153,3 +153,45 @@ def test_gunicorn_hooks_example_is_a_loadable_config(tmp_path: Path) -> None:
     hooks = runpy.run_path(str(config))  # what gunicorn does with -c gunicorn.conf.py
     assert hooks["child_exit"] is gunicorn_child_exit
     assert hooks["on_starting"] is gunicorn_on_starting
+
+
+def test_the_scrape_page_of_the_deploy_guide_fires_when_no_gateway_is_scraped(tmp_path: Path, require_binary) -> None:
+    """docs/deploy.md's target-down rule, run by promtool: silent while one of two gateways is up, a page 2 minutes
+    after the last one goes down, and a page when the job has no target at all."""
+    promtool = require_binary("promtool")
+    (block,) = [b for b in re.findall(r"^```yaml\n(.*?)^```", (ROOT / "docs/deploy.md").read_text(), re.S | re.M)
+                if "LLMPathGatewayDown" in b]  # fmt: skip
+    (tmp_path / "targets.yaml").write_text(block)
+    page = {
+        "exp_labels": {"sloth_severity": "page", "severity": "critical", "owner": "gateway"},
+        "exp_annotations": {"summary": "Prometheus scrapes no llmpath gateway: every SLO of the LLM API is blind."},
+    }
+    tests = {
+        "rule_files": ["targets.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'up{job="llmpath-gateway",instance="a"}', "values": "1x5 0x10"},
+                    {"series": 'up{job="llmpath-gateway",instance="b"}', "values": "1x2 0x13"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": "LLMPathGatewayDown", "exp_alerts": []},  # a is still up
+                    {"eval_time": "7m", "alertname": "LLMPathGatewayDown", "exp_alerts": []},  # pending (for: 2m)
+                    {"eval_time": "8m", "alertname": "LLMPathGatewayDown", "exp_alerts": [page]},
+                ],
+            },
+            {
+                "interval": "1m",
+                "input_series": [{"series": 'up{job="other"}', "values": "1x10"}],
+                "alert_rule_test": [
+                    {"eval_time": "3m", "alertname": "LLMPathGatewayDown", "exp_alerts": [page]},
+                ],
+            },
+        ],
+    }
+    (tmp_path / "targets.test.yaml").write_text(yaml.safe_dump(tests))
+    for args in (["check", "rules", "targets.yaml"], ["test", "rules", "targets.test.yaml"]):
+        result = subprocess.run([promtool, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
