@@ -44,9 +44,10 @@ def test_the_docs_llmpath_v1_example_validates_compiles_tests_and_builds_runbook
     assert compiled.returncode == 0, compiled.stderr
     rule_file = tmp_path / "rules" / "slos.yaml"
     rules = [r for g in yaml.safe_load(rule_file.read_text())["groups"] for r in g["rules"]]
-    assert len(rules) == 21  # 8 SLI windows, 2 event rates (ratio_of_counts), 7 metadata rules, 4 alerts
+    assert len(rules) == 25  # 8 SLI windows, 2 event rates (ratio_of_counts), 4 long-window event rates (min_events),
+    # 7 metadata rules, 4 alerts
     check = _run(promtool, "check", "rules", rule_file, cwd=tmp_path)
-    assert check.returncode == 0 and "SUCCESS: 21 rules found" in check.stdout, check.stdout + check.stderr
+    assert check.returncode == 0 and "SUCCESS: 25 rules found" in check.stdout, check.stdout + check.stderr
     test = _run(promtool, "test", "rules", "llm-api-ttft.test.yaml", cwd=tmp_path / "rules" / "tests")
     assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
 

@@ -487,6 +487,7 @@ def _assemble(
                 rule_file=names[id(item.doc)],
                 period_rule=item.slo.period_rule,
                 recordings=tuple(dict.fromkeys(r.record for g in item.rules.groups() for r in g.rules if r.record)),
+                min_events=item.slo.min_events,
             )
         )
     files: dict[str, str] = {}

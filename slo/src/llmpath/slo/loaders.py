@@ -371,6 +371,7 @@ class _DocLoader:
                     group_by=tuple(s.group_by),
                     period_rule=s.period_rule,
                     guard_zero_traffic=True,
+                    min_events=alerting.min_events,
                     locator=self._locator(("slos", i), {}, ()),
                 )
             )

@@ -164,6 +164,8 @@ class SLOSpec:
     group_by: tuple[str, ...] = ()
     period_rule: str = PERIOD_RULE_MEAN
     guard_zero_traffic: bool = False
+    #: Burn-rate and threshold alerts fire only when a pair's long window saw at least this many events.
+    min_events: int | None = None
     locator: Locator | None = None
 
     def where(self, logical: str = "") -> dict[str, object]:
@@ -378,6 +380,8 @@ class CompiledSLO:
     period_rule: str
     #: Names of the recording rules written for this SLO (``slo:sli_error:ratio_rate5m``, …, ``sloth_slo_info``).
     recordings: tuple[str, ...] = ()
+    #: Events a pair's long window must hold for its burn-rate or threshold alert to fire (``None``: any number).
+    min_events: int | None = None
 
     @property
     def error_budget(self) -> float:

@@ -310,6 +310,14 @@ class Simulation:
             self._cache[key] = value
         return self._cache[key]
 
+    def events_in(self, window: str, group: int, t: int) -> float | None:
+        """``slo:sli_total_events:rate<window> * <window seconds>``, as a ``min_events`` guard computes it (no sample
+        with injected SLI series: the guard's counters do not exist then)."""
+        if self.fixture.kind != "counters":
+            return None
+        rate = self.recorded(R.TOTAL_EVENTS + window, group, t)
+        return None if rate is None else rate * float(parse_duration(window) / 1000)
+
     def period_sli(self, group: int, t: int) -> float | None:
         """The period SLI rule's value (Sloth's mean of base-window ratios, or llmpath's ratio of counts)."""
         windows = self.item.windows
@@ -507,6 +515,8 @@ class AlertModel:
     for_s: int
     pairs: list[tuple[str, str, float]]  # (short record, long record, threshold)
     absent_record: str | None
+    #: The SLO's ``min_events``: a pair also needs that many events in its long window.
+    min_events: int | None = None
 
 
 def alert_models(item: Compiled) -> list[AlertModel]:
@@ -519,7 +529,8 @@ def alert_models(item: Compiled) -> list[AlertModel]:
         pairs = [(R.SLI_ERROR + p.short, R.SLI_ERROR + p.long, p.factor * budget) for p in info["windows"]]
         absent = R.sli_metric(R.base_window(item.windows)) if info["kind"] == "absent" else None
         for_s = parse_duration(rule.for_) // 1000 if rule.for_ else 0
-        out.append(AlertModel(rule, rule.alert, info["kind"], info["severity"], for_s, pairs, absent))
+        guard = item.slo.min_events if info["kind"] != "absent" else None
+        out.append(AlertModel(rule, rule.alert, info["kind"], info["severity"], for_s, pairs, absent, guard))
     return out
 
 
@@ -562,6 +573,13 @@ def firing(sim: Simulation, models: list[AlertModel]) -> tuple[list[dict[tuple[s
                         if a is None or b is None:
                             continue
                         tie = tie or _close(a, thr) or _close(b, thr)
+                        if model.min_events is not None:
+                            events = sim.events_in(long.removeprefix(R.SLI_ERROR), g, t)
+                            if events is None:
+                                continue
+                            tie = tie or _close(events, model.min_events)
+                            if events < model.min_events:
+                                continue
                         cond = cond or (a > thr and b > thr)
                 key = (mi, g)
                 if cond:

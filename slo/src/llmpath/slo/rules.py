@@ -108,6 +108,15 @@ def threshold_windows(extra: ExtraAlert, windows: AlertWindows) -> tuple[int, in
     return short, long
 
 
+def threshold_pair(extra: ExtraAlert, windows: AlertWindows) -> BurnWindow:
+    """A threshold alert's one window pair."""
+    short_ms, long_ms = threshold_windows(extra, windows)
+    factor = float(extra.factor or 1.0)
+    return BurnWindow(
+        format_duration(short_ms), format_duration(long_ms), factor, factor * long_ms / windows.period_ms * 100
+    )
+
+
 def sli_windows(slo: SLOSpec, windows: AlertWindows) -> list[int]:
     """The SLI recording windows: the catalog's alert windows plus threshold-alert windows, ascending."""
     out = set(windows.alert_windows_ms())
@@ -115,6 +124,19 @@ def sli_windows(slo: SLOSpec, windows: AlertWindows) -> list[int]:
         if extra.kind == "threshold":
             out.update(threshold_windows(extra, windows))
     return sorted(out)
+
+
+def alert_pairs(slo: SLOSpec, windows: AlertWindows) -> list[BurnWindow]:
+    """Every window pair of the SLO's enabled burn-rate and threshold alerts."""
+    pairs = [p for severity, meta in (("page", slo.page), ("ticket", slo.ticket)) if not meta.disable
+             for p in windows.burn_windows(severity)]  # fmt: skip
+    pairs += [threshold_pair(extra, windows) for extra in slo.extra_alerts if extra.kind == "threshold"]
+    return pairs
+
+
+def guarded_windows(slo: SLOSpec, windows: AlertWindows) -> list[int]:
+    """The long windows whose event count ``min_events`` checks (ms, ascending)."""
+    return sorted({parse_duration(p.long) for p in alert_pairs(slo, windows)})
 
 
 def base_window(windows: AlertWindows) -> int:
@@ -144,7 +166,8 @@ def sli_rules(req: PluginRequest, optimized: bool = True) -> list[Rule]:
     period = format_duration(period_ms)
     base = format_duration(base_window(windows))
     flt = prom_filter(ids)
-    if slo.period_rule == PERIOD_RULE_COUNT and events is not None:
+    counted = slo.period_rule == PERIOD_RULE_COUNT and events is not None
+    if counted:
         for name, query in ((ERROR_EVENTS, events[0]), (TOTAL_EVENTS, events[1])):
             rules.append(
                 Rule(
@@ -153,6 +176,18 @@ def sli_rules(req: PluginRequest, optimized: bool = True) -> list[Rule]:
                     labels=_merge(ids, {WINDOW_LABEL: base}, slo.labels),
                 )
             )
+    if slo.min_events is not None and events is not None:
+        for w in guarded_windows(slo, windows):
+            win = format_duration(w)
+            if not (counted and win == base):  # recorded above
+                rules.append(
+                    Rule(
+                        expr=render_window(events[1], win),
+                        record=TOTAL_EVENTS + win,
+                        labels=_merge(ids, {WINDOW_LABEL: win}, slo.labels),
+                    )
+                )
+    if counted:
         expr = (
             f"sum_over_time({ERROR_EVENTS}{base}{flt}[{period}])\n/ ignoring ({WINDOW_LABEL})\n"
             f"(sum_over_time({TOTAL_EVENTS}{base}{flt}[{period}]) > 0)\n"
@@ -209,20 +244,27 @@ def metadata_rules(req: PluginRequest) -> list[Rule]:
 # --------------------------------------------------------------------------------------------
 
 
-def _pair(metric_short: str, metric_long: str, flt: str, factor: float, budget: float) -> str:
-    threshold = f"({go_float(factor)} * {go_float(budget)})"
-    return (
-        f"    max({metric_short}{flt} > {threshold}) without ({WINDOW_LABEL})\n"
+def _pair(pair: BurnWindow, flt: str, budget: float, min_events: int | None) -> str:
+    threshold = f"({go_float(pair.factor)} * {go_float(budget)})"
+    expr = (
+        f"    max({SLI_ERROR}{pair.short}{flt} > {threshold}) without ({WINDOW_LABEL})\n"
         "    and\n"
-        f"    max({metric_long}{flt} > {threshold}) without ({WINDOW_LABEL})\n"
+        f"    max({SLI_ERROR}{pair.long}{flt} > {threshold}) without ({WINDOW_LABEL})\n"
     )
+    if min_events is not None:  # llmpath: too few events in the long window to judge the ratio
+        seconds = go_float(parse_duration(pair.long) / 1000)
+        expr += (
+            f"    and\n    max({TOTAL_EVENTS}{pair.long}{flt} * {seconds} >= {min_events}) without ({WINDOW_LABEL})\n"
+        )
+    return expr
 
 
 def mwmb_expr(slo: SLOSpec, pairs: tuple[BurnWindow, ...]) -> str:
-    """Sloth's multi-window multi-burn-rate expression (one ``( … )`` block per window pair, joined by ``or``)."""
+    """Sloth's multi-window multi-burn-rate expression (one ``( … )`` block per window pair, joined by ``or``), with
+    llmpath's minimum event count when the SLO sets ``min_events``."""
     flt = prom_filter(id_labels(slo))
     budget = (100 - slo.objective) / 100
-    blocks = ["(\n" + _pair(SLI_ERROR + p.short, SLI_ERROR + p.long, flt, p.factor, budget) + ")\n" for p in pairs]
+    blocks = ["(\n" + _pair(p, flt, budget, slo.min_events) + ")\n" for p in pairs]
     return "or\n".join(blocks)
 
 
@@ -242,9 +284,13 @@ def _description(slo: SLOSpec, pairs: tuple[BurnWindow, ...], period_ms: int) ->
     where = f" (stage {slo.stage}, owner {slo.owner})" if slo.stage else ""
     return (
         f"{SERVICE_SLO}{where} is burning its {go_float(slo.objective)}% / {format_duration(period_ms)} error "
-        f"budget at more than {conds}. At {go_float(round(fastest, 2))}x the whole budget lasts about "
-        f"{_time_text(period_ms / 3_600_000 / fastest)}."
+        f"budget at more than {conds}{_min_events_text(slo)}. At {go_float(round(fastest, 2))}x the whole budget "
+        f"lasts about {_time_text(period_ms / 3_600_000 / fastest)}."
     )
+
+
+def _min_events_text(slo: SLOSpec) -> str:
+    return "" if slo.min_events is None else f" (with at least {slo.min_events} events in the long window)"
 
 
 def _llmpath_labels(slo: SLOSpec) -> dict[str, str]:
@@ -304,20 +350,15 @@ def _extra_alert(req: PluginRequest, extra: ExtraAlert) -> Rule:
             annotations=_merge(annotations, extra.annotations),
             info={"kind": "absent", "severity": extra.severity, "windows": ()},
         )
-    short_ms, long_ms = threshold_windows(extra, windows)
-    factor = float(extra.factor or 1.0)
-    pair = BurnWindow(
-        format_duration(short_ms),
-        format_duration(long_ms),
-        factor,
-        factor * long_ms / windows.period_ms * 100,
-    )
+    pair = threshold_pair(extra, windows)
+    factor = pair.factor
     annotations = {
         "title": f"({extra.severity}) {SERVICE_SLO} SLO error ratio is above its threshold.",
         "summary": f"{SERVICE_SLO} SLO error ratio is over {go_float(factor)}x its error budget.",
         "description": (
             f"{SERVICE_SLO} has had an error ratio above {go_float(factor)}x its "
-            f"{go_float(round(100 - slo.objective, 6))}% budget over both the last {pair.long} and {pair.short}."
+            f"{go_float(round(100 - slo.objective, 6))}% budget over both the last {pair.long} and {pair.short}"
+            f"{_min_events_text(slo)}."
         ),
     }
     return Rule(

@@ -338,6 +338,7 @@ class LAlerting(_Model):
     labels: Labels = Field(default_factory=dict)
     annotations: Labels = Field(default_factory=dict)
     for_: StrictStr | None = Field(None, alias="for")
+    min_events: Int | None = Field(None, ge=1)
     page_alert: Annotated[LAlert, BeforeValidator(_empty_if_none)] = Field(default_factory=LAlert)
     ticket_alert: Annotated[LAlert, BeforeValidator(_empty_if_none)] = Field(default_factory=LAlert)
     absent_alert: LAbsentAlert | None = None

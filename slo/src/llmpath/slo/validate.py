@@ -266,6 +266,8 @@ def llmpath_problems(
         )
     if slo.period_rule == PERIOD_RULE_COUNT and sli.kind not in ("events", "latency", "ratio"):
         out.append(("period_rule", "ratio_of_counts needs an events, latency or ratio SLI (error and total counts)"))
+    if slo.min_events is not None and sli.kind not in ("events", "latency", "ratio"):
+        out.append(("alerting.min_events", "min_events needs an events, latency or ratio SLI (a count of events)"))
     if sli.kind == "latency":
         out += _latency_problems(slo, histogram_buckets or {})
     elif sli.kind == "ratio":
