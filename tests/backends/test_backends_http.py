@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmpath.backends import (
+    BackendProtocolError,
     BackendRequest,
     BackendTimeout,
     BackendUnavailable,
@@ -21,6 +22,7 @@ from llmpath.backends import (
     TokenDelta,
     create_backend,
 )
+from llmpath.backends._http import MAX_EVENT_BYTES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -90,6 +92,18 @@ async def test_stream_cut_short_is_unreachable_after_the_first_events(loopback) 
     finally:
         await backend.aclose()
     assert [type(e) for e in seen] == [Scheduled, FirstToken, TokenDelta]
+
+
+async def test_an_oversized_stream_event_is_a_protocol_error_not_memory(loopback) -> None:
+    """A backend that streams one event without end (16 MiB, no blank line) is refused past MAX_EVENT_BYTES."""
+    first = (FIXTURES / "generate_stream_metrics.sse").read_bytes().split(b"\n\n")[0] + b"\n\n"
+    loopback.reply("/generate", first + b"data: {" + b'"x": "' + b"a" * (16 << 20))
+    backend = SGLangBackend(loopback.url)
+    try:
+        with pytest.raises(BackendProtocolError, match=f"larger than {MAX_EVENT_BYTES} bytes"):
+            [ev async for ev in backend.generate(request())]
+    finally:
+        await backend.aclose()
 
 
 async def test_silent_server_is_a_read_timeout(loopback) -> None:

@@ -4,6 +4,7 @@ reinstatement by health checks — real engines with fault injection behind a re
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import time
@@ -169,8 +170,28 @@ def test_failover_when_an_engine_is_killed(gw, stack, keys) -> None:
     victim_name = gw.record(warm.headers["x-request-id"])["extra"]["backend"]
     victim = next(e for e in stack.engines if e.name == victim_name)
     survivor = next(e for e in stack.engines if e.name != victim_name)
-    os.killpg(victim.proc.pid, signal.SIGKILL)
-    victim.proc.wait(10)
+
+    # a stream on the victim when it dies: an SSE error after the tokens streamed, and those tokens in the ledger
+    faults(stack, decode_slowdown=30)  # slow tokens: the stream is mid-way when the engine dies
+    body = {"model": "tiny", "messages": [{"role": "user", "content": PREFIX + "warm"}], "max_tokens": 200,
+            "ignore_eos": True, "stream": True}  # fmt: skip
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(), timeout=30) as resp:
+        request_id = resp.headers["x-request-id"]
+        lines = resp.iter_lines()
+        chunks = 0
+        for line in lines:
+            chunks += line.startswith("data: ")
+            if chunks == 3:  # the role chunk and two tokens
+                break
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait(10)
+        rest = [line for line in lines if line.startswith("data: ")]
+    faults(stack)
+    assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "backend_error"
+    cut = gw.record(request_id)
+    assert cut["extra"]["backend"] == victim_name and cut["extra"]["stream_error"] == "backend_error"
+    assert cut["extra"]["usage_partial"] is True and cut["output_tokens"] >= 2 and cut["input_tokens"] > 0
+    assert "decode" in {s["name"] for s in cut["stages"]}
 
     # affine to the dead engine: the connection fails before any byte, the request is retried elsewhere
     resp = post(gw, keys, PREFIX + "after the crash")

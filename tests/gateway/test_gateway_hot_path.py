@@ -3,6 +3,10 @@ for other methods and paths, the route template in the telemetry. In-process ASG
 
 from __future__ import annotations
 
+import asyncio
+import json
+import time
+
 import httpx
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -132,3 +136,74 @@ async def test_a_clients_request_id_is_taken_only_when_trusted(trusted: bool) ->
         assert record.request_id == "chosen-by-client"
     else:
         assert len(record.request_id) == 32 and int(record.request_id, 16) >= 0  # minted by the gateway
+
+
+def _post_scope(body_len: int) -> dict:
+    headers = [
+        (b"host", b"gw"),
+        (b"content-type", b"application/json"),
+        (b"content-length", str(body_len).encode()),
+        (b"authorization", f"Bearer {KEY}".encode()),
+    ]
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "root_path": "", "query_string": b"",
+        "headers": headers, "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
+    }  # fmt: skip
+
+
+async def _call_then_leave(app: HotPath, messages: list[dict], leave_after_s: float) -> list[dict]:
+    """One POST whose client sends ``messages`` and then, ``leave_after_s`` later, disconnects."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop(0)
+        await asyncio.sleep(leave_after_s)
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    body = sum(len(m.get("body", b"")) for m in messages)
+    await asyncio.wait_for(app(_post_scope(body + 10), receive, send), 10)
+    return sent
+
+
+async def test_a_client_gone_while_its_body_arrives_is_a_499_not_a_server_error(hot, caplog) -> None:
+    app, _exporter, registry = hot
+    partial = {"type": "http.request", "body": b'{"model": "chat", "mess', "more_body": True}
+    sent = await _call_then_leave(app, [partial], 0.0)
+    assert sent[0]["status"] == 499  # recorded as the client's doing; nobody reads it
+    [record] = app.state.waterfall.recent()
+    assert (record.status_code, record.error) == (499, "client_disconnect")
+    assert "unexpected error" not in caplog.text and "Traceback" not in caplog.text
+    labels = {"route": "/v1/chat/completions", "model": "unknown", "code": "499"}
+    assert registry.get_sample_value("llmpath_requests_total", labels) == 1
+
+
+async def test_a_client_gone_while_queued_leaves_the_queue_at_once(tmp_path) -> None:
+    config = load_config(
+        None,
+        {
+            "backends": [{"url": "http://127.0.0.1:9", "name": "nowhere"}],
+            "routes": [{"name": "chat", "model": "m"}],
+            "api_keys": [{"sha256": hash_key(KEY), "tenant": "acme"}],
+            "limits": {"max_concurrency": 1, "max_queue": 4, "timeouts": {"queue_s": 30}},
+        },
+    )
+    registry = CollectorRegistry()
+    app = create_app(config, registry=registry, tracer_provider=TracerProvider())
+    admission = app.state.gateway.admission
+    await admission.acquire()  # the only slot is taken: the next request queues
+    body = json.dumps(CHAT).encode()
+    started = time.perf_counter()
+    sent = await _call_then_leave(app, [{"type": "http.request", "body": body, "more_body": False}], 0.3)
+    assert time.perf_counter() - started < 5  # not the 30 s queue timeout
+    assert sent[0]["status"] == 499 and admission.queue_depth == 0 and admission.inflight == 1
+    [record] = app.state.waterfall.recent()
+    assert (record.status_code, record.error) == (499, "client_disconnect")
+    rejected = registry.get_sample_value("llmpath_admission_rejections_total", {"reason": "queue_timeout"})
+    assert rejected == 0  # leaving is not a rejection
+    admission.release()
+    assert admission.inflight == 0  # the gone client's place did not take a slot

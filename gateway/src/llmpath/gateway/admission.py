@@ -198,6 +198,11 @@ class Admission:
     def queue_depth(self) -> int:
         return len(self._waiters)
 
+    @property
+    def must_wait(self) -> bool:
+        """An :meth:`acquire` now would queue (or be refused for a full queue)."""
+        return self.inflight >= self.max_concurrency or bool(self._waiters)
+
     async def acquire(self) -> float:
         """Wait for a slot; returns the seconds waited. Raises :class:`AdmissionRejected`."""
         if self.inflight < self.max_concurrency and not self._waiters:

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llmpath.backends.base import Backend
 from llmpath.gateway import errors
@@ -405,6 +406,12 @@ class HotPath:
             response = await self.gateway.handle(Request(scope, receive), kind)
         except APIError as exc:
             response = exc.response()
+        except ClientDisconnect:  # gone while its body arrived or while it waited for admission: nobody to answer
+            annotate_request(client_disconnect=True)
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.start", "status": 499, "headers": []})  # recorded as 499
+                await send({"type": "http.response.body", "body": b""})
+            return
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self.gateway.draining or task is None:

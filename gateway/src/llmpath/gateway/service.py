@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from llmpath.backends.base import (
@@ -266,7 +266,7 @@ class Gateway:
             with stage("route") as st:
                 self.route_request(prepared, st, candidates)
             with stage("schedule") as st:
-                await self._admit(prepared, st)
+                await self._admit(prepared, st, request.receive)
         except BaseException:
             self.release(prepared)
             raise
@@ -411,7 +411,7 @@ class Gateway:
             self.metrics.predicted_tokens(p.route.config.name, predicted)
         annotate_request(predicted_cached_tokens=predicted)
 
-    async def _admit(self, p: Prepared, st: StageScope) -> None:
+    async def _admit(self, p: Prepared, st: StageScope, receive: Callable[[], Any]) -> None:
         try:
             requests = self.rates.check(p.principal.tenant, p.principal.rate)
             estimate = p.key.prompt_tokens + p.sampling.max_tokens
@@ -420,7 +420,10 @@ class Gateway:
             if p.tokens is not None:
                 limits |= p.tokens.bucket.headers("tokens")
             p.ratelimit_headers = [(k.encode(), v.encode()) for k, v in limits.items()]
-            waited = await self.admission.acquire()
+            if self.admission.must_wait:
+                waited = await self._queue_unless_gone(receive)
+            else:
+                waited = await self.admission.acquire()
         except AdmissionRejected as exc:
             if self.metrics is not None:
                 self.metrics.rejection(exc.reason)
@@ -432,6 +435,22 @@ class Gateway:
         annotate_request(gateway_queue_s=round(waited, 6))
         if p.tokens is not None:
             annotate_request(tokens_reserved=p.tokens.estimate)
+
+    async def _queue_unless_gone(self, receive: Callable[[], Any]) -> float:
+        """Wait in the admission queue while watching the client: one that disconnects leaves the queue at once
+        (``ClientDisconnect``) instead of holding its place until the queue timeout."""
+        acquire = asyncio.ensure_future(self.admission.acquire())
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await asyncio.wait((acquire, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not acquire.done():
+                acquire.cancel()  # leaves the queue (or passes on a slot granted meanwhile)
+                await asyncio.wait((acquire,))
+        if acquire.cancelled():
+            raise ClientDisconnect()
+        return acquire.result()  # the waited seconds, or AdmissionRejected
 
     def release(self, p: Prepared) -> None:
         """Give back what the request holds (idempotent); settle its token reservation with what it used."""
@@ -633,9 +652,10 @@ class BackendCallResponse(Response):
                     tracker.event(event)
             raise BackendError("the backend stream ended without a final event")
         except BackendError as exc:
-            error = _api_error(exc, p.kind)
+            error = _api_error(exc, p.kind, mid_response=True)
             call.set_error(type(exc).__name__)
             annotate_request(stream_error=error.code or type(exc).__name__)
+            tracker.settle()  # the tokens streamed so far, before the last message closes the usage record
             self._finished = True
             await send({"type": "http.response.body", "body": error.sse_event() + SSE_DONE, "more_body": False})
 
@@ -657,7 +677,8 @@ class BackendCallResponse(Response):
             raise BackendError("the backend stream ended without a final event")
         except BackendError as exc:
             call.set_error(type(exc).__name__)
-            await self._send_error(send, _api_error(exc, self.p.kind))
+            tracker.settle()  # the tokens generated so far, before the answer closes the usage record
+            await self._send_error(send, _api_error(exc, self.p.kind, mid_response=True))
 
     async def _end_early(self, send: Any, exc: APIError) -> None:
         """End a response cut short: the error as JSON if nothing was sent yet, as an SSE error event in a stream
@@ -687,12 +708,25 @@ class BackendCallResponse(Response):
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
+async def _disconnected(receive: Callable[[], Any]) -> None:
+    """Returns when the client disconnects (the request body has been read: ``receive`` has nothing else)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+#: How long the end of a backend's answer may take after its final event before the connection is closed instead.
+DRAIN_TIMEOUT_S = 1.0
+
+
 async def _drain(events: AsyncIterator[BackendEvent]) -> None:
     """Read the backend's stream to its end (``data: [DONE]``) so that its connection goes back to the pool;
-    closing it half-read would cost a new TCP connection per request."""
-    with contextlib.suppress(BackendError):
-        async for _ in events:
-            pass
+    closing it half-read would cost a new TCP connection per request. A backend that keeps the body open after its
+    final event gets :data:`DRAIN_TIMEOUT_S` (the request holds its admission slot meanwhile), then the connection
+    is closed."""
+    with contextlib.suppress(BackendError, TimeoutError):
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            async for _ in events:
+                pass
 
 
 class _Prefetched:
@@ -843,7 +877,9 @@ class _Tracker:
         self.call.set_usage(input_tokens=prompt, output_tokens=output, cached_tokens=cached)
 
 
-def _api_error(exc: BackendError, kind: str) -> APIError:
+def _api_error(exc: BackendError, kind: str, mid_response: bool = False) -> APIError:
+    """The client's error for a backend failure; ``mid_response``: after the backend's first event (a connection
+    lost then is the backend failing, not a busy backend to retry later)."""
     if isinstance(exc, BackendBadRequest):
         if exc.code == CONTEXT_LENGTH_EXCEEDED:
             return errors.context_length_exceeded(kind, f"The backend rejected the prompt: {exc}")
@@ -852,6 +888,6 @@ def _api_error(exc: BackendError, kind: str) -> APIError:
         )
     if isinstance(exc, BackendTimeout):
         return APIError(504, "The backend timed out.", type="server_error", code="backend_timeout")
-    if isinstance(exc, BackendUnavailable):
+    if isinstance(exc, BackendUnavailable) and not mid_response:
         return errors.no_backend("The backend is unavailable; retry later.")
     return APIError(502, "The backend failed.", type="server_error", code="backend_error")
