@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, MutableMapping
@@ -566,6 +567,7 @@ class BackendCallResponse(Response):
         """Open the backend stream and wait for its first event; retry elsewhere on connection failure."""
         gw, p = self.gateway, self.p
         retries = gw.config.routing.max_retries
+        retry_after = 0.0
         while True:
             state = gw.pool[p.decision.backend]
             scope = contextlib.ExitStack()
@@ -593,8 +595,12 @@ class BackendCallResponse(Response):
                     gw.pool.report_failure(state.name, f"connection failed: {type(exc.__cause__).__name__}")
                 p.tried.append(state.name)
                 gw.release_backend(p)
+                if exc.retry_after is not None:  # a busy backend's own Retry-After (429/503): the longest one
+                    retry_after = max(retry_after, exc.retry_after)
                 if len(p.tried) > retries:
-                    raise errors.no_backend("Every backend tried failed; retry later.") from None
+                    error = errors.no_backend("Every backend tried failed; retry later.")
+                    error.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+                    raise error from None
                 with stage("route") as st:
                     gw.route_request(p, st, retry=True)
                 continue

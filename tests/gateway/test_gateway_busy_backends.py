@@ -1,0 +1,69 @@
+"""Busy backends (429/503 with their own ``Retry-After``) over loopback: the gateway retries elsewhere, and when
+every backend it tried was busy its 503 asks the client to wait as long as the busiest one asked."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from llmpath.gateway.app import create_app
+from llmpath.gateway.config import load_config
+
+
+@pytest.fixture
+def busy_backend() -> Iterator[Callable[[int, str], str]]:
+    """Start servers answering every POST with ``status`` and ``Retry-After: retry_after``; returns their URLs."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(status: int, retry_after: str) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                body = b'{"error": {"message": "busy"}}'
+                self.send_response(status)
+                self.send_header("retry-after", retry_after)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_every_backend_busy_is_a_503_with_the_longest_retry_after(busy_backend) -> None:
+    config = load_config(
+        None,
+        {
+            "backends": [
+                {"url": busy_backend(429, "7"), "name": "throttled"},
+                {"url": busy_backend(503, "3"), "name": "overloaded"},
+            ],
+            "routing": {"max_retries": 1},
+            "insecure_no_auth": True,
+        },
+    )
+    app = create_app(config, registry=CollectorRegistry())
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        resp = await c.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_backend"
+    assert resp.headers["retry-after"] == "7"  # both were tried; the throttled one asked for the longest wait
+    [record] = app.state.waterfall.recent()
+    assert record.extra["retries"] == 1
+    await app.gateway.pool.stop()
