@@ -190,6 +190,7 @@ def test_failover_when_an_engine_is_killed(gw, stack, keys) -> None:
     assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "backend_error"
     cut = gw.record(request_id)
     assert cut["extra"]["backend"] == victim_name and cut["extra"]["stream_error"] == "backend_error"
+    assert (cut["status_code"], cut["error"]) == (502, "BackendUnreachable")  # a failure, though its 200 was sent
     assert cut["extra"]["usage_partial"] is True and cut["output_tokens"] >= 2 and cut["input_tokens"] > 0
     assert "decode" in {s["name"] for s in cut["stages"]}
 

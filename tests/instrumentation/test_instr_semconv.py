@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
@@ -19,7 +20,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
-from llmpath.instrumentation import instrument_app, model_call_span, record_usage
+from llmpath.instrumentation import fail_request, instrument_app, model_call_span, record_usage
 from tests.instrumentation.conftest import metric_points
 
 
@@ -235,6 +236,40 @@ async def test_a_499_recorded_before_the_response_started_sends_no_status(make_h
     [http] = metric_points(reader)["http.server.request.duration"]
     assert "http.response.status_code" not in http.attributes and http.attributes["error.type"] == "client_disconnect"
     meter_provider.shutdown()
+
+
+async def test_a_stream_that_fails_after_its_200_counts_as_the_failure_it_was(make_harness) -> None:
+    """An SSE stream whose backend broke mid-way (fail_request before the error event): Prometheus, the usage record
+    and the GenAI metric count a 502 with its error type; the span and the HTTP metric keep the 200 that was sent."""
+    app = FastAPI()
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader])
+    h = make_harness(app=app, meter_provider=meter_provider)
+
+    @app.get("/broken")
+    async def broken() -> StreamingResponse:
+        async def events() -> Any:
+            yield "data: {}\n\n"
+            fail_request(502, "BackendUnreachable")
+            yield 'data: {"error": {"code": "backend_error"}}\n\ndata: [DONE]\n\n'
+
+        record_usage(input_tokens=3, cached_tokens=0, output_tokens=1, model="tiny")
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async with h.client() as c:
+        assert (await c.get("/broken")).status_code == 200
+    assert h.value("llmpath_requests_total", route="/broken", model="tiny", code="502") == 1
+    assert (h.records[0].status_code, h.records[0].error) == (502, "BackendUnreachable")
+    span = h.span("GET /broken")
+    assert span.attributes["http.response.status_code"] == 200 and span.attributes["error.type"] == "BackendUnreachable"
+    assert span.status.status_code is StatusCode.ERROR
+    [http] = metric_points(reader)["http.server.request.duration"]
+    assert http.attributes["http.response.status_code"] == 200 and http.attributes["error.type"] == "BackendUnreachable"
+    [server] = metric_points(reader)["gen_ai.server.request.duration"]
+    assert server.attributes["error.type"] == "BackendUnreachable"
+    meter_provider.shutdown()
+    with pytest.raises(ValueError, match="HTTP status"):
+        fail_request(42, "x")
 
 
 async def test_genai_model_attributes_are_bounded_like_the_labels(make_harness) -> None:

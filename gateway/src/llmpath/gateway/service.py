@@ -66,6 +66,7 @@ from llmpath.instrumentation import (
     ModelCallSpan,
     StageScope,
     annotate_request,
+    fail_request,
     inject_trace_headers,
     mark_first_token,
     model_call_span,
@@ -661,6 +662,7 @@ class BackendCallResponse(Response):
             error = _api_error(exc, p.kind, mid_response=True)
             call.set_error(type(exc).__name__)
             annotate_request(stream_error=error.code or type(exc).__name__)
+            fail_request(error.status_code, type(exc).__name__)  # a failed request, though its 200 was sent
             tracker.settle()  # the tokens streamed so far, before the last message closes the usage record
             self._finished = True
             await send({"type": "http.response.body", "body": error.sse_event() + SSE_DONE, "more_body": False})

@@ -325,6 +325,20 @@ def annotate_request(**fields: Any) -> None:
         req.extra.update(fields)
 
 
+def fail_request(status_code: int, error_type: str) -> None:
+    """The response failed after its status line was sent (an error event in an SSE stream whose 200 is on the wire):
+    the request counts with ``status_code`` in ``llmpath_requests_total{code}`` and the usage record, with
+    ``error_type`` (short, content-free) as its error; spans and ``http.server.request.duration`` keep the status
+    that was sent, with ``error.type``. Call it before the response's last message."""
+    if not 100 <= int(status_code) <= 599:
+        raise ValueError(f"status_code must be an HTTP status (100-599), got {status_code!r}")
+    req = CURRENT.get()
+    if req is None or req.finished:
+        return
+    req.status_code = int(status_code)
+    req.error = str(error_type)
+
+
 def current_request() -> RequestTelemetry | None:
     """The live telemetry of the request being served (id, trace id, start, stage timeline), or ``None``."""
     return CURRENT.get()

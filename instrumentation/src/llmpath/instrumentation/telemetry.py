@@ -450,11 +450,13 @@ def _route_template(req: RequestTelemetry) -> str | None:
 
 
 def _sent_status(req: RequestTelemetry) -> int | None:
-    """The response's status for the spans and OTel metrics. A client that left is 499 only in the Prometheus
-    ``code`` label: here it is the status it was sent before it left, or none if the response had not started."""
-    if req.status_code != CLIENT_CLOSED_REQUEST:
-        return req.status_code
+    """The response's status for the spans and OTel metrics. A client that left (499) and a response that failed
+    after it started (:func:`fail_request`) have their status only in the Prometheus ``code`` label and the usage
+    record: here it is the status that was sent, or none if the response had not started."""
     sent = req.response_status
+    if req.status_code != CLIENT_CLOSED_REQUEST and (sent is None or sent == req.status_code):
+        return req.status_code
+    # The client left (499), or the response failed after it started (fail_request): the status it was sent.
     return None if sent is None or sent == CLIENT_CLOSED_REQUEST else sent
 
 
