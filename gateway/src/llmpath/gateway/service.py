@@ -446,7 +446,8 @@ class Gateway:
         try:
             await asyncio.wait((acquire, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
-            gone.cancel()
+            if not gone.cancel() and not gone.cancelled():
+                gone.exception()  # retrieved: a receive that failed means the client is gone too
             if not acquire.done():
                 acquire.cancel()  # leaves the queue (or passes on a slot granted meanwhile)
                 await asyncio.wait((acquire,))
