@@ -267,6 +267,19 @@ class OtlpCollector:
         with self._lock:
             return dict(self.histograms)
 
+    def settled_histograms(self, quiet_s: float = 1.5, timeout: float = 15) -> dict[HistogramKey, tuple[int, float]]:
+        """The histograms once no export has changed them for ``quiet_s`` (earlier requests all exported)."""
+        deadline = time.monotonic() + timeout
+        last, since = self.histogram_snapshot(), time.monotonic()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.histogram_snapshot()
+            if now != last:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return now
+        raise AssertionError("the exported histograms kept changing")
+
     def wait_for_histograms(
         self, predicate: Callable[[dict[HistogramKey, tuple[int, float]]], bool], timeout: float = 15
     ) -> dict[HistogramKey, tuple[int, float]]:
