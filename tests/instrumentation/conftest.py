@@ -12,6 +12,7 @@ import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -32,6 +33,26 @@ from llmpath.instrumentation import (
 )
 
 STAGE_SLEEP = 0.004
+
+
+@dataclass
+class Meters:
+    """An SDK MeterProvider reading into memory (``meters`` fixture): pass ``provider`` to the app under test."""
+
+    reader: InMemoryMetricReader
+    provider: MeterProvider
+
+    def points(self) -> dict[str, list[Any]]:
+        """OTel metric name → its data points now."""
+        return metric_points(self.reader)
+
+
+@pytest.fixture
+def meters() -> Iterator[Meters]:
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    yield Meters(reader, provider)
+    provider.shutdown()
 
 
 def metric_points(reader: InMemoryMetricReader) -> dict[str, list[Any]]:

@@ -13,8 +13,6 @@ import httpx
 import pytest
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse, StreamingResponse
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from prometheus_client import CollectorRegistry
 from prometheus_client import values as prometheus_values
 
@@ -39,7 +37,7 @@ from llmpath.instrumentation import (
     stage,
 )
 from llmpath.instrumentation.multiprocess import mark_process_dead, prepare_multiprocess_dir
-from tests.instrumentation.conftest import metric_points
+from tests.instrumentation.conftest import Meters
 
 
 @stage("validate")
@@ -167,14 +165,12 @@ async def test_inject_trace_headers_and_httpx_hook_sync_and_async(harness):
     assert call.attributes["gen_ai.response.time_to_first_chunk"] >= 0
 
 
-async def test_genai_metrics_through_a_configured_meter_provider(make_harness):
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    h = make_harness(meter_provider=meter_provider)
+async def test_genai_metrics_through_a_configured_meter_provider(meters: Meters, make_harness):
+    h = make_harness(meter_provider=meters.provider)
     async with h.client() as c:
         await c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
         await c.get("/items/1")  # no model: not a GenAI request
-    points = metric_points(reader)
+    points = meters.points()
     for name in (
         "gen_ai.server.request.duration",
         "gen_ai.server.time_to_first_token",
@@ -190,7 +186,6 @@ async def test_genai_metrics_through_a_configured_meter_provider(make_harness):
     tokens = {dict(p.attributes)["gen_ai.token.type"]: p.sum for p in points["gen_ai.client.token.usage"]}
     assert tokens == {"input": 120, "output": 5}
     assert points["gen_ai.client.operation.duration"][0].count == 1
-    meter_provider.shutdown()
 
 
 def test_model_call_span_outside_a_request_uses_the_global_tracer():

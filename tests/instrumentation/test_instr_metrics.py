@@ -9,8 +9,6 @@ import time
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,7 +27,7 @@ from llmpath.instrumentation import (
     stage,
 )
 from llmpath.instrumentation.exposition import render
-from tests.instrumentation.conftest import metric_points
+from tests.instrumentation.conftest import Meters
 
 BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hello"}]}
 PRE_FIRST_TOKEN = ["auth", "validate", "route", "assemble", "cache_lookup", "schedule", "prefill"]
@@ -284,13 +282,11 @@ async def test_usage_outside_requests_is_a_noop_and_bad_counts_are_rejected():
         record_usage(input_tokens=1, cached_tokens=2, output_tokens=1, model="m")
 
 
-async def test_error_responses_have_no_first_token(make_harness):
+async def test_error_responses_have_no_first_token(meters: Meters, make_harness):
     """A 4xx body is not a token: no TTFT/TPOT observation, no ``unattributed`` stage, ``ttft_s`` is null —
     unless the app called ``mark_first_token()`` itself."""
     app = FastAPI()
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    h = make_harness(app=app, meter_provider=meter_provider)
+    h = make_harness(app=app, meter_provider=meters.provider)
 
     @app.get("/denied")
     async def denied() -> JSONResponse:
@@ -329,7 +325,6 @@ async def test_error_responses_have_no_first_token(make_harness):
         assert by_route[route].ttft_s is None and by_route[route].unattributed_s is None, route
         assert by_route[route].tpot_s is None, route
     assert by_route["/marked"].ttft_s is not None and by_route["/marked"].unattributed_s is not None
-    genai = {name: sum(p.count for p in points) for name, points in metric_points(reader).items()}
+    genai = {name: sum(p.count for p in points) for name, points in meters.points().items()}
     assert genai["gen_ai.server.request.duration"] == 3  # the three requests with a model
     assert genai["gen_ai.server.time_to_first_token"] == 1  # only /marked
-    meter_provider.shutdown()

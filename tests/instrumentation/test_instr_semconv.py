@@ -21,7 +21,7 @@ from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
 from llmpath.instrumentation import fail_request, instrument_app, model_call_span, record_usage
-from tests.instrumentation.conftest import metric_points
+from tests.instrumentation.conftest import Meters, metric_points
 
 
 def semconv_app() -> FastAPI:
@@ -93,16 +93,14 @@ async def test_the_server_span_follows_the_http_conventions(make_harness) -> Non
     assert "client.address" not in attrs  # privacy: not recorded
 
 
-async def test_http_server_request_duration_is_recorded_once(make_harness) -> None:
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    h = make_harness(app=semconv_app(), meter_provider=meter_provider)
+async def test_http_server_request_duration_is_recorded_once(meters: Meters, make_harness) -> None:
+    h = make_harness(app=semconv_app(), meter_provider=meters.provider)
     async with h.client() as c:
         await c.get("/ok")
         await c.get("/unavailable")
         await c.request("PURGE", "/ok")
     by_status = {
-        p.attributes.get("http.response.status_code"): p for p in metric_points(reader)["http.server.request.duration"]
+        p.attributes.get("http.response.status_code"): p for p in meters.points()["http.server.request.duration"]
     }
     assert set(by_status) == {200, 503, 405}
     assert dict(by_status[200].attributes) == {
@@ -130,17 +128,14 @@ async def test_http_server_request_duration_is_recorded_once(make_harness) -> No
         assert "http.server.request.duration" not in names and names["http.server.duration"][0].count == 1
     finally:
         FastAPIInstrumentor.uninstrument_app(app)
-    meter_provider.shutdown()
     outer_meters.shutdown()
 
 
-async def test_genai_metrics_carry_the_calls_operation_and_backend(make_harness) -> None:
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    h = make_harness(app=semconv_app(), meter_provider=meter_provider)
+async def test_genai_metrics_carry_the_calls_operation_and_backend(meters: Meters, make_harness) -> None:
+    h = make_harness(app=semconv_app(), meter_provider=meters.provider)
     async with h.client() as c:
         assert (await c.post("/v1/completions")).status_code == 200
-    got = metric_points(reader)
+    got = meters.points()
     [server] = got["gen_ai.server.request.duration"]
     assert server.attributes["gen_ai.operation.name"] == "text_completion"  # not "chat"
     [client] = got["gen_ai.client.operation.duration"]
@@ -151,17 +146,14 @@ async def test_genai_metrics_carry_the_calls_operation_and_backend(make_harness)
         "server.address": "10.0.0.7",
         "server.port": 30000,
     }
-    meter_provider.shutdown()
 
 
-async def test_time_per_output_chunk_for_each_chunk_after_the_first(make_harness) -> None:
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    h = make_harness(app=semconv_app(), meter_provider=meter_provider)
+async def test_time_per_output_chunk_for_each_chunk_after_the_first(meters: Meters, make_harness) -> None:
+    h = make_harness(app=semconv_app(), meter_provider=meters.provider)
     async with h.client() as c:
         streamed = (await c.post("/v1/chat/completions")).json()
         assert (await c.post("/v1/chat/completions", params={"stream": "false"})).status_code == 200
-    got = metric_points(reader)
+    got = meters.points()
     [first] = got["gen_ai.client.operation.time_to_first_chunk"]  # the streamed call only
     [per_chunk] = got["gen_ai.client.operation.time_per_output_chunk"]
     assert first.count == 1 and per_chunk.count == 3
@@ -175,7 +167,6 @@ async def test_time_per_output_chunk_for_each_chunk_after_the_first(make_harness
     }
     [calls] = got["gen_ai.client.operation.duration"]
     assert calls.count == 2
-    meter_provider.shutdown()
 
 
 async def _serve_until_the_client_leaves(app: Any, leave_after_bodies: int) -> None:
@@ -214,13 +205,11 @@ async def test_a_client_that_left_keeps_the_status_it_was_sent(make_harness) -> 
     assert h.value("llmpath_requests_total", route="/stream", model="unknown", code="499") == 1
 
 
-async def test_a_499_recorded_before_the_response_started_sends_no_status(make_harness) -> None:
+async def test_a_499_recorded_before_the_response_started_sends_no_status(meters: Meters, make_harness) -> None:
     """A gateway records a client that left before the response started by answering 499 to nobody: the span
     has no status code and says client_disconnect, and so does gen_ai.server.request.duration."""
     app = FastAPI()
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    h = make_harness(app=app, meter_provider=meter_provider)
+    h = make_harness(app=app, meter_provider=meters.provider)
 
     @app.get("/left")
     async def left() -> JSONResponse:
@@ -231,20 +220,17 @@ async def test_a_499_recorded_before_the_response_started_sends_no_status(make_h
         await c.get("/left")
     span = h.span("GET /left")
     assert "http.response.status_code" not in span.attributes and span.attributes["error.type"] == "client_disconnect"
-    [server] = metric_points(reader)["gen_ai.server.request.duration"]
+    [server] = meters.points()["gen_ai.server.request.duration"]
     assert server.attributes["error.type"] == "client_disconnect"
-    [http] = metric_points(reader)["http.server.request.duration"]
+    [http] = meters.points()["http.server.request.duration"]
     assert "http.response.status_code" not in http.attributes and http.attributes["error.type"] == "client_disconnect"
-    meter_provider.shutdown()
 
 
-async def test_a_stream_that_fails_after_its_200_counts_as_the_failure_it_was(make_harness) -> None:
+async def test_a_stream_that_fails_after_its_200_counts_as_the_failure_it_was(meters: Meters, make_harness) -> None:
     """An SSE stream whose backend broke mid-way (fail_request before the error event): Prometheus, the usage record
     and the GenAI metric count a 502 with its error type; the span and the HTTP metric keep the 200 that was sent."""
     app = FastAPI()
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    h = make_harness(app=app, meter_provider=meter_provider)
+    h = make_harness(app=app, meter_provider=meters.provider)
 
     @app.get("/broken")
     async def broken() -> StreamingResponse:
@@ -263,21 +249,18 @@ async def test_a_stream_that_fails_after_its_200_counts_as_the_failure_it_was(ma
     span = h.span("GET /broken")
     assert span.attributes["http.response.status_code"] == 200 and span.attributes["error.type"] == "BackendUnreachable"
     assert span.status.status_code is StatusCode.ERROR
-    [http] = metric_points(reader)["http.server.request.duration"]
+    [http] = meters.points()["http.server.request.duration"]
     assert http.attributes["http.response.status_code"] == 200 and http.attributes["error.type"] == "BackendUnreachable"
-    [server] = metric_points(reader)["gen_ai.server.request.duration"]
+    [server] = meters.points()["gen_ai.server.request.duration"]
     assert server.attributes["error.type"] == "BackendUnreachable"
-    meter_provider.shutdown()
     with pytest.raises(ValueError, match="HTTP status"):
         fail_request(42, "x")
 
 
-async def test_genai_model_attributes_are_bounded_like_the_labels(make_harness) -> None:
+async def test_genai_model_attributes_are_bounded_like_the_labels(meters: Meters, make_harness) -> None:
     """A client choosing model names (a passthrough gateway) cannot grow the OTel series without bound either."""
     app = FastAPI()
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
-    h = make_harness(app=app, meter_provider=meter_provider, max_label_values={"model": 2})
+    h = make_harness(app=app, meter_provider=meters.provider, max_label_values={"model": 2})
 
     @app.post("/v1/chat/completions/{model}")
     async def chat(model: str) -> dict[str, bool]:
@@ -288,12 +271,11 @@ async def test_genai_model_attributes_are_bounded_like_the_labels(make_harness) 
     async with h.client() as c:
         for model in ("a", "b", "junk-1", "junk-2", "a"):
             await c.post(f"/v1/chat/completions/{model}")
-    got = metric_points(reader)
+    got = meters.points()
     for name in ("gen_ai.server.request.duration", "gen_ai.client.operation.duration"):
         models = {p.attributes["gen_ai.request.model"]: p.count for p in got[name]}
         assert models == {"a": 2, "b": 1, "__other__": 2}, name
     assert h.value("llmpath_requests_total", route="/v1/chat/completions/{model}", model="__other__", code="200") == 2
-    meter_provider.shutdown()
 
 
 async def test_no_http_duration_from_llmpath_when_the_fastapi_instrumentor_is_on_without_a_tracer_sdk() -> None:
