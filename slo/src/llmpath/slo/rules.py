@@ -126,11 +126,12 @@ def sli_windows(slo: SLOSpec, windows: AlertWindows) -> list[int]:
     return sorted(out)
 
 
-def alert_pairs(slo: SLOSpec, windows: AlertWindows) -> list[BurnWindow]:
-    """Every window pair of the SLO's enabled burn-rate and threshold alerts."""
-    pairs = [p for severity, meta in (("page", slo.page), ("ticket", slo.ticket)) if not meta.disable
-             for p in windows.burn_windows(severity)]  # fmt: skip
-    pairs += [threshold_pair(extra, windows) for extra in slo.extra_alerts if extra.kind == "threshold"]
+def alert_pairs(slo: SLOSpec, windows: AlertWindows, severity: str | None = None) -> list[BurnWindow]:
+    """Every window pair of the SLO's enabled burn-rate and threshold alerts (of one ``severity`` if given)."""
+    pairs = [p for sev, meta in (("page", slo.page), ("ticket", slo.ticket))
+             if not meta.disable and severity in (None, sev) for p in windows.burn_windows(sev)]  # fmt: skip
+    pairs += [threshold_pair(extra, windows) for extra in slo.extra_alerts
+              if extra.kind == "threshold" and severity in (None, extra.severity)]  # fmt: skip
     return pairs
 
 

@@ -486,18 +486,15 @@ def page_delay_warnings(slo: SLOSpec, windows: AlertWindows) -> list[Problem]:
     grows by one long window per long window, so the delay is ``long x factor x budget``. Low objectives make it
     long: at 95 %, Sloth's 14.4x over 1h needs 72 % of the last hour bad, 43 minutes into an outage.
     """
-    from llmpath.slo.rules import threshold_pair
+    from llmpath.slo.rules import alert_pairs
 
     budget = (100 - slo.objective) / 100
     if not 0 < budget < 1:
         return []
     try:
-        pairs = [] if slo.page.disable else list(windows.burn_windows("page"))
-        pages_on = [e for e in slo.extra_alerts if e.kind == "threshold" and e.severity == "page"]
-        pairs += [threshold_pair(e, windows) for e in pages_on]
         pages = [
             (parse_duration(p.long) * p.factor * budget, f"{go_float(p.factor)}x over {p.long}/{p.short}")
-            for p in pairs
+            for p in alert_pairs(slo, windows, "page")
             if p.factor * budget < 1
         ]
     except ValueError:  # an invalid window: reported by the other checks
