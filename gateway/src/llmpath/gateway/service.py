@@ -518,13 +518,10 @@ class BackendCallResponse(Response):
         assert main is not None
 
         async def watch_disconnect() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    if not self._finished:
-                        self._disconnected = True
-                        main.cancel()
-                    return
+            await _disconnected(receive)
+            if not self._finished:
+                self._disconnected = True
+                main.cancel()
 
         watcher = asyncio.get_running_loop().create_task(watch_disconnect())
         try:
