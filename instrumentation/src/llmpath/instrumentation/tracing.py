@@ -170,7 +170,7 @@ class ModelCallSpan:
         if self._genai is not None:
             usage = self._usage
             self._genai.record_client(
-                self._metric_attributes or self._client_metric_attributes(),
+                self._client_metric_attributes(),
                 duration=duration,
                 time_to_first_chunk=self._ttfc,
                 input_tokens=usage[0] if usage else None,
@@ -234,12 +234,13 @@ class ModelCallSpan:
             return
         now = perf_counter()
         if self._genai is not None:
-            attributes = self._metric_attributes or self._client_metric_attributes()
-            self._genai.client_tpoc.record(now - self._last_chunk, attributes)
+            self._genai.client_tpoc.record(now - self._last_chunk, self._client_metric_attributes())
         self._last_chunk = now
 
     def _client_metric_attributes(self) -> dict[str, Any]:
         """The ``gen_ai.client.*`` metrics' attributes (made once per call)."""
+        if self._metric_attributes is not None:
+            return self._metric_attributes
         base = {OPERATION: self.operation, PROVIDER: self.provider, REQUEST_MODEL: self._metric_model}
         address = self._attributes.get(SERVER_ADDRESS)
         if address is not None:  # recommended on the client metrics: one series per backend
