@@ -22,10 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	scripts/system-deps.sh test
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 # Rewrite the committed generated artefacts (dashboards and runbooks of the default SLO spec).
 regen: $(STAMP)

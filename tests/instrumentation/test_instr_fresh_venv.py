@@ -77,3 +77,32 @@ def test_instrumentation_installs_alone_into_a_fresh_venv(tmp_path):
     )
     absent = json.loads(out.stdout.strip().splitlines()[-1])["absent"]
     assert sorted(absent) == sorted(FORBIDDEN_MODULES), out.stdout
+
+    # PEP 561: the installed package is typed, so a gateway's own mypy checks its calls against llmpath's signatures.
+    user_code = tmp_path / "gateway_code.py"
+    user_code.write_text(TYPED_USER_CODE)
+    mypy = subprocess.run(
+        [str(Path(sys.executable).with_name("mypy")), "--python-executable", str(python), "--no-incremental",
+         "--strict", str(user_code)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    errors = [line for line in mypy.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1, mypy.stdout
+    assert 'gateway_code.py:9: error: Argument "output_tokens" to "record_usage" has incompatible type "str"' in (
+        errors[0]
+    ), mypy.stdout
+
+
+# A gateway's code as its own type checker sees it: line 9 passes a str where llmpath's signature says int.
+TYPED_USER_CODE = """\
+from llmpath.instrumentation import LLMPathMiddleware, record_usage, stage
+
+
+def handle() -> None:
+    with stage("route") as scope:
+        scope.set_attribute("llmpath.backend", "b1")
+    record_usage(input_tokens=5, cached_tokens=2, output_tokens=3, model="m")
+    middleware: LLMPathMiddleware | None = None
+    record_usage(input_tokens=5, cached_tokens=2, output_tokens="3", model="m")
+    print(middleware)
+"""

@@ -49,7 +49,7 @@ def _overrides(
         overrides["backends"] = [{"url": url, "kind": kind} for url in backends]
     if policy is not None:
         overrides["routing"] = {"policy": policy.value}
-    keys = [{"sha256": hash_key(k), "tenant": "default"} for k in api_keys]
+    keys: list[dict[str, Any]] = [{"sha256": hash_key(k), "tenant": "default"} for k in api_keys]
     keys += [{"sha256": hash_key(k), "tenant": "admin", "admin": True} for k in admin_keys]
     if keys:
         overrides["api_keys"] = keys  # replaces the file's keys: the command line wins

@@ -102,7 +102,7 @@ def _model(entry: Any, field: str) -> ModelPrice:
     for key in ("input", "output"):
         if key not in entry:
             raise PriceFileError(f"{field}: missing {key}")
-    values = {key: entry.get(key, entry["input"]) for key in _KEYS}
+    values: dict[str, Any] = {key: entry.get(key, entry["input"]) for key in _KEYS}
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
             raise PriceFileError(f"{field}.{key}: must be a price ≥ 0 per million tokens, got {value!r}")

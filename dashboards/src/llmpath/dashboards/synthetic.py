@@ -33,7 +33,7 @@ EVAL_TIME = "15m"
 
 
 def _label_sets(spec: catalog.MetricSpec) -> Iterable[dict[str, str]]:
-    values = []
+    values: list[tuple[str, ...]] = []
     for label in spec.labels:
         if spec.name.startswith("sglang:") and label == "stage":
             values.append(_SGLANG_STAGE)

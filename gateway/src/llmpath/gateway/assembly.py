@@ -15,7 +15,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -337,7 +337,7 @@ class RouteAssembler:
         # The query is prompt text, and an exception's message may quote it: shown only for the sample values.
         return self._render(self._context, "context_template", variables, with_message=sample)
 
-    def _render(self, template: Template, field: str, variables: dict[str, object], *, with_message: bool) -> str:
+    def _render(self, template: Template, field: str, variables: Mapping[str, object], *, with_message: bool) -> str:
         try:
             return template.render(**variables)
         except Exception as exc:  # any failure of a configured template is the gateway's 500

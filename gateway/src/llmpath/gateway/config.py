@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -491,12 +492,12 @@ def _template_problems(config: GatewayConfig, base: Path) -> list[Problem]:
     """The chat template (a relative path is relative to ``base``; it must load and render a user message) and every
     route's templates with it (each rendered once with sample values, the chat template with the messages the route
     adds)."""
-    from llmpath.backends.chat_template import render_chatml
+    from llmpath.backends.chat_template import Messages, render_chatml
     from llmpath.gateway.assembly import AssemblyError, RouteAssembler
     from llmpath.gateway.chat_template import check_renders, load_renderer
 
     problems: list[Problem] = []
-    render = render_chatml
+    render: Callable[[Messages], str] = render_chatml
     try:
         render = load_renderer(config.tokenizer.chat_template, base)
     except ValueError as exc:

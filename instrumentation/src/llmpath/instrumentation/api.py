@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from opentelemetry import context, trace
-from opentelemetry.trace import NonRecordingSpan, Status, StatusCode
+from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCode
 
 from llmpath.instrumentation.catalog import ATTR_TIMING_SOURCE, TIMING_SOURCES, validate_stage_name
 from llmpath.instrumentation.request import CURRENT, RequestTelemetry
@@ -42,6 +42,11 @@ class StageScope:
     """
 
     __slots__ = ("_base", "_ctx", "_others", "_parent", "_req", "_span", "_t0", "_token", "attributes", "name")
+    _ctx: SpanContext | None
+    _parent: SpanContext
+    _span: trace.Span | None
+    _t0: float
+    _token: object
 
     def __init__(self, name: str, attributes: dict[str, Any] | None = None) -> None:
         if name not in _VALID_NAMES:
@@ -120,7 +125,7 @@ class StageScope:
     def _exit_sampled(self, req: RequestTelemetry, t1: float, exc_type: type[BaseException] | None) -> None:
         # A generator closed early (a client that went away mid-stream) is not an error of the stage.
         error = None if exc_type is None or exc_type is GeneratorExit else exc_type.__qualname__
-        context.detach(self._token)  # type: ignore[arg-type]
+        context.detach(self._token)  # type: ignore[arg-type]  # attach()'s token
         ctx = self._ctx
         if ctx is not None:
             stage = (self.name, ctx, self._parent, self.attributes, self._t0, t1, error)

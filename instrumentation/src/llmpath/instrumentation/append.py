@@ -37,7 +37,7 @@ def _libc_write() -> Callable[[int, bytes, int], int] | None:
     # takes for a descriptor and a line (lengths stay far below 2**31), and checking declared argument types
     # costs about a third of the call.
     write.restype = ctypes.c_ssize_t
-    return write  # type: ignore[no-any-return]
+    return write
 
 
 _write = _libc_write()

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from llmpath.instrumentation.catalog import REQUEST_ID_HEADER
 from llmpath.instrumentation.middleware import FAILED_REQUEST_ID_KEY, LLMPathMiddleware
 
-Handler = Callable[[Request, Exception], Any]
+Handler = Callable[..., Any]  # Starlette's exception handler (its own type is a union)
 
 
 def tag_error_pages(stack: Any) -> None:

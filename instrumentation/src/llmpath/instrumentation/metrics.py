@@ -184,6 +184,7 @@ class PrometheusMetrics:
         rm = self._rm.get((route, model))
         if rm is None:
             rm = self._admit(guard, route, model, ttft, tpot, bool(stage_sums), usage)
+        tokens = None
         if usage is not None:
             tenant = tenant or UNKNOWN_LABEL_VALUE
             tokens = rm.tenants.get(tenant)
@@ -201,7 +202,7 @@ class PrometheusMetrics:
                 rm.tpot.add(tpot, exemplar)
             if stage_sums:
                 self._observe_stages(guard, rm, stage_sums, exemplar)
-            if usage is not None:
+            if tokens is not None and usage is not None:  # tokens: set whenever usage is
                 for child, n in zip(tokens, usage, strict=True):
                     if n:
                         child.add(n)
@@ -235,8 +236,8 @@ class PrometheusMetrics:
         if g_tenant is OVERFLOW_LABEL_VALUE:
             self.overflow.labels(TOKENS_TOTAL, "tenant").inc()  # counted on every request: not cached
         else:
-            rm.tenants[tenant] = children  # type: ignore[assignment]
-        return children  # type: ignore[return-value]
+            rm.tenants[tenant] = children
+        return children
 
     def join_groups(self, groups: Sequence[StageGroup]) -> None:
         """Count the members of a catalog's ``groups`` (custom stages added to a built-in group) in their group's

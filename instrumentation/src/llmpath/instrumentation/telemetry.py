@@ -218,10 +218,11 @@ class Instrumentation:
         if not self.fast_spans or SdkTracer is None:
             return None
         tracer = self.tracer
-        key = tracer if isinstance(tracer, SdkTracer) else trace.get_tracer_provider()
+        provider = None if isinstance(tracer, SdkTracer) else trace.get_tracer_provider()
+        key = tracer if provider is None else provider
         if key is not self._emitter_key:
-            if not isinstance(tracer, SdkTracer):
-                tracer = key.get_tracer(INSTRUMENTATION_NAME, __version__)
+            if provider is not None:
+                tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
             self._emitter = (
                 SdkSpanEmitter(tracer, INSTRUMENTATION_NAME, __version__) if isinstance(tracer, SdkTracer) else None
             )
@@ -306,7 +307,7 @@ class Instrumentation:
         route = req.route
         model = req.model or UNKNOWN_LABEL_VALUE
         code = req.status_code
-        exemplar = ({"trace_id": req.trace_id}, time()) if req.sampled and self.exemplars else None  # type: ignore[dict-item]
+        exemplar = ({"trace_id": format(req.trace_id_int, "032x")}, time()) if req.sampled and self.exemplars else None
         self.metrics.observe_request(
             self.guard, route, model, req.tenant, code, duration, ttft, tpot, sums, usage, exemplar
         )
@@ -340,9 +341,9 @@ class Instrumentation:
         unattributed: float | None,
         tpot: float | None,
     ) -> None:
-        usage = req.usage or _NO_USAGE
+        n_in, n_cached, n_out = req.usage or _NO_USAGE
         start = req.start
-        head = (req.request_id, req.trace_id, req.start_ns / 1e9, req.tenant, route, model, *usage)
+        head = (req.request_id, req.trace_id, req.start_ns / 1e9, req.tenant, route, model, n_in, n_cached, n_out)
         tail = (ttft, duration, code, unattributed, tpot, req.error)
         if not self.usage.needs_records:  # JSON-lines sinks only: serialise straight from the request
             self.usage.emit_line(usage_line(*head, stages, start, *tail, req.extra), req.request_id)

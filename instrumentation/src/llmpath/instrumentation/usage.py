@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Protocol, runtime_checkable
@@ -469,7 +469,7 @@ class UsageDispatcher:
         elif isinstance(sinks, list | tuple):
             items = sinks
         else:
-            items = (sinks,)
+            items = (sinks,)  # type: ignore[assignment]  # one sink (a Sequence is handled above)
         lines: list[tuple[str, Callable[[bytes], Any]]] = []
         objects: list[tuple[str, Callable[[UsageRecord], Any]]] = []
         for sink in items:

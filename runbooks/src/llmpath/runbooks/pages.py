@@ -88,7 +88,7 @@ class Page:
 
 def stage_meaning(stage: str | None, knowledge: Knowledge, stages: StageCatalog = STAGES) -> str:
     """The catalog's sentence for a stage or group (knowledge summary for ``unattributed`` and the path)."""
-    if stage in stages:
+    if stage is not None and stage in stages:
         return stages[stage].meaning
     if (group := stages.group(stage)) is not None:
         return group.meaning
@@ -108,7 +108,7 @@ def stage_position(stage: str | None, stages: StageCatalog = STAGES) -> str:
 
 def catalog_owner(stage: str | None, stages: StageCatalog = STAGES) -> str | None:
     """The catalog's owning team of a stage or stage group (None for the whole path)."""
-    if stage in stages or stage == UNATTRIBUTED:
+    if stage is not None and (stage in stages or stage == UNATTRIBUTED):
         return stages.owner(stage)
     if (group := stages.group(stage)) is not None:
         return group.owner

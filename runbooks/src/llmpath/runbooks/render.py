@@ -98,9 +98,9 @@ def build_runbooks(
 
 def _render_index(rows: list[IndexRow], sources: list[str], stages: StageCatalog, catalog: str | None) -> str:
     order = [*stages.names_with_unattributed, *(g.name for g in stages.groups)]
-    stages = sorted({r.stage for r in rows}, key=lambda s: (s is not None, order.index(s) if s in order else 99))
+    alerted = sorted({r.stage for r in rows}, key=lambda s: (s is not None, order.index(s) if s in order else 99))
     by_stage = []
-    for stage in stages:
+    for stage in alerted:
         items = [r for r in rows if r.stage == stage]
         by_stage.append((stage, ", ".join(sorted({r.team for r in items})), items))
     template = _environment().get_template("index.md.j2")

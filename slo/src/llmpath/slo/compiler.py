@@ -162,13 +162,13 @@ def compile_slos(docs: list[SpecDocument], options: CompileOptions | None = None
         doc_ids: set[str] = set()
         for slo in doc.slos:
             if slo.id in doc_ids:
-                log.error(f"SLO ID {slo.id!r} is repeated", **slo.where("name"))  # type: ignore[arg-type]
+                log.error(f"SLO ID {slo.id!r} is repeated", **slo.where("name"))
                 continue
             doc_ids.add(slo.id)
             if slo.id in seen_ids and not options.ignore_duplicates:
                 log.error(
                     f"SLO duplicated: ID {slo.id!r} already exists in {seen_ids[slo.id]}",
-                    **slo.where("name"),  # type: ignore[arg-type]
+                    **slo.where("name"),
                 )
                 continue
             seen_ids[slo.id] = doc.file
@@ -194,11 +194,11 @@ def _compile_one(
     try:
         period = parse_duration(period_text) if period_text else default_period
     except ValueError as exc:
-        log.error(str(exc), **slo.where(_period_field(doc)))  # type: ignore[arg-type]
+        log.error(str(exc), **slo.where(_period_field(doc)))
         return None
     windows = catalog_.get(period)
     if windows is None:
-        log.error(catalog_.unsupported_message(period), **slo.where(_period_field(doc)))  # type: ignore[arg-type]
+        log.error(catalog_.unsupported_message(period), **slo.where(_period_field(doc)))
         return None
     owner = slo.owner or (stage_owner(slo.stage, options.stages) if slo.stage else None)
     slo = replace(slo, labels={**slo.labels, **options.extra_labels}, owner=owner)
@@ -218,11 +218,11 @@ def _compile_one(
             key = (where.get("field"), message.replace("page alert: ", "").replace("ticket alert: ", ""))
             if key not in seen:
                 seen.add(key)
-                log.error(message, **where)  # type: ignore[arg-type]
+                log.error(message, **where)
         return None
     finally:
         for field, message in req.warnings:
-            log.warn(message, **slo.where(field))  # type: ignore[arg-type]
+            log.warn(message, **slo.where(field))
     if options.disable_alerts:
         slo_rules.alerts.rules = []
     if options.disable_recordings:
@@ -236,20 +236,20 @@ def _run_sli_plugin(slo: SLOSpec, options: CompileOptions, log: IssueLog) -> SLI
     if plugin is None:
         log.error(
             f"could not get plugin: SLI plugin {plugin_id!r} not found (load it with --plugins MODULE)",
-            **slo.where("sli.plugin.id"),  # type: ignore[arg-type]
+            **slo.where("sli.plugin.id"),
         )
         return None
     meta = {"service": slo.service, "slo": slo.name, "objective": f"{slo.objective:f}"}
     try:
         query = plugin(meta, dict(slo.service_labels), dict(slo.sli.plugin_options))
     except Exception as exc:
-        log.error(f"plugin {plugin_id!r} execution error: {exc}", **slo.where("sli.plugin"))  # type: ignore[arg-type]
+        log.error(f"plugin {plugin_id!r} execution error: {exc}", **slo.where("sli.plugin"))
         return None
     if not isinstance(query, str):
         log.error(
             f"SLI plugin {plugin_id!r} returned {type(query).__name__} {query!r}; an SLI plugin must return its "
             "error-ratio PromQL as a string (with {{.window}})",
-            **slo.where("sli.plugin.id"),  # type: ignore[arg-type]
+            **slo.where("sli.plugin.id"),
         )
         return None
     return SLI("raw", error_ratio_query=query, plugin_id=plugin_id)
@@ -444,7 +444,7 @@ def _check_generated_labels(item: Compiled, log: IssueLog) -> None:
         log.warn(
             f"generated label or annotation name {key!r} is not valid in Prometheus 2.x (promtool check rules will "
             "reject it); it came from a plugin's configuration",
-            **item.slo.where("plugins"),  # type: ignore[arg-type]
+            **item.slo.where("plugins"),
         )
 
 

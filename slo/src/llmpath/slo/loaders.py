@@ -156,12 +156,13 @@ class _DocLoader:
         if not isinstance(self.data, dict):
             self.log.error("a spec document must be a mapping", file=self.file)
             return None
-        model_cls: type[BaseModel] = {
+        models: dict[str, type[BaseModel]] = {
             PROMETHEUS_V1: schema.PV1Spec,
             K8S_V1: schema.K8sDoc,
             OPENSLO_V1ALPHA: schema.OSDoc,
             LLMPATH_V1: schema.LSpec,
-        }[kind]
+        }
+        model_cls = models[kind]
         strict = kind == LLMPATH_V1
         for loc, hint in schema.unknown_keys(self.data, model_cls):
             self.log.add(
@@ -182,7 +183,7 @@ class _DocLoader:
                 msg = str(err["msg"]).removeprefix("Value error, ")
                 if err["type"] == "missing":
                     msg = "required"
-                self.log.error(msg, slo=self._slo_of(loc, kind), **self.where(loc))  # type: ignore[arg-type]
+                self.log.error(msg, slo=self._slo_of(loc, kind), **self.where(loc))
             return None
         return self._map(kind, model)
 
@@ -295,7 +296,7 @@ class _DocLoader:
             elif objective.target is None:
                 problem, field = "target is required", (*loc, "target")
             if problem is not None:
-                self.log.error(f"could not map SLI: {problem}", slo=slo_id, **self.where(field))  # type: ignore[arg-type]
+                self.log.error(f"could not map SLI: {problem}", slo=slo_id, **self.where(field))
                 ok = False
                 continue
             assert rm is not None and objective.target is not None

@@ -6,12 +6,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-try:  # Python 3.11+: the regex parser lives in re._parser (sre_parse is a deprecated alias).
-    from re import _constants as sre_c  # type: ignore[attr-defined]
-    from re import _parser as sre_parse  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - older Pythons
-    import sre_constants as sre_c  # type: ignore[no-redef]
-    import sre_parse  # type: ignore[no-redef]
+# The regex parser (Python 3.11+ keeps it in re._parser; sre_parse is a deprecated alias).
+from re import _constants as sre_c  # type: ignore[attr-defined]
+from re import _parser as sre_parse  # type: ignore[attr-defined]
 
 _CANDIDATES = ("ok", "200", "500", "x", "0", "1", "a", "other", "none", "value")
 

@@ -26,6 +26,7 @@ import math
 import re
 import urllib.parse
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import PurePosixPath
@@ -255,13 +256,13 @@ class Simulation:
         first = max(0, born, math.ceil((t * s - leaf.range_s) / s))
         if t - first < 1:
             return None
-        v = self.values[idx]
-        assert v[t] is not None and v[first] is not None
-        delta = float(v[t] - v[first])
+        now, then = self.values[idx][t], self.values[idx][first]
+        assert now is not None and then is not None
+        delta = float(now - then)
         sampled = float((t - first) * s)
         to_start = float(first * s - (t * s - leaf.range_s))
-        if delta > 0 and v[first] >= 0:
-            to_zero = sampled * (v[first] / delta)
+        if delta > 0 and then >= 0:
+            to_zero = sampled * (then / delta)
             to_start = min(to_start, to_zero)
         avg = sampled / (t - first)
         interval = sampled + (to_start if to_start < avg * 1.1 else avg / 2)
@@ -622,7 +623,7 @@ def _burns(models: list[AlertModel], budget: float) -> tuple[float, float, float
     return fast, slow, low
 
 
-def _values_text(cum: list[float | int | None]) -> str:
+def _values_text(cum: Sequence[float | None]) -> str:
     """promtool's expanding notation for a value list (``a+bxn``: n + 1 values; ``_xn``: n missing samples)."""
     out: list[str] = []
     i = 0
@@ -790,12 +791,12 @@ def _expr_tests(plan: TestPlan, sim: Simulation, t: int) -> list[dict[str, Any]]
     if period_rule is not None and (item.slo.period_rule == "ratio_of_counts" or "count_over_time" in period_rule.expr):
         samples, remaining = [], []
         for g, group in enumerate(plan.fixture.groups):
-            value = sim.period_sli(g, t)
-            if value is None or math.isnan(value):
+            sli = sim.period_sli(g, t)
+            if sli is None or math.isnan(sli):
                 continue
-            samples.append((period_rule.record or "", {**group, **period_rule.labels}, value))
+            samples.append((period_rule.record or "", {**group, **period_rule.labels}, sli))
             if remaining_rule is not None:
-                burn = _div(value, 1 - item.slo.objective / 100)
+                burn = _div(sli, 1 - item.slo.objective / 100)
                 # period_burn_rate keeps the period SLI's labels (sloth_window included), as Sloth's rules do.
                 labels = {**group, **period_rule.labels, **remaining_rule.labels}
                 remaining.append((R.BUDGET_REMAINING, labels, 1 - burn))
@@ -811,9 +812,9 @@ def _expr_tests(plan: TestPlan, sim: Simulation, t: int) -> list[dict[str, Any]]
             continue
         samples = []
         for g, group in enumerate(plan.fixture.groups):
-            value = sim.recorded(record, g, t)
-            if value is not None and not math.isnan(value):
-                samples.append((record, {**group, **rule.labels}, value))
+            recorded = sim.recorded(record, g, t)
+            if recorded is not None and not math.isnan(recorded):
+                samples.append((record, {**group, **rule.labels}, recorded))
         if samples:
             out.append(_sample_test(f"{record}{{{flt}}}", t, samples, plan.step_s))
     return out
@@ -925,7 +926,7 @@ def generate_tests(compiled: list[Compiled], names: dict[int, str], log: IssueLo
             cases = [_test_case(plan, s) for s in _scenarios(plan)]
             name = test_file_name(item.slo.id, rule_file, ids[item.slo.id] > 1)
             if name in out:
-                log.error(f"promtool tests: two SLOs would write the test file {name!r}", **item.slo.where(""))  # type: ignore[arg-type]
+                log.error(f"promtool tests: two SLOs would write the test file {name!r}", **item.slo.where(""))
                 continue
             doc = {
                 "rule_files": [f"../{rule_file}"],
@@ -942,5 +943,5 @@ def generate_tests(compiled: list[Compiled], names: dict[int, str], log: IssueLo
             ]
             out[name] = "\n".join(lines) + "\n" + yaml.safe_dump(doc, sort_keys=False, width=1000)
             for note in plan.notes:
-                log.warn(f"promtool tests: {note}", **item.slo.where(""))  # type: ignore[arg-type]
+                log.warn(f"promtool tests: {note}", **item.slo.where(""))
     return out

@@ -167,9 +167,10 @@ def sli_rules(req: PluginRequest, optimized: bool = True) -> list[Rule]:
     period = format_duration(period_ms)
     base = format_duration(base_window(windows))
     flt = prom_filter(ids)
-    counted = slo.period_rule == PERIOD_RULE_COUNT and events is not None
-    if counted:
-        for name, query in ((ERROR_EVENTS, events[0]), (TOTAL_EVENTS, events[1])):
+    counted_events = events if slo.period_rule == PERIOD_RULE_COUNT else None
+    counted = counted_events is not None
+    if counted_events is not None:
+        for name, query in ((ERROR_EVENTS, counted_events[0]), (TOTAL_EVENTS, counted_events[1])):
             rules.append(
                 Rule(
                     expr=render_window(query, base),

@@ -125,7 +125,8 @@ def _parse(data: object, source: str, log: IssueLog) -> AlertWindows | None:
             )
             return None
         windows.append(Window(float(budget), short, long))
-    return AlertWindows(period, *windows, source=source)
+    page_quick, page_slow, ticket_quick, ticket_slow = windows  # in _TIERS order
+    return AlertWindows(period, page_quick, page_slow, ticket_quick, ticket_slow, source=source)
 
 
 def load_windows_file(path: Path, log: IssueLog) -> list[AlertWindows]:

@@ -49,7 +49,7 @@ class DuplicateKey:
     path: tuple[object, ...]
 
 
-class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
+class _Loader(_BaseLoader):
     line_offset = 0
     #: (key, (line, column), first (line, column), the mapping it is in), resolved to paths after loading.
     duplicates: list[tuple[str, tuple[int, int], tuple[int, int], LineDict]]

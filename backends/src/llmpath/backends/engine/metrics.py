@@ -53,12 +53,12 @@ class EngineMetrics:
                 self._child(name, **combo)
 
     def _make(self, spec: MetricSpec, buckets: dict[str, tuple[float, ...]]) -> Counter | Gauge | Histogram:
-        kw = {"name": spec.name, "documentation": spec.help, "labelnames": spec.labels, "registry": self.registry}
+        name, doc, labels, registry = spec.name, spec.help, spec.labels, self.registry
         if spec.kind == "counter":
-            return Counter(**kw)
+            return Counter(name, doc, labels, registry=registry)
         if spec.kind == "gauge":
-            return Gauge(**kw)
-        return Histogram(**kw, buckets=buckets[spec.name])
+            return Gauge(name, doc, labels, registry=registry)
+        return Histogram(name, doc, labels, registry=registry, buckets=buckets[spec.name])
 
     def _child(self, name: str, **extra: str) -> Counter | Gauge | Histogram:
         family = self._families[name]

@@ -221,11 +221,13 @@ def create_app(engine: Engine, on_shutdown: Callable[[], None] | None = None) ->
             raise ApiError(400, "return_logprob is not supported by this engine")
         if (req.text is None) == (req.input_ids is None):
             raise ApiError(400, "Either text or input_ids should be provided (exactly one).")
-        batch = isinstance(req.text, list) or (bool(req.input_ids) and isinstance(req.input_ids[0], list))
+        ids = req.input_ids
+        batch = isinstance(req.text, list) or (bool(ids) and isinstance(ids[0], list))  # type: ignore[index]
+        prompts: list[list[int]]
         if req.text is not None:
             prompts = [engine.encode(t) for t in (req.text if isinstance(req.text, list) else [req.text])]
         else:
-            prompts = req.input_ids if batch else [req.input_ids]  # type: ignore[list-item]
+            prompts = ids if batch else [ids]  # type: ignore[assignment, list-item]  # one of the two shapes
         raw_params = req.sampling_params
         param_list = raw_params if isinstance(raw_params, list) else [raw_params] * len(prompts)
         rids = req.rid if isinstance(req.rid, list) else [req.rid] * len(prompts)
@@ -333,7 +335,7 @@ def create_app(engine: Engine, on_shutdown: Callable[[], None] | None = None) ->
         if out.error:
             raise ApiError(*out.error)
         reason = out.meta["finish_reason"] or {}
-        finish = {"finish_reason": _FINISH.get(reason.get("type"), "stop"), "matched_stop": reason.get("matched")}
+        finish = {"finish_reason": _FINISH.get(reason.get("type", ""), "stop"), "matched_stop": reason.get("matched")}
         if chat:
             message = {"role": "assistant", "content": out.text, "reasoning_content": None, "tool_calls": None}
             choice = {"index": 0, "message": message, "logprobs": None, **finish}
@@ -454,8 +456,8 @@ class _ChunkShape:
         return self.chunk({"index": 0, **body, "logprobs": None, "finish_reason": None}, usage)
 
     def finish(self, reason: dict[str, Any], usage: dict[str, Any] | None) -> str:
-        body = {"delta": {}} if self.chat else {"text": ""}
-        fin = {"finish_reason": _FINISH.get(reason.get("type"), "stop"), "matched_stop": reason.get("matched")}
+        body: dict[str, Any] = {"delta": {}} if self.chat else {"text": ""}
+        fin = {"finish_reason": _FINISH.get(reason.get("type", ""), "stop"), "matched_stop": reason.get("matched")}
         return self.chunk({"index": 0, **body, "logprobs": None, **fin}, usage)
 
 

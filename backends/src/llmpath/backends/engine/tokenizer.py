@@ -55,7 +55,7 @@ class ByteTokenizer:
         self.special_ids = {tok: 256 + i for i, tok in enumerate(self.SPECIALS)}
         self.special_by_id = {v: k for k, v in self.special_ids.items()}
         self.bos_token_id: int | None = self.special_ids["<|begin_of_text|>"]
-        self.eos_token_ids = (self.special_ids["<|end_of_text|>"], self.special_ids["<|im_end|>"])
+        self.eos_token_ids: tuple[int, ...] = (self.special_ids["<|end_of_text|>"], self.special_ids["<|im_end|>"])
         self.sampleable_ids: Sequence[int] = [10, *range(32, 127), *self.eos_token_ids]
         self._split = re.compile("(" + "|".join(re.escape(s) for s in self.SPECIALS) + ")")
 
@@ -91,7 +91,7 @@ class ByteTokenizer:
         added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
                   "special": True} for t, i in self.special_ids.items()]  # fmt: skip
         byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-        spec = {
+        spec: dict[str, Any] = {
             "version": "1.0",
             "truncation": None,
             "padding": None,
