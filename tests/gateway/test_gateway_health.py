@@ -72,3 +72,56 @@ async def test_readyz_says_why_each_backend_is_down(kind: str, free_port, unheal
         "silent": "health check timed out after 0.3 s",
     }
     await app.gateway.pool.stop()
+
+
+class _Switchable(BaseHTTPRequestHandler):
+    """Health endpoints answering ``status[0]`` (set by the test)."""
+
+    status = [503]
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self.send_response(self.status[0])
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+async def test_a_backend_failing_its_first_probe_is_not_used_until_one_passes(caplog) -> None:
+    """Starting against an engine still loading: not ready, 503 at once; one passing probe brings it in. Once seen
+    healthy, a failed probe alone does not take it out (``eject_after_failures`` consecutive failures do)."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Switchable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    status = _Switchable.status = [503]
+    config = load_config(
+        None,
+        {"backends": [{"url": f"http://127.0.0.1:{server.server_address[1]}", "name": "loading"}],
+         "health": {"eject_after_failures": 3}, "insecure_no_auth": True},
+    )  # fmt: skip
+    app = create_app(config, registry=CollectorRegistry())
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+            await app.gateway.pool.check_all()  # the lifespan's first round
+            ready = await c.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            [backend] = ready.json()["backends"]
+            assert (backend["healthy"], backend["consecutive_failures"]) == (False, 1)
+            assert backend["last_error"] == "health check failed: answered HTTP 503"
+            refused = await c.post("/v1/chat/completions", json=body)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "no_backend", refused.text
+            assert "backend loading failed its first health check" in caplog.text
+
+            status[0] = 200
+            await app.gateway.pool.check_all()
+            assert (await c.get("/readyz")).status_code == 200
+            status[0] = 503
+            await app.gateway.pool.check_all()
+            ready = await c.get("/readyz")
+            assert ready.status_code == 200, ready.text  # one failure of three
+            assert ready.json()["backends"][0]["consecutive_failures"] == 1
+    finally:
+        await app.gateway.pool.stop()
+        server.shutdown()
+        server.server_close()

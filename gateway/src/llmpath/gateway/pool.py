@@ -142,6 +142,7 @@ class BackendPool:
         """Probe one backend now (skipped while it is ejected)."""
         if self.clock() < state.ejected_until:
             return False
+        first = state.last_check is None
         state.last_check = self.clock()
         try:
             ok = await asyncio.wait_for(state.backend.health(), self.health.timeout_s)
@@ -160,6 +161,11 @@ class BackendPool:
             self.report_success(state.name)
         else:
             self.report_failure(state.name, reason)
+            if first and state.healthy:  # never seen healthy (a wrong URL, an engine still loading): not used yet
+                state.healthy = False
+                log.warning("backend %s failed its first health check (%s): not used until one passes", state.name,
+                            reason)  # fmt: skip
+                self._changed(state)
         return ok
 
     async def check_all(self) -> None:
