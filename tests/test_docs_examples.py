@@ -79,6 +79,31 @@ def test_readme_quickstart_instruments_a_fastapi_app(tmp_path: Path, processes: 
     assert [s["name"] for s in record["stages"]] == ["auth", "route"]
 
 
+def test_log_filter_example_names_the_request_in_each_line() -> None:
+    """The instrumentation guide's logging set-up, then one line outside a request and one inside."""
+    block = block_with(ROOT / "docs" / "instrumentation.md", "RequestLogFilter()")
+    served = """
+import asyncio
+from llmpath.instrumentation import LLMPathMiddleware
+
+async def app(scope, receive, send):
+    logging.getLogger("gateway").warning("inside")
+    await send({"type": "http.response.start", "status": 204, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+async def noop(*args):
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+logging.getLogger("gateway").warning("outside")
+scope = {"type": "http", "method": "GET", "path": "/x", "headers": [(b"x-request-id", b"req-42")]}
+asyncio.run(LLMPathMiddleware(app)(scope, noop, noop))
+"""
+    out = subprocess.run([sys.executable, "-c", block + served], capture_output=True, text=True, timeout=60, check=True)
+    outside, inside = out.stderr.splitlines()
+    assert outside.endswith("WARNING gateway [- -] outside"), outside
+    assert inside.endswith("WARNING gateway [req-42 -] inside"), inside
+
+
 def test_slo_plugin_example_compiles_through_the_cli(tmp_path: Path, llmpath_bin: str) -> None:
     (tmp_path / "my_plugins.py").write_text(block_with(ROOT / "docs/slo.md", "SLI_PLUGINS"))
     spec = {

@@ -3,6 +3,7 @@ and serving from flags alone (passthrough route, OpenAI-compatible backend kind,
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -180,6 +181,43 @@ def test_serve_from_flags_with_an_openai_backend(llmpath_bin: str, processes, fr
     assert cut["status_code"] == 499 and cut["extra"]["usage_partial"] is True
     assert cut["extra"]["input_tokens_estimated"] is True and cut["input_tokens"] > 0
     assert 1 <= cut["output_tokens"] < 400
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_serve_logs_carry_the_request_id_and_trace_id(llmpath_bin: str, processes, free_port, log_format: str) -> None:
+    """Every line the gateway writes while serving a request names it (the id in ``x-request-id`` and the ledger,
+    the trace id); ``--log-format json`` makes every line a JSON object, uvicorn's access lines included."""
+    port = free_port()
+    cmd = [
+        llmpath_bin, "gateway", "serve", "--port", str(port), "--backend", f"http://127.0.0.1:{free_port()}",
+        "--api-key", "sk-one", "--access-log", "--log-format", log_format,
+    ]  # fmt: skip
+    gateway = processes.spawn("gateway", cmd, ready_url=f"http://127.0.0.1:{port}/healthz")
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    resp = httpx.post(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "a prompt that is never logged"}]},
+        headers={"Authorization": "Bearer sk-one", "traceparent": f"00-{trace_id}-b7ad6b7169203331-01"},
+    )
+    assert resp.status_code == 503  # the backend's port is closed: failed its first probe, never used
+    request_id = resp.headers["x-request-id"]
+    deadline = time.monotonic() + 10
+    while request_id not in (text := gateway.log_path.read_text()):
+        assert time.monotonic() < deadline, text
+        time.sleep(0.05)
+    assert "a prompt that is never logged" not in text and "sk-one" not in text
+    if log_format == "text":
+        assert f'"POST /v1/chat/completions HTTP/1.1" 503 request_id={request_id} trace_id={trace_id}' in text, text
+        assert "failed its first health check" in text
+        return
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]  # every line is JSON
+    [access] = [x for x in lines if x.get("request_id") == request_id]
+    assert access["logger"] == "uvicorn.access" and access["level"] == "INFO"
+    assert (access["method"], access["path"], access["status"], access["trace_id"]) == (
+        "POST", "/v1/chat/completions", 503, trace_id,
+    )  # fmt: skip
+    [probe] = [x for x in lines if "failed its first health check" in x["message"]]
+    assert probe["level"] == "WARNING" and "request_id" not in probe and probe["time"].endswith("+00:00")
 
 
 def _records(url: str) -> list[dict]:

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from llmpath.gateway.app import HOT_ENDPOINTS, HotPath, create_app
 from llmpath.gateway.config import hash_key, load_config
+from llmpath.instrumentation import RequestLogFilter
 
 KEY = "sk-hot-path-test"
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -73,11 +74,13 @@ async def test_an_unexpected_error_is_an_openai_500_and_is_logged(hot, monkeypat
         raise RuntimeError("boom")
 
     monkeypatch.setattr(app.gateway, "handle", broken)
+    caplog.handler.addFilter(RequestLogFilter())  # as the gateway's log handler has it
     async with client(app) as c:
         r = await c.post("/v1/chat/completions", json=CHAT, headers=_auth())
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert "boom" not in r.text
-    assert any("unexpected error" in rec.message for rec in caplog.records)
+    [logged] = [rec for rec in caplog.records if "unexpected error" in rec.message]
+    assert logged.exc_info is not None and logged.request_id == r.headers["x-request-id"]  # type: ignore[attr-defined]
     assert app.state.waterfall.recent()[0].status_code == 500
     assert r.headers["x-request-id"] == app.state.waterfall.recent()[0].request_id
 

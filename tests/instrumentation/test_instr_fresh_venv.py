@@ -88,8 +88,9 @@ def test_instrumentation_installs_alone_into_a_fresh_venv(tmp_path):
     )  # fmt: skip
     errors = [line for line in mypy.stdout.splitlines() if ": error:" in line]
     assert len(errors) == 1, mypy.stdout
-    assert 'gateway_code.py:9: error: Argument "output_tokens" to "record_usage" has incompatible type "str"' in (
-        errors[0]
+    assert (
+        'gateway_code.py:9: error: Argument "output_tokens" to "record_usage" has incompatible type "str"'
+        in (errors[0])
     ), mypy.stdout
 
 

@@ -28,6 +28,11 @@ class Policy(StrEnum):
     least_load = "least_load"
 
 
+class LogFormatChoice(StrEnum):
+    text = "text"
+    json = "json"
+
+
 def _overrides(
     host: str | None,
     port: int | None,
@@ -114,11 +119,17 @@ def serve(
     insecure_no_auth: bool = typer.Option(False, "--insecure-no-auth", help=_NO_AUTH_HELP),
     log_level: LogLevel = typer.Option(LogLevel.info, case_sensitive=False, help="Log level."),
     access_log: bool = typer.Option(False, help="Log one line per request (method, path, status; no bodies)."),
+    log_format: LogFormatChoice = typer.Option(
+        LogFormatChoice.text,
+        envvar="LLMPATH_GATEWAY_LOG_FORMAT",
+        help="text, or json: one JSON object per line. Lines logged while serving a request carry its request_id "
+        "and trace_id.",
+    ),
 ) -> None:
     """Serve the OpenAI-compatible gateway. SIGHUP (or POST /admin/reload) applies a changed --config file: API keys,
     limits and routes."""
     import gc
-    import logging
+    import logging.config
 
     overrides = _overrides(host, port, backend, backend_kind, policy, api_key, admin_key, insecure_no_auth)
     cfg = _load(config, overrides)
@@ -128,11 +139,12 @@ def serve(
     import uvicorn
 
     from llmpath.gateway.app import create_app
+    from llmpath.gateway.config import load_config
+    from llmpath.gateway.logs import logging_config
     from llmpath.gateway.server import DrainingServer
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per backend call is noise
-    from llmpath.gateway.config import load_config
+    log_config = logging_config(log_level, log_format.value)
+    logging.config.dictConfig(log_config)  # now, for what the gateway logs while it starts; uvicorn applies it again
 
     # SIGHUP and POST /admin/reload read the file again, with the same command-line overrides.
     reload_config = (lambda: load_config(config, overrides)) if config is not None else None
@@ -146,6 +158,7 @@ def serve(
         host=cfg.listen.host,
         port=cfg.listen.port,
         log_level=log_level.lower(),
+        log_config=log_config,
         access_log=access_log,
         timeout_graceful_shutdown=cfg.listen.drain_s,
     )

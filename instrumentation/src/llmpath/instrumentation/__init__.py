@@ -36,6 +36,7 @@ from llmpath.instrumentation.catalog import (
 )
 from llmpath.instrumentation.catalog_file import CatalogFileError, load_catalog
 from llmpath.instrumentation.guard import DEFAULT_MAX_LABEL_VALUES, CardinalityGuard
+from llmpath.instrumentation.logs import RequestLogFilter
 from llmpath.instrumentation.middleware import LLMPathMiddleware, get_instrumentation, instrument_app
 from llmpath.instrumentation.request import RequestTelemetry
 from llmpath.instrumentation.telemetry import DEFAULT_EXCLUDED_PATHS, Instrumentation, __version__
@@ -76,6 +77,7 @@ __all__ = [
     "MetricSpec",
     "ModelCallSpan",
     "PlacementError",
+    "RequestLogFilter",
     "RequestTelemetry",
     "SqliteUsageSink",
     "Stage",

@@ -1,0 +1,91 @@
+"""The gateway's logs: one handler on stderr for its own loggers and uvicorn's, text or JSON lines, every line of a
+request carrying its ``request_id`` and trace context (:class:`~llmpath.instrumentation.RequestLogFilter`).
+
+Never logs prompt text or keys: the gateway's own messages name requests by id, and uvicorn's access log (off unless
+``--access-log``) has the method, path and status only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
+
+from llmpath.instrumentation.logs import LOG_FIELDS, NO_VALUE
+
+LogFormat = Literal["text", "json"]
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: uvicorn's access-log record arguments, in its order (``uvicorn.logging.AccessFormatter``).
+_ACCESS_ARGS = ("client_addr", "method", "path", "http_version", "status")
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, then `` request_id=… trace_id=…`` for a line logged while serving a request."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        line = super().formatMessage(record)
+        request_id = getattr(record, "request_id", NO_VALUE)
+        if request_id != NO_VALUE:
+            line += f" request_id={request_id}"
+        trace_id = getattr(record, "trace_id", NO_VALUE)
+        if trace_id != NO_VALUE:
+            line += f" trace_id={trace_id}"
+        return line
+
+
+class JsonLinesFormatter(JsonFormatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``message``, the request's ids when it has them,
+    ``exc_info`` with a traceback; uvicorn's access lines add ``method``, ``path`` and ``status``."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "{levelname}{name}{message}",
+            style="{",
+            timestamp="time",  # ISO 8601, UTC
+            rename_fields={"levelname": "level", "name": "logger"},
+            # uvicorn's coloured copy of some messages is noise in a log pipeline.
+            reserved_attrs=[*RESERVED_ATTRS, "color_message"],
+        )
+
+    def add_fields(self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]) -> None:
+        super().add_fields(log_data, record, message_dict)
+        for field in LOG_FIELDS:
+            if log_data.get(field) == NO_VALUE:
+                del log_data[field]
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            access = dict(zip(_ACCESS_ARGS, record.args, strict=True))
+            log_data.update(method=access["method"], path=access["path"], status=access["status"])
+
+
+def logging_config(level: str, fmt: LogFormat) -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for the gateway process, uvicorn's loggers included (pass it to
+    ``uvicorn.Config(log_config=...)``, which applies it)."""
+    formatter = JsonLinesFormatter if fmt == "json" else TextFormatter
+    level = level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"request": {"()": "llmpath.instrumentation.RequestLogFilter"}},
+        "formatters": {"gateway": {"()": f"{__name__}.{formatter.__qualname__}"}},
+        "handlers": {
+            "stderr": {
+                "class": "logging.StreamHandler",
+                "stream": "ext://sys.stderr",
+                "formatter": "gateway",
+                "filters": ["request"],
+            }
+        },
+        "root": {"level": level, "handlers": ["stderr"]},
+        "loggers": {
+            # uvicorn's own handlers are replaced by the root's (one format for every line).
+            "uvicorn": {"level": level, "handlers": [], "propagate": True},
+            "uvicorn.error": {"level": level, "handlers": [], "propagate": True},
+            "uvicorn.access": {"level": level, "handlers": [], "propagate": True},
+            "httpx": {"level": "WARNING"},  # one line per backend call is noise
+        },
+    }
