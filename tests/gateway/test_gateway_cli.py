@@ -154,7 +154,8 @@ def test_serve_from_flags_with_an_openai_backend(llmpath_bin: str, processes, fr
     env = {"LLMPATH_GATEWAY_API_KEYS": "sk-one sk-two", "LLMPATH_GATEWAY_ADMIN_KEYS": "sk-root"}
     processes.spawn("gateway", cmd, ready_url=f"http://127.0.0.1:{port}/readyz", env=env)
     url = f"http://127.0.0.1:{port}"
-    body = {"model": "anything-goes", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    messages = [{"role": "user", "content": "hi"}]
+    body = {"model": "anything-goes", "messages": messages, "max_tokens": 3, "ignore_eos": True}
     for key in ("sk-one", "sk-two"):
         resp = httpx.post(f"{url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
         assert resp.status_code == 200, resp.text

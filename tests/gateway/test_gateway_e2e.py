@@ -118,6 +118,7 @@ def test_stream_with_usage_chunk(gw, client, keys) -> None:
         "model": "tiny",
         "messages": convo(SYSTEM_D, "stream please"),
         "max_tokens": 12,
+        "ignore_eos": True,  # sampled: twelve tokens even if EOS is drawn
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -143,7 +144,7 @@ def test_stream_with_usage_chunk(gw, client, keys) -> None:
 
 
 def test_text_completions(gw, client, keys) -> None:
-    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 5}
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 5, "ignore_eos": True}
     resp = client.post("/v1/completions", json=body, headers=keys.auth())
     assert resp.status_code == 200, resp.text
     out = resp.json()
@@ -532,7 +533,7 @@ def test_token_accounting_matches_the_engines(gw, stack, client, keys) -> None:
 
 
 def test_usage_ledger_has_every_request(gw, client, keys) -> None:
-    resp = chat(client, keys, convo(SYSTEM_B, "ledger"))
+    resp = chat(client, keys, convo(SYSTEM_B, "ledger"), ignore_eos=True)  # four tokens, even if EOS is sampled
     request_id = resp.headers["x-request-id"]
     deadline = time.monotonic() + 5
     while True:
@@ -561,7 +562,7 @@ def test_no_keys_or_prompt_text_in_the_logs(gw, client, keys) -> None:
 
 def test_trace_spans_per_stage_and_propagation_to_the_engine(gw, client, keys, otlp_collector) -> None:
     """Gateway and engines export to one OTLP collector; the engine's spans are children of the model call."""
-    resp = chat(client, keys, convo(SYSTEM_A, "trace me"))
+    resp = chat(client, keys, convo(SYSTEM_A, "trace me"), ignore_eos=True)  # sampled: EOS could end it early
     assert resp.status_code == 200
     trace_id = gw.record(resp.headers["x-request-id"])["trace_id"]
     assert trace_id and len(trace_id) == 32
@@ -575,7 +576,9 @@ def test_trace_spans_per_stage_and_propagation_to_the_engine(gw, client, keys, o
     server = next(s for s in gateway if s["kind"] == 2)  # SPAN_KIND_SERVER
     call = next(s for s in gateway if s["kind"] == 3)  # SPAN_KIND_CLIENT: the model call
     assert call["name"] == "chat tiny" and call["parent_id"] == server["span_id"]
-    assert call["attributes"]["gen_ai.usage.output_tokens"] == 4
+    usage = resp.json()["usage"]
+    assert call["attributes"]["gen_ai.usage.output_tokens"] == usage["completion_tokens"] == 4
+    assert call["attributes"]["gen_ai.usage.input_tokens"] == usage["prompt_tokens"]
     assert "gen_ai.usage.cache_read.input_tokens" in call["attributes"]
     stage_spans = [s for s in gateway if "llmpath.stage.name" in s["attributes"]]
     assert {s["attributes"]["llmpath.stage.name"] for s in stage_spans} == set(STAGES.names)

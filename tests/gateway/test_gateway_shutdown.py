@@ -34,7 +34,8 @@ def start(stack, keys, engine, name: str, drain_s: float, **limits: Any):
 
 
 def slow_chat(gw, keys) -> httpx.Response:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "drain me"}], "max_tokens": 3, "stream": True}
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "drain me"}], "max_tokens": 3, "stream": True,
+            "ignore_eos": True}  # fmt: skip
     with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(), timeout=30) as resp:
         resp.read()
         return resp
