@@ -202,6 +202,11 @@ def test_failover_when_an_engine_is_killed(gw, stack, keys) -> None:
     assert rec["extra"]["retries"] == 1
     routes = [s for s in rec["stages"] if s["name"] == "route"]
     assert len(routes) == 2  # the first choice and the retry, both in the waterfall
+    retried = f"WARNING llmpath.gateway: backend {victim_name}: connection failed: ClientConnectorError; retrying on"
+    assert any(
+        retried in line and line.endswith(f"request_id={rec['request_id']}")  # no trace context here
+        for line in gw.log.read_text().splitlines()
+    ), "the retry is not in the gateway's log with the request's id"
 
     # streaming requests fail over too (nothing was streamed yet)
     streamed = post(gw, keys, PREFIX + "streamed", stream=True)

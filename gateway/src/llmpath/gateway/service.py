@@ -590,13 +590,18 @@ class BackendCallResponse(Response):
                 await events.aclose()
                 call.set_error("unavailable")
                 scope.close()
-                if isinstance(exc, BackendUnreachable):  # no answer at all (not a busy 503)
-                    gw.pool.report_failure(state.name, f"connection failed: {type(exc.__cause__).__name__}")
                 p.tried.append(state.name)
+                last = len(p.tried) > retries
+                if isinstance(exc, BackendUnreachable):  # no answer at all (not a busy 503)
+                    reason = f"connection failed: {type(exc.__cause__).__name__}"
+                    log.warning("backend %s: %s%s", state.name, reason, "" if last else "; retrying on another")
+                    gw.pool.report_failure(state.name, reason)
+                else:  # busy: frequent under overload, and counted in the backend's own metrics
+                    log.debug("backend %s busy%s", state.name, "" if last else "; retrying on another")
                 gw.release_backend(p)
                 if exc.retry_after is not None:  # a busy backend's own Retry-After (429/503): the longest one
                     retry_after = max(retry_after, exc.retry_after)
-                if len(p.tried) > retries:
+                if last:
                     error = errors.no_backend("Every backend tried failed; retry later.")
                     error.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
                     raise error from None
