@@ -24,6 +24,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	scripts/compat.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -35,4 +36,4 @@ regen: $(STAMP)
 	$(BIN)/llmpath runbooks build -o runbooks/generated
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VENV)-3.* build .pytest_cache .ruff_cache .mypy_cache
