@@ -26,8 +26,8 @@ LOG_FIELDS = ("request_id", "trace_id", "span_id")
 
 class RequestLogFilter(logging.Filter):
     """Adds ``request_id``, ``trace_id`` (32 hex digits) and ``span_id`` (16) to every record; ``-`` for what is
-    unknown (a record logged outside a request, or without tracing). Values already on a record (``extra=``) are
-    kept. Never filters anything out."""
+    unknown (a record logged outside a request, or without tracing; the ``span_id`` of a span not sampled). Values
+    already on a record (``extra=``) are kept. Never filters anything out."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         fields = record.__dict__
@@ -36,7 +36,9 @@ class RequestLogFilter(logging.Filter):
         req = CURRENT.get()
         ctx = trace.get_current_span().get_span_context()
         if ctx.is_valid:
-            trace_id, span_id = format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+            trace_id = format(ctx.trace_id, "032x")
+            # An unsampled span is never exported: its id would lead nowhere.
+            span_id = format(ctx.span_id, "016x") if ctx.trace_flags.sampled else NO_VALUE
         else:
             trace_id = NO_VALUE if req is None or not req.trace_id_int else format(req.trace_id_int, "032x")
             span_id = NO_VALUE
