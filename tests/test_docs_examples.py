@@ -182,11 +182,17 @@ def test_gunicorn_hooks_example_is_a_loadable_config(tmp_path: Path) -> None:
 
 def test_the_scrape_page_of_the_deploy_guide_fires_when_no_gateway_is_scraped(tmp_path: Path, require_binary) -> None:
     """docs/deploy.md's target-down rule, run by promtool: silent while one of two gateways is up, a page 2 minutes
-    after the last one goes down, and a page when the job has no target at all."""
+    after the last one goes down, and a page when the job has no target at all; and its lost-usage-records ticket."""
     promtool = require_binary("promtool")
     (block,) = [b for b in re.findall(r"^```yaml\n(.*?)^```", (ROOT / "docs/deploy.md").read_text(), re.S | re.M)
                 if "LLMPathGatewayDown" in b]  # fmt: skip
     (tmp_path / "targets.yaml").write_text(block)
+    lost = 'llmpath_usage_record_failures_total{job="llmpath-gateway",instance="a",sink="jsonl"}'
+    ticket = {
+        "exp_labels": {"sloth_severity": "ticket", "severity": "warning", "owner": "gateway", "instance": "a",
+                       "sink": "jsonl"},
+        "exp_annotations": {"summary": "The jsonl usage ledger of a is losing records (see its log)."},
+    }  # fmt: skip
     page = {
         "exp_labels": {"sloth_severity": "page", "severity": "critical", "owner": "gateway"},
         "exp_annotations": {"summary": "Prometheus scrapes no llmpath gateway: every SLO of the LLM API is blind."},
@@ -212,6 +218,15 @@ def test_the_scrape_page_of_the_deploy_guide_fires_when_no_gateway_is_scraped(tm
                 "input_series": [{"series": 'up{job="other"}', "values": "1x10"}],
                 "alert_rule_test": [
                     {"eval_time": "3m", "alertname": "LLMPathGatewayDown", "exp_alerts": [page]},
+                ],
+            },
+            {
+                "interval": "1m",  # the ledger's sink at 0 from the start, then 3 records lost at 6m
+                "input_series": [{"series": lost, "values": "0x5 3x20"}],
+                "alert_rule_test": [
+                    {"eval_time": "5m", "alertname": "LLMPathUsageRecordsLost", "exp_alerts": []},
+                    {"eval_time": "7m", "alertname": "LLMPathUsageRecordsLost", "exp_alerts": [ticket]},
+                    {"eval_time": "17m", "alertname": "LLMPathUsageRecordsLost", "exp_alerts": []},  # 10m later
                 ],
             },
         ],

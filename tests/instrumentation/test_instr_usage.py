@@ -214,3 +214,61 @@ def test_append_all_writes_whole_lines_and_reports_errors(tmp_path, monkeypatch,
     finally:
         os.close(read_only)
     assert path.read_bytes() == b"".join(lines)
+
+
+class FlakySink:
+    """Fails with ``OSError`` while ``broken``, else keeps the records."""
+
+    def __init__(self) -> None:
+        self.broken = True
+        self.records: list[UsageRecord] = []
+
+    def write(self, record: UsageRecord) -> None:
+        if self.broken:
+            raise OSError(28, "No space left on device")
+        self.records.append(record)
+
+
+async def test_a_failing_sink_is_counted_logged_once_and_its_recovery_noted(make_harness, caplog) -> None:
+    flaky = FlakySink()
+    h = make_harness(usage_sink=flaky)
+    assert h.registry.get_sample_value("llmpath_usage_record_failures_total", {"sink": "FlakySink"}) == 0.0
+    caplog.set_level(logging.WARNING, logger="llmpath.instrumentation.usage")
+    async with h.client() as client:
+        for _ in range(5):
+            assert (await client.get("/items/1")).status_code == 200  # the request never notices
+        flaky.broken = False
+        assert (await client.get("/items/2")).status_code == 200
+    assert h.value("llmpath_usage_record_failures_total", sink="FlakySink") == 5
+    assert len(flaky.records) == 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages  # the first failure, then the recovery: not one line per lost record
+    assert messages[0].startswith("usage sink FlakySink failed for request ")
+    assert messages[0].endswith(": OSError: [Errno 28] No space left on device")
+    assert messages[1].startswith("usage sink FlakySink writes again (4 more failed since the last message")
+
+
+async def test_a_full_disk_loses_records_it_counts(make_harness, caplog) -> None:
+    """``/dev/full`` answers every write with ENOSPC, as a full disk does."""
+    h = make_harness(usage_sink=JsonlUsageSink("/dev/full"))
+    async with h.client() as client:
+        for _ in range(3):
+            assert (await client.get("/items/1")).status_code == 200
+    assert h.value("llmpath_usage_record_failures_total", sink="jsonl") == 3
+    [logged] = [r for r in caplog.records if "usage sink jsonl failed" in r.getMessage()]
+    assert "No space left on device" in logged.getMessage()
+
+
+def test_repeated_failures_are_summarised_once_per_interval(monkeypatch, caplog) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("llmpath.instrumentation.usage.monotonic", lambda: clock[0])
+    failures: list[str] = []
+    dispatcher = UsageDispatcher(FlakySink(), on_failure=failures.append)
+    for step in range(130):  # one failure a second for 130 s
+        clock[0] = 1000.0 + step
+        dispatcher.emit(sample_record(request_id=f"r{step}"))
+    assert failures == ["FlakySink"] * 130
+    messages = [r.getMessage() for r in caplog.records if r.name == "llmpath.instrumentation.usage"]
+    assert len(messages) == 3  # at 0 s, 60 s and 120 s
+    assert "(59 more failed since the last message)" in messages[1] and "r60" in messages[1]
+    assert "(59 more failed since the last message)" in messages[2] and "r120" in messages[2]

@@ -370,3 +370,10 @@ def _tokens_row(b: Board) -> None:
         [Query(f"{sum_rate(sel(catalog.LABEL_OVERFLOW_TOTAL), ['metric', 'label'])} or vector(0)",
                "{{metric}} {{label}}")], w=8,
     )  # fmt: skip
+    b.timeseries(
+        "health:usage_failures", "Usage records lost/s by sink",
+        "Usage records a ledger sink failed to write (disk full, permissions, a locked SQLite database): the "
+        "requests were served, their token accounting is missing from that sink. The gateway logs the error once "
+        "a minute while it lasts.", "ops",
+        [Query(f"{sum_rate(sel(catalog.USAGE_RECORD_FAILURES_TOTAL), ['sink'])} or vector(0)", "{{sink}}")], w=8,
+    )  # fmt: skip

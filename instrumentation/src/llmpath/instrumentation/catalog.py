@@ -283,6 +283,7 @@ TIME_PER_OUTPUT_TOKEN = "llmpath_time_per_output_token_seconds"
 TOKENS_TOTAL = "llmpath_tokens_total"
 STAGE_GROUP_DURATION = "llmpath_stage_group_duration_seconds"
 LABEL_OVERFLOW_TOTAL = "llmpath_label_overflow_total"
+USAGE_RECORD_FAILURES_TOTAL = "llmpath_usage_record_failures_total"
 
 # Gateway (reference gateway) metrics.
 PROMPT_CACHE_LOOKUPS_TOTAL = "llmpath_prompt_cache_lookups_total"
@@ -345,6 +346,12 @@ METRICS: tuple[MetricSpec, ...] = (
         "counter",
         ("metric", "label"),
         "Label values replaced by __other__ by the cardinality guard.",
+    ),
+    MetricSpec(
+        USAGE_RECORD_FAILURES_TOTAL,
+        "counter",
+        ("sink",),
+        "Usage records a ledger sink failed to write (disk full, permissions, a locked database): lost to that sink.",
     ),
     MetricSpec(
         PROMPT_CACHE_LOOKUPS_TOTAL,

@@ -32,6 +32,7 @@ from llmpath.instrumentation.catalog import (
     TOKENS_TOTAL,
     TPOT_BUCKETS,
     UNKNOWN_LABEL_VALUE,
+    USAGE_RECORD_FAILURES_TOTAL,
     MetricSpec,
     StageGroup,
 )
@@ -121,6 +122,12 @@ class PrometheusMetrics:
         self.tokens = self._counter(TOKENS_TOTAL)
         self.overflow = Counter(
             LABEL_OVERFLOW_TOTAL, _help(LABEL_OVERFLOW_TOTAL), _labels(LABEL_OVERFLOW_TOTAL), registry=reg
+        )
+        self.usage_failures = Counter(
+            USAGE_RECORD_FAILURES_TOTAL,
+            _help(USAGE_RECORD_FAILURES_TOTAL),
+            _labels(USAGE_RECORD_FAILURES_TOTAL),
+            registry=reg,
         )
         self.groups = tuple(groups)
         self._rm: dict[tuple[str, str], _RouteModel] = {}

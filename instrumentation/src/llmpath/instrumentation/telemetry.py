@@ -105,7 +105,10 @@ class Instrumentation:
         self.tracer = trace.get_tracer(INSTRUMENTATION_NAME, __version__, tracer_provider=tracer_provider)
         self.genai = GenAIMetrics(meter_provider, __version__)
         self.guard = CardinalityGuard(max_label_values)
-        self.usage = UsageDispatcher(usage_sink)
+        failures = self.metrics.usage_failures
+        self.usage = UsageDispatcher(usage_sink, on_failure=lambda sink: failures.labels(sink).inc())
+        for sink in self.usage.sink_names:  # at 0 from the start, so that increase() sees the first failure
+            failures.labels(sink)
         self.metrics_path = metrics_path
         self.catalog = catalog
         self.owners = {s.name: s.owner for s in catalog}

@@ -6,6 +6,7 @@ Records carry ids, labels, token counts and timings only — never prompt or com
 from __future__ import annotations
 
 import gzip
+import inspect
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
+from time import monotonic
 from typing import IO, Any, NamedTuple, Protocol, runtime_checkable
 
 from .append import append_all
@@ -453,17 +455,48 @@ class SqliteUsageSink:
         return f"SqliteUsageSink({str(self.path)!r})"
 
 
+#: A failing sink logs at most one line per this many seconds (with how many records it lost meanwhile).
+FAILURE_LOG_INTERVAL_S = 60.0
+
+
+def sink_name(sink: object) -> str:
+    """A sink's short, stable name: the ``sink`` label of ``llmpath_usage_record_failures_total`` and its log lines
+    (``jsonl``, ``sqlite``, else the class or function name; never a path or a credential)."""
+    if isinstance(sink, JsonlUsageSink):
+        return "jsonl"
+    if isinstance(sink, SqliteUsageSink):
+        return "sqlite"
+    if inspect.isfunction(sink) or inspect.ismethod(sink) or inspect.isbuiltin(sink):
+        return str(sink.__qualname__)
+    return type(sink).__name__
+
+
+@dataclass(slots=True)
+class _Failing:
+    """A sink failing now: when its last line was logged, and how many failures since then went unlogged."""
+
+    logged_at: float
+    unlogged: int = 0
+
+
 class UsageDispatcher:
-    """Hands each record to every sink; a failing sink is logged (type and message only) and never raises.
+    """Hands each record to every sink; a failing sink never breaks the request.
+
+    A failure is counted (``on_failure(sink_name)``: the instrumentation's ``llmpath_usage_record_failures_total``)
+    and logged with its type and message only: the first at once, then at most one line per sink every
+    :data:`FAILURE_LOG_INTERVAL_S` with how many failed meanwhile (a full disk fails every request), and one line
+    when the sink writes again.
 
     Sinks with ``write_line(bytes)`` (:class:`JsonlUsageSink`) take the serialised line; when every sink does,
     :attr:`needs_records` is false and the instrumentation serialises requests straight into lines (no
     :class:`UsageRecord` is built).
     """
 
-    __slots__ = ("_line_sinks", "_object_sinks", "_sinks", "needs_records")
+    __slots__ = ("_failing", "_line_sinks", "_object_sinks", "_on_failure", "_sinks", "needs_records")
 
-    def __init__(self, sinks: SinkLike | Sequence[SinkLike] | None) -> None:
+    def __init__(
+        self, sinks: SinkLike | Sequence[SinkLike] | None, on_failure: Callable[[str], Any] | None = None
+    ) -> None:
         if sinks is None:
             items: Iterable[SinkLike] = ()
         elif isinstance(sinks, list | tuple):
@@ -476,21 +509,29 @@ class UsageDispatcher:
             write_line = getattr(sink, "write_line", None)
             write = getattr(sink, "write", None)
             if callable(write_line):
-                lines.append((repr(sink), write_line))
+                lines.append((sink_name(sink), write_line))
             elif callable(write):
-                objects.append((repr(sink), write))
+                objects.append((sink_name(sink), write))
             elif callable(sink):
-                objects.append((getattr(sink, "__qualname__", repr(sink)), sink))
+                objects.append((sink_name(sink), sink))
             else:
                 raise TypeError(f"usage_sink must be a sink with write(record), a callable or a list; got {sink!r}")
         self._sinks = tuple(items)
         self._line_sinks = tuple(lines)
         self._object_sinks = tuple(objects)
+        self._on_failure = on_failure
+        #: Sinks failing now, by name.
+        self._failing: dict[str, _Failing] = {}
         #: Whether a sink needs :class:`UsageRecord` objects (else :meth:`emit_line` is enough).
         self.needs_records = bool(objects)
 
     def __bool__(self) -> bool:
         return bool(self._sinks)
+
+    @property
+    def sink_names(self) -> tuple[str, ...]:
+        """The sinks' names (:func:`sink_name`), each once."""
+        return tuple(dict.fromkeys(name for name, _ in (*self._object_sinks, *self._line_sinks)))
 
     def emit(self, record: UsageRecord) -> None:
         """Write ``record`` to every sink."""
@@ -504,12 +545,42 @@ class UsageDispatcher:
         for name, write_line in self._line_sinks:
             self._call(name, write_line, line, request_id)
 
-    @staticmethod
-    def _call(name: str, write: Callable[[Any], Any], item: Any, request_id: str) -> None:
+    def _call(self, name: str, write: Callable[[Any], Any], item: Any, request_id: str) -> None:
         try:
             write(item)
         except Exception as exc:  # a ledger failure must never break the request
+            self._failed(name, exc, request_id)
+        else:
+            if self._failing and name in self._failing:
+                self._recovered(name)
+
+    def _failed(self, name: str, exc: Exception, request_id: str) -> None:
+        if self._on_failure is not None:
+            try:
+                self._on_failure(name)
+            except Exception:  # the counter must not be what breaks the request
+                logger.exception("counting a usage sink failure failed")
+        now = monotonic()
+        state = self._failing.get(name)
+        if state is None:
+            self._failing[name] = _Failing(now)
             logger.error("usage sink %s failed for request %s: %s: %s", name, request_id, type(exc).__name__, exc)
+        elif now - state.logged_at >= FAILURE_LOG_INTERVAL_S:
+            logger.error(
+                "usage sink %s failed for request %s: %s: %s (%d more failed since the last message)",
+                name, request_id, type(exc).__name__, exc, state.unlogged,
+            )  # fmt: skip
+            state.logged_at, state.unlogged = now, 0
+        else:
+            state.unlogged += 1
+
+    def _recovered(self, name: str) -> None:
+        state = self._failing.pop(name)
+        logger.warning(
+            "usage sink %s writes again (%d more failed since the last message; llmpath_usage_record_failures_total "
+            "counts them all)",
+            name, state.unlogged,
+        )  # fmt: skip
 
     def close(self) -> None:
         """Close the sinks that have ``close()``."""
