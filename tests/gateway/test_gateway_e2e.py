@@ -545,6 +545,7 @@ def test_usage_ledger_has_every_request(gw, client, keys) -> None:
     assert len(found) == 1 and found[0]["output_tokens"] == 4 and found[0]["tenant"] == "acme"
     statuses = Counter(r["status_code"] for r in lines)
     assert statuses[200] > 5 and statuses[401] >= 5 and statuses[400] >= 5  # failures are accounted too
+    assert gw.metrics()['llmpath_usage_record_failures_total{sink="jsonl"}'] == 0  # exposed before any loss
 
 
 def test_no_keys_or_prompt_text_in_the_logs(gw, client, keys) -> None:

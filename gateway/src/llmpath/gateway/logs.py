@@ -2,13 +2,15 @@
 request carrying its ``request_id`` and trace context (:class:`~llmpath.instrumentation.RequestLogFilter`).
 
 Never logs prompt text or keys: the gateway's own messages name requests by id, and uvicorn's access log (off unless
-``--access-log``) has the method, path and status only.
+``--access-log``) has the method, path and status only, with the values of any query parameters masked (a client
+that puts its key in the URL must not put it in the log).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
@@ -19,6 +21,22 @@ LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: uvicorn's access-log record arguments, in its order (``uvicorn.logging.AccessFormatter``).
 _ACCESS_ARGS = ("client_addr", "method", "path", "http_version", "status")
+
+
+#: What replaces a query parameter's value in the access log.
+MASK = "***"
+
+
+class AccessLogFilter(logging.Filter):
+    """Masks the query parameters' values in uvicorn's access lines: ``/v1/models?api_key=***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5 and "?" in str(args[2]):
+            path, _, query = str(args[2]).partition("?")
+            masked = "&".join(f"{key}={MASK}" for key, _ in parse_qsl(query, keep_blank_values=True))
+            record.args = (args[0], args[1], f"{path}?{masked}", args[3], args[4])
+        return True
 
 
 class TextFormatter(logging.Formatter):
@@ -70,14 +88,17 @@ def logging_config(level: str, fmt: LogFormat) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"request": {"()": "llmpath.instrumentation.RequestLogFilter"}},
+        "filters": {
+            "request": {"()": "llmpath.instrumentation.RequestLogFilter"},
+            "access": {"()": f"{__name__}.{AccessLogFilter.__qualname__}"},
+        },
         "formatters": {"gateway": {"()": f"{__name__}.{formatter.__qualname__}"}},
         "handlers": {
             "stderr": {
                 "class": "logging.StreamHandler",
                 "stream": "ext://sys.stderr",
                 "formatter": "gateway",
-                "filters": ["request"],
+                "filters": ["request", "access"],
             }
         },
         "root": {"level": level, "handlers": ["stderr"]},
