@@ -208,6 +208,24 @@ def test_admin_endpoints_need_the_admin_key(client, keys) -> None:
     assert client.get("/debug/requests", auth=basic).status_code == 200
 
 
+def test_the_waterfall_finds_one_request_by_request_id_or_trace_id(gw, client, keys) -> None:
+    """On-call has an id from a log line, an exemplar or a client's x-request-id: ``?id=`` shows that request."""
+    system = "You answer questions about waterfalls only. " * 3  # a prefix no other test uses
+    sent = [chat(client, keys, convo(system, f"find me {i}")) for i in range(3)]
+    request_id = sent[1].headers["x-request-id"]
+    trace_id = gw.record(request_id)["trace_id"]
+    admin = keys.auth(keys.admin)
+    for wanted in (request_id, trace_id):
+        found = client.get("/debug/requests.json", params={"id": wanted}, headers=admin).json()["requests"]
+        assert [r["request_id"] for r in found] == [request_id]
+    page = client.get("/debug/requests", params={"id": request_id}, headers=admin).text
+    assert request_id[:12] in page and sent[0].headers["x-request-id"][:12] not in page
+    nothing = client.get("/debug/requests.json", params={"id": "no-such-request"}, headers=admin)
+    assert nothing.status_code == 200 and nothing.json()["requests"] == []
+    too_long = client.get("/debug/requests.json", params={"id": "x" * 129}, headers=admin)
+    assert too_long.status_code == 400 and too_long.json()["error"]["param"] == "id"
+
+
 @pytest.mark.parametrize(
     ("body", "status", "param", "code"),
     [

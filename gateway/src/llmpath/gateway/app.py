@@ -69,6 +69,9 @@ BackendFactory = Callable[[BackendConfig, GatewayConfig], Backend]
 #: Paths that are not LLM traffic: no spans, stage metrics or usage records.
 EXCLUDED_PATHS = (*DEFAULT_EXCLUDED_PATHS, "/v1/models", "/openapi.json", "/debug/*", "/admin/*")
 
+#: The ``id`` parameter of the debug endpoints: from a log line, an alert's exemplar or a client's ``x-request-id``.
+_ID_HELP = "Only the request with this request id or trace id (from a log line, an exemplar or x-request-id)."
+
 
 def default_backend_factory(backend: BackendConfig, config: GatewayConfig) -> Backend:
     """A backend client for ``backend`` (``llmpath.backends.create_backend``) with the configured timeouts."""
@@ -295,9 +298,10 @@ def create_app(
         axis: Annotated[
             Literal["request", "ttft"], Query(description="Time axis: whole requests or TTFT.")
         ] = "request",
+        wanted: Annotated[str | None, Query(alias="id", max_length=128, description=_ID_HELP)] = None,
     ) -> HTMLResponse:
         limit = min(limit, config.debug.waterfall_requests)
-        html = render_html(waterfall.recent(limit), axis=axis, limit=limit)
+        html = render_html(waterfall.recent(limit, wanted=wanted), axis=axis, limit=limit)
         return HTMLResponse(html, headers={"cache-control": "no-store"})
 
     @app.get(
@@ -308,9 +312,10 @@ def create_app(
     )
     async def debug_requests_json(
         limit: Annotated[int, Query(ge=1, le=100_000, description="Records (newest first).")] = 200,
+        wanted: Annotated[str | None, Query(alias="id", max_length=128, description=_ID_HELP)] = None,
     ) -> JSONResponse:
         limit = min(limit, config.debug.waterfall_requests)
-        return JSONResponse(to_json(waterfall.recent(limit)), headers={"cache-control": "no-store"})
+        return JSONResponse(to_json(waterfall.recent(limit, wanted=wanted)), headers={"cache-control": "no-store"})
 
     @app.post(
         "/admin/prompt-cache/flush",

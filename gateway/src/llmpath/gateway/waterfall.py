@@ -53,11 +53,13 @@ class WaterfallStore:
         with self._lock:
             self._records.append(record)
 
-    def recent(self, limit: int | None = None) -> list[UsageRecord]:
-        """Newest first."""
+    def recent(self, limit: int | None = None, *, wanted: str | None = None) -> list[UsageRecord]:
+        """Newest first; with ``wanted``, only the records with that request id or trace id."""
         with self._lock:
             records = list(self._records)
         records.reverse()
+        if wanted is not None:
+            records = [r for r in records if wanted in (r.request_id, r.trace_id)]
         return records[:limit] if limit else records
 
 
