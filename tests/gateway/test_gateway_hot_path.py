@@ -80,7 +80,7 @@ async def test_an_unexpected_error_is_an_openai_500_and_is_logged(hot, monkeypat
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert "boom" not in r.text
     [logged] = [rec for rec in caplog.records if "unexpected error" in rec.message]
-    assert logged.exc_info is not None and logged.request_id == r.headers["x-request-id"]  # type: ignore[attr-defined]
+    assert logged.exc_info is not None and logged.request_id == r.headers["x-request-id"]
     assert app.state.waterfall.recent()[0].status_code == 500
     assert r.headers["x-request-id"] == app.state.waterfall.recent()[0].request_id
 
