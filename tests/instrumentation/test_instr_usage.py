@@ -229,7 +229,7 @@ class FlakySink:
         self.records.append(record)
 
 
-async def test_a_failing_sink_is_counted_logged_once_and_its_recovery_noted(make_harness, caplog) -> None:
+async def test_a_failing_sink_is_counted_and_logged_once(make_harness, caplog) -> None:
     flaky = FlakySink()
     h = make_harness(usage_sink=flaky)
     assert h.registry.get_sample_value("llmpath_usage_record_failures_total", {"sink": "FlakySink"}) == 0.0
@@ -241,34 +241,66 @@ async def test_a_failing_sink_is_counted_logged_once_and_its_recovery_noted(make
         assert (await client.get("/items/2")).status_code == 200
     assert h.value("llmpath_usage_record_failures_total", sink="FlakySink") == 5
     assert len(flaky.records) == 1
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2, messages  # the first failure, then the recovery: not one line per lost record
-    assert messages[0].startswith("usage sink FlakySink failed for request ")
-    assert messages[0].endswith(": OSError: [Errno 28] No space left on device")
-    assert messages[1].startswith("usage sink FlakySink writes again (4 more failed since the last message")
+    [message] = [r.getMessage() for r in caplog.records]  # not one line per lost record
+    assert message.startswith("usage sink FlakySink (") and " failed for request " in message
+    assert message.endswith(": OSError: [Errno 28] No space left on device")
 
 
-async def test_a_full_disk_loses_records_it_counts(make_harness, caplog) -> None:
-    """``/dev/full`` answers every write with ENOSPC, as a full disk does."""
-    h = make_harness(usage_sink=JsonlUsageSink("/dev/full"))
+async def test_a_full_disk_loses_records_it_counts_for_that_sink_only(make_harness, tmp_path, caplog) -> None:
+    """``/dev/full`` answers every write with ENOSPC, as a full disk does; a second ledger keeps working."""
+    h = make_harness(usage_sink=[JsonlUsageSink("/dev/full"), JsonlUsageSink(tmp_path / "usage.jsonl")])
     async with h.client() as client:
         for _ in range(3):
             assert (await client.get("/items/1")).status_code == 200
     assert h.value("llmpath_usage_record_failures_total", sink="jsonl") == 3
-    [logged] = [r for r in caplog.records if "usage sink jsonl failed" in r.getMessage()]
-    assert "No space left on device" in logged.getMessage()
+    assert h.registry.get_sample_value("llmpath_usage_record_failures_total", {"sink": "jsonl_2"}) == 0.0
+    assert len(list(read_jsonl(tmp_path / "usage.jsonl"))) == 3
+    [logged] = [r.getMessage() for r in caplog.records if r.name == "llmpath.instrumentation.usage"]
+    assert logged.startswith("usage sink jsonl (JsonlUsageSink('/dev/full')) failed for request ")
+    assert "No space left on device" in logged
 
 
-def test_repeated_failures_are_summarised_once_per_interval(monkeypatch, caplog) -> None:
+def _failing_clock(monkeypatch) -> list[float]:
     clock = [1000.0]
     monkeypatch.setattr("llmpath.instrumentation.usage.monotonic", lambda: clock[0])
+    return clock
+
+
+def _usage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "llmpath.instrumentation.usage"]
+
+
+def test_a_sink_failing_for_minutes_logs_once_a_minute_then_its_recovery(monkeypatch, caplog) -> None:
+    clock = _failing_clock(monkeypatch)
     failures: list[str] = []
-    dispatcher = UsageDispatcher(FlakySink(), on_failure=failures.append)
+    flaky = FlakySink()
+    dispatcher = UsageDispatcher(flaky, on_failure=failures.append)
     for step in range(130):  # one failure a second for 130 s
         clock[0] = 1000.0 + step
         dispatcher.emit(sample_record(request_id=f"r{step}"))
     assert failures == ["FlakySink"] * 130
-    messages = [r.getMessage() for r in caplog.records if r.name == "llmpath.instrumentation.usage"]
-    assert len(messages) == 3  # at 0 s, 60 s and 120 s
-    assert "(59 more failed since the last message)" in messages[1] and "r60" in messages[1]
-    assert "(59 more failed since the last message)" in messages[2] and "r120" in messages[2]
+    flaky.broken = False
+    for step in (131, 150, 180, 181):
+        clock[0] = 1000.0 + step
+        dispatcher.emit(sample_record(request_id=f"r{step}"))
+    lines = _usage_lines(caplog)
+    assert len(lines) == 4, lines  # at 0 s, 60 s and 120 s; the recovery once a minute has passed since (180 s)
+    assert "for request r0:" in lines[0] and "more failed" not in lines[0]
+    assert "for request r60:" in lines[1] and lines[1].endswith("(59 more failed since the last message)")
+    assert "for request r120:" in lines[2] and lines[2].endswith("(59 more failed since the last message)")
+    assert "writes again (9 more failed since the last message; " in lines[3]
+    assert len(flaky.records) == 4
+
+
+def test_a_sink_failing_now_and_then_logs_at_most_once_a_minute(monkeypatch, caplog) -> None:
+    """A locked database fails every other write: that is no reason for a line per request either."""
+    clock = _failing_clock(monkeypatch)
+    flaky = FlakySink()
+    dispatcher = UsageDispatcher(flaky)
+    for step in range(100):
+        clock[0] = 1000.0 + step
+        flaky.broken = step % 2 == 0
+        dispatcher.emit(sample_record(request_id=f"r{step}"))
+    lines = _usage_lines(caplog)
+    assert len(lines) == 2, lines  # the first failure (0 s), then the next failure a minute later (60 s)
+    assert "for request r60:" in lines[1] and lines[1].endswith("(29 more failed since the last message)")

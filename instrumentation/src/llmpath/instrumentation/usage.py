@@ -473,9 +473,11 @@ def sink_name(sink: object) -> str:
 
 @dataclass(slots=True)
 class _Failing:
-    """A sink failing now: when its last line was logged, and how many failures since then went unlogged."""
+    """A sink that failed and has not been logged as writing again: whether it fails now, when its last line was
+    logged, and how many failures since then went unlogged."""
 
-    logged_at: float
+    failing: bool = True
+    logged_at: float | None = None
     unlogged: int = 0
 
 
@@ -483,16 +485,16 @@ class UsageDispatcher:
     """Hands each record to every sink; a failing sink never breaks the request.
 
     A failure is counted (``on_failure(sink_name)``: the instrumentation's ``llmpath_usage_record_failures_total``)
-    and logged with its type and message only: the first at once, then at most one line per sink every
-    :data:`FAILURE_LOG_INTERVAL_S` with how many failed meanwhile (a full disk fails every request), and one line
-    when the sink writes again.
+    and logged with its type and message only: at most one line per sink every :data:`FAILURE_LOG_INTERVAL_S`,
+    failures or its recovery, with how many failed meanwhile (a full disk fails every request; a locked database
+    fails now and then).
 
     Sinks with ``write_line(bytes)`` (:class:`JsonlUsageSink`) take the serialised line; when every sink does,
     :attr:`needs_records` is false and the instrumentation serialises requests straight into lines (no
     :class:`UsageRecord` is built).
     """
 
-    __slots__ = ("_failing", "_line_sinks", "_object_sinks", "_on_failure", "_sinks", "needs_records")
+    __slots__ = ("_failing", "_line_sinks", "_object_sinks", "_on_failure", "_sinks", "_where", "needs_records")
 
     def __init__(
         self, sinks: SinkLike | Sequence[SinkLike] | None, on_failure: Callable[[str], Any] | None = None
@@ -505,15 +507,21 @@ class UsageDispatcher:
             items = (sinks,)  # type: ignore[assignment]  # one sink (a Sequence is handled above)
         lines: list[tuple[str, Callable[[bytes], Any]]] = []
         objects: list[tuple[str, Callable[[UsageRecord], Any]]] = []
+        #: Sink name → what it is (its repr: a ledger's path), for the log.
+        self._where: dict[str, str] = {}
         for sink in items:
+            name = sink_name(sink)
+            if name in self._where:  # a second sink of the same kind: jsonl_2, ...
+                name = next(f"{name}_{i}" for i in range(2, len(self._where) + 3) if f"{name}_{i}" not in self._where)
+            self._where[name] = repr(sink)
             write_line = getattr(sink, "write_line", None)
             write = getattr(sink, "write", None)
             if callable(write_line):
-                lines.append((sink_name(sink), write_line))
+                lines.append((name, write_line))
             elif callable(write):
-                objects.append((sink_name(sink), write))
+                objects.append((name, write))
             elif callable(sink):
-                objects.append((sink_name(sink), sink))
+                objects.append((name, sink))
             else:
                 raise TypeError(f"usage_sink must be a sink with write(record), a callable or a list; got {sink!r}")
         self._sinks = tuple(items)
@@ -530,8 +538,8 @@ class UsageDispatcher:
 
     @property
     def sink_names(self) -> tuple[str, ...]:
-        """The sinks' names (:func:`sink_name`), each once."""
-        return tuple(dict.fromkeys(name for name, _ in (*self._object_sinks, *self._line_sinks)))
+        """The sinks' names: :func:`sink_name`, with ``_2``, ``_3``... for further sinks of the same kind."""
+        return tuple(self._where)
 
     def emit(self, record: UsageRecord) -> None:
         """Write ``record`` to every sink."""
@@ -552,7 +560,7 @@ class UsageDispatcher:
             self._failed(name, exc, request_id)
         else:
             if self._failing and name in self._failing:
-                self._recovered(name)
+                self._succeeded(name)
 
     def _failed(self, name: str, exc: Exception, request_id: str) -> None:
         if self._on_failure is not None:
@@ -561,25 +569,31 @@ class UsageDispatcher:
             except Exception:  # the counter must not be what breaks the request
                 logger.exception("counting a usage sink failure failed")
         now = monotonic()
-        state = self._failing.get(name)
-        if state is None:
-            self._failing[name] = _Failing(now)
-            logger.error("usage sink %s failed for request %s: %s: %s", name, request_id, type(exc).__name__, exc)
-        elif now - state.logged_at >= FAILURE_LOG_INTERVAL_S:
-            logger.error(
-                "usage sink %s failed for request %s: %s: %s (%d more failed since the last message)",
-                name, request_id, type(exc).__name__, exc, state.unlogged,
-            )  # fmt: skip
-            state.logged_at, state.unlogged = now, 0
-        else:
+        state = self._failing.setdefault(name, _Failing())
+        state.failing = True
+        if state.logged_at is not None and now - state.logged_at < FAILURE_LOG_INTERVAL_S:
             state.unlogged += 1
+            return
+        more = f" ({state.unlogged} more failed since the last message)" if state.unlogged else ""
+        logger.error(
+            "usage sink %s (%s) failed for request %s: %s: %s%s",
+            name, self._where.get(name, ""), request_id, type(exc).__name__, exc, more,
+        )  # fmt: skip
+        state.logged_at, state.unlogged = now, 0
 
-    def _recovered(self, name: str) -> None:
-        state = self._failing.pop(name)
+    def _succeeded(self, name: str) -> None:
+        """A write of a sink that failed before: its recovery is logged, within the same one line a minute."""
+        state = self._failing.get(name)
+        if state is None:  # another thread logged the recovery
+            return
+        state.failing = False
+        if state.logged_at is not None and monotonic() - state.logged_at < FAILURE_LOG_INTERVAL_S:
+            return  # said at the first success once the minute is over (or by the next failure's line)
+        self._failing.pop(name, None)
+        more = f"{state.unlogged} more failed since the last message; " if state.unlogged else ""
         logger.warning(
-            "usage sink %s writes again (%d more failed since the last message; llmpath_usage_record_failures_total "
-            "counts them all)",
-            name, state.unlogged,
+            "usage sink %s (%s) writes again (%sllmpath_usage_record_failures_total counts every failure)",
+            name, self._where.get(name, ""), more,
         )  # fmt: skip
 
     def close(self) -> None:
