@@ -202,14 +202,16 @@ def test_serve_logs_carry_the_request_id_and_trace_id(llmpath_bin: str, processe
     )
     assert resp.status_code == 503  # the backend's port is closed: failed its first probe, never used
     request_id = resp.headers["x-request-id"]
-    models = httpx.get(f"http://127.0.0.1:{port}/v1/models?api_key=sk-in-the-url&limit=")  # a client's mistake
-    assert models.status_code == 401
+    # A client's mistakes: a key in the URL, as a value or alone; and a name that would decode to a forged line.
+    url = f"http://127.0.0.1:{port}/v1/models?api_key=sk-in-the-url&limit=&sk-alone-in-the-url&x%0AFORGED=1"
+    assert httpx.get(url).status_code == 401
     deadline = time.monotonic() + 10
     while request_id not in (text := gateway.log_path.read_text()):
         assert time.monotonic() < deadline, text
         time.sleep(0.05)
-    assert "a prompt that is never logged" not in text and "sk-one" not in text and "sk-in-the-url" not in text
-    assert "GET /v1/models?api_key=***&limit=*** HTTP/1.1" in text  # the parameters' names stay, for on-call
+    assert "a prompt that is never logged" not in text and "sk-one" not in text and "-in-the-url" not in text
+    assert "GET /v1/models?api_key=***&limit=***&***&x%0AFORGED=*** HTTP/1.1" in text  # names stay, for on-call
+    assert not any(line.startswith("FORGED") for line in text.splitlines())
     if log_format == "text":
         assert f'"POST /v1/chat/completions HTTP/1.1" 503 request_id={request_id} trace_id={trace_id}' in text, text
         assert "failed its first health check" in text

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from typing import Any, Literal
-from urllib.parse import parse_qsl
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter
@@ -28,15 +27,21 @@ MASK = "***"
 
 
 class AccessLogFilter(logging.Filter):
-    """Masks the query parameters' values in uvicorn's access lines: ``/v1/models?api_key=***``."""
+    """Masks the query parameters' values in uvicorn's access lines: ``/v1/models?api_key=***``. Names stay as the
+    client sent them (still percent-encoded: nothing decoded can forge a line); a parameter without ``=`` is all
+    value (``?sk-...`` becomes ``?***``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5 and "?" in str(args[2]):
             path, _, query = str(args[2]).partition("?")
-            masked = "&".join(f"{key}={MASK}" for key, _ in parse_qsl(query, keep_blank_values=True))
-            record.args = (args[0], args[1], f"{path}?{masked}", args[3], args[4])
+            record.args = (args[0], args[1], f"{path}?{mask_query(query)}", args[3], args[4])
         return True
+
+
+def mask_query(query: str) -> str:
+    """``a=1&b&c=2`` → ``a=***&***&c=***`` (the raw query: nothing decoded)."""
+    return "&".join(f"{part.partition('=')[0]}={MASK}" if "=" in part else MASK for part in query.split("&") if part)
 
 
 class TextFormatter(logging.Formatter):
