@@ -3,6 +3,7 @@ every backend it tried was busy its 503 asks the client to wait as long as the b
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,7 +47,7 @@ def busy_backend() -> Iterator[Callable[[int, str], str]]:
         server.server_close()
 
 
-async def test_every_backend_busy_is_a_503_with_the_longest_retry_after(busy_backend) -> None:
+async def test_every_backend_busy_is_a_503_with_the_longest_retry_after(busy_backend, caplog) -> None:
     config = load_config(
         None,
         {
@@ -60,10 +61,33 @@ async def test_every_backend_busy_is_a_503_with_the_longest_retry_after(busy_bac
     )
     app = create_app(config, registry=CollectorRegistry())
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    caplog.set_level(logging.DEBUG, logger="llmpath.gateway")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
         resp = await c.post("/v1/chat/completions", json=body)
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_backend"
     assert resp.headers["retry-after"] == "7"  # both were tried; the throttled one asked for the longest wait
     [record] = app.state.waterfall.recent()
     assert record.extra["retries"] == 1
+    second = record.extra["backend"]  # the last one tried
+    (first,) = {"throttled", "overloaded"} - {second}
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "llmpath.gateway"]
+    assert lines == [
+        (logging.DEBUG, f"backend {first}: busy; retrying on {second}"),
+        (logging.DEBUG, f"backend {second}: busy; no retries left (routing.max_retries)"),
+    ]
+    await app.gateway.pool.stop()
+
+
+async def test_an_unreachable_backend_with_no_other_to_try_says_so(free_port, caplog) -> None:
+    config = load_config(
+        None, {"backends": [{"url": f"http://127.0.0.1:{free_port()}", "name": "gone"}], "insecure_no_auth": True}
+    )
+    app = create_app(config, registry=CollectorRegistry())
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        resp = await c.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_backend"
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "llmpath.gateway"]
+    said = "backend gone: connection failed: ClientConnectorError; no other backend to try"
+    assert lines == [(logging.WARNING, said)]
     await app.gateway.pool.stop()

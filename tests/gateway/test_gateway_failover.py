@@ -202,7 +202,8 @@ def test_failover_when_an_engine_is_killed(gw, stack, keys) -> None:
     assert rec["extra"]["retries"] == 1
     routes = [s for s in rec["stages"] if s["name"] == "route"]
     assert len(routes) == 2  # the first choice and the retry, both in the waterfall
-    retried = f"WARNING llmpath.gateway: backend {victim_name}: connection failed: ClientConnectorError; retrying on"
+    failed = f"WARNING llmpath.gateway: backend {victim_name}: connection failed: ClientConnectorError"
+    retried = f"{failed}; retrying on {survivor.name}"
     assert any(
         retried in line and line.endswith(f"request_id={rec['request_id']}")  # no trace context here
         for line in gw.log.read_text().splitlines()

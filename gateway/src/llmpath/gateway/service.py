@@ -591,22 +591,28 @@ class BackendCallResponse(Response):
                 call.set_error("unavailable")
                 scope.close()
                 p.tried.append(state.name)
-                last = len(p.tried) > retries
-                if isinstance(exc, BackendUnreachable):  # no answer at all (not a busy 503)
-                    reason = f"connection failed: {type(exc.__cause__).__name__}"
-                    log.warning("backend %s: %s%s", state.name, reason, "" if last else "; retrying on another")
+                # Unreachable (no answer at all) counts toward ejection and is worth a WARNING; a busy backend's
+                # 503 is frequent under overload, and in its own metrics.
+                unreachable = isinstance(exc, BackendUnreachable)
+                reason = f"connection failed: {type(exc.__cause__).__name__}" if unreachable else "busy"
+                level = logging.WARNING if unreachable else logging.DEBUG
+                if unreachable:
                     gw.pool.report_failure(state.name, reason)
-                else:  # busy: frequent under overload, and counted in the backend's own metrics
-                    log.debug("backend %s busy%s", state.name, "" if last else "; retrying on another")
                 gw.release_backend(p)
                 if exc.retry_after is not None:  # a busy backend's own Retry-After (429/503): the longest one
                     retry_after = max(retry_after, exc.retry_after)
-                if last:
+                if len(p.tried) > retries:
+                    log.log(level, "backend %s: %s; no retries left (routing.max_retries)", state.name, reason)
                     error = errors.no_backend("Every backend tried failed; retry later.")
                     error.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
                     raise error from None
-                with stage("route") as st:
-                    gw.route_request(p, st, retry=True)
+                try:
+                    with stage("route") as st:
+                        gw.route_request(p, st, retry=True)
+                except APIError:
+                    log.log(level, "backend %s: %s; no other backend to try", state.name, reason)
+                    raise
+                log.log(level, "backend %s: %s; retrying on %s", state.name, reason, p.decision.backend)
                 continue
             except BackendError as exc:
                 await events.aclose()
