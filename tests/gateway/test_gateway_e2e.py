@@ -218,8 +218,11 @@ def test_the_waterfall_finds_one_request_by_request_id_or_trace_id(gw, client, k
     for wanted in (request_id, trace_id):
         found = client.get("/debug/requests.json", params={"id": wanted}, headers=admin).json()["requests"]
         assert [r["request_id"] for r in found] == [request_id]
-    page = client.get("/debug/requests", params={"id": request_id}, headers=admin).text
+    page = client.get("/debug/requests", params={"id": request_id, "limit": 7}, headers=admin).text
     assert request_id[:12] in page and sent[0].headers["x-request-id"][:12] not in page
+    assert f'href="?axis=ttft&limit=7&amp;id={request_id}"' in page  # zooming keeps to that request
+    every = client.get("/debug/requests.json", params={"id": ""}, headers=admin).json()["requests"]
+    assert len(every) > 3  # an empty id filters nothing
     nothing = client.get("/debug/requests.json", params={"id": "no-such-request"}, headers=admin)
     assert nothing.status_code == 200 and nothing.json()["requests"] == []
     too_long = client.get("/debug/requests.json", params={"id": "x" * 129}, headers=admin)

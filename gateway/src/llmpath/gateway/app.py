@@ -300,8 +300,8 @@ def create_app(
         ] = "request",
         wanted: Annotated[str | None, Query(alias="id", max_length=128, description=_ID_HELP)] = None,
     ) -> HTMLResponse:
-        limit = min(limit, config.debug.waterfall_requests)
-        html = render_html(waterfall.recent(limit, wanted=wanted), axis=axis, limit=limit)
+        limit, wanted = min(limit, config.debug.waterfall_requests), wanted or None  # ?id= (empty): every request
+        html = render_html(waterfall.recent(limit, wanted=wanted), axis=axis, limit=limit, wanted=wanted)
         return HTMLResponse(html, headers={"cache-control": "no-store"})
 
     @app.get(
@@ -314,7 +314,7 @@ def create_app(
         limit: Annotated[int, Query(ge=1, le=100_000, description="Records (newest first).")] = 200,
         wanted: Annotated[str | None, Query(alias="id", max_length=128, description=_ID_HELP)] = None,
     ) -> JSONResponse:
-        limit = min(limit, config.debug.waterfall_requests)
+        limit, wanted = min(limit, config.debug.waterfall_requests), wanted or None  # ?id= (empty): every request
         return JSONResponse(to_json(waterfall.recent(limit, wanted=wanted)), headers={"cache-control": "no-store"})
 
     @app.post(

@@ -12,6 +12,7 @@ import zlib
 from collections import deque
 from collections.abc import Iterable
 from typing import Any
+from urllib.parse import quote
 
 from jinja2 import Environment
 
@@ -93,11 +94,12 @@ td.lane{width:55%;min-width:320px}
 .axis{display:flex;justify-content:space-between;color:#666;font-size:11px}
 </style></head>
 <body>
-<h1>Recent requests</h1>
+<h1>{% if wanted %}Request {{ wanted }}{% else %}Recent requests{% endif %}</h1>
 <p class="note">{{ records|length }} request(s), newest first. Shared time axis: 0 – {{ "%.1f"|format(axis_ms) }} ms
 ({{ axis_label }}). Bars are the stages as they actually ran; the dashed line is the first token.
-{% if axis == "request" %}<a href="?axis=ttft&limit={{ limit }}">zoom to TTFT</a>
-{% else %}<a href="?axis=request&limit={{ limit }}">whole requests</a>{% endif %}</p>
+{% if axis == "request" %}<a href="?axis=ttft&limit={{ limit }}{{ id_query }}">zoom to TTFT</a>
+{% else %}<a href="?axis=request&limit={{ limit }}{{ id_query }}">whole requests</a>{% endif %}
+{% if wanted %}· <a href="?axis={{ axis }}&limit={{ limit }}">all recent requests</a>{% endif %}</p>
 <p class="legend">{% for name, colour in legend %}
 <span><i style="background:{{ colour }}"></i>{{ name }}</span>{% endfor %}</p>
 <table>
@@ -129,8 +131,10 @@ td.lane{width:55%;min-width:320px}
 )
 
 
-def render_html(records: list[UsageRecord], *, axis: str = "request", limit: int = 50) -> str:
-    """The waterfall page for ``records`` (newest first)."""
+def render_html(
+    records: list[UsageRecord], *, axis: str = "request", limit: int = 50, wanted: str | None = None
+) -> str:
+    """The waterfall page for ``records`` (newest first); ``wanted``: the request or trace id they were found by."""
     if axis == "ttft":
         span = max((r.ttft_s or r.duration_s for r in records), default=0.0)
         axis_label = "up to the slowest first token"
@@ -142,7 +146,15 @@ def render_html(records: list[UsageRecord], *, axis: str = "request", limit: int
     rows = [_row(r, span) for r in records]
     legend = [(n, stage_colour(n)) for n in STAGES.names]
     return _PAGE.render(
-        records=records, rows=rows, legend=legend, axis=axis, axis_ms=span * 1e3, axis_label=axis_label, limit=limit
+        records=records,
+        rows=rows,
+        legend=legend,
+        axis=axis,
+        axis_ms=span * 1e3,
+        axis_label=axis_label,
+        limit=limit,
+        wanted=wanted,
+        id_query=f"&id={quote(wanted, safe='')}" if wanted else "",  # the zoom keeps to the request
     )
 
 
