@@ -32,7 +32,7 @@ from llmpath.demo.routes import DEMO_ROUTES
 from llmpath.demo.stack import Stack, StackConfig, start_stack
 from llmpath.demo.workload import WorkloadSpec, run_workload
 from llmpath.instrumentation.usage import read_jsonl
-from llmpath.promapi import PrometheusClient
+from llmpath.live.promapi import PrometheusClient
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 

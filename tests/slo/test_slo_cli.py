@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmpath.promapi import PrometheusClient
+from llmpath.live.promapi import PrometheusClient
 from llmpath.slo import CompileOptions, compile_slos, default_spec_path, load_specs
 
 TESTDATA = "test/integration/prometheus/testdata"

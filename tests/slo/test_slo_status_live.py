@@ -15,9 +15,9 @@ import pytest
 
 from llmpath.demo.prometheus import ScrapeTarget, find_prometheus, prometheus_config, start_prometheus
 from llmpath.demo.supervisor import Supervisor
-from llmpath.promapi import PrometheusClient
+from llmpath.live.promapi import PrometheusClient
+from llmpath.live.slo_status import slo_status
 from llmpath.slo import CompileOptions, compile_slos, load_specs
-from llmpath.slo_status import slo_status
 
 pytestmark = pytest.mark.slow
 

@@ -297,8 +297,8 @@ def _validate_live(inputs: list[Path], options: CompileOptions, url: str) -> tup
 
     import httpx
 
-    from llmpath.promapi import PrometheusClient
-    from llmpath.slo_check import data_issues, live_buckets
+    from llmpath.live.promapi import PrometheusClient
+    from llmpath.live.slo_check import data_issues, live_buckets
 
     docs = _load(inputs, options, None)
     histograms = [slo.sli.histogram for doc in docs for slo in doc.slos if slo.sli.histogram]
@@ -376,8 +376,8 @@ def status(
     from rich.console import Console
 
     from llmpath.cli.tables import print_table
-    from llmpath.promapi import PrometheusClient
-    from llmpath.slo_status import firing_lines, slo_services, slo_status, status_table
+    from llmpath.live.promapi import PrometheusClient
+    from llmpath.live.slo_status import firing_lines, slo_services, slo_status, status_table
 
     services: list[str] = []
     try:

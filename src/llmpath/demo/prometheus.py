@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from llmpath.demo.supervisor import ManagedProcess, Supervisor, free_port
-from llmpath.promapi import PrometheusClient
+from llmpath.live.promapi import PrometheusClient
 
 ALERTMANAGER_BINARIES = ("prometheus-alertmanager", "alertmanager")
 

@@ -19,7 +19,7 @@ from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload, 
 from llmpath.instrumentation.usage import read_jsonl
 from llmpath.ledger import LedgerSummary, summarize
 from llmpath.ledger.render import cache_table, headline, stage_table, tenant_table
-from llmpath.slo_status import SloRow, slo_status, status_table
+from llmpath.live.slo_status import SloRow, slo_status, status_table
 
 #: How long the warm-up waits for Prometheus to scrape its requests.
 WARM_UP_SCRAPE_TIMEOUT_S = 30.0

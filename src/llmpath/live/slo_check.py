@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import promql_parser
 
-from llmpath.promapi import PrometheusClient
+from llmpath.live.promapi import PrometheusClient
 from llmpath.slo import CompiledSLO, Issue
 from llmpath.slo.gotemplate import render_window
 

@@ -14,7 +14,7 @@ from typing import Any
 from promql_parser import parse_duration
 from rich.table import Table
 
-from llmpath.promapi import PrometheusClient
+from llmpath.live.promapi import PrometheusClient
 
 _SLOTH_LABELS = frozenset({"__name__", "sloth_id", "sloth_service", "sloth_slo", "sloth_window"})
 
