@@ -191,11 +191,17 @@ def test_the_scrape_page_of_the_deploy_guide_fires_when_no_gateway_is_scraped(tm
     ticket = {
         "exp_labels": {"sloth_severity": "ticket", "severity": "warning", "owner": "gateway", "instance": "a",
                        "sink": "jsonl"},
-        "exp_annotations": {"summary": "The jsonl usage ledger of a is losing records (see its log)."},
+        "exp_annotations": {
+            "summary": "The jsonl usage ledger of a is losing records (see its log).",
+            "runbook_url": "docs/deploy.md#llmpathusagerecordslost",
+        },
     }  # fmt: skip
     page = {
         "exp_labels": {"sloth_severity": "page", "severity": "critical", "owner": "gateway"},
-        "exp_annotations": {"summary": "Prometheus scrapes no llmpath gateway: every SLO of the LLM API is blind."},
+        "exp_annotations": {
+            "summary": "Prometheus scrapes no llmpath gateway: every SLO of the LLM API is blind.",
+            "runbook_url": "docs/deploy.md#llmpathgatewaydown",
+        },
     }
     tests = {
         "rule_files": ["targets.yaml"],
