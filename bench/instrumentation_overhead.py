@@ -32,7 +32,7 @@ import json
 import statistics
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from time import perf_counter
 from typing import Any
@@ -136,11 +136,11 @@ HEADERS = [(b"host", b"bench"), (b"content-type", b"application/json"), (b"conte
 REQUEST = {"type": "http.request", "body": BODY, "more_body": False}
 
 
-async def receive() -> dict[str, Any]:
+async def receive() -> MutableMapping[str, Any]:
     return REQUEST
 
 
-async def send(message: dict[str, Any]) -> None:
+async def send(message: MutableMapping[str, Any]) -> None:
     pass
 
 
@@ -168,7 +168,7 @@ def build_variants(tmp: str, sink: str) -> dict[str, tuple[Any, Callable[[], int
         tp_b, exp_b = provider(sampler)
         app_b = bare_app()
         FastAPIInstrumentor.instrument_app(app_b, tracer_provider=tp_b)
-        variants[f"b{tag}"] = (app_b, lambda e=exp_b, t=tp_b: (t.force_flush(), e.count)[1])
+        variants[f"b{tag}"] = (app_b, exported_spans(tp_b, exp_b))
         tp_c, exp_c = provider(sampler)
         app_c = instrument_app(
             llmpath_app(),
@@ -176,8 +176,18 @@ def build_variants(tmp: str, sink: str) -> dict[str, tuple[Any, Callable[[], int
             tracer_provider=tp_c,
             usage_sink=usage_sink(sink, Path(tmp) / f"usage-{tag}.jsonl"),
         )
-        variants[f"c{tag}"] = (app_c, lambda e=exp_c, t=tp_c: (t.force_flush(), e.count)[1])
+        variants[f"c{tag}"] = (app_c, exported_spans(tp_c, exp_c))
     return variants
+
+
+def exported_spans(tracer_provider: TracerProvider, exporter: NullExporter) -> Callable[[], int]:
+    """A counter of the spans ``exporter`` got, after flushing what ``tracer_provider`` still queues."""
+
+    def count() -> int:
+        tracer_provider.force_flush()
+        return exporter.count
+
+    return count
 
 
 async def run(requests: int, rounds: int, sink: str) -> dict[str, list[float]]:

@@ -86,8 +86,8 @@ def build_workload(backends: int, queries: int, hot_share: float, seed: int) -> 
         if rng.random() < 0.5:
             found.append(continued(rng.choice(held), 2, 25))
         else:
-            app = bisect.bisect_left(popularity, rng.random() * popularity[-1])
-            found.append(continued(apps[app], 2, 25))
+            chosen = bisect.bisect_left(popularity, rng.random() * popularity[-1])
+            found.append(continued(apps[chosen], 2, 25))
     return Workload(names, inserts, found)
 
 
