@@ -242,7 +242,7 @@ async def test_a_failing_sink_is_counted_and_logged_once(make_harness, caplog) -
     assert h.value("llmpath_usage_record_failures_total", sink="FlakySink") == 5
     assert len(flaky.records) == 1
     [message] = [r.getMessage() for r in caplog.records]  # not one line per lost record
-    assert message.startswith("usage sink FlakySink (") and " failed for request " in message
+    assert message.startswith("usage sink FlakySink failed for request ")
     assert message.endswith(": OSError: [Errno 28] No space left on device")
 
 
@@ -256,7 +256,7 @@ async def test_a_full_disk_loses_records_it_counts_for_that_sink_only(make_harne
     assert h.registry.get_sample_value("llmpath_usage_record_failures_total", {"sink": "jsonl_2"}) == 0.0
     assert len(list(read_jsonl(tmp_path / "usage.jsonl"))) == 3
     [logged] = [r.getMessage() for r in caplog.records if r.name == "llmpath.instrumentation.usage"]
-    assert logged.startswith("usage sink jsonl (JsonlUsageSink('/dev/full')) failed for request ")
+    assert logged.startswith("usage sink jsonl (/dev/full) failed for request ")
     assert "No space left on device" in logged
 
 
@@ -304,3 +304,61 @@ def test_a_sink_failing_now_and_then_logs_at_most_once_a_minute(monkeypatch, cap
     lines = _usage_lines(caplog)
     assert len(lines) == 2, lines  # the first failure (0 s), then the next failure a minute later (60 s)
     assert "for request r60:" in lines[1] and lines[1].endswith("(29 more failed since the last message)")
+
+
+def test_a_flapping_sink_still_logs_once_a_minute(monkeypatch, caplog) -> None:
+    """Recovered, then failing again a second later: the minute since the last line holds for both kinds of line."""
+    clock = _failing_clock(monkeypatch)
+    flaky = FlakySink()
+    dispatcher = UsageDispatcher(flaky)
+    for step, broken in ((0, True), (60, False), (61, True), (62, False), (121, False)):
+        clock[0] = 1000.0 + step
+        flaky.broken = broken
+        dispatcher.emit(sample_record(request_id=f"r{step}"))
+    lines = _usage_lines(caplog)
+    assert len(lines) == 3, lines  # 0 s (failed), 60 s (writes again), 121 s (writes again, with the one at 61 s)
+    assert "writes again (llmpath_usage_record_failures_total" in lines[1]
+    assert "writes again (1 more failed since the last message; " in lines[2]
+
+
+class SecretSink:
+    """A user's sink whose repr holds a credential."""
+
+    def __repr__(self) -> str:
+        return "SecretSink(dsn='postgresql://bob:hunter2@db/usage')"
+
+    def write(self, record: UsageRecord) -> None:
+        raise ConnectionError("database unreachable")
+
+
+def test_the_log_names_a_ledger_file_but_never_another_sinks_repr(caplog) -> None:
+    UsageDispatcher(SecretSink()).emit(sample_record())
+    [line] = _usage_lines(caplog)
+    assert line.startswith("usage sink SecretSink failed for request r1: ConnectionError")
+    assert "hunter2" not in caplog.text
+
+
+def test_a_write_cut_short_by_a_full_disk_does_not_glue_records_together(tmp_path, monkeypatch, caplog) -> None:
+    """ENOSPC after part of a line: the next record starts on a new line, and the reader skips the torn one."""
+    import os
+
+    from llmpath.instrumentation import usage
+
+    real = usage.append_all
+    calls = []
+
+    def half_then_full(fd: int, data: bytes) -> None:
+        calls.append(data)
+        if len(calls) == 2:
+            os.write(fd, data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(usage, "append_all", half_then_full)
+    path = tmp_path / "usage.jsonl"
+    dispatcher = UsageDispatcher(JsonlUsageSink(path))
+    for i in range(3):
+        dispatcher.emit(sample_record(request_id=f"r{i}"))
+    assert calls[2].startswith(b"\n{") and calls[0].startswith(b"{")
+    assert [r.request_id for r in read_jsonl(path)] == ["r0", "r2"]
+    assert f"{path}:2: a damaged usage record (a write cut short, or corrupted): skipped" in caplog.text

@@ -38,7 +38,7 @@ def test_since_returns_exactly_the_newer_records(tmp_path: Path, kind: str) -> N
     assert [r.request_id for r in read_ledger(path)] == [f"r-{i}" for i in range(len(ages))]
 
 
-def test_old_llmpath_lines_are_skipped_unparsed_and_other_lines_are_still_checked(tmp_path: Path) -> None:
+def test_old_llmpath_lines_are_skipped_unparsed_and_other_lines_are_still_checked(tmp_path: Path, caplog) -> None:
     path = tmp_path / "usage.jsonl"
     sink = JsonlUsageSink(path)
     sink.write(record(0, 7200))
@@ -50,8 +50,14 @@ def test_old_llmpath_lines_are_skipped_unparsed_and_other_lines_are_still_checke
         fh.write(json.dumps(record(3, 3600).to_dict(), sort_keys=True) + "\n")  # another writer's key order, old
         fh.write(json.dumps(record(4, 1).to_dict(), sort_keys=True) + "\n")  # … and new
     assert [r.request_id for r in read_ledger(path, since=NOW - 60)] == ["r-1", "r-4"]
-    with pytest.raises(ValueError, match=r"usage.jsonl:3: not a usage record"):
-        list(read_ledger(path))  # without since every line is parsed, and the damaged one is reported
+    assert "a damaged usage record" not in caplog.text  # skipped by its time, never parsed
+    # Without since every line is parsed: the damaged llmpath line is reported (and skipped: it is no record) ...
+    assert [r.request_id for r in read_ledger(path)] == ["r-0", "r-1", "r-3", "r-4"]
+    assert "usage.jsonl:3: a damaged usage record (a write cut short, or corrupted): skipped" in caplog.text
+    with path.open("a") as fh:  # ... and a line llmpath never wrote stops the reading, naming it
+        fh.write('{"note": "not a record"}\n')
+    with pytest.raises(ValueError, match=r"usage.jsonl:6: not a usage record"):
+        list(read_ledger(path))
 
 
 def test_summary_is_one_pass_over_the_records() -> None:

@@ -237,6 +237,8 @@ class JsonlUsageSink:
         self.fsync = fsync
         self._fd: int | None = None
         self._lock = threading.Lock()
+        #: A write failed (a full disk may have taken part of its line): the next record starts on a new line.
+        self._cut = False
         self.path.parent.mkdir(parents=True, exist_ok=True)
         ref = weakref.ref(self)
         os.register_at_fork(after_in_child=lambda: _reopen_after_fork(ref))
@@ -258,7 +260,14 @@ class JsonlUsageSink:
             fd = self._fd
             if fd is None:
                 fd = self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-            append_all(fd, line)
+            if self._cut:  # end the torn line a failed write may have left, so that this record stays whole
+                line = b"\n" + line
+            try:
+                append_all(fd, line)
+            except OSError:
+                self._cut = True
+                raise
+            self._cut = False
             if self.fsync:
                 os.fsync(fd)
 
@@ -293,7 +302,9 @@ class LedgerFormatError(ValueError):
 
 def read_jsonl(path: str | os.PathLike[str], since: float | None = None) -> Iterator[UsageRecord]:
     """Records of a JSON-lines ledger, gzip-compressed or not (a rotated one); a torn last line (a crash
-    mid-write) is skipped. A line that is not a record raises :class:`LedgerFormatError` naming it.
+    mid-write) is skipped, and so is a torn record inside (a write a full disk cut short: the sink ends it with a
+    newline), with a warning naming its line. Any other line that is not a record raises
+    :class:`LedgerFormatError` naming it.
 
     ``since`` (epoch seconds): only records that started then or later. Lines written by llmpath that started
     earlier are skipped without being parsed (their time is read from the line's start), so a query over the last
@@ -305,7 +316,13 @@ def read_jsonl(path: str | os.PathLike[str], since: float | None = None) -> Iter
             if since is not None and (head := _LINE_TIME.match(line)) is not None and float(head[1]) < since:
                 continue
             if line.strip():
-                record = _record(path, number, json.loads, line)
+                try:
+                    record = _record(path, number, json.loads, line)
+                except LedgerFormatError:
+                    if not _is_damaged_record(line):
+                        raise
+                    logger.warning("%s:%d: %s: skipped", path, number, _DAMAGED)
+                    continue
                 if since is None or record.time >= since:
                     yield record
 
@@ -315,6 +332,20 @@ def read_jsonl(path: str | os.PathLike[str], since: float | None = None) -> Iter
 _LINE_TIME = re.compile(
     r'\{"request_id":"(?:[^"\\]|\\.)*","trace_id":(?:null|"[0-9a-f]*"),"time":(-?[0-9]+(?:\.[0-9]+)?),'
 )
+
+
+_DAMAGED = "a damaged usage record (a write cut short, or corrupted)"
+
+
+def _is_damaged_record(line: str) -> bool:
+    """A line that starts as a record llmpath wrote but is no JSON: one whose write was cut short, or corrupted."""
+    if not line.startswith('{"request_id":'):
+        return False
+    try:
+        json.loads(line)
+    except ValueError:
+        return True
+    return False
 
 
 def _open_text(path: str | os.PathLike[str]) -> IO[str]:
@@ -471,30 +502,30 @@ def sink_name(sink: object) -> str:
     return type(sink).__name__
 
 
-@dataclass(slots=True)
-class _Failing:
-    """A sink that failed and has not been logged as writing again: whether it fails now, when its last line was
-    logged, and how many failures since then went unlogged."""
-
-    failing: bool = True
-    logged_at: float | None = None
-    unlogged: int = 0
-
-
 class UsageDispatcher:
     """Hands each record to every sink; a failing sink never breaks the request.
 
     A failure is counted (``on_failure(sink_name)``: the instrumentation's ``llmpath_usage_record_failures_total``)
     and logged with its type and message only: at most one line per sink every :data:`FAILURE_LOG_INTERVAL_S`,
     failures or its recovery, with how many failed meanwhile (a full disk fails every request; a locked database
-    fails now and then).
+    fails now and then). A recovery is said with the first record written once the minute is over.
 
     Sinks with ``write_line(bytes)`` (:class:`JsonlUsageSink`) take the serialised line; when every sink does,
     :attr:`needs_records` is false and the instrumentation serialises requests straight into lines (no
     :class:`UsageRecord` is built).
     """
 
-    __slots__ = ("_failing", "_line_sinks", "_object_sinks", "_on_failure", "_sinks", "_where", "needs_records")
+    __slots__ = (
+        "_failing",
+        "_line_sinks",
+        "_log_lock",
+        "_logged_at",
+        "_object_sinks",
+        "_on_failure",
+        "_paths",
+        "_sinks",
+        "needs_records",
+    )
 
     def __init__(
         self, sinks: SinkLike | Sequence[SinkLike] | None, on_failure: Callable[[str], Any] | None = None
@@ -507,13 +538,14 @@ class UsageDispatcher:
             items = (sinks,)  # type: ignore[assignment]  # one sink (a Sequence is handled above)
         lines: list[tuple[str, Callable[[bytes], Any]]] = []
         objects: list[tuple[str, Callable[[UsageRecord], Any]]] = []
-        #: Sink name → what it is (its repr: a ledger's path), for the log.
-        self._where: dict[str, str] = {}
+        #: Sink name → the ledger's file, for the log (JSON lines and SQLite only: another sink's repr could hold a
+        #: credential, a database URL say).
+        self._paths: dict[str, str] = {}
         for sink in items:
             name = sink_name(sink)
-            if name in self._where:  # a second sink of the same kind: jsonl_2, ...
-                name = next(f"{name}_{i}" for i in range(2, len(self._where) + 3) if f"{name}_{i}" not in self._where)
-            self._where[name] = repr(sink)
+            if name in self._paths:  # a second sink of the same kind: jsonl_2, ...
+                name = next(f"{name}_{i}" for i in range(2, len(self._paths) + 3) if f"{name}_{i}" not in self._paths)
+            self._paths[name] = str(sink.path) if isinstance(sink, JsonlUsageSink | SqliteUsageSink) else ""
             write_line = getattr(sink, "write_line", None)
             write = getattr(sink, "write", None)
             if callable(write_line):
@@ -528,8 +560,11 @@ class UsageDispatcher:
         self._line_sinks = tuple(lines)
         self._object_sinks = tuple(objects)
         self._on_failure = on_failure
-        #: Sinks failing now, by name.
-        self._failing: dict[str, _Failing] = {}
+        #: Sinks whose failures (or recovery) are not all logged yet: name → failures not logged yet.
+        self._failing: dict[str, int] = {}
+        #: When a line about each sink was last logged (kept after a recovery: one line a minute, whatever it says).
+        self._logged_at: dict[str, float] = {}
+        self._log_lock = threading.Lock()
         #: Whether a sink needs :class:`UsageRecord` objects (else :meth:`emit_line` is enough).
         self.needs_records = bool(objects)
 
@@ -539,7 +574,7 @@ class UsageDispatcher:
     @property
     def sink_names(self) -> tuple[str, ...]:
         """The sinks' names: :func:`sink_name`, with ``_2``, ``_3``... for further sinks of the same kind."""
-        return tuple(self._where)
+        return tuple(self._paths)
 
     def emit(self, record: UsageRecord) -> None:
         """Write ``record`` to every sink."""
@@ -559,8 +594,12 @@ class UsageDispatcher:
         except Exception as exc:  # a ledger failure must never break the request
             self._failed(name, exc, request_id)
         else:
-            if self._failing and name in self._failing:
+            if self._failing and name in self._failing:  # the healthy path: one check of an empty dict
                 self._succeeded(name)
+
+    def _where(self, name: str) -> str:
+        where = self._paths.get(name)
+        return f" ({where})" if where else ""
 
     def _failed(self, name: str, exc: Exception, request_id: str) -> None:
         if self._on_failure is not None:
@@ -568,33 +607,39 @@ class UsageDispatcher:
                 self._on_failure(name)
             except Exception:  # the counter must not be what breaks the request
                 logger.exception("counting a usage sink failure failed")
-        now = monotonic()
-        state = self._failing.setdefault(name, _Failing())
-        state.failing = True
-        if state.logged_at is not None and now - state.logged_at < FAILURE_LOG_INTERVAL_S:
-            state.unlogged += 1
-            return
-        more = f" ({state.unlogged} more failed since the last message)" if state.unlogged else ""
+        with self._log_lock:
+            unlogged = self._failing.get(name, 0)
+            if not self._may_log(name):
+                self._failing[name] = unlogged + 1
+                return
+            self._failing[name] = 0
+        more = f" ({unlogged} more failed since the last message)" if unlogged else ""
         logger.error(
-            "usage sink %s (%s) failed for request %s: %s: %s%s",
-            name, self._where.get(name, ""), request_id, type(exc).__name__, exc, more,
+            "usage sink %s%s failed for request %s: %s: %s%s",
+            name, self._where(name), request_id, type(exc).__name__, exc, more,
         )  # fmt: skip
-        state.logged_at, state.unlogged = now, 0
 
     def _succeeded(self, name: str) -> None:
-        """A write of a sink that failed before: its recovery is logged, within the same one line a minute."""
-        state = self._failing.get(name)
-        if state is None:  # another thread logged the recovery
-            return
-        state.failing = False
-        if state.logged_at is not None and monotonic() - state.logged_at < FAILURE_LOG_INTERVAL_S:
-            return  # said at the first success once the minute is over (or by the next failure's line)
-        self._failing.pop(name, None)
-        more = f"{state.unlogged} more failed since the last message; " if state.unlogged else ""
+        """A write of a sink whose failure (or recovery) is not logged yet: its recovery, when a line is due."""
+        with self._log_lock:
+            unlogged = self._failing.get(name)
+            if unlogged is None or not self._may_log(name):
+                return  # another thread said it; or said at the first record once the minute is over
+            del self._failing[name]
+        more = f"{unlogged} more failed since the last message; " if unlogged else ""
         logger.warning(
-            "usage sink %s (%s) writes again (%sllmpath_usage_record_failures_total counts every failure)",
-            name, self._where.get(name, ""), more,
+            "usage sink %s%s writes again (%sllmpath_usage_record_failures_total counts every failure)",
+            name, self._where(name), more,
         )  # fmt: skip
+
+    def _may_log(self, name: str) -> bool:
+        """Whether a line about sink ``name`` may be logged now (then it counts as logged); under the lock."""
+        now = monotonic()
+        last = self._logged_at.get(name)
+        if last is not None and now - last < FAILURE_LOG_INTERVAL_S:
+            return False
+        self._logged_at[name] = now
+        return True
 
     def close(self) -> None:
         """Close the sinks that have ``close()``."""
