@@ -142,7 +142,7 @@ def eager_reference(args: argparse.Namespace) -> tuple[float, float] | None:
     cfg = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
                       num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
                       intermediate_size=c.intermediate_size, max_position_embeddings=max(args.prompt_tokens * 2, 4096),
-                      rope_theta=c.rope_theta)  # type: ignore[call-arg]  # fmt: skip
+                      rope_theta=c.rope_theta)  # type: ignore[call-arg, unused-ignore]  # fmt: skip
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in its dtype on its device: an 8B model never exists in float32

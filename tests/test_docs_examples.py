@@ -238,6 +238,8 @@ def test_the_scrape_page_of_the_deploy_guide_fires_when_no_gateway_is_scraped(tm
         ],
     }
     (tmp_path / "targets.test.yaml").write_text(yaml.safe_dump(tests))
+    headings = re.findall(r"^#+ (.+)$", (ROOT / "docs/deploy.md").read_text(), re.M)
+    assert {"LLMPathGatewayDown", "LLMPathUsageRecordsLost"} <= set(headings)  # where their runbook_url points
     for args in (["check", "rules", "targets.yaml"], ["test", "rules", "targets.test.yaml"]):
         result = subprocess.run([promtool, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr

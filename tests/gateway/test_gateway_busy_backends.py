@@ -91,3 +91,15 @@ async def test_an_unreachable_backend_with_no_other_to_try_says_so(free_port, ca
     said = "backend gone: connection failed: ClientConnectorError; no other backend to try"
     assert lines == [(logging.WARNING, said)]
     await app.gateway.pool.stop()
+
+
+async def test_a_lone_busy_backend_passes_its_retry_after_on(busy_backend) -> None:
+    backends = [{"url": busy_backend(429, "7"), "name": "only"}]
+    config = load_config(None, {"backends": backends, "insecure_no_auth": True})
+    app = create_app(config, registry=CollectorRegistry())
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        resp = await c.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_backend"
+    assert resp.headers["retry-after"] == "7"  # no other backend to try: the backend's own wait, not 1 s
+    await app.gateway.pool.stop()

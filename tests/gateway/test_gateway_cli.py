@@ -203,7 +203,7 @@ def test_serve_logs_carry_the_request_id_and_trace_id(llmpath_bin: str, processe
     assert resp.status_code == 503  # the backend's port is closed: failed its first probe, never used
     request_id = resp.headers["x-request-id"]
     # A client's mistakes: a key in the URL, as a value or alone; and a name that would decode to a forged line.
-    url = f"http://127.0.0.1:{port}/v1/models?api_key=sk-in-the-url&limit=&sk-alone-in-the-url&x%0AFORGED=1"
+    url = f"http://127.0.0.1:{port}/v1/models?api_key=sk-in-the-url&limit=1&sk-alone-in-the-url&x%0AFORGED=1"
     assert httpx.get(url).status_code == 401
     deadline = time.monotonic() + 10
     while request_id not in (text := gateway.log_path.read_text()):

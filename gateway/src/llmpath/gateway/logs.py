@@ -40,8 +40,17 @@ class AccessLogFilter(logging.Filter):
 
 
 def mask_query(query: str) -> str:
-    """``a=1&b&c=2`` → ``a=***&***&c=***`` (the raw query: nothing decoded)."""
-    return "&".join(f"{part.partition('=')[0]}={MASK}" if "=" in part else MASK for part in query.split("&") if part)
+    """``a=1&b&c=2`` → ``a=***&***&c=***`` (the raw query: nothing decoded). A part that looks like a token rather
+    than a parameter (no ``=``, a name over 32 characters, or a value of ``=`` padding only, as base64 ends) is
+    masked whole."""
+    return "&".join(_mask_part(part) for part in query.split("&") if part)
+
+
+def _mask_part(part: str) -> str:
+    name, equals, value = part.partition("=")
+    if not equals or len(name) > 32 or value.strip("=") == "":
+        return MASK
+    return f"{name}={MASK}"
 
 
 class TextFormatter(logging.Formatter):

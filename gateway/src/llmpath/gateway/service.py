@@ -609,8 +609,9 @@ class BackendCallResponse(Response):
                 try:
                     with stage("route") as st:
                         gw.route_request(p, st, retry=True)
-                except APIError:
+                except APIError as error:
                     log.log(level, "backend %s: %s; no other backend to try", state.name, reason)
+                    error.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))  # a busy one's own wait
                     raise
                 log.log(level, "backend %s: %s; retrying on %s", state.name, reason, p.decision.backend)
                 continue
