@@ -218,6 +218,8 @@ def test_the_waterfall_finds_one_request_by_request_id_or_trace_id(gw, client, k
     for wanted in (request_id, trace_id):
         found = client.get("/debug/requests.json", params={"id": wanted}, headers=admin).json()["requests"]
         assert [r["request_id"] for r in found] == [request_id]
+    every_page = client.get("/debug/requests", headers=admin).text
+    assert f'<a href="?axis=request&id={request_id}">{request_id[:12]}</a>' in every_page  # a row links to itself
     page = client.get("/debug/requests", params={"id": request_id, "limit": 7}, headers=admin).text
     assert request_id[:12] in page and sent[0].headers["x-request-id"][:12] not in page
     assert f'href="?axis=ttft&limit=7&amp;id={request_id}"' in page  # zooming keeps to that request

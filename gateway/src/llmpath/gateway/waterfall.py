@@ -110,7 +110,10 @@ td.lane{width:55%;min-width:320px}
 <tbody>
 {% for row in rows %}
 <tr class="request" data-request-id="{{ row.id }}">
-<td>{{ row.when }}</td><td title="trace {{ row.trace_id or '-' }}">{{ row.id[:12] }}</td><td>{{ row.tenant }}</td>
+<td>{{ row.when }}</td>
+<td title="trace {{ row.trace_id or '-' }}">
+<a href="?axis={{ axis }}&id={{ row.id|urlencode }}">{{ row.id[:12] }}</a></td>
+<td>{{ row.tenant }}</td>
 <td>{{ row.route }}</td><td class="{{ 'err' if row.status >= 400 or row.error else '' }}">{{ row.status }}
 {% if row.error %} {{ row.error }}{% endif %}</td>
 <td class="num">{{ row.ttft }}</td><td class="num">{{ row.total }}</td>
