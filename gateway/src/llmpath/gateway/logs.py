@@ -32,11 +32,19 @@ class AccessLogFilter(logging.Filter):
     value (``?sk-...`` becomes ``?***``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        args = record.args
-        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5 and "?" in str(args[2]):
+        args = _access_args(record)
+        if args is not None and "?" in str(args[2]):
             path, _, query = str(args[2]).partition("?")
             record.args = (args[0], args[1], f"{path}?{mask_query(query)}", args[3], args[4])
         return True
+
+
+def _access_args(record: logging.LogRecord) -> tuple[object, ...] | None:
+    """The arguments of one of uvicorn's access lines (in :data:`_ACCESS_ARGS` order), or ``None``."""
+    args = record.args
+    if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == len(_ACCESS_ARGS):
+        return args
+    return None
 
 
 def mask_query(query: str) -> str:
@@ -61,12 +69,10 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         line = super().formatMessage(record)
-        request_id = getattr(record, "request_id", NO_VALUE)
-        if request_id != NO_VALUE:
-            line += f" request_id={request_id}"
-        trace_id = getattr(record, "trace_id", NO_VALUE)
-        if trace_id != NO_VALUE:
-            line += f" trace_id={trace_id}"
+        for field in ("request_id", "trace_id"):
+            value = getattr(record, field, NO_VALUE)
+            if value != NO_VALUE:
+                line += f" {field}={value}"
         return line
 
 
@@ -89,8 +95,9 @@ class JsonLinesFormatter(JsonFormatter):
         for field in LOG_FIELDS:
             if log_data.get(field) == NO_VALUE:
                 del log_data[field]
-        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
-            access = dict(zip(_ACCESS_ARGS, record.args, strict=True))
+        args = _access_args(record)
+        if args is not None:
+            access = dict(zip(_ACCESS_ARGS, args, strict=True))
             log_data.update(method=access["method"], path=access["path"], status=access["status"])
 
 

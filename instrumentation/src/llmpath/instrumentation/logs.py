@@ -40,7 +40,7 @@ class RequestLogFilter(logging.Filter):
             # An unsampled span is never exported: its id would lead nowhere.
             span_id = format(ctx.span_id, "016x") if ctx.trace_flags.sampled else NO_VALUE
         else:
-            trace_id = NO_VALUE if req is None or not req.trace_id_int else format(req.trace_id_int, "032x")
+            trace_id = (req.trace_id if req is not None else None) or NO_VALUE  # the one in its usage record
             span_id = NO_VALUE
         fields.setdefault("request_id", NO_VALUE if req is None else req.request_id)
         fields.setdefault("trace_id", trace_id)
