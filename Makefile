@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 PARTS := instrumentation backends gateway slo dashboards runbooks
 STAMP := $(VENV)/.llmpath-installed
+# Test files run on this many pytest-xdist workers, each file whole on one worker (its module fixtures start once).
+# Most of the suite waits on real processes (engines, Prometheus, promtool), so two workers halve it on 2 cores;
+# `make test PYTEST_WORKERS=0` runs it in one process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test lint regen clean
 
@@ -23,7 +27,7 @@ test: $(STAMP)
 	scripts/system-deps.sh test
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 	scripts/compat.sh
 
 lint: $(STAMP)
