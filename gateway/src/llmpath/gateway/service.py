@@ -2,46 +2,30 @@
 
 ``auth → validate → assemble → cache_lookup → route → schedule`` run in the endpoint; the backend call
 (``prefill`` and ``decode`` from the backend's events, plus the backend's share of ``schedule``) runs in
-:class:`BackendCallResponse`, in the same task, so the model-call span and the trace context stay intact
-from the first byte to the last. Errors before the first byte get their proper HTTP status (a connection
-failure is retried on another backend); errors after it are sent as an SSE error event.
+:class:`~llmpath.gateway.backend_call.BackendCallResponse`, in the same task, so the model-call span and the
+trace context stay intact from the first byte to the last. Errors before the first byte get their proper HTTP
+status (a connection failure is retried on another backend); errors after it are sent as an SSE error event.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from llmpath.backends.base import (
-    CONTEXT_LENGTH_EXCEEDED,
-    BackendBadRequest,
-    BackendError,
-    BackendEvent,
     BackendRequest,
-    BackendServerError,
-    BackendTimeout,
-    BackendUnavailable,
-    BackendUnreachable,
     ChatMessage,
-    Done,
-    FirstToken,
     SamplingParams,
-    Scheduled,
-    TimingSource,
-    TokenDelta,
 )
 from llmpath.backends.chat_template import render_chatml
 from llmpath.gateway import errors
@@ -54,24 +38,19 @@ from llmpath.gateway.admission import (
 )
 from llmpath.gateway.assembly import Assembled, AssemblyError, MessagesRejected, RouteAssembler
 from llmpath.gateway.auth import KeyStore, Principal
+from llmpath.gateway.backend_call import BackendCallResponse, wait_for_disconnect
 from llmpath.gateway.config import GatewayConfig, RouteConfig
 from llmpath.gateway.errors import APIError
 from llmpath.gateway.metrics import GatewayMetrics
-from llmpath.gateway.openai_format import SSE_DONE, ResponseFormat, openai_finish_reason
+from llmpath.gateway.openai_format import ResponseFormat
 from llmpath.gateway.pool import BackendPool
 from llmpath.gateway.prompt_cache import CacheKey, CacheLookup, PromptCache
 from llmpath.gateway.routing import Candidate, RouteDecision, Router, RouteReason
 from llmpath.gateway.schemas import MIN_TOP_P, ChatCompletionRequest, CompletionRequest
 from llmpath.instrumentation import (
-    ModelCallSpan,
     StageScope,
     annotate_request,
-    fail_request,
     inject_trace_headers,
-    mark_first_token,
-    model_call_span,
-    record_stage,
-    record_usage,
     set_request_labels,
     stage,
 )
@@ -442,7 +421,7 @@ class Gateway:
         """Wait in the admission queue while watching the client: one that disconnects leaves the queue at once
         (``ClientDisconnect``) instead of holding its place until the queue timeout."""
         acquire = asyncio.ensure_future(self.admission.acquire())
-        gone = asyncio.ensure_future(_disconnected(receive))
+        gone = asyncio.ensure_future(wait_for_disconnect(receive))
         try:
             await asyncio.wait((acquire, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -495,417 +474,3 @@ class Gateway:
         key = self.prompt_cache.extend(p.key, text)
         self.prompt_cache.record(key, p.decision.backend)
         self.publish_index_blocks(p.decision.backend)
-
-
-Scope = MutableMapping[str, Any]
-
-
-class BackendCallResponse(Response):
-    """The backend call as an ASGI response: connects (retrying on connection failure), then streams SSE or
-    sends one JSON body. A client disconnect cancels the backend request."""
-
-    def __init__(self, gateway: Gateway, prepared: Prepared) -> None:
-        self.gateway = gateway
-        self.p = prepared
-        self.status_code = 200
-        self.background = None
-        self._finished = False
-        self._disconnected = False
-        self._started = False
-
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        main = asyncio.current_task()
-        assert main is not None
-
-        async def watch_disconnect() -> None:
-            await _disconnected(receive)
-            if not self._finished:
-                self._disconnected = True
-                main.cancel()
-
-        watcher = asyncio.get_running_loop().create_task(watch_disconnect())
-        try:
-            await self._run(send)
-        except asyncio.CancelledError:
-            if self._disconnected:
-                main.uncancel()
-                annotate_request(client_disconnect=True)
-                if not self._started:  # nobody will read it; it records the request as closed by the client (499)
-                    with contextlib.suppress(OSError):
-                        await send({"type": "http.response.start", "status": 499, "headers": []})
-                        await send({"type": "http.response.body", "body": b""})
-            elif self.gateway.draining:  # the drain time is over: tell the client to retry elsewhere
-                main.uncancel()
-                annotate_request(shutdown=True)
-                with contextlib.suppress(OSError):
-                    await self._end_early(send, errors.shutting_down())
-            else:
-                raise
-        finally:
-            watcher.cancel()
-            self.gateway.release(self.p)
-
-    async def _run(self, send: Any) -> None:
-        try:
-            scope, call, events = await self._connect()
-        except APIError as exc:
-            await self._send_error(send, exc)
-            return
-        tracker = _Tracker(self.gateway, self.p, call)
-        with scope:  # the model-call span, current from connect to the last event
-            try:
-                if self.p.stream:
-                    await self._stream(send, tracker, events)
-                else:
-                    await self._complete(send, tracker, events)
-            finally:
-                tracker.settle()  # cut short (client gone, shutdown, backend error): account for what was generated
-                await events.aclose()
-
-    async def _connect(self) -> tuple[contextlib.ExitStack, ModelCallSpan, _Prefetched]:
-        """Open the backend stream and wait for its first event; retry elsewhere on connection failure."""
-        gw, p = self.gateway, self.p
-        retries = gw.config.routing.max_retries
-        retry_after = 0.0
-        while True:
-            state = gw.pool[p.decision.backend]
-            scope = contextlib.ExitStack()
-            call = scope.enter_context(
-                model_call_span(
-                    p.backend_model,
-                    provider=state.config.kind,
-                    server_address=state.config.url.host,
-                    server_port=state.config.url.port,
-                    stream=p.stream,
-                    operation="chat" if p.kind == "chat" else "text_completion",
-                    max_tokens=p.sampling.max_tokens,
-                    temperature=p.sampling.temperature,
-                    top_p=p.sampling.top_p,
-                )
-            )
-            events = _Prefetched(state.backend.generate(gw.backend_request(p)))
-            try:
-                await events.prefetch()
-            except BackendUnavailable as exc:
-                await events.aclose()
-                call.set_error("unavailable")
-                scope.close()
-                p.tried.append(state.name)
-                # Unreachable (no answer at all) counts toward ejection and is worth a WARNING; a busy backend's
-                # 503 is frequent under overload, and in its own metrics.
-                unreachable = isinstance(exc, BackendUnreachable)
-                reason = f"connection failed: {type(exc.__cause__).__name__}" if unreachable else "busy"
-                level = logging.WARNING if unreachable else logging.DEBUG
-                if unreachable:
-                    gw.pool.report_failure(state.name, reason)
-                gw.release_backend(p)
-                if exc.retry_after is not None:  # a busy backend's own Retry-After (429/503): the longest one
-                    retry_after = max(retry_after, exc.retry_after)
-                if len(p.tried) > retries:
-                    log.log(level, "backend %s: %s; no retries left (routing.max_retries)", state.name, reason)
-                    error = errors.no_backend("Every backend tried failed; retry later.")
-                    error.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
-                    raise error from None
-                try:
-                    with stage("route") as st:
-                        gw.route_request(p, st, retry=True)
-                except APIError as error:
-                    log.log(level, "backend %s: %s; no other backend to try", state.name, reason)
-                    error.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))  # a busy one's own wait
-                    raise
-                log.log(level, "backend %s: %s; retrying on %s", state.name, reason, p.decision.backend)
-                continue
-            except BackendError as exc:
-                await events.aclose()
-                call.set_error(type(exc).__name__)
-                scope.close()
-                if isinstance(exc, BackendServerError):  # consecutive 5xx answers eject, like outlier detection
-                    gw.pool.report_failure(state.name, f"answered {exc.upstream_status}")
-                raise _api_error(exc, p.kind) from None
-            except BaseException as exc:
-                await events.aclose()
-                scope.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-            gw.pool.report_success(state.name)
-            return scope, call, events
-
-    async def _stream(self, send: Any, tracker: _Tracker, events: AsyncIterator[BackendEvent]) -> None:
-        p, fmt, call = self.p, self.p.fmt, tracker.call
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"text/event-stream; charset=utf-8"),
-                    (b"cache-control", b"no-cache"),
-                    (b"x-accel-buffering", b"no"),
-                    *p.ratelimit_headers,
-                ],
-            }
-        )
-        self._started = True
-        first = True
-        try:
-            async for event in events:
-                if isinstance(event, TokenDelta):
-                    tracker.delta(event)
-                    if first:
-                        mark_first_token()
-                    call.mark_chunk()  # every chunk the backend streamed, sent on or not
-                    if event.text or first:
-                        chunk = fmt.chunk(event.text, first=first)
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        first = False
-                elif isinstance(event, Done):
-                    tracker.done(event)
-                    tail = fmt.chunk("", first=first, finish_reason=openai_finish_reason(event.finish_reason))
-                    if p.include_usage:
-                        tail += fmt.usage_chunk(event.usage)
-                    self._finished = True
-                    await send({"type": "http.response.body", "body": tail + SSE_DONE, "more_body": False})
-                    await _drain(events)
-                    return
-                else:
-                    tracker.event(event)
-            raise BackendError("the backend stream ended without a final event")
-        except BackendError as exc:
-            error = _api_error(exc, p.kind, mid_response=True)
-            call.set_error(type(exc).__name__)
-            annotate_request(stream_error=error.code or type(exc).__name__)
-            fail_request(error.status_code, type(exc).__name__)  # a failed request, though its 200 was sent
-            tracker.settle()  # the tokens streamed so far, before the last message closes the usage record
-            self._finished = True
-            await send({"type": "http.response.body", "body": error.sse_event() + SSE_DONE, "more_body": False})
-
-    async def _complete(self, send: Any, tracker: _Tracker, events: AsyncIterator[BackendEvent]) -> None:
-        call = tracker.call
-        try:
-            async for event in events:
-                if isinstance(event, TokenDelta):
-                    tracker.delta(event)
-                elif isinstance(event, Done):
-                    tracker.done(event)
-                    body = self.p.fmt.full(tracker.text(), openai_finish_reason(event.finish_reason), event.usage)
-                    self._finished = True
-                    await self._send_json(send, 200, body)
-                    await _drain(events)
-                    return
-                else:
-                    tracker.event(event)
-            raise BackendError("the backend stream ended without a final event")
-        except BackendError as exc:
-            call.set_error(type(exc).__name__)
-            tracker.settle()  # the tokens generated so far, before the answer closes the usage record
-            await self._send_error(send, _api_error(exc, self.p.kind, mid_response=True))
-
-    async def _end_early(self, send: Any, exc: APIError) -> None:
-        """End a response cut short: the error as JSON if nothing was sent yet, as an SSE error event in a stream
-        that has begun, else just the end of the body."""
-        if not self._started:
-            await self._send_error(send, exc)
-            return
-        self._finished = True
-        if self.p.stream:
-            annotate_request(stream_error=exc.code)
-            await send({"type": "http.response.body", "body": exc.sse_event() + SSE_DONE, "more_body": False})
-        else:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _send_error(self, send: Any, exc: APIError) -> None:
-        self._finished = True
-        headers = {k.lower(): v for k, v in exc.headers.items()}
-        await self._send_json(send, exc.status_code, exc.body(), headers)
-
-    async def _send_json(self, send: Any, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        body = orjson.dumps(obj)
-        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
-        raw_headers += self.p.ratelimit_headers
-        self._started = True
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _disconnected(receive: Callable[[], Any]) -> None:
-    """Returns when the client disconnects (the request body has been read: ``receive`` has nothing else)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-#: How long the end of a backend's answer may take after its final event before the connection is closed instead.
-DRAIN_TIMEOUT_S = 1.0
-
-
-async def _drain(events: AsyncIterator[BackendEvent]) -> None:
-    """Read the backend's stream to its end (``data: [DONE]``) so that its connection goes back to the pool;
-    closing it half-read would cost a new TCP connection per request. A backend that keeps the body open after its
-    final event gets :data:`DRAIN_TIMEOUT_S` (the request holds its admission slot meanwhile), then the connection
-    is closed."""
-    with contextlib.suppress(BackendError, TimeoutError):
-        async with asyncio.timeout(DRAIN_TIMEOUT_S):
-            async for _ in events:
-                pass
-
-
-class _Prefetched:
-    """An async iterator over backend events whose first event can be awaited ahead (to detect failures
-    before anything is sent to the client)."""
-
-    __slots__ = ("_agen", "_first")
-
-    def __init__(self, agen: AsyncIterator[BackendEvent]) -> None:
-        self._agen = agen
-        self._first: list[BackendEvent] = []
-
-    async def prefetch(self) -> None:
-        try:
-            self._first.append(await anext(self._agen))
-        except StopAsyncIteration:
-            raise BackendError("the backend answered no events") from None
-
-    def __aiter__(self) -> _Prefetched:
-        return self
-
-    async def __anext__(self) -> BackendEvent:
-        if self._first:
-            return self._first.pop()
-        return await anext(self._agen)
-
-    async def aclose(self) -> None:
-        aclose = getattr(self._agen, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
-class _Tracker:
-    """Turns backend events into stage timings, usage and the model-call span's attributes."""
-
-    __slots__ = (
-        "_backend_queued_at",
-        "_chunks",
-        "_first",
-        "_first_token_at",
-        "_gateway",
-        "_output_tokens",
-        "_p",
-        "_scheduled",
-        "_settled",
-        "call",
-    )
-
-    def __init__(self, gateway: Gateway, p: Prepared, call: ModelCallSpan) -> None:
-        self._gateway = gateway
-        self._p = p
-        self.call = call
-        self._scheduled: Scheduled | None = None
-        self._first: FirstToken | None = None
-        self._output_tokens = 0
-        self._settled = False
-        self._first_token_at: float | None = None
-        #: When the backend's queue took the request, on the gateway clock (backend-timed requests only).
-        self._backend_queued_at: float | None = None
-        self._chunks: list[str] = []
-
-    def event(self, event: BackendEvent) -> None:
-        if isinstance(event, Scheduled):
-            self._scheduled = event
-        elif isinstance(event, FirstToken):
-            self._first_token(event)
-
-    def delta(self, event: TokenDelta) -> None:
-        if self._first_token_at is None:  # a backend that reports no FirstToken: the gateway clock
-            self._first_token_at = perf_counter()
-        self._output_tokens += event.num_tokens
-        self._chunks.append(event.text)
-
-    def text(self) -> str:
-        return "".join(self._chunks)
-
-    def _first_token(self, event: FirstToken) -> None:
-        self._first = event
-        now = self._first_token_at = perf_counter()
-        if not self._p.stream:
-            mark_first_token(now)
-        prefill = max(0.0, event.prefill_seconds)
-        record_stage("prefill", prefill, end=now, source=event.source.value)
-        queued = self._scheduled
-        if queued is not None and queued.source is TimingSource.BACKEND:
-            record_stage(
-                "schedule",
-                queued.queue_seconds,
-                end=now - prefill,
-                source="backend",
-                attributes={"llmpath.schedule.backend_queue_s": queued.queue_seconds},
-            )
-            annotate_request(backend_queue_s=round(queued.queue_seconds, 6))
-            self._backend_queued_at = now - prefill - max(0.0, queued.queue_seconds)
-
-    def done(self, event: Done) -> None:
-        p, usage = self._p, event.usage
-        self._account(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
-        dispatch = event.timings.dispatch_seconds
-        if dispatch is not None and self._backend_queued_at is not None:
-            # Only known at the end (SGLang reports it with the final output), placed just before the backend queue.
-            record_stage(
-                "schedule",
-                dispatch,
-                end=self._backend_queued_at,
-                source="backend",
-                attributes={"llmpath.schedule.backend_dispatch_s": dispatch},
-            )
-            annotate_request(backend_dispatch_s=round(dispatch, 6))
-        self.call.set_finish_reasons([event.finish_reason])
-        self.call.set_response(response_id=p.fmt.id, response_model=event.response_model)  # None: not known
-        annotate_request(finish_reason=event.finish_reason)
-        self._gateway.record_prediction(p, usage.prompt_tokens)
-        self._gateway.record_output(p, self.text())
-
-    def settle(self) -> None:
-        """Account for a request that ended without the backend's final event — the client went away (a "stop"
-        button), the gateway shut down, the stream broke: the prompt as the backend reported it with the first
-        token, and the tokens generated until then (``usage_partial`` in the ledger). Nothing when no token came."""
-        first = self._first
-        if self._settled or first is None or self._first_token_at is None:
-            self._settled = True
-            return
-        prompt = first.prompt_tokens
-        if not prompt:  # OpenAI-compatible servers count the prompt only in their final chunk: the gateway's estimate
-            prompt = self._p.key.prompt_tokens
-            annotate_request(input_tokens_estimated=True)
-        self._account(prompt, first.cached_tokens, self._output_tokens)
-        annotate_request(usage_partial=True)
-
-    def _account(self, prompt: int, cached: int, output: int) -> None:
-        """The end of the request: its decode stage up to now, and its tokens in the usage record, the model-call
-        span and the tenant's token budget (once, whichever of :meth:`done` and :meth:`settle` comes first)."""
-        self._settled = True
-        p = self._p
-        if self._first_token_at is not None:
-            now = perf_counter()
-            record_stage("decode", now - self._first_token_at, end=now, source="gateway")
-        cached = min(cached, prompt)
-        p.tokens_used = prompt + output
-        record_usage(
-            input_tokens=prompt,
-            cached_tokens=cached,
-            output_tokens=output,
-            model=p.backend_model,
-            tenant=p.principal.tenant,
-        )
-        self.call.set_usage(input_tokens=prompt, output_tokens=output, cached_tokens=cached)
-
-
-def _api_error(exc: BackendError, kind: str, mid_response: bool = False) -> APIError:
-    """The client's error for a backend failure; ``mid_response``: after the backend's first event (a connection
-    lost then is the backend failing, not a busy backend to retry later)."""
-    if isinstance(exc, BackendBadRequest):
-        if exc.code == CONTEXT_LENGTH_EXCEEDED:
-            return errors.context_length_exceeded(kind, f"The backend rejected the prompt: {exc}")
-        return APIError(
-            exc.status_code, f"The backend rejected the request: {exc}", param=exc.param, code="backend_rejected"
-        )
-    if isinstance(exc, BackendTimeout):
-        return APIError(504, "The backend timed out.", type="server_error", code="backend_timeout")
-    if isinstance(exc, BackendUnavailable) and not mid_response:
-        return errors.no_backend("The backend is unavailable; retry later.")
-    return APIError(502, "The backend failed.", type="server_error", code="backend_error")
