@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from llmpath.backends.engine.runtime import EngineArgs, default_chunked_prefill_size
+from llmpath.backends.engine.args import EngineArgs, default_chunked_prefill_size
 from tests.backends.test_engine_http import metric
 
 pytestmark = pytest.mark.slow

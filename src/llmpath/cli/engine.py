@@ -64,9 +64,8 @@ def serve(
     log_level: LogLevel = typer.Option(LogLevel.info, "--log-level", case_sensitive=False, help="Log level."),
 ) -> None:
     """Serve SGLang's HTTP API (/generate, /v1/chat/completions, /metrics, …) from an embedded engine."""
+    from llmpath.backends.engine.args import EngineArgs
     from llmpath.backends.engine.metrics import DEFAULT_BUCKETS, parse_buckets
-    from llmpath.backends.engine.runtime import EngineArgs
-    from llmpath.backends.engine.serve import serve as run
 
     try:
         buckets = {}
@@ -88,6 +87,8 @@ def serve(
     except ValueError as exc:
         typer.echo(f"llmpath engine serve: {exc}", err=True)
         raise typer.Exit(2) from None
+    from llmpath.backends.engine.serve import serve as run  # loads torch
+
     run(args, host=host, port=port, log_level=log_level)
 
 
