@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from llmpath.demo.supervisor import Supervisor
+from llmpath.slo import CompileResult
 
 ROOT = Path(__file__).resolve().parent.parent
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
@@ -164,6 +165,7 @@ def test_slo_api_example_runs_as_written(tmp_path: Path, monkeypatch: pytest.Mon
     exec(compile(block_with(ROOT / "docs/slo.md", "compile_slos("), "docs/slo.md", "exec"), namespace)  # noqa: S102
 
     result = namespace["result"]
+    assert isinstance(result, CompileResult)
     assert sorted(result.files) == ["batch.yaml", "slos.yaml"]  # one rule file per input, by file name
     services = {slo.service for slo in result.slos}
     assert services >= {"batch-api"} and len(services) >= 2

@@ -100,13 +100,15 @@ def test_load_catalog_applies_owners_and_places_custom_stages(files: tuple[Path,
     catalog = load_catalog(files[0])
     assert catalog.owner("route") == "traffic" and catalog.owner("auth") == STAGES.owner("auth")
     assert catalog.owner("moderation") == "trust-safety"
-    assert catalog.group("gateway_overhead").owner == "edge" and STAGES.group("gateway_overhead").owner == "gateway"
+    group, default_group = catalog.group("gateway_overhead"), STAGES.group("gateway_overhead")
+    assert group is not None and default_group is not None
+    assert group.owner == "edge" and default_group.owner == "gateway"
     names = catalog.names_with_unattributed
     # a pre-first-token stage joins the stages that tile TTFT, at its place; the other one follows decode
     assert names[:4] == ("auth", "validate", "moderation", "route")
     assert names.index("unattributed") < names.index("decode") < names.index("postprocess")
     assert catalog["postprocess"].before_first_token is False
-    assert "moderation" in catalog.group("gateway_overhead").stages
+    assert "moderation" in group.stages
 
 
 @pytest.mark.parametrize(

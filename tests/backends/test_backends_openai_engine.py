@@ -48,6 +48,7 @@ async def test_chat_usage_and_cached_tokens(engine, stream: bool) -> None:
     assert done.usage.completion_tokens == 6 and done.finish_reason == "length"
     assert done.usage.cached_tokens == done.usage.prompt_tokens - 1 > 0
     assert sum(e.num_tokens for e in events if isinstance(e, TokenDelta)) == 6
+    assert done.timings.e2e_seconds is not None and done.timings.first_token_seconds is not None
     assert done.timings.e2e_seconds >= done.timings.first_token_seconds > 0
 
 

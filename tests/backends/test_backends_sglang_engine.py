@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 
 import httpx
 import pytest
@@ -52,6 +53,7 @@ async def test_generate_events_in_order_with_backend_timings(engine, stream: boo
     assert events[0].source is events[1].source is done.timings.source is TimingSource.BACKEND
     assert 0 <= events[0].queue_seconds < 5 and 0 < events[1].prefill_seconds < 5
     assert done.usage.prompt_tokens == events[1].prompt_tokens > 100
+    assert done.timings.e2e_seconds is not None and done.timings.first_token_seconds is not None
     assert done.timings.e2e_seconds >= done.timings.first_token_seconds > 0
 
 
@@ -107,6 +109,7 @@ async def test_unreachable_backend_is_unavailable(free_port) -> None:
 async def test_closing_the_event_stream_aborts_the_request(engine) -> None:
     backend = SGLangBackend(engine.url)
     events = backend.generate(req("cancel-1", sampling=SamplingParams(max_tokens=3000, ignore_eos=True)))
+    assert isinstance(events, AsyncGenerator)  # closable, as the gateway closes it
     try:
         async for ev in events:
             if isinstance(ev, TokenDelta):

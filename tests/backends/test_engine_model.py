@@ -18,6 +18,7 @@ from torch.nn.attention.bias import CausalBias
 
 from llmpath.backends.engine.kv_pool import TokenSlotPool
 from llmpath.backends.engine.model import (
+    DecoderLayer,
     ForwardBatch,
     LlamaModel,
     SeqInput,
@@ -76,6 +77,7 @@ def reference_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         x = m.embed_tokens.weight[torch.tensor(ids)]
         for layer in m.layers:
+            assert isinstance(layer, DecoderLayer)
             a = layer.self_attn
             hx = rms(x, layer.input_layernorm.weight)
             q = rope((hx @ a.q_proj.weight.T).view(n, h, d))

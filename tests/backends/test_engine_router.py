@@ -12,7 +12,16 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmpath.backends import BackendRequest, Done, SamplingParams, SGLangBackend, TimingSource, TokenDelta
+from llmpath.backends import (
+    BackendRequest,
+    Done,
+    FirstToken,
+    SamplingParams,
+    Scheduled,
+    SGLangBackend,
+    TimingSource,
+    TokenDelta,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -86,6 +95,7 @@ async def through_router(client: httpx.AsyncClient, url: str, workers: list) -> 
         evs = [ev async for ev in backend.generate(req)]
     finally:
         await backend.aclose()
+    assert isinstance(evs[0], (Scheduled, FirstToken))
     assert evs[0].source is TimingSource.BACKEND and isinstance(evs[-1], Done)
     assert sum(e.num_tokens for e in evs if isinstance(e, TokenDelta)) == 4
 

@@ -6,6 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -148,7 +149,7 @@ def test_parallel_run_matches_the_serial_one(sim) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _conversation(sim: ModuleType, prompt_tokens: list[int], output_tokens: list[int], blocks: int) -> object:
+def _conversation(sim: ModuleType, prompt_tokens: list[int], output_tokens: list[int], blocks: int) -> Any:
     hashes = list(range(1000, 1000 + blocks))
     return sim.Conversation(
         id=0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +28,16 @@ VENDORED_SCHEMA = REPO / "dashboards" / "src" / "llmpath" / "dashboards" / "sche
 SCHEMA_SHA256 = "67451cd5b288f97e3f68eccd52ffa4f75151fc87c669b8cd93c051056b294265"
 
 
-def _panels(dashboard: dict, type_: str | None = None) -> list[dict]:
+def _panels(dashboard: dict, type_: str | None = None) -> list[Mapping[str, Any]]:
     return [p for p in iter_panels(dashboard) if p["type"] != "row" and (type_ is None or p["type"] == type_)]
 
 
-def _by_key(dashboard: dict, key: str) -> dict:
+def _by_key(dashboard: dict, key: str) -> Mapping[str, Any]:
     pid = stable_panel_id(key)
     return next(p for p in iter_panels(dashboard) if p["id"] == pid)
 
 
-def _exprs(panel: dict) -> list[str]:
+def _exprs(panel: Mapping[str, Any]) -> list[str]:
     return [t["expr"] for t in panel["targets"]]
 
 
@@ -228,7 +229,7 @@ def test_rate_windows_are_grafana_variables(dashboards: dict[str, dict]) -> None
                 assert set(re.findall(r"\[([^\]]+)\]", expr)) - {":_"} <= {"$__rate_interval", "$__range"}, expr
 
 
-def _steps(panel: dict) -> list[tuple[str, float | None]]:
+def _steps(panel: Mapping[str, Any]) -> list[tuple[str, float | None]]:
     return [(m["color"], m["value"]) for m in panel["fieldConfig"]["defaults"]["thresholds"]["steps"]]
 
 

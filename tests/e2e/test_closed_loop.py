@@ -263,6 +263,7 @@ def test_the_default_specs_validate_against_the_live_stack(loop: Loop) -> None:
     bucket bounds, and every SLI selector matches series the gateway exports."""
     from llmpath.slo import default_spec_path
 
+    assert loop.stack.prometheus is not None
     cmd = [LLMPATH, "slo", "validate", str(default_spec_path()), "--prometheus", loop.stack.prometheus.url, "--strict"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -308,7 +309,8 @@ def page_during_fault(
 
 def check_slo_status(loop: Loop, page: Notification) -> None:
     """What on-call runs next: `llmpath slo status` shows the paging alert, its owner and its runbook."""
-    assert loop.stack.prometheus is not None
+    prometheus = loop.stack.prometheus
+    assert prometheus is not None
     group = {"route": page.labels["route"]}
     rows: list[dict] = []
 
@@ -317,7 +319,7 @@ def check_slo_status(loop: Loop, page: Notification) -> None:
                     None)  # fmt: skip
 
     def burning_row() -> dict | None:
-        out = subprocess.run([LLMPATH, "slo", "status", "--prometheus", loop.stack.prometheus.url, "--json"],
+        out = subprocess.run([LLMPATH, "slo", "status", "--prometheus", prometheus.url, "--json"],
                              capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
         rows[:] = json.loads(out.stdout)
         row = next(r for r in rows if r["slo_id"] == page.labels["sloth_id"] and r["group"] == group)
@@ -335,12 +337,12 @@ def check_slo_status(loop: Loop, page: Notification) -> None:
     assert {r["slo"] for r in rows} == {"availability", "ttft", "gateway-overhead", "scheduling-latency",
                                        "prefill-latency", "time-per-output-token", "prompt-cache-hit-rate"}  # fmt: skip
     # on-call of one team: only its SLOs, only those burning
-    mine = subprocess.run([LLMPATH, "slo", "status", "--prometheus", loop.stack.prometheus.url, "--owner", "serving",
+    mine = subprocess.run([LLMPATH, "slo", "status", "--prometheus", prometheus.url, "--owner", "serving",
                            "--firing", "--json"], capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
     burning = json.loads(mine.stdout)
     assert burning and all(r["owner"] == "serving" and r["alerts"] for r in burning)
     assert any(r["slo_id"] == page.labels["sloth_id"] and r["group"] == group for r in burning)
-    nobody = subprocess.run([LLMPATH, "slo", "status", "--prometheus", loop.stack.prometheus.url, "--owner", "nobody"],
+    nobody = subprocess.run([LLMPATH, "slo", "status", "--prometheus", prometheus.url, "--owner", "nobody"],
                             capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
     assert "no SLO owned by 'nobody'" in nobody.stdout
 
@@ -387,7 +389,7 @@ def test_prometheus_sli_matches_the_ledger_and_token_counts_match_the_engines(lo
     # The TTFT SLI over the whole run (the 30m period window), per route, from the recording rule.
     period = prom.query('slo:sli_error:ratio_rate30m{sloth_slo="ttft"}')
     assert {r["metric"]["route"] for r in period} == {r.name for r in DEMO_ROUTES}
-    records = [r for r in read_jsonl(stack.ledger_path) if r.ttft_s is not None]
+    ttfts = [(r, r.ttft_s) for r in read_jsonl(stack.ledger_path) if r.ttft_s is not None]
     for result in period:
         route = result["metric"]["route"]
         # increase() counts from each series' first sample: leave out the requests observed before it.
@@ -395,8 +397,8 @@ def test_prometheus_sli_matches_the_ledger_and_token_counts_match_the_engines(lo
             f'min_over_time(timestamp(llmpath_time_to_first_token_seconds_count{{route="{route}"}})[30m:1s])'
         )
         assert first is not None
-        mine = [r for r in records if r.route == route and r.time + r.ttft_s > first]
-        ledger_bad = sum(r.ttft_s > TTFT_THRESHOLD for r in mine) / len(mine)
+        mine = [ttft for r, ttft in ttfts if r.route == route and r.time + ttft > first]
+        ledger_bad = sum(ttft > TTFT_THRESHOLD for ttft in mine) / len(mine)
         prom_bad = float(result["value"][1])
         assert abs((1 - prom_bad) - (1 - ledger_bad)) <= 0.01 * (1 - ledger_bad), (route, prom_bad, ledger_bad)
 
@@ -408,6 +410,6 @@ def test_prometheus_sli_matches_the_ledger_and_token_counts_match_the_engines(lo
         ("output", "sglang:generation_tokens_total"),
         ("cached", "sglang:cached_tokens_total"),
     ):
-        mine = total(gateway, "llmpath_tokens_total", type=kind)
+        ours = total(gateway, "llmpath_tokens_total", type=kind)
         theirs = sum(total(e, engine_metric) for e in engines)
-        assert mine == theirs > 0, (kind, mine, theirs)
+        assert ours == theirs > 0, (kind, ours, theirs)

@@ -13,6 +13,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
+from starlette.types import Message
 
 from llmpath.gateway.app import HOT_ENDPOINTS, HotPath, create_app
 from llmpath.gateway.config import hash_key, load_config
@@ -114,7 +115,7 @@ async def test_stage_spans_name_the_owners_of_the_configured_stage_catalog(tmp_p
     owners = {
         s.attributes["llmpath.stage.name"]: s.attributes["llmpath.stage.owner"]
         for s in exporter.get_finished_spans()
-        if "llmpath.stage.name" in s.attributes
+        if s.attributes is not None and "llmpath.stage.name" in s.attributes
     }
     assert owners == {"auth": "identity"}  # the auth stage refused the request, under the configured owner
 
@@ -155,9 +156,9 @@ def _post_scope(body_len: int) -> dict:
     }  # fmt: skip
 
 
-async def _call_then_leave(app: HotPath, messages: list[dict], leave_after_s: float) -> list[dict]:
+async def _call_then_leave(app: HotPath, messages: list[dict], leave_after_s: float) -> list[Message]:
     """One POST whose client sends ``messages`` and then, ``leave_after_s`` later, disconnects."""
-    sent: list[dict] = []
+    sent: list[Message] = []
 
     async def receive() -> dict:
         if messages:
@@ -165,7 +166,7 @@ async def _call_then_leave(app: HotPath, messages: list[dict], leave_after_s: fl
         await asyncio.sleep(leave_after_s)
         return {"type": "http.disconnect"}
 
-    async def send(message: dict) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     body = sum(len(m.get("body", b"")) for m in messages)

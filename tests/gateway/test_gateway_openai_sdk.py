@@ -9,6 +9,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionContentPartParam, ChatCompletionMessageParam
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ def sdk(gw, keys) -> Iterator[openai.OpenAI]:
         yield client
 
 
-def user(text: str = "hello there") -> list[dict[str, Any]]:
+def user(text: str = "hello there") -> list[ChatCompletionMessageParam]:
     return [{"role": "user", "content": text}]
 
 
@@ -51,7 +52,8 @@ def test_chat_streamed_and_not_give_the_same_answer_and_usage(sdk: openai.OpenAI
     )  # fmt: skip
     assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
     assert whole.usage is not None and whole.usage.completion_tokens == 6
-    assert whole.usage.prompt_tokens_details is not None and whole.usage.prompt_tokens_details.cached_tokens >= 0
+    details = whole.usage.prompt_tokens_details
+    assert details is not None and details.cached_tokens is not None and details.cached_tokens >= 0
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == whole.choices[0].message.content
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
@@ -69,13 +71,16 @@ def test_a_conversation_sent_back_through_model_dump(sdk: openai.OpenAI) -> None
     first = sdk.chat.completions.create(model="tiny", messages=user(), temperature=0)
     answer = first.choices[0].message.model_dump()
     assert {"refusal", "tool_calls", "function_call", "audio", "annotations"} <= answer.keys()  # sent as nulls
-    second = sdk.chat.completions.create(model="tiny", messages=[*user(), answer, *user("and then?")])
-    assert second.usage is not None and second.usage.prompt_tokens > first.usage.prompt_tokens
+    # the plain dict model_dump() gives (nulls and response-only fields included), as clients send it back
+    second = sdk.chat.completions.create(model="tiny", messages=[*user(), answer, *user("and then?")])  # type: ignore[list-item]
+    assert first.usage is not None and second.usage is not None
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
 
 
 def test_null_and_no_op_values_of_unsupported_features_are_accepted(sdk: openai.OpenAI) -> None:
     """What SDKs and frameworks send when a feature is not used: accepted, and the answer is an ordinary one."""
-    done = sdk.chat.completions.create(
+    # tools=None and parallel_tool_calls=None are outside the SDK's types, but frameworks send them
+    done = sdk.chat.completions.create(  # type: ignore[call-overload]
         model="tiny", messages=user(), temperature=0, top_p=0,
         logprobs=False, top_logprobs=None, logit_bias={}, response_format={"type": "text"},
         service_tier="auto", reasoning_effort=None, tools=None, tool_choice="none", parallel_tool_calls=None,
@@ -112,7 +117,10 @@ def test_unsupported_features_raise_the_sdk_error_naming_the_param(
 
 
 def test_an_image_part_is_refused_by_its_path(sdk: openai.OpenAI) -> None:
-    parts = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]
+    parts: list[ChatCompletionContentPartParam] = [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:,"}},
+    ]
     with pytest.raises(openai.BadRequestError) as info:
         sdk.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}])
     assert (info.value.param, info.value.code) == ("messages[0].content[1].type", "unsupported_value")

@@ -116,7 +116,7 @@ def test_new_prefix_groups_spread_by_footprint_whatever_the_loads_at_arrival() -
     whichever backend is idle at that moment (here always "a"), footprint placement spreads the groups."""
     index = PrefixIndex(max_blocks_per_backend=10_000, ttl_s=3600)
     router = Router("prefix", seed=1)
-    placed = Counter()
+    placed: Counter[str] = Counter()
     for group in range(8):
         hashes = block_hashes(f"system prompt of group {group} ".encode() * 40, 64)
         cands = [Candidate("a", 0), Candidate("b", 1), Candidate("c", 1), Candidate("d", 1)]

@@ -104,6 +104,7 @@ async def test_labels_annotations_and_current_request(make_harness):
     @app.get("/labels")
     async def labels() -> dict[str, bool]:
         req = current_request()
+        assert req is not None
         seen["start"] = req.start_time
         with stage("auth"):
             pass
@@ -210,7 +211,9 @@ async def test_labels_from_the_model_call_yield_to_record_usage_and_set_request_
             pass  # a retry on another kind of backend
         if case == "labels-first":
             record_usage(input_tokens=3, cached_tokens=0, output_tokens=1, model="served-model")
-        providers[case] = current_request().provider
+        req = current_request()
+        assert req is not None
+        providers[case] = req.provider
         return {"ok": True}
 
     async with h.client() as c:
@@ -323,8 +326,9 @@ async def test_a_custom_stage_in_the_gateway_overhead_group_counts_in_its_durati
 
     async with h.client() as c:
         assert (await c.get("/moderated")).status_code == 200
-    assert catalog.group("gateway_overhead").stages == ("auth", "validate", "moderation", "route", "assemble",
-                                                        "cache_lookup")  # fmt: skip
+    overhead = catalog.group("gateway_overhead")
+    assert overhead is not None
+    assert overhead.stages == ("auth", "validate", "moderation", "route", "assemble", "cache_lookup")
     assert catalog.names.index("moderation") == catalog.names.index("validate") + 1
     group = {"group": "gateway_overhead", "route": "/moderated"}
     assert h.value("llmpath_stage_group_duration_seconds_count", **group) == 1

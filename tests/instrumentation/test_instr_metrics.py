@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmpath.instrumentation import (
@@ -150,7 +150,9 @@ async def test_overlapping_and_repeated_stages_are_one_observation_and_never_dou
 
     @app.get("/repeat")
     def repeat() -> dict[str, bool]:  # a sync endpoint: runs in the thread pool with the request's context
-        start = current_request().start
+        req = current_request()
+        assert req is not None
+        start = req.start
         record_stage("schedule", 0.002, end=start + 0.003, source="gateway")  # admission wait
         record_stage("schedule", 0.004, end=start + 0.006)  # the backend's queue, overlapping it
         mark_first_token(start + 0.010)
@@ -258,8 +260,11 @@ async def test_gateway_metrics_on_the_same_registry(harness):
     instr = get_instrumentation(harness.app)
     lookups = instr.metric(catalog.PROMPT_CACHE_LOOKUPS_TOTAL)
     assert instr.metric(catalog.PROMPT_CACHE_LOOKUPS_TOTAL) is lookups
+    assert isinstance(lookups, Counter)
     lookups.labels("chat", "hit").inc()
-    instr.metric(catalog.BACKEND_UP).labels("engine-a").set(1)
+    backend_up = instr.metric(catalog.BACKEND_UP)
+    assert isinstance(backend_up, Gauge)
+    backend_up.labels("engine-a").set(1)
     assert harness.value("llmpath_prompt_cache_lookups_total", route="chat", result="hit") == 1
     assert harness.value("llmpath_backend_up", backend="engine-a") == 1
     with pytest.raises(KeyError, match="not in the catalog"):

@@ -296,6 +296,7 @@ async def test_no_http_duration_from_llmpath_when_the_fastapi_instrumentor_is_on
             async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
                 assert (await c.get("/ok")).status_code == 200
             data = reader.get_metrics_data()
+            assert data is not None
             scopes = {
                 (sm.scope.name, m.name) for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
             }

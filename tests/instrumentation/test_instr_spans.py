@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -12,7 +13,7 @@ from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind, StatusCode
 
-from llmpath.instrumentation import STAGES, current_request, stage
+from llmpath.instrumentation import STAGES, UsageRecord, current_request, stage
 
 STAGE_NAMES = ["auth", "validate", "route", "assemble", "cache_lookup", "schedule", "prefill", "decode"]
 BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "SECRET-PROMPT-TEXT"}]}
@@ -130,12 +131,13 @@ async def test_spans_created_inside_a_stage_nest_under_it(make_harness, fast_spa
 
 async def test_unsampled_requests_create_no_spans_but_keep_metrics_and_trace_id(make_harness):
     h = make_harness(sampler=ALWAYS_OFF)
-    seen = {}
+    seen: dict[str, Any] = {}
     app = h.app
 
     @app.get("/peek")
     async def peek() -> dict[str, bool]:
         req = current_request()
+        assert req is not None
         seen["sampled"] = req.sampled
         seen["trace_id"] = req.trace_id
         with stage("auth"):
@@ -258,11 +260,11 @@ async def test_no_sdk_configured_passes_the_callers_trace_through():
     from llmpath.instrumentation import inject_trace_headers, instrument_app
 
     app = FastAPI()
-    records = []
+    records: list[UsageRecord] = []
     instrument_app(
         app, registry=CollectorRegistry(), tracer_provider=trace.NoOpTracerProvider(), usage_sink=records.append
     )
-    seen = {}
+    seen: dict[str, str] = {}
 
     @app.get("/down")
     async def down() -> dict[str, bool]:

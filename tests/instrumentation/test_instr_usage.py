@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+from typing import Any
 
 import pytest
 from fastapi import FastAPI
@@ -22,8 +23,8 @@ from llmpath.instrumentation.usage import UsageDispatcher, stages_json, usage_li
 BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "SECRET-PROMPT-TEXT"}]}
 
 
-def sample_record(**overrides) -> UsageRecord:
-    fields = {
+def sample_record(**overrides: Any) -> UsageRecord:
+    fields: dict[str, Any] = {
         "request_id": "r1",
         "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
         "time": 1_790_000_000.25,

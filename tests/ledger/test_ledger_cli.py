@@ -204,13 +204,14 @@ def test_bad_input_names_the_file_line_and_reason(llmpath_bin: str, ledgers: tup
     out = usage(llmpath_bin, "summary", other)
     assert out.returncode == 2 and "not a llmpath SQLite ledger" in out.stderr
 
-    for args, message in (
+    cases: tuple[tuple[list[str | Path], str], ...] = (
         (["summary", tmp_path / "absent.jsonl"], "absent.jsonl: No such file or directory"),
         (["summary", jsonl, "--since", "yesterday"], "--since 'yesterday': not a duration"),
         (["slowest", jsonl, "--by", "tokens"], "--by 'tokens': use ttft or duration"),
         (["summary", jsonl, "--status", "50x"], "--status '50x': use a status code (503) or a class (5xx)"),
         (["summary", tmp_path / "notes.txt"], "neither a JSON-lines nor a SQLite usage ledger"),
-    ):
+    )
+    for args, message in cases:
         if str(args[1]).endswith("notes.txt"):
             Path(args[1]).write_text("hello\n")
         out = usage(llmpath_bin, *args)

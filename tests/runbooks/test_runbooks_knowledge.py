@@ -122,7 +122,9 @@ def test_time_before_the_first_token_leaves_decode_out() -> None:
             if "before the first token" not in check.question:
                 continue
             for selector in re.findall(r"llmpath_stage_duration_seconds_\w+(?:\{[^}]*\})?", check.query):
-                stage = [m for m in promql_parser.parse(selector).matchers.matchers if m.name == "stage"]
+                parsed = promql_parser.parse(selector)
+                assert isinstance(parsed, promql_parser.VectorSelector), selector
+                stage = [m for m in parsed.matchers.matchers if m.name == "stage"]
                 assert stage and not all(_matches(m, "decode") for m in stage), (entry.key, selector)
                 checked += 1
     assert checked >= 2

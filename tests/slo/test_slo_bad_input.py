@@ -339,7 +339,8 @@ def test_an_sli_plugin_that_returns_no_string_is_named(tmp_path):
     )
     path = tmp_path / "sloth.yaml"
     path.write_text(text)
-    options = CompileOptions(sli_plugins={"my_availability": lambda meta, labels, options: 42})
+    # deliberately not a string: the compiler must name the plugin and what it returned
+    options = CompileOptions(sli_plugins={"my_availability": lambda meta, labels, options: 42})  # type: ignore[dict-item, return-value]
     with pytest.raises(SpecError) as err:
         compile_slos(load_specs([path]), options)
     (issue,) = err.value.issues

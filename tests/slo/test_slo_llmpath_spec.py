@@ -48,6 +48,7 @@ def _selectors(expr: str) -> set[str]:
 
     def walk(node) -> None:
         if isinstance(node, promql_parser.VectorSelector):
+            assert node.name is not None, f"a selector without a metric name in {expr!r}"
             names.add(node.name)
             return
         for attr in ("expr", "lhs", "rhs", "vector_selector", "param"):

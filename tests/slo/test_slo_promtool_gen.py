@@ -42,6 +42,7 @@ def test_fast_burn_pages_when_the_windows_predict():
     assert "fast burn (20x" in fast["name"] and "errors from 1d" in fast["name"]
     # 20x burn: the 1h window crosses 14.4x after 14.4/20 of an hour (43.2 min); evaluations every 5 minutes.
     first = _first_firing(fast, "page")
+    assert first is not None
     assert _minutes(first) - 24 * 60 == 5 * math.ceil(60 * 14.4 / 20 / 5)
     before = next(t for t in fast["alert_rule_test"] if _minutes(t["eval_time"]) == _minutes(first) - 5)
     assert before["exp_alerts"] == []
@@ -67,7 +68,9 @@ def test_short_catalog_pages_within_minutes_and_absent_fires():
     tests = _tests(windows_file=SHORT_WINDOWS)
     fast = tests["llm-api-ttft.test.yaml"]["tests"][0]
     start = _minutes(fast["name"].split("errors from ")[1])
-    assert _minutes(_first_firing(fast, "page")) - start == 2  # 7.2x over 5m at 20x: after 1.8 minutes
+    first = _first_firing(fast, "page")
+    assert first is not None
+    assert _minutes(first) - start == 2  # 7.2x over 5m at 20x: after 1.8 minutes
     zero = tests["llm-api-availability.test.yaml"]["tests"][-1]
     (firing,) = [
         t for t in zero["alert_rule_test"] if t["exp_alerts"] and t["alertname"] == "LLMAPIAvailabilityNoData"

@@ -84,7 +84,9 @@ async def chat(body: dict[str, Any]) -> dict[str, Any]:
     record_stage("prefill", 0.001)
     mark_first_token()
     record_usage(input_tokens=50, cached_tokens=20, output_tokens=7, model="tiny")
-    return {"request_id": current_request().request_id, "pid": os.getpid()}
+    req = current_request()
+    assert req is not None
+    return {"request_id": req.request_id, "pid": os.getpid()}
 
 
 @app.get("/v1/stream")
@@ -114,6 +116,7 @@ async def call_backend() -> dict[str, Any]:
         with model_call_span("tiny", server_address="127.0.0.1"):
             seen = (await client.get(f"{BACKEND}/echo-headers")).json()
     req = current_request()
+    assert req is not None
     return {"seen": seen, "trace_id": req.trace_id, "request_id": req.request_id}
 
 
