@@ -26,15 +26,15 @@ for version in ${COMPAT_PYTHONS:-3.12 3.13}; do
     echo "compat: creating $venv ($python)"
     "$python" -m venv "$venv"
   fi
-  # The instrumentation with its test extras; the root package without its dependencies, for the tests' shared
-  # fixtures (llmpath.demo.supervisor needs only the standard library). Redone when a pyproject changes.
+  # The instrumentation with its test extras, redone when a pyproject changes. The tests' shared fixtures
+  # (llmpath.demo.supervisor, standard library only) come from src/ on PYTHONPATH: installing the root package
+  # would pull in every part (or, without its dependencies, make pip report conflicts).
   stamp="$venv/.llmpath-installed"
   if [ ! -e "$stamp" ] || [ instrumentation/pyproject.toml -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$venv/bin/python" -m pip --disable-pip-version-check -q install -e "./instrumentation[test]" pytest-timeout \
       2>&1 | { grep -v "is ignored" || true; }
-    "$venv/bin/python" -m pip --disable-pip-version-check -q install --no-deps -e . 2>&1 | { grep -v "is ignored" || true; }
     touch "$stamp"
   fi
   echo "compat: the instrumentation's tests on $("$venv/bin/python" -V)"
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/instrumentation
+  PYTHONPATH="$PWD/src" "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/instrumentation
 done

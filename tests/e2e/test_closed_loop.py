@@ -36,7 +36,7 @@ from llmpath.live.promapi import PrometheusClient
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.solo]
 
 WINDOWS = Path(__file__).with_name("windows-e2e.yaml")
 SCRAPE = 1.0  # seconds: scrape and rule-evaluation interval
