@@ -1,6 +1,7 @@
 """docs/prompt-caching.md, claim by claim, where an operator relies on it: the documented defaults, the idle TTL and
 its sweep, the LRU bound, per-tenant isolation (index seed and ``cache_salt``), what a flush does (one tenant,
-everyone, ``shared`` routes), what a reload and an ejection do to the index, the disabled layer.
+everyone, ``shared`` routes), what a reload and an ejection do to the index, the disabled layer, and that a
+prediction is counted whenever the backend's cached tokens are (a stream cut short included).
 
 The index's own behaviour is tested in-process (a fake clock, no waiting); what the engine does with the salt, and
 the metrics of requests it answered, against a real tiny engine behind a real gateway process."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -390,6 +392,39 @@ def test_shared_routes_share_the_engines_kv_and_only_a_full_flush_moves_them(gw,
 def _sum(metrics: dict[str, float], name: str, **labels: str) -> float:
     want = [f'{k}="{v}"' for k, v in labels.items()]
     return sum(v for k, v in metrics.items() if k.startswith(name + "{") and all(w in k for w in want))
+
+
+@pytest.mark.slow
+def test_a_stream_cut_short_counts_its_prediction_with_its_cached_tokens(gw, client, keys) -> None:
+    """The ratio of the two counters is the index's accuracy: a request whose cached tokens are counted (the
+    backend reported them with its first token) has its prediction counted too, even when the client leaves
+    before the end (a stop button)."""
+    chat(client, keys.other, "cut short, warm")
+    before = gw.metrics()
+    messages = [{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": "cut short, again"}]
+    body = {"model": "tiny", "messages": messages, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body, headers=keys.auth(keys.other)) as resp:
+        request_id = resp.headers["x-request-id"]
+        for line in resp.iter_lines():
+            if '"content"' in line:
+                break  # the client goes away after the first token
+    record = gw.record(request_id)
+    assert record["extra"].get("usage_partial") is True and record["cached_tokens"] > 400
+    deadline = time.monotonic() + 5
+    while True:
+        after = gw.metrics()
+        cached_delta = _sum(after, "llmpath_tokens_total", type="cached") - _sum(
+            before, "llmpath_tokens_total", type="cached"
+        )
+        if cached_delta or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    predicted_delta = _sum(after, "llmpath_prompt_cache_predicted_tokens_total", route="tiny") - _sum(
+        before, "llmpath_prompt_cache_predicted_tokens_total", route="tiny"
+    )
+    assert cached_delta == record["cached_tokens"]
+    assert record["extra"].get("predicted_cached_tokens") == predicted_delta
+    assert 0 <= cached_delta - predicted_delta <= 32, (predicted_delta, cached_delta)
 
 
 @pytest.mark.slow

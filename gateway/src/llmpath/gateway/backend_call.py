@@ -428,6 +428,8 @@ class _Tracker:
             prompt = self._p.key.prompt_tokens
             annotate_request(input_tokens_estimated=True)
         self._account(prompt, first.cached_tokens, self._output_tokens)
+        if first.prompt_tokens:  # the backend's own figures (SGLang's first chunk): count the prediction with them
+            self._gateway.record_prediction(self._p, first.prompt_tokens)
         annotate_request(usage_partial=True)
 
     def _account(self, prompt: int, cached: int, output: int) -> None:
