@@ -114,6 +114,8 @@ def test_chat_runs_every_stage(gw, client, keys) -> None:
 
 
 def test_stream_with_usage_chunk(gw, client, keys) -> None:
+    warm = {"model": "tiny", "messages": convo(SYSTEM_D, "warm up"), "max_tokens": 1}  # the system prompt, cached
+    assert client.post("/v1/chat/completions", json=warm, headers=keys.auth()).status_code == 200
     body = {
         "model": "tiny",
         "messages": convo(SYSTEM_D, "stream please"),
@@ -135,7 +137,7 @@ def test_stream_with_usage_chunk(gw, client, keys) -> None:
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == 12
-    # the same system prompt as the previous test: the engine served most of it from its radix cache
+    # the same system prompt as the warm-up: the engine served most of it from its radix cache
     assert usage["prompt_tokens_details"]["cached_tokens"] > 400
     rec = gw.record(request_id)
     assert rec["cached_tokens"] == usage["prompt_tokens_details"]["cached_tokens"]
