@@ -334,6 +334,9 @@ def _extra_alert(req: PluginRequest, extra: ExtraAlert) -> Rule:
     slo, windows = req.slo, req.windows
     labels = {SEVERITY_LABEL: extra.severity, **_llmpath_labels(slo)}
     if extra.kind == "absent":
+        # absent() keeps only the selector's id labels: the SLO's static labels (its `labels:`, --extra-label),
+        # which the other alerts get from their series, are rule labels here so that it routes like them.
+        labels = {**slo.labels, **labels}
         metric = sli_metric(base_window(windows))
         for_ = extra.for_ or format_duration(2 * base_window(windows))
         annotations = {
