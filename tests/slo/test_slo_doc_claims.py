@@ -4,13 +4,16 @@ labels and descriptions, validation messages, exit codes, and how `le` bounds ar
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from llmpath.slo import CompiledSLO, CompileOptions, compile_slos, load_specs
 from llmpath.slo.promtool_tests import render_template
+from llmpath.slo.rules import le_regex
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "slo.md"
@@ -125,3 +128,69 @@ def test_the_absent_alert_routes_like_the_other_alerts(tmp_path: Path, require_b
     run = subprocess.run([promtool, "test", "rules", "absent.test.yaml"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(
+    ("threshold", "spellings", "others"),
+    [
+        (0.5, ["0.5", "0.50"], ["0.05", "5e-01"]),
+        (1.0, ["1", "1.0"], ["10", "1e+00"]),
+        (0.00005, ["5e-05", "0.00005"], ["5e-5", "0.0005", "5e-050"]),  # Go, Python and Prometheus 3 write 5e-05
+        (0.0001, ["0.0001"], ["1e-04"]),  # from 1e-4 up every client writes the digits
+        (2.5e-05, ["2.5e-05", "0.000025"], ["2.5e-5", "25e-06"]),
+    ],
+)
+def test_the_le_matcher_accepts_every_clients_spelling(threshold: float, spellings: list[str], others: list[str]):
+    pattern = le_regex(threshold)
+    assert [s for s in spellings if not re.fullmatch(pattern, s)] == []
+    assert [s for s in others if re.fullmatch(pattern, s)] == []
+
+
+def test_a_sub_100_microsecond_bound_matches_the_exponent_spelling_in_prometheus(
+    tmp_path: Path, require_binary
+) -> None:
+    """A Go or Python client writes the bound 0.00005 as le="5e-05": the SLI must see those buckets (before, the
+    bucket selector matched nothing and the SLI had no data at all); the generated tests use both spellings."""
+    promtool = require_binary("promtool")
+    spec = LATENCY.replace("0.45", "0.00005").replace(
+        "    stage: prefill\n", "    stage: auth\n    group_by: [route]\n"
+    )
+    spec = spec.replace("llmpath_time_to_first_token_seconds", "llmpath_stage_duration_seconds")
+    spec = spec.replace("  - name: ttft\n", "  - name: auth\n")
+    spec = spec.replace("        threshold: 0.00005\n", "        threshold: 0.00005\n        selector: {stage: auth}\n")
+    buckets = {"llmpath_stage_duration_seconds": (0.00005, 0.0001, 0.001)}
+    result = _compile(tmp_path, spec, histogram_buckets=buckets, tests=True)
+    ((name, text),) = result.files.items()
+    (tmp_path / name).write_text(text)
+    ids = 'route="chat",sloth_id="llm-api-auth",sloth_service="llm-api",sloth_slo="auth",sloth_window="5m"'
+    test = {
+        "rule_files": [name],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [  # 10 requests a minute, half of them within the bound
+                    {
+                        "series": 'llmpath_stage_duration_seconds_bucket{stage="auth",route="chat",le="5e-05"}',
+                        "values": "0+5x10",
+                    },
+                    {"series": 'llmpath_stage_duration_seconds_count{stage="auth",route="chat"}', "values": "0+10x10"},
+                ],
+                "promql_expr_test": [
+                    {
+                        "expr": "slo:sli_error:ratio_rate5m",
+                        "eval_time": "10m",
+                        "exp_samples": [{"labels": f"slo:sli_error:ratio_rate5m{{{ids}}}", "value": 0.5}],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "le.test.yaml").write_text(yaml.safe_dump(test))
+    (tmp_path / "tests").mkdir()
+    ((test_name, generated),) = result.test_files.items()
+    (tmp_path / "tests" / test_name).write_text(generated)
+    assert 'le="0.00005",route="r1"' in generated and 'le="5e-05",route="r2"' in generated
+    for cwd, file in ((tmp_path, "le.test.yaml"), (tmp_path / "tests", test_name)):
+        run = subprocess.run([promtool, "test", "rules", file], cwd=cwd, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]

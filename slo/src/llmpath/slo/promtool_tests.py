@@ -37,7 +37,7 @@ import yaml
 
 from llmpath.slo import rules as R
 from llmpath.slo.errors import IssueLog
-from llmpath.slo.gofmt import duration_hours, format_duration, go_quote, parse_duration
+from llmpath.slo.gofmt import duration_hours, format_duration, go_float, go_quote, parse_duration
 from llmpath.slo.matchers import Matcher, matches_all, satisfy
 from llmpath.slo.model import Rule
 
@@ -418,13 +418,22 @@ def _series_for(role: str, part: Leaf, total: Leaf, group: dict[str, str], idx: 
 
 
 def _alternative_le(series: list[Series], leaf: Leaf) -> None:
-    """On the second group, spell ``le`` the other way (``1.0`` vs ``1``) when the matcher accepts both."""
+    """On the second group, spell ``le`` the other way (``1.0`` vs ``1``, ``5e-05`` vs ``0.00005``) when the matcher
+    accepts both."""
     le = next((m for m in leaf.matchers if m.name == "le" and m.op == "=~"), None)
     if le is None:
         return
     for s in series:
-        if "le" in s.labels and re.fullmatch(le.value, s.labels["le"] + ".0"):
-            s.labels["le"] += ".0"
+        if "le" not in s.labels:
+            continue
+        try:
+            exponent = go_float(float(s.labels["le"]))
+        except ValueError:
+            exponent = s.labels["le"]
+        for other in (s.labels["le"] + ".0", exponent):
+            if other != s.labels["le"] and re.fullmatch(le.value, other):
+                s.labels["le"] = other
+                break
 
 
 def build_fixture(item: Compiled) -> tuple[Fixture, dict[str, Tree], str]:

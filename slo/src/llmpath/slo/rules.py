@@ -55,9 +55,15 @@ def _merge(*maps: dict[str, str]) -> dict[str, str]:
 
 
 def le_regex(threshold: float) -> str:
-    """A regex for every common spelling of a bucket bound: ``1`` and ``1.0`` (Go vs Python/Prometheus 3), ``0.5``."""
-    text = go_float_fixed(threshold).replace(".", "\\.")
-    return f"{text}0*" if "." in go_float_fixed(threshold) else f"{text}(\\.0*)?"
+    """A regex for every common spelling of a bucket bound: ``1`` and ``1.0`` (Go vs Python/Prometheus 3), ``0.5``,
+    and the exponent form every client writes for bounds below 1e-4 or from 1e6 up (``5e-05``, ``1e+06``)."""
+    fixed = go_float_fixed(threshold)
+    text = fixed.replace(".", "\\.")
+    pattern = f"{text}0*" if "." in fixed else f"{text}(\\.0*)?"
+    short = go_float(threshold)
+    if "e" in short:
+        pattern += "|" + short.replace(".", "\\.").replace("+", "\\+")
+    return pattern
 
 
 def le_matcher(threshold: float) -> str:
