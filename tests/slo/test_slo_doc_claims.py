@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmpath.slo import CompiledSLO, CompileOptions, compile_slos, load_specs
+from llmpath.slo import CompiledSLO, CompileOptions, SpecError, compile_slos, load_specs
 from llmpath.slo.promtool_tests import render_template
 from llmpath.slo.rules import le_regex
 
@@ -194,3 +194,42 @@ def test_a_sub_100_microsecond_bound_matches_the_exponent_spelling_in_prometheus
     for cwd, file in ((tmp_path, "le.test.yaml"), (tmp_path / "tests", test_name)):
         run = subprocess.run([promtool, "test", "rules", file], cwd=cwd, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def test_the_doc_spec_error_example_is_the_real_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    block = _doc_section("`SpecError.issues` lists every problem")
+    example = re.search(r"^```\n(.*?)^```", block, re.S | re.M)
+    assert example is not None
+    (tmp_path / "slos.yaml").write_text(LATENCY)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SpecError) as err:
+        compile_slos(load_specs(["slos.yaml"]))
+    (issue,) = err.value.issues
+    assert str(issue) == " ".join(example.group(1).split())
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "says"),
+    [
+        (["--period", "thirty"], 1, "--period: not a valid duration"),
+        (["--period", "14d"], 1, "the 336h0m0s SLO period time window is not supported"),
+        (["--windows", "missing.yaml"], 1, "windows file not found"),
+        (["--disable-alerts", "--disable-recordings"], 1, "leave nothing to generate"),
+        (["-l", "bad-name=x"], 1, "invalid extra label 'bad-name'"),
+        (["multi.yaml", "-o", "one.yaml"], 1, "2 output documents need an output folder"),
+        (["-l", "novalue"], 2, "KEY=VALUE"),
+        (["--plugins", "missing.py"], 2, "plugin file 'missing.py' not found"),
+        (["--nope"], 2, "No such option"),
+    ],
+)
+def test_compile_exit_status_for_option_problems(
+    tmp_path: Path, llmpath_bin: str, args: list[str], status: int, says: str
+) -> None:
+    (tmp_path / "slos.yaml").write_text(SLOTH)
+    (tmp_path / "multi.yaml").write_text(SLOTH + "---\n" + SLOTH.replace("service: svc", "service: other"))
+    default = [] if "-o" in args else ["slos.yaml", "-o", "out"]
+    run = subprocess.run([llmpath_bin, "slo", "compile", *default, *args], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == status, run.stderr
+    assert says in " ".join(run.stderr.split())
+    assert not (tmp_path / "out").exists() and not (tmp_path / "one.yaml").exists()
