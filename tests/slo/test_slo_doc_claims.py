@@ -4,6 +4,7 @@ labels and descriptions, validation messages, exit codes, and how `le` bounds ar
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import subprocess
 from pathlib import Path
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmpath.slo import CompiledSLO, CompileOptions, SpecError, compile_slos, load_specs
+from llmpath.slo import CompiledSLO, CompileOptions, SpecError, compile_slos, default_spec_path, load_specs
+from llmpath.slo.gofmt import parse_duration
 from llmpath.slo.promtool_tests import render_template
 from llmpath.slo.rules import le_regex
+from llmpath.slo.windows import BUILTIN_WINDOWS, WindowCatalog
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "slo.md"
@@ -77,6 +80,139 @@ def _alert_words(slo: CompiledSLO) -> list[str]:
     return [words[a.kind].format(severity=a.severity) for a in slo.alerts]
 
 
+# --------------------------------------------------------------------------------------------
+# The default LLM API spec.
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_default_spec_is_what_the_docs_table_says() -> None:
+    rows = _doc_table("### The default LLM API spec")
+    slos = {s.name: s for s in compile_slos(load_specs([default_spec_path()])).slos}
+    assert [row[0] for row in rows] == list(slos)
+    for name, sli, objective, owned, alerts in rows:
+        slo = slos[name]
+        assert f"{slo.objective:g}%" == objective, name
+        assert f"{slo.stage} ({slo.owner})" == owned, name
+        assert _alert_words(slo) == alerts.split(", "), name
+        selectors = re.findall(r"`([^`]*)`", sli)
+        if slo.sli.kind == "latency":
+            (selector,) = selectors
+            metric, _, matchers = selector.partition("{")
+            assert metric == slo.sli.histogram, name
+            assert dict(re.findall(r'(\w+)="([^"]*)"', matchers)) == dict(slo.sli.selector), name
+            value, unit = re.findall(r"≤ ([\d.]+) (ms|s)\b", sli)[0]
+            assert float(value) / (1000 if unit == "ms" else 1) == slo.sli.threshold, name
+        elif "5xx / all" in sli:  # availability: bad 5xx requests among all
+            assert slo.sli.bad == f'{selectors[0]}{{code=~"5.."}}' and slo.sli.total == selectors[0], name
+        else:  # good / total: the total's matchers are written alone
+            good, total = selectors
+            assert slo.sli.good == good and slo.sli.total == good.split("{")[0] + total, name
+
+
+@pytest.mark.parametrize(
+    ("period", "windows", "cache_pair"),
+    [
+        ("30d", None, ("6h", "3d")),
+        ("28d", None, ("6h", "3d")),
+        ("7d", None, ("6h", "3d")),
+        (None, WINDOWS_1H, ("10m", "30m")),
+    ],
+)
+def test_threshold_alerts_keep_their_windows_and_the_cache_ticket_uses_the_ticket_slow_pair(
+    period: str | None, windows: Path | None, cache_pair: tuple[str, str]
+) -> None:
+    """The TTFT and TPOT pages (half the requests slow over 10m and 2m) do not scale with the period; the cache
+    ticket, with no windows given, uses the catalog's ticket-slow pair."""
+    result = compile_slos(load_specs([default_spec_path()]), CompileOptions(period=period, windows_file=windows))
+    threshold = {a.name: (a.severity, a.windows) for s in result.slos for a in s.alerts if a.kind == "threshold"}
+    assert set(threshold) == {
+        "LLMAPITTFTMostlySlow",
+        "LLMAPITimePerOutputTokenMostlySlow",
+        "LLMAPIPromptCacheHitRateLow",
+    }
+    for name in ("LLMAPITTFTMostlySlow", "LLMAPITimePerOutputTokenMostlySlow"):
+        severity, (pair,) = threshold[name]
+        assert (severity, pair.short, pair.long) == ("page", "2m", "10m")
+        assert pair.factor * 0.05 == pytest.approx(0.5)  # half of the requests slow, at a 95% objective
+    severity, (pair,) = threshold["LLMAPIPromptCacheHitRateLow"]
+    assert (severity, pair.short, pair.long, pair.factor) == ("ticket", *cache_pair, 1.0)
+    catalog = WindowCatalog.from_paths([windows] if windows else []).get(parse_duration(result.slos[0].period))
+    assert catalog is not None
+    ticket_slow = catalog.burn_windows("ticket")[1]
+    assert (pair.short, pair.long) == (ticket_slow.short, ticket_slow.long)
+
+
+# --------------------------------------------------------------------------------------------
+# Window catalogs.
+# --------------------------------------------------------------------------------------------
+
+
+def test_builtin_catalogs_spend_the_documented_budget_shares() -> None:
+    """30d and 28d: 2% in 1h, 5% in 6h, 10% in 1d, 10% in 3d; 7d: 8%, 12.5%, 20%, 42% (same windows)."""
+    shares = {
+        w.period: [(b.short, b.long, b.budget_percent) for sev in ("page", "ticket") for b in w.burn_windows(sev)]
+        for w in BUILTIN_WINDOWS.values()
+    }
+    google = [("5m", "1h", 2.0), ("30m", "6h", 5.0), ("2h", "1d", 10.0), ("6h", "3d", 10.0)]
+    assert shares == {
+        "30d": google,
+        "4w": google,
+        "1w": [("5m", "1h", 8.0), ("30m", "6h", 12.5), ("2h", "1d", 20.0), ("6h", "3d", 42.0)],
+    }
+
+
+def test_the_one_hour_example_catalog_has_the_documented_factors() -> None:
+    """slo/examples/windows-1h.yaml: page 7.2x over 5m/1m and 4.8x over 10m/2m; ticket 1.8x and 1x."""
+    (windows,) = WindowCatalog.from_paths([WINDOWS_1H]).user
+    pairs = [(b.short, b.long, round(b.factor, 9)) for sev in ("page", "ticket") for b in windows.burn_windows(sev)]
+    assert windows.period == "1h"
+    assert pairs == [("1m", "5m", 7.2), ("2m", "10m", 4.8), ("5m", "20m", 1.8), ("10m", "30m", 1.0)]
+
+
+# --------------------------------------------------------------------------------------------
+# Generated rules: sloth_slo_info, descriptions, labels.
+# --------------------------------------------------------------------------------------------
+
+
+def test_slo_info_names_the_llmpath_version_spec_and_mode() -> None:
+    (text,) = compile_slos(load_specs([default_spec_path()])).files.values()
+    rules = [r for g in yaml.safe_load(text)["groups"] for r in g["rules"]]
+    info = next(r for r in rules if r.get("record") == "sloth_slo_info" and r["labels"]["sloth_slo"] == "ttft")
+    assert info["labels"] == {
+        "owner": "serving",
+        "sloth_id": "llm-api-ttft",
+        "sloth_mode": "cli-gen-llmpath",
+        "sloth_objective": "95",
+        "sloth_service": "llm-api",
+        "sloth_slo": "ttft",
+        "sloth_spec": "llmpath/v1",
+        "sloth_version": f"llmpath-{importlib.metadata.version('llmpath-slo')}",
+        "stage": "prefill",
+    }
+
+
+def test_burn_rate_descriptions_give_windows_factors_and_time_to_exhaustion() -> None:
+    slo = next(s for s in compile_slos(load_specs([default_spec_path()])).slos if s.name == "availability")
+    page, ticket = (a.annotations["description"] for a in slo.alerts[:2])
+    who = "{{$labels.sloth_service}} {{$labels.sloth_slo}} (stage route, owner platform)"
+    assert page == (
+        f"{who} is burning its 99.9% / 30d error budget at more than 14.4x the sustainable rate over both 1h and "
+        "5m, or 6x over both 6h and 30m. At 14.4x the whole budget lasts about 2.1 days."
+    )
+    assert ticket == (
+        f"{who} is burning its 99.9% / 30d error budget at more than 3x the sustainable rate over both 1d and 2h, "
+        "or 1x over both 3d and 6h. At 3x the whole budget lasts about 10.0 days."
+    )
+
+
+def test_scalars_are_read_with_gos_rules_in_every_format(tmp_path: Path) -> None:
+    """A label value true, 2 or 0.2 is the string "true", "2", "0.2" (prometheus/v1 and llmpath/v1)."""
+    for text in (SLOTH, LATENCY.replace("0.45", "0.5")):
+        labelled = text.replace("slos:\n", "labels: {a: true, b: 2, c: 0.2}\nslos:\n", 1)
+        (slo,) = _compile(tmp_path, labelled).slos
+        assert {k: slo.labels[k] for k in "abc"} == {"a": "true", "b": "2", "c": "0.2"}
+
+
 def test_the_absent_alert_routes_like_the_other_alerts(tmp_path: Path, require_binary) -> None:
     """`labels:` are "on every rule" and `--extra-label` is "added to every rule": the burn-rate alerts get them
     from their series, but absent() keeps only the selector's labels, so the absent alert must carry them itself
@@ -128,6 +264,11 @@ def test_the_absent_alert_routes_like_the_other_alerts(tmp_path: Path, require_b
     run = subprocess.run([promtool, "test", "rules", "absent.test.yaml"], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Latency SLIs: every spelling of the bound.
+# --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -196,6 +337,11 @@ def test_a_sub_100_microsecond_bound_matches_the_exponent_spelling_in_prometheus
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
 
 
+# --------------------------------------------------------------------------------------------
+# Validation.
+# --------------------------------------------------------------------------------------------
+
+
 def test_the_doc_spec_error_example_is_the_real_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     block = _doc_section("`SpecError.issues` lists every problem")
     example = re.search(r"^```\n(.*?)^```", block, re.S | re.M)
@@ -206,6 +352,93 @@ def test_the_doc_spec_error_example_is_the_real_message(tmp_path: Path, monkeypa
         compile_slos(load_specs(["slos.yaml"]))
     (issue,) = err.value.issues
     assert str(issue) == " ".join(example.group(1).split())
+
+
+def test_an_unreachable_threshold_alert_names_the_largest_factor_that_can_fire(tmp_path: Path) -> None:
+    spec = """\
+version: llmpath/v1
+service: svc
+slos:
+  - name: cache
+    objective: 50
+    sli:
+      ratio:
+        good: llmpath_tokens_total{type="cached"}
+        total: llmpath_tokens_total{type="input"}
+    alerting:
+      page_alert: {disable: true}
+      ticket_alert: {disable: true}
+      threshold_alert:
+        name: CacheLow
+        factor: 3
+"""
+    with pytest.raises(SpecError) as err:
+        _compile(tmp_path, spec)
+    (issue,) = err.value.issues
+    assert issue.field == "slos[0].alerting.threshold_alert"
+    assert "the alert can never fire; use a factor below 2 or an objective of at least 66.667%" in issue.message
+
+
+def test_an_unreachable_alert_is_a_warning_for_sloth_inputs(tmp_path: Path) -> None:
+    """Sloth accepts it (a warning, an error with --strict); the same SLO as llmpath/v1 is an error."""
+    result = _compile(tmp_path, SLOTH.replace("99.9", "50"))
+    (page,) = [w for w in result.warnings if w.field == "slos[0].alerting.page_alert"]
+    assert "the page alert can never fire with a 50% objective" in page.message
+    with pytest.raises(SpecError):
+        _compile(tmp_path, SLOTH.replace("99.9", "50"), strict=True)
+    llmpath = SLOTH.replace('"prometheus/v1"', "llmpath/v1").replace("99.9", "50")
+    with pytest.raises(SpecError, match="the page alert can never fire"):
+        _compile(tmp_path, llmpath)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("service: llm-api\n", "service: llm-api\nlabels: {route: x}\n"), "'route' is also a static label"),
+        (("    stage: prefill\n", "    stage: prefill\n    labels: {route: x}\n"), "'route' is also a static label"),
+        (("group_by: [route]", "group_by: [le]"), "invalid grouping label 'le'"),
+        (("group_by: [route]", "group_by: [sloth_id]"), "invalid grouping label 'sloth_id'"),
+    ],
+)
+def test_group_by_conflicts_are_errors(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    base = LATENCY.replace("0.45", "0.5").replace("    stage: prefill\n", "    stage: prefill\n    group_by: [route]\n")
+    assert edit[0] in base
+    with pytest.raises(SpecError) as err:
+        _compile(tmp_path, base.replace(*edit))
+    assert any(i.field == "slos[0].group_by" and message in i.message for i in err.value.issues), err.value.issues
+
+
+def test_group_by_needs_a_latency_or_ratio_sli(tmp_path: Path) -> None:
+    events = SLOTH.replace('"prometheus/v1"', "llmpath/v1").replace("    sli:\n", "    group_by: [route]\n    sli:\n")
+    with pytest.raises(SpecError, match="group_by works with latency and ratio SLIs"):
+        _compile(tmp_path, events)
+
+
+def test_a_duplicate_key_in_a_sloth_spec_keeps_the_last_value(tmp_path: Path) -> None:
+    result = _compile(tmp_path, SLOTH.replace("objective: 99.9\n", "objective: 99\n    objective: 99.9\n"))
+    assert result.slos[0].objective == 99.9
+    (warning,) = result.warnings
+    assert "duplicate key 'objective' (first at line 5): Sloth uses the last value" in warning.message
+
+
+def test_a_folder_input_skips_window_catalogs_silently_and_other_files_with_a_warning(tmp_path: Path) -> None:
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "slos.yaml").write_text(SLOTH)
+    (specs / "windows.yaml").write_text(WINDOWS_1H.read_text())
+    (specs / "rules.yaml").write_text("groups:\n  - name: g\n    rules: []\n")
+    (specs / "config.yaml").write_text("scrape_interval: 1m\n")
+    result = compile_slos(load_specs([specs]))
+    assert list(result.files) == ["slos.yaml"] and result.slos[0].period == "30d"
+    assert sorted((Path(w.file or "").name, w.message) for w in result.warnings) == [
+        ("config.yaml", "skipped: not an SLO spec"),
+        ("rules.yaml", "skipped: a Prometheus rule file"),
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Exit status of `llmpath slo compile`.
+# --------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

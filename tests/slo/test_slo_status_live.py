@@ -3,6 +3,7 @@ SLO group (route), however many labels its alerts carry; an unknown --service na
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -155,3 +156,36 @@ def test_status_cli_names_the_services_when_none_matches(prometheus_url: str, ll
     lines = firing.stdout.splitlines()
     assert sum("requests-availability" in line for line in lines) == 1  # one row, not one per alert label set
     assert sum(line.startswith("firing MyServiceHighErrorRate") for line in lines) == 2
+
+
+def test_status_one_teams_on_call_view_from_the_environment_url(prometheus_url: str, llmpath_bin: str) -> None:
+    """`--owner platform --firing` (the URL from LLMPATH_PROMETHEUS_URL): only the platform team's SLO groups where
+    an alert fires, not its healthy route nor Sloth's SLO (no owner); `--json` has the same rows; each firing
+    alert is one line with its severity, group, stage, team and runbook."""
+    env = {**os.environ, "LLMPATH_PROMETHEUS_URL": prometheus_url, "COLUMNS": "200"}
+
+    def status(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [llmpath_bin, "slo", "status", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+
+    as_json = status("--owner", "platform", "--firing", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    (row,) = json.loads(as_json.stdout)
+    assert (row["slo_id"], row["group"], row["stage"], row["owner"]) == (
+        "labelled-availability",
+        {"route": "chat"},
+        "route",
+        "platform",
+    )
+    assert sorted((a["name"], a["severity"], a["runbook_url"]) for a in row["alerts"]) == [
+        ("LabelledAvailability", s, f"runbooks/generated/LabelledAvailability-{s}.md") for s in ("page", "ticket")
+    ]
+    table = status("--owner", "platform", "--firing")
+    assert table.returncode == 0, table.stderr
+    assert [line for line in table.stdout.splitlines() if line.startswith("firing ")] == [
+        f"firing LabelledAvailability ({s}) route=chat: stage route, owner platform — runbook "
+        f"runbooks/generated/LabelledAvailability-{s}.md"
+        for s in ("page", "ticket")
+    ]
+    nobody = status("--owner", "serving")
+    assert nobody.returncode == 0 and nobody.stdout.strip() == "no SLO owned by 'serving'"
