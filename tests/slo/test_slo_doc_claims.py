@@ -384,11 +384,14 @@ def test_an_unreachable_alert_is_a_warning_for_sloth_inputs(tmp_path: Path) -> N
     result = _compile(tmp_path, SLOTH.replace("99.9", "50"))
     (page,) = [w for w in result.warnings if w.field == "slos[0].alerting.page_alert"]
     assert "the page alert can never fire with a 50% objective" in page.message
+    # threshold_alert is an llmpath/v1 key: a Sloth input is told which format has it
+    assert page.message.endswith("or disable the alert and add a threshold_alert (a `version: llmpath/v1` spec)")
     with pytest.raises(SpecError):
         _compile(tmp_path, SLOTH.replace("99.9", "50"), strict=True)
     llmpath = SLOTH.replace('"prometheus/v1"', "llmpath/v1").replace("99.9", "50")
-    with pytest.raises(SpecError, match="the page alert can never fire"):
+    with pytest.raises(SpecError, match="the page alert can never fire") as err:
         _compile(tmp_path, llmpath)
+    assert str(err.value.issues[0].message).endswith("or disable the alert and add a threshold_alert")
 
 
 @pytest.mark.parametrize(

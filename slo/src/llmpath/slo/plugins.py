@@ -75,9 +75,11 @@ def _validate_factory(check: Callable[[str], str | None]) -> SLOPluginFactory:
             if llm:
                 problems += llmpath_problems(req.slo, req.options.histogram_buckets, req.options.stages)
             if not problems:
-                errors, warnings = reachability_problems(req.slo, req.windows)
+                errors, warnings = reachability_problems(req.slo, req.windows, llmpath=llm)
                 problems += errors if llm else []
-                req.warnings += warnings + ([] if llm else errors) + page_delay_warnings(req.slo, req.windows)
+                req.warnings += (
+                    warnings + ([] if llm else errors) + page_delay_warnings(req.slo, req.windows, llmpath=llm)
+                )
             if problems:
                 raise PluginError(problems)
 

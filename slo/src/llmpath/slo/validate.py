@@ -407,7 +407,9 @@ def _alert_option_problems(slo: SLOSpec) -> Iterator[Problem]:
                 yield f"{field}.factor", "factor must be positive"
 
 
-def reachability_problems(slo: SLOSpec, windows: AlertWindows) -> tuple[list[Problem], list[Problem]]:
+def reachability_problems(
+    slo: SLOSpec, windows: AlertWindows, *, llmpath: bool = True
+) -> tuple[list[Problem], list[Problem]]:
     """(errors, warnings) for alerts whose threshold an error ratio (at most 1) can never cross.
 
     A burn-rate pair fires when the error ratio exceeds ``factor x budget``; when that is 1 or more it never can.
@@ -439,7 +441,7 @@ def reachability_problems(slo: SLOSpec, windows: AlertWindows) -> tuple[list[Pro
                 (
                     field,
                     f"the {severity} alert can never fire with a {go_float(slo.objective)}% objective ({detail}); "
-                    f"raise the objective to at least {needed}%, or disable the alert and use threshold_alert",
+                    f"raise the objective to at least {needed}%, or disable the alert and {_use_threshold(llmpath)}",
                 )
             )
         else:
@@ -475,11 +477,17 @@ def reachability_problems(slo: SLOSpec, windows: AlertWindows) -> tuple[list[Pro
     return errors, warnings
 
 
+def _use_threshold(llmpath: bool, kind: str = "a") -> str:
+    """The advice to add a threshold alert: a key of llmpath/v1 specs only, so Sloth inputs are told so."""
+    advice = f"add {kind} threshold_alert"
+    return advice if llmpath else f"{advice} (a `version: llmpath/v1` spec)"
+
+
 #: With every event bad, a page that takes longer than this to fire is too slow for an outage (a warning).
 MAX_PAGE_DELAY_MS = 15 * 60_000
 
 
-def page_delay_warnings(slo: SLOSpec, windows: AlertWindows) -> list[Problem]:
+def page_delay_warnings(slo: SLOSpec, windows: AlertWindows, *, llmpath: bool = True) -> list[Problem]:
     """A warning when even 100 % bad events take more than :data:`MAX_PAGE_DELAY_MS` to page.
 
     A pair fires once its long window's error ratio passes ``factor x budget``; with every event bad that ratio
@@ -508,9 +516,9 @@ def page_delay_warnings(slo: SLOSpec, windows: AlertWindows) -> list[Problem]:
         (
             "alerting.page_alert",
             f"with every event bad, the fastest page ({fastest}) fires only after about {round(delay / 60_000)} "
-            f"minutes; for a {go_float(slo.objective)}% objective add a page threshold_alert over short windows "
-            f"(e.g. factor {go_float(round(0.5 / budget, 2))}, half the events bad, over 10m/2m) or raise the "
-            "objective",
+            f"minutes; for a {go_float(slo.objective)}% objective {_use_threshold(llmpath, 'a page')} over short "
+            f"windows (e.g. factor {go_float(round(0.5 / budget, 2))}, half the events bad, over 10m/2m) or raise "
+            "the objective",
         )
     ]
 
