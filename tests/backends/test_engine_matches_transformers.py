@@ -22,8 +22,8 @@ import torch
 import transformers
 
 from llmpath.backends.engine.kv_pool import TokenSlotPool
-from llmpath.backends.engine.model import ForwardBatch, LlamaModel, SeqInput, save_safetensors
-from llmpath.backends.engine.presets import PRESETS, ModelConfig
+from llmpath.backends.engine.model import ForwardBatch, LlamaModel, SeqInput, load_safetensors, save_safetensors
+from llmpath.backends.engine.presets import PRESETS, ModelConfig, config_from_hf
 from llmpath.backends.engine.runtime import Engine, EngineArgs
 from llmpath.backends.engine.sampling import SamplingParams
 from tests.backends.test_engine_model import ids_of
@@ -114,3 +114,48 @@ def test_engine_greedy_output_is_the_transformers_argmax(tmp_path: Path) -> None
             assert torch.all(chosen >= best - ATOL), (output, [sampleable[i] for i in logits.argmax(1).tolist()])
     finally:
         engine.stop()
+
+
+def _llama() -> transformers.PreTrainedModel:
+    """Llama-3's RoPE base, which the engine must read from ``rope_parameters`` (transformers 5's layout)."""
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )  # fmt: skip
+    return transformers.LlamaForCausalLM(config)
+
+
+def _qwen2() -> transformers.PreTrainedModel:
+    """Qwen2: biases on the q/k/v projections."""
+    config = transformers.Qwen2Config(
+        vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(config)
+
+
+#: Checkpoints written by ``transformers`` itself, in its current config layout.
+HF_WRITTEN = {"llama": _llama, "qwen2": _qwen2}
+
+
+@pytest.mark.parametrize("name", sorted(HF_WRITTEN))
+def test_checkpoints_written_by_transformers_load_with_their_logits(name: str, tmp_path: Path) -> None:
+    """docs/backends.md: ``--model`` loads Llama/Mistral/Qwen2 checkpoints; the engine's full-prefill logits equal
+    those of the ``transformers`` model that wrote the checkpoint."""
+    torch.manual_seed(7)
+    ref = HF_WRITTEN[name]().eval()
+    for pname, p in ref.named_parameters():  # large enough that RoPE's base and the (zero-initialised) biases matter
+        if "norm" not in pname:
+            torch.nn.init.normal_(p, std=0.2)
+    ref.save_pretrained(tmp_path)
+    cfg = config_from_hf(tmp_path)
+    model = LlamaModel(cfg)
+    load_safetensors(model, tmp_path)
+    model.prepare(DEVICE, torch.float32)
+    ids = ids_of(40, seed=4)
+    pool = TokenSlotPool(64, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                         dtype=torch.float32, device=DEVICE)  # fmt: skip
+    got = model(ForwardBatch([SeqInput(ids, 0, pool.alloc(len(ids)))], DEVICE, torch.float32), pool)[0]
+    assert_close(got, hf_logits(ref, ids)[-1])

@@ -7,6 +7,7 @@ compared with a tolerance relative to the logits' scale.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -205,6 +206,24 @@ def test_checkpoint_errors_name_the_problem(tmp_path: Path) -> None:
     save_safetensors(small, tmp_path)
     with pytest.raises(ValueError, match="shape"):
         load_safetensors(LlamaModel(PRESETS["tiny"]), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}},  # transformers 5
+        {"attention_bias": True},
+        {"use_sliding_window": True},
+    ],
+)
+def test_checkpoint_configs_the_engine_cannot_compute_are_refused(tmp_path: Path, extra: dict) -> None:
+    model = LlamaModel(PRESETS["tiny"])
+    save_safetensors(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **extra}))
+    with pytest.raises(ValueError, match="not supported by the embedded engine"):
+        config_from_hf(tmp_path)
 
 
 def test_cached_prefix_suffix_mask_is_flash_attentions_lower_right_causal_bias_on_cuda() -> None:

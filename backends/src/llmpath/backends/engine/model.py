@@ -185,9 +185,9 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         h, kv = cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim
-        self.q_proj = nn.Linear(h, h, bias=False)
-        self.k_proj = nn.Linear(h, kv, bias=False)
-        self.v_proj = nn.Linear(h, kv, bias=False)
+        self.q_proj = nn.Linear(h, h, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(h, kv, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(h, kv, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(h, h, bias=False)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, pool: TokenSlotPool, rope: Rotary) -> torch.Tensor:
@@ -338,8 +338,8 @@ def save_safetensors(model: LlamaModel, model_dir: Path) -> None:
     save_file(tensors, str(model_dir / "model.safetensors"))
     cfg = model.config
     hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
+        "model_type": "qwen2" if cfg.qkv_bias else "llama",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_hidden_layers,

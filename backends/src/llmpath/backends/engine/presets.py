@@ -22,6 +22,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    #: Biases on the q/k/v projections (Qwen2).
+    qkv_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
 
@@ -32,7 +34,7 @@ class ModelConfig:
     def num_parameters(self) -> int:
         """Parameter count (embeddings and LM head included)."""
         h, i, kv = self.hidden_size, self.intermediate_size, self.num_key_value_heads * self.head_dim
-        per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h
+        per_layer = h * h * 2 + h * kv * 2 + 3 * h * i + 2 * h + ((h + 2 * kv) if self.qkv_bias else 0)
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
 
@@ -110,8 +112,15 @@ def config_from_hf(model_dir: Path) -> ModelConfig:
             raise ValueError(f"{path}: missing field {key!r}")
     if raw.get("head_dim") not in (None, raw["hidden_size"] // raw["num_attention_heads"]):
         raise ValueError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
-    if raw.get("rope_scaling"):
+    # transformers 5 writes RoPE settings as rope_parameters {"rope_theta", "rope_type", ...}; older files have a
+    # top-level rope_theta and rope_scaling.
+    rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    if raw.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         raise ValueError(f"{path}: rope_scaling is not supported by the embedded engine")
+    qwen2 = raw.get("model_type") == "qwen2" or any(a.endswith("Qwen2ForCausalLM") for a in archs)
+    for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+        if raw.get(flag):
+            raise ValueError(f"{path}: {flag} is not supported by the embedded engine")
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
     return ModelConfig(
@@ -123,9 +132,10 @@ def config_from_hf(model_dir: Path) -> ModelConfig:
         num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
         intermediate_size=raw["intermediate_size"],
         max_position_embeddings=raw.get("max_position_embeddings", 4096),
-        rope_theta=float(raw.get("rope_theta", 10000.0)),
+        rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=qwen2,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
