@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest
 
@@ -92,8 +94,12 @@ def parse_buckets(rule: list[str], default: tuple[float, ...]) -> tuple[float, .
     if kind == "custom" and values:
         return tuple(sorted(set(values)))
     if kind == "tse" and len(values) == 3 and values[2] >= 1:
+        # SGLang's two_sides_exponential_buckets: ceil(count / 2) steps of base**i on each side of the middle, the
+        # lower ones clamped at 0.
         middle, base, count = values
-        half = int(count) // 2
-        out = {middle} | {middle + base**i for i in range(1, half + 1)} | {middle - base**i for i in range(1, half + 1)}
-        return tuple(sorted(v for v in out if v >= 0))
+        if base <= 1:
+            raise ValueError(f"bucket rule {' '.join(rule)!r}: the base must be greater than 1")
+        steps = range(1, math.ceil(int(count) / 2) + 1)
+        out = {middle} | {middle + base**i for i in steps} | {max(0.0, middle - base**i) for i in steps}
+        return tuple(sorted(out))
     raise ValueError(f"bucket rule {' '.join(rule)!r}: expected 'default', 'tse MIDDLE BASE COUNT' or 'custom V …'")

@@ -138,6 +138,7 @@ def create_app(engine: Engine, on_shutdown: Callable[[], None] | None = None) ->
 
     @app.get("/health")
     @app.get("/health_generate")
+    @_guard(native_error)  # a full queue refuses the probe's generation: 503 with Retry-After, as a request
     async def health(request: Request) -> Response:
         if not engine.scheduler.alive:
             return Response(status_code=503)
