@@ -101,14 +101,18 @@ async def _decode_during_long_prefill(url: str) -> tuple[int, float, int]:
         times = await running
     meta = long["meta_info"]
     start, end = meta["forward_entry_time"], meta["prefill_finished_time"]
-    during = sum(1 for t in times if start + 0.005 < t < end)
+    # Client-side arrival times: a token sent just before the prefill began can arrive a little after it on a
+    # loaded machine, hence the 50 ms margin.
+    during = sum(1 for t in times if start + 0.05 < t < end)
     return during, end - start, math.ceil((meta["prompt_tokens"] - meta["cached_tokens"]) / CHUNK)
 
 
 async def test_chunks_stall_running_requests_unless_mixed(chunked: str, mixed: str) -> None:
     during, seconds, chunks = await _decode_during_long_prefill(chunked)
     assert chunks > 20 and seconds > 0
-    assert during <= 2  # as SGLang without --enable-mixed-chunk: the chunks run back to back ahead of decode
+    # As SGLang without --enable-mixed-chunk: the chunks run back to back ahead of decode (a stray token or two
+    # delivered late, against one per chunk when mixed).
+    assert during <= max(2, chunks // 8)
 
     during, seconds, chunks = await _decode_during_long_prefill(mixed)
     assert during >= chunks // 2  # one decode token rides along each chunk's forward
