@@ -271,3 +271,41 @@ async def test_health_generate_answers_503_while_the_queue_is_full(strict: str) 
     assert health.status_code == 503 and health.headers["retry-after"] == "1"
     assert "queue is full" in health.json()["error"]["message"]
     assert plain.status_code == 200  # the scheduler runs
+
+
+@pytest.mark.slow
+async def test_v1_loads_has_sglangs_shape_and_counts_the_queued_prompt(strict: str) -> None:
+    body = {"text": "wait", "sampling_params": {"max_new_tokens": 1}}  # 5 tokens: 4 bytes and BOS
+    async with httpx.AsyncClient(base_url=strict, timeout=30) as client:
+        await client.post("/debug/fault", json={"queue_delay_s": 30})
+        try:
+            queued = asyncio.create_task(client.post("/generate", json=body))
+            for _ in range(200):
+                response = (await client.get("/v1/loads")).json()
+                if response["loads"][0]["num_waiting_reqs"] == 1:
+                    break
+                await asyncio.sleep(0.01)
+            every = (await client.get("/v1/loads", params={"include": "all"})).json()["loads"][0]
+            text = (await client.get("/v1/loads", params={"include": "queues", "format": "prometheus"})).text
+        finally:
+            await client.delete("/debug/fault")
+        assert (await queued).status_code == 200
+        bad_section = await client.get("/v1/loads", params={"include": "core,bogus"})
+        bad_rank = await client.get("/v1/loads", params={"dp_rank": 1})
+    assert set(response) == {"timestamp", "version", "accelerator", "num_accelerators", "loads"}
+    assert response["timestamp"].endswith("+00:00") and response["accelerator"] is None  # ISO 8601 UTC; CPU
+    load = response["loads"][0]
+    assert list(load) == [  # LoadSnapshot's core keys, in its order; no section without include=
+        "dp_rank", "num_running_reqs", "num_waiting_reqs", "num_waiting_uncached_tokens", "num_used_tokens",
+        "num_total_tokens", "max_total_num_tokens", "max_running_requests", "token_usage", "gen_throughput",
+        "cache_hit_rate", "utilization",
+    ]  # fmt: skip
+    assert load["num_waiting_uncached_tokens"] == 5  # the queued prompt, nothing of it matched yet
+    assert load["num_total_tokens"] == load["num_used_tokens"] + 5  # SGLang's load scalar: KV in use + queued
+    assert load["max_total_num_tokens"] == 64 and load["max_running_requests"] == 1
+    assert every["queues"] == {"waiting": 1, "grammar": 0, "paused": 0, "retracted": 0}
+    assert every["memory"]["token_capacity"] == 64 and every["disaggregation"]["mode"] == "null"
+    assert 'sglang_num_waiting_uncached_tokens{dp_rank="0"} 5' in text.splitlines()
+    assert 'sglang_queues_waiting{dp_rank="0"} 1' in text.splitlines()
+    assert bad_section.status_code == 400 and "Invalid include sections" in bad_section.json()["detail"]
+    assert bad_rank.status_code == 400

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from pathlib import Path
 
 import httpx
@@ -245,13 +246,18 @@ def test_continuous_batching_decodes_requests_together(url: str) -> None:
     def passes() -> int:
         return httpx.get(f"{url}/server_info").json()["internal_states"][0]["num_forward_passes"]
 
+    deadline = time.monotonic() + 30  # earlier tests' aborted streams may still be winding down: their passes
+    while (load := httpx.get(f"{url}/v1/loads").json()["loads"][0])["num_running_reqs"] or load["num_waiting_reqs"]:
+        assert time.monotonic() < deadline, load
+        time.sleep(0.05)
     start = passes()
     body = {"text": [f"request number {i}" for i in range(4)],
             "sampling_params": {"max_new_tokens": 32, "ignore_eos": True}}  # fmt: skip
     out = httpx.post(f"{url}/generate", json=body, timeout=30).json()
     assert [o["meta_info"]["completion_tokens"] for o in out] == [32] * 4
-    # One prefill batch and 31 shared decode steps; one request at a time would take 4 × 32 passes.
-    assert passes() - start <= 40
+    # One prefill batch and 31 shared decode steps (a few more when a loaded machine spreads the four arrivals over
+    # several scheduler steps); one request at a time would take 4 × 32 passes.
+    assert passes() - start <= 64
 
 
 def test_flush_cache_drops_the_prefix_cache(url: str) -> None:

@@ -27,6 +27,8 @@ from llmpath.backends.engine.scheduler import EngineRequest, Output, Scheduler, 
 from llmpath.backends.engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from llmpath.backends.engine.tracing import setup_tracer
 
+#: The SGLang release whose protocol the engine speaks, marked as llmpath's (``/server_info``, ``/v1/loads``).
+VERSION = "0.5.23-llmpath"
 #: Default KV pool size (token slots) per preset; a checkpoint gets 8 × its context length.
 DEFAULT_KV_TOKENS = {"tiny": 65536, "small": 32768, "llama-8b": 131072}
 _DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -278,6 +280,16 @@ class Engine:
             "supports_vision": False,
         }
 
+    def memory_bytes(self) -> tuple[int, int]:
+        """Bytes of the model's weights and of the KV pool's buffers."""
+        weights = sum(t.numel() * t.element_size() for t in self.model.parameters())
+        kv = sum(t.numel() * t.element_size() for t in (*self.pool.k_buffers, *self.pool.v_buffers))
+        return weights, kv
+
+    def accelerator(self) -> str | None:
+        """The GPU's name (``None`` on CPU), as ``/v1/loads`` reports it."""
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+
     def server_info(self) -> dict[str, Any]:
         """``/server_info``: server arguments, runtime state and version, as SGLang reports them."""
         a = self.args
@@ -314,6 +326,6 @@ class Engine:
                     "num_forward_passes": self.scheduler.forward_count,
                 }
             ],
-            "version": "0.5.23-llmpath",
+            "version": VERSION,
             "engine": "llmpath",
         }

@@ -165,6 +165,8 @@ class Scheduler:
         self._lock = threading.Lock()
         self._active: set[str] = set()
         self._queued = 0
+        #: Prompt tokens of the queued requests (SGLang's waiting queue ``seqlen``s), under ``_lock`` with ``_queued``.
+        self._queued_tokens = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_evicted = 0
@@ -196,6 +198,7 @@ class Scheduler:
                 raise QueueFull(f"The waiting queue is full ({self.config.max_queued} requests).")
             self._active.add(req.rid)
             self._queued += 1
+            self._queued_tokens += len(req.fill_ids)
         req.dispatch_ts = time.time()
         req.queue_enter_mono = time.monotonic()
         self._inbox.put(("req", req))
@@ -214,23 +217,31 @@ class Scheduler:
         return fut
 
     def loads(self) -> dict[str, Any]:
-        """Load figures in SGLang's ``/v1/loads`` shape (one DP rank)."""
+        """One DP rank's core load figures, as SGLang's ``LoadSnapshot`` (``/v1/loads``): ``num_total_tokens`` is the
+        KV in use plus the queued prompts (SGLang's load scalar), ``max_total_num_tokens`` the pool's capacity.
+        ``num_waiting_uncached_tokens`` counts queued prompts whole (their prefixes are matched when they are
+        scheduled) plus what the chunked prefill has left."""
         total = self.pool.size
         evictable = self.tree.evictable_size if self.tree else 0
         used = total - self.pool.available - evictable
+        with self._lock:
+            waiting, queued_tokens = self._queued, self._queued_tokens
+        chunked = self.chunked
+        chunk_left = max(0, len(chunked.fill_ids) - chunked.computed) if chunked is not None else 0
+        running = len(self.running)
         return {
             "dp_rank": 0,
-            "num_running_reqs": len(self.running),
-            "num_waiting_reqs": self._queued,
+            "num_running_reqs": running,
+            "num_waiting_reqs": waiting,
+            "num_waiting_uncached_tokens": queued_tokens + chunk_left,
             "num_used_tokens": used,
-            "num_total_tokens": total,
-            "kv_available_tokens": self.pool.available,
-            "kv_evictable_tokens": evictable,
-            "token_usage": used / total,
-            "gen_throughput": self._gen_throughput,
-            "cache_hit_rate": self._last_hit_rate,
+            "num_total_tokens": used + queued_tokens,
+            "max_total_num_tokens": total,
             "max_running_requests": self.config.max_running,
-            "utilization": len(self.running) / self.config.max_running,
+            "token_usage": round(used / total, 4),
+            "gen_throughput": round(self._gen_throughput, 2),
+            "cache_hit_rate": round(self._last_hit_rate, 4),
+            "utilization": round(running / self.config.max_running, 4),
         }
 
     # ----------------------------------------------------------------- scheduler thread
@@ -297,7 +308,7 @@ class Scheduler:
         waiting request, ``Aborted`` for a running one)."""
         if req in self.waiting:
             self.waiting.remove(req)
-            self._dequeued()
+            self._dequeued(req)
             message = "Abort before prefill"
         else:
             if req is self.chunked:
@@ -317,15 +328,16 @@ class Scheduler:
         req.text += tail
         req.emit(Output([], tail, req.text, self._meta(req), True))
 
-    def _dequeued(self) -> None:
+    def _dequeued(self, req: EngineRequest) -> None:
         with self._lock:
             self._queued -= 1
+            self._queued_tokens -= len(req.fill_ids)
 
     def _fail_all(self, message: str) -> None:
         chunked = [self._stop_chunking()] if self.chunked is not None else []
         for req in [*self.waiting, *self.running, *chunked]:
             if req in self.waiting:
-                self._dequeued()
+                self._dequeued(req)
             req.finish_reason = {"type": "abort", "message": message, "status_code": 500, "err_type": None}
             try:
                 self._finish(req, aborted=True)
@@ -370,7 +382,7 @@ class Scheduler:
             if not self._admit(req):
                 break  # head-of-line: wait until memory frees
             self.waiting.remove(req)
-            self._dequeued()
+            self._dequeued(req)
             extend = len(req.fill_ids) - req.computed
             n = _chunk(extend, left)
             batch.append((req, n))
@@ -652,7 +664,7 @@ class Scheduler:
         self.metrics.set("sglang:num_queue_reqs", loads["num_waiting_reqs"])
         self.metrics.set("sglang:num_used_tokens", loads["num_used_tokens"])
         self.metrics.set("sglang:token_usage", loads["token_usage"])
-        self.metrics.set("sglang:max_total_num_tokens", loads["num_total_tokens"])
+        self.metrics.set("sglang:max_total_num_tokens", loads["max_total_num_tokens"])
         self.metrics.set("sglang:gen_throughput", loads["gen_throughput"])
 
     def _meta(self, req: EngineRequest) -> dict[str, Any]:

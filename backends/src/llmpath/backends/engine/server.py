@@ -20,13 +20,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from llmpath.backends.engine.loads import LoadsRequestError, loads_json, loads_prometheus, parse_include
 from llmpath.backends.engine.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateRequest,
     validation_message,
 )
-from llmpath.backends.engine.runtime import Engine, RequestError, RequestStream
+from llmpath.backends.engine.runtime import VERSION, Engine, RequestError, RequestStream
 from llmpath.backends.engine.sampling import InvalidSamplingParams, SamplingParams, parse_sampling_params
 from llmpath.backends.engine.scheduler import DuplicateRequestId, Output, QueueFull
 from llmpath.backends.engine.tracing import extract_context
@@ -160,8 +161,19 @@ def create_app(engine: Engine, on_shutdown: Callable[[], None] | None = None) ->
         return JSONResponse(engine.server_info())
 
     @app.get("/v1/loads")
-    async def loads() -> JSONResponse:
-        return JSONResponse({"timestamp": time.time(), "loads": [engine.scheduler.loads()]})
+    async def loads(dp_rank: int | None = None, include: str | None = None, format: str | None = None) -> Response:
+        # SGLang's query: ?dp_rank=N&include=core,memory,...&format=json|prometheus (one DP rank here: 0)
+        try:
+            sections = parse_include(include)
+            if dp_rank not in (None, 0):
+                raise LoadsRequestError(f"dp_rank {dp_rank} out of range: this server has one DP rank (0)")
+        except LoadsRequestError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=400)
+        if format == "prometheus":
+            return PlainTextResponse(
+                loads_prometheus(engine, sections), media_type="text/plain; version=0.0.4; charset=utf-8"
+            )
+        return JSONResponse(loads_json(engine, sections, VERSION, engine.accelerator()))
 
     @app.get("/get_load")
     async def get_load() -> JSONResponse:
