@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,29 @@ async def test_refused_connection_is_unreachable_not_a_timeout(kind: str, free_p
         assert await backend.health() is False
     finally:
         await backend.aclose()
+
+
+@pytest.mark.parametrize("kind", ["sglang", "openai"])
+async def test_a_connection_not_made_in_time_is_unreachable_not_a_timeout(kind: str) -> None:
+    """A host that drops the SYNs (here: a listener whose accept queue is full): ``connect_timeout`` passes and
+    nothing was sent, so it is a connection that failed (retried elsewhere, counted toward ejection), not a backend
+    that was silent too long."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filling = [socket.socket() for _ in range(4)]
+        for conn in filling:
+            conn.setblocking(False)
+            conn.connect_ex(listener.getsockname())
+        await asyncio.sleep(0.1)  # the first handshake fills the queue
+        backend = create_backend(kind, f"http://127.0.0.1:{listener.getsockname()[1]}", connect_timeout=0.2)
+        try:
+            with pytest.raises(BackendUnreachable, match="no connection within the connect timeout"):
+                [ev async for ev in backend.generate(request(prompt=None, messages=[ChatMessage("user", "?")]))]
+        finally:
+            await backend.aclose()
+            for conn in filling:
+                conn.close()
 
 
 async def test_connection_closed_before_the_answer_is_unreachable(loopback) -> None:

@@ -9,7 +9,11 @@ real backend clients over loopback; one test routes to a real tiny engine."""
 
 from __future__ import annotations
 
+import json
+import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -405,4 +409,80 @@ async def test_a_busy_backends_503_is_retried_but_does_not_count_toward_ejection
             assert resp.headers["retry-after"] == "2"  # its own wait, not 1 s
         state = (await backends(c))["busy"]
         assert state["available"] and state["consecutive_failures"] == 0
+    await app.gateway.pool.stop()
+
+
+# ---- A connection that cannot be made in time --------------------------------------------------------------------
+
+
+@pytest.fixture
+def black_hole() -> Iterator[str]:
+    """The URL of a listening socket whose accept queue is full: the kernel drops further SYNs, so a connection is
+    never made (a host that vanished behind a firewall, as seen from the gateway)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        filling = []
+        for _ in range(4):
+            conn = socket.socket()
+            conn.setblocking(False)
+            conn.connect_ex(sock.getsockname())
+            filling.append(conn)
+        time.sleep(0.1)  # the first handshake completes and fills the queue
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            for conn in filling:
+                conn.close()
+
+
+async def test_a_lone_backend_that_cannot_be_connected_to_in_time_is_a_503_and_a_failure(black_hole, caplog) -> None:
+    """``limits.timeouts.connect_s`` passed without a connection: no byte was sent, so it is a connection that
+    failed (counted toward ejection, retried elsewhere when there is another backend), not a backend that was
+    silent too long (504)."""
+    app = make_app(backends=[{"url": black_hole, "name": "hole"}], limits={"timeouts": {"connect_s": 0.3}})
+    caplog.set_level(logging.INFO, logger="llmpath.gateway")
+    async with client(app) as c:
+        resp = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+        assert resp.status_code == 503, resp.text
+        assert resp.json()["error"]["code"] == "no_backend"
+        hole = (await backends(c))["hole"]
+    assert (hole["consecutive_failures"], hole["last_error"]) == (1, "connection failed: ConnectionTimeoutError")
+    said = "backend hole: connection failed: ConnectionTimeoutError; no other backend to try"
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "llmpath.gateway"] == [
+        (logging.WARNING, said)
+    ]
+    await app.gateway.pool.stop()
+
+
+@pytest.mark.slow
+async def test_a_connection_not_made_in_time_is_retried_on_another_backend(stack, black_hole) -> None:
+    (engine,) = stack.start_engines(1)
+    app = make_app(
+        # the heavier weight goes first in a smooth weighted round robin
+        backends=[{"url": black_hole, "name": "hole", "weight": 10}, {"url": engine.url, "name": "engine"}],
+        routing={"policy": "round_robin"},
+        limits={"timeouts": {"connect_s": 0.3}},
+    )
+    async with client(app) as c:
+        resp = await c.post("/v1/chat/completions", json=CHAT, headers=auth())
+        assert resp.status_code == 200, resp.text
+        [record] = app.state.waterfall.recent()
+        assert (record.extra["backend"], record.extra["routing_reason"], record.extra["retries"]) == (
+            "engine", "retry", 1,
+        )  # fmt: skip
+        assert app.gateway.pool["hole"].consecutive_failures == 1
+
+        # Streaming, as "Streaming and cancellation" and "Endpoints" describe it: SSE that no proxy buffers, the
+        # role with the first token, the usage chunk (empty choices, cached tokens) and [DONE] last.
+        body = {**CHAT, "max_tokens": 3, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        streamed = await c.post("/v1/chat/completions", json=body, headers=auth())
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.headers["x-accel-buffering"] == "no"
+    data = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant" and chunks[0]["choices"][0]["delta"]["content"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert "cached_tokens" in chunks[-1]["usage"]["prompt_tokens_details"]
     await app.gateway.pool.stop()

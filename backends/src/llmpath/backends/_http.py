@@ -162,9 +162,12 @@ def _seconds(value: str | None) -> float | None:
 
 
 def transport_error(exc: BaseException, url: str) -> BackendError:
-    """The typed error for a transport failure: a timeout (connect or read) is :class:`BackendTimeout`; a refused,
-    reset or dropped connection (no answer, or an answer cut short) is :class:`BackendUnreachable`."""
-    if isinstance(exc, TimeoutError):  # aiohttp's connect/read timeouts are TimeoutErrors too
+    """The typed error for a transport failure: a read timeout is :class:`BackendTimeout`; a refused, reset or
+    dropped connection (no answer, or an answer cut short), or one not made within the connect timeout (nothing was
+    sent: a black-holed host), is :class:`BackendUnreachable`."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # a TimeoutError too, but no request went out
+        return BackendUnreachable(f"{url}: {type(exc).__name__}: no connection within the connect timeout")
+    if isinstance(exc, TimeoutError):  # aiohttp's read timeouts are TimeoutErrors too
         return BackendTimeout(f"{url}: {type(exc).__name__}")
     if isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
         return BackendUnreachable(f"{url}: {type(exc).__name__}: {exc}")

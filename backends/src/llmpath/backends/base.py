@@ -147,14 +147,16 @@ class BackendUnavailable(BackendError):
 
 
 class BackendUnreachable(BackendUnavailable):
-    """No HTTP answer at all: the connection was refused, reset or closed before (or while) the response came.
+    """No HTTP answer at all: the connection was refused, not made within the connect timeout, or reset or closed
+    before (or while) the response came.
 
     Unlike a busy backend's 503/429, this counts as a failure of the backend (health, ejection).
     """
 
 
 class BackendTimeout(BackendError):
-    """Connect or read timeout."""
+    """Read timeout (the backend silent too long), or the backend's own 408/504; a connect timeout is
+    :class:`BackendUnreachable`."""
 
     status_code = 504
 
