@@ -9,6 +9,7 @@ real backend clients over loopback; one test routes to a real tiny engine."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -35,6 +36,7 @@ from llmpath.gateway.config import (
     load_config,
 )
 from llmpath.gateway.pool import BackendPool, BackendState
+from llmpath.ledger.reading import read_ledger
 
 DOC = Path(__file__).parents[2] / "docs" / "gateway.md"
 KEY, ADMIN, LIMITED = "sk-doc-user-4e1a", "sk-doc-admin-9b2c", "sk-doc-limited-7d3f"
@@ -486,3 +488,19 @@ async def test_a_connection_not_made_in_time_is_retried_on_another_backend(stack
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
     assert "cached_tokens" in chunks[-1]["usage"]["prompt_tokens_details"]
     await app.gateway.pool.stop()
+
+
+# ---- The usage ledger --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["usage.db", "usage.DB", "usage.Sqlite3"])
+async def test_a_ledger_named_as_sqlite_is_sqlite_whatever_the_case(tmp_path: Path, name: str) -> None:
+    app = make_app(usage={"ledger": str(tmp_path / name)})
+    async with client(app) as c:
+        assert (await c.post("/v1/chat/completions", json=CHAT)).status_code == 401  # recorded too
+    for _ in range(100):
+        if (tmp_path / name).exists() and (tmp_path / name).stat().st_size:
+            break
+        await asyncio.sleep(0.05)
+    assert (tmp_path / name).read_bytes().startswith(b"SQLite format 3\x00")
+    assert [r.status_code for r in read_ledger(tmp_path / name)] == [401]

@@ -24,7 +24,7 @@ from starlette.requests import ClientDisconnect
 from llmpath.backends.base import Backend
 from llmpath.gateway import errors
 from llmpath.gateway.chat_template import load_renderer
-from llmpath.gateway.config import BackendConfig, GatewayConfig
+from llmpath.gateway.config import LEDGER_FORMATS, BackendConfig, GatewayConfig
 from llmpath.gateway.errors import APIError
 from llmpath.gateway.metrics import GatewayMetrics
 from llmpath.gateway.otel import setup_from_env
@@ -114,7 +114,7 @@ def _open_ledger(config: GatewayConfig) -> Any:
     path = config.usage.ledger
     if path is None:
         return None
-    if path.suffix in (".db", ".sqlite", ".sqlite3"):
+    if LEDGER_FORMATS.get(path.suffix.lower()) == "SQLite":  # as the configuration checked it: `usage.DB` too
         return SqliteUsageSink(path)
     return JsonlUsageSink(path)
 
