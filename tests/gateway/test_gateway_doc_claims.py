@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import socket
 import threading
 import time
@@ -23,6 +24,10 @@ from typing import Any, ClassVar
 import httpx
 import pytest
 import yaml
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry
 
 from llmpath.gateway.app import HotPath, create_app
@@ -490,6 +495,49 @@ async def test_a_connection_not_made_in_time_is_retried_on_another_backend(stack
     await app.gateway.pool.stop()
 
 
+# ---- Requests and errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param", "code"),
+    [
+        ("/v1/chat/completions", {"tools": []}, "tools", "unsupported_parameter"),
+        ("/v1/chat/completions", {"logprobs": True}, "logprobs", "unsupported_value"),
+        ("/v1/chat/completions", {"service_tier": "flex"}, "service_tier", "unsupported_value"),
+        ("/v1/completions", {"logprobs": 1}, "logprobs", "unsupported_parameter"),
+        ("/v1/completions", {"best_of": 2}, "best_of", "unsupported_value"),
+        # schema bounds, not the unsupported fields' check: invalid_value, as the doc says
+        ("/v1/chat/completions", {"n": 2}, "n", "invalid_value"),
+        ("/v1/chat/completions", {"presence_penalty": 0.5}, "presence_penalty", "invalid_value"),
+        ("/v1/completions", {"frequency_penalty": 1}, "frequency_penalty", "invalid_value"),
+        ("/v1/completions", {"echo": True}, "echo", "invalid_value"),
+        ("/v1/completions", {"suffix": "!"}, "suffix", "invalid_value"),
+    ],
+)
+async def test_refused_openai_fields_get_the_documented_code(
+    path: str, extra: dict[str, Any], param: str, code: str
+) -> None:
+    doc = doc_text()
+    assert (
+        "`n`, `presence_penalty` and `frequency_penalty`, and completions' `echo` and `suffix`, are checked as "
+        "bounds of the schema instead: any other value is `invalid_value`" in doc
+    )
+    app = make_app()
+    body = {"model": "m", **extra}
+    body |= {"messages": MESSAGES} if path == "/v1/chat/completions" else {"prompt": "hi"}
+    async with client(app) as c:
+        resp = await c.post(path, json=body, headers=auth())
+    assert resp.status_code == 400
+    assert (resp.json()["error"]["param"], resp.json()["error"]["code"]) == (param, code)
+
+
+def test_the_errors_table_says_when_a_503_asks_for_longer_than_a_second() -> None:
+    """``Retry-After`` of a 503 ``no_backend``: 1, or the longest wait the busy backends tried asked for (see
+    ``test_a_busy_backends_503_is_retried_but_does_not_count_toward_ejection``)."""
+    row = next(line for line in DOC.read_text(encoding="utf-8").splitlines() if line.startswith("| 503 |"))
+    assert "`Retry-After: 1`, or the longest `Retry-After` of the busy backends tried" in row
+
+
 # ---- The usage ledger --------------------------------------------------------------------------------------------
 
 
@@ -504,3 +552,26 @@ async def test_a_ledger_named_as_sqlite_is_sqlite_whatever_the_case(tmp_path: Pa
         await asyncio.sleep(0.05)
     assert (tmp_path / name).read_bytes().startswith(b"SQLite format 3\x00")
     assert [r.status_code for r in read_ledger(tmp_path / name)] == [401]
+
+
+# ---- The stages --------------------------------------------------------------------------------------------------
+
+
+async def test_the_model_call_span_is_named_by_its_operation() -> None:
+    """``chat {model}`` for a chat completion, ``text_completion {model}`` for a text completion (one per attempt:
+    the backend here refuses the connection)."""
+    assert re.search(r"The model call is a CLIENT span `chat \{model\}` \(`text_completion \{model\}` for", doc_text())
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    config = load_config(None, {"backends": [{"url": "http://127.0.0.1:9", "name": "nowhere"}],
+                                "api_keys": api_keys(), "routing": {"max_retries": 0}})  # fmt: skip
+    app = create_app(config, registry=CollectorRegistry(), tracer_provider=provider)
+    async with client(app) as c:
+        assert (await c.post("/v1/chat/completions", json=CHAT, headers=auth())).status_code == 503
+        text = {"model": "m", "prompt": "hi", "max_tokens": 2}
+        assert (await c.post("/v1/completions", json=text, headers=auth())).status_code == 503
+    calls = [(s.name, s.attributes["gen_ai.operation.name"]) for s in exporter.get_finished_spans()
+             if s.kind is SpanKind.CLIENT and s.attributes is not None]  # fmt: skip
+    assert calls == [("chat m", "chat"), ("text_completion m", "text_completion")]
+    await app.gateway.pool.stop()
