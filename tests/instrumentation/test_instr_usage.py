@@ -331,11 +331,22 @@ class SecretSink:
     def write(self, record: UsageRecord) -> None:
         raise ConnectionError("database unreachable")
 
+    def close(self) -> None:
+        raise ConnectionError("database unreachable")
+
 
 def test_the_log_names_a_ledger_file_but_never_another_sinks_repr(caplog) -> None:
     UsageDispatcher(SecretSink()).emit(sample_record())
     [line] = _usage_lines(caplog)
     assert line.startswith("usage sink SecretSink failed for request r1: ConnectionError")
+    assert "hunter2" not in caplog.text
+
+
+def test_a_failing_close_is_logged_by_the_sinks_name_never_its_repr(caplog) -> None:
+    """On lifespan shutdown too: a DSN in a user's sink repr stays out of the log."""
+    caplog.set_level(logging.WARNING, logger="llmpath.instrumentation.usage")
+    UsageDispatcher(SecretSink()).close()
+    assert _usage_lines(caplog) == ["closing usage sink SecretSink failed: ConnectionError: database unreachable"]
     assert "hunter2" not in caplog.text
 
 

@@ -642,11 +642,14 @@ class UsageDispatcher:
         return True
 
     def close(self) -> None:
-        """Close the sinks that have ``close()``."""
-        for sink in self._sinks:
+        """Close the sinks that have ``close()``; a failure is logged as a failed write is: the sink's name and
+        ledger file, never its repr (which could hold a credential)."""
+        for sink, name in zip(self._sinks, self._paths, strict=True):
             close = getattr(sink, "close", None)
             if callable(close):
                 try:
                     close()
                 except Exception as exc:
-                    logger.warning("closing usage sink %r failed: %s", sink, exc)
+                    logger.warning(
+                        "closing usage sink %s%s failed: %s: %s", name, self._where(name), type(exc).__name__, exc
+                    )
