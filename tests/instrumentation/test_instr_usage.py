@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
+import threading
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from llmpath.instrumentation import (
     UsageRecord,
     instrument_app,
     read_jsonl,
+    read_sqlite,
 )
 from llmpath.instrumentation.usage import UsageDispatcher, stages_json, usage_line
 
@@ -122,6 +124,36 @@ def test_sqlite_sink_wal_roundtrip(tmp_path):
     sink.close()
     with pytest.raises(ValueError, match="synchronous"):
         SqliteUsageSink(path, synchronous="sometimes")
+
+
+def test_sinks_that_open_a_new_sqlite_ledger_at_once_lose_no_record(tmp_path) -> None:
+    """The workers of a server that starts with a new ledger: SQLite refuses some of several connections switching a
+    new database to WAL at the same moment at once ("database is locked", without waiting for the busy timeout,
+    where waiting could deadlock); the sink tries again instead of losing the record."""
+    failures: list[str] = []
+
+    def first_write(sink: SqliteUsageSink, name: str, barrier: threading.Barrier) -> None:
+        barrier.wait()
+        try:
+            sink.write(sample_record(request_id=name))
+        except sqlite3.OperationalError as exc:
+            failures.append(f"{name}: {exc}")
+
+    for trial in range(60):
+        path = tmp_path / f"usage-{trial}.sqlite"
+        sinks = [SqliteUsageSink(path) for _ in range(4)]
+        barrier = threading.Barrier(len(sinks))
+        threads = [
+            threading.Thread(target=first_write, args=(sink, f"{trial}-{i}", barrier)) for i, sink in enumerate(sinks)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for sink in sinks:
+            sink.close()
+        assert not failures, failures
+        assert sorted(r.request_id for r in read_sqlite(path)) == [f"{trial}-{i}" for i in range(4)]
 
 
 async def test_sink_forms_and_a_failing_sink_never_breaks_requests(make_harness, tmp_path, caplog):

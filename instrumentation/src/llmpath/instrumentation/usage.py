@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from operator import itemgetter
 from pathlib import Path
-from time import monotonic
+from random import random
+from time import monotonic, sleep
 from typing import IO, Any, NamedTuple, Protocol, runtime_checkable
 
 from .append import append_all
@@ -447,18 +448,39 @@ class SqliteUsageSink:
         pid = os.getpid()
         if self._conn is None or self._pid != pid:  # never share a connection across a fork
             conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            columns = ", ".join(f"{c} {t}" for c, t in _SCALAR_COLUMNS)
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS usage "
-                f"(id INTEGER PRIMARY KEY, {columns}, stages TEXT NOT NULL, extra TEXT)"
-            )
-            conn.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
-            conn.execute("CREATE INDEX IF NOT EXISTS usage_tenant_time ON usage (tenant, time)")
+            try:
+                self._set_up(conn)
+            except BaseException:
+                conn.close()
+                raise
             self._conn, self._pid = conn, pid
         return self._conn
+
+    def _set_up(self, conn: sqlite3.Connection) -> None:
+        """Pragmas, table and indexes; retried while the database is busy, for up to ``busy_timeout_ms``.
+
+        SQLite answers "database is locked" at once, without waiting for the busy timeout, where waiting could
+        deadlock: several processes switching a new database (rollback journal) to WAL at the same moment, as the
+        workers of a server starting together do, run into that."""
+        deadline = monotonic() + self.busy_timeout_ms / 1000
+        columns = ", ".join(f"{c} {t}" for c, t in _SCALAR_COLUMNS)
+        while True:
+            try:
+                conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_ms)}")
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute(f"PRAGMA synchronous={self.synchronous}")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS usage "
+                    f"(id INTEGER PRIMARY KEY, {columns}, stages TEXT NOT NULL, extra TEXT)"
+                )
+                conn.execute("CREATE INDEX IF NOT EXISTS usage_time ON usage (time)")
+                conn.execute("CREATE INDEX IF NOT EXISTS usage_tenant_time ON usage (tenant, time)")
+                return
+            except sqlite3.OperationalError as exc:
+                busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or monotonic() >= deadline:
+                    raise
+                sleep(0.005 + random() * 0.02)  # jittered: the workers that collided try again apart
 
     def write(self, record: UsageRecord) -> None:
         """Insert and commit ``record``."""
