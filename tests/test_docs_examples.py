@@ -80,6 +80,67 @@ def test_readme_quickstart_instruments_a_fastapi_app(tmp_path: Path, processes: 
     assert [s["name"] for s in record["stages"]] == ["auth", "route"]
 
 
+# What the instrumentation guide's quickstart leaves to the reader (its `...`): a key check, a backend, admission.
+QUICKSTART_PLACEHOLDERS = """
+import asyncio
+
+class Answer:
+    prefill_seconds, prompt_tokens, cached_tokens, completion_tokens, model = 0.01, 812, 768, 64, "llama-3-8b"
+
+    def json(self):
+        return {"choices": []}
+
+class Backend:
+    name = "engine-a"
+
+    async def complete(self, *args):
+        await asyncio.sleep(0.02)
+        return Answer()
+
+class Admission:
+    async def acquire(self):
+        await asyncio.sleep(0.001)
+
+def check_key(*args):
+    return "acme"
+
+def pick_backend(*args):
+    return Backend()
+
+admission = Admission()
+"""
+
+
+def test_instrumentation_guide_quickstart_runs_with_its_placeholders_filled(tmp_path: Path) -> None:
+    block = block_with(ROOT / "docs" / "instrumentation.md", "instrument_app(app, usage_sink=")
+    ledger = tmp_path / "usage.jsonl"
+    assert "/var/lib/gateway/usage.jsonl" in block
+    served = """
+import json
+import httpx
+
+async def call():
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as client:
+        answer = await client.post("/v1/chat/completions", json={"messages": []})
+        return answer.status_code, (await client.get("/metrics")).text
+
+status, metrics = asyncio.run(call())
+print(json.dumps({"status": status, "metrics": metrics}))
+"""
+    program = QUICKSTART_PLACEHOLDERS + block.replace("/var/lib/gateway/usage.jsonl", str(ledger)) + served
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
+    result = json.loads(out.stdout)
+    assert result["status"] == 200
+    for stage in ("auth", "route", "schedule", "prefill", "unattributed"):
+        assert metric_value(result["metrics"], "llmpath_stage_duration_seconds_count", stage=stage, route="chat") == 1
+    (line,) = ledger.read_text().splitlines()
+    record = json.loads(line)
+    assert (record["route"], record["tenant"], record["model"]) == ("chat", "acme", "llama-3-8b")
+    assert (record["input_tokens"], record["cached_tokens"], record["output_tokens"]) == (812, 768, 64)
+    assert [s["name"] for s in record["stages"]] == ["auth", "route", "schedule", "prefill"]
+    assert record["stages"][-1]["source"] == "backend" and record["ttft_s"] is not None
+
+
 def test_log_filter_example_names_the_request_in_each_line() -> None:
     """The instrumentation guide's logging set-up, then one line outside a request and one inside."""
     block = block_with(ROOT / "docs" / "instrumentation.md", "RequestLogFilter()")

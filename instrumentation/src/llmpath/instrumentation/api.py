@@ -214,7 +214,7 @@ def stage(name: str, **attributes: Any) -> StageScope:
     """Time a stage of the current request: one child span of the request (when sampled) and one observation in
     ``llmpath_stage_duration_seconds{stage,route}``. An exception marks the span as error and propagates.
 
-    Works as ``with stage("route") as s: s.set_attribute("llmpath.backend", b)``, ``async with``, and as a
+    Works as ``with stage("route") as s: s.set_attribute("llmpath.route.backend", b)``, ``async with``, and as a
     decorator ``@stage("auth")`` on sync and async functions and generators. One object may be shared by
     the concurrent requests of one event loop (``AUTH = stage("auth")``; ``with AUTH:``): each run is timed on its
     own. Outside a request it does nothing.

@@ -145,7 +145,7 @@ def instrument_app(app: Any, **options: Any) -> Any:
     """Instrument a FastAPI or Starlette app in place (returns it), or wrap any other ASGI app (returns the
     wrapper). Options: ``registry``, ``tracer_provider``, ``meter_provider``, ``usage_sink``, ``metrics_path``,
     ``catalog``, ``excluded_paths``, ``max_label_values``, ``latency_buckets``, ``tpot_buckets``, ``exemplars``,
-    ``trust_request_id`` (see :class:`~llmpath.instrumentation.telemetry.Instrumentation`).
+    ``trust_request_id``, ``fast_spans`` (see :class:`~llmpath.instrumentation.telemetry.Instrumentation`).
 
     The :class:`Instrumentation` is ``app.state.llmpath`` (and :func:`get_instrumentation` finds it).
     """
