@@ -8,6 +8,7 @@ import concurrent.futures
 import json
 import re
 import socket
+import threading
 import time
 from collections import Counter
 from typing import Any
@@ -467,9 +468,11 @@ def test_same_prefix_requests_land_together(gw, client, keys) -> None:
 
 def test_imbalance_falls_back_to_least_loaded(gw, keys) -> None:
     """Concurrent long requests with one prefix: beyond the thresholds (2 in flight, 1.5×) load wins."""
-    body = {"model": "tiny", "messages": convo(SYSTEM_A, "imbalance"), "max_tokens": 60, "ignore_eos": True}
+    body = {"model": "tiny", "messages": convo(SYSTEM_A, "imbalance"), "max_tokens": 120, "ignore_eos": True}
+    start = threading.Barrier(8)  # all at once, so that they overlap even when the machine is busy
 
     def one(_: int) -> str:
+        start.wait(timeout=30)
         r = httpx.post(f"{gw.url}/v1/chat/completions", json=body, headers=keys.auth(), timeout=60)
         assert r.status_code == 200
         return r.headers["x-request-id"]
