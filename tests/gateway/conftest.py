@@ -396,3 +396,33 @@ def chromium(stack: Stack) -> Chromium:
     if binary is None:
         pytest.skip("chromium not installed (make test installs it via apt-get)")
     return Chromium(binary, stack.supervisor, stack.tmp / "chromium-profile")
+
+
+@pytest.fixture
+def answering() -> Iterator[Callable[..., str]]:
+    """``start(status, body, headers)``: servers answering every POST so; returns their URLs."""
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(status: int, body: bytes, headers: dict[str, str] | None = None) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(status)
+                for name, value in {"content-type": "application/json", **(headers or {})}.items():
+                    self.send_header(name, value)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

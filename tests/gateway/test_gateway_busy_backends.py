@@ -4,9 +4,7 @@ every backend it tried was busy its 503 asks the client to wait as long as the b
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -17,34 +15,13 @@ from llmpath.gateway.config import load_config
 
 
 @pytest.fixture
-def busy_backend() -> Iterator[Callable[[int, str], str]]:
+def busy_backend(answering: Callable[..., str]) -> Callable[[int, str], str]:
     """Start servers answering every POST with ``status`` and ``Retry-After: retry_after``; returns their URLs."""
-    servers: list[ThreadingHTTPServer] = []
 
     def start(status: int, retry_after: str) -> str:
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                body = b'{"error": {"message": "busy"}}'
-                self.send_response(status)
-                self.send_header("retry-after", retry_after)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        return answering(status, b'{"error": {"message": "busy"}}', {"retry-after": retry_after})
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    return start
 
 
 async def test_every_backend_busy_is_a_503_with_the_longest_retry_after(busy_backend, caplog) -> None:

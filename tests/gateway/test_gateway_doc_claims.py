@@ -352,36 +352,6 @@ async def test_ejection_after_consecutive_failures_of_any_kind_until_one_passing
         server.server_close()
 
 
-@pytest.fixture
-def answering() -> Iterator[Callable[..., str]]:
-    """``start(status, body, headers)``: servers answering every POST so; returns their URLs."""
-    servers: list[ThreadingHTTPServer] = []
-
-    def start(status: int, body: bytes, headers: dict[str, str] | None = None) -> str:
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                self.send_response(status)
-                for name, value in {"content-type": "application/json", **(headers or {})}.items():
-                    self.send_header(name, value)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.mark.parametrize("status", [401, 403, 407])
 async def test_a_backend_refusing_the_gateways_key_is_a_502_that_counts_toward_ejection(answering, status) -> None:
     echoed = b'{"error": {"message": "Incorrect API key provided: sk-backend-SECRET-3f9a"}}'
