@@ -17,6 +17,7 @@ from llmpath.slo.gofmt import parse_duration
 from llmpath.slo.promtool_tests import render_template
 from llmpath.slo.rules import le_regex
 from llmpath.slo.windows import BUILTIN_WINDOWS, WindowCatalog
+from tests.slo.test_slo_bad_input import SLOTH_GOOD as SLOTH
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "slo.md"
@@ -35,20 +36,6 @@ slos:
         threshold: 0.45
     alerting:
       name: TTFTBurn
-"""
-
-SLOTH = """\
-version: "prometheus/v1"
-service: svc
-slos:
-  - name: availability
-    objective: 99.9
-    sli:
-      events:
-        error_query: sum(rate(http_requests_total{code=~"5.."}[{{.window}}]))
-        total_query: sum(rate(http_requests_total[{{.window}}]))
-    alerting:
-      name: SvcAvailability
 """
 
 
