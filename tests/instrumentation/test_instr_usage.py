@@ -93,6 +93,21 @@ def test_json_roundtrip_and_microsecond_precision():
     assert UsageRecord.from_dict({**sample_record().to_dict(), "future_field": 1}).request_id == "r1"
 
 
+def test_non_finite_extra_values_are_written_as_null_in_both_ledgers(tmp_path) -> None:
+    def strict(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")  # what jq and other strict readers do with NaN
+
+    extra = {"ratio": float("nan"), "nested": {"wait_s": float("inf"), "tries": [1.5, float("-inf")]}, "ok": 2.5}
+    record = sample_record(extra=extra)
+    data = json.loads(record.to_json(), parse_constant=strict)
+    assert data["extra"] == {"ratio": None, "nested": {"wait_s": None, "tries": [1.5, None]}, "ok": 2.5}
+    sink = SqliteUsageSink(tmp_path / "usage.db")
+    sink.write(record)
+    [back] = sink.read_all()
+    sink.close()
+    assert back.extra == data["extra"]
+
+
 def test_jsonl_sink_appends_flushed_lines_and_reader_skips_a_torn_tail(tmp_path):
     path = tmp_path / "ledger" / "usage.jsonl"
     sink = JsonlUsageSink(path)

@@ -320,7 +320,8 @@ def set_request_labels(
 
 def annotate_request(**fields: Any) -> None:
     """Extra fields for the current request's usage record (``extra``): backend, routing reason, matched prefix
-    tokens... Values should be JSON-serialisable (others are stored with ``str``). Never put prompt text here."""
+    tokens... Values should be JSON-serialisable (others are stored with ``str``; ``NaN`` and infinities as ``null``).
+    Never put prompt text here."""
     req = CURRENT.get()
     if req is None:
         return

@@ -9,6 +9,7 @@ import gzip
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import sqlite3
@@ -203,9 +204,31 @@ def usage_line(
         _fixed6(unattributed_s),
         _fixed6(tpot_s),
         "null" if error is None else enc(error),
-        json.dumps(extra, separators=(",", ":"), default=str) if extra else "{}",
+        extra_json(extra),
     )
     return (template % tuple(values)).encode()
+
+
+def extra_json(extra: dict[str, Any] | None) -> str:
+    """A record's ``extra`` as compact JSON (values JSON cannot hold are written with ``str``). A non-finite number
+    (``NaN``, ``inf``: JSON has no spelling for them, and strict readers such as ``jq`` refuse the line) is ``null``."""
+    if not extra:
+        return "{}"
+    try:
+        return json.dumps(extra, separators=(",", ":"), default=str, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(extra), separators=(",", ":"), default=str)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float, however deep in dicts, lists and tuples, replaced by ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def stages_json(stages: Iterable[StageTiming]) -> str:
@@ -486,7 +509,7 @@ class SqliteUsageSink:
         """Insert and commit ``record``."""
         values = [getattr(record, c) for c, _ in _SCALAR_COLUMNS]
         values.append(stages_json(record.stages))
-        values.append(json.dumps(record.extra, separators=(",", ":"), default=str) if record.extra else "{}")
+        values.append(extra_json(record.extra))
         with self._lock:
             self._connection().execute(self._insert, values)  # autocommit: one transaction per record
 
