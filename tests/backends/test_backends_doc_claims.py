@@ -309,3 +309,10 @@ async def test_v1_loads_has_sglangs_shape_and_counts_the_queued_prompt(strict: s
     assert 'sglang_queues_waiting{dp_rank="0"} 1' in text.splitlines()
     assert bad_section.status_code == 400 and "Invalid include sections" in bad_section.json()["detail"]
     assert bad_rank.status_code == 400
+
+
+@pytest.mark.slow
+def test_metrics_have_no_created_series_as_sglangs_multiprocess_exposition(strict: str) -> None:
+    text = httpx.get(f"{strict}/metrics").text
+    assert "sglang:time_to_first_token_seconds_bucket" in text
+    assert "_created" not in text

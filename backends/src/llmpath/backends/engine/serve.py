@@ -13,6 +13,7 @@ log = logging.getLogger("llmpath.engine")
 
 def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 30000, log_level: str = "info") -> None:
     """Build the engine, start its scheduler and serve HTTP until interrupted (SIGINT/SIGTERM)."""
+    import prometheus_client
     import uvicorn
 
     from llmpath.backends.engine.server import create_app
@@ -21,6 +22,9 @@ def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 30000, log_leve
     logging.basicConfig(
         level=log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # SGLang serves its metrics in prometheus-client's multiprocess mode, which has no ``*_created`` series: neither
+    # does the engine (its process only; set before the metrics exist).
+    prometheus_client.disable_created_metrics()
     engine = Engine(args)
 
     def shutdown() -> None:
