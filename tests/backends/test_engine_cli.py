@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
@@ -45,3 +46,14 @@ def test_gpu_only_preset_is_refused_on_cpu_in_one_line(llmpath_bin: str, device:
         "cache); use --device cuda, or --preset tiny or small on CPU\n"
     )
     assert out.stdout == ""
+
+
+def test_a_checkpoint_the_engine_cannot_run_is_refused_in_one_line(llmpath_bin: str, tmp_path) -> None:
+    shape = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+    config = {"architectures": ["LlamaForCausalLM"], **shape, "intermediate_size": 176, "rope_scaling": {"factor": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = run(llmpath_bin, "serve", "--port", "1", "--model", str(tmp_path))
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].startswith("llmpath engine serve: ")
+    assert "rope_scaling is not supported by the embedded engine" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -27,7 +27,7 @@ from llmpath.backends.engine.model import (
     load_safetensors,
     save_safetensors,
 )
-from llmpath.backends.engine.presets import PRESETS, config_from_hf
+from llmpath.backends.engine.presets import PRESETS, config_from_hf, with_context
 
 DEVICE = torch.device(os.environ.get("LLMPATH_TEST_DEVICE", "cpu"))
 DTYPE: torch.dtype = getattr(torch, os.environ.get("LLMPATH_TEST_DTYPE", "float32"))
@@ -237,3 +237,23 @@ def test_cached_prefix_suffix_mask_is_flash_attentions_lower_right_causal_bias_o
         bias = _suffix_causal_mask(5, 12, torch.device("cuda"), dtype)
         assert isinstance(bias, CausalBias)
         assert torch.equal(bias._materialize(torch.device("cpu")), cpu_mask)
+
+
+def test_a_sliding_window_model_serves_only_within_its_window(tmp_path: Path) -> None:
+    """Mistral's ``sliding_window``: full attention equals windowed attention up to the window, so the context stops
+    there; Qwen2's ``sliding_window`` applies only with ``use_sliding_window`` (refused above) and changes nothing."""
+    model = LlamaModel(PRESETS["tiny"])
+    save_safetensors(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    mistral = {**config, "architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 1024}
+    (tmp_path / "config.json").write_text(json.dumps(mistral))
+    cfg = config_from_hf(tmp_path)
+    assert (cfg.max_position_embeddings, cfg.sliding_window) == (1024, 1024)
+    assert with_context(cfg, 512).max_position_embeddings == 512
+    with pytest.raises(ValueError, match=r"--context-length 2048 is beyond the model's sliding window \(1024"):
+        with_context(cfg, 2048)
+    (tmp_path / "config.json").write_text(json.dumps({**mistral, "sliding_window": None}))
+    assert config_from_hf(tmp_path).max_position_embeddings == config["max_position_embeddings"]
+    qwen = {**config, "architectures": ["Qwen2ForCausalLM"], "sliding_window": 1024, "use_sliding_window": False}
+    (tmp_path / "config.json").write_text(json.dumps(qwen))
+    assert config_from_hf(tmp_path).sliding_window is None

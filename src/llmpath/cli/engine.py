@@ -87,9 +87,14 @@ def serve(
     except ValueError as exc:
         typer.echo(f"llmpath engine serve: {exc}", err=True)
         raise typer.Exit(2) from None
+    from llmpath.backends.engine.serve import EngineSetupError
     from llmpath.backends.engine.serve import serve as run  # loads torch
 
-    run(args, host=host, port=port, log_level=log_level)
+    try:
+        run(args, host=host, port=port, log_level=log_level)
+    except EngineSetupError as exc:
+        typer.echo(f"llmpath engine serve: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()

@@ -26,6 +26,9 @@ class ModelConfig:
     qkv_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    #: A sliding-window model's attention window (Mistral's ``sliding_window``). The engine attends to the whole
+    #: context, which equals the model's windowed attention only up to this many tokens: its context stops there.
+    sliding_window: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -121,6 +124,11 @@ def config_from_hf(model_dir: Path) -> ModelConfig:
     for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
         if raw.get(flag):
             raise ValueError(f"{path}: {flag} is not supported by the embedded engine")
+    mistral = raw.get("model_type") == "mistral" or any(a.endswith("MistralForCausalLM") for a in archs)
+    window = raw.get("sliding_window") if mistral else None  # Qwen2's applies only with use_sliding_window (refused)
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"{path}: sliding_window must be a positive integer or null, got {window!r}")
+    context = raw.get("max_position_embeddings", 4096)
     eos = raw.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if isinstance(eos, int) else ())
     return ModelConfig(
@@ -131,16 +139,26 @@ def config_from_hf(model_dir: Path) -> ModelConfig:
         num_attention_heads=raw["num_attention_heads"],
         num_key_value_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
         intermediate_size=raw["intermediate_size"],
-        max_position_embeddings=raw.get("max_position_embeddings", 4096),
+        max_position_embeddings=context if window is None else min(context, window),
         rope_theta=float(raw.get("rope_theta") or rope.get("rope_theta") or 10000.0),
         rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         qkv_bias=qwen2,
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        sliding_window=window,
     )
 
 
 def with_context(config: ModelConfig, context_length: int | None) -> ModelConfig:
-    """The config with ``max_position_embeddings`` overridden (``--context-length``)."""
-    return config if context_length is None else replace(config, max_position_embeddings=context_length)
+    """The config with ``max_position_embeddings`` overridden (``--context-length``); not beyond a sliding-window
+    model's window, past which full attention would no longer compute the model's own."""
+    if context_length is None:
+        return config
+    window = config.sliding_window
+    if window is not None and context_length > window:
+        raise ValueError(
+            f"--context-length {context_length} is beyond the model's sliding window ({window} tokens): the embedded "
+            "engine attends to the whole context, which matches the model only within its window"
+        )
+    return replace(config, max_position_embeddings=context_length)

@@ -11,6 +11,10 @@ from llmpath.backends.engine.runtime import Engine, EngineArgs
 log = logging.getLogger("llmpath.engine")
 
 
+class EngineSetupError(ValueError):
+    """The engine cannot be built from these arguments (an unsupported checkpoint, a context beyond its window)."""
+
+
 def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 30000, log_level: str = "info") -> None:
     """Build the engine, start its scheduler and serve HTTP until interrupted (SIGINT/SIGTERM)."""
     import prometheus_client
@@ -25,7 +29,10 @@ def serve(args: EngineArgs, host: str = "127.0.0.1", port: int = 30000, log_leve
     # SGLang serves its metrics in prometheus-client's multiprocess mode, which has no ``*_created`` series: neither
     # does the engine (its process only; set before the metrics exist).
     prometheus_client.disable_created_metrics()
-    engine = Engine(args)
+    try:
+        engine = Engine(args)
+    except ValueError as exc:  # the checkpoint or a setting the engine cannot run: said in one line, no traceback
+        raise EngineSetupError(str(exc)) from None
 
     def shutdown() -> None:
         engine.stop()
