@@ -316,3 +316,20 @@ def test_metrics_have_no_created_series_as_sglangs_multiprocess_exposition(stric
     text = httpx.get(f"{strict}/metrics").text
     assert "sglang:time_to_first_token_seconds_bucket" in text
     assert "_created" not in text
+
+
+@pytest.mark.slow
+def test_health_probes_leave_the_cache_hit_rate_of_the_traffic(url: str) -> None:
+    body = {"text": "a prompt long enough to be worth caching " * 4, "sampling_params": {"max_new_tokens": 1}}
+    for _ in range(2):  # the second one reuses the first one's prefix
+        assert httpx.post(f"{url}/generate", json=body).status_code == 200
+
+    def hit_rate() -> float:
+        return httpx.get(f"{url}/v1/loads").json()["loads"][0]["cache_hit_rate"]
+
+    traffic = hit_rate()
+    assert traffic > 0.9
+    for _ in range(2):  # the probe's own prompt: a miss, then a hit, in its own namespace
+        assert httpx.get(f"{url}/health_generate").status_code == 200
+    assert hit_rate() == traffic
+    assert metric(httpx.get(f"{url}/metrics").text, "sglang:cache_hit_rate") == pytest.approx(traffic, abs=1e-4)

@@ -455,9 +455,10 @@ class Scheduler:
             logits = logits[rows]
         next_ids = self._sample(logits, prefilled + decoding) if rows else []
         end_ts, end = time.time(), time.monotonic()
-        if first_chunks:
-            hit = sum(r.cached_tokens or 0 for r in first_chunks)
-            total = sum(len(r.fill_ids) for r in first_chunks)
+        measured = [r for r in first_chunks if r.log_metrics]  # a health probe's prefill is not the traffic's
+        if measured:
+            hit = sum(r.cached_tokens or 0 for r in measured)
+            total = sum(len(r.fill_ids) for r in measured)
             self._last_hit_rate = hit / total if total else 0.0
             if self.metrics:
                 self.metrics.set("sglang:cache_hit_rate", self._last_hit_rate)
