@@ -26,7 +26,7 @@ from llmpath.instrumentation import (
     record_usage,
     stage,
 )
-from llmpath.instrumentation.exposition import render
+from llmpath.instrumentation.exposition import accepts_gzip, render
 from tests.instrumentation.conftest import Meters
 
 BODY = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hello"}]}
@@ -244,8 +244,29 @@ async def test_metrics_endpoint_plain_text_and_openmetrics_exemplars(harness):
 async def test_metrics_gzip(harness):
     async with harness.client() as c:
         raw = await c.get("/metrics", headers={"accept-encoding": "gzip"})
+        refused = await c.get("/metrics", headers={"accept-encoding": "gzip;q=0, identity"})
     assert raw.headers["content-encoding"] == "gzip"
     assert "llmpath_label_overflow_total" in raw.text  # httpx decoded the gzip body
+    assert "content-encoding" not in refused.headers and "llmpath_label_overflow_total" in refused.text
+
+
+@pytest.mark.parametrize(
+    ("header", "gzip_ok"),
+    [
+        ("gzip", True),
+        ("deflate, gzip;q=1.0, *;q=0.5", True),
+        ("GZIP; Q=0.3", True),
+        ("*", True),
+        ("gzip;q=0", False),
+        ("gzip;q=0.000, *", False),  # an explicit refusal wins over the wildcard
+        ("*;q=0", False),
+        ("identity", False),
+        ("br, deflate", False),
+        ("gzip;q=junk", False),
+    ],
+)
+def test_accept_encoding_q_values_decide_compression(header: str, gzip_ok: bool) -> None:
+    assert accepts_gzip(header) is gzip_ok
 
 
 def test_render_plain_registry():

@@ -72,13 +72,26 @@ async def serve_metrics(registry: CollectorRegistry, scope: MutableMapping[str, 
         if key == b"accept":
             accept = value.decode("latin-1")
         elif key == b"accept-encoding":
-            gzip_ok = b"gzip" in value
+            gzip_ok = accepts_gzip(value.decode("latin-1"))
     body, content_type = render(registry, accept, scope.get("query_string", b""))
     extra: list[tuple[bytes, bytes]] = []
     if gzip_ok:
         body = gzip.compress(body, compresslevel=5)
         extra.append((b"content-encoding", b"gzip"))
     await _respond(send, 200, b"" if method == "HEAD" else body, content_type, extra, length=len(body))
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether an ``Accept-Encoding`` value allows gzip: named (or ``*``) without ``q=0`` (RFC 9110 §12.5.3)."""
+    allowed: dict[str, bool] = {}
+    for item in accept_encoding.split(","):
+        coding, *params = (part.strip() for part in item.split(";"))
+        quality = next((p.partition("=")[2] for p in params if p.lower().startswith("q=")), "1")
+        try:
+            allowed[coding.lower()] = float(quality) > 0
+        except ValueError:
+            allowed[coding.lower()] = False
+    return allowed.get("gzip", allowed.get("x-gzip", allowed.get("*", False)))
 
 
 async def _respond(
