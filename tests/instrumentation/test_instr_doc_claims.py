@@ -96,7 +96,8 @@ async def test_options_metrics_path_prefix_exclusion_untrusted_ids_and_no_exempl
 async def test_default_excluded_paths_and_the_request_id_pattern(make_harness: Callable[..., Harness]) -> None:
     """The probes of the options table get no telemetry; an incoming id is kept only if it is 1-128 characters of
     ``[A-Za-z0-9._:@/+=-]``."""
-    assert DEFAULT_EXCLUDED_PATHS == ("/health", "/healthz", "/livez", "/readyz", "/ready", "/favicon.ico")
+    defaults = ("/health", "/healthz", "/livez", "/readyz", "/ready", "/favicon.ico", "/metrics")
+    assert defaults == DEFAULT_EXCLUDED_PATHS
     h = make_harness()
     longest = "aZ09._:@/+=-" * 10 + "x" * 8  # 128 characters, every kind the pattern allows
     async with h.client() as c:

@@ -66,8 +66,17 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 logger = logging.getLogger("llmpath.instrumentation")
 
-#: Paths that get no spans, metrics or usage records by default (probes, not LLM traffic).
-DEFAULT_EXCLUDED_PATHS: tuple[str, ...] = ("/health", "/healthz", "/livez", "/readyz", "/ready", "/favicon.ico")
+#: Paths that get no spans, metrics or usage records by default: probes and scrapes, not LLM traffic (``/metrics``
+#: matters when the app serves its own, ``metrics_path=None``).
+DEFAULT_EXCLUDED_PATHS: tuple[str, ...] = (
+    "/health",
+    "/healthz",
+    "/livez",
+    "/readyz",
+    "/ready",
+    "/favicon.ico",
+    "/metrics",
+)
 _REQUEST_ID_RE = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")  # fullmatch: "$" would let a final newline in
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.encode()
 _BY_START = itemgetter(1)
