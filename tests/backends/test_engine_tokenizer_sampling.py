@@ -49,6 +49,34 @@ def test_jinja_chat_template_from_a_tokenizer_config(tmp_path: Path) -> None:
         load_chat_template(str(tmp_path / "tokenizer_config.json"))
 
 
+# What Hub templates use beyond plain Jinja: loop controls, {% generation %} blocks, strftime_now() and tojson.
+HUB_FEATURES = (
+    "{{ bos_token }}Today is {{ strftime_now('%Y') }}.\n"
+    "{% for m in messages %}{% if m['role'] == 'skip' %}{% continue %}{% endif %}"
+    "{% if m['role'] == 'stop' %}{% break %}{% endif %}"
+    "[{{ m['role'] }}] {% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }}{% endif %} {{ m | tojson }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+def test_jinja_templates_render_as_transformers_renders_them() -> None:
+    """A checkpoint's template gives the text transformers' apply_chat_template gives (the caches see that text)."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    messages = [
+        {"role": "user", "content": "naïve <b>&'quotes'</b>"},
+        {"role": "skip", "content": "left out"},
+        {"role": "assistant", "content": "日本"},
+        {"role": "stop", "content": "ends the loop"},
+        {"role": "user", "content": "never rendered"},
+    ]
+    ours = load_chat_template(HUB_FEATURES)
+    theirs = render_jinja_template([messages], chat_template=HUB_FEATURES, add_generation_prompt=True)[0][0]
+    assert ours(messages) == theirs
+    assert "\"naïve <b>&'quotes'</b>\"" in theirs and "never rendered" not in theirs
+
+
 @pytest.mark.parametrize(
     ("raw", "message"),
     [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +45,47 @@ def jinja_template(source: str, **special_tokens: str) -> Callable[[Messages], s
     def raise_exception(message: str) -> None:
         raise ChatTemplateRejected(str(message))
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # What transformers' apply_chat_template gives templates, so that a checkpoint's template renders the same text
+    # (and so the same prefix for the caches): {% break %}/{% continue %}, {% generation %} blocks (training-mask
+    # markers, rendered as their body), strftime_now(), and a tojson that keeps non-ASCII and HTML characters.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _generation_blocks()]
+    )
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
     template = env.from_string(source)
 
     def render(messages: Messages) -> str:
         return template.render(messages=list(messages), add_generation_prompt=True, **special_tokens)
 
     return render
+
+
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    """Hugging Face's ``tojson``: plain ``json.dumps`` (Jinja's own escapes ``<``, ``>``, ``&`` and ``'``)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _generation_blocks() -> type:
+    """A Jinja extension for ``{% generation %}…{% endgeneration %}``: the body, rendered as is."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlocks(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> nodes.Node:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Callable[[], str]) -> str:
+            return caller()
+
+    return GenerationBlocks
 
 
 def load_chat_template(spec: str | Callable[[Messages], str] | None) -> Callable[[Messages], str]:
