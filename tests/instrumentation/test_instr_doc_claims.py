@@ -24,7 +24,6 @@ from fastapi.responses import JSONResponse
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
-from starlette.testclient import TestClient
 
 from llmpath.instrumentation import (
     DEFAULT_EXCLUDED_PATHS,
@@ -217,7 +216,7 @@ def test_lifespan_shutdown_closes_the_sinks_and_marks_the_worker_dead(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
 
 
-def test_websocket_traffic_passes_through(make_harness: Callable[..., Harness]) -> None:
+async def test_websocket_traffic_passes_through(make_harness: Callable[..., Harness]) -> None:
     app = FastAPI()
 
     @app.websocket("/ws")
@@ -227,9 +226,20 @@ def test_websocket_traffic_passes_through(make_harness: Callable[..., Harness]) 
         await websocket.close()
 
     h = make_harness(app=app)
-    with TestClient(app) as client, client.websocket_connect("/ws") as socket:
-        socket.send_text("ping")
-        assert socket.receive_text() == "ping"
+    incoming = iter([{"type": "websocket.connect"}, {"type": "websocket.receive", "text": "ping"}])
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> MutableMapping[str, Any]:
+        return next(incoming)
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/ws", "raw_path": b"/ws", "root_path": "", "scheme": "ws",
+             "query_string": b"", "headers": [], "subprotocols": [], "asgi": {"version": "3.0"}}  # fmt: skip
+    await app(scope, receive, send)  # the ASGI conversation itself
+    assert [m["type"] for m in sent] == ["websocket.accept", "websocket.send", "websocket.close"]
+    assert sent[1]["text"] == "ping"
     assert h.records == [] and h.spans() == []
     assert not [s for f in h.registry.collect() if f.name == "llmpath_requests" for s in f.samples]
 

@@ -268,6 +268,7 @@ class BackendCallResponse(Response):
 
     async def _send_error(self, send: Any, exc: APIError) -> None:
         self._finished = True
+        exc.record()
         headers = {k.lower(): v for k, v in exc.headers.items()}
         await self._send_json(send, exc.status_code, exc.body(), headers)
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 from llmpath.gateway.schemas import REFUSED
+from llmpath.instrumentation import fail_request
 
 
 class APIError(Exception):
@@ -40,7 +41,16 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
+        """The OpenAI-style error response (see :meth:`record`)."""
+        self.record()
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+    def record(self) -> None:
+        """A server error (5xx) names its code as the request's error in the usage record and the metrics, so that
+        the ledger tells ``no_backend`` from ``backend_timeout`` or ``shutting_down``; a client's error (4xx) is not
+        the service's failure and keeps none."""
+        if self.status_code >= 500:
+            fail_request(self.status_code, self.code or self.type)
 
     def sse_event(self) -> bytes:
         """The error as one SSE event (for failures after a stream has started)."""
