@@ -500,7 +500,7 @@ class SqliteUsageSink:
                 conn.execute("CREATE INDEX IF NOT EXISTS usage_tenant_time ON usage (tenant, time)")
                 return
             except sqlite3.OperationalError as exc:
-                busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
                 if not busy or monotonic() >= deadline:
                     raise
                 sleep(0.005 + random() * 0.02)  # jittered: the workers that collided try again apart
