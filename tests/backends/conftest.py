@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,3 +151,14 @@ async def loopback() -> AsyncIterator[LoopbackServer]:
     await server.start()
     yield server
     await server.stop()
+
+
+async def wait_loads(client: Any, timeout_s: float = 5.0, **want: int) -> dict[str, Any]:
+    """Poll the engine's ``/v1/loads`` (``client``: an ``httpx.AsyncClient`` on its URL) until its figures equal
+    ``want`` or ``timeout_s`` passes; returns the last figures either way."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        loads: dict[str, Any] = (await client.get("/v1/loads")).json()["loads"][0]
+        if all(loads[k] == v for k, v in want.items()) or time.monotonic() >= deadline:
+            return loads
+        await asyncio.sleep(0.02)

@@ -28,6 +28,7 @@ from llmpath.backends import (
     SGLangBackend,
 )
 from llmpath.backends.engine.metrics import DEFAULT_BUCKETS, parse_buckets
+from tests.backends.conftest import wait_loads
 from tests.backends.test_engine_http import metric
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -168,10 +169,7 @@ async def test_aborted_requests_health_checks_and_log_metrics_false_count_in_no_
         before = (await client.get("/metrics")).text
         call = asyncio.create_task(client.post("/generate", json={"text": PROMPT, "rid": "dc-abort",
                                                                   "sampling_params": LONG}))  # fmt: skip
-        for _ in range(200):
-            if (await client.get("/v1/loads")).json()["loads"][0]["num_running_reqs"] == 1:
-                break
-            await asyncio.sleep(0.01)
+        await wait_loads(client, num_running_reqs=1)
         assert (await client.post("/abort_request", json={"rid": "dc-abort"})).status_code == 200
         aborted = (await call).json()["meta_info"]
         assert aborted["finish_reason"]["type"] == "abort" and aborted["completion_tokens"] > 0
@@ -202,10 +200,7 @@ async def test_flush_cache_is_refused_while_a_request_runs(url: str) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         call = asyncio.create_task(client.post("/generate", json={"text": PROMPT, "rid": "dc-flush",
                                                                   "sampling_params": LONG}))  # fmt: skip
-        for _ in range(200):
-            if (await client.get("/v1/loads")).json()["loads"][0]["num_running_reqs"] == 1:
-                break
-            await asyncio.sleep(0.01)
+        await wait_loads(client, num_running_reqs=1)
         refused = await client.post("/flush_cache")
         await client.post("/abort_request", json={"rid": "dc-flush"})
         await call
@@ -259,10 +254,7 @@ async def test_health_generate_answers_503_while_the_queue_is_full(strict: str) 
         await client.post("/debug/fault", json={"queue_delay_s": 30})
         try:
             queued = asyncio.create_task(client.post("/generate", json=body))
-            for _ in range(200):
-                if (await client.get("/v1/loads")).json()["loads"][0]["num_waiting_reqs"] == 1:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_loads(client, num_waiting_reqs=1)
             health = await client.get("/health_generate")
             plain = await client.get("/health")
         finally:
@@ -280,11 +272,8 @@ async def test_v1_loads_has_sglangs_shape_and_counts_the_queued_prompt(strict: s
         await client.post("/debug/fault", json={"queue_delay_s": 30})
         try:
             queued = asyncio.create_task(client.post("/generate", json=body))
-            for _ in range(200):
-                response = (await client.get("/v1/loads")).json()
-                if response["loads"][0]["num_waiting_reqs"] == 1:
-                    break
-                await asyncio.sleep(0.01)
+            await wait_loads(client, num_waiting_reqs=1)
+            response = (await client.get("/v1/loads")).json()
             every = (await client.get("/v1/loads", params={"include": "all"})).json()["loads"][0]
             text = (await client.get("/v1/loads", params={"include": "queues", "format": "prometheus"})).text
         finally:

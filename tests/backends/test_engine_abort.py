@@ -10,6 +10,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from tests.backends.conftest import wait_loads
+
 pytestmark = pytest.mark.slow
 
 PROMPT = "In a hole in the ground there lived a hobbit. " * 3
@@ -34,16 +36,6 @@ def byte_text(ids: list[int]) -> str:
 async def aborted_total(client: httpx.AsyncClient) -> float:
     lines = (await client.get("/metrics")).text.splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith((METRIC + " ", METRIC + "{")))
-
-
-async def wait_loads(client: httpx.AsyncClient, **want: int) -> dict:
-    """Poll ``/v1/loads`` until its figures equal ``want`` (returns the last figures either way)."""
-    for _ in range(200):
-        loads = (await client.get("/v1/loads")).json()["loads"][0]
-        if all(loads[k] == v for k, v in want.items()):
-            break
-        await asyncio.sleep(0.02)
-    return loads
 
 
 async def abort(client: httpx.AsyncClient, rid: str) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.backends.conftest import wait_loads
+
 pytestmark = pytest.mark.slow
 
 PROMPT = "In a hole in the ground there lived a hobbit. " * 4
@@ -283,16 +285,9 @@ async def test_non_streaming_client_disconnect_aborts_too(url: str) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         before = metric((await client.get("/metrics")).text, "sglang:num_aborted_requests_total")
         call = asyncio.create_task(client.post("/generate", json=body))
-        for _ in range(100):
-            if (await client.get("/v1/loads")).json()["loads"][0]["num_running_reqs"] == 1:
-                break
-            await asyncio.sleep(0.01)
+        await wait_loads(client, num_running_reqs=1)
         call.cancel()  # the client gives up: its connection closes
-        for _ in range(100):
-            loads = (await client.get("/v1/loads")).json()["loads"][0]
-            if loads["num_running_reqs"] == 0:
-                break
-            await asyncio.sleep(0.05)
+        loads = await wait_loads(client, num_running_reqs=0)
         after = metric((await client.get("/metrics")).text, "sglang:num_aborted_requests_total")
     assert loads["num_running_reqs"] == 0 and loads["num_used_tokens"] == 0
     assert after == before + 1  # aborted, not run to its 3000 tokens

@@ -22,6 +22,7 @@ from llmpath.backends import (
     TimingSource,
     TokenDelta,
 )
+from tests.backends.conftest import wait_loads
 
 pytestmark = pytest.mark.slow
 
@@ -158,10 +159,7 @@ async def test_full_queue_answers_503_with_retry_after(faulty) -> None:
     async with httpx.AsyncClient(base_url=faulty.url, timeout=60) as client:
         await client.post("/debug/fault", json={"queue_delay_s": 30})
         waiting = [asyncio.create_task(client.post("/generate", json=body)) for _ in range(2)]
-        for _ in range(100):
-            if (await client.get("/v1/loads")).json()["loads"][0]["num_waiting_reqs"] == 2:
-                break
-            await asyncio.sleep(0.02)
+        await wait_loads(client, num_waiting_reqs=2)
         full = await client.post("/generate", json=body)
         assert full.status_code == 503 and full.headers["retry-after"] == "1"
         assert "queue is full" in full.json()["error"]["message"]
