@@ -17,26 +17,12 @@ from llmpath.slo.gofmt import parse_duration
 from llmpath.slo.promtool_tests import render_template
 from llmpath.slo.rules import le_regex
 from llmpath.slo.windows import BUILTIN_WINDOWS, WindowCatalog
+from tests.slo.test_slo_bad_input import GOOD
 from tests.slo.test_slo_bad_input import SLOTH_GOOD as SLOTH
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "slo.md"
 WINDOWS_1H = REPO / "slo" / "examples" / "windows-1h.yaml"
-
-LATENCY = """\
-version: llmpath/v1
-service: llm-api
-slos:
-  - name: ttft
-    objective: 95
-    stage: prefill
-    sli:
-      latency:
-        histogram: llmpath_time_to_first_token_seconds
-        threshold: 0.45
-    alerting:
-      name: TTFTBurn
-"""
 
 
 def _doc_section(heading: str) -> str:
@@ -194,7 +180,7 @@ def test_burn_rate_descriptions_give_windows_factors_and_time_to_exhaustion() ->
 
 def test_scalars_are_read_with_gos_rules_in_every_format(tmp_path: Path) -> None:
     """A label value true, 2 or 0.2 is the string "true", "2", "0.2" (prometheus/v1 and llmpath/v1)."""
-    for text in (SLOTH, LATENCY.replace("0.45", "0.5")):
+    for text in (SLOTH, GOOD):
         labelled = text.replace("slos:\n", "labels: {a: true, b: 2, c: 0.2}\nslos:\n", 1)
         (slo,) = _compile(tmp_path, labelled).slos
         assert {k: slo.labels[k] for k in "abc"} == {"a": "true", "b": "2", "c": "0.2"}
@@ -206,7 +192,7 @@ def test_the_absent_alert_routes_like_the_other_alerts(tmp_path: Path, require_b
     (an Alertmanager route on `team` would otherwise miss the no-data alert). Checked with promtool: no data at
     all, and the no-data alert that fires has the team and env labels."""
     promtool = require_binary("promtool")
-    spec = LATENCY.replace("0.45", "0.5").replace("service: llm-api\n", "service: llm-api\nlabels: {team: inference}\n")
+    spec = GOOD.replace("service: llm-api\n", "service: llm-api\nlabels: {team: inference}\n")
     spec += "      absent_alert:\n        labels: {severity: warning}\n"
     result = _compile(tmp_path, spec, extra_labels={"env": "prod"})
     ((name, text),) = result.files.items()
@@ -280,7 +266,7 @@ def test_a_sub_100_microsecond_bound_matches_the_exponent_spelling_in_prometheus
     """A Go or Python client writes the bound 0.00005 as le="5e-05": the SLI must see those buckets (before, the
     bucket selector matched nothing and the SLI had no data at all); the generated tests use both spellings."""
     promtool = require_binary("promtool")
-    spec = LATENCY.replace("0.45", "0.00005").replace(
+    spec = GOOD.replace("threshold: 0.5", "threshold: 0.00005").replace(
         "    stage: prefill\n", "    stage: auth\n    group_by: [route]\n"
     )
     spec = spec.replace("llmpath_time_to_first_token_seconds", "llmpath_stage_duration_seconds")
@@ -333,7 +319,7 @@ def test_the_doc_spec_error_example_is_the_real_message(tmp_path: Path, monkeypa
     block = _doc_section("`SpecError.issues` lists every problem")
     example = re.search(r"^```\n(.*?)^```", block, re.S | re.M)
     assert example is not None
-    (tmp_path / "slos.yaml").write_text(LATENCY)
+    (tmp_path / "slos.yaml").write_text(GOOD.replace("threshold: 0.5", "threshold: 0.45"))  # not a bucket bound
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SpecError) as err:
         compile_slos(load_specs(["slos.yaml"]))
@@ -391,7 +377,7 @@ def test_an_unreachable_alert_is_a_warning_for_sloth_inputs(tmp_path: Path) -> N
     ],
 )
 def test_group_by_conflicts_are_errors(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
-    base = LATENCY.replace("0.45", "0.5").replace("    stage: prefill\n", "    stage: prefill\n    group_by: [route]\n")
+    base = GOOD.replace("    stage: prefill\n", "    stage: prefill\n    group_by: [route]\n")
     assert edit[0] in base
     with pytest.raises(SpecError) as err:
         _compile(tmp_path, base.replace(*edit))
