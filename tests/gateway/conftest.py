@@ -426,3 +426,13 @@ def answering() -> Iterator[Callable[..., str]]:
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+class FakeClock:
+    """A clock the test moves by hand (``clock.now = …``), for the TTL, ejection and rate-limit timings."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now

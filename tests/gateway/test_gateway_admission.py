@@ -15,14 +15,7 @@ from llmpath.gateway.admission import (
     openai_duration,
 )
 from llmpath.gateway.config import RateConfig, TokenRateConfig
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.gateway.conftest import FakeClock
 
 
 async def test_fifo_queue_and_queue_full() -> None:
@@ -86,7 +79,7 @@ async def test_waits_are_measured() -> None:
 
 
 def test_token_bucket_refills() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     bucket = TokenBucket(rate=2, capacity=3, clock=clock)
     assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
     assert bucket.take() == pytest.approx(0.5)
@@ -97,7 +90,7 @@ def test_token_bucket_refills() -> None:
 
 
 def test_tenant_rate_limits_and_overrides() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     limiter = TenantRateLimiter(RateConfig(requests_per_second=1, burst=1), clock=clock)
     limiter.check("a")
     with pytest.raises(AdmissionRejected) as rej:
@@ -131,7 +124,7 @@ async def test_resize_admits_waiters_at_once_and_drains_above_a_lower_limit() ->
 
 
 def test_rate_reconfigure_starts_every_bucket_again_at_the_new_rate() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     limiter = TenantRateLimiter(RateConfig(requests_per_second=1, burst=1), clock)
     limiter.check("acme")
     with pytest.raises(AdmissionRejected):
@@ -145,7 +138,7 @@ def test_rate_reconfigure_starts_every_bucket_again_at_the_new_rate() -> None:
 
 
 def test_token_budget_reserves_estimates_and_settles_what_was_used() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     limiter = TenantTokenLimiter(TokenRateConfig(tokens_per_minute=600, burst=1000), clock)  # 10 tokens/s
     first = limiter.reserve("acme", 700)
     assert first is not None and first.estimate == 700
@@ -166,7 +159,7 @@ def test_token_budget_reserves_estimates_and_settles_what_was_used() -> None:
 
 
 def test_token_budget_lets_one_oversized_request_through_a_full_bucket() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     limiter = TenantTokenLimiter(TokenRateConfig(tokens_per_minute=60), clock)  # burst: one minute's worth
     assert limiter.reserve("acme", 5000) is not None  # larger than the whole budget: passes when it is full...
     with pytest.raises(AdmissionRejected) as rej:
@@ -177,7 +170,7 @@ def test_token_budget_lets_one_oversized_request_through_a_full_bucket() -> None
 
 
 def test_token_budget_overrides_unlimited_and_reconfigure() -> None:
-    clock = Clock()
+    clock = FakeClock(0.0)
     limiter = TenantTokenLimiter(TokenRateConfig(), clock)  # off by default
     assert limiter.reserve("acme", 10**9) is None
     assert limiter.reserve("vip", 10, TokenRateConfig(tokens_per_minute=60, burst=10)) is not None
@@ -191,7 +184,7 @@ def test_rate_limit_headers_say_limit_remaining_and_reset_as_openai_does() -> No
     assert [openai_duration(x) for x in (0, 0.0173, 1, 1.54, 59.95, 60, 360, 361.2)] == [
         "0s", "18ms", "1s", "1.6s", "60s", "1m0s", "6m0s", "6m2s",
     ]  # fmt: skip
-    clock = Clock()
+    clock = FakeClock(0.0)
     bucket = TokenBucket(rate=10, capacity=1000, clock=clock)
     assert bucket.headers("tokens") == {
         "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "1000", "x-ratelimit-reset-tokens": "0s",

@@ -42,6 +42,7 @@ from llmpath.gateway.config import (
 )
 from llmpath.gateway.pool import BackendPool, BackendState
 from llmpath.ledger.reading import read_ledger
+from tests.gateway.conftest import FakeClock
 
 DOC = Path(__file__).parents[2] / "docs" / "gateway.md"
 KEY, ADMIN, LIMITED = "sk-doc-user-4e1a", "sk-doc-admin-9b2c", "sk-doc-limited-7d3f"
@@ -301,14 +302,6 @@ class _Switchable(BaseHTTPRequestHandler):
         pass
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_ejection_after_consecutive_failures_of_any_kind_until_one_passing_probe() -> None:
     """Probes and request failures count together; a passing probe ends the run; an ejected backend is not probed
     for ``eject_for_s``; then one passing probe reinstates it."""
@@ -323,7 +316,7 @@ async def test_ejection_after_consecutive_failures_of_any_kind_until_one_passing
     url = f"http://127.0.0.1:{server.server_address[1]}"
     config = BackendConfig.model_validate({"url": url, "name": "e0"})
     state = BackendState(create_backend("sglang", url, name="e0"), config, "e0", 1.0)
-    clock = Clock()
+    clock = FakeClock()
     pool = BackendPool([state], HealthConfig(eject_after_failures=3, eject_for_s=30), clock=clock)
     try:
         assert await pool.check(state) and state.available(clock())

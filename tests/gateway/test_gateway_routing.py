@@ -16,14 +16,7 @@ from llmpath.gateway.routing import (
     Tokenization,
     block_hashes,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.gateway.conftest import FakeClock
 
 
 def test_block_hashes_chain_and_share_prefixes() -> None:
@@ -44,7 +37,7 @@ def test_tokenization_estimates() -> None:
 
 
 def test_index_match_ttl_and_lru() -> None:
-    clock = Clock()
+    clock = FakeClock()
     index = PrefixIndex(max_blocks_per_backend=6, ttl_s=10, clock=clock)
     hashes = block_hashes(b"x" * 40, 4)  # 10 blocks
     index.insert("a", hashes[:4])
@@ -174,7 +167,7 @@ class ReferenceIndex:
     walks the prompt's blocks until one is missing or expired (what ``PrefixIndex.match`` did before the reverse
     index and the binary search)."""
 
-    def __init__(self, max_blocks: int, ttl_s: float, clock: Clock) -> None:
+    def __init__(self, max_blocks: int, ttl_s: float, clock: FakeClock) -> None:
         self.max_blocks, self.ttl_s, self.clock = max_blocks, ttl_s, clock
         self.blocks: dict[str, OrderedDict[int, float]] = {}
 
@@ -210,7 +203,7 @@ def test_index_matches_the_reference_on_random_workloads(seed: int) -> None:
     """Shared system prompts, growing conversations, TTL expiry, LRU pressure, forgotten backends: the reverse
     index and the binary search give exactly the matches of a plain walk over each backend's blocks."""
     rng = random.Random(seed)
-    clock = Clock()
+    clock = FakeClock()
     index = PrefixIndex(max_blocks_per_backend=60, ttl_s=10, clock=clock)
     reference = ReferenceIndex(60, 10, clock)
     backends = [f"b{i}" for i in range(8)]

@@ -26,20 +26,15 @@ from llmpath.gateway.config import GatewayConfig, PromptCacheConfig, RouteConfig
 from llmpath.gateway.prompt_cache import CacheKey, CacheMode, CacheResult, PromptCache
 from llmpath.gateway.reload import apply_config
 from llmpath.gateway.routing import Candidate, PrefixIndex, Router, RouteReason, Tokenization
+from tests.gateway.conftest import FakeClock
 
 DOC = Path(__file__).parents[2] / "docs" / "prompt-caching.md"
 SYSTEM = "S" * 256  # 16 blocks of 16 bytes at 1 byte per token
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def make_cache(clock: Clock, *, max_blocks: int = 65_536, ttl_s: float = 600.0, min_prefix: int = 64) -> PromptCache:
+def make_cache(
+    clock: FakeClock, *, max_blocks: int = 65_536, ttl_s: float = 600.0, min_prefix: int = 64
+) -> PromptCache:
     index = PrefixIndex(max_blocks_per_backend=max_blocks, ttl_s=ttl_s, clock=clock)
     return PromptCache(index, Tokenization(block_tokens=16, chars_per_token=1), min_prefix_tokens=min_prefix)
 
@@ -78,7 +73,7 @@ def test_the_documented_defaults_are_the_configurations() -> None:
 
 
 def test_the_ttl_is_an_idle_time_refreshed_by_every_use() -> None:
-    clock = Clock()
+    clock = FakeClock()
     cache = make_cache(clock)  # ttl_s 600, the default
     first = key(cache, SYSTEM + "question one")
     cache.record(first, "a")
@@ -106,7 +101,7 @@ async def test_expired_blocks_are_swept_by_the_gateway_and_the_gauge_follows() -
     registry = CollectorRegistry()
     app = create_app(config, registry=registry)
     gateway = app.gateway
-    clock = Clock()
+    clock = FakeClock()
     gateway.prompt_cache.index.clock = clock
     gateway.prompt_cache.record(key(gateway.prompt_cache, SYSTEM), "e0")
     gateway.publish_index_blocks()
@@ -127,7 +122,7 @@ async def test_expired_blocks_are_swept_by_the_gateway_and_the_gauge_follows() -
 
 
 def test_the_lru_bound_is_per_backend_least_recent_first_deepest_blocks_first() -> None:
-    clock = Clock()
+    clock = FakeClock()
     cache = make_cache(clock, max_blocks=24)
     a1, a2 = key(cache, "A" * 256), key(cache, "B" * 256)  # 16 blocks each
     cache.record(a1, "a")
@@ -147,7 +142,7 @@ def test_the_lru_bound_is_per_backend_least_recent_first_deepest_blocks_first() 
 
 
 def test_tenants_are_isolated_per_model_and_shared_routes_are_shared_per_route() -> None:
-    clock = Clock()
+    clock = FakeClock()
     cache = make_cache(clock)
     acme, again = key(cache, SYSTEM), key(cache, SYSTEM + "next")
     assert acme.cache_salt == again.cache_salt  # the same salt on every request: the backend reuses the tenant's KV
@@ -166,7 +161,7 @@ def test_tenants_are_isolated_per_model_and_shared_routes_are_shared_per_route()
 
 
 def test_a_tenants_flush_moves_its_own_prefixes_and_a_full_flush_moves_every_route() -> None:
-    clock = Clock()
+    clock = FakeClock()
     cache = make_cache(clock)
     tenant_key = key(cache, SYSTEM)
     shared_key = key(cache, SYSTEM, route="docs", mode=CacheMode.SHARED)
@@ -312,7 +307,7 @@ async def test_the_disabled_layer_routes_about_round_robin_and_predicts_nothing(
 
 
 def test_sent_elsewhere_than_the_match_the_prediction_is_the_chosen_backends() -> None:
-    clock = Clock()
+    clock = FakeClock()
     cache = make_cache(clock)
     k = key(cache, SYSTEM)
     cache.record(k, "a")
