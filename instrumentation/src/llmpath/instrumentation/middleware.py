@@ -37,6 +37,8 @@ class LLMPathMiddleware:
             raise TypeError("pass either instrumentation= or options, not both")
         self.app = app
         self.instrumentation = instrumentation if instrumentation is not None else Instrumentation(**options)
+        if self.instrumentation.route_templates.app is None:  # instrument_app names the app itself
+            self.instrumentation.route_templates.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -150,6 +152,7 @@ def instrument_app(app: Any, **options: Any) -> Any:
     The :class:`Instrumentation` is ``app.state.llmpath`` (and :func:`get_instrumentation` finds it).
     """
     instrumentation = Instrumentation(**options)
+    instrumentation.route_templates.app = app  # its mounts' templates name mounted apps' routes
     if hasattr(app, "add_middleware") and hasattr(app, "state"):
         # Inside Starlette's ServerErrorMiddleware, as user middleware: opentelemetry-instrumentation-fastapi
         # rebuilds the stack around what is inside it, whichever of the two instruments the app first.

@@ -49,6 +49,7 @@ from llmpath.instrumentation.genai import (
 from llmpath.instrumentation.guard import DEFAULT_MAX_LABEL_VALUES, CardinalityGuard
 from llmpath.instrumentation.metrics import metrics_for
 from llmpath.instrumentation.request import CLIENT_CLOSED_REQUEST, RequestTelemetry, StageInterval
+from llmpath.instrumentation.routes import RouteTemplates
 from llmpath.instrumentation.spans import SdkSpanEmitter, SdkTracer
 from llmpath.instrumentation.tracing import ASGI_GETTER, INSTRUMENTATION_NAME
 from llmpath.instrumentation.usage import (
@@ -131,6 +132,8 @@ class Instrumentation:
         #: opentelemetry-instrumentation-fastapi is on the app (it records ``http.server.*`` itself, even when no
         #: tracer SDK makes its SERVER span visible).
         self.outer_http_instrumentation = False
+        #: Route templates with mount prefixes (its ``app``, the instrumented app, is set by the middleware).
+        self.route_templates = RouteTemplates()
         self._emitter: SdkSpanEmitter | None = None
         self._emitter_key: object = None
         self._textmap: object = None
@@ -245,7 +248,7 @@ class Instrumentation:
         """The ``route`` label when the gateway set none: the matched route template, else the path."""
         scope = req.scope
         if scope is not None:
-            template = getattr(scope.get("route"), "path", None)
+            template = self.route_templates.template(scope)
             if template:
                 return template
             if "router" in scope:
@@ -459,7 +462,8 @@ def _error_type(req: RequestTelemetry) -> str | None:
 
 
 def _route_template(req: RequestTelemetry) -> str | None:
-    return getattr((req.scope or {}).get("route"), "path", None) or None
+    scope = req.scope
+    return None if scope is None else req.instrumentation.route_templates.template(scope)
 
 
 def _sent_status(req: RequestTelemetry) -> int | None:
