@@ -120,6 +120,32 @@ async def test_prompt_cache_flush_bodies(body: bytes, status: int, code: str | N
         assert (r.json()["error"]["code"], r.json()["error"]["param"]) == (code, param)
 
 
+async def test_a_prompt_cache_flush_body_is_bounded_like_every_other() -> None:
+    """The admin endpoint reads its body under limits.max_body_bytes and limits.timeouts.body_s too, and a refused
+    body flushes nothing."""
+    app = make_app(limits={"max_body_bytes": 1024, "timeouts": {"body_s": 0.2}})
+    cache = app.state.gateway.prompt_cache
+    key = cache.key("x" * 4096, tenant="acme", route="default", model="m", mode="tenant")
+    padded = b'{"tenant": "acme", "pad": "' + b"x" * 2048 + b'"}'
+
+    async def undeclared() -> Any:  # no Content-Length: refused while reading
+        yield padded
+
+    async def stalled() -> Any:
+        yield b'{"tenant": '
+        await asyncio.sleep(2)
+        yield b'"acme"}'
+
+    async with client(app) as c:
+        declared = await c.post("/admin/prompt-cache/flush", content=padded, headers=auth(ADMIN))
+        chunked = await c.post("/admin/prompt-cache/flush", content=undeclared(), headers=auth(ADMIN))
+        slow = await c.post("/admin/prompt-cache/flush", content=stalled(), headers=auth(ADMIN))
+    assert (declared.status_code, declared.json()["error"]["code"]) == (413, "request_too_large")
+    assert (chunked.status_code, chunked.json()["error"]["code"]) == (413, "request_too_large")
+    assert (slow.status_code, slow.json()["error"]["code"]) == (408, "request_timeout")
+    assert cache.key("x" * 4096, tenant="acme", route="default", model="m", mode="tenant") == key  # same epoch
+
+
 async def test_a_reload_without_a_configuration_file_is_refused_and_not_counted(caplog) -> None:
     registry = CollectorRegistry()
     app = make_app(registry)

@@ -319,13 +319,13 @@ def create_app(
 
     @app.post(
         "/admin/prompt-cache/flush",
-        responses=error_responses(400, 401, 403),
+        responses=error_responses(400, 401, 403, 408, 413),
         openapi_extra=flush_schema,
         dependencies=admin,
         summary="Invalidate cached prefixes of one tenant or everyone (admin)",
     )
     async def flush_prompt_cache(request: Request) -> dict[str, Any]:
-        raw = await request.body()
+        raw = await gateway.read_body(request)  # bounded by limits.max_body_bytes, as every other body
         body = FlushRequest()
         if raw:  # no body flushes everyone, as `{}` does; whitespace alone is no JSON (400, as the schema says)
             data = errors.parse_json_object(raw)

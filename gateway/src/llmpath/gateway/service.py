@@ -191,7 +191,7 @@ class Gateway:
             principal = self.authenticate(request)
             set_request_labels(tenant=principal.tenant)  # also on the requests refused from here on
             started = perf_counter()
-            raw = await self._read_body(request)
+            raw = await self.read_body(request)
             waited = perf_counter() - started
             st.set_attribute("http.request.body.size", len(raw))
             st.set_attribute("llmpath.request.body_receive_seconds", waited)
@@ -253,7 +253,7 @@ class Gateway:
             raise
         return BackendCallResponse(self, prepared)
 
-    async def _read_body(self, request: Request) -> bytes:
+    async def read_body(self, request: Request) -> bytes:
         """The request body, refused (413) as soon as it is larger than ``limits.max_body_bytes``, or (408) when it
         has not all arrived ``limits.timeouts.body_s`` after the headers."""
         limit = self.config.limits.max_body_bytes
