@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -142,6 +145,21 @@ def test_parallel_run_matches_the_serial_one(sim) -> None:
     serial = [dataclasses.replace(f, wall_s=0.0) for f in sim.run_grid(settings)]
     parallel = [dataclasses.replace(f, wall_s=0.0) for f in sim.run_grid(settings, jobs=2)]
     assert parallel == serial
+
+
+def test_figures_do_not_depend_on_the_process_hash_seed(tmp_path: Path) -> None:
+    """docs/scaling.md: "the figures below are identical on any machine for the same seed". Block hashes use Python's
+    per-process ``hash``, so two runs of the script with different PYTHONHASHSEED must agree to the last digit."""
+    script = Path(__file__).parents[2] / "bench" / "scaling_sim.py"
+    args = ["--workers", "8", "--gateways", "1", "4", "--requests-per-worker", "20", "--jobs", "1", "--markdown"]
+    runs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"figures-{hash_seed}.json"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        command = [sys.executable, str(script), *args, "--json", str(out)]
+        subprocess.run(command, env=env, check=True, capture_output=True)
+        runs.append([{k: v for k, v in f.items() if k != "wall_s"} for f in json.loads(out.read_text())["figures"]])
+    assert len(runs[0]) == 6 and runs[0] == runs[1]
 
 
 # ------------------------------------------------------------------------------------------------
