@@ -1,7 +1,7 @@
 """docs/scaling.md, claim by claim, where an operator scaling the gateway out relies on it and no other test checks:
 each replica routes from its own prefix index (a prefix another replica placed is new to it), each gateway process
-breaks ties in its own order (replicas with the same configuration do not herd onto the same workers), and the
-trace sampling decision that the gateway passes on to the workers.
+breaks ties in its own order (replicas with the same configuration do not herd onto the same workers), the series
+budget of the stage histogram, and the trace sampling decision that the gateway passes on to the workers.
 
 Real ``llmpath gateway serve`` processes over loopback, in front of SGLang stand-ins (the backends tests'
 :class:`LoopbackServer` answering ``/health`` and ``/generate`` with a recorded SGLang reply): routing, metrics and
@@ -11,6 +11,7 @@ trace propagation are the gateway's, whatever the model computes. The simulation
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,6 +128,36 @@ def test_a_prefix_one_replica_placed_is_new_to_another(stack: Stack, workers: li
     assert elsewhere["extra"]["routing_reason"] == "no_prefix"
     assert elsewhere["extra"]["matched_prefix_tokens"] == 0
     assert elsewhere["extra"]["cache_result"] == "miss"
+
+
+def stage_series(text: str, route: str) -> dict[str, list[str]]:
+    """Per ``stage`` label value, the sample names of ``llmpath_stage_duration_seconds`` for ``route`` (``le``
+    values for buckets)."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        found = re.match(r"llmpath_stage_duration_seconds_(\w+)\{(.*)\} ", line)
+        if found is None:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', found[2]))
+        if labels["route"] == route:
+            kind = found[1]
+            out.setdefault(labels["stage"], []).append(f"le={labels['le']}" if kind == "bucket" else kind)
+    return out
+
+
+def test_the_stage_histogram_is_nine_stages_of_32_series_per_route(stack: Stack, workers: list[LoopbackServer]) -> None:
+    """The series budget: per route and replica, 9 stage values (8 stages and ``unattributed``) × 28 buckets,
+    ``+Inf``, ``_sum``, ``_count`` and ``_created`` (which PROMETHEUS_DISABLE_CREATED_SERIES=True drops)."""
+    default, without_created = start_replicas(stack, workers, {}, {"PROMETHEUS_DISABLE_CREATED_SERIES": "True"})
+    for gateway, created in ((default, True), (without_created, False)):
+        complete(gateway, f"budget: {FILLER}")
+        series = stage_series(httpx.get(f"{gateway.url}/metrics", timeout=5).text, "default")
+        assert len(series) == 9 and "unattributed" in series
+        for names in series.values():
+            buckets = [n for n in names if n.startswith("le=")]
+            assert len(buckets) == 29 and buckets[-1] == "le=+Inf"
+            assert sorted(n for n in names if not n.startswith("le=")) == ["count", *(["created"] * created), "sum"]
+            assert len(names) == 31 + created
 
 
 def traceparent(workers: list[LoopbackServer], worker: int) -> tuple[str, bool]:
