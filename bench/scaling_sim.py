@@ -801,8 +801,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     spec, cost = WorkloadSpec(), CostModel()
-    if args.quick:
-        spec = replace(spec, requests_per_worker=60)
     overrides = {
         "requests_per_worker": args.requests_per_worker,
         "load": args.load,
