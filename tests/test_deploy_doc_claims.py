@@ -1,16 +1,25 @@
 """What docs/deploy.md tells an operator to run, run for real: its ConfigMap command against the dashboards'
-real size (kubectl), and what a gateway scrape outage does to the compiled SLO alerts (promtool)."""
+real size (kubectl), what a gateway scrape outage does to the compiled SLO alerts (promtool), and its Alertmanager
+configuration in a real Alertmanager: routing, inhibition and the notifications' links."""
 
 from __future__ import annotations
 
 import json
 import re
 import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 import yaml
 
+from llmpath.demo.prometheus import find_alertmanager, start_alertmanager
+from llmpath.demo.supervisor import Supervisor
 from llmpath.slo.promtool_tests import render_template
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,10 +47,11 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def compile_default_rules(llmpath_bin: str, workdir: Path) -> Path:
-    """The guide's `llmpath slo compile SPECS -o build/rules` on the spec `llmpath slo init` writes; the rule file."""
+def compile_default_rules(llmpath_bin: str, workdir: Path, *base_urls: str) -> Path:
+    """The guide's `llmpath slo compile SPECS -o build/rules` on the spec `llmpath slo init` writes (``base_urls``:
+    its `--runbook-base-url` / `--dashboard-base-url` options); the rule file."""
     run([llmpath_bin, "slo", "init", "slos.yaml"], workdir)
-    run([llmpath_bin, "slo", "compile", "slos.yaml", "-o", "build/rules"], workdir)
+    run([llmpath_bin, "slo", "compile", "slos.yaml", "-o", "build/rules", *base_urls], workdir)
     return workdir / "build" / "rules" / "slos.yaml"
 
 
@@ -114,3 +124,123 @@ def test_a_gateway_scrape_outage_leaves_firing_alerts_to_fade_and_opens_no_data_
     }
     (tmp_path / "outage.test.yaml").write_text(yaml.safe_dump(tests))
     run([promtool, "test", "rules", "outage.test.yaml"], tmp_path)
+
+
+class Recorder:
+    """An HTTP endpoint on loopback standing in for PagerDuty and Slack: keeps each JSON body posted to it."""
+
+    def __init__(self) -> None:
+        self.posts: list[tuple[str, dict[str, Any]]] = []
+        posts = self.posts
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                posts.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{path}"
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> dict[str, list[dict[str, Any]]]:
+        """Path → the bodies posted there, once ``count`` posts have come (fails after ``timeout`` seconds)."""
+        deadline = time.monotonic() + timeout
+        while len(self.posts) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(self.posts) == count, self.posts
+        by_path: dict[str, list[dict[str, Any]]] = {}
+        for path, body in self.posts:
+            by_path.setdefault(path.strip("/"), []).append(body)
+        return by_path
+
+
+@pytest.fixture
+def recorder() -> Iterator[Recorder]:
+    endpoint = Recorder()
+    yield endpoint
+    endpoint.server.shutdown()
+
+
+RUNBOOKS = "https://github.com/acme/llm-gateway/blob/main/runbooks/generated"
+GRAFANA = "https://grafana.example.com"
+
+
+def test_alertmanager_config_routes_pages_inhibits_their_tickets_and_links_runbook_and_panel(
+    tmp_path: Path, llmpath_bin: str, processes: Supervisor, recorder: Recorder
+) -> None:
+    """The guide's route, inhibition and receivers in Alertmanager, the alerts compiled with absolute base URLs and
+    the guide's own gateway rules: a page goes to PagerDuty with both links, its SLO's ticket on the same route is
+    inhibited, other tickets (another route, the lost usage records) reach Slack."""
+    if find_alertmanager() is None:
+        pytest.skip("prometheus-alertmanager not installed (make test installs it via apt-get)")
+    rules = alert_rules(
+        compile_default_rules(llmpath_bin, tmp_path, "--runbook-base-url", RUNBOOKS, "--dashboard-base-url", GRAFANA)
+    )
+    gateway_groups = yaml.safe_load(guide_block("yaml", "LLMPathGatewayDown"))["groups"]
+    rules.update({(r["alert"], r["labels"]["sloth_severity"]): r for g in gateway_groups for r in g["rules"]})
+
+    config = yaml.safe_load(guide_block("yaml", "inhibit_rules:")) | yaml.safe_load(guide_block("yaml", "receivers:"))
+    config["route"]["group_wait"] = "1s"  # the default 30 s, shortened for the test
+    pagerduty = config["receivers"][0]["pagerduty_configs"][0]
+    slack = config["receivers"][1]["slack_configs"][0]
+    assert pagerduty["routing_key_file"] == "/etc/alertmanager/pagerduty.key"
+    assert slack["api_url_file"] == "/etc/alertmanager/slack.url"
+    (tmp_path / "pagerduty.key").write_text("test-routing-key\n")
+    (tmp_path / "slack.url").write_text(recorder.url("slack") + "\n")
+    pagerduty["routing_key_file"] = str(tmp_path / "pagerduty.key")
+    pagerduty["url"] = recorder.url("pagerduty")
+    slack["api_url_file"] = str(tmp_path / "slack.url")
+    alertmanager = start_alertmanager(processes, tmp_path, config)
+
+    def alert(name: str, severity: str, **labels: str) -> dict[str, Any]:
+        rule = rules[(name, severity)]
+        all_labels = {"alertname": name, **rule["labels"], **labels}
+        return {
+            "labels": all_labels,
+            "annotations": {k: render_template(v, all_labels) for k, v in rule["annotations"].items()},
+        }
+
+    ttft = {"sloth_id": "llm-api-ttft", "sloth_service": "llm-api", "sloth_slo": "ttft"}
+    page = alert("LLMAPITTFTBurn", "page", route="chat", **ttft)
+    inhibited = alert("LLMAPITTFTBurn", "ticket", route="chat", **ttft)
+    other_route = alert("LLMAPITTFTBurn", "ticket", route="embeddings", **ttft)
+    gateway_down = alert("LLMPathGatewayDown", "page")
+    records_lost = alert("LLMPathUsageRecordsLost", "ticket", instance="gw-1:8080", sink="jsonl")
+    posted = httpx.post(
+        f"{alertmanager.url}/api/v2/alerts", json=[page, inhibited, other_route, gateway_down, records_lost]
+    )
+    assert posted.status_code == 200, posted.text
+
+    sent = recorder.wait_for(4)  # one notification per group: two pages, two tickets
+    assert page["annotations"]["runbook_url"] == f"{RUNBOOKS}/LLMAPITTFTBurn-page.md"
+    assert page["annotations"]["dashboard_url"].startswith(f"{GRAFANA}/d/llmpath-slos?viewPanel=")
+    assert page["annotations"]["dashboard_url"].endswith("&var-route=chat")
+    paged = {event["payload"]["summary"]: event for event in sent["pagerduty"]}
+    ttft_page = paged[page["annotations"]["summary"]]
+    assert ttft_page["routing_key"] == "test-routing-key"
+    assert ttft_page["links"] == [
+        {"href": page["annotations"]["runbook_url"], "text": "Runbook"},
+        {"href": page["annotations"]["dashboard_url"], "text": "Burn-rate panel"},
+    ]
+    assert gateway_down["annotations"]["summary"] in paged
+    titles = sorted(attachment["title"] for post in sent["slack"] for attachment in post["attachments"])
+    assert titles == ["LLMAPITTFTBurn (prefill, owner serving)", "LLMPathUsageRecordsLost (owner gateway)"]
+    ticket_text = next(a["text"] for p in sent["slack"] for a in p["attachments"] if a["title"].startswith("LLMAPI"))
+    runbook = f"{RUNBOOKS}/LLMAPITTFTBurn-ticket.md"
+    assert ticket_text == f"{other_route['annotations']['description']} <{runbook}|Runbook>"
+
+    state = {
+        (a["labels"]["alertname"], a["labels"].get("route"), a["labels"]["sloth_severity"]): a["status"]
+        for a in httpx.get(f"{alertmanager.url}/api/v2/alerts").json()
+    }
+    assert state[("LLMAPITTFTBurn", "chat", "ticket")]["state"] == "suppressed"
+    assert state[("LLMAPITTFTBurn", "chat", "ticket")]["inhibitedBy"]
+    for unaffected in (("LLMAPITTFTBurn", "embeddings", "ticket"), ("LLMPathUsageRecordsLost", None, "ticket")):
+        assert state[unaffected] == {"state": "active", "inhibitedBy": [], "silencedBy": []}, unaffected
