@@ -1,11 +1,14 @@
-"""What docs/deploy.md tells an operator to run, run for real: its ConfigMap command against the dashboards'
-real size (kubectl), what a gateway scrape outage does to the compiled SLO alerts (promtool), and its Alertmanager
-configuration in a real Alertmanager: routing, inhibition and the notifications' links."""
+"""What docs/deploy.md tells an operator to run, run for real: its Grafana API loop (jq, curl) and ConfigMap command
+(kubectl) on the built dashboards, its prometheus.yml and reload in a real Prometheus, the Prometheus Operator
+objects, what a gateway scrape outage does to the compiled SLO alerts (promtool), and its Alertmanager configuration
+in a real Alertmanager: routing, inhibition and the notifications' links."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -18,8 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from llmpath.demo.prometheus import find_alertmanager, start_alertmanager
-from llmpath.demo.supervisor import Supervisor
+from llmpath.demo.prometheus import find_alertmanager, find_prometheus, start_alertmanager, start_prometheus
+from llmpath.demo.supervisor import Supervisor, free_port
 from llmpath.slo.promtool_tests import render_template
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,14 +130,17 @@ def test_a_gateway_scrape_outage_leaves_firing_alerts_to_fade_and_opens_no_data_
 
 
 class Recorder:
-    """An HTTP endpoint on loopback standing in for PagerDuty and Slack: keeps each JSON body posted to it."""
+    """An HTTP endpoint on loopback standing in for Grafana, PagerDuty and Slack: keeps each JSON body posted to it
+    (and its Authorization header)."""
 
     def __init__(self) -> None:
         self.posts: list[tuple[str, dict[str, Any]]] = []
-        posts = self.posts
+        self.authorizations: list[str | None] = []
+        posts, authorizations = self.posts, self.authorizations
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                authorizations.append(self.headers["Authorization"])
                 posts.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
                 self.send_response(200)
                 self.end_headers()
@@ -244,3 +250,88 @@ def test_alertmanager_config_routes_pages_inhibits_their_tickets_and_links_runbo
     assert state[("LLMAPITTFTBurn", "chat", "ticket")]["inhibitedBy"]
     for unaffected in (("LLMAPITTFTBurn", "embeddings", "ticket"), ("LLMPathUsageRecordsLost", None, "ticket")):
         assert state[unaffected] == {"state": "active", "inhibitedBy": [], "silencedBy": []}, unaffected
+
+
+def test_grafana_api_loop_posts_each_dashboard_ready_for_import(
+    tmp_path: Path, llmpath_bin: str, require_binary, recorder: Recorder
+) -> None:
+    """The guide's jq + curl loop, run as written against a stand-in Grafana: one import per dashboard, into the
+    folder, overwriting; no numeric `id` (Grafana would look for that dashboard), not editable, and a data source
+    variable left on the default Prometheus."""
+    require_binary("jq")
+    require_binary("curl")
+    run([llmpath_bin, "dashboards", "build", "-o", "build/dashboards"], tmp_path)
+    env = {**os.environ, "GRAFANA_URL": recorder.url("grafana"), "GRAFANA_TOKEN": "test-token"}
+    loop = guide_block("sh", "/api/dashboards/db")
+    done = subprocess.run(
+        ["bash", "-eo", "pipefail", "-c", loop], cwd=tmp_path, env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert [path for path, _ in recorder.posts] == ["/grafana/api/dashboards/db"] * 3
+    assert recorder.authorizations == ["Bearer test-token"] * 3
+    uids = set()
+    for _, body in recorder.posts:
+        assert {k: v for k, v in body.items() if k != "dashboard"} == {"folderUid": "llmpath", "overwrite": True}
+        dashboard = body["dashboard"]
+        uids.add(dashboard["uid"])
+        assert "id" not in dashboard and "__inputs" not in dashboard
+        assert dashboard["editable"] is False and dashboard["schemaVersion"] == 42
+        (source,) = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+        assert source["name"] == "datasource" and source["query"] == "prometheus" and "current" not in source
+    assert uids == {"llmpath-api-path", "llmpath-slos", "llmpath-backends"}
+
+
+def test_prometheus_operator_objects_go_to_the_namespace_kubectl_names(tmp_path: Path, llmpath_bin: str) -> None:
+    """The guide's `--format prometheus-operator` compile: one PrometheusRule per file with the plain rules' groups,
+    no namespace of its own (so `kubectl -n monitoring apply` puts it there) and small enough for a client-side
+    apply's annotation."""
+    compile_line = guide_block("sh", "--format prometheus-operator").splitlines()[0].split()
+    assert compile_line[:3] == ["llmpath", "slo", "compile"] and compile_line[3] == "SPECS"
+    plain = yaml.safe_load(compile_default_rules(llmpath_bin, tmp_path).read_text())
+    run([llmpath_bin, *compile_line[1:3], "slos.yaml", *compile_line[4:]], tmp_path)
+    (rule_file,) = (tmp_path / "build" / "rules-k8s").iterdir()
+    (rule,) = yaml.safe_load_all(rule_file.read_text())
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert "namespace" not in rule["metadata"]
+    assert rule["spec"]["groups"] == plain["groups"]
+    assert len(json.dumps(rule, separators=(",", ":"))) < ANNOTATIONS_LIMIT
+
+
+def test_prometheus_reload_loads_the_rules_folder_of_the_guides_config(
+    tmp_path: Path, llmpath_bin: str, processes: Supervisor, require_binary
+) -> None:
+    """The guide's prometheus.yml (rule_files glob, Alertmanager) in Prometheus 2.42: the compiled rules and the
+    guide's gateway rules copied into the folder load on `POST /-/reload` and evaluate without error; with no
+    gateway scraped at all, LLMPathGatewayDown is pending."""
+    promtool = require_binary("promtool")
+    if find_prometheus() is None:
+        pytest.skip("prometheus not installed (make test installs it via apt-get)")
+    rule_file = compile_default_rules(llmpath_bin, tmp_path)
+    run([promtool, "check", "rules", str(rule_file)], tmp_path)
+    rules_dir = tmp_path / "rules" / "llmpath"
+    rules_dir.mkdir(parents=True)
+    config = yaml.safe_load(guide_block("yaml", "rule_files:"))
+    assert config["rule_files"] == ["/etc/prometheus/rules/llmpath/*.yaml"]
+    config["rule_files"] = [str(rules_dir / "*.yaml")]
+    config["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] = [f"127.0.0.1:{free_port()}"]
+    config["global"] = {"evaluation_interval": "1s"}  # the default 1m, shortened for the test
+    prometheus = start_prometheus(processes, tmp_path / "prometheus", config)
+    run([promtool, "check", "config", str(prometheus.config_path)], tmp_path)
+    client = prometheus.client()
+    assert client.rule_groups() == []
+
+    shutil.copy(rule_file, rules_dir)
+    (rules_dir / "gateway.yaml").write_text(guide_block("yaml", "LLMPathGatewayDown"))
+    assert httpx.post(f"{prometheus.url}/-/reload").status_code == 200
+    compiled_groups = [g["name"] for g in yaml.safe_load(rule_file.read_text())["groups"]]
+    assert sorted(g["name"] for g in client.rule_groups()) == sorted([*compiled_groups, "llmpath-gateway"])
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rules = [r for g in client.rule_groups() for r in g["rules"]]
+        if all(r["health"] != "unknown" for r in rules):
+            break
+        time.sleep(0.5)
+    assert [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"] == []
+    pending = {a["labels"]["alertname"] for a in client.alerts() if a["state"] == "pending"}
+    assert "LLMPathGatewayDown" in pending
