@@ -21,6 +21,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCod
 from llmpath.instrumentation.catalog import ATTR_TIMING_SOURCE, TIMING_SOURCES, validate_stage_name
 from llmpath.instrumentation.request import CURRENT, RequestTelemetry
 from llmpath.instrumentation.spans import clean_attribute, current_span_context
+from llmpath.instrumentation.text import encodable
 
 logger = logging.getLogger("llmpath.instrumentation")
 
@@ -291,10 +292,10 @@ def record_usage(
         usage[1] += n_cached
         usage[2] += n_out
     if req.model is None or req.model_from_call:
-        req.model = str(model)
+        req.model = encodable(model)
         req.model_from_call = False
     if tenant is not None and req.tenant is None:
-        req.tenant = str(tenant)
+        req.tenant = encodable(tenant)
 
 
 def set_request_labels(
@@ -307,14 +308,14 @@ def set_request_labels(
     if req is None:
         return
     if route is not None:
-        req.route = str(route)
+        req.route = encodable(route)
     if model is not None:
-        req.model = str(model)
+        req.model = encodable(model)
         req.model_from_call = False
     if tenant is not None:
-        req.tenant = str(tenant)
+        req.tenant = encodable(tenant)
     if provider is not None:
-        req.provider = str(provider)
+        req.provider = encodable(provider)
         req.provider_from_call = False
 
 
@@ -342,7 +343,7 @@ def fail_request(status_code: int, error_type: str) -> None:
     if req is None or req.finished:
         return
     req.status_code = int(status_code)
-    req.error = str(error_type)
+    req.error = encodable(error_type)
 
 
 def current_request() -> RequestTelemetry | None:

@@ -16,6 +16,8 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 
+from llmpath.instrumentation.text import encodable
+
 try:  # optional: the instrumentation depends on opentelemetry-api only
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace import Tracer as SdkTracer
@@ -73,11 +75,13 @@ class SdkSpanEmitter:
 
 def clean_attribute(value: Any) -> Any:
     """An OTel-valid attribute value: primitives and homogeneous sequences pass; anything else becomes ``str``."""
-    if isinstance(value, str | bool | int | float):
+    if isinstance(value, str):
+        return encodable(value)
+    if isinstance(value, bool | int | float):
         return value
     if isinstance(value, list | tuple) and all(isinstance(v, str | bool | int | float) for v in value):
-        return tuple(value)
-    return str(value)
+        return tuple(encodable(v) if isinstance(v, str) else v for v in value)
+    return encodable(value)
 
 
 def current_span_context() -> SpanContext:

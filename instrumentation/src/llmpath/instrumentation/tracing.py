@@ -21,6 +21,8 @@ from llmpath.instrumentation.genai import (
     GenAIMetrics,
 )
 from llmpath.instrumentation.request import CURRENT
+from llmpath.instrumentation.spans import clean_attribute
+from llmpath.instrumentation.text import encodable
 
 INSTRUMENTATION_NAME = "llmpath.instrumentation"
 
@@ -208,15 +210,15 @@ class ModelCallSpan:
     def set_finish_reasons(self, reasons: Iterable[str]) -> None:
         """``gen_ai.response.finish_reasons`` (e.g. ``["stop"]``, ``["length"]``)."""
         if self._span is not None:
-            self._span.set_attribute("gen_ai.response.finish_reasons", [str(r) for r in reasons])
+            self._span.set_attribute("gen_ai.response.finish_reasons", [encodable(r) for r in reasons])
 
     def set_response(self, *, response_id: str | None = None, response_model: str | None = None) -> None:
         """``gen_ai.response.id`` and ``gen_ai.response.model``."""
         if self._span is not None:
             if response_id is not None:
-                self._span.set_attribute("gen_ai.response.id", response_id)
+                self._span.set_attribute("gen_ai.response.id", encodable(response_id))
             if response_model is not None:
-                self._span.set_attribute("gen_ai.response.model", response_model)
+                self._span.set_attribute("gen_ai.response.model", encodable(response_model))
 
     def mark_first_chunk(self) -> None:
         """The first chunk arrived: ``gen_ai.response.time_to_first_chunk`` and its client metric."""
@@ -274,6 +276,7 @@ def model_call_span(
     ``mark_chunk``. Also records ``gen_ai.client.operation.duration``, ``gen_ai.client.token.usage`` and, for a
     streamed call, ``…time_to_first_chunk`` and ``…time_per_output_chunk``.
     """
+    model, provider = encodable(model), encodable(provider)
     attrs: dict[str, Any] = {OPERATION: operation, PROVIDER: provider, REQUEST_MODEL: model}
     if server_address is not None:
         attrs[SERVER_ADDRESS] = server_address
@@ -288,5 +291,5 @@ def model_call_span(
     if top_p is not None:
         attrs["gen_ai.request.top_p"] = float(top_p)
     if attributes:
-        attrs.update(attributes)
+        attrs.update((k, clean_attribute(v)) for k, v in attributes.items())
     return ModelCallSpan(model, provider, operation, attrs)
