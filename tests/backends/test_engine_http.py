@@ -130,6 +130,27 @@ def test_invalid_json_is_400(url: str) -> None:
     assert resp.status_code == 400 and "not valid JSON" in resp.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("path", ["/generate", "/v1/chat/completions", "/v1/completions"])
+def test_an_unpaired_surrogate_escape_is_400_and_a_pair_is_text(url: str, path: str) -> None:
+    """A JSON escape of half a UTF-16 pair decodes to text no tokenizer or response can encode: a 400 naming it
+    (it was a 500 with a traceback on /generate), while a whole pair (what ``ensure_ascii`` clients send) is text."""
+
+    def body(text: str) -> bytes:
+        if path == "/v1/chat/completions":
+            return b'{"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "%s"}]}' % text.encode()
+        if path == "/v1/completions":
+            return b'{"model": "m", "max_tokens": 2, "prompt": "%s"}' % text.encode()
+        return b'{"text": "%s", "sampling_params": {"max_new_tokens": 2}}' % text.encode()
+
+    headers = {"content-type": "application/json"}
+    for lone in ("hi \\ud800 there", "hi \\uDFFF", "\\ud83d alone"):
+        resp = httpx.post(f"{url}{path}", content=body(lone), headers=headers)
+        assert resp.status_code == 400, resp.text
+        message = resp.json()["message"] if path != "/generate" else resp.json()["error"]["message"]
+        assert "unpaired UTF-16 surrogate escape" in message
+    assert httpx.post(f"{url}{path}", content=body("hi \\ud83d\\ude00"), headers=headers).status_code == 200
+
+
 def test_openai_chat_completion_and_cache_report(url: str) -> None:
     messages = [{"role": "system", "content": "Answer in French. " * 5}, {"role": "user", "content": "Bonjour"}]
     body = {"model": "llmpath-tiny", "messages": messages, "max_tokens": 4, "temperature": 0, "ignore_eos": True}

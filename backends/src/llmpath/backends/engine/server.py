@@ -74,9 +74,16 @@ def _sse(obj: Any) -> str:
 async def _json_body(request: Request) -> Any:
     raw = await request.body()
     try:
-        return json.loads(raw or b"null")
+        body = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if b"\\ud" in raw.lower():  # a surrogate escape: unpaired, no text can hold it (tokenizer, responses, logs)
+        try:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = exc.object[exc.start].encode("unicode_escape").decode()
+            raise ApiError(400, f"request body holds an unpaired UTF-16 surrogate escape ({bad})") from None
+    return body
 
 
 def _guard(render: Callable[[ApiError], JSONResponse]) -> Callable[[Handler], Handler]:
