@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install the Debian packages a target needs when they are missing:
 #   demo: prometheus (promtool)
-#   test: prometheus, prometheus-alertmanager, chromium
+#   test: prometheus, prometheus-alertmanager, chromium, and the tools docs/deploy.md runs (jq, curl, kubectl)
 # Without apt (or without root/sudo) it warns and carries on: the demo says what it skipped,
 # and the tests that need a missing binary are skipped with the reason.
 set -uo pipefail
 target=${1:-test}
-declare -A bin_of=([prometheus]=promtool [prometheus-alertmanager]=prometheus-alertmanager [chromium]=chromium)
+declare -A bin_of=([prometheus]=promtool [prometheus-alertmanager]=prometheus-alertmanager [chromium]=chromium
+  [jq]=jq [curl]=curl [kubernetes-client]=kubectl)
 pkgs=(prometheus)
-[ "$target" = test ] && pkgs+=(prometheus-alertmanager chromium)
+[ "$target" = test ] && pkgs+=(prometheus-alertmanager chromium jq curl kubernetes-client)
 
 missing=()
 for p in "${pkgs[@]}"; do command -v "${bin_of[$p]}" >/dev/null 2>&1 || missing+=("$p"); done
