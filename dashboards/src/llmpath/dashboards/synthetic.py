@@ -15,12 +15,13 @@ import yaml
 
 from llmpath.instrumentation import catalog
 
-# Label values for synthetic series: every stage, token type and stage group, a 2xx and a 5xx code …
+# Label values for synthetic series: every stage, token type and stage group, the status codes the reference gateway
+# answers on its completion endpoints (queries select 4xx and 5xx codes by value) …
 _VALUES: dict[str, tuple[str, ...]] = {
     "stage": catalog.STAGES.names_with_unattributed,
     "type": catalog.TOKEN_TYPES,
     "group": tuple(g.name for g in catalog.STAGE_GROUPS),
-    "code": ("200", "500"),
+    "code": ("200", "400", "401", "404", "408", "413", "422", "429", "499", "500", "502", "503", "504"),
     "route": ("chat", "rag"),
     "backend": ("http://127.0.0.1:30001", "http://127.0.0.1:30002"),
     "result": ("hit", "miss"),
@@ -74,9 +75,10 @@ def synthetic_series() -> list[dict[str, str]]:
 
 
 def promtool_returns_data(
-    promtool: str, tmp: Path, exprs: Sequence[str], rule_files: Sequence[Path] = ()
+    promtool: str, tmp: Path, exprs: Sequence[str], rule_files: Sequence[Path] = (), empty: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``promtool test rules`` asserting that each expression returns at least one sample."""
+    """Run ``promtool test rules`` asserting that each of ``exprs`` returns at least one sample and each of ``empty``
+    (queries that are empty while every metric has data, such as ``absent(…)``) returns none."""
     test = {
         "rule_files": [str(p) for p in rule_files],
         "evaluation_interval": "1m",
@@ -85,8 +87,11 @@ def promtool_returns_data(
                 "interval": SCRAPE_INTERVAL,
                 "input_series": synthetic_series(),
                 "promql_expr_test": [
-                    {"expr": f"clamp_max(count({e}), 1)", "eval_time": EVAL_TIME, "exp_samples": [{"value": 1}]}
-                    for e in exprs
+                    *(
+                        {"expr": f"clamp_max(count({e}), 1)", "eval_time": EVAL_TIME, "exp_samples": [{"value": 1}]}
+                        for e in exprs
+                    ),
+                    *({"expr": e, "eval_time": EVAL_TIME, "exp_samples": []} for e in empty),
                 ],
             }
         ],
