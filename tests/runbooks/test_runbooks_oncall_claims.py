@@ -4,13 +4,23 @@ names exists in the real gateway, engine and CLI."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
+
+import httpx
+import yaml
+from pydantic import BaseModel, TypeAdapter
 
 from llmpath.dashboards.synthetic import promtool_returns_data
 from llmpath.gateway.admission import REJECTION_REASONS
+from llmpath.gateway.config import GatewayConfig, hash_key
 from llmpath.gateway.prompt_cache import CacheResult
 from llmpath.gateway.routing import RouteReason
 from llmpath.instrumentation import catalog
@@ -138,3 +148,137 @@ def test_an_absent_alert_is_not_said_to_name_the_route(compiled: Any, runbooks: 
             assert f"fires only when no `{slo.group_by[0]}` has data" in text
             checked += 1
     assert checked
+
+
+def _resolve(key: str) -> Any:
+    """The annotation of a dotted gateway config key (``routes[].backends``); KeyError when a part is unknown."""
+    model: Any = GatewayConfig
+    annotation: Any = None
+    for part in key.split("."):
+        name = part.removesuffix("[]")
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or name not in model.model_fields:
+            raise KeyError(f"{key}: no {name!r} in {getattr(model, '__name__', model)}")
+        annotation = model.model_fields[name].annotation
+        if part.endswith("[]"):
+            annotation = get_args(annotation)[0]  # tuple[X, ...] → X
+        model = next((a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(
+            a, BaseModel)), annotation)  # fmt: skip
+    return annotation
+
+
+def test_every_backticked_config_key_resolves_against_the_config_model(runbooks: dict[str, str]) -> None:
+    """``limits.max_queue``, ``routes[].backends``, ``routing.policy: least_load``: the key exists in the gateway's
+    configuration model and the value, when one is given, validates."""
+    keys = {span: where for span, where in _named(runbooks).items() if CONFIG_KEY.match(span)}
+    for span, where in keys.items():
+        key, value = CONFIG_KEY.match(span).groups()  # type: ignore[union-attr]
+        annotation = _resolve(key)
+        if value is not None:
+            TypeAdapter(annotation).validate_python(yaml.safe_load(value) if value != "off" else "off")
+        assert where
+    assert {"limits.max_queue", "limits.max_concurrency", "routes[].backends", "usage.ledger"} <= set(keys)
+
+
+@cache
+def _help(*command: str) -> str:
+    result = subprocess.run([LLMPATH, *command, "--help"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "COLUMNS": "250"})  # fmt: skip
+    assert result.returncode == 0, (command, result.stderr)
+    return result.stdout
+
+
+def test_every_cli_command_and_flag_exists(runbooks: dict[str, str]) -> None:
+    """``llmpath usage slowest LEDGER --since 1h``: the command runs with --help and lists the flag (and a lowercase
+    value's choice); a bare ``--flag`` is an option of the engine, gateway or usage commands, or one of SGLang's."""
+    checked = 0
+    for span, where in _named(runbooks).items():
+        if span.startswith("llmpath "):
+            words = span.split()[1:]
+            command = tuple(w for w in words[: next((i for i, w in enumerate(words) if not w.islower()
+                                                     or w.startswith("-")), len(words))])  # fmt: skip
+            helps = [_help(*command)]
+            rest = words[len(command) :]
+            arguments = rest[: next((i for i, w in enumerate(rest) if w.startswith("-")), len(rest))]  # ID LEDGER
+            usage = next(line for line in helps[0].splitlines() if "Usage:" in line)
+            assert len(arguments) >= len(re.findall(r"\{\w+\}", usage)), (span, sorted(where), usage.strip())
+        elif span.startswith("--"):
+            helps = [_help(*c) for c in COMMANDS]
+        else:
+            continue
+        for flag, value in FLAG.findall(span):
+            if flag in SGLANG_ONLY_FLAGS:
+                continue
+            text = next((h for h in helps if re.search(rf"{re.escape(flag)}\b", h)), None)
+            assert text is not None, f"{flag} ({span!r} in {sorted(where)}) is no option of {helps[0][:200]}"
+            assert not value or value in text, (span, sorted(where))
+            checked += 1
+    assert checked >= 8
+
+
+def test_label_values_named_in_explanations_are_emitted(runbooks: dict[str, str]) -> None:
+    """A diagnosis step grouped by ``reason`` or ``result`` names the values to look for in backticks, and the gateway
+    emits each of them (the routing reasons, admission rejection reasons, cache lookup results)."""
+    checked = 0
+    for entry in _entries():
+        for check in entry.diagnosis:
+            grouped = {g.strip() for by in re.findall(r"by \(([^)]*)\)", check.query) for g in by.split(",")}
+            allowed = {v for (metric, label), values in LABEL_VALUES.items()
+                       if metric in check.query and label in grouped for v in values}  # fmt: skip
+            if not allowed:
+                continue
+            named = {s for s in BACKTICKED.findall(check.explain) if re.fullmatch(r"[a-z_]+", s)}
+            assert named and named <= allowed, (entry.key, check.question, named - allowed)
+            checked += 1
+    assert checked >= 3
+
+
+def test_endpoints_and_signals_answer_on_a_real_gateway_and_engine(
+    runbooks: dict[str, str], processes: Any, free_port: Any, llmpath_bin: str, tmp_path: Path
+) -> None:
+    """Every endpoint a runbook names (``POST /admin/reload``, ``/debug/requests?id=ID``, an engine's ``/health``)
+    answers 200 on a real gateway (with an admin key) or engine over loopback, and ``kill -HUP`` reloads."""
+    endpoints = {span: where for span, where in _named(runbooks).items() if ENDPOINT.match(span)}
+    assert {"POST /admin/reload", "/debug/requests?id=ID", "/health"} <= set(endpoints)
+    engine_port, gateway_port = free_port(), free_port()
+    engine = f"http://127.0.0.1:{engine_port}"
+    processes.spawn("engine", [llmpath_bin, "engine", "serve", "--preset", "tiny", "--threads", "1", "--port",
+                               str(engine_port)], ready_url=f"{engine}/health", timeout=120)  # fmt: skip
+    admin = "sk-admin-oncall-1b7d"
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"port": gateway_port}, "backends": [{"url": engine, "name": "e0"}],
+        "api_keys": [{"sha256": hash_key(admin), "tenant": "ops", "admin": True}],
+    }))  # fmt: skip
+    gateway = f"http://127.0.0.1:{gateway_port}"
+    proc = processes.spawn("gateway", [llmpath_bin, "gateway", "serve", "--config", str(config)],
+                           ready_url=f"{gateway}/readyz", timeout=60)  # fmt: skip
+    headers = {"Authorization": f"Bearer {admin}"}
+    for span, where in endpoints.items():
+        method, path = ENDPOINT.match(span).groups()  # type: ignore[union-attr]
+        url_path = span.split(" ")[-1].replace("ID", "0" * 16)
+        answers = [httpx.request(method or "GET", base + url_path, headers=headers, timeout=30).status_code
+                   for base in (gateway, engine)]  # fmt: skip
+        assert 200 in answers, (span, sorted(where), answers)
+
+    def reloads() -> float:
+        text = httpx.get(f"{gateway}/metrics", timeout=5).text
+        match = re.search(rf'^{catalog.CONFIG_RELOADS_TOTAL}\{{result="success"\}} (\S+)$', text, re.M)
+        assert match, text[-2000:]
+        return float(match.group(1))
+
+    assert any("`kill -HUP`" in text for text in runbooks.values())
+    before = reloads()
+    proc.popen.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while reloads() == before:
+        assert time.monotonic() < deadline, "kill -HUP did not reload the gateway"
+        time.sleep(0.05)
+
+
+def test_drain_steps_say_an_empty_backend_list_means_every_backend() -> None:
+    """``routes[].backends`` empty (the default) lets a route use every backend: "leave it out of the list" drains
+    nothing there, so each drain step must say to list the others."""
+    steps = [m for e in _entries() for m in e.mitigations if "`routes[].backends`" in m]
+    assert len(steps) >= 3
+    for step in steps:
+        assert "list the other backends" in step and "empty list means every backend" in step, step
