@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from llmpath.backends.base import Backend
 from llmpath.gateway import errors
+from llmpath.gateway.auth import BASIC_AUTH_METHODS
 from llmpath.gateway.chat_template import load_renderer
 from llmpath.gateway.config import LEDGER_FORMATS, BackendConfig, GatewayConfig
 from llmpath.gateway.errors import APIError
@@ -461,7 +462,7 @@ def _admin_dependency(gateway: Gateway) -> Callable[[Request], None]:
         try:
             gateway.authenticate(request, admin=True)
         except APIError as exc:
-            if exc.status_code == 401:  # let a browser ask for the key (user name ignored, key as password)
+            if exc.status_code == 401 and request.method in BASIC_AUTH_METHODS:  # a browser asks for the key
                 exc.headers["WWW-Authenticate"] = 'Basic realm="llmpath gateway admin", charset="UTF-8"'
             raise
 

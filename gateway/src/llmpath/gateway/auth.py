@@ -3,6 +3,11 @@
 Keys are stored only as sha256 digests. A presented key is hashed and compared against every stored digest
 with :func:`hmac.compare_digest`, so the time taken does not depend on which key (if any) matched or on how
 many leading bytes agree. Keys are never logged or echoed.
+
+``Basic`` (the key as password) is for browsers reading the debug pages, and only for reading: a browser sends the
+credentials it cached to any page's cross-site form or ``fetch``, so a ``POST`` taking them would let any web page
+an admin visits flush the prompt cache, reload the configuration or spend a tenant's tokens (cross-site request
+forgery). Requests that change something need ``Bearer``, which browsers never add by themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 from llmpath.gateway.config import ApiKeyConfig, RateConfig, TokenRateConfig
 
 ANONYMOUS = "anonymous"
+#: The methods a browser's cached Basic credentials are accepted on: reading, never changing anything.
+BASIC_AUTH_METHODS = frozenset({"GET", "HEAD"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +50,12 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def authenticate(self, authorization: str | None) -> Principal | None:
-        """The principal for an ``Authorization`` header value (``Bearer`` or, for browsers, ``Basic``)."""
+    def authenticate(self, authorization: str | None, *, basic: bool = True) -> Principal | None:
+        """The principal for an ``Authorization`` header value (``Bearer`` or, for browsers and when ``basic``,
+        ``Basic``)."""
         if self.insecure:
             return Principal(tenant=ANONYMOUS, admin=True)
-        key = _extract_key(authorization)
+        key = _extract_key(authorization, basic=basic)
         if key is None:
             return None
         digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
@@ -58,7 +66,7 @@ class KeyStore:
         return found
 
 
-def _extract_key(authorization: str | None) -> str | None:
+def _extract_key(authorization: str | None, *, basic: bool) -> str | None:
     if not authorization:
         return None
     scheme, _, value = authorization.strip().partition(" ")
@@ -68,7 +76,7 @@ def _extract_key(authorization: str | None) -> str | None:
     scheme = scheme.lower()
     if scheme == "bearer":
         return value
-    if scheme == "basic":  # browsers (the waterfall page): any user name, the key as password
+    if scheme == "basic" and basic:  # browsers (the waterfall page): any user name, the key as password
         try:
             decoded = base64.b64decode(value, validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):

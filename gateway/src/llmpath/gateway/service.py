@@ -37,7 +37,7 @@ from llmpath.gateway.admission import (
     TokenReservation,
 )
 from llmpath.gateway.assembly import Assembled, AssemblyError, MessagesRejected, RouteAssembler
-from llmpath.gateway.auth import KeyStore, Principal
+from llmpath.gateway.auth import BASIC_AUTH_METHODS, KeyStore, Principal
 from llmpath.gateway.backend_call import BackendCallResponse, wait_for_disconnect
 from llmpath.gateway.config import GatewayConfig, RouteConfig
 from llmpath.gateway.errors import APIError
@@ -156,7 +156,9 @@ class Gateway:
         return route
 
     def authenticate(self, request: Request, *, admin: bool = False) -> Principal:
-        principal = self.keys.authenticate(request.headers.get("authorization"))
+        """The caller's principal (401, or 403 for a non-admin key where ``admin``); ``Basic`` only on reads."""
+        basic = request.method in BASIC_AUTH_METHODS  # a cross-site form or fetch must not reuse a browser's login
+        principal = self.keys.authenticate(request.headers.get("authorization"), basic=basic)
         if principal is None:
             raise errors.unauthorized()
         if admin and not principal.admin:
