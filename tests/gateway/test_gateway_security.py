@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from llmpath.instrumentation.usage import StageTiming, UsageRecord
 from tests.gateway.test_gateway_request_errors import ADMIN, KEY, auth, client, make_app
 
 
@@ -50,3 +51,32 @@ async def test_basic_auth_still_reads_the_debug_pages() -> None:
     assert page.status_code == 200 and "Recent requests" in page.text
     assert data.status_code == 200 and data.json()["requests"] == []
     assert user.status_code == 403
+
+
+MARKUP = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
+
+
+async def test_the_waterfall_escapes_what_it_shows_and_forbids_scripts() -> None:
+    """Markup in every text a waterfall row shows (request id, trace id, tenant, route, error, backend, routing
+    reason, stage name) and in the reflected ``?id=`` is escaped; the page's CSP allows no script even if some
+    text ever were not, and no framing."""
+    app = make_app()
+    stages = [StageTiming(MARKUP, 0.0, 0.001, MARKUP)]
+    extra = {"backend": MARKUP, "routing_reason": MARKUP, "matched_prefix_tokens": MARKUP, "retries": MARKUP}
+    hostile = UsageRecord(
+        MARKUP, MARKUP, 0.0, MARKUP, MARKUP, MARKUP, 1, 0, 1, stages, 0.001, 0.002, 500, error=MARKUP, extra=extra
+    )
+    app.state.waterfall.add(hostile)
+    async with client(app) as c:
+        every = await c.get("/debug/requests", headers=auth(ADMIN))
+        one = await c.get("/debug/requests", params={"id": MARKUP, "axis": "ttft"}, headers=auth(ADMIN))
+    for page in (every, one):
+        assert page.status_code == 200
+        assert MARKUP not in page.text and "<script" not in page.text and "<img" not in page.text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page.text  # shown, as text
+        csp = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+        assert csp["default-src"] == "'none'" and "script-src" not in csp  # no script of any kind
+        assert csp["frame-ancestors"] == "'none'" and page.headers["x-frame-options"] == "DENY"
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["cache-control"] == "no-store"
+    assert one.text.count("&lt;script&gt;") >= 2  # the heading and the row

@@ -45,7 +45,7 @@ from llmpath.gateway.schemas import (
     error_responses,
 )
 from llmpath.gateway.service import Gateway, build_routes
-from llmpath.gateway.waterfall import WaterfallStore, render_html, to_json
+from llmpath.gateway.waterfall import PAGE_HEADERS, WaterfallStore, render_html, to_json
 from llmpath.instrumentation import (
     DEFAULT_EXCLUDED_PATHS,
     STAGES,
@@ -303,7 +303,7 @@ def create_app(
     ) -> HTMLResponse:
         limit, wanted = min(limit, config.debug.waterfall_requests), wanted or None  # ?id= (empty): every request
         html = render_html(waterfall.recent(limit, wanted=wanted), axis=axis, limit=limit, wanted=wanted)
-        return HTMLResponse(html, headers={"cache-control": "no-store"})
+        return HTMLResponse(html, headers=PAGE_HEADERS)
 
     @app.get(
         "/debug/requests.json",

@@ -64,6 +64,19 @@ class WaterfallStore:
         return records[:limit] if limit else records
 
 
+#: The page's response headers: never cached (it shows tenants and request ids), and, should any text ever reach it
+#: unescaped, no script, plugin, form, base URL or framing page that could use it (its only resource is inline CSS).
+PAGE_HEADERS = {
+    "cache-control": "no-store",
+    "content-security-policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+}
+
+
 def to_json(records: Iterable[UsageRecord]) -> dict[str, Any]:
     """The JSON document of ``/debug/requests.json``."""
     return {
