@@ -151,6 +151,50 @@ def test_an_unpaired_surrogate_escape_is_400_and_a_pair_is_text(url: str, path: 
     assert httpx.post(f"{url}{path}", content=body("hi \\ud83d\\ude00"), headers=headers).status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/generate", "/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # RecursionError: was a 500 with a traceback
+        (b'{"text": "hi", "prompt": "hi", "max_tokens": %s}' % (b"9" * 5000), "4300 digits"),  # was a 500
+        (b'{"text": "hi", "received_time": NaN, "messages": []}', "NaN is not a JSON value"),  # a 500 (/generate)
+        (b'{"text": "hi", "temperature": 1e400}', "number 1e400 is out of range"),
+    ],
+    ids=["deep", "long-integer", "nan", "overflow"],
+)
+def test_bodies_python_cannot_parse_or_answer_are_400(url: str, path: str, body: bytes, says: str) -> None:
+    """JSON nested deeper than Python's recursion limit, an integer longer than Python converts, or a number that is
+    no JSON (NaN, one out of a float's range): a 400 naming it, on every route, and the engine still serves."""
+    resp = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert resp.status_code == 400, resp.text
+    message = resp.json()["message"] if path != "/generate" else resp.json()["error"]["message"]
+    assert message.startswith("request body is not valid JSON") and says in message
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 2, "sampling_seed": 2**64}}),
+        (
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "seed": -(2**63) - 1},
+        ),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "seed": 10**30}),
+    ],
+)
+def test_a_seed_beyond_64_bits_is_400(url: str, path: str, body: dict[str, object]) -> None:
+    """torch's generator takes a 64-bit seed: a larger one was a 500 with a traceback (``Overflow when unpacking
+    long long``); both ends of the range still sample."""
+    resp = httpx.post(f"{url}{path}", json=body, timeout=30)
+    assert resp.status_code == 400, resp.text
+    message = resp.json()["message"] if path != "/generate" else resp.json()["error"]["message"]
+    assert message.startswith("sampling_seed must be in [-2**63, 2**64)")
+    for seed in (-(2**63), 2**64 - 1):
+        ok = {"text": "hi", "sampling_params": {"max_new_tokens": 2, "sampling_seed": seed}}
+        assert httpx.post(f"{url}/generate", json=ok, timeout=30).status_code == 200
+
+
 def test_openai_chat_completion_and_cache_report(url: str) -> None:
     messages = [{"role": "system", "content": "Answer in French. " * 5}, {"role": "user", "content": "Bonjour"}]
     body = {"model": "llmpath-tiny", "messages": messages, "max_tokens": 4, "temperature": 0, "ignore_eos": True}

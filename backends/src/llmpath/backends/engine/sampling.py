@@ -72,6 +72,9 @@ class SamplingParams:
                     f"min_new_tokens must be in [0, max_new_tokens({self.max_new_tokens})], got {self.min_new_tokens}.",
                 )
             )
+        if self.sampling_seed is not None:  # torch's generator takes a 64-bit seed, signed or not
+            seed = self.sampling_seed
+            checks.append((-(2**63) <= seed < 2**64, f"sampling_seed must be in [-2**63, 2**64), got {seed}."))
         for tid in self.stop_token_ids:
             checks.append((0 <= tid < vocab_size, f"stop_token_ids: {tid} is outside the vocabulary."))
         for ok, message in checks:

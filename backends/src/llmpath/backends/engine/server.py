@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -71,11 +72,25 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def _finite(text: str) -> float:
+    """A JSON number as a float; one out of a float's range (``1e400``) is no number the engine can use."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")  # Python's json module would take NaN and Infinity
+
+
 async def _json_body(request: Request) -> Any:
     raw = await request.body()
     try:
-        body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        body = json.loads(raw or b"null", parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # invalid JSON or UTF-8, NaN, 1e400, an integer of more than 4300 digits
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
     if b"\\ud" in raw.lower():  # a surrogate escape: unpaired, no text can hold it (tokenizer, responses, logs)
         try:
