@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
+from llmpath.gateway.app import create_app
+from llmpath.gateway.config import load_config
 from llmpath.instrumentation.usage import StageTiming, UsageRecord
 from tests.gateway.test_gateway_request_errors import ADMIN, KEY, auth, client, make_app
 
@@ -80,3 +83,25 @@ async def test_the_waterfall_escapes_what_it_shows_and_forbids_scripts() -> None
         assert page.headers["x-content-type-options"] == "nosniff"
         assert page.headers["cache-control"] == "no-store"
     assert one.text.count("&lt;script&gt;") >= 2  # the heading and the row
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "expected"),
+    [("inf", "1"), ("nan", "1"), ("-5", "1"), ("Wed, 21 Oct 2015 07:28:00 GMT", "1"), ("1e300", "3600"), ("7", "7")],
+)
+async def test_a_backends_retry_after_cannot_break_or_inflate_the_gateways(
+    answering, retry_after: str, expected: str
+) -> None:
+    """A busy backend's ``Retry-After`` that is no delay (``inf`` was a 500 with a traceback) leaves the 503
+    ``no_backend`` the gateway's own 1 s; a huge one (``1e300`` was a 301-digit header) is capped at an hour; a
+    plausible one is passed on."""
+    busy = answering(503, b'{"error": {"message": "busy"}}', {"retry-after": retry_after})
+    config = load_config(None, {"backends": [{"url": busy, "name": "busy"}], "insecure_no_auth": True})
+    app = create_app(config, registry=CollectorRegistry())
+    async with client(app) as c:
+        resp = await c.post(
+            "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        )
+    await app.gateway.pool.stop()
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_backend"
+    assert resp.headers["retry-after"] == expected

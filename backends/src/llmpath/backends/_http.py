@@ -8,6 +8,7 @@ third of the CPU per request (C HTTP parser, no per-request client machinery); s
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -154,11 +155,19 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
         raise error_for_status(resp.status, await resp.read(), resp.headers.get("retry-after"))
 
 
+#: The longest ``Retry-After`` taken from a backend: a client is never told to wait longer than this.
+MAX_RETRY_AFTER_S = 3600.0
+
+
 def _seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` in seconds, at most :data:`MAX_RETRY_AFTER_S`; ``None`` for anything that is no delay
+    (absent, an HTTP date, negative, ``nan``, ``inf``): a backend's header must not break or inflate the
+    gateway's."""
     try:
-        return float(value) if value is not None else None
+        seconds = float(value) if value is not None else math.nan
     except ValueError:
         return None
+    return min(seconds, MAX_RETRY_AFTER_S) if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def transport_error(exc: BaseException, url: str) -> BackendError:
