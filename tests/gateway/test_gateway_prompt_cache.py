@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmpath.gateway.prompt_cache import CacheKey, CacheMode, CacheResult, PromptCache
+from llmpath.gateway.prompt_cache import MAX_SEEDS, CacheKey, CacheMode, CacheResult, PromptCache
 from llmpath.gateway.routing import PrefixIndex, Tokenization
 
 SYSTEM = "S" * 256  # 16 blocks of 16 bytes at 1 char/token
@@ -84,6 +84,20 @@ def test_flushing_one_tenant_again_and_again_keeps_memory_bounded() -> None:
         cache.flush("t1")
     assert len(salts) == 50  # every flush moved t1 to a new salt
     assert len(cache._seeds) == 1  # t2's seed only: t1's old epochs' seeds were dropped with each flush
+
+
+def test_distinct_model_names_keep_the_seed_memo_bounded_and_the_salts_stable() -> None:
+    """In passthrough mode clients choose the model names: each new one must not be remembered for ever."""
+    cache = make_cache()
+    first = cache.key(SYSTEM, tenant="t1", route="default", model="model-0", mode=CacheMode.TENANT)
+    for i in range(1, MAX_SEEDS + 500):
+        cache.key(SYSTEM, tenant="t1", route="default", model=f"model-{i}", mode=CacheMode.TENANT)
+    assert len(cache._seeds) == MAX_SEEDS
+    again = cache.key(SYSTEM, tenant="t1", route="default", model="model-0", mode=CacheMode.TENANT)
+    assert (again.cache_salt, again.hashes) == (first.cache_salt, first.hashes)  # forgotten, computed the same
+    cache.flush("t1")
+    flushed = cache.key(SYSTEM, tenant="t1", route="default", model="model-0", mode=CacheMode.TENANT)
+    assert flushed.cache_salt != first.cache_salt  # a flush still moves the tenant to new salts
 
 
 def test_disabled_layer_bypasses_the_index_but_keeps_the_backends_isolation() -> None:

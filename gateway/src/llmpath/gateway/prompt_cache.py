@@ -20,6 +20,10 @@ from enum import StrEnum
 
 from llmpath.gateway.routing import PrefixIndex, Tokenization, block_hashes
 
+#: Seeds remembered (one per tenant or route × model × epoch). In passthrough mode clients choose the model names, so
+#: past this many the oldest is forgotten: a seed is a pure function of its key, computed again when asked for.
+MAX_SEEDS = 4096
+
 
 class CacheResult(StrEnum):
     """The ``result`` label of ``llmpath_prompt_cache_lookups_total``."""
@@ -168,5 +172,7 @@ class PromptCache:
         if found is None:
             digest = hashlib.sha256(f"llmpath\x00{memo_key[0]}\x00{self._global_epoch}.{epoch}".encode()).digest()
             found = (int.from_bytes(digest[:8], "big"), digest[8:20].hex())
+            if len(self._seeds) >= MAX_SEEDS:
+                del self._seeds[next(iter(self._seeds))]
             self._seeds[memo_key] = found
         return found
