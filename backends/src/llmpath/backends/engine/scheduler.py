@@ -158,6 +158,8 @@ class Scheduler:
         self.running: list[EngineRequest] = []
         #: The request whose prompt is being prefilled chunk by chunk (at most one, as in SGLang).
         self.chunked: EngineRequest | None = None
+        #: The requests of the prefill batch being run: out of ``waiting``, not yet ``running``.
+        self.prefilling: list[EngineRequest] = []
         self.reserved = 0
         self.forward_count = 0
         self.last_error: str | None = None
@@ -334,8 +336,14 @@ class Scheduler:
             self._queued_tokens -= len(req.fill_ids)
 
     def _fail_all(self, message: str) -> None:
+        """Fail every request in flight (a scheduler step raised): queued, running, chunked, and those of the
+        prefill batch that was running; each gets a last output with the error, and its KV and rid are released."""
         chunked = [self._stop_chunking()] if self.chunked is not None else []
-        for req in [*self.waiting, *self.running, *chunked]:
+        batch = [r for r in self.prefilling if not r.finished and r not in self.running and r not in chunked]
+        self.prefilling = []
+        for req in batch:
+            self._drop_uncomputed(req)
+        for req in [*self.waiting, *self.running, *chunked, *batch]:
             if req in self.waiting:
                 self._dequeued(req)
             req.finish_reason = {"type": "abort", "message": message, "status_code": 500, "err_type": None}
@@ -429,6 +437,7 @@ class Scheduler:
         """One forward over each request's next ``n`` prompt tokens (plus one decode token per running request
         with mixed chunks); requests whose prompt is complete sample their first token and join the running batch."""
         start_ts, start = time.time(), time.monotonic()
+        self.prefilling = [req for req, _ in batch]
         seqs: list[SeqInput] = []
         first_chunks = []
         for req, n in batch:
@@ -480,15 +489,21 @@ class Scheduler:
             if self.metrics and req.log_metrics:
                 self.metrics.observe("sglang:inter_token_latency_seconds", end - start)
             self._append_token(req, tok)
+        self.prefilling = []
 
     def _stop_chunking(self) -> EngineRequest:
         """Take the chunked request out of prefill, giving back the slots of the prompt tokens not computed yet."""
         req = self.chunked
-        assert req is not None and req.slots is not None
+        assert req is not None
         self.chunked = None
+        self._drop_uncomputed(req)
+        return req
+
+    def _drop_uncomputed(self, req: EngineRequest) -> None:
+        """Give back the slots of the prompt tokens whose KV is not computed (none goes into the radix cache)."""
+        assert req.slots is not None
         self.pool.free(req.slots[req.computed :])
         req.slots = req.slots[: req.computed]
-        return req
 
     def _cache_unfinished(self, req: EngineRequest) -> None:
         """Insert the prompt's KV computed so far into the tree right after prefill (or a chunk of it), so that
