@@ -87,12 +87,19 @@ def prefill_seconds(url: str, **params) -> float:
 
 def test_fault_control_validates_and_updates_partially(faulty) -> None:
     url = f"{faulty.url}/debug/fault"
-    cleared = {"prefill_slowdown": 1.0, "decode_slowdown": 1.0, "queue_delay_s": 0.0, "error_rate": 0.0}
+    cleared = {
+        "prefill_slowdown": 1.0,
+        "decode_slowdown": 1.0,
+        "queue_delay_s": 0.0,
+        "error_rate": 0.0,
+        "step_error_rate": 0.0,
+    }
     assert httpx.get(url).json() == cleared
     assert httpx.post(url, json={"error_rate": 0.25}).json()["error_rate"] == 0.25
     state = httpx.post(url, json={"queue_delay_s": 0.5}).json()
     assert state == {**cleared, "queue_delay_s": 0.5, "error_rate": 0.25}
-    for bad in ({"prefill_slowdown": 0.5}, {"decode_slowdown": 0}, {"error_rate": 2}, {"bogus": 1}, [1]):
+    bad_updates = ({"prefill_slowdown": 0.5}, {"decode_slowdown": 0}, {"error_rate": 2}, {"step_error_rate": -1})
+    for bad in (*bad_updates, {"bogus": 1}, [1]):
         resp = httpx.post(url, json=bad)
         assert resp.status_code == 400 and resp.json()["error"]["message"]
     assert httpx.get(url).json()["queue_delay_s"] == 0.5  # a bad update changes nothing

@@ -1,6 +1,7 @@
-"""A scheduler step that raises fails every request in flight, over real HTTP: those of the prefill batch that was
-running included, which used to be dropped (their clients waited for ever, their KV slots and request ids were never
-released)."""
+"""A forward step that raises (a device error, injected with ``step_error_rate``) fails every request in flight
+over real HTTP — those of the prefill batch that was running included, which used to be dropped (their clients waited
+for ever, their KV slots and request ids were never released) — and the engine goes on serving. The one way a client
+could make a step raise (banning every sampleable token before ``min_new_tokens``) is refused with a 400."""
 
 from __future__ import annotations
 
@@ -17,24 +18,44 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def url(engine_factory: Callable[..., object]) -> str:
-    return engine_factory(name="step-failure").url  # type: ignore[attr-defined]
+    return engine_factory("--enable-fault-injection", name="step-failure").url  # type: ignore[attr-defined]
 
 
 async def test_a_failed_prefill_answers_its_batch_and_releases_their_kv_and_ids(url: str) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=15) as client:
-        info = (await client.get("/model_info")).json()
-        # Every token the sampler may pick is banned until min_new_tokens: the first token's probabilities are all
-        # NaN and sampling raises inside the prefill step (a scheduler failure any client can cause).
-        banned = sorted({10, *range(32, 127), *info["eos_token_ids"]})
-        failing = {"max_new_tokens": 4, "min_new_tokens": 1, "stop_token_ids": banned, "temperature": 1.0}
-        calls = [
-            client.post("/generate", json={"text": f"hello {i}", "rid": f"fail-{i}", "sampling_params": failing})
-            for i in range(3)
-        ]
-        answers = await asyncio.wait_for(asyncio.gather(*calls), 10)  # they used to hang for ever
+        (await client.post("/debug/fault", json={"step_error_rate": 1.0})).raise_for_status()
+        try:
+            calls = [
+                client.post("/generate", json={"text": f"hello {i}", "rid": f"fail-{i}", "sampling_params": {}})
+                for i in range(3)
+            ]
+            answers = await asyncio.wait_for(asyncio.gather(*calls), 10)  # they used to hang for ever
+        finally:
+            (await client.delete("/debug/fault")).raise_for_status()
         loads = await wait_loads(client, num_running_reqs=0, num_waiting_reqs=0, num_used_tokens=0)
         again = await client.post("/generate", json={"text": "hi", "rid": "fail-0", "sampling_params": {}})
     assert [a.status_code for a in answers] == [500, 500, 500]
     assert all("internal engine error" in a.json()["error"]["message"] for a in answers)
     assert loads["num_used_tokens"] == 0  # their KV slots are back in the pool
     assert again.status_code == 200  # the request id is free again (not "Duplicate request ID")
+
+
+async def test_banning_every_sampleable_token_before_min_new_tokens_is_a_400(url: str) -> None:
+    """With EOS and ``stop_token_ids`` masked until ``min_new_tokens``, nothing is left to sample: sampling used to
+    raise inside the step and fail every request in flight (one client's request took down everyone's)."""
+    async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+        info = (await client.get("/model_info")).json()
+        every = sorted({10, *range(32, 127), *info["eos_token_ids"]})  # the byte tokenizer's sampleable ids
+        bystander = client.post("/generate", json={"text": "hello", "sampling_params": {"max_new_tokens": 16}})
+        refused = client.post(
+            "/generate",
+            json={"text": "hi", "sampling_params": {"min_new_tokens": 1, "stop_token_ids": every, "temperature": 1}},
+        )
+        ok, bad = await asyncio.gather(bystander, refused)
+        left = min(set(every) - set(info["eos_token_ids"]))
+        stops = [t for t in every if t != left]
+        one_short = {"min_new_tokens": 1, "stop_token_ids": stops, "temperature": 1.0, "max_new_tokens": 2}
+        allowed = await client.post("/generate", json={"text": "hi", "sampling_params": one_short})
+    assert bad.status_code == 400 and "none is left to generate" in bad.json()["error"]["message"]
+    assert ok.status_code == 200 and allowed.status_code == 200
+    assert allowed.json()["output_ids"][0] == left  # the one token left is what it samples

@@ -22,6 +22,8 @@ class FaultState:
     queue_delay_s: float = 0.0
     #: Probability that a request is answered with an injected HTTP 500.
     error_rate: float = 0.0
+    #: Probability that a forward step raises, as a device error would: every request in flight fails (HTTP 500).
+    step_error_rate: float = 0.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -32,6 +34,7 @@ _LIMITS = {
     "decode_slowdown": (1.0, 1000.0, "a factor ≥ 1"),
     "queue_delay_s": (0.0, 3600.0, "seconds ≥ 0"),
     "error_rate": (0.0, 1.0, "a probability in [0, 1]"),
+    "step_error_rate": (0.0, 1.0, "a probability in [0, 1]"),
 }
 
 
@@ -69,8 +72,20 @@ class FaultInjector:
         return self._state
 
     def should_fail(self) -> bool:
-        rate = self._state.error_rate
+        """Whether to answer this request with an injected HTTP 500 (``error_rate``)."""
+        return self._draw(self._state.error_rate)
+
+    def check_step(self) -> None:
+        """Raise :class:`InjectedStepFailure` for a forward step drawn to fail (``step_error_rate``)."""
+        if self._draw(self._state.step_error_rate):
+            raise InjectedStepFailure("injected forward step failure (step_error_rate)")
+
+    def _draw(self, rate: float) -> bool:
         if rate <= 0.0:
             return False
         with self._lock:
             return self._rng.random() < rate
+
+
+class InjectedStepFailure(RuntimeError):
+    """A forward step failed on purpose (fault injection)."""

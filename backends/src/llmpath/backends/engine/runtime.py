@@ -22,7 +22,7 @@ from llmpath.backends.engine.metrics import EngineMetrics
 from llmpath.backends.engine.model import LlamaModel, load_safetensors
 from llmpath.backends.engine.presets import ModelConfig, config_from_hf, preset, with_context
 from llmpath.backends.engine.radix_cache import RadixCache
-from llmpath.backends.engine.sampling import Sampler, SamplingParams
+from llmpath.backends.engine.sampling import InvalidSamplingParams, Sampler, SamplingParams
 from llmpath.backends.engine.scheduler import EngineRequest, Output, Scheduler, SchedulerConfig
 from llmpath.backends.engine.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 from llmpath.backends.engine.tracing import setup_tracer
@@ -206,7 +206,20 @@ class Engine:
                 "max_tokens",
             )
         params.verify(self.config.vocab_size)
+        if params.min_new_tokens and self._stops_cover_every_token(params.stop_token_ids):
+            raise InvalidSamplingParams(
+                "min_new_tokens is above 0, but stop_token_ids and the EOS tokens are every token this engine "
+                "samples: none is left to generate before it."
+            )
         return max_new
+
+    def _stops_cover_every_token(self, stop_token_ids: Sequence[int]) -> bool:
+        """Whether masking EOS and ``stop_token_ids`` (as before ``min_new_tokens``) leaves nothing to sample."""
+        sampleable = self.tokenizer.sampleable_ids
+        eos = self.tokenizer.eos_token_ids
+        if len(stop_token_ids) + len(eos) < len(sampleable):
+            return False
+        return set(sampleable) <= {*eos, *stop_token_ids}
 
     # ----------------------------------------------------------------- generation
 

@@ -452,6 +452,7 @@ class Scheduler:
         decoding = list(self.running) if self.config.enable_mixed_chunk else []
         seqs.extend(self._decode_inputs(decoding))
         logits = self.model(ForwardBatch(seqs, self.device, self.pool.dtype), self.pool)
+        self.faults.check_step()
         self.forward_count += 1
         elapsed = time.monotonic() - start
         slowdown = self.faults.state.prefill_slowdown
@@ -528,6 +529,7 @@ class Scheduler:
         reqs = list(self.running)
         start = time.monotonic()
         logits = self.model(ForwardBatch(self._decode_inputs(reqs), self.device, self.pool.dtype), self.pool)
+        self.faults.check_step()
         self.forward_count += 1
         next_ids = self._sample(logits, reqs)
         step = time.monotonic() - start
