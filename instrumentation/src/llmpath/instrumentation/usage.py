@@ -137,9 +137,14 @@ _MAX_LINE_TEMPLATES = 1024
 _SHAPE = itemgetter(0, 3)
 
 
+def _template_string(text: str) -> str:
+    """``text`` as a JSON string inside a ``%`` template: a ``%`` in it is a literal, not a conversion."""
+    return encode_basestring(text).replace("%", "%%")
+
+
 def _line_template(shape: tuple[tuple[str, str], ...]) -> str:
-    enc = encode_basestring
-    stages = ",".join(_STAGE_JSON % (enc(name), enc(source)) for name, source in shape)
+    lit = _template_string
+    stages = ",".join(_STAGE_JSON % (lit(name), lit(source)) for name, source in shape)
     template = _LINE_HEAD + stages + _LINE_TAIL
     if len(_LINE_TEMPLATES) < _MAX_LINE_TEMPLATES:
         _LINE_TEMPLATES[shape] = template
@@ -210,31 +215,36 @@ def usage_line(
 
 
 def extra_json(extra: dict[str, Any] | None) -> str:
-    """A record's ``extra`` as compact JSON (values JSON cannot hold are written with ``str``). A non-finite number
-    (``NaN``, ``inf``: JSON has no spelling for them, and strict readers such as ``jq`` refuse the line) is ``null``."""
+    """A record's ``extra`` as compact JSON (values JSON cannot hold, and keys of nested dicts it cannot hold such as
+    tuples, are written with ``str``). A non-finite number (``NaN``, ``inf``: JSON has no spelling for them, and strict
+    readers such as ``jq`` refuse the line) is ``null``."""
     if not extra:
         return "{}"
     try:
         return json.dumps(extra, separators=(",", ":"), default=str, allow_nan=False)
-    except ValueError:
-        return json.dumps(_finite(extra), separators=(",", ":"), default=str)
+    except (ValueError, TypeError):  # a non-finite number, or a key json refuses
+        return json.dumps(_plain(extra), separators=(",", ":"), default=str)
 
 
-def _finite(value: Any) -> Any:
-    """``value`` with every non-finite float, however deep in dicts, lists and tuples, replaced by ``None``."""
+_JSON_KEYS = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every non-finite float, however deep in dicts, lists and tuples, replaced by ``None``, and
+    every dict key json cannot write replaced by its ``str``."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k if isinstance(k, _JSON_KEYS) else str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [_plain(v) for v in value]
     return value
 
 
 def stages_json(stages: Iterable[StageTiming]) -> str:
     """The ``stages`` list as JSON (microsecond precision), as in a usage line."""
-    enc = encode_basestring
-    return "[" + ",".join(_STAGE_JSON % (enc(n), enc(src)) % (s, d) for n, s, d, src in stages) + "]"
+    lit = _template_string
+    return "[" + ",".join(_STAGE_JSON % (lit(n), lit(src)) % (s, d) for n, s, d, src in stages) + "]"
 
 
 @runtime_checkable
