@@ -51,10 +51,13 @@ class HistogramChild:
 
     def add(self, amount: float, tag: ExemplarTag | None = None) -> None:
         """Count ``amount`` in its bucket (``le`` semantics) and add it to the sum; the caller holds the lock.
-        With ``tag``, ``amount`` becomes the bucket's exemplar."""
+        With ``tag``, ``amount`` becomes the bucket's exemplar. A NaN is in the sum only (in no bucket, so not in the
+        count), as prometheus-client's ``Histogram`` has it."""
+        self._sum += amount
+        if amount != amount:  # NaN: bisection would put it in the first bucket
+            return
         i = bisect_left(self._bounds, amount)
         self._counts[i] += 1
-        self._sum += amount
         if tag is not None:
             self._exemplars[i] = (tag, amount)
 
@@ -158,10 +161,11 @@ class CompactHistogram(_Family[HistogramChild]):
                 cumulative += n
                 buckets.append((le, cumulative) if exemplar is None else (le, cumulative, exemplar))
             family.add_metric(labels, buckets, total)
+            labelled = dict(zip(self.labelnames, labels, strict=True))
+            if self._bounds[0] < 0:  # add_metric then leaves out _count and _sum; Histogram only _sum
+                family.samples.append(Sample(f"{self.name}_count", labelled, float(cumulative)))
             if created:
-                family.samples.append(
-                    Sample(f"{self.name}_created", dict(zip(self.labelnames, labels, strict=True)), child.created)
-                )
+                family.samples.append(Sample(f"{self.name}_created", labelled, child.created))
         yield family
 
 
