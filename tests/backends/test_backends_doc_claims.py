@@ -174,7 +174,11 @@ async def test_aborted_requests_health_checks_and_log_metrics_false_count_in_no_
         aborted = (await call).json()["meta_info"]
         assert aborted["finish_reason"]["type"] == "abort" and aborted["completion_tokens"] > 0
         assert (await client.get("/health_generate")).status_code == 200
-        quiet = {"text": "not counted", "log_metrics": False, "sampling_params": {"max_new_tokens": 3}}
+        quiet = {
+            "text": "not counted",
+            "log_metrics": False,
+            "sampling_params": {"max_new_tokens": 3, "ignore_eos": True},
+        }
         assert (await client.post("/generate", json=quiet)).json()["meta_info"]["completion_tokens"] == 3
         after = (await client.get("/metrics")).text
     assert {n: metric(after, n) - metric(before, n) for n in counters} == dict.fromkeys(counters, 0.0)
