@@ -36,7 +36,7 @@ run_pip install \
   -e "./slo[test]" \
   -e "./dashboards[test]" \
   -e "./runbooks[test]" \
-  -e ".[test]"
+  -e ".[test,frameworks]"
 "$venv/bin/python" -c "import llmpath.instrumentation, llmpath.backends, llmpath.gateway, llmpath.slo, llmpath.dashboards, llmpath.runbooks, llmpath.cli" \
   || { echo "bootstrap: llmpath parts failed to install" >&2; exit 1; }
 echo "bootstrap: done ($venv/bin/llmpath)"
