@@ -82,6 +82,8 @@ class StageScope:
             t1 = perf_counter()
             req.stages.append((self.name, self._t0, t1, "gateway"))
             self._req = None
+            if exc_type is not None and exc_type is not GeneratorExit:
+                req.stage_error = (exc_type.__qualname__, getattr(exc, "status_code", None))
             if req.sampled:
                 self._exit_sampled(req, t1, exc_type)
 

@@ -60,7 +60,14 @@ class LLMPathMiddleware:
         req, ctx_token = instr.start_request(scope)  # type: ignore[arg-type]
         var_token = CURRENT.set(req)
         request_id = req.request_id.encode("latin-1")
+        #: The client is gone: a send failed, or the app (or its framework) received ``http.disconnect``.
         disconnected: list[bool] = []
+
+        async def receive_watching() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect" and not req.finished:
+                disconnected.append(True)
+            return message
 
         async def send_with_telemetry(message: Message) -> None:
             kind = message["type"]
@@ -70,6 +77,8 @@ class LLMPathMiddleware:
                 if req.first_token is None and message.get("body") and 200 <= req.status_code < 300:
                     req.first_token = perf_counter()
                 if not message.get("more_body", False):
+                    if disconnected:  # a framework that saw the client leave may still end the response normally
+                        req.status_code, req.error = CLIENT_CLOSED_REQUEST, "client_disconnect"
                     instr.finish(req)  # before the last byte leaves: a completed response is always recorded
             elif kind == "http.response.start":
                 status = req.status_code = req.response_status = message["status"]
@@ -79,13 +88,15 @@ class LLMPathMiddleware:
                 # An error page sent while an exception is being handled (a handler inside this middleware that
                 # turns exceptions into responses): its class is the request's error type, unless the exception
                 # is the HTTP error itself (HTTPException(503), a gateway's own API error).
-                if (
-                    status >= 500
-                    and req.error is None
-                    and (handled := sys.exc_info()[1]) is not None
-                    and getattr(handled, "status_code", None) != status
-                ):
-                    req.error = type(handled).__qualname__
+                # Frameworks that send their error page after the except block (Django, Quart, Falcon) leave no
+                # exception to see: then an exception that escaped a stage names the error.
+                if status >= 500 and req.error is None:
+                    handled = sys.exc_info()[1]
+                    if handled is not None:
+                        if getattr(handled, "status_code", None) != status:
+                            req.error = type(handled).__qualname__
+                    elif req.stage_error is not None and req.stage_error[1] != status:
+                        req.error = req.stage_error[0]
                 headers = message.get("headers") or []
                 for key, _ in headers:  # ASGI header names are lowercase
                     if key == _REQUEST_ID_KEY:
@@ -101,7 +112,7 @@ class LLMPathMiddleware:
                 raise
 
         try:
-            await self.app(scope, receive, send_with_telemetry)
+            await self.app(scope, receive_watching, send_with_telemetry)
         except BaseException as exc:
             scope[FAILED_REQUEST_ID_KEY] = req.request_id
             if not req.finished:

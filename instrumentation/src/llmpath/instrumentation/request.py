@@ -57,6 +57,7 @@ class RequestTelemetry:
         "sampled",
         "scope",
         "span",
+        "stage_error",
         "stages",
         "start",
         "start_ns",
@@ -102,6 +103,8 @@ class RequestTelemetry:
         self.response_status: int | None = None
         self.finished = False
         self.error: str | None = None
+        #: The class name and ``status_code`` (if any) of the latest exception that escaped a stage.
+        self.stage_error: tuple[str, Any] | None = None
         self.scope: dict[str, Any] | None = None
         self.method = ""
         self.path = ""

@@ -1,9 +1,10 @@
-"""The route template of a request, with the prefixes of the Starlette ``Mount``s it went through.
+"""The route template of a request, with the prefixes of the Starlette ``Mount``s it went through (Starlette), or
+the matched handler's ``path_template`` (Litestar).
 
 A mounted app's router leaves only its own route in the ASGI scope (``/items/{id}`` for ``/api/items/7`` when the
 app is mounted at ``/api``); the mounts it went through show only as the concrete ``root_path`` they added. The
 prefix is turned back into the mounts' own templates (``/tenants/{tenant}``, not ``/tenants/acme``) by matching it
-against the instrumented app's mounts, once per distinct prefix. Duck-typed: Starlette is not imported.
+against the instrumented app's mounts, once per distinct prefix. Duck-typed: neither framework is imported.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ class RouteTemplates:
     def template(self, scope: dict[str, Any]) -> str | None:
         """The matched route's template, mount prefixes included; ``None`` if no route or mount matched."""
         route = scope.get("route")
-        template: str | None = getattr(route, "path", None) or None
+        # Starlette's matched route, else Litestar's template of the matched handler.
+        template: str | None = getattr(route, "path", None) or scope.get("path_template") or None
         app_root = scope.get("app_root_path")  # set by the first Mount the request went through
         if app_root is None:
             return template

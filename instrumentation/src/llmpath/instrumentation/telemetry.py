@@ -251,7 +251,7 @@ class Instrumentation:
             template = self.route_templates.template(scope)
             if template:
                 return template
-            if "router" in scope:
+            if "router" in scope or "litestar_app" in scope:  # Starlette's or Litestar's router matched nothing
                 return UNMATCHED_ROUTE
         return req.path
 
