@@ -50,6 +50,9 @@ class LLMPathMiddleware:
             return
         instr = self.instrumentation
         path = scope["path"]
+        root = scope.get("root_path")
+        if root and path.startswith(root):  # uvicorn's path includes the root path; hypercorn's and granian's not
+            path = _app_path(path, root)
         if path == instr.metrics_path:
             await serve_metrics(instr.registry, scope, send)
             return
@@ -139,6 +142,14 @@ class LLMPathMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_and_watch)
+
+
+def _app_path(path: str, root: str) -> str:
+    """``path`` without the server's ``root_path`` prefix (``/gw/metrics`` → ``/metrics``; ``/gwx`` stays)."""
+    rest = path[len(root) :]
+    if not rest:
+        return "/"
+    return rest if rest[0] == "/" else path
 
 
 def _classify_failure(req: Any, exc: BaseException, send_failed: bool) -> None:
