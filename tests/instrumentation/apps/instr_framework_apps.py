@@ -74,10 +74,11 @@ def litestar_app(labelled: bool = False) -> Any:
     """Litestar exposes the matched template itself (``scope["path_template"]``): ``labelled`` changes nothing."""
     from litestar import Litestar, Request, get, post, websocket
     from litestar.connection import WebSocket
+    from litestar.params import FromPath, JSONBody
     from litestar.response import Stream
 
     @post("/v1/chat", status_code=200)
-    async def chat(data: dict[str, Any]) -> dict[str, Any]:
+    async def chat(data: JSONBody[dict[str, Any]]) -> dict[str, Any]:
         return await chat_body(data)
 
     @get("/v1/stream")
@@ -85,7 +86,7 @@ def litestar_app(labelled: bool = False) -> Any:
         return Stream(events(*stream_args(request.query_params.get)), media_type="text/event-stream")
 
     @get("/items/{item_id:int}")
-    async def item(item_id: int) -> dict[str, int]:
+    async def item(item_id: FromPath[int]) -> dict[str, int]:
         return {"item": item_id}
 
     @get("/boom")
