@@ -142,3 +142,27 @@ def test_repetition_penalties_lower_repeated_tokens() -> None:
     logits = torch.tensor([[1.0, 0.5, 0.0]])
     assert sampler.sample(logits.clone(), [p], [[0]], [[]], [None]) == [1]
     assert sampler.sample(logits.clone(), [SamplingParams(temperature=0.0)], [[0]], [[]], [None]) == [0]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(temperature=1e39), SamplingParams(temperature=1e308), SamplingParams(repetition_penalty=0.0)],
+    ids=["temperature-over-float32", "temperature-1e308", "repetition-penalty-0"],
+)
+def test_accepted_params_never_make_sampling_raise(params: SamplingParams) -> None:
+    """Values ``verify`` accepts must sample: a temperature above float32's range made blocked ids' ``-inf / inf`` NaN,
+    and a repetition penalty of 0 made repeated positive logits ``inf`` — the step raised and failed every request in
+    flight, not only the one that asked for them."""
+    params.verify(vocab_size=6)
+    sampler = Sampler(sampleable_ids=range(4), vocab_size=6, seed=0)
+    logits = torch.tensor([[0.0, 1.0, 3.0, 2.0, 9.0, 9.0]])
+    draws = {sampler.sample(logits.clone(), [params], [[1, 2]], [[]], [None])[0] for _ in range(40)}
+    assert draws and draws <= {0, 1, 2, 3}  # only sampleable ids
+    if params.repetition_penalty == 0.0:
+        assert draws == {1, 2}  # the repeated tokens with positive logits, infinitely favoured
+
+
+def test_an_integer_past_floats_range_is_refused_not_an_overflow() -> None:
+    """A JSON integer too large for a float (``1e400`` written out) was an ``OverflowError``: a 500 on /generate."""
+    with pytest.raises(InvalidSamplingParams, match="temperature must be a number"):
+        parse_sampling_params({"temperature": 10**400})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,8 @@ import torch
 
 #: Below this temperature sampling is greedy (SGLang's ``_SAMPLING_EPS``).
 GREEDY_EPS = 1e-6
+#: The largest float32: a larger temperature divides logits by ``inf`` (blocked ids' ``-inf / inf`` is NaN).
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class InvalidSamplingParams(ValueError):
@@ -130,7 +133,8 @@ def _coerce(key: str, value: Any) -> Any:
             return int(value)
         raise InvalidSamplingParams(f"{key} must be an integer.")
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
+        with contextlib.suppress(OverflowError):  # an integer past a float's range
+            return float(value)
     raise InvalidSamplingParams(f"{key} must be a number.")
 
 
@@ -163,7 +167,9 @@ class Sampler:
             if p.greedy:
                 out.append(int(row.argmax()))
                 continue
-            row = row / p.temperature
+            row = row / min(p.temperature, _FLOAT32_MAX)
+            if p.repetition_penalty == 0.0 and hist:  # repeated positive logits are inf: softmax would be all NaN
+                row = row.nan_to_num(nan=float("-inf"), posinf=_FLOAT32_MAX, neginf=float("-inf"))
             if p.top_k > 0:
                 kth = torch.topk(row, min(p.top_k, row.numel())).values[-1]
                 row = row.masked_fill(row < kth, float("-inf"))
