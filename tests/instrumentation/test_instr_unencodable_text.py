@@ -41,6 +41,7 @@ def app_passing_client_text() -> FastAPI:
             call.set_response(response_id=body["route"], response_model=body["model"])
             call.set_finish_reasons([body["error"]])
             call.set_usage(input_tokens=3, output_tokens=1)
+            call.set_attribute("app.tenant", body["tenant"])
         record_usage(input_tokens=3, cached_tokens=0, output_tokens=1, model=body["model"])
         fail_request(502, body["error"])  # as after a stream's 200: overridden by the 200 sent next, not its error
         return {"ok": True}
@@ -90,4 +91,5 @@ async def test_unpaired_surrogates_are_recorded_replaced(make_harness: Callable[
     "".join(texts).encode("utf-8")  # raises on an unpaired surrogate, as an OTLP exporter's protobuf encoding would
     attributes = {k: v for s in spans for k, v in (s.attributes or {}).items()}
     assert attributes["requested_model"] == attributes["app.model"] == attributes["gen_ai.response.model"] == "m\ufffd"
+    assert attributes["app.tenant"] == "t\ufffd"
     assert attributes["tags"] == ("t\ufffd",) and attributes["gen_ai.response.finish_reasons"] == ("E\ufffd",)

@@ -183,7 +183,7 @@ class ModelCallSpan:
     def set_attribute(self, key: str, value: Any) -> None:
         """Set one span attribute (ignored when the trace is not sampled)."""
         if self._span is not None:
-            self._span.set_attribute(key, value)
+            self._span.set_attribute(key, clean_attribute(value))
 
     def set_usage(
         self,
