@@ -85,6 +85,8 @@ def _no_constant(name: str) -> Any:
 
 
 async def _json_body(request: Request) -> Any:
+    """The request's JSON body; a 400 for one that is no JSON or holds what the engine cannot use (``NaN``, ``1e400``,
+    nesting past the recursion limit, an unpaired surrogate escape)."""
     raw = await request.body()
     try:
         body = json.loads(raw or b"null", parse_float=_finite, parse_constant=_no_constant)
@@ -92,7 +94,9 @@ async def _json_body(request: Request) -> Any:
         raise ApiError(400, "request body is not valid JSON: nested too deeply") from None
     except ValueError as exc:  # invalid JSON or UTF-8, NaN, 1e400, an integer of more than 4300 digits
         raise ApiError(400, f"request body is not valid JSON: {exc}") from None
-    if b"\\ud" in raw.lower():  # a surrogate escape: unpaired, no text can hold it (tokenizer, responses, logs)
+    # A surrogate escape (JSON's \\u is lower case; two scans, no lower-cased copy of a long body): unpaired, no
+    # text can hold it (tokenizer, responses, logs).
+    if b"\\ud" in raw or b"\\uD" in raw:
         try:
             json.dumps(body, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as exc:
