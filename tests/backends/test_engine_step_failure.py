@@ -6,6 +6,7 @@ could make a step raise (banning every sampleable token before ``min_new_tokens`
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import httpx
@@ -59,3 +60,37 @@ async def test_banning_every_sampleable_token_before_min_new_tokens_is_a_400(url
     assert bad.status_code == 400 and "none is left to generate" in bad.json()["error"]["message"]
     assert ok.status_code == 200 and allowed.status_code == 200
     assert allowed.json()["output_ids"][0] == left  # the one token left is what it samples
+
+
+async def test_a_failed_decode_step_caches_no_kv_it_may_not_have_computed(url: str) -> None:
+    """A decode step that raises (a device error inside the forward) leaves each running request's newest KV slot
+    uncomputed: the radix cache takes the prompt and the tokens before the last one, never that slot (a later
+    request sharing the prefix would reuse KV no step wrote)."""
+    prompt = list(b"a failing decode step, token by token")
+    body = {
+        "input_ids": prompt,
+        "stream": True,
+        "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True},
+    }
+    ids: list[int] = []
+    error = None
+    async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+        try:
+            async with client.stream("POST", "/generate", json=body) as stream:
+                async for line in stream.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[len("data: ") :])
+                    if "error" in event:
+                        error = event["error"]
+                        break
+                    ids = event["output_ids"]
+                    if len(ids) >= 2 and not error:  # decoding: make the next step fail
+                        (await client.post("/debug/fault", json={"step_error_rate": 1.0})).raise_for_status()
+        finally:
+            (await client.delete("/debug/fault")).raise_for_status()
+        assert error is not None and "internal engine error" in error["message"]
+        await wait_loads(client, num_running_reqs=0, num_waiting_reqs=0)
+        probe = {"input_ids": [*prompt, *ids, 10], "sampling_params": {"max_new_tokens": 1}}
+        meta = (await client.post("/generate", json=probe)).json()["meta_info"]
+    assert meta["cached_tokens"] == len(prompt) + len(ids) - 1  # not the last token's slot, whose step failed

@@ -343,6 +343,8 @@ class Scheduler:
         self.prefilling = []
         for req in batch:
             self._drop_uncomputed(req)
+        for req in self.running:  # the step may have died before computing its last token's KV in its new slot
+            self._drop_uncomputed(req, keep=len(req.fill_ids) - 1)
         for req in [*self.waiting, *self.running, *chunked, *batch]:
             if req in self.waiting:
                 self._dequeued(req)
@@ -500,11 +502,13 @@ class Scheduler:
         self._drop_uncomputed(req)
         return req
 
-    def _drop_uncomputed(self, req: EngineRequest) -> None:
-        """Give back the slots of the prompt tokens whose KV is not computed (none goes into the radix cache)."""
+    def _drop_uncomputed(self, req: EngineRequest, keep: int | None = None) -> None:
+        """Give back the slots past the first ``keep`` (default: the prompt tokens computed), whose KV is not known
+        to be computed: none of it goes into the radix cache."""
         assert req.slots is not None
-        self.pool.free(req.slots[req.computed :])
-        req.slots = req.slots[: req.computed]
+        keep = req.computed if keep is None else keep
+        self.pool.free(req.slots[keep:])
+        req.slots = req.slots[:keep]
 
     def _cache_unfinished(self, req: EngineRequest) -> None:
         """Insert the prompt's KV computed so far into the tree right after prefill (or a chunk of it), so that
