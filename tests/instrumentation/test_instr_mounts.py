@@ -96,16 +96,30 @@ async def test_a_proxys_root_path_is_not_a_mount(make_harness: Callable[..., Har
     assert routes_seen(h) == {"/items/{item_id}": 1}
 
 
-async def test_mounts_behind_a_middleware_that_hides_them_give_their_concrete_prefix(
+async def test_mounts_inside_a_middleware_wrapped_app_are_found_through_it(
     make_harness: Callable[..., Harness],
 ) -> None:
     inner = FastAPI()
     inner.mount("/shard/{n}", items_app())
     top = FastAPI()
-    top.mount("/wrapped", GZipMiddleware(inner))  # the mount inside is not reachable from the outer one
+    top.mount("/wrapped", GZipMiddleware(inner))  # the mount inside is reached through the middleware's .app
     h = make_harness(app=top)
-    await get_all(h, "/wrapped/shard/7/items/1")
-    assert routes_seen(h) == {"/wrapped/shard/7/items/{item_id}": 1}
+    await get_all(h, "/wrapped/shard/7/items/1", "/wrapped/shard/8/items/2")
+    assert routes_seen(h) == {"/wrapped/shard/{n}/items/{item_id}": 2}
+
+
+async def test_mounts_that_cannot_be_found_are_one_placeholder_segment(make_harness: Callable[..., Harness]) -> None:
+    inner = FastAPI()
+    inner.mount("/shard/{n}", items_app())
+
+    async def opaque(scope: Any, receive: Any, send: Any) -> None:  # hides the app it calls
+        await inner(scope, receive, send)
+
+    top = FastAPI()
+    top.mount("/hidden", opaque)
+    h = make_harness(app=top)
+    await get_all(h, "/hidden/shard/7/items/1", "/hidden/shard/8/items/2")
+    assert routes_seen(h) == {"/hidden/{mount}/items/{item_id}": 2}  # one series, not one per shard
 
 
 async def test_the_middleware_on_a_starlette_app_resolves_its_mounts() -> None:

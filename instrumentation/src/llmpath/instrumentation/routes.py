@@ -13,8 +13,10 @@ from typing import Any
 
 #: Distinct concrete mount prefixes remembered (a mount template with parameters has one per value).
 _MAX_PREFIXES = 1024
-#: Mounts nested deeper than this are not looked up (an app mounted inside itself would loop).
+#: Mounts (and middleware wrappers) nested deeper than this are not looked up (an app mounted in itself would loop).
 _MAX_DEPTH = 32
+#: The segment standing for mounts whose templates cannot be found.
+UNRESOLVED_MOUNT = "/{mount}"
 
 
 class RouteTemplates:
@@ -43,22 +45,23 @@ class RouteTemplates:
     def _prefix(self, concrete: str) -> str:
         found = self._prefixes.get(concrete)
         if found is None:
-            found = mount_template(self.app, concrete) or concrete
+            found = mount_template(self.app, concrete)
             if len(self._prefixes) < _MAX_PREFIXES:
                 self._prefixes[concrete] = found
         return found
 
 
-def mount_template(app: Any, concrete: str) -> str | None:
-    """The template of the mounts of ``app`` that the concrete prefix ``concrete`` went through (``None`` if they
-    cannot be found, for instance behind a middleware that hides the mounted app's routes)."""
+def mount_template(app: Any, concrete: str) -> str:
+    """The template of the mounts of ``app`` that the concrete prefix ``concrete`` went through. Mounts that cannot
+    be found (an app that is no Starlette router, however deep in middleware) become one :data:`UNRESOLVED_MOUNT`
+    segment: a bounded label, not one per parameter value."""
     templates: list[str] = []
-    routes = getattr(app, "routes", None)
+    routes = _routes_of(app)
     remaining = concrete + "/"
     for _ in range(_MAX_DEPTH):
         if remaining == "/":
             return "".join(templates)
-        for route in routes or ():
+        for route in routes:
             regex = getattr(route, "path_regex", None)
             if regex is None or not _is_mount(route):
                 continue
@@ -66,11 +69,23 @@ def mount_template(app: Any, concrete: str) -> str | None:
             if match is not None:
                 templates.append(route.path)
                 remaining = "/" + match.groupdict().get("path", "")
-                routes = getattr(route, "routes", None)
+                routes = getattr(route, "routes", None) or _routes_of(getattr(route, "app", None))
                 break
         else:
-            return None
-    return None
+            break
+    return "".join(templates) + UNRESOLVED_MOUNT
+
+
+def _routes_of(app: Any) -> list[Any]:
+    """The routes of ``app``, looked for through the middleware wrapping it (each keeps the next app as ``.app``)."""
+    for _ in range(_MAX_DEPTH):
+        if app is None:
+            break
+        routes = getattr(app, "routes", None)
+        if routes:
+            return list(routes)
+        app = getattr(app, "app", None)
+    return []
 
 
 def _is_mount(route: Any) -> bool:
