@@ -168,6 +168,22 @@ async def test_exception_in_the_app_is_a_500_with_its_class(serve: Any, framewor
     assert s.value("llmpath_requests_total", route="/boom", model="unknown", code="500") == 1
 
 
+@pytest.mark.parametrize("framework", ["quart", "django", "falcon"])
+async def test_the_documented_exception_hook_names_an_error_outside_every_stage(serve: Any, framework: str) -> None:
+    """Without a stage to learn it from, the framework's exception hook the docs show names the error."""
+    s = serve(framework)
+    async with s.client() as client:
+        assert (await client.get("/crash")).status_code == 500  # no hook: a 500 with no error type
+        disconnect = fw.install_error_hook(framework, s.app.app)
+        try:
+            r = await client.get("/crash")
+        finally:
+            disconnect()
+    assert r.status_code == 500
+    assert [(rec.status_code, rec.error) for rec in s.records] == [(500, None), (500, "LookupError")]
+    assert s.value("llmpath_requests_total", route="/crash", model="unknown", code="500") == 2
+
+
 @frameworks
 async def test_route_label_is_the_template(serve: Any, framework: str) -> None:
     """Litestar's template is read from the scope; the others get it from the hook the docs show."""

@@ -3,6 +3,7 @@
 Each app has ``POST /v1/chat`` (JSON; stages ``auth`` and ``route``, ``mark_first_token``, ``record_usage``),
 ``GET /v1/stream?tokens=&delay=`` (server-sent events; a ``schedule`` stage, then one event per token; the first
 body chunk is the first token), ``GET /items/{id}``, ``GET /boom`` (raises :class:`BackendDown` inside a stage),
+``GET /crash`` (Quart, Django, Falcon: raises ``LookupError`` outside every stage; :func:`install_error_hook`),
 ``/ws`` (a websocket echoing text reversed; not Django, whose ASGI handler has none) and lifespan hooks recording
 ``startup``/``shutdown`` in :data:`EVENTS` (not Django, which has no lifespan). ``labelled=True`` adds the
 framework's one-line hook that names the ``route`` label (docs/instrumentation.md, "Frameworks and servers").
@@ -14,6 +15,7 @@ in ``LLMPathMiddleware`` with a JSON-lines ledger at ``LLMPATH_TEST_JSONL``.
 # No `from __future__ import annotations`: Litestar reads the handlers' annotations as objects.
 import asyncio
 import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,6 +23,7 @@ from llmpath.instrumentation import (
     JsonlUsageSink,
     LLMPathMiddleware,
     current_request,
+    fail_request,
     mark_first_token,
     record_usage,
     set_request_labels,
@@ -61,6 +64,10 @@ async def events(tokens: int, delay: float) -> AsyncIterator[bytes]:
 async def boom() -> None:
     with stage("route"):
         raise BackendDown("prompt text that must never be recorded")
+
+
+async def crash() -> None:
+    raise LookupError("outside every stage")
 
 
 def stream_args(get: Callable[[str, str], str]) -> tuple[int, float]:
@@ -130,6 +137,11 @@ def quart_app(labelled: bool = False) -> Any:
     @app.get("/boom")
     async def fail() -> dict[str, Any]:
         await boom()
+        return {}
+
+    @app.get("/crash")
+    async def crashed() -> dict[str, Any]:
+        await crash()
         return {}
 
     @app.websocket("/ws")
@@ -209,11 +221,16 @@ def _django_urls() -> list[Any]:
         await boom()
         return HttpResponse()
 
+    async def crashed(request: Any) -> Any:
+        await crash()
+        return HttpResponse()
+
     return [
         path("v1/chat", chat),
         path("v1/stream", stream),
         path("items/<int:item_id>", item),
         path("boom", fail),
+        path("crash", crashed),
     ]
 
 
@@ -258,6 +275,10 @@ def falcon_app(labelled: bool = False) -> Any:
         async def on_get(self, req: Any, resp: Any) -> None:
             await boom()
 
+    class Crash:
+        async def on_get(self, req: Any, resp: Any) -> None:
+            await crash()
+
     class Echo:
         async def on_websocket(self, req: Any, ws: Any) -> None:
             await ws.accept()
@@ -278,8 +299,44 @@ def falcon_app(labelled: bool = False) -> Any:
     app.add_route("/v1/stream", Stream())
     app.add_route("/items/{item_id:int}", Item())
     app.add_route("/boom", Boom())
+    app.add_route("/crash", Crash())
     app.add_route("/ws", Echo())
     return app
+
+
+# ---- The exception hooks of docs/instrumentation.md ("Errors") --------------------------------------------------
+
+
+async def quart_error_type(sender: Any, exception: BaseException, **extra: Any) -> None:
+    fail_request(500, type(exception).__name__)
+
+
+def django_error_type(sender: Any, **kwargs: Any) -> None:
+    fail_request(500, type(sys.exc_info()[1]).__name__)  # sent while Django handles the exception
+
+
+async def falcon_error_type(req: Any, resp: Any, exception: BaseException, params: Any) -> None:
+    import falcon
+
+    fail_request(500, type(exception).__name__)
+    raise falcon.HTTPInternalServerError()
+
+
+def install_error_hook(framework: str, app: Any) -> Callable[[], None]:
+    """Connect the framework's exception hook that names the error; returns what disconnects it (Django's signal
+    is process-wide)."""
+    if framework == "quart":
+        from quart.signals import got_request_exception
+
+        got_request_exception.connect(quart_error_type, app)
+        return lambda: got_request_exception.disconnect(quart_error_type, app)
+    if framework == "django":
+        from django.core.signals import got_request_exception as django_signal
+
+        django_signal.connect(django_error_type)
+        return lambda: django_signal.disconnect(django_error_type)
+    app.add_error_handler(Exception, falcon_error_type)
+    return lambda: None
 
 
 BUILDERS: dict[str, Callable[..., Any]] = {
