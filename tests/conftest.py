@@ -1,11 +1,17 @@
-"""Shared fixtures: free loopback ports and real child processes that are always stopped by PID."""
+"""Shared fixtures: free loopback ports, real child processes that are always stopped by PID, and a loopback
+endpoint recording what is posted to it."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +92,52 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
+
+
+@dataclass(frozen=True)
+class Post:
+    """One JSON body posted to a :class:`PostRecorder`."""
+
+    path: str
+    authorization: str | None
+    body: Any
+    #: ``time.monotonic()`` when it arrived.
+    received: float
+
+
+class PostRecorder:
+    """An HTTP endpoint on loopback keeping each JSON body posted to it, with its path and ``Authorization`` header:
+    the stand-in for webhook receivers (Alertmanager's), Grafana's API, PagerDuty and Slack."""
+
+    def __init__(self) -> None:
+        self._posts: list[Post] = []
+        self._lock = threading.Lock()
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                post = Post(self.path, self.headers["Authorization"], body, time.monotonic())
+                with recorder._lock:
+                    recorder._posts.append(post)
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        """The address of ``path`` on this endpoint."""
+        return f"http://127.0.0.1:{self.server.server_address[1]}/{path}"
+
+    def posts(self) -> list[Post]:
+        """What was posted so far, in order."""
+        with self._lock:
+            return list(self._posts)
+
+    def close(self) -> None:
+        self.server.shutdown()

@@ -10,10 +10,8 @@ import os
 import re
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import yaml
 from llmpath.demo.prometheus import find_alertmanager, find_prometheus, start_alertmanager, start_prometheus
 from llmpath.demo.supervisor import Supervisor, free_port
 from llmpath.slo.promtool_tests import render_template
+from tests.conftest import PostRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "deploy.md"
@@ -129,41 +128,19 @@ def test_a_gateway_scrape_outage_leaves_firing_alerts_to_fade_and_opens_no_data_
     run([promtool, "test", "rules", "outage.test.yaml"], tmp_path)
 
 
-class Recorder:
-    """An HTTP endpoint on loopback standing in for Grafana, PagerDuty and Slack: keeps each JSON body posted to it
-    (and its Authorization header)."""
-
-    def __init__(self) -> None:
-        self.posts: list[tuple[str, dict[str, Any]]] = []
-        self.authorizations: list[str | None] = []
-        posts, authorizations = self.posts, self.authorizations
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                authorizations.append(self.headers["Authorization"])
-                posts.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/{path}"
+class Recorder(PostRecorder):
+    """The stand-in for Grafana, PagerDuty and Slack."""
 
     def wait_for(self, count: int, timeout: float = 30.0) -> dict[str, list[dict[str, Any]]]:
         """Path → the bodies posted there, once ``count`` posts have come (fails after ``timeout`` seconds)."""
         deadline = time.monotonic() + timeout
-        while len(self.posts) < count and time.monotonic() < deadline:
+        while len(self.posts()) < count and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert len(self.posts) == count, self.posts
+        posts = self.posts()
+        assert len(posts) == count, posts
         by_path: dict[str, list[dict[str, Any]]] = {}
-        for path, body in self.posts:
-            by_path.setdefault(path.strip("/"), []).append(body)
+        for post in posts:
+            by_path.setdefault(post.path.strip("/"), []).append(post.body)
         return by_path
 
 
@@ -171,7 +148,7 @@ class Recorder:
 def recorder() -> Iterator[Recorder]:
     endpoint = Recorder()
     yield endpoint
-    endpoint.server.shutdown()
+    endpoint.close()
 
 
 RUNBOOKS = "https://github.com/acme/llm-gateway/blob/main/runbooks/generated"
@@ -267,10 +244,10 @@ def test_grafana_api_loop_posts_each_dashboard_ready_for_import(
         ["bash", "-eo", "pipefail", "-c", loop], cwd=tmp_path, env=env, capture_output=True, timeout=60
     )
     assert done.returncode == 0, done.stderr
-    assert [path for path, _ in recorder.posts] == ["/grafana/api/dashboards/db"] * 3
-    assert recorder.authorizations == ["Bearer test-token"] * 3
+    assert [post.path for post in recorder.posts()] == ["/grafana/api/dashboards/db"] * 3
+    assert [post.authorization for post in recorder.posts()] == ["Bearer test-token"] * 3
     uids = set()
-    for _, body in recorder.posts:
+    for body in (post.body for post in recorder.posts()):
         assert {k: v for k, v in body.items() if k != "dashboard"} == {"folderUid": "llmpath", "overwrite": True}
         dashboard = body["dashboard"]
         uids.add(dashboard["uid"])

@@ -16,8 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -33,6 +32,7 @@ from llmpath.demo.stack import Stack, StackConfig, start_stack
 from llmpath.demo.workload import WorkloadSpec, run_workload
 from llmpath.instrumentation.usage import read_jsonl
 from llmpath.live.promapi import PrometheusClient
+from tests.conftest import PostRecorder
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 
@@ -56,42 +56,17 @@ class Notification:
     received: float
 
 
-@dataclass
-class WebhookReceiver:
+class WebhookReceiver(PostRecorder):
     """Alertmanager's webhook receivers (one path per receiver), served by the test over loopback."""
 
-    notifications: list[Notification] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                now = time.monotonic()
-                with receiver.lock:
-                    for alert in body["alerts"]:
-                        receiver.notifications.append(
-                            Notification(
-                                self.path.strip("/"), alert["status"], alert["labels"], alert["annotations"], now
-                            )
-                        )
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def url(self, receiver: str) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/{receiver}"
-
     def since(self, t0: float) -> list[Notification]:
-        with self.lock:
-            return [n for n in self.notifications if n.received >= t0]
+        """Each alert of the notifications received from ``t0`` on."""
+        return [
+            Notification(post.path.strip("/"), alert["status"], alert["labels"], alert["annotations"], post.received)
+            for post in self.posts()
+            if post.received >= t0
+            for alert in post.body["alerts"]
+        ]
 
     def wait_for(self, predicate: Callable[[Notification], bool], since: float, timeout: float) -> Notification:
         deadline = time.monotonic() + timeout
@@ -102,9 +77,6 @@ class WebhookReceiver:
             time.sleep(0.5)
         seen = [(n.receiver, n.status, n.labels.get("alertname"), n.labels.get("stage")) for n in self.since(since)]
         raise AssertionError(f"no matching notification within {timeout:.0f}s; received: {seen}")
-
-    def close(self) -> None:
-        self.server.shutdown()
 
 
 class Load:
