@@ -274,10 +274,10 @@ def raise_stream_error(obj: dict[str, Any], default_status: int = 500) -> None:
     400), else ``default_status``.
     """
     err = obj.get("error") if "error" in obj else (obj if obj.get("object") == "error" else None)
-    if err is None:
+    if err is None or err is False:  # `"error": null` on a normal chunk is no error
         return
-    if isinstance(err, str):
-        err = {"message": err}
+    if not isinstance(err, dict):  # TGI sends a string; anything else is an error all the same
+        err = {"message": err if isinstance(err, str) else orjson.dumps(err).decode()[:500]}
     code = err.get("code")
     if isinstance(code, int) and not isinstance(code, bool):
         status = code

@@ -27,6 +27,7 @@ from llmpath.backends._http import (
     sse_json,
     transport_error,
 )
+from llmpath.backends._values import token_count
 from llmpath.backends.base import (
     BackendEvent,
     BackendProtocolError,
@@ -77,11 +78,18 @@ def openai_base_url(url: str) -> str:
 
 
 def _usage(obj: Any) -> Usage | None:
-    if not isinstance(obj, dict) or "prompt_tokens" not in obj:
+    """A chunk's ``usage``, or ``None`` when it has none that counts: ``usage: null``, or ``prompt_tokens`` (or a
+    given ``completion_tokens``) that is not a token count (some servers put a usage of nulls on every chunk).
+    Cached tokens missing or not a count are 0, and never more than the prompt."""
+    if not isinstance(obj, dict):
         return None
-    details = obj.get("prompt_tokens_details") or {}
-    cached = details.get("cached_tokens") if isinstance(details, dict) else None
-    return Usage(int(obj["prompt_tokens"]), int(obj.get("completion_tokens") or 0), int(cached or 0))
+    prompt = token_count(obj.get("prompt_tokens"))
+    completion = token_count(obj.get("completion_tokens")) if obj.get("completion_tokens") is not None else 0
+    if prompt is None or completion is None:
+        return None
+    details = obj.get("prompt_tokens_details")
+    cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    return Usage(prompt, completion, min(cached or 0, prompt))
 
 
 class OpenAIBackend:
@@ -131,7 +139,7 @@ class OpenAIBackend:
                     usage = _usage(chunk.get("usage")) or usage
                     if isinstance(chunk.get("model"), str):
                         model = chunk["model"]
-                    for choice in chunk.get("choices") or []:
+                    for choice in _choices(chunk):
                         text = _choice_text(choice, chat)
                         if first_at is None and (text or choice.get("finish_reason")):
                             first_at = time.monotonic()
@@ -141,8 +149,9 @@ class OpenAIBackend:
                         if text:
                             # A non-streamed answer covers all tokens; a stream chunk is one token in practice.
                             yield TokenDelta(text, usage.completion_tokens if usage and not request.stream else 1)
-                        if choice.get("finish_reason"):
-                            finish = _FINISH.get(choice["finish_reason"], "stop")
+                        if choice.get("finish_reason"):  # unknown reasons (TGI's "eos_token", ...) are a stop
+                            reason = choice["finish_reason"]
+                            finish = _FINISH.get(reason, "stop") if isinstance(reason, str) else "stop"
         except TRANSPORT_ERRORS as exc:
             raise transport_error(exc, self.url) from exc
         if finish is None:
@@ -172,11 +181,25 @@ class OpenAIBackend:
         return f"OpenAIBackend({self.name!r}, url={self.url!r})"
 
 
+def _choices(chunk: dict[str, Any]) -> list[dict[str, Any]]:
+    """A chunk's ``choices`` (none when missing or ``null``); a protocol error when they are not a list of objects."""
+    choices = chunk.get("choices")
+    if choices is None:
+        return []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise BackendProtocolError(f"choices is not a list of objects: {str(choices)[:100]!r}")
+    return choices
+
+
 def _choice_text(choice: dict[str, Any], chat: bool) -> str:
     if chat:
         part = choice.get("delta") or choice.get("message") or {}
-        return (part.get("content") or "") if isinstance(part, dict) else ""
-    return choice.get("text") or ""
+        text = part.get("content") if isinstance(part, dict) else None
+    else:
+        text = choice.get("text")
+    if text is not None and not isinstance(text, str):
+        raise BackendProtocolError(f"a choice's text is a {type(text).__name__}, not a string")
+    return text or ""
 
 
 async def _single(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:

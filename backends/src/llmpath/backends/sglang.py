@@ -31,6 +31,7 @@ from llmpath.backends._http import (
     sse_json,
     transport_error,
 )
+from llmpath.backends._values import token_count
 from llmpath.backends.base import (
     BackendEvent,
     BackendProtocolError,
@@ -87,21 +88,25 @@ class GenerateStreamParser:
         # prompt longer than the context, bad sampling parameters): its non-streaming path answers those 400.
         raise_stream_error(chunk, default_status=400)
         meta = chunk.get("meta_info")
-        if not isinstance(meta, dict) or "completion_tokens" not in meta or "prompt_tokens" not in meta:
-            raise BackendProtocolError(f"/generate output without meta_info counts: {json.dumps(chunk)[:200]}")
+        if not isinstance(meta, dict):
+            raise BackendProtocolError(f"/generate output without meta_info: {json.dumps(chunk)[:200]}")
         if self.done:
             raise BackendProtocolError("/generate output after the final one")
+        prompt, completion = _required_count(meta, "prompt_tokens"), _required_count(meta, "completion_tokens")
+        text = chunk.get("text")
+        if text is not None and not isinstance(text, str):
+            raise BackendProtocolError(f"/generate output whose text is a {type(text).__name__}, not a string")
         events: list[BackendEvent] = []
         if self.first_token_at is None:
-            events.extend(self._first(meta))
-        delta, n = self._delta(chunk.get("text") or "", chunk.get("output_ids"), int(meta["completion_tokens"]))
+            events.extend(self._first(meta, prompt))
+        delta, n = self._delta(text or "", chunk.get("output_ids"), completion)
         if delta or n:
             events.append(TokenDelta(delta, n))
         if meta.get("finish_reason"):
             events.append(self._done(meta))
         return events
 
-    def _first(self, meta: dict[str, Any]) -> list[BackendEvent]:
+    def _first(self, meta: dict[str, Any], prompt: int) -> list[BackendEvent]:
         now = time.monotonic()
         self.first_token_at = now
         gateway_ttft = now - self.started
@@ -120,9 +125,7 @@ class GenerateStreamParser:
             self.queue_seconds, self.prefill_seconds = 0.0, gateway_ttft
         return [
             Scheduled(self.queue_seconds, self.source),
-            FirstToken(
-                self.prefill_seconds, int(meta["prompt_tokens"]), int(meta.get("cached_tokens") or 0), self.source
-            ),  # fmt: skip
+            FirstToken(self.prefill_seconds, prompt, _cached(meta, prompt), self.source),
         ]
 
     def _delta(self, text: str, output_ids: Any, completion: int) -> tuple[str, int]:
@@ -171,8 +174,22 @@ class GenerateStreamParser:
                 e2e_seconds=now - self.started,
                 source=TimingSource.GATEWAY,
             )
-        usage = Usage(int(meta["prompt_tokens"]), int(meta["completion_tokens"]), int(meta.get("cached_tokens") or 0))
+        prompt = _required_count(meta, "prompt_tokens")
+        usage = Usage(prompt, _required_count(meta, "completion_tokens"), _cached(meta, prompt))
         return Done(usage, kind if kind in ("stop", "length", "abort") else "stop", timings)
+
+
+def _required_count(meta: dict[str, Any], key: str) -> int:
+    """``meta_info[key]``, a token count every output has (a protocol error when missing or not a count)."""
+    count = token_count(meta.get(key))
+    if count is None:
+        raise BackendProtocolError(f"/generate meta_info.{key} is not a token count: {meta.get(key)!r:.50}")
+    return count
+
+
+def _cached(meta: dict[str, Any], prompt: int) -> int:
+    """``meta_info.cached_tokens``: 0 when missing or not a count, at most the prompt."""
+    return min(token_count(meta.get("cached_tokens")) or 0, prompt)
 
 
 def _num(value: Any) -> float | None:

@@ -22,6 +22,7 @@ from llmpath.backends.base import (
     BackendBadRequest,
     BackendError,
     BackendEvent,
+    BackendProtocolError,
     BackendServerError,
     BackendTimeout,
     BackendUnavailable,
@@ -315,7 +316,7 @@ class _Prefetched:
 
     async def prefetch(self) -> None:
         try:
-            self._first.append(await anext(self._agen))
+            self._first.append(await self._next())
         except StopAsyncIteration:
             raise BackendError("the backend answered no events") from None
 
@@ -325,7 +326,19 @@ class _Prefetched:
     async def __anext__(self) -> BackendEvent:
         if self._first:
             return self._first.pop()
-        return await anext(self._agen)
+        return await self._next()
+
+    async def _next(self) -> BackendEvent:
+        """The backend's next event; any exception of its adapter other than a :class:`BackendError` (a value it
+        did not expect in the backend's answer) is that answer's fault: a protocol error, logged with its traceback,
+        not a 500 or a stream cut without its error event."""
+        try:
+            return await anext(self._agen)
+        except (BackendError, StopAsyncIteration):
+            raise
+        except Exception as exc:
+            log.exception("the backend adapter failed on the backend's answer: %s", type(exc).__name__)
+            raise BackendProtocolError(f"the backend adapter failed: {type(exc).__name__}") from exc
 
     async def aclose(self) -> None:
         aclose = getattr(self._agen, "aclose", None)

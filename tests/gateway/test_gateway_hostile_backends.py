@@ -1,0 +1,284 @@
+"""Backends that misbehave, or differ from the happy path as real servers do, behind a real gateway over loopback
+HTTP: what the client sees (an OpenAI error with the right status before the first byte, an SSE error event after
+it, never a 500 or a cut stream), what the ledger and ``llmpath_requests_total`` say, that token counters take no
+nonsense, and that the admission slot and the backend's in-flight count are given back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from llmpath.backends.base import BackendEvent, BackendRequest
+from llmpath.backends.sglang import SGLangBackend
+from llmpath.gateway.config import BackendConfig, GatewayConfig
+from tests.gateway.hostile import (
+    RawBackend,
+    RawRequest,
+    Served,
+    serving_gateway,
+    sglang_answer,
+    sglang_chunks,
+    sse,
+    sse_answer,
+)
+
+TOKENS = 'llmpath_tokens_total{model="m",route="default",tenant="anonymous",type="%s"}'
+
+
+def sse_events(text: str) -> list[Any]:
+    """The JSON of every ``data:`` event of a gateway stream (``[DONE]`` as the string)."""
+    out: list[Any] = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+async def tokens(gw: Served) -> dict[str, float]:
+    m = await gw.metrics()
+    return {kind: m.get(TOKENS % kind, 0.0) for kind in ("input", "cached", "output")}
+
+
+async def requests_by_code(gw: Served) -> dict[str, float]:
+    m = await gw.metrics()
+    out: dict[str, float] = {}
+    for series, value in m.items():
+        if series.startswith("llmpath_requests_total{") and 'code="' in series:
+            code = series.split('code="', 1)[1].split('"', 1)[0]
+            out[code] = out.get(code, 0.0) + value
+    return out
+
+
+async def assert_released(gw: Served) -> None:
+    """The admission slot and the backend's in-flight count come back (the response's end is awaited)."""
+    for _ in range(100):
+        if gw.held() == (0, 0):
+            return
+        await asyncio.sleep(0.02)
+    assert gw.held() == (0, 0)
+
+
+def with_meta(**fields: Any) -> list[dict[str, Any]]:
+    outputs = sglang_chunks()
+    for out in outputs:
+        out["meta_info"].update(fields)
+    return outputs
+
+
+BAD_COUNTS = [None, "many", 12.5, 1e300, -5, True, [3], {"n": 3}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("value", BAD_COUNTS, ids=repr)
+async def test_a_token_count_that_is_no_count_is_a_502_before_the_first_byte(stream: bool, value: Any) -> None:
+    """SGLang's ``prompt_tokens``/``completion_tokens`` are on every output; one that is not a count (``null``, a
+    string, a fraction, ``1e300``, negative, a boolean) makes the answer malformed: 502 ``backend_error``, ledger
+    and ``llmpath_requests_total`` say 502, no token is counted, the slot is released and the gateway serves on.
+    (It was a 500 with ``TypeError``/``ValueError``, ``1e300`` a 500 after counting 1e300 input tokens, a negative
+    count a stream cut without its error event, ``True`` one prompt token.)"""
+    answers = iter([sglang_answer(with_meta(prompt_tokens=value)), sglang_answer(sglang_chunks())])
+
+    async def answer(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+        await next(answers)(writer, request)
+
+    async with RawBackend(answer) as backend, serving_gateway(backend.url) as gw:
+        resp = await gw.chat(stream=stream)
+        assert resp.status_code == 502, resp.text
+        assert resp.json()["error"]["code"] == "backend_error"
+        [record] = gw.records()
+        assert (record.status_code, record.error) == (502, "backend_error")
+        assert await tokens(gw) == {"input": 0, "cached": 0, "output": 0}
+        assert (await requests_by_code(gw)).get("502") == 1
+        await assert_released(gw)
+        good = await gw.chat()
+        assert good.status_code == 200 and good.json()["usage"]["prompt_tokens"] == 5
+
+
+@pytest.mark.parametrize(
+    ("fields", "usage"),
+    [
+        ({"prompt_tokens": 5.0, "completion_tokens": 2.0}, (5, 2, 0)),  # integral floats are counts
+        ({"cached_tokens": None}, (5, 2, 0)),
+        ({"cached_tokens": -3}, (5, 2, 0)),  # not a count: none cached
+        ({"cached_tokens": "x"}, (5, 2, 0)),
+        ({"cached_tokens": 50}, (5, 2, 5)),  # more than the prompt: the whole prompt
+    ],
+)
+async def test_odd_cached_counts_are_read_as_what_they_can_mean(fields: dict[str, Any], usage: tuple) -> None:
+    """``cached_tokens`` is a detail: missing or not a count is 0 (it was a 500 for a negative), more than the
+    prompt is the prompt — in the client's ``usage`` too (it said 50 cached of 5)."""
+    outputs = sglang_chunks()
+    outputs[-1]["meta_info"].update(fields)
+    async with RawBackend(sglang_answer(outputs)) as backend, serving_gateway(backend.url) as gw:
+        resp = await gw.chat()
+        assert resp.status_code == 200, resp.text
+        body = resp.json()["usage"]
+        got = (body["prompt_tokens"], body["completion_tokens"], body["prompt_tokens_details"]["cached_tokens"])
+        assert got == usage
+        assert await tokens(gw) == {"input": usage[0], "cached": usage[2], "output": usage[1]}
+
+
+async def test_a_malformed_output_mid_stream_ends_it_with_an_error_event() -> None:
+    """The first output is fine (200 and a chunk are sent), the second's text is a number: the stream ends with an
+    SSE error event and ``[DONE]`` (it was cut, no error event, and the ledger said 500 ``AttributeError``); the
+    ledger and ``llmpath_requests_total`` say 502 and the first token is accounted for."""
+    outputs = sglang_chunks()
+    outputs[1]["text"] = 12
+    async with RawBackend(sglang_answer(outputs)) as backend, serving_gateway(backend.url) as gw:
+        resp = await gw.chat(stream=True)
+        assert resp.status_code == 200
+        events = sse_events(resp.text)
+        assert events[0]["choices"][0]["delta"]["content"] == "Hel"
+        assert events[-2]["error"]["code"] == "backend_error" and events[-1] == "[DONE]"
+        [record] = gw.records()
+        assert (record.status_code, record.error) == (502, "BackendProtocolError")
+        assert await tokens(gw) == {"input": 5, "cached": 0, "output": 1}
+        assert (await requests_by_code(gw)).get("502") == 1
+        await assert_released(gw)
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "status"),
+    [
+        ("openai", ["boom"], 502),
+        ("openai", 42, 502),
+        ("openai", {"message": "boom", "code": 500}, 502),
+        ("sglang", ["boom"], 400),  # message-only: SGLang's streamed form of a request it refused
+        ("sglang", {"message": "boom", "code": 503}, 503),
+    ],
+)
+async def test_an_error_event_of_any_shape_is_a_backend_error(kind: str, error: Any, status: int) -> None:
+    """``data: {"error": [...]}`` or ``{"error": 42}`` was a 500 (``AttributeError``); an error event is an error
+    whatever its shape, answered as its code (or the backend's default for a message-only one) says."""
+    answer = sse_answer([sse({"error": error}), b"data: [DONE]\n\n"])
+    async with RawBackend(answer) as backend, serving_gateway(backend.url, kind=kind) as gw:
+        resp = await gw.chat()
+        assert resp.status_code == status, resp.text
+        codes = {502: "backend_error", 400: "backend_rejected", 503: "no_backend"}
+        assert resp.json()["error"]["code"] == codes[status]
+        await assert_released(gw)
+
+
+# ---- OpenAI-compatible servers (vLLM, llama.cpp, TGI, LiteLLM) -------------------------------------------------
+
+
+def openai_chunk(content: Any = None, finish: Any = None, usage: Any = "absent", **extra: Any) -> bytes:
+    obj: dict[str, Any] = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", **extra}
+    obj["choices"] = [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]
+    if usage != "absent":
+        obj["usage"] = usage
+    return sse(obj)
+
+
+USAGE = {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+
+
+async def test_usage_of_nulls_on_every_chunk_then_the_real_one() -> None:
+    """LiteLLM-style streams carry ``usage`` with ``null`` counts (or ``usage: null``) on every chunk and the real
+    one at the end; ``prompt_tokens_details`` may be ``null`` or ``{}``, finish reasons unknown (TGI's
+    ``eos_token``) or not strings. (A ``null`` ``prompt_tokens`` was a 500, a dict ``finish_reason`` too.)"""
+    nulls = {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None, "prompt_tokens_details": None}
+    events = [
+        openai_chunk("He", usage=nulls),
+        openai_chunk("llo", usage=None),
+        openai_chunk(None, finish={"type": "eos_token"}, usage={**USAGE, "prompt_tokens_details": {}}),
+        b"data: [DONE]\n\n",
+    ]
+    async with RawBackend(sse_answer(events)) as backend, serving_gateway(backend.url, kind="openai") as gw:
+        resp = await gw.chat()
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        assert body["choices"][0]["message"]["content"] == "Hello"
+        assert body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["prompt_tokens"] == 7 and body["usage"]["completion_tokens"] == 2
+        assert await tokens(gw) == {"input": 7, "cached": 0, "output": 2}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        openai_chunk(None, choices_override=True),
+        sse({"id": "c", "object": "chat.completion.chunk", "choices": {"index": 0}}),
+        sse({"id": "c", "object": "chat.completion.chunk", "choices": ["x"]}),
+        openai_chunk(17),  # content that is not text
+    ],
+    ids=["extra-field", "choices-object", "choices-strings", "content-number"],
+)
+async def test_malformed_openai_chunks_are_502_not_500(bad: bytes) -> None:
+    """``choices`` that is not a list of objects, or content that is not a string: 502 (they were 500s). An
+    unknown extra field is ignored (forward compatibility)."""
+    events = [bad, openai_chunk("ok", finish="stop", usage=USAGE), b"data: [DONE]\n\n"]
+    async with RawBackend(sse_answer(events)) as backend, serving_gateway(backend.url, kind="openai") as gw:
+        resp = await gw.chat()
+        if b"choices_override" in bad:
+            assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "ok"
+        else:
+            assert resp.status_code == 502, resp.text
+            assert resp.json()["error"]["code"] == "backend_error"
+        await assert_released(gw)
+
+
+@pytest.mark.parametrize("value", [-1, "n/a", 1e300, True])
+async def test_openai_usage_that_is_no_count_is_no_usage(value: Any) -> None:
+    """A final usage whose ``prompt_tokens`` is not a count is no usage: the stream sent none, a protocol error
+    (502), accounted as a stream cut short — never a negative or 1e300 count in ``llmpath_tokens_total`` (it was a
+    500, or a count of 1)."""
+    events = [openai_chunk("ok", finish="stop", usage={**USAGE, "prompt_tokens": value}), b"data: [DONE]\n\n"]
+    async with RawBackend(sse_answer(events)) as backend, serving_gateway(backend.url, kind="openai") as gw:
+        resp = await gw.chat()
+        assert resp.status_code == 502 and resp.json()["error"]["code"] == "backend_error"
+        counted = await tokens(gw)  # what was streamed, with the gateway's estimate of the prompt
+        assert counted["output"] == 1 and 0 < counted["input"] < 100 and counted["cached"] == 0
+        [record] = gw.records()
+        assert record.extra["input_tokens_estimated"] is True and record.extra["usage_partial"] is True
+
+
+# ---- an adapter that fails on an answer it did not expect -------------------------------------------------------
+
+
+class FailingAfterFirst(SGLangBackend):
+    """The real SGLang backend, except that its adapter raises a plain exception after ``after`` events: any
+    exception a backend adapter lets out on a strange answer, not only the typed ones."""
+
+    after = 0
+
+    async def generate(self, request: BackendRequest) -> AsyncIterator[BackendEvent]:
+        n = 0
+        async for event in super().generate(request):
+            if n == self.after:
+                raise KeyError("meta_info")
+            n += 1
+            yield event
+
+
+@pytest.mark.parametrize("after", [0, 3])
+async def test_an_adapter_exception_is_a_backend_error_not_a_500(after: int, caplog: pytest.LogCaptureFixture) -> None:
+    """Before the first byte: a 502 JSON error (it was uvicorn's plain-text 500); after it: the SSE error event and
+    ``[DONE]`` (the stream was cut). Logged with its traceback, as a gateway bug may be the cause."""
+
+    def factory(config: BackendConfig, gateway: GatewayConfig) -> SGLangBackend:
+        backend = FailingAfterFirst(config.base_url, name=config.display_name, read_timeout=2)
+        backend.after = after
+        return backend
+
+    async with (
+        RawBackend(sglang_answer(sglang_chunks())) as backend,
+        serving_gateway(backend.url, backend_factory=factory) as gw,
+    ):
+        resp = await gw.chat(stream=True)
+        if after == 0:
+            assert resp.status_code == 502 and resp.json()["error"]["code"] == "backend_error"
+        else:
+            assert resp.status_code == 200
+            events = sse_events(resp.text)
+            assert events[-2]["error"]["code"] == "backend_error" and events[-1] == "[DONE]"
+        [record] = gw.records()
+        assert record.status_code == 502
+        assert (await requests_by_code(gw)).get("502") == 1
+        await assert_released(gw)
+    assert any(r.exc_info and "KeyError" in r.getMessage() for r in caplog.records)
