@@ -282,3 +282,52 @@ async def test_an_adapter_exception_is_a_backend_error_not_a_500(after: int, cap
         assert (await requests_by_code(gw)).get("502") == 1
         await assert_released(gw)
     assert any(r.exc_info and "KeyError" in r.getMessage() for r in caplog.records)
+
+
+# ---- timings ------------------------------------------------------------------------------------------------------
+
+
+async def stage_seconds(gw: Served) -> float:
+    """The sum of every ``llmpath_stage_duration_seconds`` observation."""
+    m = await gw.metrics()
+    return sum(v for k, v in m.items() if k.startswith("llmpath_stage_duration_seconds_sum"))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"queue_time": 1e300},
+        {"queue_time": -4.0},
+        {"queue_time": True},
+        {"queue_time": "0.1"},
+        {"prefill_finished_time": 1e300, "first_token_latency": 1e300},
+        {"request_received_ts": 0.0, "api_server_dispatch_finish_ts": 1e300},
+        {"forward_entry_time": "soon", "e2e_latency": -1, "first_token_latency": None},
+    ],
+    ids=["queue-1e300", "queue-negative", "queue-true", "queue-string", "prefill-1e300", "dispatch-1e300", "junk"],
+)
+async def test_timings_that_are_no_durations_do_not_reach_the_stage_histograms(fields: dict[str, Any]) -> None:
+    """SGLang's timing keys, when a server sends strings, booleans, negatives or 1e300: the request succeeds, every
+    stage duration stays within the request's real time (a 1e300 queue time was a 1e300 s ``schedule`` observation,
+    a dispatch span of 1e300 s one too), and the ledger holds no negative backend queue time (it held -4). A queue
+    time that is no duration means the gateway clock times the request."""
+    outputs = sglang_chunks()
+    for out in outputs:
+        out["meta_info"].update(fields)
+    async with RawBackend(sglang_answer(outputs)) as backend, serving_gateway(backend.url) as gw:
+        resp = await gw.chat(stream=True)
+        assert resp.status_code == 200 and sse_events(resp.text)[-1] == "[DONE]"
+        assert 0 <= await stage_seconds(gw) < 10
+        [record] = gw.records()
+        assert record.status_code == 200 and record.error is None
+        queue = record.extra.get("backend_queue_s")
+        if "queue_time" in fields:
+            assert queue is None  # the gateway clock: no backend queue
+            assert {s.source for s in record_stages(record, "prefill")} == {"gateway"}
+        else:
+            assert queue == 0.001
+        assert "backend_dispatch_s" not in record.extra
+
+
+def record_stages(record: Any, name: str) -> list[Any]:
+    return [s for s in record.stages if s.name == name]

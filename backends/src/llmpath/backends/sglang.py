@@ -31,7 +31,7 @@ from llmpath.backends._http import (
     sse_json,
     transport_error,
 )
-from llmpath.backends._values import token_count
+from llmpath.backends._values import between, seconds, token_count
 from llmpath.backends.base import (
     BackendEvent,
     BackendProtocolError,
@@ -110,17 +110,17 @@ class GenerateStreamParser:
         now = time.monotonic()
         self.first_token_at = now
         gateway_ttft = now - self.started
-        queue = meta.get("queue_time")
-        if isinstance(queue, int | float):
+        # The server's durations, when they are durations: finite, not negative, at most a day (a string, a boolean
+        # or 1e300 would end up in the stage histograms, spans and ledger); the gateway clock otherwise.
+        queue = seconds(meta.get("queue_time"))
+        if queue is not None:
             self.source = TimingSource.BACKEND
-            self.queue_seconds = float(queue)
-            fet, pft = meta.get("forward_entry_time"), meta.get("prefill_finished_time")
-            if isinstance(fet, int | float) and isinstance(pft, int | float):
-                self.prefill_seconds = max(float(pft) - float(fet), 0.0)
-            elif isinstance(meta.get("first_token_latency"), int | float):
-                self.prefill_seconds = max(float(meta["first_token_latency"]) - self.queue_seconds, 0.0)
-            else:
-                self.prefill_seconds = max(gateway_ttft - self.queue_seconds, 0.0)
+            self.queue_seconds = queue
+            prefill = between(meta.get("forward_entry_time"), meta.get("prefill_finished_time"))
+            if prefill is None:
+                first_token = seconds(meta.get("first_token_latency"))
+                prefill = first_token - queue if first_token is not None else gateway_ttft - queue
+            self.prefill_seconds = max(prefill, 0.0)
         else:
             self.queue_seconds, self.prefill_seconds = 0.0, gateway_ttft
         return [
@@ -161,10 +161,10 @@ class GenerateStreamParser:
             timings = BackendTimings(
                 queue_seconds=self.queue_seconds,
                 prefill_seconds=self.prefill_seconds,
-                first_token_seconds=_num(meta.get("first_token_latency")),
-                e2e_seconds=_num(meta.get("e2e_latency")),
+                first_token_seconds=seconds(meta.get("first_token_latency")),
+                e2e_seconds=seconds(meta.get("e2e_latency")),
                 source=TimingSource.BACKEND,
-                dispatch_seconds=_between(meta.get("request_received_ts"), meta.get("api_server_dispatch_finish_ts")),
+                dispatch_seconds=between(meta.get("request_received_ts"), meta.get("api_server_dispatch_finish_ts")),
             )
         else:
             timings = BackendTimings(
@@ -190,17 +190,6 @@ def _required_count(meta: dict[str, Any], key: str) -> int:
 def _cached(meta: dict[str, Any], prompt: int) -> int:
     """``meta_info.cached_tokens``: 0 when missing or not a count, at most the prompt."""
     return min(token_count(meta.get("cached_tokens")) or 0, prompt)
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _between(start: Any, end: Any) -> float | None:
-    """Seconds from ``start`` to ``end`` (server epoch timestamps; never negative), if both are numbers."""
-    if isinstance(start, int | float) and isinstance(end, int | float):
-        return max(float(end) - float(start), 0.0)
-    return None
 
 
 class SGLangBackend:
