@@ -19,6 +19,7 @@ from tests.gateway.hostile import (
     RawBackend,
     RawRequest,
     Served,
+    meta,
     serving_gateway,
     sglang_answer,
     sglang_chunks,
@@ -331,3 +332,18 @@ async def test_timings_that_are_no_durations_do_not_reach_the_stage_histograms(f
 
 def record_stages(record: Any, name: str) -> list[Any]:
     return [s for s in record.stages if s.name == name]
+
+
+async def test_a_completion_count_going_down_is_not_counted_twice() -> None:
+    """``completion_tokens`` 1, 3, 2, 4, then the stream breaks: the tokens streamed are 4, the highest count the
+    backend reported (they were 5: the 2 → 4 step was counted again after the count went down)."""
+    outputs = [
+        {"text": text, "output_ids": list(range(n)), "meta_info": meta(completion=n)}
+        for text, n in (("a", 1), ("abc", 3), ("ab", 2), ("abcd", 4))
+    ]
+    async with RawBackend(sglang_answer(outputs, done=False)) as backend, serving_gateway(backend.url) as gw:
+        resp = await gw.chat(stream=True)
+        assert resp.status_code == 200 and sse_events(resp.text)[-2]["error"]["code"] == "backend_error"
+        assert await tokens(gw) == {"input": 5, "cached": 0, "output": 4}
+        [record] = gw.records()
+        assert record.extra["usage_partial"] is True

@@ -144,7 +144,7 @@ class GenerateStreamParser:
         else:
             delta = text
             self.text += text
-        self.completion_tokens = completion
+        self.completion_tokens = max(self.completion_tokens, completion)  # a count that went down: no recount
         return delta, max(new_tokens, 0)
 
     def _done(self, meta: dict[str, Any]) -> Done:
