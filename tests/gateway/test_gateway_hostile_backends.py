@@ -347,3 +347,26 @@ async def test_a_completion_count_going_down_is_not_counted_twice() -> None:
         assert await tokens(gw) == {"input": 5, "cached": 0, "output": 4}
         [record] = gw.records()
         assert record.extra["usage_partial"] is True
+
+
+# ---- HTTP-level quirks ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirecting_backend_is_a_502_and_the_redirect_is_not_followed(status: int) -> None:
+    """A backend URL that redirects is misconfigured: 502 ``backend_error``, counted toward ejection, and the
+    request (body and headers) is not sent where the redirect points. (A 307/308 was followed — the client got the
+    other server's answer as a 200 — and a 301/302 re-sent the request as a ``GET``.)"""
+    async with RawBackend(sglang_answer(sglang_chunks())) as elsewhere:
+
+        async def redirect(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+            location = f"{elsewhere.url}{request.path}"
+            writer.write(f"HTTP/1.1 {status} X\r\nlocation: {location}\r\ncontent-length: 0\r\n\r\n".encode())
+
+        async with RawBackend(redirect) as backend, serving_gateway(backend.url) as gw:
+            resp = await gw.chat(stream=True)
+            assert resp.status_code == 502, resp.text
+            assert resp.json()["error"]["code"] == "backend_error"
+            assert elsewhere.posts == 0
+            assert gw.app.gateway.pool.states["b0"].consecutive_failures == 1
+            await assert_released(gw)

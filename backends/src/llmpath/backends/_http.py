@@ -79,12 +79,16 @@ class HttpClient:
         return session
 
     def post_json(self, url: URL, body: Any, headers: Mapping[str, str]) -> Any:
-        """``POST`` ``body`` as JSON; use as ``async with client.post_json(...) as resp`` (streams stay open)."""
-        return self.session().post(url, data=orjson.dumps(body), headers={"content-type": _JSON, **headers})
+        """``POST`` ``body`` as JSON; use as ``async with client.post_json(...) as resp`` (streams stay open).
+        Redirects are not followed (see :func:`raise_for_status`)."""
+        return self.session().post(
+            url, data=orjson.dumps(body), headers={"content-type": _JSON, **headers}, allow_redirects=False
+        )
 
     async def get(self, url: URL) -> tuple[int, bytes]:
-        """``GET`` and read the whole answer: status and body (transport failures are raised as they are)."""
-        async with self.session().get(url) as resp:
+        """``GET`` and read the whole answer: status and body (transport failures are raised as they are; a
+        redirect is its own answer, not followed)."""
+        async with self.session().get(url, allow_redirects=False) as resp:
             return resp.status, await resp.read()
 
     async def probe(self, path: str) -> str | None:
@@ -150,9 +154,15 @@ def error_for_status(status: int, body: bytes, retry_after: str | None = None) -
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
-    """Raise the typed error of an HTTP error answer (reading its body)."""
+    """Raise the typed error of an HTTP error answer (reading its body). A redirect is a
+    :class:`BackendServerError` too: a backend URL that redirects is misconfigured, and following it would send
+    the request, its headers and its credentials to wherever the backend points."""
     if resp.status >= 400:
         raise error_for_status(resp.status, await resp.read(), resp.headers.get("retry-after"))
+    if 300 <= resp.status < 400:
+        raise BackendServerError(
+            f"backend answered {resp.status} (a redirect, not followed: check the backend URL)", resp.status
+        )
 
 
 #: The longest ``Retry-After`` taken from a backend: a client is never told to wait longer than this.
