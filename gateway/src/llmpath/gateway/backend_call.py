@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import traceback
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -330,14 +331,16 @@ class _Prefetched:
 
     async def _next(self) -> BackendEvent:
         """The backend's next event; any exception of its adapter other than a :class:`BackendError` (a value it
-        did not expect in the backend's answer) is that answer's fault: a protocol error, logged with its traceback,
-        not a 500 or a stream cut without its error event."""
+        did not expect in the backend's answer) is that answer's fault: a protocol error, logged with where it was
+        raised, not a 500 or a stream cut without its error event."""
         try:
             return await anext(self._agen)
         except (BackendError, StopAsyncIteration):
             raise
         except Exception as exc:
-            log.exception("the backend adapter failed on the backend's answer: %s", type(exc).__name__)
+            # The frames, not the exception's message: that may quote the backend's answer (generated text).
+            where = "".join(traceback.format_tb(exc.__traceback__))
+            log.error("the backend adapter failed on the backend's answer (%s):\n%s", type(exc).__name__, where)
             raise BackendProtocolError(f"the backend adapter failed: {type(exc).__name__}") from exc
 
     async def aclose(self) -> None:
