@@ -373,3 +373,36 @@ async def test_a_redirecting_backend_is_a_502_and_the_redirect_is_not_followed(s
             assert elsewhere.posts == 0
             assert gw.app.gateway.pool.states["b0"].consecutive_failures == 1
             await assert_released(gw)
+
+
+async def test_an_error_answer_whose_body_never_ends_is_a_502_at_once() -> None:
+    """A 500 whose body announces a megabyte and stalls after a few bytes (a proxy that died mid-answer): the
+    status is the answer, so the client gets 502 ``backend_error`` within the error body's 2 s, not a 504 after the
+    whole read timeout (it took ``read_s`` and blamed a timeout)."""
+
+    async def stalled_500(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+        writer.write(b"HTTP/1.1 500 X\r\ncontent-type: text/html\r\ncontent-length: 1000000\r\n\r\n<html>Internal")
+        await writer.drain()
+        await asyncio.sleep(60)
+
+    async with (
+        RawBackend(stalled_500) as backend,
+        serving_gateway(backend.url, limits={"timeouts": {"read_s": 30}}) as gw,
+    ):
+        started = asyncio.get_running_loop().time()
+        resp = await gw.chat()
+        assert resp.status_code == 502 and resp.json()["error"]["code"] == "backend_error"
+        assert asyncio.get_running_loop().time() - started < 10
+        await assert_released(gw)
+
+
+@pytest.mark.parametrize(("code", "status"), [("429", 503), ("400", 400), (200, 502), ("n/a", 502)])
+async def test_an_in_stream_error_code_given_as_a_string_is_its_status(code: Any, status: int) -> None:
+    """LiteLLM-style error events carry ``"code": "429"``: a busy backend (retried elsewhere, then 503
+    ``no_backend``), not a failed one (it was 502). A code that is no error status (``200``, ``"n/a"``) is the
+    server's default, a 502 (``200`` was taken as the status)."""
+    answer = sse_answer([sse({"error": {"message": "busy", "type": None, "code": code}}), b"data: [DONE]\n\n"])
+    async with RawBackend(answer) as backend, serving_gateway(backend.url, kind="openai") as gw:
+        resp = await gw.chat(stream=True)
+        assert resp.status_code == status, resp.text
+        await assert_released(gw)

@@ -8,6 +8,7 @@ third of the CPU per request (C HTTP parser, no per-request client machinery); s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -158,11 +159,31 @@ async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
     :class:`BackendServerError` too: a backend URL that redirects is misconfigured, and following it would send
     the request, its headers and its credentials to wherever the backend points."""
     if resp.status >= 400:
-        raise error_for_status(resp.status, await resp.read(), resp.headers.get("retry-after"))
+        raise error_for_status(resp.status, await _error_body(resp), resp.headers.get("retry-after"))
     if 300 <= resp.status < 400:
         raise BackendServerError(
             f"backend answered {resp.status} (a redirect, not followed: check the backend URL)", resp.status
         )
+
+
+#: How much of an error answer's body is read for its message (an HTML error page, a proxy's endless body) ...
+ERROR_BODY_BYTES = 64 << 10
+#: ... and for how long: the status is the answer; its body only words it.
+ERROR_BODY_TIMEOUT_S = 2.0
+
+
+async def _error_body(resp: aiohttp.ClientResponse) -> bytes:
+    """At most :data:`ERROR_BODY_BYTES` of an error answer's body, within :data:`ERROR_BODY_TIMEOUT_S` (what came
+    by then when the body is longer, slower or cut short)."""
+    body = b""
+    with contextlib.suppress(*TRANSPORT_ERRORS):
+        async with asyncio.timeout(ERROR_BODY_TIMEOUT_S):
+            while len(body) < ERROR_BODY_BYTES:
+                part = await resp.content.read(ERROR_BODY_BYTES - len(body))
+                if not part:
+                    break
+                body += part
+    return body
 
 
 #: The longest ``Retry-After`` taken from a backend: a client is never told to wait longer than this.
@@ -280,8 +301,8 @@ _STATUS_OF_ERROR_TYPE = {
 def raise_stream_error(obj: dict[str, Any], default_status: int = 500) -> None:
     """Raise the typed error of an in-stream error event (SGLang ``{"error": {...}}``, OpenAI ``object: error``).
 
-    Its status is the event's numeric ``code``, else the one its ``type`` stands for (``invalid_request_error`` →
-    400), else ``default_status``.
+    Its status is the event's ``code`` when that is an HTTP error status (``429`` or ``"429"``), else the one its
+    ``type`` stands for (``invalid_request_error`` → 400), else ``default_status``.
     """
     err = obj.get("error") if "error" in obj else (obj if obj.get("object") == "error" else None)
     if err is None or err is False:  # `"error": null` on a normal chunk is no error
@@ -289,7 +310,9 @@ def raise_stream_error(obj: dict[str, Any], default_status: int = 500) -> None:
     if not isinstance(err, dict):  # TGI sends a string; anything else is an error all the same
         err = {"message": err if isinstance(err, str) else orjson.dumps(err).decode()[:500]}
     code = err.get("code")
-    if isinstance(code, int) and not isinstance(code, bool):
+    if isinstance(code, str) and code.strip().isdecimal():  # LiteLLM-style proxies send "429"
+        code = int(code)
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
         status = code
     else:
         status = _STATUS_OF_ERROR_TYPE.get(str(err.get("type")), default_status)
