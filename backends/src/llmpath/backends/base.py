@@ -123,6 +123,10 @@ class Done:
     #: The model that generated the response, when the backend says (OpenAI-compatible servers; SGLang's
     #: ``/generate`` does not).
     response_model: str | None = None
+    #: False when the server reported no usage (an OpenAI-compatible server that ignores
+    #: ``stream_options.include_usage``): ``usage`` then has 0 prompt tokens and the streamed chunks as completion
+    #: tokens, and a caller should estimate the prompt.
+    usage_reported: bool = True
 
 
 BackendEvent = Scheduled | FirstToken | TokenDelta | Done

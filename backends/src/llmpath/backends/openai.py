@@ -7,7 +7,8 @@ arrives.
 OpenAI's protocol carries no server timings, so every timing is the gateway's clock (``TimingSource.GATEWAY``):
 queue is reported as 0 and the time to the first content chunk as prefill. Prompt and cached token counts are
 known only at the end: ``FirstToken`` carries them when the server sends usage on every chunk
-(``continuous_usage=True``, a vLLM/SGLang extension), else 0; ``Done.usage`` is always authoritative.
+(``continuous_usage=True``, a vLLM/SGLang extension), else 0; ``Done.usage`` is authoritative, unless the server
+sent none (it ignored ``stream_options.include_usage``: ``Done.usage_reported`` is false, see there).
 """
 
 from __future__ import annotations
@@ -130,6 +131,7 @@ class OpenAIBackend:
         usage: Usage | None = None
         finish: str | None = None
         model: str | None = None
+        streamed = 0
         try:
             async with self._http.post_json(self._urls[path], body, request.trace_headers) as resp:
                 await raise_for_status(resp)
@@ -148,7 +150,9 @@ class OpenAIBackend:
                                              usage.cached_tokens if usage else 0, TimingSource.GATEWAY)  # fmt: skip
                         if text:
                             # A non-streamed answer covers all tokens; a stream chunk is one token in practice.
-                            yield TokenDelta(text, usage.completion_tokens if usage and not request.stream else 1)
+                            n = usage.completion_tokens if usage and not request.stream else 1
+                            streamed += n
+                            yield TokenDelta(text, n)
                         if choice.get("finish_reason"):  # unknown reasons (TGI's "eos_token", ...) are a stop
                             reason = choice["finish_reason"]
                             finish = _FINISH.get(reason, "stop") if isinstance(reason, str) else "stop"
@@ -156,8 +160,9 @@ class OpenAIBackend:
             raise transport_error(exc, self.url) from exc
         if finish is None:
             raise BackendProtocolError(f"{path} finished without a finish_reason")
-        if usage is None:
-            raise BackendProtocolError(f"{path} sent no usage (the server ignored stream_options.include_usage)")
+        reported = usage is not None
+        if usage is None:  # the server ignored stream_options.include_usage: what was streamed, no prompt
+            usage = Usage(0, streamed, 0)
         end = time.monotonic()
         timings = BackendTimings(
             queue_seconds=None,
@@ -166,7 +171,7 @@ class OpenAIBackend:
             e2e_seconds=end - started,
             source=TimingSource.GATEWAY,
         )
-        yield Done(usage, finish, timings, model)
+        yield Done(usage, finish, timings, model, usage_reported=reported)
 
     async def health(self) -> bool:
         """True when ``GET /v1/models`` answers 200; otherwise ``health_error`` says why (``connection refused``,

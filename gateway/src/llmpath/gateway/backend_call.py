@@ -33,6 +33,7 @@ from llmpath.backends.base import (
     Scheduled,
     TimingSource,
     TokenDelta,
+    Usage,
 )
 from llmpath.gateway import errors
 from llmpath.gateway.errors import APIError
@@ -214,10 +215,10 @@ class BackendCallResponse(Response):
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         first = False
                 elif isinstance(event, Done):
-                    tracker.done(event)
+                    usage = tracker.done(event)
                     tail = fmt.chunk("", first=first, finish_reason=openai_finish_reason(event.finish_reason))
                     if p.include_usage:
-                        tail += fmt.usage_chunk(event.usage)
+                        tail += fmt.usage_chunk(usage)
                     self._finished = True
                     await send({"type": "http.response.body", "body": tail + SSE_DONE, "more_body": False})
                     await _drain(events)
@@ -241,8 +242,8 @@ class BackendCallResponse(Response):
                 if isinstance(event, TokenDelta):
                     tracker.delta(event)
                 elif isinstance(event, Done):
-                    tracker.done(event)
-                    body = self.p.fmt.full(tracker.text(), openai_finish_reason(event.finish_reason), event.usage)
+                    usage = tracker.done(event)
+                    body = self.p.fmt.full(tracker.text(), openai_finish_reason(event.finish_reason), usage)
                     self._finished = True
                     await self._send_json(send, 200, body)
                     await _drain(events)
@@ -412,8 +413,13 @@ class _Tracker:
             annotate_request(backend_queue_s=round(queued.queue_seconds, 6))
             self._backend_queued_at = now - prefill - max(0.0, queued.queue_seconds)
 
-    def done(self, event: Done) -> None:
+    def done(self, event: Done) -> Usage:
+        """Account for the backend's final event; returns the usage to answer with (the backend's, or, when it
+        reported none, the gateway's estimate of the prompt and the tokens streamed: ``input_tokens_estimated``)."""
         p, usage = self._p, event.usage
+        if not event.usage_reported:
+            usage = Usage(p.key.prompt_tokens, max(usage.completion_tokens, self._output_tokens), 0)
+            annotate_request(input_tokens_estimated=True)
         self._account(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         dispatch = event.timings.dispatch_seconds
         if dispatch is not None and self._backend_queued_at is not None:
@@ -429,8 +435,10 @@ class _Tracker:
         self.call.set_finish_reasons([event.finish_reason])
         self.call.set_response(response_id=p.fmt.id, response_model=event.response_model)  # None: not known
         annotate_request(finish_reason=event.finish_reason)
-        self._gateway.record_prediction(p, usage.prompt_tokens)
+        if event.usage_reported:  # with the backend's own prompt count only, as in settle()
+            self._gateway.record_prediction(p, usage.prompt_tokens)
         self._gateway.record_output(p, self.text())
+        return usage
 
     def settle(self) -> None:
         """Account for a request that ended without the backend's final event — the client went away (a "stop"
