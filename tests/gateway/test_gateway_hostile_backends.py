@@ -424,3 +424,47 @@ async def test_an_in_stream_error_code_given_as_a_string_is_its_status(code: Any
         resp = await gw.chat(stream=True)
         assert resp.status_code == status, resp.text
         await assert_released(gw)
+
+
+def plain(status: int, body: bytes, ctype: str = "application/json") -> Any:
+    async def answer(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+        writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}\r\n\r\n".encode())
+        writer.write(body)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "ctype"),
+    [
+        (404, b"<html><body><h1>404 Not Found</h1><hr>nginx</body></html>", "text/html"),
+        (404, b'{"detail":"Not Found"}', "application/json"),  # FastAPI: e.g. vLLM, which has no /generate
+        (404, b"404: Not Found", "text/plain"),  # aiohttp
+        (404, b"404 page not found\n", "text/plain"),  # Go
+        (404, b"", "text/plain"),
+        (405, b'{"detail":"Method Not Allowed"}', "application/json"),
+    ],
+)
+async def test_a_backend_without_the_route_is_a_502_not_the_clients_404(status: int, body: bytes, ctype: str) -> None:
+    """A backend that has no ``/generate`` (a wrong URL, or an OpenAI-only server configured as ``sglang``) is the
+    gateway's misconfiguration: 502 ``backend_error``, a 5xx in ``llmpath_requests_total`` and the ledger, counted
+    toward ejection. (The client got the 404/405 as ``backend_rejected``, with the HTML page as its message, and the
+    SLO saw a client error.)"""
+    async with RawBackend(plain(status, body, ctype)) as backend, serving_gateway(backend.url) as gw:
+        resp = await gw.chat()
+        assert resp.status_code == 502, resp.text
+        assert resp.json()["error"]["code"] == "backend_error" and "html" not in resp.text
+        [record] = gw.records()
+        assert (record.status_code, record.error) == (502, "backend_error")
+        assert gw.app.gateway.pool.states["b0"].consecutive_failures == 1
+
+
+async def test_a_404_in_the_backends_own_words_is_still_the_clients() -> None:
+    """vLLM's answer to an unknown model (in passthrough mode, the client's model name) stays a 404
+    ``backend_rejected`` with its message: the client's request, not the gateway's configuration."""
+    body = json.dumps({"object": "error", "message": "The model `nope` does not exist.", "code": 404}).encode()
+    async with RawBackend(plain(404, body)) as backend, serving_gateway(backend.url, kind="openai") as gw:
+        resp = await gw.chat()
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "backend_rejected"
+        assert "does not exist" in resp.json()["error"]["message"]
+        assert gw.app.gateway.pool.states["b0"].consecutive_failures == 0

@@ -149,9 +149,24 @@ def error_for_status(status: int, body: bytes, retry_after: str | None = None) -
         # The caller's credentials for the backend (its own fault, not the client's); the body may echo part of
         # the key, so it is not kept.
         return BackendServerError(f"backend answered {status}: the caller's credentials were refused", status)
+    if status in (404, 405) and _no_such_route(err.message):
+        # The backend has no such route: a wrong backend URL or kind (an OpenAI-only server behind kind "sglang"),
+        # the gateway's configuration, not the client's request.
+        return BackendServerError(f"{text} (no such route: check the backend's URL and kind)", upstream_status=status)
     if 400 <= status < 500:
         return BackendBadRequest(err.message, status_code=status, param=err.param, code=err.code)
     return BackendServerError(text, upstream_status=status)
+
+
+#: How servers and proxies word a route they do not have (Starlette, aiohttp, Go's net/http, plain text).
+_NO_ROUTE = {"not found", "404 not found", "404 page not found", "method not allowed", "405 method not allowed"}
+
+
+def _no_such_route(message: str) -> bool:
+    """Whether a 404/405 message is a server's or proxy's generic "no such route" (an HTML page, an empty body,
+    ``{"detail": "Not Found"}``), not a refusal with its own words (vLLM's "The model `x` does not exist.")."""
+    words = message.strip().lower().replace(":", "").rstrip(".")
+    return words.startswith("<") or words in _NO_ROUTE or words == "(empty body)"
 
 
 async def raise_for_status(resp: aiohttp.ClientResponse) -> None:
