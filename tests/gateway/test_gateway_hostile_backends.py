@@ -468,3 +468,38 @@ async def test_a_404_in_the_backends_own_words_is_still_the_clients() -> None:
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "backend_rejected"
         assert "does not exist" in resp.json()["error"]["message"]
         assert gw.app.gateway.pool.states["b0"].consecutive_failures == 0
+
+
+@pytest.mark.parametrize("kind", ["sglang", "openai"])
+async def test_one_json_body_for_a_streamed_request_is_read_as_the_answer(kind: str) -> None:
+    """A server (or proxy) that ignores ``stream: true`` and answers one ``application/json`` body: the gateway
+    reads it as the answer and streams it to its client (it was a 502: "stream ended without data: [DONE]")."""
+    if kind == "sglang":
+        body = {"text": "Hello", "output_ids": [1, 2], "meta_info": meta(completion=2, finish_reason={"type": "stop"})}
+    else:
+        message = {"role": "assistant", "content": "Hello"}
+        body = {"object": "chat.completion", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+        body["usage"] = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    async with (
+        RawBackend(plain(200, json.dumps(body).encode())) as backend,
+        serving_gateway(backend.url, kind=kind) as gw,
+    ):
+        resp = await gw.chat(stream=True)
+        assert resp.status_code == 200
+        chunks = sse_events(resp.text)
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1]) == "Hello"
+        assert await tokens(gw) == {"input": 5, "cached": 0, "output": 2}
+
+
+@pytest.mark.parametrize(("kind", "status"), [("sglang", 503), ("openai", 503), ("openai", 502)])
+async def test_a_json_error_answered_with_a_200_is_that_error(kind: str, status: int) -> None:
+    """A proxy answering an error as ``200`` + JSON: the error it states, before any byte was streamed (it was
+    "stream ended without data: [DONE]", always a 502): here a busy backend (503 ``no_backend``) or a failed one."""
+    error = {"message": "upstream overloaded", "code": 503} if status == 503 else {"message": "boom", "type": "x"}
+    async with (
+        RawBackend(plain(200, json.dumps({"error": error}).encode())) as backend,
+        serving_gateway(backend.url, kind=kind) as gw,
+    ):
+        resp = await gw.chat(stream=True)
+        assert resp.status_code == status, resp.text
+        await assert_released(gw)

@@ -241,6 +241,12 @@ def _transport_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def streams(resp: aiohttp.ClientResponse, asked: bool) -> bool:
+    """Whether an answer is an SSE stream: one was asked for and the server did not answer one JSON body instead
+    (a server or proxy that ignores ``stream``, or answers an error with a 200)."""
+    return asked and resp.content_type != _JSON
+
+
 def json_object(raw: bytes) -> Any:
     """Parse a JSON body (a protocol error if it is not JSON)."""
     try:

@@ -26,6 +26,7 @@ from llmpath.backends._http import (
     raise_for_status,
     raise_stream_error,
     sse_json,
+    streams,
     transport_error,
 )
 from llmpath.backends._values import token_count
@@ -135,7 +136,8 @@ class OpenAIBackend:
         try:
             async with self._http.post_json(self._urls[path], body, request.trace_headers) as resp:
                 await raise_for_status(resp)
-                chunks = sse_json(resp) if request.stream else _single(resp)
+                streamed_answer = streams(resp, request.stream)
+                chunks = sse_json(resp) if streamed_answer else _single(resp)
                 async for chunk in chunks:
                     raise_stream_error(chunk)
                     usage = _usage(chunk.get("usage")) or usage
@@ -150,7 +152,7 @@ class OpenAIBackend:
                                              usage.cached_tokens if usage else 0, TimingSource.GATEWAY)  # fmt: skip
                         if text:
                             # A non-streamed answer covers all tokens; a stream chunk is one token in practice.
-                            n = usage.completion_tokens if usage and not request.stream else 1
+                            n = usage.completion_tokens if usage and not streamed_answer else 1
                             streamed += n
                             yield TokenDelta(text, n)
                         if choice.get("finish_reason"):  # unknown reasons (TGI's "eos_token", ...) are a stop

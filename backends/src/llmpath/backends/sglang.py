@@ -29,6 +29,7 @@ from llmpath.backends._http import (
     raise_for_status,
     raise_stream_error,
     sse_json,
+    streams,
     transport_error,
 )
 from llmpath.backends._values import between, seconds, token_count
@@ -225,7 +226,7 @@ class SGLangBackend:
         try:
             async with self._http.post_json(self._generate_url, body, request.trace_headers) as resp:
                 await raise_for_status(resp)
-                if request.stream:
+                if streams(resp, request.stream):
                     async for chunk in sse_json(resp):
                         for event in parser.feed(chunk):
                             yield event
