@@ -503,3 +503,15 @@ async def test_a_json_error_answered_with_a_200_is_that_error(kind: str, status:
         resp = await gw.chat(stream=True)
         assert resp.status_code == status, resp.text
         await assert_released(gw)
+
+
+@pytest.mark.parametrize("split", [False, True])
+async def test_a_byte_order_mark_before_the_stream_is_not_part_of_it(split: bool) -> None:
+    """A UTF-8 BOM before the first ``data:`` (the SSE spec drops it), in the first chunk or split over the first
+    two: the first event is read (it was skipped as a field with another name, and its text lost)."""
+    first = b"\xef\xbb\xbf" + openai_chunk("He")
+    events = [first[:2], first[2:]] if split else [first]
+    events += [openai_chunk("llo", finish="stop", usage=USAGE), b"data: [DONE]\n\n"]
+    async with RawBackend(sse_answer(events)) as backend, serving_gateway(backend.url, kind="openai") as gw:
+        resp = await gw.chat()
+        assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "Hello"

@@ -255,25 +255,32 @@ def json_object(raw: bytes) -> Any:
         raise BackendProtocolError(f"response is not JSON: {raw[:200]!r}") from None
 
 
+_BOM = b"\xef\xbb\xbf"
+
 #: The largest SSE event a backend may send (a streamed chunk is a token or a few; SGLang's non-incremental chunks
 #: repeat the text so far, still far below this): beyond it the stream is a protocol error, not memory to fill.
 MAX_EVENT_BYTES = 4 << 20
 
 
 async def sse_json(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    """The JSON objects of an SSE stream (LF or CRLF line ends) up to ``data: [DONE]``; anything else is a
-    protocol error. Comments and ``event:``/``id:``/``retry:`` fields are ignored; an event larger than
-    :data:`MAX_EVENT_BYTES` is a protocol error.
+    """The JSON objects of an SSE stream (LF or CRLF line ends, after an optional byte order mark) up to
+    ``data: [DONE]``; anything else is a protocol error. Comments and ``event:``/``id:``/``retry:`` fields are
+    ignored; an event larger than :data:`MAX_EVENT_BYTES` is a protocol error.
 
     After ``[DONE]`` the body is read to its end (the chunked encoding's last chunk follows it), so that the
     connection goes back to the pool instead of being closed half-read.
     """
     buf = b""
     done = False
+    start = True
     async for chunk in resp.content.iter_any():
         if done:
             continue
         buf = buf + chunk if buf else chunk
+        if start:  # a UTF-8 byte order mark before the first field is not part of it (the SSE spec drops it)
+            if len(buf) < len(_BOM) and _BOM.startswith(buf):
+                continue
+            buf, start = buf.removeprefix(_BOM), False
         if b"\r" in buf:
             buf = buf.replace(b"\r\n", b"\n")
         if b"\n\n" not in buf:
