@@ -270,24 +270,50 @@ async def sse_json(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]
     After ``[DONE]`` the body is read to its end (the chunked encoding's last chunk follows it), so that the
     connection goes back to the pool instead of being closed half-read.
     """
-    buf = b""
+    # The pieces of an event still incomplete: kept apart and joined once its end came, so that an event arriving
+    # in many small reads costs linear time, not a copy and a scan of everything so far per read.
+    pending: list[bytes] = []
+    size = 0
+    head: bytes | None = b""  # the start of the body while it may still be a byte order mark
+    cr = False  # a chunk ended with CR: its LF may start the next
     done = False
-    start = True
     async for chunk in resp.content.iter_any():
         if done:
             continue
-        buf = buf + chunk if buf else chunk
-        if start:  # a UTF-8 byte order mark before the first field is not part of it (the SSE spec drops it)
-            if len(buf) < len(_BOM) and _BOM.startswith(buf):
+        if head is not None:  # a UTF-8 byte order mark before the first field is not part of it (the SSE spec)
+            chunk = head + chunk
+            if len(chunk) < len(_BOM) and _BOM.startswith(chunk):
+                head = chunk
                 continue
-            buf, start = buf.removeprefix(_BOM), False
-        if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
-        if b"\n\n" not in buf:
-            if len(buf) > MAX_EVENT_BYTES:
+            chunk, head = chunk.removeprefix(_BOM), None
+        if cr:
+            chunk, cr = b"\r" + chunk, False
+        if b"\r" in chunk:
+            if chunk.endswith(b"\r"):
+                chunk, cr = chunk[:-1], True
+            chunk = chunk.replace(b"\r\n", b"\n")
+        if pending:
+            if b"\n\n" not in chunk and not (chunk[:1] == b"\n" and pending[-1].endswith(b"\n")):
+                pending.append(chunk)
+                size += len(chunk)
+                if size > MAX_EVENT_BYTES:
+                    raise BackendProtocolError(f"stream event larger than {MAX_EVENT_BYTES} bytes")
+                continue
+            chunk = b"".join(pending) + chunk
+            pending.clear()
+        if b"\n\n" not in chunk:
+            if chunk:
+                pending.append(chunk)
+            size = len(chunk)
+            if size > MAX_EVENT_BYTES:
                 raise BackendProtocolError(f"stream event larger than {MAX_EVENT_BYTES} bytes")
             continue
-        *events, buf = buf.split(b"\n\n")
+        *events, rest = chunk.split(b"\n\n")
+        if rest:
+            pending.append(rest)
+        size = len(rest)
+        if size > MAX_EVENT_BYTES:
+            raise BackendProtocolError(f"stream event larger than {MAX_EVENT_BYTES} bytes")
         for block in events:
             data = _event_data(block)
             if data is None:
