@@ -19,6 +19,8 @@ from tests.gateway.hostile import (
     RawBackend,
     RawRequest,
     Served,
+    chunk,
+    head,
     meta,
     serving_gateway,
     sglang_answer,
@@ -515,3 +517,28 @@ async def test_a_byte_order_mark_before_the_stream_is_not_part_of_it(split: bool
     async with RawBackend(sse_answer(events)) as backend, serving_gateway(backend.url, kind="openai") as gw:
         resp = await gw.chat()
         assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "Hello"
+
+
+@pytest.mark.parametrize("after_first", [False, True])
+async def test_a_backend_that_hangs_after_its_headers_is_ended_by_the_read_timeout(after_first: bool) -> None:
+    """200 and its headers, then silence (before or after the first event): ``timeouts.read_s`` ends it — a 504
+    ``backend_timeout`` before the first byte, the SSE error event and ``[DONE]`` after it — and the ledger,
+    ``llmpath_requests_total`` and the slots say so."""
+
+    async def hang(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+        writer.write(head(200, chunked=True) + (chunk(sse(sglang_chunks()[0])) if after_first else b""))
+        await writer.drain()
+        await asyncio.sleep(60)
+
+    async with RawBackend(hang) as backend, serving_gateway(backend.url, limits={"timeouts": {"read_s": 0.5}}) as gw:
+        resp = await gw.chat(stream=True)
+        if after_first:
+            assert resp.status_code == 200
+            events = sse_events(resp.text)
+            assert events[-2]["error"]["code"] == "backend_timeout" and events[-1] == "[DONE]"
+        else:
+            assert resp.status_code == 504 and resp.json()["error"]["code"] == "backend_timeout"
+        [record] = gw.records()
+        assert record.status_code == 504
+        assert (await requests_by_code(gw)).get("504") == 1
+        await assert_released(gw)
