@@ -542,3 +542,25 @@ async def test_a_backend_that_hangs_after_its_headers_is_ended_by_the_read_timeo
         assert record.status_code == 504
         assert (await requests_by_code(gw)).get("504") == 1
         await assert_released(gw)
+
+
+async def test_a_json_answer_past_the_limit_is_a_502_not_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-body answer (read whole since the backend may ignore ``stream``) larger than ``MAX_BODY_BYTES`` (here
+    lowered to 1 MiB) is a protocol error, not read into memory to its end (it was read whole, however large)."""
+    from llmpath.backends import _http
+
+    monkeypatch.setattr(_http, "MAX_BODY_BYTES", 1 << 20, raising=False)
+
+    async def huge(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+        final = json.dumps(meta(completion=2, finish_reason={"type": "stop"})).encode()
+        start = b'{"meta_info": ' + final + b', "text": "'
+        writer.write(head(200, {"content-type": "application/json"}, chunked=True) + chunk(start))
+        for _ in range(64):  # 4 MiB
+            writer.write(chunk(b"x" * (64 << 10)))
+            await writer.drain()
+        writer.write(chunk(b'"}') + chunk(b""))
+
+    async with RawBackend(huge) as backend, serving_gateway(backend.url) as gw:
+        resp = await gw.chat(stream=True)
+        assert resp.status_code == 502 and resp.json()["error"]["code"] == "backend_error"
+        await assert_released(gw)

@@ -247,6 +247,23 @@ def streams(resp: aiohttp.ClientResponse, asked: bool) -> bool:
     return asked and resp.content_type != _JSON
 
 
+#: The largest non-streamed answer read from a backend (a whole completion; far above any real one).
+MAX_BODY_BYTES = 64 << 20
+
+
+async def read_body(resp: aiohttp.ClientResponse) -> bytes:
+    """A non-streamed answer's body, a protocol error past :data:`MAX_BODY_BYTES` (not memory to fill)."""
+    parts: list[bytes] = []
+    size = 0
+    while size <= MAX_BODY_BYTES:
+        part = await resp.content.read(MAX_BODY_BYTES + 1 - size)
+        if not part:
+            return b"".join(parts)
+        parts.append(part)
+        size += len(part)
+    raise BackendProtocolError(f"answer larger than {MAX_BODY_BYTES} bytes")
+
+
 def json_object(raw: bytes) -> Any:
     """Parse a JSON body (a protocol error if it is not JSON)."""
     try:

@@ -25,6 +25,7 @@ from llmpath.backends._http import (
     json_object,
     raise_for_status,
     raise_stream_error,
+    read_body,
     sse_json,
     streams,
     transport_error,
@@ -210,7 +211,7 @@ def _choice_text(choice: dict[str, Any], chat: bool) -> str:
 
 
 async def _single(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    obj = json_object(await resp.read())
+    obj = json_object(await read_body(resp))
     if not isinstance(obj, dict):
         raise BackendProtocolError("response is not a JSON object")
     yield obj

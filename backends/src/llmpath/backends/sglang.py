@@ -28,6 +28,7 @@ from llmpath.backends._http import (
     json_object,
     raise_for_status,
     raise_stream_error,
+    read_body,
     sse_json,
     streams,
     transport_error,
@@ -231,7 +232,7 @@ class SGLangBackend:
                         for event in parser.feed(chunk):
                             yield event
                 else:
-                    payload = json_object(await resp.read())
+                    payload = json_object(await read_body(resp))
                     if isinstance(payload, list) and len(payload) == 1:
                         payload = payload[0]
                     if not isinstance(payload, dict):
