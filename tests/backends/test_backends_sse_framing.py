@@ -55,7 +55,7 @@ objects = st.lists(
     bom=st.booleans(),
     comments=st.booleans(),
     multiline=st.booleans(),
-    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=30),
+    cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=120),
 )
 async def test_any_split_of_a_stream_yields_its_events(objs, crlf, bom, comments, multiline, cuts) -> None:
     """LF or CRLF line ends, a byte order mark, comments and other fields, multi-line ``data:``: the same events
@@ -70,6 +70,15 @@ async def test_any_split_of_a_stream_yields_its_events(objs, crlf, bom, comments
         body = body.replace("\n", "\r\n")
     raw = (b"\xef\xbb\xbf" if bom else b"") + body.encode()
     assert await events_of(split(raw, cuts)) == objs
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+@pytest.mark.parametrize("bom", [False, True])
+async def test_a_stream_read_byte_by_byte_yields_its_events(crlf: bool, bom: bool) -> None:
+    """Every boundary at once: one byte per read (a read that is only a CR, or only part of a BOM, included)."""
+    body = 'data: {"a": 1}\n\n: ping\n\ndata: {"b": 2}\n\ndata: [DONE]\n\n'
+    raw = (b"\xef\xbb\xbf" if bom else b"") + (body.replace("\n", "\r\n") if crlf else body).encode()
+    assert await events_of([raw[i : i + 1] for i in range(len(raw))]) == [{"a": 1}, {"b": 2}]
 
 
 async def test_an_event_in_many_small_reads_costs_linear_time() -> None:

@@ -309,6 +309,8 @@ async def sse_json(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]
             if chunk.endswith(b"\r"):
                 chunk, cr = chunk[:-1], True
             chunk = chunk.replace(b"\r\n", b"\n")
+        if not chunk:  # a read that was only a CR (or a byte order mark)
+            continue
         if pending:
             if b"\n\n" not in chunk and not (chunk[:1] == b"\n" and pending[-1].endswith(b"\n")):
                 pending.append(chunk)
@@ -319,8 +321,7 @@ async def sse_json(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]
             chunk = b"".join(pending) + chunk
             pending.clear()
         if b"\n\n" not in chunk:
-            if chunk:
-                pending.append(chunk)
+            pending.append(chunk)
             size = len(chunk)
             if size > MAX_EVENT_BYTES:
                 raise BackendProtocolError(f"stream event larger than {MAX_EVENT_BYTES} bytes")
