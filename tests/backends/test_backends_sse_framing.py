@@ -41,8 +41,9 @@ def split(body: bytes, cuts: list[int]) -> list[bytes]:
     return [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True) if b > a]
 
 
+values = st.text(max_size=12) | st.integers(-(2**53), 2**53)  # integers a JSON parser keeps exact
 objects = st.lists(
-    st.dictionaries(st.sampled_from(["text", "n", "x"]), st.text(max_size=12) | st.integers(), min_size=1),
+    st.dictionaries(st.sampled_from(["text", "n", "x"]), values, min_size=1),
     min_size=1,
     max_size=5,
 )
