@@ -178,23 +178,23 @@ async def test_a_known_rid_aborts_its_prefix_family_and_abort_all_aborts_everyth
     assert bad.status_code == 400 and bad.json()["error"]["message"] == "abort_request needs a boolean 'abort_all'"
 
 
-async def test_sglang_backend_ends_an_aborted_request_with_done_abort(url: str) -> None:
-    """What the gateway sees when an operator aborts a request (the OpenAI backend sends no rid to abort by)."""
-    from llmpath.backends import BackendRequest, ChatMessage, Done, SamplingParams, TokenDelta, create_backend
+@pytest.mark.parametrize("kind", ["sglang", "openai"])
+async def test_the_backends_raise_backend_aborted_for_an_aborted_request(url: str, kind: str) -> None:
+    """What the gateway sees when an operator aborts a request: output cut short is no answer (``BackendAborted``,
+    retried elsewhere before the first token), never a ``Done`` that would pass for a complete one."""
+    from llmpath.backends import BackendAborted, BackendRequest, ChatMessage, SamplingParams, TokenDelta, create_backend
 
-    rid = "ab-backend"
-    backend = create_backend("sglang", url)
-    request = BackendRequest(rid, "m", messages=[ChatMessage("user", PROMPT)],
+    backend = create_backend(kind, url)
+    request = BackendRequest(f"ab-{kind}", "m", messages=[ChatMessage("user", PROMPT)],
                              sampling=SamplingParams(max_tokens=3000, ignore_eos=True))  # fmt: skip
     events = []
     try:
         async with httpx.AsyncClient(base_url=url, timeout=15) as client:
-            async for event in backend.generate(request):
-                events.append(event)
-                if isinstance(event, TokenDelta) and sum(isinstance(e, TokenDelta) for e in events) == 1:
-                    await abort(client, rid)
+            with pytest.raises(BackendAborted):
+                async for event in backend.generate(request):
+                    events.append(event)
+                    if isinstance(event, TokenDelta) and sum(isinstance(e, TokenDelta) for e in events) == 1:
+                        assert (await client.post("/abort_request", json={"abort_all": True})).status_code == 200
     finally:
         await backend.aclose()
-    done = events[-1]
-    assert isinstance(done, Done) and done.finish_reason == "abort"
-    assert 0 < done.usage.completion_tokens < 3000
+    assert sum(isinstance(e, TokenDelta) for e in events) >= 1

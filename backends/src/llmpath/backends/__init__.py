@@ -6,6 +6,7 @@
 
 from llmpath.backends.base import (
     Backend,
+    BackendAborted,
     BackendBadRequest,
     BackendError,
     BackendEvent,
@@ -30,6 +31,7 @@ from llmpath.backends.openai import OpenAIBackend
 from llmpath.backends.sglang import SGLangBackend
 
 __all__ = [
+    "BackendAborted",
     "KINDS",
     "Backend",
     "BackendBadRequest",

@@ -118,7 +118,7 @@ class BackendTimings:
 @dataclass(slots=True)
 class Done:
     usage: Usage
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" ("abort": an answer cut short, which the gateway fails)
     timings: BackendTimings
     #: The model that generated the response, when the backend says (OpenAI-compatible servers; SGLang's
     #: ``/generate`` does not).
@@ -156,6 +156,16 @@ class BackendUnreachable(BackendUnavailable):
 
     Unlike a busy backend's 503/429, this counts as a failure of the backend (health, ejection).
     """
+
+
+class BackendAborted(BackendUnavailable):
+    """The backend aborted the request itself, with no error status (SGLang's ``finish_reason`` ``abort``: an
+    operator's ``/abort_request``, ``abort_all`` around a weight update): the output was cut short, so it is no
+    answer. Retried elsewhere when nothing was sent to the client yet, like a busy backend (it does not count toward
+    ejection)."""
+
+    def __init__(self, message: str = "the backend aborted the request") -> None:
+        super().__init__(message)
 
 
 class BackendTimeout(BackendError):

@@ -32,6 +32,7 @@ from llmpath.backends._http import (
 )
 from llmpath.backends._values import token_count
 from llmpath.backends.base import (
+    BackendAborted,
     BackendEvent,
     BackendProtocolError,
     BackendRequest,
@@ -44,7 +45,7 @@ from llmpath.backends.base import (
     Usage,
 )
 
-_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "content_filter": "stop", "tool_calls": "stop"}
+_FINISH = {"stop": "stop", "length": "length", "content_filter": "stop", "tool_calls": "stop"}
 
 
 def openai_body(request: BackendRequest, model: str | None, continuous_usage: bool) -> tuple[str, dict[str, Any]]:
@@ -145,6 +146,8 @@ class OpenAIBackend:
                     if isinstance(chunk.get("model"), str):
                         model = chunk["model"]
                     for choice in _choices(chunk):
+                        if choice.get("finish_reason") == "abort":  # SGLang's OpenAI routes: output cut short
+                            raise BackendAborted()
                         text = _choice_text(choice, chat)
                         if first_at is None and (text or choice.get("finish_reason")):
                             first_at = time.monotonic()

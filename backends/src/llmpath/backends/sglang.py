@@ -35,6 +35,7 @@ from llmpath.backends._http import (
 )
 from llmpath.backends._values import between, seconds, token_count
 from llmpath.backends.base import (
+    BackendAborted,
     BackendEvent,
     BackendProtocolError,
     BackendRequest,
@@ -153,11 +154,12 @@ class GenerateStreamParser:
         self.done = True
         reason = meta["finish_reason"]
         kind = reason.get("type") if isinstance(reason, dict) else str(reason)
-        if kind == "abort" and isinstance(reason, dict):
-            status = reason.get("status_code")
-            message = reason.get("message") or "request aborted by the backend"
+        if kind == "abort":
+            status = reason.get("status_code") if isinstance(reason, dict) else None
+            message = (reason.get("message") if isinstance(reason, dict) else None) or "request aborted by the backend"
             if isinstance(status, int) and status >= 400 and status != 499:
                 raise error_for_status(status, json.dumps({"error": {"message": message}}).encode())
+            raise BackendAborted()
         now = time.monotonic()
         if self.source is TimingSource.BACKEND:
             timings = BackendTimings(

@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from llmpath.backends.base import (
     CONTEXT_LENGTH_EXCEEDED,
+    BackendAborted,
     BackendBadRequest,
     BackendError,
     BackendEvent,
@@ -152,8 +153,12 @@ class BackendCallResponse(Response):
                 # Unreachable (no answer at all) counts toward ejection and is worth a WARNING; a busy backend's
                 # 503 is frequent under overload, and in its own metrics.
                 unreachable = isinstance(exc, BackendUnreachable)
-                reason = f"connection failed: {type(exc.__cause__).__name__}" if unreachable else "busy"
-                level = logging.WARNING if unreachable else logging.DEBUG
+                if unreachable:
+                    reason, level = f"connection failed: {type(exc.__cause__).__name__}", logging.WARNING
+                elif isinstance(exc, BackendAborted):  # an operator's abort, a weight update: worth a line
+                    reason, level = "aborted the request", logging.INFO
+                else:
+                    reason, level = "busy", logging.DEBUG
                 if unreachable:
                     gw.pool.report_failure(state.name, reason)
                 gw.release_backend(p)
@@ -215,6 +220,7 @@ class BackendCallResponse(Response):
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         first = False
                 elif isinstance(event, Done):
+                    _check_complete(event)
                     usage = tracker.done(event)
                     tail = fmt.chunk("", first=first, finish_reason=openai_finish_reason(event.finish_reason))
                     if p.include_usage:
@@ -242,6 +248,7 @@ class BackendCallResponse(Response):
                 if isinstance(event, TokenDelta):
                     tracker.delta(event)
                 elif isinstance(event, Done):
+                    _check_complete(event)
                     usage = tracker.done(event)
                     body = self.p.fmt.full(tracker.text(), openai_finish_reason(event.finish_reason), usage)
                     self._finished = True
@@ -475,6 +482,13 @@ class _Tracker:
             tenant=p.principal.tenant,
         )
         self.call.set_usage(input_tokens=prompt, output_tokens=output, cached_tokens=cached)
+
+
+def _check_complete(done: Done) -> None:
+    """A ``Done`` that says the backend aborted the request (a backend of its own; the built-in ones raise
+    :class:`BackendAborted` themselves) ended an answer cut short: a failure, not a complete answer."""
+    if done.finish_reason == "abort":
+        raise BackendAborted()
 
 
 def _api_error(exc: BackendError, kind: str, mid_response: bool = False) -> APIError:
