@@ -544,6 +544,35 @@ async def test_a_backend_that_hangs_after_its_headers_is_ended_by_the_read_timeo
         await assert_released(gw)
 
 
+@pytest.mark.parametrize("after_first", [False, True])
+async def test_a_backend_sending_only_keepalive_comments_is_ended_by_the_read_timeout(after_first: bool) -> None:
+    """Comments (``: ping``) keep a connection alive through proxies; they are no progress. A backend that sends
+    nothing else for longer than ``timeouts.read_s`` is timed out as a silent one is (it held its slot forever)."""
+
+    async def keepalive(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+        writer.write(head(200, chunked=True) + (chunk(sse(sglang_chunks()[0])) if after_first else b""))
+        for _ in range(600):
+            writer.write(chunk(b": ping\n\n"))
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    async with (
+        RawBackend(keepalive) as backend,
+        serving_gateway(backend.url, limits={"timeouts": {"read_s": 0.5}}) as gw,
+    ):
+        resp = await asyncio.wait_for(gw.chat(stream=True), 10)
+        if after_first:
+            assert resp.status_code == 200
+            events = sse_events(resp.text)
+            assert events[-2]["error"]["code"] == "backend_timeout" and events[-1] == "[DONE]"
+        else:
+            assert resp.status_code == 504 and resp.json()["error"]["code"] == "backend_timeout"
+        [record] = gw.records()
+        assert record.status_code == 504
+        assert (await requests_by_code(gw)).get("504") == 1
+        await assert_released(gw)
+
+
 async def test_a_json_answer_past_the_limit_is_a_502_not_memory(monkeypatch: pytest.MonkeyPatch) -> None:
     """A one-body answer (read whole since the backend may ignore ``stream``) larger than ``MAX_BODY_BYTES`` (here
     lowered to 1 MiB) is a protocol error, not read into memory to its end (it was read whole, however large)."""

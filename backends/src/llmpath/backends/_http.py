@@ -12,6 +12,7 @@ import contextlib
 import math
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any
 
 import aiohttp
@@ -59,6 +60,11 @@ class HttpClient:
         self._session = session
         self._owns = session is None
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def read_timeout(self) -> float | None:
+        """Seconds a backend may stay silent (between two reads; between two events for :func:`sse_json`)."""
+        return self._timeout.sock_read
 
     def url(self, path: str) -> URL:
         """The absolute URL of ``path`` (build it once and keep it: parsing URLs per request costs CPU)."""
@@ -279,10 +285,12 @@ _BOM = b"\xef\xbb\xbf"
 MAX_EVENT_BYTES = 4 << 20
 
 
-async def sse_json(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+async def sse_json(resp: aiohttp.ClientResponse, idle_s: float | None = None) -> AsyncIterator[dict[str, Any]]:
     """The JSON objects of an SSE stream (LF or CRLF line ends, after an optional byte order mark) up to
     ``data: [DONE]``; anything else is a protocol error. Comments and ``event:``/``id:``/``retry:`` fields are
-    ignored; an event larger than :data:`MAX_EVENT_BYTES` is a protocol error.
+    ignored; an event larger than :data:`MAX_EVENT_BYTES` is a protocol error. Keep-alive comments are no sign of
+    progress: with ``idle_s``, a stream that sends nothing but them for longer than that is a
+    :class:`BackendTimeout` (silence is the socket read timeout's).
 
     After ``[DONE]`` the body is read to its end (the chunked encoding's last chunk follows it), so that the
     connection goes back to the pool instead of being closed half-read.
@@ -293,6 +301,7 @@ async def sse_json(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]
     size = 0
     head: bytes | None = b""  # the start of the body while it may still be a byte order mark
     cr = False  # a chunk ended with CR: its LF may start the next
+    last = monotonic()  # when the latest event (or the answer's headers) came
     done = False
     async for chunk in resp.content.iter_any():
         if done:
@@ -335,7 +344,10 @@ async def sse_json(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]
         for block in events:
             data = _event_data(block)
             if data is None:
+                if idle_s is not None and monotonic() - last > idle_s:
+                    raise BackendTimeout(f"no stream event for {idle_s:g} s, only comments")
                 continue
+            last = monotonic()
             if data.strip() == b"[DONE]":
                 done = True
                 break

@@ -139,7 +139,7 @@ class OpenAIBackend:
             async with self._http.post_json(self._urls[path], body, request.trace_headers) as resp:
                 await raise_for_status(resp)
                 streamed_answer = streams(resp, request.stream)
-                chunks = sse_json(resp) if streamed_answer else _single(resp)
+                chunks = sse_json(resp, self._http.read_timeout) if streamed_answer else _single(resp)
                 async for chunk in chunks:
                     raise_stream_error(chunk)
                     usage = _usage(chunk.get("usage")) or usage

@@ -230,7 +230,7 @@ class SGLangBackend:
             async with self._http.post_json(self._generate_url, body, request.trace_headers) as resp:
                 await raise_for_status(resp)
                 if streams(resp, request.stream):
-                    async for chunk in sse_json(resp):
+                    async for chunk in sse_json(resp, self._http.read_timeout):
                         for event in parser.feed(chunk):
                             yield event
                 else:
