@@ -101,6 +101,45 @@ def test_check_config_reports_what_serve_would_refuse(llmpath_bin: str, tmp_path
     assert result.returncode == 0 and "api keys    0 (0 admin)" in result.stdout
 
 
+def test_serve_refuses_bad_listen_addresses_and_keys_before_starting(llmpath_bin: str, tmp_path: Path) -> None:
+    """An empty --host listened on every interface; an empty or space-padded key (no request can send it: the
+    gateway strips the header's value) served a gateway nobody could use; a backend's unset key variable sent no key.
+    Each is refused with exit code 2 and the reason, before anything starts, never echoing the key."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMPATH_GATEWAY_") and k != "NO_SUCH_KEY_VAR"}
+    backend = ("--backend", "http://127.0.0.1:9")
+    cases: list[tuple[list[str], str]] = [
+        (["serve", "--host", "", "--port", "0", *backend, "--api-key", "sk-x"], "listen.host: "),
+        (["serve", "--host", "not a host", "--port", "0", *backend, "--api-key", "sk-x"], "listen.host: "),
+        (["serve", "--port", "70000", *backend, "--api-key", "sk-x"], "listen.port: "),
+        (["serve", "--port", "0", *backend, "--api-key", ""], "--api-key: an empty key"),
+        (["serve", "--port", "0", *backend, "--api-key", " sk-padded "], "--api-key: an empty key, or one with spaces"),
+        (["check-config", str(tmp_path / "gw.yaml"), "--admin-key", "sk-y\t"], "--admin-key: an empty key"),
+        (["check-config", str(tmp_path / "gw.yaml")], "backends[0].api_key_env: the environment variable "
+         "NO_SUCH_KEY_VAR is not set (or empty): the backend 127.0.0.1:1 would get no key"),
+    ]  # fmt: skip
+    (tmp_path / "gw.yaml").write_text(
+        "backends: [{url: 'http://127.0.0.1:1', kind: openai, api_key_env: NO_SUCH_KEY_VAR}]\ninsecure_no_auth: true\n"
+    )
+    for args, expected in cases:
+        result = run(llmpath_bin, *args, env=env)
+        assert result.returncode == 2, (args, result.stderr)
+        assert expected in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+        assert "sk-padded" not in result.stderr
+    result = run(llmpath_bin, "check-config", str(tmp_path / "gw.yaml"), env={**env, "NO_SUCH_KEY_VAR": "sk-up"})
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_config_that_is_no_utf8_text_or_no_file(llmpath_bin: str, tmp_path: Path) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_bytes(b"backends:\n  - url: 'http://127.0.0.1:1'\n    name: caf\xe9\n")
+    for args in (["check-config", str(path)], ["serve", "--config", str(path), "--insecure-no-auth"]):
+        result = run(llmpath_bin, *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr == f"error: {path}: not UTF-8 text (line 3: byte 0xe9)\n"
+    result = run(llmpath_bin, "check-config", str(tmp_path))
+    assert result.returncode == 2 and result.stderr == f"error: {tmp_path}: cannot read: Is a directory\n"
+
+
 def test_check_config_summarises(llmpath_bin: str, tmp_path: Path) -> None:
     path = tmp_path / "gw.yaml"
     path.write_text(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -54,6 +55,13 @@ def _overrides(
         overrides["backends"] = [{"url": url, "kind": kind} for url in backends]
     if policy is not None:
         overrides["routing"] = {"policy": policy.value}
+    for flag, given in (("--api-key", api_keys), ("--admin-key", admin_keys)):
+        for key in given:
+            if not key or key != key.strip():
+                # Clients send `Authorization: Bearer KEY`, and the gateway strips the value: no request could use it.
+                typer.echo(f"error: {flag}: an empty key, or one with spaces around it, that no request can send",
+                           err=True)  # fmt: skip
+                raise typer.Exit(2)
     keys: list[dict[str, Any]] = [{"sha256": hash_key(k), "tenant": "default"} for k in api_keys]
     keys += [{"sha256": hash_key(k), "tenant": "admin", "admin": True} for k in admin_keys]
     if keys:
@@ -93,6 +101,12 @@ def _refusals(cfg: Any) -> list[str]:
         )
     if not cfg.backends:
         refusals.append("no backends: add `backends` to the config or pass --backend URL")
+    for i, backend in enumerate(cfg.backends):
+        if backend.api_key_env is not None and not os.environ.get(backend.api_key_env):
+            refusals.append(
+                f"backends[{i}].api_key_env: the environment variable {backend.api_key_env} is not set (or empty): "
+                f"the backend {backend.display_name} would get no key"
+            )
     return refusals
 
 

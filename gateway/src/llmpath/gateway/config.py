@@ -8,7 +8,10 @@ the field path and, where the YAML has one, the line.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,6 +30,7 @@ from pydantic import (
 from yarl import URL
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_EMPTY_KEY_SHA256 = hashlib.sha256(b"").hexdigest()
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 PositiveFloat = Annotated[float, Field(gt=0)]
@@ -38,8 +42,50 @@ Problem = tuple[tuple[str | int, ...], str]
 LEDGER_FORMATS = {".jsonl": "JSON lines", ".db": "SQLite", ".sqlite": "SQLite", ".sqlite3": "SQLite"}
 
 
+#: A host name (RFC 1123 labels, an optional final dot).
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` cannot be a listen address (an IP address without brackets or a host name), or None.
+
+    An empty one would make uvicorn listen on every interface, which nobody writes on purpose (``0.0.0.0`` says it).
+    """
+    if not host:
+        return "empty: give an address (127.0.0.1, or 0.0.0.0 for every interface)"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME_RE.match(host):
+            return f"{host!r} is neither an IP address (IPv6 without brackets) nor a host name"
+    return None
+
+
+def _is_number(annotation: Any) -> bool:
+    """Whether a field's type is a number (or an optional one)."""
+    if annotation in (int, float):
+        return True
+    if typing.get_origin(annotation) is Annotated:
+        return _is_number(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_is_number(arg) for arg in typing.get_args(annotation))
+    return False
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # .inf and .nan are YAML numbers, but no limit, timeout, rate or weight can be infinite (an infinite timeout
+    # overflows the clients', an infinite rate fails every request); a large finite value says "practically none".
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Pydantic reads true/false as 1/0, and YAML 1.1 reads yes/no/on/off as booleans: `port: yes` is a mistake.
+        name = info.field_name
+        if isinstance(value, bool) and name is not None and _is_number(cls.model_fields[name].annotation):
+            raise ValueError(f"{str(value).lower()} is not a number (YAML reads yes/no/on/off as true/false)")
+        return value
 
 
 class ListenConfig(_Strict):
@@ -51,6 +97,14 @@ class ListenConfig(_Strict):
     #: Take a well-formed ``X-Request-Id`` sent by the client as the request's id (response header, ledger, spans):
     #: right behind a proxy that sets it; ``false`` where clients connect directly, so they cannot choose the ids.
     trust_request_id: bool = True
+
+    @field_validator("host")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        problem = host_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 class BackendConfig(_Strict):
@@ -221,6 +275,10 @@ class ApiKeyConfig(_Strict):
         value = value.strip().lower()
         if not _SHA256_RE.match(value):
             raise ValueError("must be the 64 hex digits of the key's sha256 (see `llmpath gateway hash-key`)")
+        if value == _EMPTY_KEY_SHA256:
+            raise ValueError(
+                "is the sha256 of the empty key, which no request can send (see `llmpath gateway hash-key`)"
+            )
         return value
 
     @field_validator("tenant")
@@ -417,14 +475,24 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> G
     if path is not None:
         where = str(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            raw = path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{where}: cannot read: {exc.strerror or exc}") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise ConfigError(f"{where}: not UTF-8 text (line {line}: byte 0x{raw[exc.start]:02x})") from None
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{where}: invalid YAML: {exc}") from None
+            raise ConfigError(f"{where}: invalid YAML{_yaml_problem(exc)}") from None
+        duplicates = _duplicate_keys(root)
+        if duplicates:
+            lines = [f"{where}: invalid configuration ({len(duplicates)} problem(s)):"]
+            lines += [f"  {_format_loc(list(loc))} (line {line}): {msg}" for loc, line, msg in duplicates]
+            raise ConfigError("\n".join(lines))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -446,6 +514,47 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> G
     if problems:
         raise ConfigError(_format_problems(where, problems, root))
     return config
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what the YAML error is, without the excerpt of the file PyYAML quotes (it may hold a backend URL's
+    credentials, and reload failures are logged)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return f": {exc}"
+    mark = exc.problem_mark or exc.context_mark
+    at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    what = ", ".join(str(part) for part in (exc.context, exc.problem) if part)
+    return f"{at}: {what}"
+
+
+def _duplicate_keys(root: yaml.Node | None) -> list[tuple[tuple[str | int, ...], int, str]]:
+    """Keys given twice in one mapping (field path, line, reason): YAML keeps the last silently, so the first is a
+    setting that is ignored."""
+    problems: list[tuple[tuple[str | int, ...], int, str]] = []
+    seen: set[int] = set()  # aliases share nodes, and may refer to themselves
+
+    def walk(node: yaml.Node, loc: tuple[str | int, ...]) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if isinstance(name, str) and name != "<<":
+                    if name in first:
+                        msg = f"given twice (also on line {first[name]}); YAML would silently keep only the last"
+                        problems.append(((*loc, name), key.start_mark.line + 1, msg))
+                    else:
+                        first[name] = key.start_mark.line + 1
+                walk(value, (*loc, name) if isinstance(name, str) else loc)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*loc, i))
+
+    if root is not None:
+        walk(root, ())
+    return problems
 
 
 def _relative_to(config: GatewayConfig, base: Path) -> GatewayConfig:

@@ -113,6 +113,11 @@ class ConfigReloader:
             log.error("configuration reload (%s) failed, nothing changed: %s", trigger, exc)
             self._count(False)
             raise ReloadError(str(exc)) from None
+        except Exception as exc:  # a file no check foresaw: still refused, logged and counted (never a 500)
+            reason = f"the configuration could not be loaded ({type(exc).__name__}: {exc})"
+            log.error("configuration reload (%s) failed, nothing changed: %s", trigger, reason)
+            self._count(False)
+            raise ReloadError(reason) from None
         self._count(True)
         log.info(
             "configuration reloaded (%s): applied %s%s",
