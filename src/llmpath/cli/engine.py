@@ -66,8 +66,13 @@ def serve(
     """Serve SGLang's HTTP API (/generate, /v1/chat/completions, /metrics, …) from an embedded engine."""
     from llmpath.backends.engine.args import EngineArgs
     from llmpath.backends.engine.metrics import DEFAULT_BUCKETS, parse_buckets
+    from llmpath.gateway.config import host_problem
 
     try:
+        if not 0 <= port <= 65535:
+            raise ValueError(f"--port must be 0-65535, got {port}")
+        if (problem := host_problem(host)) is not None:
+            raise ValueError(f"--host: {problem}")
         buckets = {}
         if bucket_ttft:
             name = "sglang:time_to_first_token_seconds"

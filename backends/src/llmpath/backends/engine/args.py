@@ -92,6 +92,8 @@ class EngineArgs:
             raise ValueError("--chunked-prefill-size must be -1 (off) or at least 1")
         if self.kv_tokens is not None and self.kv_tokens < 16:
             raise ValueError("--kv-tokens must be at least 16")
+        if self.context_length is not None and self.context_length < 1:
+            raise ValueError("--context-length must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError("--threads must be at least 1")
         if self.model_path is not None and not self.model_path.is_dir():
