@@ -172,3 +172,12 @@ def test_exotic_yaml_that_is_fine(tmp_path: Path) -> None:
     path.mkdir()
     with pytest.raises(ConfigError, match="cannot read: Is a directory"):
         load_config(path)
+
+
+def test_a_stage_catalog_that_is_not_utf8(tmp_path: Path) -> None:
+    """It was a UnicodeDecodeError traceback from check-config and serve (and a 500 from a reload)."""
+    (tmp_path / "stages.toml").write_bytes(b'[owners]\nroute = "caf\xe9"\n')
+    path = tmp_path / "gw.yaml"
+    path.write_text("stage_catalog: stages.toml\n")
+    with pytest.raises(ConfigError, match=r"stage_catalog \(line 1\): .*stages\.toml: not UTF-8 text"):
+        load_config(path)

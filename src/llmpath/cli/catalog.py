@@ -27,3 +27,6 @@ def catalog_or_exit(path: Path | None) -> StageCatalog:
     except CatalogFileError as exc:
         typer.echo(f"llmpath: --catalog {exc}", err=True)
         raise typer.Exit(2) from None
+    except UnicodeDecodeError as exc:
+        typer.echo(f"llmpath: --catalog {path}: not UTF-8 text (byte at offset {exc.start})", err=True)
+        raise typer.Exit(2) from None

@@ -79,6 +79,8 @@ def sync(out: Path, files: dict[str, str], check: bool, is_generated, what: str,
     """Write ``files`` into ``out``, or with ``check`` verify that ``out`` already holds exactly them."""
     from llmpath.dashboards.outputs import drift, write
 
+    if out.exists() and not out.is_dir():
+        raise fail(f"--out {out}: exists and is not a folder", 2)
     if check:
         stale = drift(out, files, is_generated)
         if stale:
@@ -86,7 +88,10 @@ def sync(out: Path, files: dict[str, str], check: bool, is_generated, what: str,
             raise fail(f"{lines}\n{what} in {out} are stale; regenerate with: {command}")
         typer.echo(f"{out}: {len(files)} {what} up to date")
         return
-    changed = write(out, files, is_generated)
+    try:
+        changed = write(out, files, is_generated)
+    except OSError as exc:  # a file in its path, no permission, a full disk
+        raise fail(f"--out {out}: cannot write: {exc.strerror or exc}", 2) from None
     typer.echo(f"{out}: {len(files)} {what} ({len(changed.missing) + len(changed.changed)} written, "
                f"{len(changed.extra)} removed)")  # fmt: skip
 

@@ -20,6 +20,11 @@ def demo(
     from llmpath.demo.run import DemoOptions, run_demo
     from llmpath.demo.supervisor import ProcessFailed
 
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there or in its path, no permission
+        typer.echo(f"error: --workdir {workdir}: cannot create the folder: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
     opts = DemoOptions(
         workdir=workdir,
         duration_s=duration,

@@ -72,6 +72,8 @@ def load_prices(path: str | Path) -> Prices:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise PriceFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PriceFileError(f"{path}: not UTF-8 text (byte at offset {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise PriceFileError(f"{path}: not valid TOML: {exc}") from None
     try:

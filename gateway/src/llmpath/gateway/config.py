@@ -594,6 +594,10 @@ def _file_problems(config: GatewayConfig) -> list[Problem]:
             load_catalog(config.stage_catalog)
         except CatalogFileError as exc:
             problems.append((("stage_catalog",), str(exc)))
+        except UnicodeDecodeError as exc:
+            problems.append(
+                (("stage_catalog",), f"{config.stage_catalog}: not UTF-8 text (byte at offset {exc.start})")
+            )
     return problems
 
 
