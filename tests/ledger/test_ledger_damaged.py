@@ -111,3 +111,13 @@ def test_damaged_files_are_named_with_the_line_on_the_command_line(llmpath_bin: 
             assert out.returncode == 2, (name, command, out.stderr)
             assert out.stderr.startswith(f"llmpath usage: {path}{reason}"), (name, command, out.stderr)
             assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("ident", ["", "  ", "None"])
+def test_show_refuses_an_empty_id(llmpath_bin: str, tmp_path: Path, ident: str) -> None:
+    """``show ''`` printed every request without a trace id (their missing trace id compared equal to it)."""
+    path = tmp_path / "usage.jsonl"
+    path.write_bytes(good_lines(tmp_path))
+    out = usage(llmpath_bin, "show", ident, path)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"llmpath usage: {ident!r} is no id"), out.stderr

@@ -200,7 +200,7 @@ def show(
     from llmpath.ledger import find
     from llmpath.ledger.render import record_header, record_table
 
-    if ident in NO_ID:
+    if not ident.strip() or ident.strip() in NO_ID:  # an empty id matched every request without a trace id
         raise _fail(f"{ident!r} is no id: where a request has no trace id (no tracing SDK), show it by request id")
     found = find(_records(ledgers, None, None, None, None), ident)
     if not found:
