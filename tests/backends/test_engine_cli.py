@@ -64,3 +64,23 @@ def test_a_checkpoint_the_engine_cannot_run_is_refused_in_one_line(llmpath_bin: 
     assert out.stderr.strip().splitlines()[-1].startswith("llmpath engine serve: ")
     assert "rope_scaling is not supported by the embedded engine" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"[1, 2]", "not a JSON object (a Hugging Face config.json is one)"),  # was AttributeError, a traceback
+        (b'{"vocab_size": "\xff"}', "not UTF-8 text (byte at offset 16)"),  # was the bare codec message
+        (None, "cannot read: Is a directory"),  # config.json a folder: was a traceback
+    ],
+)
+def test_a_config_json_that_is_no_config_is_named(
+    llmpath_bin: str, tmp_path, content: bytes | None, reason: str
+) -> None:
+    if content is None:
+        (tmp_path / "config.json").mkdir()
+    else:
+        (tmp_path / "config.json").write_bytes(content)
+    out = run(llmpath_bin, "serve", "--port", "1", "--model", str(tmp_path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr == f"llmpath engine serve: {tmp_path / 'config.json'}: {reason}\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +103,17 @@ def config_from_hf(model_dir: Path) -> ModelConfig:
     """Read a Hugging Face Llama-family ``config.json``."""
     path = model_dir / "config.json"
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ValueError(f"{path}: not found (--model needs a Hugging Face checkpoint directory)") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte at offset {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: invalid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: not a JSON object (a Hugging Face config.json is one)")
     archs = raw.get("architectures") or []
     if archs and not any(a.endswith(("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")) for a in archs):
         raise ValueError(f"{path}: architectures {archs} are not Llama-style (LlamaForCausalLM expected)")
@@ -117,7 +124,7 @@ def config_from_hf(model_dir: Path) -> ModelConfig:
         raise ValueError(f"{path}: head_dim != hidden_size / num_attention_heads is not supported")
     # transformers 5 writes RoPE settings as rope_parameters {"rope_theta", "rope_type", ...}; older files have a
     # top-level rope_theta and rope_scaling.
-    rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    rope: dict[str, Any] = raw["rope_parameters"] if isinstance(raw.get("rope_parameters"), dict) else {}
     if raw.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         raise ValueError(f"{path}: rope_scaling is not supported by the embedded engine")
     qwen2 = raw.get("model_type") == "qwen2" or any(a.endswith("Qwen2ForCausalLM") for a in archs)
