@@ -181,3 +181,23 @@ def test_a_stage_catalog_that_is_not_utf8(tmp_path: Path) -> None:
     path.write_text("stage_catalog: stages.toml\n")
     with pytest.raises(ConfigError, match=r"stage_catalog \(line 1\): .*stages\.toml: not UTF-8 text"):
         load_config(path)
+
+
+def test_a_ledger_path_no_record_could_be_written_to(tmp_path: Path) -> None:
+    """A folder was accepted and every record then failed to be written (lost); a file in the path was a
+    FileExistsError traceback when serve started. Missing folders are fine: the sinks create them."""
+    (tmp_path / "usage.jsonl").mkdir()
+    (tmp_path / "taken").write_text("")
+    path = tmp_path / "gw.yaml"
+    cases = {
+        "usage.jsonl": f"{tmp_path / 'usage.jsonl'} is a folder; name the ledger file",
+        "taken/usage.db": f"{tmp_path / 'taken'} is a file, not a folder: the ledger cannot be created",
+        "taken/more/usage.jsonl": f"{tmp_path / 'taken'} is a file, not a folder",
+    }
+    for ledger, reason in cases.items():
+        path.write_text(f"usage:\n  ledger: {ledger}\n")
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert f"usage.ledger (line 2): {reason}" in str(err.value)
+    path.write_text("usage:\n  ledger: new/folders/usage.jsonl\n")
+    assert load_config(path).usage.ledger == tmp_path / "new" / "folders" / "usage.jsonl"

@@ -587,6 +587,11 @@ def _file_problems(config: GatewayConfig) -> list[Problem]:
     for i, route in enumerate(config.routes):
         if route.retriever is not None and not route.retriever.path.is_dir():
             problems.append((("routes", i, "retriever", "path"), f"{route.retriever.path} is not a directory"))
+    ledger = config.usage.ledger
+    if ledger is not None:
+        problem = _ledger_path_problem(ledger)
+        if problem is not None:
+            problems.append((("usage", "ledger"), problem))
     if config.stage_catalog is not None:
         from llmpath.instrumentation import CatalogFileError, load_catalog
 
@@ -599,6 +604,16 @@ def _file_problems(config: GatewayConfig) -> list[Problem]:
                 (("stage_catalog",), f"{config.stage_catalog}: not UTF-8 text (byte at offset {exc.start})")
             )
     return problems
+
+
+def _ledger_path_problem(ledger: Path) -> str | None:
+    """Why no record could be written at ``ledger`` (the sinks create missing folders, not a file in their way)."""
+    if ledger.is_dir():
+        return f"{ledger} is a folder; name the ledger file"
+    for parent in ledger.parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, not a folder: the ledger cannot be created"
+    return None
 
 
 def _template_problems(config: GatewayConfig, base: Path) -> list[Problem]:
