@@ -175,6 +175,9 @@ def test_hash_key_reads_stdin(llmpath_bin: str) -> None:
     result = run(llmpath_bin, "hash-key", input="sk-secret\n")
     assert result.returncode == 0 and result.stdout.strip() == hash_key("sk-secret")
     assert run(llmpath_bin, "hash-key", input="\n").returncode == 2
+    for spaced in (run(llmpath_bin, "hash-key", input="sk-secret \n"), run(llmpath_bin, "hash-key", " sk-secret")):
+        assert spaced.returncode == 2 and spaced.stdout == ""  # its hash was printed: a key no request can send
+        assert spaced.stderr == "error: the key has spaces around it, which no request can send\n"
 
 
 @pytest.mark.slow

@@ -245,4 +245,7 @@ def hash_key_command(
     if not key:
         typer.echo("error: empty key", err=True)
         raise typer.Exit(2)
+    if key != key.strip():  # the gateway strips the Authorization header's value: no request could send this key
+        typer.echo("error: the key has spaces around it, which no request can send", err=True)
+        raise typer.Exit(2)
     typer.echo(hash_key(key))
