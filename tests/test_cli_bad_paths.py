@@ -60,3 +60,24 @@ def test_option_files_that_are_not_utf8(llmpath_bin: str, tmp_path: Path) -> Non
         assert out.returncode == 2, (args, out.stderr)
         assert out.stderr.startswith(message) and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_slo_outputs_under_a_file(llmpath_bin: str, tmp_path: Path) -> None:
+    """`slo compile --out` and `slo init` under a file were FileExistsError tracebacks."""
+    taken = tmp_path / "taken"
+    taken.write_text("keep me\n")
+    spec = tmp_path / "slos.yaml"
+    assert llmpath(llmpath_bin, "slo", "init", spec).returncode == 0
+    cases: list[tuple[list[str | Path], Path]] = [
+        (["slo", "compile", spec, "--out", taken / "rules"], taken / "rules"),
+        (["slo", "compile", spec, "--out", taken / "rules.yaml"], taken / "rules.yaml"),
+        (["slo", "init", taken / "slos.yaml"], taken / "slos.yaml"),
+    ]
+    for args, out in cases:
+        result = llmpath(llmpath_bin, *args)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.splitlines() == [
+            f"{out}: cannot write ({taken}): File exists",
+            f"1 error; nothing was written to {out}.",
+        ]
+    assert taken.read_text() == "keep me\n"

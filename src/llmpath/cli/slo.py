@@ -235,12 +235,12 @@ def compile_cmd(
     if single_file:
         if len(result.files) != 1:
             _fail([f"{len(result.files)} output documents need an output folder, not the single file {out}"], out)
-        write_atomically(target.parent, {target.name: next(iter(result.files.values()))})
+        _write_or_fail(target.parent, {target.name: next(iter(result.files.values()))}, out)
         written = [target]
     else:
         files = dict(result.files)
         files.update({f"tests/{name}": text for name, text in result.test_files.items()})
-        write_atomically(target, files)
+        _write_or_fail(target, files, out)
         written = [target / name for name in files]
     _err(
         f"compiled {len(result.slos)} SLOs into {len(result.files)} rule file(s)"
@@ -329,6 +329,16 @@ def _prometheus_failed(url: str, exc: Exception) -> NoReturn:
     raise typer.Exit(2) from None
 
 
+def _write_or_fail(out_dir: Path, files: dict[str, str], out: str) -> None:
+    """:func:`write_atomically`, or the reason it could not (a file in the way, no permission, a full disk) and the
+    spec-error exit; nothing is left half-written."""
+    try:
+        write_atomically(out_dir, files)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _fail([f"{out}: cannot write{where}: {exc.strerror or exc}"], out)
+
+
 @app.command("init")
 def init_cmd(
     path: str = typer.Argument("slos.yaml", help="Where to write the spec (- for stdout)."),
@@ -353,7 +363,7 @@ def init_cmd(
     if target.exists() and not force:
         _err(f"{target} already exists; pass --force to overwrite it.")
         raise typer.Exit(1)
-    write_atomically(target.parent, {target.name: text})
+    _write_or_fail(target.parent, {target.name: text}, str(target))
     _err(f"wrote the default LLM API SLO spec to {target}; next: llmpath slo compile {target} -o rules/ --tests")
 
 
