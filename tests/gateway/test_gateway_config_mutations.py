@@ -144,6 +144,7 @@ def test_the_sha256_of_the_empty_key_is_refused(tmp_path: Path) -> None:
         (b"listen: {}\n---\nlisten: {}\n", "invalid YAML (line 2, column 1): expected a single document"),
         (b"backends:\n  - {url: \"http://user:s3cret@127.0.0.1:1}\n", "invalid YAML (line 3, column 1)"),
         (b"!!python/object:os.system {}\n", "invalid YAML (line 1, column 1): could not determine a constructor"),
+        (b"listen: " + b"[" * 2000 + b"]" * 2000 + b"\n", "invalid YAML: collections nested too deeply"),
     ],
 )  # fmt: skip
 def test_exotic_yaml_names_the_line_and_never_quotes_the_file(tmp_path: Path, raw: bytes, expected: str) -> None:

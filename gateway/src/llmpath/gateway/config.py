@@ -486,9 +486,11 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> G
         try:
             root = yaml.compose(text, Loader=yaml.SafeLoader)
             loaded = yaml.safe_load(text)
+            duplicates = _duplicate_keys(root)
         except yaml.YAMLError as exc:
             raise ConfigError(f"{where}: invalid YAML{_yaml_problem(exc)}") from None
-        duplicates = _duplicate_keys(root)
+        except RecursionError:  # PyYAML composes recursively: a few hundred nested collections exhaust the stack
+            raise ConfigError(f"{where}: invalid YAML: collections nested too deeply") from None
         if duplicates:
             lines = [f"{where}: invalid configuration ({len(duplicates)} problem(s)):"]
             lines += [f"  {_format_loc(list(loc))} (line {line}): {msg}" for loc, line, msg in duplicates]
