@@ -81,3 +81,19 @@ def test_slo_outputs_under_a_file(llmpath_bin: str, tmp_path: Path) -> None:
             f"1 error; nothing was written to {out}.",
         ]
     assert taken.read_text() == "keep me\n"
+
+
+def test_option_files_nested_too_deeply(llmpath_bin: str, tmp_path: Path) -> None:
+    """tomllib parses nested arrays recursively: a few thousand were a RecursionError traceback."""
+    deep = tmp_path / "deep.toml"
+    deep.write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    ledger = tmp_path / "usage.jsonl"
+    ledger.write_text("")
+    cases: list[tuple[list[str | Path], str]] = [
+        (["usage", "summary", ledger, "--catalog", deep], f"llmpath: --catalog {deep}: not valid TOML: "),
+        (["usage", "summary", ledger, "--prices", deep], f"llmpath usage: --prices {deep}: not valid TOML: "),
+    ]
+    for args, message in cases:
+        out = llmpath(llmpath_bin, *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert out.stderr.startswith(message) and "nested too deeply" in out.stderr, out.stderr

@@ -202,3 +202,13 @@ def test_a_ledger_path_no_record_could_be_written_to(tmp_path: Path) -> None:
         assert f"usage.ledger (line 2): {reason}" in str(err.value)
     path.write_text("usage:\n  ledger: new/folders/usage.jsonl\n")
     assert load_config(path).usage.ledger == tmp_path / "new" / "folders" / "usage.jsonl"
+
+
+def test_a_stage_catalog_nested_too_deeply(tmp_path: Path) -> None:
+    (tmp_path / "stages.toml").write_text("x = " + "[" * 5000 + "]" * 5000 + "\n")
+    path = tmp_path / "gw.yaml"
+    path.write_text("stage_catalog: stages.toml\n")
+    with pytest.raises(
+        ConfigError, match=r"stage_catalog \(line 1\): .*stages\.toml: not valid TOML: nested too deeply"
+    ):
+        load_config(path)

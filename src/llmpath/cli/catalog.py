@@ -30,3 +30,6 @@ def catalog_or_exit(path: Path | None) -> StageCatalog:
     except UnicodeDecodeError as exc:
         typer.echo(f"llmpath: --catalog {path}: not UTF-8 text (byte at offset {exc.start})", err=True)
         raise typer.Exit(2) from None
+    except RecursionError:  # tomllib parses nested arrays recursively
+        typer.echo(f"llmpath: --catalog {path}: not valid TOML: arrays or tables nested too deeply", err=True)
+        raise typer.Exit(2) from None

@@ -74,6 +74,8 @@ def load_prices(path: str | Path) -> Prices:
         raise PriceFileError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
         raise PriceFileError(f"{path}: not UTF-8 text (byte at offset {exc.start})") from None
+    except RecursionError:  # tomllib parses nested arrays recursively
+        raise PriceFileError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     except tomllib.TOMLDecodeError as exc:
         raise PriceFileError(f"{path}: not valid TOML: {exc}") from None
     try:

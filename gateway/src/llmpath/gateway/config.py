@@ -605,6 +605,8 @@ def _file_problems(config: GatewayConfig) -> list[Problem]:
             problems.append(
                 (("stage_catalog",), f"{config.stage_catalog}: not UTF-8 text (byte at offset {exc.start})")
             )
+        except RecursionError:  # tomllib parses nested arrays recursively
+            problems.append((("stage_catalog",), f"{config.stage_catalog}: not valid TOML: nested too deeply"))
     return problems
 
 
