@@ -5,6 +5,7 @@ an excerpt of the file (a backend URL may carry credentials, and reload failures
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 from collections.abc import Iterator
@@ -212,3 +213,18 @@ def test_a_stage_catalog_nested_too_deeply(tmp_path: Path) -> None:
         ConfigError, match=r"stage_catalog \(line 1\): .*stages\.toml: not valid TOML: nested too deeply"
     ):
         load_config(path)
+
+
+def test_templates_nested_too_deeply(tmp_path: Path) -> None:
+    """The JSON and Jinja parsers are recursive: each of these was a RecursionError traceback."""
+    (tmp_path / "tokenizer_config.json").write_text('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    path = tmp_path / "gw.yaml"
+    prompts = ["{% if 1 %}" * 3000 + "x" + "{% endif %}" * 3000, "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}"]
+    routes = ", ".join(f"{{name: r{i}, system_prompt: {json.dumps(p)}}}" for i, p in enumerate(prompts))
+    path.write_text(f"tokenizer: {{chat_template: tokenizer_config.json}}\nroutes: [{routes}]\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "tokenizer.chat_template (line 1): nested too deeply to be parsed" in message
+    assert "routes[0] (line 2): a template of the route: nested too deeply" in message
+    assert "routes[1] (line 2): a template of the route: nested too deeply" in message

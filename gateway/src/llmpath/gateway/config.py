@@ -634,6 +634,8 @@ def _template_problems(config: GatewayConfig, base: Path) -> list[Problem]:
         render = load_renderer(config.tokenizer.chat_template, base)
     except ValueError as exc:
         problems.append((("tokenizer", "chat_template"), str(exc)))
+    except RecursionError:  # the JSON and Jinja parsers are recursive
+        problems.append((("tokenizer", "chat_template"), _TOO_DEEP))
     else:
         failed = check_renders(render)
         if failed:
@@ -647,7 +649,12 @@ def _template_problems(config: GatewayConfig, base: Path) -> list[Problem]:
             if exc.field == "tokenizer.chat_template":
                 loc = ("routes", i)
             problems.append((loc, exc.reason))
+        except RecursionError:  # Jinja compiles recursively: the route's templates nest too deeply to compile
+            problems.append((("routes", i), f"a template of the route: {_TOO_DEEP}"))
     return problems
+
+
+_TOO_DEEP = "nested too deeply to be parsed (blocks, brackets or JSON arrays)"
 
 
 def _format_problems(where: str, problems: list[Problem], root: yaml.Node | None) -> str:
