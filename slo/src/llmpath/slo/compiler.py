@@ -38,6 +38,7 @@ from llmpath.slo.model import (
     SLOSpec,
     SpecDocument,
 )
+from llmpath.slo.names import bounded_file_name
 from llmpath.slo.plugins import PluginError, run_chain
 from llmpath.slo.validate import (
     LABEL_NAME_RE,
@@ -285,14 +286,14 @@ def _runbook_files(compiled: list[Compiled]) -> dict[tuple[str, int], str]:
             owners[f"{rule.alert}-{severity_of(rule)}"].add(item.slo.id)
     out = {}
     for item in compiled:
-        used: Counter[str] = Counter()
+        used: Counter[tuple[str, str]] = Counter()
         for i, rule in enumerate(alert_rules_of(item.rules)):
-            base = f"{rule.alert}-{severity_of(rule)}"
-            name = base if len(owners[base]) == 1 else f"{rule.alert}-{item.slo.id}-{severity_of(rule)}"
-            used[name] += 1
-            if used[name] > 1:
-                name += f"-{used[name]}"
-            out[(item.slo.id, i)] = _FILE_SAFE.sub("_", name) + ".md"
+            severity = severity_of(rule)
+            alert = rule.alert or ""
+            prefix = alert if len(owners[f"{alert}-{severity}"]) == 1 else f"{alert}-{item.slo.id}"
+            used[prefix, severity] += 1
+            tail = f"-{severity}" + (f"-{used[prefix, severity]}" if used[prefix, severity] > 1 else "")
+            out[(item.slo.id, i)] = bounded_file_name(_FILE_SAFE.sub("_", prefix), _FILE_SAFE.sub("_", tail) + ".md")
     return out
 
 

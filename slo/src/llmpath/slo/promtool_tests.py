@@ -40,6 +40,7 @@ from llmpath.slo.errors import IssueLog
 from llmpath.slo.gofmt import duration_hours, format_duration, go_float, go_quote, parse_duration
 from llmpath.slo.matchers import Matcher, matches_all, satisfy
 from llmpath.slo.model import Rule
+from llmpath.slo.names import bounded_file_name
 
 if TYPE_CHECKING:
     from llmpath.slo.compiler import Compiled
@@ -909,9 +910,9 @@ def test_file_name(slo_id: str, rule_file: str, shared_id: bool) -> str:
     """``<slo id>.test.yaml``; ``<rule file>-<slo id>.test.yaml`` (folders joined with ``-``, no extension) when
     the SLO ID is in several rule files (``--ignore-duplicates``), so that no test file replaces another."""
     if not shared_id:
-        return f"{slo_id}.test.yaml"
+        return bounded_file_name(slo_id, ".test.yaml")
     stem = PurePosixPath(rule_file).with_suffix("").as_posix()
-    return f"{stem.replace('/', '-')}-{slo_id}.test.yaml"
+    return bounded_file_name(f"{stem.replace('/', '-')}-{slo_id}", ".test.yaml")
 
 
 def generate_tests(compiled: list[Compiled], names: dict[int, str], log: IssueLog) -> dict[str, str]:

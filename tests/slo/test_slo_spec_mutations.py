@@ -1,0 +1,114 @@
+"""Bad and unusual specs found by mutating valid ones: every command either compiles them into rules that promtool
+accepts, or exits 1 naming the file, field and reason — no traceback, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from llmpath.cli import app
+
+LLMPATH = """\
+version: llmpath/v1
+service: llm-api
+slos:
+  - name: ttft
+    objective: 95
+    stage: prefill
+    group_by: [route]
+    sli:
+      latency:
+        histogram: llmpath_time_to_first_token_seconds
+        threshold: 0.5
+    alerting:
+      name: TTFTBurn
+      threshold_alert:
+        name: TTFTSlow
+        severity: page
+        factor: 10
+        short_window: 2m
+        long_window: 10m
+"""
+
+SLOTH = """\
+version: "prometheus/v1"
+service: svc
+slos:
+  - name: availability
+    objective: 99.9
+    sli:
+      events:
+        error_query: sum(rate(http_requests_total{code=~"5.."}[{{.window}}]))
+        total_query: sum(rate(http_requests_total[{{.window}}]))
+    alerting:
+      name: SvcAvailability
+      annotations:
+        summary: high
+      page_alert:
+        labels:
+          severity: pageteam
+"""
+
+
+def _edit(base: str, old: str, new: str) -> str:
+    assert old in base
+    return base.replace(old, new)
+
+
+def _cli(*args: object) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback is a failure of the test, with its stack
+    return result.exit_code, result.output
+
+
+def _spec(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "slos.yaml"
+    path.write_text(text)
+    return path
+
+
+def _assert_rejected(tmp_path: Path, text: str, field: str, reason: str) -> None:
+    """Every command that reads specs exits 1 with one line naming the file, field and reason; nothing written."""
+    spec = _spec(tmp_path, text)
+    commands = [
+        ("slo", "validate", spec),
+        ("slo", "compile", spec, "-o", tmp_path / "rules", "--tests"),
+        ("dashboards", "build", "--slo", spec, "-o", tmp_path / "dashboards"),
+        ("runbooks", "build", "--slo", spec, "-o", tmp_path / "runbooks"),
+    ]
+    for command in commands:
+        code, output = _cli(*command)
+        assert code == 1, (command, output)
+        lines = [line for line in output.splitlines() if f"{spec}:" in line and f": {field}: " in line]
+        assert len(lines) == 1 and reason in lines[0], (command, output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slos.yaml"]
+
+
+def _promtool(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["promtool", *map(str, args)], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_long_names_give_bounded_file_names_that_every_command_can_write(tmp_path):
+    """A 260-character SLO name and alert name are valid (Sloth sets no limit), but `<slo id>.test.yaml` and
+    `<alert>-<severity>.md` were longer than the 255 bytes a file name may have: compile --tests and runbooks
+    build died with OSError."""
+    text = _edit(_edit(SLOTH, "name: availability", "name: " + "a" * 260), "SvcAvailability", "Svc" + "A" * 260)
+    spec = _spec(tmp_path, text)
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules", "--tests")
+    assert code == 0, output
+    (test_file,) = (tmp_path / "rules" / "tests").iterdir()
+    assert test_file.name.startswith("svc-aaaa") and test_file.name.endswith(".test.yaml")
+    assert len(test_file.name) == 200 and "~" in test_file.name
+    code, output = _cli("runbooks", "build", "--slo", spec, "-o", tmp_path / "runbooks")
+    assert code == 0, output
+    runbooks = sorted(p.name for p in (tmp_path / "runbooks").iterdir() if p.name != "README.md")
+    assert len(runbooks) == 2 and all(len(name) <= 200 and name.startswith("SvcAAAA") for name in runbooks)
+    assert {name.rsplit("-", 1)[1] for name in runbooks} == {"page.md", "ticket.md"}
+    # The rule file's runbook URLs name exactly those files.
+    code, output = _cli("slo", "compile", spec, "-o", "-", "--runbook-base-url", "https://rb")
+    assert code == 0 and sorted(f"https://rb/{name}" for name in runbooks) == sorted(
+        line.split("runbook_url: ")[1] for line in output.splitlines() if "runbook_url: " in line
+    )
