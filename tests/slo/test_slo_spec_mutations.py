@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from llmpath.cli import app
@@ -112,3 +113,27 @@ def test_long_names_give_bounded_file_names_that_every_command_can_write(tmp_pat
     assert code == 0 and sorted(f"https://rb/{name}" for name in runbooks) == sorted(
         line.split("runbook_url: ")[1] for line in output.splitlines() if "runbook_url: " in line
     )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field", "reason"),
+    [
+        # A [0s] range does not parse in Prometheus; dashboards and runbooks build died with ValueError.
+        ("short_window: 2m", "short_window: 0s", "slos[0].alerting.threshold_alert.short_window", "longer than 0"),
+        ("short_window: 2m", "short_window: '0'", "slos[0].alerting.threshold_alert.short_window", "longer than 0"),
+        # Prometheus keeps durations as int64 nanoseconds: promtool rejected the whole file.
+        ("factor: 10\n", "factor: 10\n        for: 293y\n", "slos[0].alerting.threshold_alert.for", "out of range"),
+    ],
+    ids=["window-0s", "window-0", "for-293y"],
+)
+def test_durations_prometheus_cannot_load_are_rejected(tmp_path, old, new, field, reason):
+    _assert_rejected(tmp_path, _edit(LLMPATH, old, new), field, reason)
+
+
+def test_the_longest_duration_prometheus_loads_is_accepted(tmp_path, require_binary):
+    require_binary("promtool")
+    spec = _spec(tmp_path, _edit(LLMPATH, "factor: 10\n", "factor: 10\n        for: 292y\n"))
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules")
+    assert code == 0, output
+    check = _promtool("check", "rules", tmp_path / "rules" / "slos.yaml")
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -16,6 +16,8 @@ _DURATION_RE = re.compile(
     r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$",
 )
 _DURATION_UNITS = ("y", "w", "d", "h", "m", "s", "ms")
+#: Prometheus keeps durations as Go's int64 nanoseconds; longer ones fail to load ("duration out of range").
+_MAX_DURATION_MS = (2**63 - 1) // 1_000_000
 
 
 def _digits(value: float) -> tuple[str, int]:
@@ -84,6 +86,8 @@ def parse_duration(text: str) -> int:
     for unit, group in zip(_DURATION_UNITS, m.groups(), strict=True):
         if group is not None:
             total += int(group) * MS_PER[unit]
+    if total > _MAX_DURATION_MS:
+        raise ValueError(f"duration out of range: {text!r} (Prometheus durations end at 292y)")
     return total
 
 

@@ -366,11 +366,13 @@ def _ratio_problems(slo: SLOSpec) -> Iterator[Problem]:
         yield "sli.ratio", "the good/bad and total selectors can't be the same"
 
 
-def _duration_problem(value: str | None, field: str) -> Iterator[Problem]:
+def _duration_problem(value: str | None, field: str, positive: bool = False) -> Iterator[Problem]:
+    """A duration that Prometheus cannot load; with ``positive``, also 0 (a range window must be longer)."""
     if value is None:
         return
     try:
-        parse_duration(value)
+        if parse_duration(value) == 0 and positive:
+            yield field, f"{value!r}: a window must be longer than 0"
     except ValueError as exc:
         yield field, str(exc)
 
@@ -396,8 +398,8 @@ def _alert_option_problems(slo: SLOSpec) -> Iterator[Problem]:
         if extra.kind == "threshold":
             if (extra.short_window is None) != (extra.long_window is None):
                 yield field, "give both short_window and long_window, or neither (the catalog's ticket-slow pair)"
-            yield from _duration_problem(extra.short_window, f"{field}.short_window")
-            yield from _duration_problem(extra.long_window, f"{field}.long_window")
+            yield from _duration_problem(extra.short_window, f"{field}.short_window", positive=True)
+            yield from _duration_problem(extra.long_window, f"{field}.long_window", positive=True)
             try:
                 if extra.short_window and parse_duration(extra.short_window) >= parse_duration(extra.long_window or ""):
                     yield field, "short_window must be shorter than long_window"
