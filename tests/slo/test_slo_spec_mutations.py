@@ -7,9 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from llmpath.cli import app
+from llmpath.slo.gotemplate import prometheus_template_error
 
 LLMPATH = """\
 version: llmpath/v1
@@ -137,3 +139,112 @@ def test_the_longest_duration_prometheus_loads_is_accepted(tmp_path, require_bin
     assert code == 0, output
     check = _promtool("check", "rules", tmp_path / "rules" / "slos.yaml")
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+# Prometheus parses every label and annotation value of an alerting rule as a Go template: one that does not parse
+# made promtool reject the whole rule file ("template: __alert_X:1: unclosed action"), yet compile exited 0.
+TEMPLATE_CASES = [
+    (SLOTH, "severity: pageteam", "severity: 'a{{b'", "slos[0].alerting.page_alert.labels.severity", "unclosed action"),
+    (SLOTH, "summary: high", "summary: '{{ if true }}x'", "slos[0].alerting.annotations.summary", "unexpected EOF"),
+    (SLOTH, "summary: high", "summary: '{{ nofunc }}'", "slos[0].alerting.annotations.summary", '"nofunc" not defined'),
+    (SLOTH, "summary: high", "summary: '{{ $nolabel }}'", "slos[0].alerting.annotations.summary", "undefined variable"),
+    # llmpath: the owner is a label of every alert; the SLO's static labels are labels of its absent alert.
+    (LLMPATH, "    stage: prefill\n", "    stage: prefill\n    owner: 'a\"}{{'\n", "slos[0].owner", "unclosed action"),
+    (
+        _edit(LLMPATH, "service: llm-api\n", "service: llm-api\nlabels:\n  team: '{{x'\n"),
+        "      threshold_alert:\n",
+        "      absent_alert: {}\n      threshold_alert:\n",
+        "labels.team",
+        "unclosed action",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("base", "old", "new", "field", "reason"),
+    TEMPLATE_CASES,
+    ids=["label", "annotation-if", "annotation-func", "annotation-var", "owner", "static-label-absent"],
+)
+def test_alert_labels_and_annotations_must_be_prometheus_templates(tmp_path, base, old, new, field, reason):
+    _assert_rejected(tmp_path, _edit(base, old, new), field, reason)
+
+
+def test_valid_templates_and_template_free_labels_compile_and_pass_promtool(tmp_path, require_binary):
+    require_binary("promtool")
+    summary = (
+        "summary: '{{ $labels.sloth_id }} at {{ $value | humanizePercentage }}{{/* c */}}"
+        '{{ range $k, $v := $labels }}{{ if eq $k "x" }}{{ break }}{{ else }}{{ $v }}{{ end }}{{ end }}'
+        "{{- with $externalURL }} {{ . }}{{ end -}}'"
+    )
+    # Without an absent alert the SLO's labels stay on recording rules, where Prometheus reads no template.
+    text = _edit(LLMPATH, "service: llm-api\n", "service: llm-api\nlabels:\n  team: '{{x'\n")
+    text = _edit(
+        text,
+        "        long_window: 10m\n",
+        "        long_window: 10m\n        annotations:\n          " + summary + "\n",
+    )
+    spec = _spec(tmp_path, text)
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules")
+    assert code == 0, output
+    check = _promtool("check", "rules", tmp_path / "rules" / "slos.yaml")
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "{{ break }}" in (tmp_path / "rules" / "slos.yaml").read_text()
+
+
+def test_an_extra_label_that_is_no_template_is_named_on_the_alert(tmp_path):
+    """--extra-label values reach the absent alert's labels: caught after the rules are generated."""
+    spec = _spec(
+        tmp_path, _edit(LLMPATH, "      threshold_alert:\n", "      absent_alert: {}\n      threshold_alert:\n")
+    )
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules", "-l", "env={{prod")
+    assert code == 1 and not (tmp_path / "rules").exists()
+    assert "alert TTFTBurnNoData: label 'env' is not a valid Prometheus template: unclosed action" in output
+
+
+# (template, parses in Prometheus 2.42): promtool's own verdict is checked by the test below.
+TEMPLATES = [
+    ("plain text }} with braces", True),
+    ('{{ $labels.route | urlquery }} {{ printf "%.2f" $value }}', True),
+    ('{{ range query "up" }}{{ .Labels.instance }}{{ end }}', True),
+    ('{{ with query "x" }}{{ . | first | value | humanize }}{{ end }}', True),
+    ("{{ if gt $value 1.0 }}a{{ else if lt $value 0.0 }}b{{ else }}c{{ end }}", True),
+    ('{{ define "x" }}a{{ end }}{{ template "x" . }}', True),
+    ("{{ $x := $labels }}{{ $x.route }}{{ $x = 2 }}", True),
+    ('{{ "a}}b" }}{{ `c}}` }}{{ 1e3 }}{{ -1.5 }}{{ 0x1F }}', True),
+    ("{{- /* a comment */ -}}{{/* another */}}", True),
+    ('{{ stripPort "a:1" }}{{ parseDuration "1m" }}{{ toTime 1 }}', True),
+    ('{{ (index $labels "a") }}{{ nil }}', True),
+    ("a {{ b", False),
+    ('{{ "unterminated }}', False),
+    ("{{/* unclosed comment", False),
+    ("{{ /* a comment must follow the braces */ }}", False),
+    ("{{ }}", False),
+    ("{{ end }}", False),
+    ("{{ else }}", False),
+    ("{{ if true }}", False),
+    ("{{ if true }}{{ else }}{{ else }}{{ end }}", False),
+    ("{{ if true }}{{ else with 1 }}{{ end }}", False),
+    ("{{ break }}", False),
+    ("{{ toDuration 1 }}", False),
+    ("{{ $undefined }}", False),
+    ("{{ humanize (1 }}", False),
+    ("{{ humanize 1) }}", False),
+    ("{{ ( ) }}", False),
+    ("{{ | printf }}", False),
+    ("{{{{ x }}", False),
+    ("{{ @ }}", False),
+]
+
+
+def test_template_check_agrees_with_promtool(tmp_path, require_binary):
+    require_binary("promtool")
+    for text, parses in TEMPLATES:
+        assert (prometheus_template_error(text) is None) == parses, text
+    groups = [
+        {"name": f"g{i}", "rules": [{"alert": f"A{i}", "expr": "vector(1)", "annotations": {"x": text}}]}
+        for i, (text, _) in enumerate(TEMPLATES)
+    ]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}))
+    check = _promtool("check", "rules", tmp_path / "rules.yaml")
+    refused = {i for i in range(len(TEMPLATES)) if f'"A{i}": annotation "x": template:' in check.stdout + check.stderr}
+    assert refused == {i for i, (_, parses) in enumerate(TEMPLATES) if not parses}

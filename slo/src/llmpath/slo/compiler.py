@@ -15,6 +15,7 @@ from llmpath.instrumentation import catalog
 from llmpath.slo import rules as R
 from llmpath.slo.errors import Issue, IssueLog, SpecError
 from llmpath.slo.gofmt import format_duration, go_sorted, parse_duration
+from llmpath.slo.gotemplate import prometheus_template_error
 from llmpath.slo.model import (
     DEFAULT_DASHBOARD_BASE_URL,
     DEFAULT_PERIOD,
@@ -52,6 +53,7 @@ from llmpath.slo.yamlout import dump
 
 SLOTH_COMPAT = "v0.16.0"
 _FILE_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_ALERT_PREFIX = re.compile(r"^(invalid alert: )?((page|ticket) alert: )?")
 
 
 def _version() -> str:
@@ -215,8 +217,8 @@ def _compile_one(
         seen: set[tuple[object, str]] = set()
         for field, message in exc.problems:
             where = slo.where(field)
-            # A label shared by the page and ticket alerts is one problem, not two.
-            key = (where.get("field"), message.replace("page alert: ", "").replace("ticket alert: ", ""))
+            # A label shared by the page and ticket alerts (and the absent and threshold alerts) is one problem.
+            key = (where.get("field"), _ALERT_PREFIX.sub("", message))
             if key not in seen:
                 seen.add(key)
                 log.error(message, **where)
@@ -228,7 +230,23 @@ def _compile_one(
         slo_rules.alerts.rules = []
     if options.disable_recordings:
         slo_rules.sli.rules, slo_rules.meta.rules = [], []
+    if not _templates_parse(slo, slo_rules, log):
+        return None
     return Compiled(doc, slo, windows, slo_rules)
+
+
+def _templates_parse(slo: SLOSpec, slo_rules: SLORules, log: IssueLog) -> bool:
+    """Whether Prometheus can parse every alert label and annotation as a template. The spec's own values are
+    checked at their fields during validation; this catches what plugins and ``--extra-label`` put there."""
+    ok = True
+    for rule in alert_rules_of(slo_rules):
+        for what, values in (("label", rule.labels), ("annotation", rule.annotations)):
+            for key, value in values.items():
+                if msg := prometheus_template_error(value):
+                    log.error(f"alert {rule.alert}: {what} {key!r} is not a valid Prometheus template: {msg}",
+                              **slo.where(""))  # fmt: skip
+                    ok = False
+    return ok
 
 
 def _run_sli_plugin(slo: SLOSpec, options: CompileOptions, log: IssueLog) -> SLI | None:

@@ -10,7 +10,7 @@ import promql_parser
 
 from llmpath.instrumentation import catalog
 from llmpath.slo.gofmt import format_duration, go_float, parse_duration
-from llmpath.slo.gotemplate import WINDOW_VAR, TemplateError, render_window
+from llmpath.slo.gotemplate import WINDOW_VAR, TemplateError, prometheus_template_error, render_window
 from llmpath.slo.model import PERIOD_RULE_COUNT, AlertMeta, SLOSpec
 from llmpath.slo.windows import AlertWindows
 
@@ -106,6 +106,12 @@ def _labels(labels: dict[str, str], field: str, what: str) -> Iterator[Problem]:
             yield f"{field}.{key}", f"invalid {what} label key {key!r}: {msg}"
         elif value == "":
             yield f"{field}.{key}", f"invalid {what} label value for {key!r}: the label value is required"
+        elif what == "alert" and (msg := prometheus_template_error(value)):
+            yield f"{field}.{key}", f"invalid {what} label value for {key!r}: {_TEMPLATE} {msg}"
+
+
+#: Prometheus parses every label and annotation value of an alerting rule as a Go template.
+_TEMPLATE = "not a valid Prometheus template (alert labels and annotations are Go templates):"
 
 
 def _annotations(annotations: dict[str, str], field: str) -> Iterator[Problem]:
@@ -114,6 +120,8 @@ def _annotations(annotations: dict[str, str], field: str) -> Iterator[Problem]:
             yield f"{field}.{key}", f"invalid alert annotation key {key!r}: the annotation key {key!r} is not valid"
         elif value == "":
             yield f"{field}.{key}", f"invalid alert annotation key {key!r}: the annotation value is required"
+        elif msg := prometheus_template_error(value):
+            yield f"{field}.{key}", f"invalid alert annotation {key!r}: {_TEMPLATE} {msg}"
 
 
 def _query(query: str | None, field: str, what: str, check: QueryValidator) -> Iterator[Problem]:
@@ -251,9 +259,14 @@ def llmpath_problems(
     if slo.stage is not None and stage_owner(slo.stage, stages) is None:
         known = ", ".join([*stages.names, *(g.name for g in stages.groups)])
         out.append(("stage", f"unknown stage {slo.stage!r}; stages and stage groups: {known}"))
-    for key in slo.labels:
+    absent_alert = any(extra.kind == "absent" for extra in slo.extra_alerts)
+    for key, value in slo.labels.items():
         if key in LLMPATH_ALERT_LABELS and (field := label_field(slo, key)) is not None:
             out.append((field, f"label {key!r} is set by the compiler from `{key}:`; use that key instead"))
+        elif absent_alert and (field := label_field(slo, key)) and (msg := prometheus_template_error(value)):
+            out.append((field, f"the absent alert carries the SLO's labels, and this value is {_TEMPLATE} {msg}"))
+    if slo.owner and (msg := prometheus_template_error(slo.owner)):
+        out.append(("owner", f"the owner is a label of every alert, and this value is {_TEMPLATE} {msg}"))
     for label in slo.group_by:
         if not LABEL_NAME_RE.fullmatch(label) or label.startswith(RESERVED_PREFIX) or label == "le":
             out.append(("group_by", f"invalid grouping label {label!r}"))
