@@ -248,3 +248,76 @@ def test_template_check_agrees_with_promtool(tmp_path, require_binary):
     check = _promtool("check", "rules", tmp_path / "rules.yaml")
     refused = {i for i in range(len(TEMPLATES)) if f'"A{i}": annotation "x": template:' in check.stdout + check.stderr}
     assert refused == {i for i, (_, parses) in enumerate(TEMPLATES) if not parses}
+
+
+# The PromQL parser knows Prometheus 3; the rules are for Prometheus 2.42. These compiled with exit 0 into rules
+# that promtool 2.42 rejects (or, for the result types, into an SLI division that cannot be evaluated).
+TOTAL = "sum(rate(http_requests_total[{{.window}}]))"
+PROMQL_CASES = [
+    ("http_requests_total[{{.window}}]", "returns a range vector"),
+    ('"{{.window}}"', "the duration 1m as a number needs Prometheus 3"),  # YAML-quoted: the query is `{{.window}}`
+    ("sum(rate(http_requests_total[{{.window}}])) / 1m", "the duration 1m as a number needs Prometheus 3"),
+    ('sum(rate({"http.requests_total"}[{{.window}}]))', 'the quoted name "http.requests_total" needs Prometheus 3'),
+    ("limitk(1, rate(http_requests_total[{{.window}}]))", "aggregation limitk needs Prometheus 3"),
+    ('sort_by_label(rate(http_requests_total[{{.window}}]), "a")', "function sort_by_label() needs Prometheus 3"),
+    ("sum(double_exponential_smoothing(x[{{.window}}], 0.5, 0.5))", "double_exponential_smoothing() (holt_winters()"),
+]
+
+
+@pytest.mark.parametrize(("query", "reason"), PROMQL_CASES, ids=[r.split(" needs")[0] for _, r in PROMQL_CASES])
+def test_queries_prometheus_2_cannot_evaluate_are_rejected(tmp_path, query, reason):
+    text = _edit(SLOTH, f"total_query: {TOTAL}", f"total_query: {query}")
+    _assert_rejected(tmp_path, text, "slos[0].sli.events.total_query", reason)
+
+
+def test_prometheus_2_syntax_that_prometheus_3_renamed_or_extended_compiles(tmp_path, require_binary):
+    """holt_winters() (Prometheus 3's double_exponential_smoothing) was rejected as an unknown function; a negative
+    offset, durations in ranges, subqueries and comments mentioning durations are valid PromQL 2."""
+    require_binary("promtool")
+    total = "sum(holt_winters(http_requests_total[{{.window}}] offset -5m, 0.5, 0.5)) # over 1h30m"
+    error = 'sum(rate(http_requests_total{code=~"5.."}[{{.window}}:1m] @ start()))'
+    text = _edit(
+        _edit(SLOTH, f"total_query: {TOTAL}", f"total_query: '{total}'"),
+        'error_query: sum(rate(http_requests_total{code=~"5.."}[{{.window}}]))',
+        f"error_query: '{error}'",
+    )
+    spec = _spec(tmp_path, text)
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules")
+    assert code == 0, output
+    check = _promtool("check", "rules", tmp_path / "rules" / "slos.yaml")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_a_query_ending_in_a_comment_keeps_its_closing_parenthesis(tmp_path, require_binary):
+    """The rules write `(<query>)` on one line: a quoted query ending in `# comment` commented out the `)` and
+    promtool rejected every SLI rule ("unclosed left parenthesis"), yet compile exited 0."""
+    require_binary("promtool")
+    text = _edit(SLOTH, f"total_query: {TOTAL}", f"total_query: '{TOTAL} # all requests'")
+    spec = _spec(tmp_path, text)
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules")
+    assert code == 0, output
+    check = _promtool("check", "rules", tmp_path / "rules" / "slos.yaml")
+    assert check.returncode == 0, check.stdout + check.stderr
+    # Queries without a comment are written exactly as Sloth writes them.
+    code, plain = _cli("slo", "compile", _spec(tmp_path, SLOTH), "-o", "-")
+    assert yaml.safe_load(plain)["groups"][0]["rules"][0]["expr"].endswith("\n(sum(rate(http_requests_total[5m])))\n")
+
+
+@pytest.mark.parametrize(
+    "selector",
+    [
+        'llmpath_requests_total{code=~"5.."} # server errors',
+        'llmpath_requests_total{code=~"5.."} offset 5m',
+        'llmpath_requests_total{code=~"5.."} @ 100',
+    ],
+    ids=["comment", "offset", "at"],
+)
+def test_ratio_selectors_must_be_plain(tmp_path, selector):
+    """The compiler writes a ratio selector into `rate(<selector>[<window>])`: a comment swallowed the rest, and
+    `offset`/`@` before the range does not parse; all three compiled with exit 0."""
+    text = _edit(
+        LLMPATH,
+        "      latency:\n        histogram: llmpath_time_to_first_token_seconds\n        threshold: 0.5\n",
+        f"      ratio:\n        bad: '{selector}'\n        total: llmpath_requests_total\n",
+    )
+    _assert_rejected(tmp_path, text, "slos[0].sli.ratio.bad", "must be a plain series selector")

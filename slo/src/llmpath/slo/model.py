@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,30 @@ class SLI:
     good: str | None = None
     bad: str | None = None
     total: str | None = None
+
+    def __post_init__(self) -> None:
+        # Rules wrap queries in `(…)` on the same line: a query whose last line ends in a PromQL comment would
+        # comment out the closing parenthesis, so it gets the line break a YAML block (`|`) query has anyway.
+        for name in ("error_query", "total_query", "error_ratio_query"):
+            object.__setattr__(self, name, closable(getattr(self, name)))  # frozen
+
+
+_PROMQL_LEXEME = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|`[^`]*`|#[^\n]*|[^"\'`#]+|.', re.DOTALL)
+
+
+def has_comment(query: str) -> bool:
+    """Whether ``query`` has a PromQL comment (``#`` outside strings)."""
+    return "#" in query and any(m.group().startswith("#") for m in _PROMQL_LEXEME.finditer(query))
+
+
+def closable(query: str | None) -> str | None:
+    """``query`` with a final line break when its last line ends in a comment (``# …``), else unchanged."""
+    if query is None or "#" not in query or query.endswith("\n"):
+        return query
+    last = ""
+    for m in _PROMQL_LEXEME.finditer(query):
+        last = m.group()
+    return query + "\n" if last.startswith("#") else query
 
 
 @dataclass(slots=True)

@@ -11,7 +11,7 @@ import promql_parser
 from llmpath.instrumentation import catalog
 from llmpath.slo.gofmt import format_duration, go_float, parse_duration
 from llmpath.slo.gotemplate import WINDOW_VAR, TemplateError, prometheus_template_error, render_window
-from llmpath.slo.model import PERIOD_RULE_COUNT, AlertMeta, SLOSpec
+from llmpath.slo.model import PERIOD_RULE_COUNT, AlertMeta, SLOSpec, has_comment
 from llmpath.slo.windows import AlertWindows
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]*[A-Za-z0-9]$")
@@ -31,10 +31,153 @@ def promql_error(query: str) -> str | None:
         rendered = render_window(query, "1m")
     except TemplateError as exc:
         return str(exc)
+    # The parser knows Prometheus 3, which renamed 2.x's holt_winters (same arguments).
     try:
-        promql_parser.parse(rendered)
+        expr = promql_parser.parse(_HOLT_WINTERS.sub("double_exponential_smoothing(", rendered))
     except ValueError as exc:
         return str(exc) or "invalid PromQL"
+    return prometheus2_problem(rendered, expr)
+
+
+# Prometheus 2.42's PromQL (promql/parser/functions.go, lex.go): the rules must load into it and into promtool 2.42.
+_PROM2_FUNCTIONS = frozenset(
+    [
+        "abs",
+        "absent",
+        "absent_over_time",
+        "acos",
+        "acosh",
+        "asin",
+        "asinh",
+        "atan",
+        "atanh",
+        "avg_over_time",
+        "ceil",
+        "changes",
+        "clamp",
+        "clamp_max",
+        "clamp_min",
+        "cos",
+        "cosh",
+        "count_over_time",
+        "days_in_month",
+        "day_of_month",
+        "day_of_week",
+        "day_of_year",
+        "deg",
+        "delta",
+        "deriv",
+        "exp",
+        "floor",
+        "histogram_count",
+        "histogram_sum",
+        "histogram_fraction",
+        "histogram_quantile",
+        "holt_winters",
+        "hour",
+        "idelta",
+        "increase",
+        "irate",
+        "label_replace",
+        "label_join",
+        "last_over_time",
+        "ln",
+        "log10",
+        "log2",
+        "max_over_time",
+        "min_over_time",
+        "minute",
+        "month",
+        "pi",
+        "predict_linear",
+        "present_over_time",
+        "quantile_over_time",
+        "rad",
+        "rate",
+        "resets",
+        "round",
+        "scalar",
+        "sgn",
+        "sin",
+        "sinh",
+        "sort",
+        "sort_desc",
+        "sqrt",
+        "stddev_over_time",
+        "stdvar_over_time",
+        "sum_over_time",
+        "tan",
+        "tanh",
+        "time",
+        "timestamp",
+        "vector",
+        "year",
+    ]
+)
+_PROM2_AGGREGATIONS = frozenset(
+    ["sum", "avg", "count", "min", "max", "group", "stddev", "stdvar", "topk", "bottomk", "count_values", "quantile"]
+)
+_HOLT_WINTERS = re.compile(r"\bholt_winters\s*\(")
+#: Outside strings: a duration that is not a range or an offset (a number in Prometheus 3 only), and a quoted
+#: name inside a selector's braces (Prometheus 3's UTF-8 names).
+_PROM2_TOKEN = re.compile(
+    r"""(?P<str>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*'|`[^`]*`)|(?P<comment>#[^\n]*)|(?P<open>[\[{(])"""
+    r"""|(?P<close>[\]})])|(?P<comma>,)|(?P<offset>\boffset\s*-?)|(?P<dur>(?<![\w.])\d+(?:ms|[smhdwy])(?:\d+(?:ms|[smhdwy]))*(?![\w.]))"""
+)
+
+
+def _result_type(expr: object) -> str:
+    if isinstance(expr, promql_parser.ParenExpr):
+        return _result_type(expr.expr)
+    if isinstance(expr, promql_parser.MatrixSelector | promql_parser.SubqueryExpr):
+        return "range vector"
+    if isinstance(expr, promql_parser.StringLiteral):
+        return "string"
+    if isinstance(expr, promql_parser.Call):
+        returns = expr.func.return_type
+        if returns == promql_parser.ValueType.Matrix:
+            return "range vector"
+        return "string" if returns == promql_parser.ValueType.String else "vector"
+    return "vector"
+
+
+def prometheus2_problem(rendered: str, expr: object) -> str | None:
+    """What in a parsed query Prometheus 2.42 cannot evaluate as an SLI: another result type than an instant vector
+    or a scalar (the compiler divides and compares it), or syntax and functions that only Prometheus 3 has."""
+    result = _result_type(expr)
+    if result != "vector":
+        return f"the query returns a {result}; an SLI query must return an instant vector or a scalar"
+    newer: list[str] = []
+    if m := re.search(r"\bdouble_exponential_smoothing\s*\(", rendered):
+        newer.append("function double_exponential_smoothing() (holt_winters() in Prometheus 2)")
+
+    def visit(node: object) -> None:
+        if isinstance(node, promql_parser.Call):
+            name = node.func.name
+            if name not in _PROM2_FUNCTIONS and name != "double_exponential_smoothing":
+                newer.append(f"function {name}()")
+        elif isinstance(node, promql_parser.AggregateExpr) and str(node.op) not in _PROM2_AGGREGATIONS:
+            newer.append(f"aggregation {node.op}")
+
+    promql_parser.walk(expr, visit)  # type: ignore[arg-type]
+    brackets: list[str] = []
+    previous: tuple[str | None, int] = (None, 0)  # the kind of the token before, and where it ended
+    for m in _PROM2_TOKEN.finditer(rendered):
+        kind = m.lastgroup
+        before, end = previous
+        adjacent = not rendered[end : m.start()].strip()
+        name_position = adjacent and brackets[-1:] == ["{"] and before in ("open", "comma")
+        if kind == "str" and name_position:
+            newer.append(f"the quoted name {m.group()}")
+        elif kind == "open":
+            brackets.append(m.group())
+        elif kind == "close" and brackets:
+            brackets.pop()
+        elif kind == "dur" and brackets[-1:] != ["["] and not (before == "offset" and adjacent):
+            newer.append(f"the duration {m.group()} as a number")
+        previous = (kind, m.end())
+    if newer:
+        return f"{newer[0]} needs Prometheus 3; the rules are for Prometheus 2.42 (promtool 2.42 rejects them)"
     return None
 
 
@@ -212,9 +355,19 @@ def _selector(text: str) -> promql_parser.VectorSelector | str:
         expr = promql_parser.parse(text)
     except ValueError as exc:
         return str(exc) or "invalid selector"
-    if not isinstance(expr, promql_parser.VectorSelector) or not expr.name:
-        return 'must be a plain series selector such as metric_name{label="value"} (no functions or ranges)'
-    return expr
+    # The compiler writes the selector into `rate(<selector>[<window>])`.
+    if (
+        not isinstance(expr, promql_parser.VectorSelector)
+        or not expr.name
+        or expr.offset
+        or expr.at
+        or has_comment(text)
+    ):
+        return (
+            'must be a plain series selector such as metric_name{label="value"} '
+            "(no functions, ranges, offset, @ or comments)"
+        )
+    return prometheus2_problem(text, expr) or expr
 
 
 def selector_labels(text: str) -> tuple[str | None, list[tuple[str, str, str]]]:
