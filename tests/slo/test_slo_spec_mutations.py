@@ -321,3 +321,18 @@ def test_ratio_selectors_must_be_plain(tmp_path, selector):
         f"      ratio:\n        bad: '{selector}'\n        total: llmpath_requests_total\n",
     )
     _assert_rejected(tmp_path, text, "slos[0].sli.ratio.bad", "must be a plain series selector")
+
+
+@pytest.mark.slow
+def test_a_100_percent_objective_gets_promtool_tests_that_pass(tmp_path, require_binary):
+    """An objective of 100 is valid (0 < x <= 100) but has no error budget: compile --tests died with
+    ZeroDivisionError. Its scenarios now make a share of the events bad, and every alert fires on any error."""
+    require_binary("promtool")
+    spec = _spec(tmp_path, _edit(SLOTH, "objective: 99.9", "objective: 100"))
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules", "--tests")
+    assert code == 0, output
+    test_file = tmp_path / "rules" / "tests" / "svc-availability.test.yaml"
+    header = test_file.read_text().splitlines()[:8]
+    assert any("fast burn (0.2 of the events bad; a 100% objective has no error budget)" in h for h in header)
+    run = _promtool("test", "rules", test_file.name, cwd=test_file.parent)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -618,6 +618,8 @@ def _counts(ratio: float) -> tuple[int, int]:
 
 
 def _burns(models: list[AlertModel], budget: float) -> tuple[float, float, float]:
+    if budget <= 0:  # a 100% objective: any error fires every alert (see _error_ratio)
+        return 20.0, 4.0, 0.5
     page = [thr / budget for m in models if m.severity == "page" for _, _, thr in m.pairs]
     ticket = [thr / budget for m in models if m.severity == "ticket" for _, _, thr in m.pairs]
     fast = 20.0 if not page or max(page) < 20 else 1.25 * max(page)
@@ -631,6 +633,12 @@ def _burns(models: list[AlertModel], budget: float) -> tuple[float, float, float
     every = page + ticket
     low = 0.5 if not every or min(every) > 0.5 else min(every) / 2
     return fast, slow, low
+
+
+def _error_ratio(burn: float, budget: float) -> float:
+    """The error ratio of a scenario burning ``burn`` times the budget, capped at 100%. A 100% objective has no
+    budget to burn (every error fires every alert): its scenarios use ``burn`` % of the events bad instead."""
+    return min(1.0, burn * budget if budget > 0 else burn / 100)
 
 
 def _values_text(cum: Sequence[float | None]) -> str:
@@ -737,9 +745,11 @@ def _scenarios(plan: TestPlan) -> list[Scenario]:
     out = []
 
     def make(name: str, burn: float, start: int, span: int, target: str | None) -> Scenario:
-        total, errors = _counts(min(1.0, burn * budget))
-        effective = errors / total / budget if budget else 0.0
-        label = f"{name} burn ({effective:.3g}x the error budget)"
+        total, errors = _counts(_error_ratio(burn, budget))
+        if budget:
+            label = f"{name} burn ({errors / total / budget:.3g}x the error budget)"
+        else:
+            label = f"{name} burn ({errors / total:.3g} of the events bad; a 100% objective has no error budget)"
         return Scenario(label, total, errors, start, min(start + span + hold + 2, MAX_STEPS), target=target)
 
     page_long = max((_steps(plan, p[1].removeprefix(R.SLI_ERROR)) for m in page for p in m.pairs), default=0)
