@@ -67,6 +67,11 @@ def _cli(*args: object) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def _flat(output: str) -> str:
+    """A usage error's text without the box rich draws around it and without white space (it wraps lines)."""
+    return "".join(ch for ch in output if not ch.isspace() and ch not in "│╭╮╰╯─")
+
+
 def _spec(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "slos.yaml"
     path.write_text(text)
@@ -336,3 +341,23 @@ def test_a_100_percent_objective_gets_promtool_tests_that_pass(tmp_path, require
     assert any("fast burn (0.2 of the events bad; a 100% objective has no error budget)" in h for h in header)
     run = _promtool("test", "rules", test_file.name, cwd=test_file.parent)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_compile_never_writes_over_its_input_spec(tmp_path):
+    """`-o slos.yaml` for the input slos.yaml, or the input folder as -o, replaced the spec with its rules."""
+    spec = _spec(tmp_path, SLOTH)
+    code, output = _cli("slo", "compile", spec, "-o", spec)
+    assert code == 2 and _flat("is an input spec; writing the rules there would replace it") in _flat(output)
+    code, output = _cli("slo", "compile", tmp_path, "-o", tmp_path, "--tests")
+    assert code == 2 and _flat(f"{spec} is an input spec") in _flat(output)
+    assert spec.read_text() == SLOTH and sorted(p.name for p in tmp_path.iterdir()) == ["slos.yaml"]
+
+
+def test_an_output_path_that_cannot_be_written_is_an_error_not_a_traceback(tmp_path):
+    spec = _spec(tmp_path, SLOTH)
+    (tmp_path / "afile").write_text("not a folder\n")
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "afile" / "rules")
+    assert code == 1 and "cannot write" in output and f"nothing was written to {tmp_path / 'afile' / 'rules'}" in output
+    code, output = _cli("slo", "init", tmp_path / "afile" / "slos.yaml")
+    assert code == 1 and "cannot write" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "slos.yaml"]

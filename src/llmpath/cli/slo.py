@@ -166,6 +166,17 @@ def write_atomically(out_dir: Path, files: dict[str, str]) -> None:
             shutil.rmtree(stage, ignore_errors=True)
 
 
+def _refuse_to_replace_inputs(docs: list[SpecDocument], outputs: list[Path]) -> None:
+    """A usage error when an output file is one of the input specs (``-o slos.yaml`` for ``slos.yaml``, or the
+    input folder as ``-o``): writing would replace the spec with its rules."""
+    inputs = {doc.path.resolve() for doc in docs}
+    for path in outputs:
+        if path.resolve() in inputs:
+            raise typer.BadParameter(
+                f"{path} is an input spec; writing the rules there would replace it", param_hint="--out"
+            )
+
+
 @app.command("compile")
 def compile_cmd(
     inputs: list[Path] = typer.Argument(..., help="Spec files or folders (every .yaml/.yml inside, recursively)."),
@@ -228,20 +239,22 @@ def compile_cmd(
         histogram_buckets=parse_buckets(buckets),
         stages=catalog_or_exit(catalog),
     )
-    result = _compile(inputs, options, out)
+    docs = _load(inputs, options, out)
+    result = _compile_docs(docs, options, out)
     if out == "-":
         sys.stdout.write("".join(result.files.values()))
         return
     if single_file:
         if len(result.files) != 1:
             _fail([f"{len(result.files)} output documents need an output folder, not the single file {out}"], out)
-        _write_or_fail(target.parent, {target.name: next(iter(result.files.values()))}, out)
-        written = [target]
+        folder, files = target.parent, {target.name: next(iter(result.files.values()))}
     else:
         files = dict(result.files)
         files.update({f"tests/{name}": text for name, text in result.test_files.items()})
-        _write_or_fail(target, files, out)
-        written = [target / name for name in files]
+        folder = target
+    written = [folder / name for name in files]
+    _refuse_to_replace_inputs(docs, written)
+    _write_or_fail(folder, files, out)
     _err(
         f"compiled {len(result.slos)} SLOs into {len(result.files)} rule file(s)"
         + (f" and {len(result.test_files)} promtool test file(s)" if result.test_files else "")
