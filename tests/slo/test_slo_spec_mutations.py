@@ -361,3 +361,23 @@ def test_an_output_path_that_cannot_be_written_is_an_error_not_a_traceback(tmp_p
     code, output = _cli("slo", "init", tmp_path / "afile" / "slos.yaml")
     assert code == 1 and "cannot write" in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "slos.yaml"]
+
+
+def test_a_byte_order_mark_is_read_like_any_utf8_file(tmp_path):
+    """A spec saved with a UTF-8 BOM (as some Windows editors write it) was 'unknown spec version
+    'prometheus/v1'' (a supported version); a windows file with one was not an AlertWindows catalog."""
+    spec = tmp_path / "slos.yaml"
+    spec.write_text("\ufeff" + SLOTH, encoding="utf-8")
+    windows = tmp_path / "windows.yaml"
+    windows.write_text("\ufeff" + (Path(__file__).parents[2] / "slo/examples/windows-1h.yaml").read_text())
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules", "--windows", windows)
+    assert code == 0, output
+    assert "sloth_window: 1h" in (tmp_path / "rules" / "slos.yaml").read_text()
+
+
+def test_a_windows_file_that_is_not_utf8_is_an_error_not_a_traceback(tmp_path):
+    spec = _spec(tmp_path, SLOTH)
+    (tmp_path / "windows.yaml").write_bytes(b"apiVersion: sloth.slok.dev/v1\nkind: AlertWindows\n\xff\xfe\n")
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules", "--windows", tmp_path / "windows.yaml")
+    assert code == 1 and f"{tmp_path / 'windows.yaml'}: the windows file is not a UTF-8 text file" in output
+    assert not (tmp_path / "rules").exists()

@@ -472,7 +472,7 @@ def load_specs(inputs: Iterable[str | Path], strict: bool = False) -> list[SpecD
 
 def _load_file(path: Path, log: IssueLog, root: Path | None, from_dir: bool) -> list[SpecDocument]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         log.error("not a UTF-8 text file", file=str(path))
         return []

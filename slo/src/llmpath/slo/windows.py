@@ -137,7 +137,10 @@ def load_windows_file(path: Path, log: IssueLog) -> list[AlertWindows]:
     out: list[AlertWindows] = []
     for file in files:
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError:
+            log.error("the windows file is not a UTF-8 text file", file=str(file))
+            continue
         except OSError as exc:
             log.error(f"cannot read the windows file: {exc.strerror or exc}", file=str(file))
             continue
