@@ -3,6 +3,7 @@ accepts, or exits 1 naming the file, field and reason — no traceback, nothing 
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from llmpath.cli import app
+from llmpath.slo import CompileOptions, SpecError, compile_slos, load_specs
 from llmpath.slo.gotemplate import prometheus_template_error
 
 LLMPATH = """\
@@ -381,3 +383,57 @@ def test_a_windows_file_that_is_not_utf8_is_an_error_not_a_traceback(tmp_path):
     code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules", "--windows", tmp_path / "windows.yaml")
     assert code == 1 and f"{tmp_path / 'windows.yaml'}: the windows file is not a UTF-8 text file" in output
     assert not (tmp_path / "rules").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Type mutations: every field of a valid spec replaced by a value of another type. Each must compile or raise
+# SpecError naming that field's path; never another exception.
+# --------------------------------------------------------------------------------------------
+
+WRONG_VALUES = [None, ["x"], {"a": "b"}, "", 0, -1, True, 1.5, float("nan"), float("inf"), "é✓\u200b", "a{{b"]
+
+
+def _paths(node: object, path: tuple = ()) -> list[tuple]:
+    out = [path] if path else []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out += _paths(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _paths(value, (*path, i))
+    return out
+
+
+def _mutated(data: dict, path: tuple, value: object) -> dict:
+    out = copy.deepcopy(data)
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = copy.deepcopy(value)
+    return out
+
+
+@pytest.mark.parametrize("base", [SLOTH, LLMPATH], ids=["sloth", "llmpath"])
+def test_every_field_with_a_wrong_type_compiles_or_names_the_field(tmp_path, base):
+    data = yaml.safe_load(base)
+    outcomes = {"compiled": 0, "rejected": 0}
+    for path in _paths(data):
+        for value in WRONG_VALUES:
+            spec = tmp_path / "slos.yaml"
+            spec.write_text(yaml.safe_dump(_mutated(data, path, value), allow_unicode=True))
+            try:
+                compile_slos(load_specs([spec]), CompileOptions(tests=False))
+            except SpecError as exc:
+                outcomes["rejected"] += 1
+                assert exc.issues and all(i.file == str(spec) and i.message for i in exc.issues), (path, value)
+                # The problem is named at the mutated field, or at the field it left without a value (a list
+                # of SLOs that is a string has no slos[0].sli): never somewhere unrelated.
+                top = str(path[0])
+                assert any(top in (i.field or "") or i.field in (None, "spec", "version") for i in exc.issues), (
+                    path,
+                    value,
+                    [str(i) for i in exc.issues],
+                )
+            else:
+                outcomes["compiled"] += 1
+    assert outcomes["rejected"] > outcomes["compiled"] > 0
