@@ -437,3 +437,18 @@ def test_every_field_with_a_wrong_type_compiles_or_names_the_field(tmp_path, bas
             else:
                 outcomes["compiled"] += 1
     assert outcomes["rejected"] > outcomes["compiled"] > 0
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        'sum(rate(http_requests_total{window="{{.window}}"}[5m]))',
+        "|\n          sum(rate(http_requests_total[5m])) # per {{.window}}",
+    ],
+    ids=["in-a-label-value", "in-a-comment"],
+)
+def test_a_window_variable_only_in_a_string_or_comment_is_rejected(tmp_path, query):
+    """Sloth's check (the query contains {{.window}}) passed, yet every window's SLI was the same 5m rate: the
+    multi-window alerts compiled with exit 0 and meant nothing."""
+    text = _edit(SLOTH, f"total_query: {TOTAL}", f"total_query: {query}")
+    _assert_rejected(tmp_path, text, "slos[0].sli.events.total_query", "only in a string or comment")

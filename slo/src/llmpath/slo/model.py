@@ -146,6 +146,11 @@ class SLI:
 _PROMQL_LEXEME = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|`[^`]*`|#[^\n]*|[^"\'`#]+|.', re.DOTALL)
 
 
+def code_of(query: str) -> str:
+    """``query`` without its strings and comments."""
+    return "".join(m.group() for m in _PROMQL_LEXEME.finditer(query) if m.group()[0] not in "\"'`#")
+
+
 def has_comment(query: str) -> bool:
     """Whether ``query`` has a PromQL comment (``#`` outside strings)."""
     return "#" in query and any(m.group().startswith("#") for m in _PROMQL_LEXEME.finditer(query))

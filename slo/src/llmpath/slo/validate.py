@@ -11,7 +11,7 @@ import promql_parser
 from llmpath.instrumentation import catalog
 from llmpath.slo.gofmt import format_duration, go_float, parse_duration
 from llmpath.slo.gotemplate import WINDOW_VAR, TemplateError, prometheus_template_error, render_window
-from llmpath.slo.model import PERIOD_RULE_COUNT, AlertMeta, SLOSpec, has_comment
+from llmpath.slo.model import PERIOD_RULE_COUNT, AlertMeta, SLOSpec, code_of, has_comment
 from llmpath.slo.windows import AlertWindows
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][-A-Za-z0-9_.]*[A-Za-z0-9]$")
@@ -273,6 +273,13 @@ def _query(query: str | None, field: str, what: str, check: QueryValidator) -> I
         return
     if not WINDOW_VAR.search(query):
         yield field, f"invalid SLI: sli {what} query template: template must contain the {{{{ .window }}}} variable"
+        return
+    if not WINDOW_VAR.search(code_of(query)):
+        yield (
+            field,
+            f"invalid SLI: sli {what} query template: the {{{{ .window }}}} variable is only in a string or comment, "
+            "so every window would get the same SLI; use it as the range, e.g. rate(metric[{{ .window }}])",
+        )
         return
     if msg := check(query):
         yield field, f"invalid SLI: sli {what} query expression: {msg}"
