@@ -148,7 +148,7 @@ def prometheus2_problem(rendered: str, expr: object) -> str | None:
     if result != "vector":
         return f"the query returns a {result}; an SLI query must return an instant vector or a scalar"
     newer: list[str] = []
-    if m := re.search(r"\bdouble_exponential_smoothing\s*\(", rendered):
+    if re.search(r"\bdouble_exponential_smoothing\s*\(", rendered):
         newer.append("function double_exponential_smoothing() (holt_winters() in Prometheus 2)")
 
     def visit(node: object) -> None:
