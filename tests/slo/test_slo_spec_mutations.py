@@ -452,3 +452,23 @@ def test_a_window_variable_only_in_a_string_or_comment_is_rejected(tmp_path, que
     multi-window alerts compiled with exit 0 and meant nothing."""
     text = _edit(SLOTH, f"total_query: {TOTAL}", f"total_query: {query}")
     _assert_rejected(tmp_path, text, "slos[0].sli.events.total_query", "only in a string or comment")
+
+
+@pytest.mark.slow
+def test_a_100_percent_objective_per_route_gets_promtool_tests_that_pass(tmp_path, require_binary):
+    """With a zero budget the healthy route's period budget remaining is 0/0 = NaN, which promtool 2.42 cannot
+    match (it compares with ==): the generated test failed until such a check was left out."""
+    require_binary("promtool")
+    text = _edit(
+        _edit(LLMPATH, "objective: 95", "objective: 100\n    period_rule: ratio_of_counts"),
+        "      threshold_alert:\n        name: TTFTSlow\n        severity: page\n        factor: 10\n"
+        "        short_window: 2m\n        long_window: 10m\n",
+        "",
+    )
+    spec = _spec(tmp_path, text)
+    code, output = _cli("slo", "compile", spec, "-o", tmp_path / "rules", "--tests", "--period", "7d")
+    assert code == 0, output
+    test_file = tmp_path / "rules" / "tests" / "llm-api-ttft.test.yaml"
+    assert "NaN" not in test_file.read_text()
+    run = _promtool("test", "rules", test_file.name, cwd=test_file.parent)
+    assert run.returncode == 0, run.stdout + run.stderr
