@@ -251,9 +251,9 @@ async def test_a_server_that_reports_no_usage_still_answers(stream: bool, usage:
             answered = resp.json()["usage"]
         [record] = gw.records()
         assert (record.status_code, record.error) == (200, None)
-        assert record.extra["input_tokens_estimated"] is True
+        assert record.extra["input_tokens_estimated"] is record.extra["output_tokens_estimated"] is True
         counted = await tokens(gw)
-        assert counted["output"] == answered["completion_tokens"] == 2
+        assert counted["output"] == answered["completion_tokens"] == 2  # 5 bytes at 4 a token, or 2 chunks
         assert counted["input"] == answered["prompt_tokens"] and 0 < counted["input"] < 100
         assert counted["cached"] == 0
         await assert_released(gw)
@@ -491,6 +491,25 @@ async def test_one_json_body_for_a_streamed_request_is_read_as_the_answer(kind: 
         chunks = sse_events(resp.text)
         assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1]) == "Hello"
         assert await tokens(gw) == {"input": 5, "cached": 0, "output": 2}
+
+
+async def test_one_json_body_without_usage_counts_its_text_not_one_token() -> None:
+    """A server that ignores ``stream`` and reports no usage: one body is one chunk, and it counted as one output
+    token, however long; its output is estimated from its text as the prompt is (UTF-8 bytes / chars_per_token)."""
+    text = "word " * 80  # 400 bytes: 100 tokens at the default 4 bytes a token
+    message = {"role": "assistant", "content": text}
+    body = {"object": "chat.completion", "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]}
+    async with (
+        RawBackend(plain(200, json.dumps(body).encode())) as backend,
+        serving_gateway(backend.url, kind="openai") as gw,
+    ):
+        resp = await gw.chat(stream=True, stream_options={"include_usage": True})
+        assert resp.status_code == 200
+        chunks = sse_events(resp.text)
+        assert chunks[-2]["usage"]["completion_tokens"] == 100
+        assert (await tokens(gw))["output"] == 100
+        [record] = gw.records()
+        assert record.output_tokens == 100 and record.extra["output_tokens_estimated"] is True
 
 
 @pytest.mark.parametrize(("kind", "status"), [("sglang", 503), ("openai", 503), ("openai", 502)])

@@ -422,11 +422,16 @@ class _Tracker:
 
     def done(self, event: Done) -> Usage:
         """Account for the backend's final event; returns the usage to answer with (the backend's, or, when it
-        reported none, the gateway's estimate of the prompt and the tokens streamed: ``input_tokens_estimated``)."""
+        reported none, the gateway's estimates of the prompt and of the output: ``input_tokens_estimated``,
+        ``output_tokens_estimated``)."""
         p, usage = self._p, event.usage
         if not event.usage_reported:
-            usage = Usage(p.key.prompt_tokens, max(usage.completion_tokens, self._output_tokens), 0)
-            annotate_request(input_tokens_estimated=True)
+            # The output as the prompt is estimated (UTF-8 bytes / chars_per_token), at least a token per chunk
+            # streamed: one body (a server that ignored ``stream``) counts as one chunk, however long.
+            text_tokens = -(-len(self.text().encode()) // self._gateway.config.tokenizer.chars_per_token)
+            output = int(max(usage.completion_tokens, self._output_tokens, text_tokens))
+            usage = Usage(p.key.prompt_tokens, output, 0)
+            annotate_request(input_tokens_estimated=True, output_tokens_estimated=True)
         self._account(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
         dispatch = event.timings.dispatch_seconds
         if dispatch is not None and self._backend_queued_at is not None:
