@@ -365,6 +365,22 @@ def test_an_output_path_that_cannot_be_written_is_an_error_not_a_traceback(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "slos.yaml"]
 
 
+@pytest.mark.parametrize("in_the_way", ["file", "folder"])
+def test_an_output_folder_with_something_in_the_way_is_left_as_it_was(tmp_path, in_the_way):
+    """``-o out --tests`` where ``out/tests`` is a file (or ``out/<spec>.yaml`` a folder): the rules were renamed into
+    place before the tests failed, though the CLI said nothing was written."""
+    spec = _spec(tmp_path, SLOTH)
+    out = tmp_path / "out"
+    out.mkdir()
+    if in_the_way == "file":
+        (out / "tests").write_text("not a folder\n")
+    else:
+        (out / spec.name).mkdir()
+    code, output = _cli("slo", "compile", spec, "-o", out, "--tests")
+    assert code == 1 and "cannot write" in output and f"nothing was written to {out}" in output
+    assert sorted(p.name for p in out.iterdir()) == (["tests"] if in_the_way == "file" else [spec.name])
+
+
 def test_a_byte_order_mark_is_read_like_any_utf8_file(tmp_path):
     """A spec saved with a UTF-8 BOM (as some Windows editors write it) was 'unknown spec version
     'prometheus/v1'' (a supported version); a windows file with one was not an AlertWindows catalog."""

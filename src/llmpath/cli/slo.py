@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -157,10 +158,13 @@ def write_atomically(out_dir: Path, files: dict[str, str]) -> None:
         if fresh:
             stage.rename(out_dir)
             return
-        for name in files:
+        for name in files:  # every destination first: a file or folder in the way fails before anything is replaced
             dest = out_dir / name
             dest.parent.mkdir(parents=True, exist_ok=True)
-            (stage / name).replace(dest)
+            if dest.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(dest))
+        for name in files:
+            (stage / name).replace(out_dir / name)
     finally:
         if stage.exists():
             shutil.rmtree(stage, ignore_errors=True)
