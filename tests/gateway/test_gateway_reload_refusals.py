@@ -39,11 +39,30 @@ def test_a_file_that_does_not_load_is_refused_logged_and_counted(
 
 
 def test_an_unforeseen_load_failure_is_still_a_counted_refusal(caplog: pytest.LogCaptureFixture) -> None:
+    quoted = "url: http://user:s3cret@10.0.0.1"  # what the file held
+
     def load() -> GatewayConfig:
-        raise RecursionError("maximum recursion depth exceeded")
+        raise RuntimeError(quoted)  # a message that quotes the file
 
     results: list[bool] = []
     gateway: Any = object()
-    with caplog.at_level(logging.ERROR, logger="llmpath.gateway"), pytest.raises(ReloadError, match="RecursionError"):
+    with caplog.at_level(logging.ERROR, logger="llmpath.gateway"), pytest.raises(ReloadError, match="RuntimeError"):
         ConfigReloader(gateway, load, results.append).reload("POST /admin/reload")
     assert results == [False] and "failed, nothing changed" in caplog.text
+    assert "in load" in caplog.text  # where it was raised, for whoever fixes it
+    assert "s3cret" not in caplog.text
+
+
+def test_a_failure_applying_a_loaded_configuration_is_not_a_refusal() -> None:
+    """A bug applying a configuration that loaded (some sections may be swapped already) is no "nothing changed"
+    refusal: it propagates (a 500 from the admin endpoint, a traceback in the log)."""
+
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            raise AttributeError(f"broken gateway: {name}")
+
+    results: list[bool] = []
+    config = load_config(None, {"insecure_no_auth": True})
+    with pytest.raises(AttributeError, match="broken gateway"):
+        ConfigReloader(Broken(), lambda: config, results.append).reload("SIGHUP")
+    assert results == []

@@ -10,6 +10,7 @@ load, or that the running gateway cannot apply, changes nothing.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,16 +109,20 @@ class ConfigReloader:
             log.warning("configuration reload (%s) refused: %s", trigger, reason)
             raise ReloadError(reason)
         try:
-            change = apply_config(self.gateway, self.load())
+            try:
+                config = self.load()
+            except ConfigError:
+                raise
+            except Exception as exc:  # a file no check foresaw: still refused, logged and counted (never a 500)
+                # Its class and frames only: the message of an unforeseen error may quote the file (credentials).
+                where = "".join(traceback.format_tb(exc.__traceback__))
+                log.error("configuration reload (%s): loading failed (%s):\n%s", trigger, type(exc).__name__, where)
+                raise ConfigError(f"the configuration could not be loaded ({type(exc).__name__})") from None
+            change = apply_config(self.gateway, config)
         except (ConfigError, ReloadError) as exc:
             log.error("configuration reload (%s) failed, nothing changed: %s", trigger, exc)
             self._count(False)
             raise ReloadError(str(exc)) from None
-        except Exception as exc:  # a file no check foresaw: still refused, logged and counted (never a 500)
-            reason = f"the configuration could not be loaded ({type(exc).__name__}: {exc})"
-            log.error("configuration reload (%s) failed, nothing changed: %s", trigger, reason)
-            self._count(False)
-            raise ReloadError(reason) from None
         self._count(True)
         log.info(
             "configuration reloaded (%s): applied %s%s",
