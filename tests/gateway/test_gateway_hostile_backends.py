@@ -73,7 +73,7 @@ def with_meta(**fields: Any) -> list[dict[str, Any]]:
     return outputs
 
 
-BAD_COUNTS = [None, "many", 12.5, 1e300, -5, True, [3], {"n": 3}]
+BAD_COUNTS = [None, "many", 12.5, 1e300, -5, True, [3], {"n": 3}, "\u0664\u0662"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -416,11 +416,15 @@ async def test_an_error_answer_whose_body_never_ends_is_a_502_at_once() -> None:
         await assert_released(gw)
 
 
-@pytest.mark.parametrize(("code", "status"), [("429", 503), ("400", 400), (200, 502), ("n/a", 502)])
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [("429", 503), ("400", 400), (200, 502), ("n/a", 502), ("9" * 5000, 502), ("\u0664\u0662\u0669", 502)],
+)
 async def test_an_in_stream_error_code_given_as_a_string_is_its_status(code: Any, status: int) -> None:
     """LiteLLM-style error events carry ``"code": "429"``: a busy backend (retried elsewhere, then 503
     ``no_backend``), not a failed one (it was 502). A code that is no error status (``200``, ``"n/a"``) is the
-    server's default, a 502 (``200`` was taken as the status)."""
+    server's default, a 502 (``200`` was taken as the status; 5,000 digits raised Python's int-conversion limit,
+    and Arabic-Indic digits passed as a status)."""
     answer = sse_answer([sse({"error": {"message": "busy", "type": None, "code": code}}), b"data: [DONE]\n\n"])
     async with RawBackend(answer) as backend, serving_gateway(backend.url, kind="openai") as gw:
         resp = await gw.chat(stream=True)

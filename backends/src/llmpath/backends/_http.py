@@ -394,8 +394,8 @@ def raise_stream_error(obj: dict[str, Any], default_status: int = 500) -> None:
     if not isinstance(err, dict):  # TGI sends a string; anything else is an error all the same
         err = {"message": err if isinstance(err, str) else orjson.dumps(err).decode()[:500]}
     code = err.get("code")
-    if isinstance(code, str) and code.strip().isdecimal():  # LiteLLM-style proxies send "429"
-        code = int(code)
+    if isinstance(code, str) and (digits := code.strip()).isascii() and digits.isdigit() and len(digits) == 3:
+        code = int(digits)  # LiteLLM-style proxies send "429"
     if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
         status = code
     else:

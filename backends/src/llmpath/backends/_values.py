@@ -20,13 +20,13 @@ MAX_SECONDS = 86_400.0
 
 def token_count(value: Any) -> int | None:
     """``value`` as a token count, or ``None`` when it is none: an ``int`` (or an integral float such as ``12.0``, or
-    a string of digits) from 0 to :data:`MAX_TOKEN_COUNT`; booleans, negatives, fractions, ``NaN`` and ``inf`` are
+    a string of ASCII digits) from 0 to :data:`MAX_TOKEN_COUNT`; booleans, negatives, fractions, ``NaN`` and ``inf`` are
     not counts."""
     if isinstance(value, bool):
         return None
     if isinstance(value, str):
         text = value.strip()
-        value = int(text) if text.isdecimal() and len(text) <= 10 else None
+        value = int(text) if text.isascii() and text.isdigit() and len(text) <= 10 else None
     elif isinstance(value, float):
         value = int(value) if math.isfinite(value) and value.is_integer() else None
     if isinstance(value, int) and 0 <= value <= MAX_TOKEN_COUNT:
