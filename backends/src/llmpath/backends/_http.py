@@ -94,9 +94,9 @@ class HttpClient:
 
     async def get(self, url: URL) -> tuple[int, bytes]:
         """``GET`` and read the whole answer: status and body (transport failures are raised as they are; a
-        redirect is its own answer, not followed)."""
+        redirect is its own answer, not followed; a body past :data:`MAX_BODY_BYTES` is a protocol error)."""
         async with self.session().get(url, allow_redirects=False) as resp:
-            return resp.status, await resp.read()
+            return resp.status, await read_body(resp)
 
     async def probe(self, path: str) -> str | None:
         """``GET path`` as a health check: ``None`` when it answers 200, else why not (``connection refused``,
@@ -105,6 +105,8 @@ class HttpClient:
             status, _ = await self.get(self.url(path))
         except TRANSPORT_ERRORS as exc:
             return _transport_reason(exc)
+        except BackendProtocolError as exc:  # a body without end
+            return str(exc)
         return None if status == 200 else f"answered HTTP {status}"
 
     async def aclose(self) -> None:

@@ -180,7 +180,7 @@ class GenerateStreamParser:
             )
         prompt = _required_count(meta, "prompt_tokens")
         usage = Usage(prompt, _required_count(meta, "completion_tokens"), _cached(meta, prompt))
-        return Done(usage, kind if kind in ("stop", "length", "abort") else "stop", timings)
+        return Done(usage, kind if kind in ("stop", "length") else "stop", timings)
 
 
 def _required_count(meta: dict[str, Any], key: str) -> int:

@@ -42,8 +42,8 @@ Problem = tuple[tuple[str | int, ...], str]
 LEDGER_FORMATS = {".jsonl": "JSON lines", ".db": "SQLite", ".sqlite": "SQLite", ".sqlite3": "SQLite"}
 
 
-#: A host name (RFC 1123 labels, an optional final dot).
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: A host name (RFC 1123 labels, an optional final dot; underscores too, as resolvers and container names allow).
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*\.?$")
 
 
