@@ -121,7 +121,9 @@ def test_listen_host_must_be_an_address(tmp_path: Path, host: str) -> None:
         load_config(None, {"listen": {"host": host}})
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::1", "localhost", "gw-1.example.com.", "proj_gateway_1"])
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "0.0.0.0", "::", "::1", "localhost", "gw-1.example.com.", "proj_gateway_1"]
+)
 def test_listen_host_takes_addresses_and_names(host: str) -> None:
     assert load_config(None, {"listen": {"host": host}}).listen.host == host
 

@@ -64,5 +64,5 @@ def test_a_failure_applying_a_loaded_configuration_is_not_a_refusal() -> None:
     results: list[bool] = []
     config = load_config(None, {"insecure_no_auth": True})
     with pytest.raises(AttributeError, match="broken gateway"):
-        ConfigReloader(Broken(), lambda: config, results.append).reload("SIGHUP")
+        ConfigReloader(Broken(), lambda: config, results.append).reload("SIGHUP")  # type: ignore[arg-type]
     assert results == []
