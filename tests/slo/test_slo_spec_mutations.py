@@ -420,6 +420,11 @@ def _paths(node: object, path: tuple = ()) -> list[tuple]:
     return out
 
 
+def _field(path: tuple) -> str:
+    """A mutated path as the CLI names fields: ``slos[0].sli.events``."""
+    return "".join(f"[{key}]" if isinstance(key, int) else f".{key}" for key in path).lstrip(".")
+
+
 def _mutated(data: dict, path: tuple, value: object) -> dict:
     out = copy.deepcopy(data)
     node = out
@@ -442,10 +447,16 @@ def test_every_field_with_a_wrong_type_compiles_or_names_the_field(tmp_path, bas
             except SpecError as exc:
                 outcomes["rejected"] += 1
                 assert exc.issues and all(i.file == str(spec) and i.message for i in exc.issues), (path, value)
-                # The problem is named at the mutated field, or at the field it left without a value (a list
-                # of SLOs that is a string has no slos[0].sli): never somewhere unrelated.
-                top = str(path[0])
-                assert any(top in (i.field or "") or i.field in (None, "spec", "version") for i in exc.issues), (
+                # The problem is named in the mutated SLO (at the field, or at one its value made impossible,
+                # such as an alert an objective of 1.5 can never fire), or at a field above it left without a
+                # value (a list of SLOs that is a string has no slos[0].sli): never in another SLO or elsewhere.
+                scope = _field(path[:2]) if len(path) > 1 and isinstance(path[1], int) else _field(path[:1])
+                assert any(
+                    i.field in (None, "spec", "version")
+                    or (i.field or "").startswith(scope)
+                    or scope.startswith(i.field or "-")
+                    for i in exc.issues
+                ), (
                     path,
                     value,
                     [str(i) for i in exc.issues],
