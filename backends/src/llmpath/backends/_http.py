@@ -303,7 +303,7 @@ async def sse_json(resp: aiohttp.ClientResponse, idle_s: float | None = None) ->
     size = 0
     head: bytes | None = b""  # the start of the body while it may still be a byte order mark
     cr = False  # a chunk ended with CR: its LF may start the next
-    last = monotonic()  # when the latest event (or the answer's headers) came
+    quiet_since: float | None = None  # when comments began to come instead of events
     done = False
     async for chunk in resp.content.iter_any():
         if done:
@@ -346,10 +346,12 @@ async def sse_json(resp: aiohttp.ClientResponse, idle_s: float | None = None) ->
         for block in events:
             data = _event_data(block)
             if data is None:
-                if idle_s is not None and monotonic() - last > idle_s:
+                if quiet_since is None:
+                    quiet_since = monotonic()
+                elif idle_s is not None and monotonic() - quiet_since > idle_s:
                     raise BackendTimeout(f"no stream event for {idle_s:g} s, only comments")
                 continue
-            last = monotonic()
+            quiet_since = None
             if data.strip() == b"[DONE]":
                 done = True
                 break
