@@ -160,6 +160,19 @@ def test_exotic_yaml_names_the_line_and_never_quotes_the_file(tmp_path: Path, ra
     assert "s3cret" not in message and "<unicode string>" not in message
 
 
+def test_duplicate_keys_are_reported_with_every_other_problem(tmp_path: Path) -> None:
+    """A key given twice and a mistake elsewhere are one run's report (the duplicate hid the rest until fixed)."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("limits: {max_concurrency: 8}\nlimits: {max_concurrency: 9}\nlisten: {port: yes}\nroutng: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{path}: invalid configuration (3 problem(s)):"
+    assert lines[1].startswith("  limits (line 2): given twice (also on line 1)")
+    assert any(line.startswith("  listen.port (line 3): ") for line in lines[2:])
+    assert any(line.startswith("  routng (line 4): unknown field") for line in lines[2:])
+
+
 def test_exotic_yaml_that_is_fine(tmp_path: Path) -> None:
     """A BOM, anchors and merge keys (a key a merge overrides is no duplicate), an empty file."""
     path = tmp_path / "gw.yaml"

@@ -472,6 +472,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> G
     data: dict[str, Any] = {}
     root: yaml.Node | None = None
     where = "<command line>"
+    found: list[str] = []  # problems reported together: duplicate keys, then the schema's, then the checks' below
     if path is not None:
         where = str(path)
         try:
@@ -491,10 +492,7 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> G
             raise ConfigError(f"{where}: invalid YAML{_yaml_problem(exc)}") from None
         except RecursionError:  # PyYAML composes recursively: a few hundred nested collections exhaust the stack
             raise ConfigError(f"{where}: invalid YAML: collections nested too deeply") from None
-        if duplicates:
-            lines = [f"{where}: invalid configuration ({len(duplicates)} problem(s)):"]
-            lines += [f"  {_format_loc(list(loc))} (line {line}): {msg}" for loc, line, msg in duplicates]
-            raise ConfigError("\n".join(lines))
+        found = [f"{_format_loc(list(loc))} (line {line}): {msg}" for loc, line, msg in duplicates]
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -508,13 +506,13 @@ def load_config(path: Path | None, overrides: dict[str, Any] | None = None) -> G
     try:
         config = GatewayConfig.model_validate(data, context={"defer_cross_checks": True})
     except ValidationError as exc:
-        raise ConfigError(_format_errors(where, exc, root)) from None
+        raise ConfigError(_report(where, found + _error_lines(exc, root))) from None
     base = path.parent if path is not None else Path()
     templates = _template_problems(config, base)  # before the paths are resolved: errors quote the value as written
     config = _relative_to(config, base)
-    problems = cross_field_problems(config) + _file_problems(config) + templates
-    if problems:
-        raise ConfigError(_format_problems(where, problems, root))
+    found += _problem_lines(cross_field_problems(config) + _file_problems(config) + templates, root)
+    if found:
+        raise ConfigError(_report(where, found))
     return config
 
 
@@ -657,16 +655,21 @@ def _template_problems(config: GatewayConfig, base: Path) -> list[Problem]:
 _TOO_DEEP = "nested too deeply to be parsed (blocks, brackets or JSON arrays)"
 
 
-def _format_problems(where: str, problems: list[Problem], root: yaml.Node | None) -> str:
-    lines = [f"{where}: invalid configuration ({len(problems)} problem(s)):"]
+def _report(where: str, problems: list[str]) -> str:
+    """Every problem of a configuration, one per line under a header naming the file."""
+    return "\n".join([f"{where}: invalid configuration ({len(problems)} problem(s)):", *(f"  {p}" for p in problems)])
+
+
+def _problem_lines(problems: list[Problem], root: yaml.Node | None) -> list[str]:
+    lines = []
     for loc, msg in problems:
         line = _line_of(root, list(loc))
-        lines.append(f"  {_format_loc(list(loc)) or '(top level)'}{f' (line {line})' if line else ''}: {msg}")
-    return "\n".join(lines)
+        lines.append(f"{_format_loc(list(loc)) or '(top level)'}{f' (line {line})' if line else ''}: {msg}")
+    return lines
 
 
-def _format_errors(where: str, exc: ValidationError, root: yaml.Node | None) -> str:
-    lines = [f"{where}: invalid configuration ({exc.error_count()} problem(s)):"]
+def _error_lines(exc: ValidationError, root: yaml.Node | None) -> list[str]:
+    lines = []
     for err in exc.errors(include_url=False, include_input=False):
         loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
         field = _format_loc(loc) or "(top level)"
@@ -675,8 +678,8 @@ def _format_errors(where: str, exc: ValidationError, root: yaml.Node | None) -> 
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see docs/gateway.md)"
-        lines.append(f"  {field}{at}: {msg}")
-    return "\n".join(lines)
+        lines.append(f"{field}{at}: {msg}")
+    return lines
 
 
 def _format_loc(loc: list[Any]) -> str:
