@@ -160,8 +160,9 @@ def _classify_failure(req: Any, exc: BaseException, send_failed: bool) -> None:
     if send_failed or type(exc).__name__ == "ClientDisconnect":  # starlette.requests.ClientDisconnect
         req.status_code, req.error = CLIENT_CLOSED_REQUEST, "client_disconnect"
         return
-    if not req.response_started:
-        req.status_code = 500
+    # Before the response started the server sends a 500; after it (a streamed body that raised), the client gets a
+    # cut-off response: it counts as a 500 too (the spans keep the status that was sent), as with fail_request.
+    req.status_code = 500
     req.error = type(exc).__qualname__
 
 
