@@ -62,7 +62,7 @@ class StageScope:
 
     def __enter__(self) -> StageScope:
         req = CURRENT.get()
-        if req is not None:
+        if req is not None and not req.finished:  # finished: work after the response (a background task) is no stage
             if self._req is not None or (self._others and req in self._others):
                 return self._enter_another(req)
             self._req = req
@@ -241,7 +241,7 @@ def record_stage(
     if source not in TIMING_SOURCES:
         raise ValueError(f"source must be one of {TIMING_SOURCES}, got {source!r}")
     req = CURRENT.get()
-    if req is None:
+    if req is None or req.finished:
         return
     seconds = float(seconds)
     t1 = perf_counter() if end is None else float(end)
