@@ -86,3 +86,48 @@ async def test_stages_after_the_response_are_not_recorded(make_harness: Any, fas
     assert h.value("llmpath_stage_duration_seconds_count", stage="prefill", route="/bg") == 0
     assert h.value("llmpath_stage_duration_seconds_count", stage="auth", route="/bg") == 2
     assert h.value("llmpath_requests_total", route="/bg", model="unknown", code="200") == 2
+
+
+async def test_sync_endpoint_and_sync_streamed_body(
+    make_harness: Any, fast_spans: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``def`` endpoint (Starlette's thread pool, context copied) records its stage, first token and usage; a sync
+    generator body (each item fetched in a fresh copy of the context) with ``with stage(...)`` across its yields is
+    recorded once, with no "Failed to detach context" error logged for every request."""
+    app = FastAPI()
+    h = make_harness(app=app, fast_spans=fast_spans)
+
+    @app.get("/sync")
+    def sync() -> dict[str, int]:
+        with stage("auth"):
+            pass
+        mark_first_token()
+        record_usage(input_tokens=3, cached_tokens=1, output_tokens=2, model="m")
+        return {"ok": 1}
+
+    @app.get("/syncgen")
+    def syncgen() -> StreamingResponse:
+        def body() -> Any:
+            with stage("decode"):
+                yield b"a"
+                yield b"b"
+
+        return StreamingResponse(body())
+
+    with caplog.at_level(logging.WARNING):
+        async with h.client() as c:
+            assert (await c.get("/sync")).status_code == 200
+            assert (await c.get("/syncgen")).content == b"ab"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    sync_rec, gen_rec = h.records
+    assert [s.name for s in sync_rec.stages] == ["auth"] and sync_rec.ttft_s is not None
+    assert (sync_rec.model, sync_rec.input_tokens, sync_rec.cached_tokens, sync_rec.output_tokens) == ("m", 3, 1, 2)
+    assert sync_rec.tpot_s is not None
+    assert [s.name for s in gen_rec.stages] == ["decode"]
+    assert h.value("llmpath_requests_total", route="/sync", model="m", code="200") == 1
+    assert h.value("llmpath_stage_duration_seconds_count", stage="decode", route="/syncgen") == 1
+    server = h.span("GET /syncgen")
+    decode = h.span("llmpath.decode")
+    assert decode.parent is not None and decode.parent.span_id == server.context.span_id
+    auth = h.span("llmpath.auth")
+    assert auth.parent is not None and auth.parent.span_id == h.span("GET /sync").context.span_id
