@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.responses import StreamingResponse
 from opentelemetry.trace import StatusCode
 
+import llmpath.instrumentation.api as api_module
 from llmpath.instrumentation import mark_first_token, record_stage, record_usage, stage
 
 
@@ -131,3 +133,42 @@ async def test_sync_endpoint_and_sync_streamed_body(
     assert decode.parent is not None and decode.parent.span_id == server.context.span_id
     auth = h.span("llmpath.auth")
     assert auth.parent is not None and auth.parent.span_id == h.span("GET /sync").context.span_id
+
+
+def _sync_dependency() -> Iterator[int]:
+    with stage("auth"):  # around the yield: FastAPI runs the rest after the response was sent
+        yield 1
+
+
+async def _async_dependency() -> AsyncIterator[int]:
+    async with stage("validate"):
+        yield 1
+
+
+async def test_a_stage_around_a_dependencys_yield_is_reported_not_silently_lost(
+    make_harness: Any, fast_spans: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FastAPI runs the exit code of a dependency with ``yield`` after the response was sent, when the record and the
+    metrics are written: a stage around the ``yield`` cannot be counted. It must not corrupt anything, and the
+    operator is told once per stage name (with how to fix it) instead of finding the stage missing from the
+    metrics."""
+    app = FastAPI()
+    h = make_harness(app=app, fast_spans=fast_spans)
+    getattr(api_module, "_LATE_STAGES", set()).clear()  # each name is reported once per process
+
+    @app.get("/dep")
+    async def dep(a: int = Depends(_sync_dependency), b: int = Depends(_async_dependency)) -> dict[str, int]:
+        with stage("route"):
+            pass
+        return {"ok": a + b}
+
+    with caplog.at_level(logging.WARNING, logger="llmpath.instrumentation"):
+        async with h.client() as c:
+            for _ in range(2):
+                assert (await c.get("/dep")).status_code == 200
+    late = [r.getMessage() for r in caplog.records if "after the response" in r.getMessage()]
+    assert len(late) == 2 and any("stage auth " in m for m in late) and any("stage validate " in m for m in late)
+    assert [[s.name for s in rec.stages] for rec in h.records] == [["route"], ["route"]]
+    assert h.value("llmpath_stage_duration_seconds_count", stage="route", route="/dep") == 2
+    assert h.value("llmpath_stage_duration_seconds_count", stage="auth", route="/dep") == 0
+    assert h.value("llmpath_requests_total", route="/dep", model="unknown", code="200") == 2

@@ -81,7 +81,10 @@ class StageScope:
         req = self._req
         if req is not None:
             t1 = perf_counter()
-            req.stages.append((self.name, self._t0, t1, "gateway"))
+            if req.finished:  # its record and metrics are written: it can only be traced
+                _ended_after_response(self.name)
+            else:
+                req.stages.append((self.name, self._t0, t1, "gateway"))
             self._req = None
             if exc_type is not None and exc_type is not GeneratorExit:
                 req.stage_error = (exc_type.__qualname__, getattr(exc, "status_code", None))
@@ -204,6 +207,20 @@ class StageScope:
                 return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]
+
+
+_LATE_STAGES: set[str] = set()
+
+
+def _ended_after_response(name: str) -> None:
+    """A stage that ended after its request's record was written: say so once per stage name (not silently lost)."""
+    if name not in _LATE_STAGES and len(_LATE_STAGES) < 64:
+        _LATE_STAGES.add(name)
+        logger.warning(
+            "llmpath: stage %s ended after the response was sent, so it is in no metric or usage record (only its "
+            "span): end stages before the response (e.g. not around the yield of a FastAPI dependency)",
+            name,
+        )
 
 
 def _detach(token: object) -> None:
