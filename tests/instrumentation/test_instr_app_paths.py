@@ -8,13 +8,14 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.responses import StreamingResponse
 from opentelemetry.trace import StatusCode
 
 import llmpath.instrumentation.api as api_module
-from llmpath.instrumentation import mark_first_token, record_stage, record_usage, stage
+from llmpath.instrumentation import instrument_app, mark_first_token, record_stage, record_usage, stage
 
 
 async def test_a_stream_that_raises_after_its_200_counts_as_a_500(make_harness: Any) -> None:
@@ -172,3 +173,61 @@ async def test_a_stage_around_a_dependencys_yield_is_reported_not_silently_lost(
     assert h.value("llmpath_stage_duration_seconds_count", stage="route", route="/dep") == 2
     assert h.value("llmpath_stage_duration_seconds_count", stage="auth", route="/dep") == 0
     assert h.value("llmpath_requests_total", route="/dep", model="unknown", code="200") == 2
+
+
+async def test_overlapping_stages_of_gathered_tasks_tile_ttft_once(make_harness: Any) -> None:
+    """Two stages run concurrently (``asyncio.gather``): each is recorded with its own duration and span under the
+    SERVER span, and ``unattributed`` is TTFT minus their union (counted once), never negative."""
+    app = FastAPI()
+    h = make_harness(app=app)
+
+    async def timed(name: str, seconds: float) -> None:
+        with stage(name):
+            await asyncio.sleep(seconds)
+
+    @app.get("/both")
+    async def both() -> dict[str, int]:
+        await asyncio.gather(timed("schedule", 0.03), timed("cache_lookup", 0.015))
+        mark_first_token()
+        return {"ok": 1}
+
+    async with h.client() as c:
+        assert (await c.get("/both")).status_code == 200
+    [rec] = h.records
+    durations = {s.name: s.duration_s for s in rec.stages}
+    assert durations["schedule"] >= 0.03 and durations["cache_lookup"] >= 0.015
+    assert rec.ttft_s is not None and rec.unattributed_s is not None
+    starts = [s.start_s for s in rec.stages]
+    ends = [s.start_s + s.duration_s for s in rec.stages]
+    assert max(starts) < min(ends)  # they overlap: their union is one interval
+    union = min(max(ends), rec.ttft_s) - max(min(starts), 0.0)
+    assert rec.unattributed_s == pytest.approx(rec.ttft_s - union, abs=1e-6)
+    assert rec.unattributed_s > rec.ttft_s - sum(durations.values())  # not summed: the overlap counts once
+    server = h.span("GET /both")
+    for name in ("llmpath.schedule", "llmpath.cache_lookup"):
+        span = h.span(name)
+        assert span.parent is not None and span.parent.span_id == server.context.span_id
+
+
+async def test_nested_and_repeated_instrumentation_record_each_request_once(make_harness: Any) -> None:
+    """An instrumented app mounted under another, and ``instrument_app`` called twice on the outer app, all on one
+    registry: one SERVER span, one usage record and one count per request, stages under the outer span."""
+    inner = FastAPI()
+    outer = FastAPI()
+
+    @inner.get("/x")
+    async def x() -> dict[str, int]:
+        with stage("auth"):
+            pass
+        return {"ok": 1}
+
+    h = make_harness(app=inner)
+    outer.mount("/sub", inner)
+    instrument_app(outer, registry=h.registry, tracer_provider=h.provider, usage_sink=h.records.append)
+    instrument_app(outer, registry=h.registry, tracer_provider=h.provider, usage_sink=h.records.append)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://gw") as c:
+        r = await c.get("/sub/x")
+    assert r.status_code == 200 and r.headers.get_list("x-request-id") == [h.records[0].request_id]
+    assert len(h.records) == 1 and [s.name for s in h.records[0].stages] == ["auth"]
+    assert sorted(s.name for s in h.spans()) == ["GET /sub/x", "llmpath.auth"]
+    assert h.value("llmpath_requests_total", route="/sub/x", model="unknown", code="200") == 1
