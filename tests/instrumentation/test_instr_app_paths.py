@@ -4,6 +4,7 @@ request, sync endpoints and sync streamed bodies, overlapping stages."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -231,3 +232,48 @@ async def test_nested_and_repeated_instrumentation_record_each_request_once(make
     assert len(h.records) == 1 and [s.name for s in h.records[0].stages] == ["auth"]
     assert sorted(s.name for s in h.spans()) == ["GET /sub/x", "llmpath.auth"]
     assert h.value("llmpath_requests_total", route="/sub/x", model="unknown", code="200") == 1
+
+
+async def test_a_stream_whose_client_left_closes_its_stage_without_a_warning(
+    make_harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client left while the body generator was suspended in ``with stage("decode")`` at a ``yield``: the
+    request is a 499, and the generator is closed later (GeneratorExit). That is not a misplaced stage: no warning."""
+    app = FastAPI()
+    h = make_harness(app=app)
+    getattr(api_module, "_LATE_STAGES", set()).clear()
+
+    @app.get("/s")
+    async def s() -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            with stage("decode"):
+                for _ in range(5):
+                    yield b"x"
+
+        return StreamingResponse(body())
+
+    chunks = 0
+
+    async def send(message: Any) -> None:
+        nonlocal chunks
+        if message["type"] == "http.response.body":
+            chunks += 1
+            if chunks == 2:
+                raise OSError("connection reset")
+
+    async def receive() -> Any:
+        await asyncio.sleep(10)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": "/s", "raw_path": b"/s", "root_path": "", "query_string": b"", "headers": [],
+        "server": ("gw", 80), "client": ("c", 1),
+    }  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="llmpath.instrumentation"):
+        with pytest.raises(Exception):  # noqa: B017  # Starlette's ClientDisconnect (or the OSError)
+            await h.app(scope, receive, send)
+        gc.collect()
+        await asyncio.sleep(0.01)  # the event loop's asyncgen finalizer closes the generator
+    assert [r.getMessage() for r in caplog.records] == []
+    [rec] = h.records
+    assert (rec.status_code, rec.error) == (499, "client_disconnect")

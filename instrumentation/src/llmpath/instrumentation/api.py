@@ -82,7 +82,8 @@ class StageScope:
         if req is not None:
             t1 = perf_counter()
             if req.finished:  # its record and metrics are written: it can only be traced
-                _ended_after_response(self.name)
+                if exc_type is None:  # not a stream's generator closed after its client left (GeneratorExit)
+                    _ended_after_response(self.name)
             else:
                 req.stages.append((self.name, self._t0, t1, "gateway"))
             self._req = None
