@@ -16,7 +16,14 @@ from fastapi.responses import StreamingResponse
 from opentelemetry.trace import StatusCode
 
 import llmpath.instrumentation.api as api_module
-from llmpath.instrumentation import instrument_app, mark_first_token, record_stage, record_usage, stage
+from llmpath.instrumentation import (
+    instrument_app,
+    mark_first_token,
+    model_call_span,
+    record_stage,
+    record_usage,
+    stage,
+)
 
 
 async def test_a_stream_that_raises_after_its_200_counts_as_a_500(make_harness: Any) -> None:
@@ -115,13 +122,16 @@ async def test_sync_endpoint_and_sync_streamed_body(
             with stage("decode"):
                 yield b"a"
                 yield b"b"
+            with model_call_span("tiny", server_address="127.0.0.1", server_port=9000):
+                yield b"c"
+                yield b"d"
 
         return StreamingResponse(body())
 
     with caplog.at_level(logging.WARNING):
         async with h.client() as c:
             assert (await c.get("/sync")).status_code == 200
-            assert (await c.get("/syncgen")).content == b"ab"
+            assert (await c.get("/syncgen")).content == b"abcd"
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     sync_rec, gen_rec = h.records
     assert [s.name for s in sync_rec.stages] == ["auth"] and sync_rec.ttft_s is not None
@@ -133,6 +143,8 @@ async def test_sync_endpoint_and_sync_streamed_body(
     server = h.span("GET /syncgen")
     decode = h.span("llmpath.decode")
     assert decode.parent is not None and decode.parent.span_id == server.context.span_id
+    call = h.span("chat tiny")
+    assert call.parent is not None and call.parent.span_id == server.context.span_id
     auth = h.span("llmpath.auth")
     assert auth.parent is not None and auth.parent.span_id == h.span("GET /sync").context.span_id
 

@@ -11,7 +11,6 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
-from contextvars import Token
 from time import perf_counter
 from types import TracebackType
 from typing import Any, TypeVar
@@ -21,7 +20,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, Status, StatusCod
 
 from llmpath.instrumentation.catalog import ATTR_TIMING_SOURCE, TIMING_SOURCES, validate_stage_name
 from llmpath.instrumentation.request import CURRENT, RequestTelemetry
-from llmpath.instrumentation.spans import clean_attribute, current_span_context
+from llmpath.instrumentation.spans import clean_attribute, current_span_context, detach
 from llmpath.instrumentation.text import encodable
 
 logger = logging.getLogger("llmpath.instrumentation")
@@ -133,7 +132,7 @@ class StageScope:
     def _exit_sampled(self, req: RequestTelemetry, t1: float, exc_type: type[BaseException] | None) -> None:
         # A generator closed early (a client that went away mid-stream) is not an error of the stage.
         error = None if exc_type is None or exc_type is GeneratorExit else exc_type.__qualname__
-        _detach(self._token)
+        detach(self._token)
         ctx = self._ctx
         if ctx is not None:
             stage = (self.name, ctx, self._parent, self.attributes, self._t0, t1, error)
@@ -222,20 +221,6 @@ def _ended_after_response(name: str) -> None:
             "span): end stages before the response (e.g. not around the yield of a FastAPI dependency)",
             name,
         )
-
-
-def _detach(token: object) -> None:
-    """Restore the context a stage's ``__enter__`` attached. A ``with stage()`` across the ``yield``s of a sync
-    generator body is left in another copy of the context than it was entered in (Starlette fetches each item in the
-    thread pool with a fresh copy): the copy it was attached in is gone already, so there is nothing to restore, and
-    OpenTelemetry would log an error for every request."""
-    if isinstance(token, Token):  # OpenTelemetry's default contextvars runtime context
-        try:  # noqa: SIM105  # cheaper than contextlib.suppress, on every sampled stage
-            token.var.reset(token)
-        except ValueError:  # created in another Context
-            pass
-    else:
-        context.detach(token)  # type: ignore[arg-type]
 
 
 def _record_iteration(name: str, t0: float, attributes: dict[str, Any] | None) -> None:

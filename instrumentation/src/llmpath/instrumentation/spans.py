@@ -11,9 +11,10 @@ Any other tracer (or ``fast_spans=False``) gets ordinary spans through the OTel 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import Token
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import context, trace
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 
 from llmpath.instrumentation.text import encodable
@@ -87,3 +88,17 @@ def clean_attribute(value: Any) -> Any:
 def current_span_context() -> SpanContext:
     """The current span's context (the request's SERVER span, a stage, or the model call)."""
     return trace.get_current_span().get_span_context()
+
+
+def detach(token: object) -> None:
+    """Restore the context a stage or a model call span attached. A ``with stage()`` (or ``model_call_span``) across
+    the ``yield``s of a sync generator body is left in another copy of the context than it was entered in (Starlette
+    fetches each item in the thread pool with a fresh copy): the copy it was attached in is gone already, so there is
+    nothing to restore, and OpenTelemetry would log an error for every request."""
+    if isinstance(token, Token):  # OpenTelemetry's default contextvars runtime context
+        try:  # noqa: SIM105  # cheaper than contextlib.suppress, on every sampled stage
+            token.var.reset(token)
+        except ValueError:  # created in another Context
+            pass
+    else:
+        context.detach(token)  # type: ignore[arg-type]

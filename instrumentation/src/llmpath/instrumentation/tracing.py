@@ -21,7 +21,7 @@ from llmpath.instrumentation.genai import (
     GenAIMetrics,
 )
 from llmpath.instrumentation.request import CURRENT
-from llmpath.instrumentation.spans import clean_attribute
+from llmpath.instrumentation.spans import clean_attribute, detach
 from llmpath.instrumentation.text import encodable
 
 INSTRUMENTATION_NAME = "llmpath.instrumentation"
@@ -167,7 +167,7 @@ class ModelCallSpan:
                 span.set_status(Status(StatusCode.ERROR, error))
             span.end()
             if self._token is not None:
-                context.detach(self._token)  # type: ignore[arg-type]
+                detach(self._token)
             self._span = self._token = None
         if self._genai is not None:
             usage = self._usage
