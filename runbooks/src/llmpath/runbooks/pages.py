@@ -17,6 +17,7 @@ from llmpath.dashboards.slos import burn_panel_key
 from llmpath.instrumentation.catalog import STAGES, UNATTRIBUTED, StageCatalog, stable_panel_id
 from llmpath.runbooks.budget import budget_spent, exhaustion_time, humanize
 from llmpath.runbooks.knowledge import Check, Knowledge, KnowledgeError, StageKnowledge
+from llmpath.slo.gofmt import go_quote
 
 #: A diagnosis step of a runbook: the knowledge file's check with ``$window`` filled in.
 Step = Check
@@ -30,6 +31,9 @@ RESPONSE: Mapping[str, str] = {
 LINK_VARIABLES: Mapping[str, str] = {"route": "route", "model": "model"}
 DEFAULT_WINDOW = "5m"
 _RATE_WINDOW_RE = re.compile(r"slo:sli_error:ratio_rate(\w+)")
+_SPACES = re.compile(r"\s+")
+#: A PromQL string literal (kept as written), a comment (dropped: on one line it would hide the rest) or other text.
+_PROMQL_LEXEME = re.compile(r'"(?:[^"\\\n]|\\.)*"|\'(?:[^\'\\\n]|\\.)*\'|`[^`]*`|#[^\n]*|[^"\'`#]+|.', re.DOTALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +164,7 @@ def _window_rows(alert: Any, slo: Any) -> tuple[WindowRow, ...]:
 def _sli_lines(slo: Any, window: str) -> tuple[str, ...]:
     sli = slo.sli
     lines: list[str] = []
-    selector = ", ".join(f'{k}="{v}"' for k, v in (getattr(sli, "selector", None) or {}).items())
+    selector = _matchers(getattr(sli, "selector", None) or {})
     if sli.kind == "latency":
         where = f" matching `{{{selector}}}`" if selector else ""
         lines.append(f"A request is **bad** when `{sli.histogram}` is above **{sli.threshold:g} s**{where}.")
@@ -177,9 +181,23 @@ def _sli_lines(slo: Any, window: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(lines))
 
 
+def _matchers(selector: Mapping[str, str]) -> str:
+    """``a="x", b="y"`` with every value a PromQL string literal (quotes and backslashes escaped)."""
+    return ", ".join(f"{k}={go_quote(v)}" for k, v in selector.items())
+
+
 def _with_window(query: str, window: str) -> str:
-    """A spec query template with Sloth's ``{{.window}}`` filled in, on one line."""
-    return " ".join(query.replace("{{.window}}", window).split())
+    """A spec query template with Sloth's ``{{.window}}`` filled in, on one line (whitespace inside string
+    literals, such as a label value's run of spaces, is kept: it is part of the value)."""
+    out: list[str] = []
+    other = ""
+    for lexeme in _PROMQL_LEXEME.findall(query.replace("{{.window}}", window)):
+        if lexeme[0] in "\"'`":
+            out += [_SPACES.sub(" ", other), lexeme]
+            other = ""
+        elif lexeme[0] != "#":
+            other += lexeme
+    return "".join([*out, _SPACES.sub(" ", other)]).strip()
 
 
 def _reality_checks(alert: Any, slo: Any, window: str) -> tuple[Step, ...]:
@@ -229,7 +247,7 @@ def _traffic_query(slo: Any, window: str) -> str | None:
         return _with_window(sli.total_query, window)
     if sli.kind == "latency" and sli.histogram:
         by = f" by ({', '.join(slo.group_by)})" if slo.group_by else ""
-        matchers = ", ".join(f'{k}="{v}"' for k, v in (sli.selector or {}).items())
+        matchers = _matchers(sli.selector or {})
         selector = f"{sli.histogram}_count{{{matchers}}}" if matchers else f"{sli.histogram}_count"
         return f"sum{by} (rate({selector}[{window}]))"
     return None
