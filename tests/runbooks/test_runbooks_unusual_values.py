@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from markdown_it import MarkdownIt
+from markdown_it.common.utils import escapeHtml
 
 from llmpath.dashboards.checks import selectors
 from llmpath.dashboards.specs import SpecOptions, compile_specs
@@ -81,3 +83,38 @@ def test_sli_lines_quote_the_selector(tmp_path: Path) -> None:
 def test_one_line_query_keeps_string_whitespace_and_drops_comments() -> None:
     query = 'sum(rate(x{a="p  q"}[{{.window}}])) # 5xx only\n  /\n  sum(rate(x[{{.window}}]))'
     assert _with_window(query, "5m") == 'sum(rate(x{a="p  q"}[5m])) / sum(rate(x[5m]))'
+
+
+def _tables(markdown_text: str) -> list[list[list[str]]]:
+    """Every table as rows of cells (the cells' inline text as rendered)."""
+    tokens = MarkdownIt("commonmark").enable("table").parse(markdown_text)
+    tables: list[list[list[str]]] = []
+    cell = False
+    for token in tokens:
+        if token.type == "table_open":
+            tables.append([])
+        elif token.type == "tr_open":
+            tables[-1].append([])
+        elif token.type in ("th_open", "td_open", "th_close", "td_close"):
+            cell = token.type.endswith("_open")
+        elif token.type == "inline" and cell:
+            tables[-1][-1].append(MarkdownIt("commonmark").renderInline(token.content))
+    return tables
+
+
+def test_free_text_with_markdown_syntax_stays_literal_in_tables(tmp_path: Path) -> None:
+    """A description and an owner with `|`, a newline, emphasis, HTML and `$` neither split a table's cells nor
+    render as markup: every row keeps its column count and the values read as written."""
+    description = "First token | fast *enough* for `chat` <b>users</b> on $route\nsecond_line_"
+    owner = "ml|infra *core* <x> [team](http://x)"
+    slo, files = _build(tmp_path, "/v1/chat", description, owner)
+    page = files[slo.alerts[0].runbook_file]
+    header = _tables(page)[0]
+    assert [len(row) for row in header] == [2] * len(header)
+    cells = {row[0]: row[1] for row in header}
+    one_line = " ".join(description.split())
+    assert escapeHtml(one_line) in cells["<strong>SLO</strong>"]
+    assert cells["<strong>Owning team</strong>"] == f"<strong>{escapeHtml(owner)}</strong>"
+    index = _tables(files["README.md"])[0]
+    assert [len(row) for row in index] == [6] * len(index)
+    assert {row[4] for row in index[1:]} == {escapeHtml(owner)}

@@ -15,6 +15,7 @@ from typing import Any
 from llmpath.dashboards.links import ALL, panel_url, parse_panel_ref
 from llmpath.dashboards.slos import burn_panel_key
 from llmpath.instrumentation.catalog import STAGES, UNATTRIBUTED, StageCatalog, stable_panel_id
+from llmpath.runbooks import markdown
 from llmpath.runbooks.budget import budget_spent, exhaustion_time, humanize
 from llmpath.runbooks.knowledge import Check, Knowledge, KnowledgeError, StageKnowledge
 from llmpath.slo.gofmt import go_quote
@@ -74,7 +75,7 @@ class Page:
     stage_title: str
     stage_meaning: str
     stage_position: str
-    owner: str
+    owner: str  # Markdown (the owner's name escaped)
     window: str
     windows: tuple[WindowRow, ...]
     sli_lines: tuple[str, ...]
@@ -299,7 +300,7 @@ def build_page(
         stage_title=entry.title,
         stage_meaning=stage_meaning(stage, knowledge, stages),
         stage_position=stage_position(stage, stages),
-        owner=owner or "unowned (an llmpath/v1 spec names it with `stage:` or `owner:`)",
+        owner=markdown.text(owner) if owner else "unowned (an llmpath/v1 spec names it with `stage:` or `owner:`)",
         window=window,
         windows=_window_rows(alert, slo),
         sli_lines=_sli_lines(slo, window),

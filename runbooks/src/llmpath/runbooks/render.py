@@ -11,6 +11,7 @@ from typing import Any
 import jinja2
 
 from llmpath.instrumentation.catalog import STAGES, StageCatalog
+from llmpath.runbooks import markdown
 from llmpath.runbooks.knowledge import Knowledge, load_knowledge
 from llmpath.runbooks.pages import Page, build_page, source_name
 
@@ -35,12 +36,14 @@ class IndexRow:
 
 @functools.cache
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("llmpath.runbooks", "templates"),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,  # Markdown, not HTML
     )
+    env.filters["md"] = markdown.text  # a spec's free text (descriptions) as literal Markdown
+    return env
 
 
 def render_page(page: Page) -> str:

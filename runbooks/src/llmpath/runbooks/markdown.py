@@ -1,0 +1,14 @@
+"""Values from specs and catalogs as literal Markdown text: they must not break a table or turn into markup."""
+
+from __future__ import annotations
+
+import re
+
+#: Characters that Markdown (CommonMark, GitHub tables, GitHub's ``$`` math) may read as syntax.
+_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&#$])")
+
+
+def text(value: object) -> str:
+    """``value`` as literal inline Markdown, safe in a table cell: whitespace runs (newlines included) become one
+    space and every character Markdown could read as syntax is backslash-escaped (``a|b`` → ``a\\|b``)."""
+    return _SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
