@@ -91,8 +91,8 @@ def _stage_description(stage: str, stages: StageCatalog) -> tuple[str, str]:
     if stage == UNATTRIBUTED:
         meaning = "Pre-first-token time no stage covers (gaps between stages, event-loop delays)."
     else:
-        meaning = stages[stage].meaning
-    return meaning, stages.owner(stage)
+        meaning = common.literal(stages[stage].meaning)
+    return meaning, common.literal(stages.owner(stage))
 
 
 def build(stages: StageCatalog = STAGES, views: Sequence[SloView] = ()) -> Dashboard:
@@ -224,8 +224,8 @@ def _stage_percentiles(b: Board, stages: StageCatalog, marks: SloMarks) -> None:
         slo_steps, note = marks.latency(catalog.STAGE_GROUP_DURATION, "Dashed line", group=group.name)
         b.timeseries(
             stage_latency_key(group.name),
-            f"{group.name} — p50 / p95 / p99 (owner: {group.owner})",
-            f"{group.meaning} Stages: {', '.join(group.stages)}. Owned by {group.owner}.{note}",
+            f"{group.name} — p50 / p95 / p99 (owner: {common.literal(group.owner)})",
+            f"{group.meaning} Stages: {', '.join(group.stages)}. Owned by {common.literal(group.owner)}.{note}",
             "s",
             _percentiles(catalog.STAGE_GROUP_DURATION, f'group="{group.name}"'),
             w=8, h=7, thresholds=slo_steps, threshold_style="dashed" if slo_steps else "off",

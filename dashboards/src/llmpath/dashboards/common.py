@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from grafanalib.core import Annotations, Dashboard, DashboardLink, Template, Templating, Time
@@ -15,8 +16,21 @@ TAG = "llmpath"
 #: not grouped by route), where ``.+`` would hide them.
 ALL = ".*"
 
+#: What Grafana reads as a variable in titles, descriptions and legends (``$x``, ``${x}``, ``[[x]]``) or, in a legend,
+#: as a label (``{{x}}``).
+_GRAFANA_SYNTAX = re.compile(r"(\$|\[(?=\[)|\{(?=\{))")
+#: U+2060 WORD JOINER: invisible, and it breaks the variable syntax it is put into.
+WORD_JOINER = "\u2060"
+
 #: Sample values of the dashboard variables, used to parse queries while building.
 SAMPLE_VARIABLES = {"datasource": "prometheus", "route": ALL, "model": ALL}
+
+
+def literal(text: str) -> str:
+    """Free text from a spec or the stage catalog (an owner, a description) for a panel title, description or
+    legend, shown as written: Grafana interpolates ``$route``, ``${model}``, ``[[route]]`` and legend ``{{label}}``
+    there, so each such opening gets an invisible word joiner (``$route-oncall`` stays that, not ``All-oncall``)."""
+    return _GRAFANA_SYNTAX.sub(r"\1" + WORD_JOINER, text)
 
 
 def datasource_variable() -> Template:

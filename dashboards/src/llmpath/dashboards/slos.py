@@ -128,12 +128,12 @@ def _overview(b: Board, views: Sequence[SloView]) -> None:
 
 def _slo_row(b: Board, view: SloView) -> None:
     stage = f"stage {view.stage}" if view.stage else "whole request path"
-    owner = view.owner or "unowned"
+    owner = common.literal(view.owner) if view.owner else "unowned"
     b.row(
         f"row:slo:{view.id}",
         f"{view.service} / {view.name} — {view.objective:g}% over {view.period} ({stage}, {owner})",
     )
-    about = f"SLO {view.service}/{view.name}: {view.description or 'no description'}"
+    about = f"SLO {view.service}/{view.name}: {common.literal(view.description) or 'no description'}"
     sel = _selector(view)
     meta = f'{{sloth_id="{view.id}"}}'
     short = view.windows[0]

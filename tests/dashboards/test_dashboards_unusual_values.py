@@ -1,0 +1,55 @@
+"""Dashboards for valid specs and catalogs whose free text (owners, descriptions) holds Grafana's variable syntax."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from llmpath.dashboards import build_dashboards
+from llmpath.dashboards.checks import iter_panels
+from llmpath.dashboards.slos import SloView
+from llmpath.instrumentation.catalog import STAGES
+
+#: Grafana's template variable syntax (public/app/features/variables/utils.ts ``variableRegex``), and a legend's
+#: ``{{label}}``.
+GRAFANA_VARIABLE = re.compile(r"\$(\w+)|\[\[(\s*\w+)(?::(\w+))?\s*\]\]|\$\{(\w+)(?:\.([^:^\}]+))?(?::([^\}]+))?\}")
+LEGEND_LABEL = re.compile(r"\{\{\s*(.+?)\s*\}\}")
+OWNER = "$route-oncall {{instance}} [[model]]"
+DESCRIPTION = "p95 on ${model} and $__all"
+WORD_JOINER = "\u2060"  # what the dashboards put after a "$" to keep Grafana from reading a variable
+RULES = {"slo:sli_error:ratio_rate5m", "slo:sli_error:ratio_rate1h", "slo:objective:ratio",
+         "slo:error_budget:ratio", "slo:current_burn_rate:ratio", "slo:period_burn_rate:ratio",
+         "slo:period_error_budget_remaining:ratio", "sloth_slo_info"}  # fmt: skip
+
+
+def _texts(dashboard: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(where, text) of everything Grafana interpolates: titles, descriptions, legends, "no value" texts."""
+    for panel in iter_panels(dashboard):
+        yield "title", panel.get("title", "")
+        yield "description", panel.get("description", "")
+        yield "noValue", panel.get("fieldConfig", {}).get("defaults", {}).get("noValue", "")
+        for target in panel.get("targets", []):
+            yield "legend", target.get("legendFormat", "")
+
+
+def _interpolated(where: str, text: str) -> list[str]:
+    found = [m.group(0) for m in GRAFANA_VARIABLE.finditer(text)]
+    if where == "legend" and "oncall" in text:  # the owner's legend: none of its braces are a label
+        found += [m.group(0) for m in LEGEND_LABEL.finditer(text)]
+    return found
+
+
+def test_owner_and_description_are_shown_as_written() -> None:
+    view = SloView("svc-ttft", "svc", "ttft", 95.0, "30d", "prefill", OWNER, DESCRIPTION, ("5m", "1h"),
+                   (("page", 14.4),), ())  # fmt: skip
+    stages = STAGES.with_owners({"prefill": OWNER, "gateway_overhead": OWNER})
+    dashboards = build_dashboards([view], RULES, stages)
+    shown = {(where, text) for d in dashboards.values() for where, text in _texts(d)}
+    assert not [(w, t) for w, t in shown if _interpolated(w, t)]
+    visible = {t.replace(WORD_JOINER, "") for _, t in shown}
+    assert f"svc / ttft — 95% over 30d (stage prefill, {OWNER})" in visible
+    assert f"prefill → {OWNER}" in visible  # the owning-stage stat's legend and "no value"
+    assert f"prefill — p50 / p95 / p99 (owner: {OWNER})" in visible
+    assert f"gateway_overhead — p50 / p95 / p99 (owner: {OWNER})" in visible
+    assert any(t.startswith(f"SLO svc/ttft: {DESCRIPTION} ") for t in visible)
