@@ -11,8 +11,10 @@ import pytest
 from markdown_it import MarkdownIt
 from markdown_it.common.utils import escapeHtml
 
+from llmpath.dashboards import build_dashboards, panel_directory
 from llmpath.dashboards.checks import selectors
-from llmpath.dashboards.specs import SpecOptions, compile_specs
+from llmpath.dashboards.specs import SpecOptions, compile_specs, recording_rule_names, slo_views
+from llmpath.instrumentation.catalog import STAGES, stable_panel_id
 from llmpath.runbooks import build_runbooks
 from llmpath.runbooks.pages import _with_window
 
@@ -118,3 +120,30 @@ def test_free_text_with_markdown_syntax_stays_literal_in_tables(tmp_path: Path) 
     index = _tables(files["README.md"])[0]
     assert [len(row) for row in index] == [6] * len(index)
     assert {row[4] for row in index[1:]} == {escapeHtml(owner)}
+
+
+def test_panel_links_name_a_catalog_owner_with_markdown_syntax(tmp_path: Path) -> None:
+    """A stage owner with `]`, `*` and `_` (from a custom catalog) in a linked panel's title neither ends the link
+    text early nor renders as emphasis: the link reads as the panel's title and opens the panel."""
+    owner = "serving] *core* _x_"
+    stages = STAGES.with_owners({"prefill": owner})
+    spec = tmp_path / "odd.yaml"
+    spec.write_text(SPEC.format(route="'/v1/chat'", description="d", owner="ml").replace("    owner: ml\n", ""))
+    compiled = compile_specs(SpecOptions(inputs=(spec,), stages=stages))
+    dashboards = build_dashboards(slo_views(compiled.slos), recording_rule_names(compiled.files.values()), stages)
+    files = build_runbooks(compiled.slos, panel_titles=panel_directory(dashboards), stages=stages)
+    text = files[compiled.slos[0].alerts[0].runbook_file]
+    tokens = MarkdownIt("commonmark").parseInline(text.split("### 2. Open the panels", 1)[1].split("###", 1)[0])
+    links = [t for t in tokens[0].children or [] if t.type == "link_open"]
+    titles: list[str] = []
+    inside = False
+    for token in tokens[0].children or []:
+        if token.type in ("link_open", "link_close"):
+            inside = token.type == "link_open"
+            titles += [""] if inside else []
+        elif token.type == "text" and inside:
+            titles[-1] += token.content
+    wanted = f"prefill — p50 / p95 / p99 (owner: {owner}) (llmpath / LLM API path)"
+    assert wanted in titles
+    panel = stable_panel_id("stage:prefill:latency")
+    assert f"viewPanel={panel}&" in str(links[titles.index(wanted)].attrs["href"])
