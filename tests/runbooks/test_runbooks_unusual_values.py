@@ -147,3 +147,28 @@ def test_panel_links_name_a_catalog_owner_with_markdown_syntax(tmp_path: Path) -
     assert wanted in titles
     panel = stable_panel_id("stage:prefill:latency")
     assert f"viewPanel={panel}&" in str(links[titles.index(wanted)].attrs["href"])
+
+
+def test_sli_lines_show_the_filter_and_survive_backticks(tmp_path: Path) -> None:
+    """A latency SLI's `filter` is part of what makes a request count, and a raw-string (backtick) value must not
+    end the code span: each SLI line's code is the query as compiled."""
+    spec = tmp_path / "odd.yaml"
+    text = SPEC.format(route="'/v1/chat'", description="d", owner="ml")
+    spec.write_text(
+        text.replace(
+            "          route: '/v1/chat'\n", "          route: '/v1/chat'\n        filter: 'model!~`test.*`'\n"
+        )
+    )
+    compiled = compile_specs(SpecOptions(inputs=(spec,)))
+    slo = compiled.slos[0]
+    page = build_runbooks(compiled.slos)[slo.alerts[0].runbook_file]
+    lines = [line for line in page.splitlines() if line.startswith("- ") and "_count" in line or "**bad**" in line]
+    codes = {}
+    for line in lines:
+        tokens = MarkdownIt("commonmark").parseInline(line[2:])[0].children or []
+        codes[line.split(":")[0]] = [t.content for t in tokens if t.type == "code_inline"]
+    bad = next(v for k, v in codes.items() if "**bad**" in k)
+    assert selectors("x" + bad[-1])[0].matchers == (("route", "=", "/v1/chat"), ("model", "!~", "test.*"))
+    total = codes["- All events over 5m"][0]
+    assert total == " ".join(slo.sli.total_query.replace("{{.window}}", "5m").split())
+    assert ("model", "!~", "test.*") in selectors(total)[0].matchers

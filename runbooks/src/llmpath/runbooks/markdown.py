@@ -12,3 +12,12 @@ def text(value: object) -> str:
     """``value`` as literal inline Markdown, safe in a table cell: whitespace runs (newlines included) become one
     space and every character Markdown could read as syntax is backslash-escaped (``a|b`` → ``a\\|b``)."""
     return _SPECIAL.sub(r"\\\1", " ".join(str(value).split()))
+
+
+def code(value: str) -> str:
+    """``value`` as an inline code span, also when it holds backticks (PromQL raw strings): the fence is one
+    backtick longer than the longest run inside, padded with spaces where the value starts or ends with one."""
+    runs = [len(run) for run in re.findall(r"`+", value)]
+    fence = "`" * (max(runs, default=0) + 1)
+    pad = " " if value.startswith("`") or value.endswith("`") else ""
+    return f"{fence}{pad}{value}{pad}{fence}"

@@ -165,9 +165,10 @@ def _window_rows(alert: Any, slo: Any) -> tuple[WindowRow, ...]:
 def _sli_lines(slo: Any, window: str) -> tuple[str, ...]:
     sli = slo.sli
     lines: list[str] = []
-    selector = _matchers(getattr(sli, "selector", None) or {})
+    matchers = [_matchers(getattr(sli, "selector", None) or {}), (getattr(sli, "filter", None) or "").strip(" {}")]
+    selector = ", ".join(m for m in matchers if m)
     if sli.kind == "latency":
-        where = f" matching `{{{selector}}}`" if selector else ""
+        where = f" matching {markdown.code('{' + selector + '}')}" if selector else ""
         lines.append(f"A request is **bad** when `{sli.histogram}` is above **{sli.threshold:g} s**{where}.")
     for label, query in (
         ("Good-events counter", getattr(sli, "good", None)),
@@ -178,7 +179,7 @@ def _sli_lines(slo: Any, window: str) -> tuple[str, ...]:
         (f"Error ratio over {window}", sli.error_ratio_query),
     ):
         if query:
-            lines.append(f"{label}: `{_with_window(query, window)}`")
+            lines.append(f"{label}: {markdown.code(_with_window(query, window))}")
     return tuple(dict.fromkeys(lines))
 
 
