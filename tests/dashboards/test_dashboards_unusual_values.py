@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from llmpath.dashboards import build_dashboards
 from llmpath.dashboards.checks import iter_panels
 from llmpath.dashboards.slos import SloView
-from llmpath.instrumentation.catalog import STAGES
+from llmpath.dashboards.specs import SpecOptions, compile_specs, recording_rule_names, slo_views
+from llmpath.instrumentation.catalog import STAGES, stable_panel_id
 
 #: Grafana's template variable syntax (public/app/features/variables/utils.ts ``variableRegex``), and a legend's
 #: ``{{label}}``.
@@ -21,6 +23,22 @@ WORD_JOINER = "\u2060"  # what the dashboards put after a "$" to keep Grafana fr
 RULES = {"slo:sli_error:ratio_rate5m", "slo:sli_error:ratio_rate1h", "slo:objective:ratio",
          "slo:error_budget:ratio", "slo:current_burn_rate:ratio", "slo:period_burn_rate:ratio",
          "slo:period_error_budget_remaining:ratio", "sloth_slo_info"}  # fmt: skip
+
+ROUTE_SLO = """\
+version: llmpath/v1
+service: chat
+slos:
+  - name: availability
+    objective: 99.9
+    sli:
+      ratio:
+        bad: llmpath_requests_total{code=~"5..", route="/v1/chat/completions"}
+        total: llmpath_requests_total{route="/v1/chat/completions"}
+    alerting:
+      name: ChatAvailability
+      page_alert: {}
+      ticket_alert: {}
+"""
 
 
 def _texts(dashboard: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
@@ -53,3 +71,17 @@ def test_owner_and_description_are_shown_as_written() -> None:
     assert f"prefill — p50 / p95 / p99 (owner: {OWNER})" in visible
     assert f"gateway_overhead — p50 / p95 / p99 (owner: {OWNER})" in visible
     assert any(t.startswith(f"SLO svc/ttft: {DESCRIPTION} ") for t in visible)
+
+
+def test_an_availability_slo_of_some_routes_does_not_colour_the_api_path(tmp_path: Path) -> None:
+    """The API path's error panels show every route's 5xx share; an availability SLO of some routes (a label
+    matcher besides `code`) is not theirs, so they keep the generic colours and name no SLO."""
+    spec = tmp_path / "routes.yaml"
+    spec.write_text(ROUTE_SLO)
+    compiled = compile_specs(SpecOptions(inputs=(spec,)))
+    dashboards = build_dashboards(slo_views(compiled.slos), recording_rule_names(compiled.files.values()))
+    errors = next(p for p in iter_panels(dashboards["llmpath-api-path.json"]) if p["id"] == stable_panel_id(
+        "overview:errors"))  # fmt: skip
+    steps = [(m["color"], m["value"]) for m in errors["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+    assert steps == [("green", None), ("yellow", 0.01), ("red", 0.05)]
+    assert "chat-availability" not in errors["description"]

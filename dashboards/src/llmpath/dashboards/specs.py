@@ -103,18 +103,16 @@ def _latency_bound(sli: Any) -> LatencyBound | None:
 
 
 def _counts_server_errors(sli: Any) -> bool:
-    """A ``ratio`` SLI of 5xx answers (``bad``) among all of ``llmpath_requests_total`` (``total``)."""
+    """A ``ratio`` SLI of 5xx answers (``bad``) among all of ``llmpath_requests_total`` (``total``), with no other
+    matchers (``group_by`` may split it per route)."""
     if sli.kind != "ratio" or not sli.bad or not sli.total:
         return False
     try:
         (bad,), (total,) = selectors(sli.bad), selectors(sli.total)
     except (PromQLError, ValueError):  # not one plain selector each
         return False
-    return (
-        bad.name == total.name == REQUESTS_TOTAL
-        and ("code", "=~", "5..") in bad.matchers
-        and not any(label == "code" for label, _, _ in total.matchers)
-    )
+    # Only over all requests: an SLO of some routes or models does not speak for the API path's error panels.
+    return bad.name == total.name == REQUESTS_TOTAL and bad.matchers == (("code", "=~", "5.."),) and not total.matchers
 
 
 def slo_views(slos: Iterable[Any]) -> list[SloView]:
