@@ -40,6 +40,34 @@ slos:
       ticket_alert: {}
 """
 
+FILTERED_SLOS = """\
+version: llmpath/v1
+service: chat
+slos:
+  - name: ttft
+    objective: 95
+    sli:
+      latency:
+        histogram: llmpath_time_to_first_token_seconds
+        threshold: 0.5
+        filter: 'route=~"/v1/chat/.*"'
+    alerting:
+      name: ChatTTFT
+      page_alert: {}
+      ticket_alert: {}
+  - name: prefill
+    objective: 95
+    sli:
+      latency:
+        histogram: llmpath_stage_duration_seconds
+        threshold: 0.5
+        filter: 'stage="prefill"'
+    alerting:
+      name: ChatPrefill
+      page_alert: {}
+      ticket_alert: {}
+"""
+
 
 def _texts(dashboard: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
     """(where, text) of everything Grafana interpolates: titles, descriptions, legends, "no value" texts."""
@@ -85,3 +113,18 @@ def test_an_availability_slo_of_some_routes_does_not_colour_the_api_path(tmp_pat
     steps = [(m["color"], m["value"]) for m in errors["fieldConfig"]["defaults"]["thresholds"]["steps"]]
     assert steps == [("green", None), ("yellow", 0.01), ("red", 0.05)]
     assert "chat-availability" not in errors["description"]
+
+
+def test_a_latency_slo_with_a_filter_marks_only_its_own_panel(tmp_path: Path) -> None:
+    """A TTFT SLO whose `filter` keeps some routes is not the all-requests TTFT panel's threshold; one whose filter
+    pins a stage marks that stage's panel as a selector would."""
+    spec = tmp_path / "filtered.yaml"
+    spec.write_text(FILTERED_SLOS)
+    compiled = compile_specs(SpecOptions(inputs=(spec,)))
+    dashboards = build_dashboards(slo_views(compiled.slos), recording_rule_names(compiled.files.values()))
+    panels = {p["id"]: p for p in iter_panels(dashboards["llmpath-api-path.json"])}
+    ttft = panels[stable_panel_id("ttft:latency")]
+    assert ttft["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "off"
+    assert "chat/ttft" not in ttft["description"]
+    prefill = panels[stable_panel_id("stage:prefill:latency")]
+    assert "chat/prefill: 0.5 s" in prefill["description"]

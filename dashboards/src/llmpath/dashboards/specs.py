@@ -99,7 +99,11 @@ def slo_view(slo: Any) -> SloView:
 def _latency_bound(sli: Any) -> LatencyBound | None:
     if sli.kind != "latency" or not sli.histogram or sli.threshold is None:
         return None
-    return LatencyBound(sli.histogram, tuple(sorted(sli.selector.items())), float(sli.threshold))
+    matchers = dict(sli.selector)
+    if sli.filter:  # its matchers narrow the requests too: `stage="prefill"` as a plain label, others with their op
+        for label, op, value in selectors(f"{sli.histogram}{{{sli.filter.strip().strip('{}')}}}")[0].matchers:
+            matchers[label if op == "=" else f"{label}{op}"] = value
+    return LatencyBound(sli.histogram, tuple(sorted(matchers.items())), float(sli.threshold))
 
 
 def _counts_server_errors(sli: Any) -> bool:
