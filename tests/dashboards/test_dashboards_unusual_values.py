@@ -128,3 +128,12 @@ def test_a_latency_slo_with_a_filter_marks_only_its_own_panel(tmp_path: Path) ->
     assert "chat/ttft" not in ttft["description"]
     prefill = panels[stable_panel_id("stage:prefill:latency")]
     assert "chat/prefill: 0.5 s" in prefill["description"]
+
+
+def test_an_objective_with_seven_digits_is_shown_as_written() -> None:
+    view = SloView("svc-nines", "svc", "nines", 99.99999, "30d", None, None, "", ("5m", "1h"), (("page", 14.4),), ())
+    dashboard = build_dashboards([view], RULES)["llmpath-slos.json"]
+    panels = {p["id"]: p for p in iter_panels(dashboard)}
+    assert panels[stable_panel_id("row:slo:svc-nines")]["title"].startswith("svc / nines — 99.99999% over 30d")
+    objective = panels[stable_panel_id("slo:svc-nines:objective")]
+    assert objective["fieldConfig"]["defaults"]["decimals"] == 5  # percentunit: 0.9999999 → 99.99999%

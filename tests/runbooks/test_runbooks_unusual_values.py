@@ -172,3 +172,16 @@ def test_sli_lines_show_the_filter_and_survive_backticks(tmp_path: Path) -> None
     total = codes["- All events over 5m"][0]
     assert total == " ".join(slo.sli.total_query.replace("{{.window}}", "5m").split())
     assert ("model", "!~", "test.*") in selectors(total)[0].matchers
+
+
+def test_an_objective_with_seven_digits_is_shown_as_written(tmp_path: Path) -> None:
+    """``%g`` keeps six significant digits: 99.99999 read as 100 (an objective no SLO can have)."""
+    spec = tmp_path / "odd.yaml"
+    spec.write_text(
+        SPEC.format(route="'/v1/chat'", description="d", owner="ml").replace("objective: 95", "objective: 99.99999")
+    )
+    compiled = compile_specs(SpecOptions(inputs=(spec,)))
+    text = build_runbooks(compiled.slos)[compiled.slos[0].alerts[0].runbook_file]
+    assert "**99.99999%** over **30d**" in text
+    assert "the objective (99.99999%) is missed" in text
+    assert "100%" not in text

@@ -131,7 +131,7 @@ def _slo_row(b: Board, view: SloView) -> None:
     owner = common.literal(view.owner) if view.owner else "unowned"
     b.row(
         f"row:slo:{view.id}",
-        f"{view.service} / {view.name} — {view.objective:g}% over {view.period} ({stage}, {owner})",
+        f"{view.service} / {view.name} — {view.objective:.10g}% over {view.period} ({stage}, {owner})",
     )
     about = f"SLO {view.service}/{view.name}: {common.literal(view.description) or 'no description'}"
     sel = _selector(view)
@@ -140,7 +140,8 @@ def _slo_row(b: Board, view: SloView) -> None:
     burn_steps = _burn_steps(view)
     key = f"slo:{view.id}"
     b.stat(f"{key}:objective", "Objective", f"{about} Target share of good events.", "percentunit",
-           [Query(f"slo:objective:ratio{meta}")], w=3, decimals=3, graph=False)  # fmt: skip
+           [Query(f"slo:objective:ratio{meta}")], w=3, decimals=_percent_decimals(view.objective),
+           graph=False)  # fmt: skip
     b.stat(
         f"{key}:sli", f"SLI ({short})", f"{about} Share of good events over the last {short}.", "percentunit",
         [Query(f"1 - slo:sli_error:ratio_rate{short}{sel}", "{{route}}")], w=4, decimals=3,
@@ -194,6 +195,11 @@ def _slo_row(b: Board, view: SloView) -> None:
         f"{about} Budget left over the {view.period} period, over time.", "percentunit",
         [Query(f"slo:period_error_budget_remaining:ratio{sel}", "{{route}}")], w=6, thresholds=BUDGET_STEPS,
     )  # fmt: skip
+
+
+def _percent_decimals(objective: float) -> int:
+    """Decimals that show an objective as written (99.99999 needs 5; at least 3, as 99.900%)."""
+    return max(3, len(f"{objective:.10g}".partition(".")[2]))
 
 
 def _burn_steps(view: SloView) -> Steps:

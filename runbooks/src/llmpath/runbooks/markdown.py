@@ -21,3 +21,9 @@ def code(value: str) -> str:
     fence = "`" * (max(runs, default=0) + 1)
     pad = " " if value.startswith("`") or value.endswith("`") else ""
     return f"{fence}{pad}{value}{pad}{fence}"
+
+
+def number(value: float) -> str:
+    """A spec's number as written, without float noise: ``99.99999`` (``%g`` rounds it to ``100``), ``0.1`` for
+    ``100 - 99.9``."""
+    return f"{value:.10g}"

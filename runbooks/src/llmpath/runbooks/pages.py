@@ -169,7 +169,9 @@ def _sli_lines(slo: Any, window: str) -> tuple[str, ...]:
     selector = ", ".join(m for m in matchers if m)
     if sli.kind == "latency":
         where = f" matching {markdown.code('{' + selector + '}')}" if selector else ""
-        lines.append(f"A request is **bad** when `{sli.histogram}` is above **{sli.threshold:g} s**{where}.")
+        lines.append(
+            f"A request is **bad** when `{sli.histogram}` is above **{markdown.number(sli.threshold)} s**{where}."
+        )
     for label, query in (
         ("Good-events counter", getattr(sli, "good", None)),
         ("Bad-events counter", getattr(sli, "bad", None)),

@@ -43,6 +43,7 @@ def _environment() -> jinja2.Environment:
         autoescape=False,  # Markdown, not HTML
     )
     env.filters["md"] = markdown.text  # a spec's free text (descriptions) as literal Markdown
+    env.filters["num"] = markdown.number  # objectives as written (not rounded to 6 digits by %g)
     return env
 
 
