@@ -395,6 +395,23 @@ async def test_a_redirecting_backend_is_a_502_and_the_redirect_is_not_followed(s
             await assert_released(gw)
 
 
+async def test_answers_that_break_the_protocol_eject_the_backend() -> None:
+    """A backend whose every answer is malformed (a wrong ``kind``, a broken build) failed every request it was
+    sent and was never ejected; consecutive protocol errors now count toward ejection as 5xx answers do."""
+    async with (
+        RawBackend(plain(200, b"<html>not an LLM server</html>", "text/html")) as backend,
+        serving_gateway(backend.url, health={"interval_s": 60, "eject_after_failures": 2}) as gw,
+    ):
+        for _ in range(2):
+            resp = await gw.chat(stream=True)
+            assert resp.status_code == 502 and resp.json()["error"]["code"] == "backend_error", resp.text
+        assert gw.app.gateway.pool.states["b0"].consecutive_failures == 2
+        resp = await gw.chat(stream=True)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_backend"
+        assert backend.posts == 2
+        await assert_released(gw)
+
+
 async def test_an_error_answer_whose_body_never_ends_is_a_502_at_once() -> None:
     """A 500 whose body announces a megabyte and stalls after a few bytes (a proxy that died mid-answer): the
     status is the answer, so the client gets 502 ``backend_error`` within the error body's 2 s, not a 504 after the

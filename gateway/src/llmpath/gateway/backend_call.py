@@ -182,8 +182,11 @@ class BackendCallResponse(Response):
                 await events.aclose()
                 call.set_error(type(exc).__name__)
                 scope.close()
-                if isinstance(exc, BackendServerError):  # consecutive 5xx answers eject, like outlier detection
+                # Consecutive 5xx answers and answers that break the protocol eject, like outlier detection.
+                if isinstance(exc, BackendServerError):
                     gw.pool.report_failure(state.name, f"answered {exc.upstream_status}")
+                elif isinstance(exc, BackendProtocolError):
+                    gw.pool.report_failure(state.name, "answered outside its protocol")
                 raise _api_error(exc, p.kind) from None
             except BaseException as exc:
                 await events.aclose()
