@@ -184,7 +184,7 @@ def test_status_says_when_the_url_is_not_prometheus_or_prometheus_refuses():
         not_prometheus = r"/api/v1/query: HTTP 404, not a Prometheus API response"
         with PrometheusClient(base) as client, pytest.raises(RuntimeError, match=not_prometheus):
             client.query("up")
-        refused = r"Prometheus /api/v1/alerts failed: bad_data: no"
+        refused = r"/bad/api/v1/alerts: HTTP 400, bad_data: no"
         with PrometheusClient(base + "/bad") as client, pytest.raises(RuntimeError, match=refused):
             client.alerts()
     finally:

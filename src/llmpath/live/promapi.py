@@ -11,12 +11,38 @@ from typing import Any
 import httpx
 
 
-class PrometheusClient:
-    """The few Prometheus HTTP API calls llmpath needs (instant queries, alerts, rules, targets)."""
+class PrometheusError(RuntimeError):
+    """Prometheus could not be read, or did not answer as its HTTP API does; the message says what, where, why
+    (and never carries a credential)."""
 
-    def __init__(self, base_url: str, timeout: float = 10.0) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+
+def redact(url: str) -> str:
+    """``url`` without the password of its userinfo (``https://user:***@host``), for messages."""
+    scheme, sep, rest = url.partition("://")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+
+
+class PrometheusClient:
+    """The few Prometheus HTTP API calls llmpath needs (instant queries, alerts, rules, targets).
+
+    ``base_url`` may carry a path prefix (``http://proxy/prometheus``) and basic-auth credentials
+    (``https://user:password@host``); ``token`` is sent as a bearer token. Every request times out after
+    ``timeout`` seconds. Failures raise :class:`PrometheusError`; warnings Prometheus returns with an answer
+    (partial data, …) collect in :attr:`warnings`."""
+
+    def __init__(self, base_url: str, timeout: float = 10.0, token: str | None = None) -> None:
+        self.base_url = redact(base_url.rstrip("/"))
+        self.timeout = timeout
+        self.warnings: list[str] = []
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
+        except (httpx.InvalidURL, TypeError, ValueError) as exc:
+            raise PrometheusError(f"{self.base_url} is not a valid URL: {exc}") from None
 
     def close(self) -> None:
         self._http.close()
@@ -28,16 +54,27 @@ class PrometheusClient:
         self.close()
 
     def _get(self, path: str, **params: Any) -> Any:
-        resp = self._http.get(path, params=params)
+        where = f"{self.base_url}{path}"
+        try:
+            resp = self._http.get(path, params=params)
+        except httpx.TimeoutException:
+            raise PrometheusError(f"timeout: no answer within {self.timeout:g}s from {where}") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise PrometheusError(f"{type(exc).__name__}: {redact(str(exc)) or 'request failed'} ({where})") from None
         try:
             body = resp.json()
         except ValueError:
             body = None
         if not isinstance(body, dict) or "status" not in body:
-            raise RuntimeError(f"{self.base_url}{path}: HTTP {resp.status_code}, not a Prometheus API response")
+            kind = resp.headers.get("content-type", "no content type")
+            raise PrometheusError(f"{where}: HTTP {resp.status_code}, not a Prometheus API response ({kind})")
         if body["status"] != "success":
-            raise RuntimeError(f"Prometheus {path} failed: {body.get('errorType')}: {body.get('error')}")
-        return body["data"]
+            raise PrometheusError(f"{where}: HTTP {resp.status_code}, {body.get('errorType')}: {body.get('error')}")
+        self.warnings += [str(w) for w in body.get("warnings") or []]
+        data = body.get("data")
+        if not isinstance(data, dict):
+            raise PrometheusError(f"{where}: HTTP {resp.status_code}, a success without data")
+        return data
 
     def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
         """Instant query; returns the result vector (``[{"metric": {...}, "value": [ts, "v"]}, ...]``)."""
@@ -45,9 +82,11 @@ class PrometheusClient:
         if at is not None:
             params["time"] = at
         data = self._get("/api/v1/query", **params)
-        result = data["result"]
-        if data["resultType"] == "scalar":
-            return [{"metric": {}, "value": result}]
+        result = data.get("result")
+        if data.get("resultType") == "scalar":
+            result = [{"metric": {}, "value": result}]
+        if not isinstance(result, list) or not all(_is_sample(r) for r in result):
+            raise PrometheusError(f"{self.base_url}/api/v1/query: {expr}: a result that is not an instant vector")
         return result
 
     def query_value(self, expr: str) -> float | None:
@@ -57,7 +96,12 @@ class PrometheusClient:
 
     def alerts(self) -> list[dict[str, Any]]:
         """Active alerts (pending and firing)."""
-        return self._get("/api/v1/alerts")["alerts"]
+        alerts = self._get("/api/v1/alerts").get("alerts")
+        if not isinstance(alerts, list) or not all(
+            isinstance(a, dict) and isinstance(a.get("labels"), dict) for a in alerts
+        ):
+            raise PrometheusError(f"{self.base_url}/api/v1/alerts: an answer without a list of labelled alerts")
+        return alerts
 
     def rule_groups(self) -> list[dict[str, Any]]:
         return self._get("/api/v1/rules")["groups"]
@@ -93,6 +137,20 @@ class PrometheusClient:
             return [url for url, ok in up.items() if not ok] if up else ["(no targets)"]
 
         _poll(down, timeout, 0.5, "Prometheus targets not all up")
+
+
+def _is_sample(result: object) -> bool:
+    """Whether ``result`` is an instant-vector sample: ``{"metric": {...}, "value": [ts, "number"]}``."""
+    if not isinstance(result, dict) or not isinstance(result.get("metric"), dict):
+        return False
+    value = result.get("value")
+    if not isinstance(value, list) or len(value) != 2 or not isinstance(value[1], str):
+        return False
+    try:
+        float(value[1])
+    except ValueError:
+        return False
+    return True
 
 
 def _poll(pending: Callable[[], list[str]], timeout: float, interval: float, what: str) -> None:
