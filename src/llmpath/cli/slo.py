@@ -15,6 +15,7 @@ import typer
 from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
 
 if TYPE_CHECKING:
+    from llmpath.live.slo_status import SloRow
     from llmpath.slo import CompileOptions, CompileResult, SpecDocument, SpecError
 
 app = typer.Typer(
@@ -33,6 +34,27 @@ BUCKETS_HELP = (
     "HISTOGRAM=BOUND,BOUND,… : the bucket bounds of a histogram whose buckets are not the catalog's (e.g. "
     "instrument_app(latency_buckets=...)); latency thresholds are checked against them. Repeatable."
 )
+
+
+_TIMEOUT_HELP = "Seconds to wait for each Prometheus request before giving up (env LLMPATH_PROMETHEUS_TIMEOUT)."
+_TOKEN_HELP = (
+    "File holding a bearer token for Prometheus (env LLMPATH_PROMETHEUS_TOKEN holds the token itself); basic "
+    "auth goes in the URL (https://user:password@host). Never printed."
+)
+#: What reading Prometheus can raise besides PrometheusError: answers whose shape is not the API's.
+_UNREADABLE = (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError)
+
+
+def _token(token_file: Path | None) -> str | None:
+    """The bearer token: the file's content (stripped), else LLMPATH_PROMETHEUS_TOKEN, else none."""
+    if token_file is None:
+        return os.environ.get("LLMPATH_PROMETHEUS_TOKEN") or None
+    try:
+        return token_file.read_text(encoding="utf-8").strip() or None
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot read {token_file}: {exc.strerror or exc}", param_hint="--bearer-token-file"
+        ) from None
 
 
 #: Exit status of every command (slo compile/validate, dashboards build/lint, runbooks build) when a spec is
@@ -284,6 +306,8 @@ def validate_cmd(
         help="Also check against this Prometheus: latency thresholds against the histograms' real bucket bounds, "
         "and that every SLI selector matches series (a warning names what does not match).",
     ),
+    timeout: float = typer.Option(10.0, "--timeout", envvar="LLMPATH_PROMETHEUS_TIMEOUT", min=0.1, help=_TIMEOUT_HELP),
+    bearer_token_file: Path | None = typer.Option(None, "--bearer-token-file", help=_TOKEN_HELP),
 ) -> None:
     """Validate specs without writing anything; duplicate SLO IDs across files are an error."""
     from llmpath.slo import CompileOptions
@@ -302,26 +326,32 @@ def validate_cmd(
     if prometheus is None:
         result, live = _compile(inputs, options, None), ""
     else:
-        result, live = _validate_live(inputs, options, prometheus.rstrip("/"))
+        client_args = {"timeout": timeout, "token": _token(bearer_token_file)}
+        result, live = _validate_live(inputs, options, prometheus.rstrip("/"), client_args)
     files = {s.source for s in result.slos}
     typer.echo(f"OK: {len(result.slos)} SLOs in {len(files)} file(s) are valid{live}.")
 
 
-def _validate_live(inputs: list[Path], options: CompileOptions, url: str) -> tuple[CompileResult, str]:
+def _validate_live(
+    inputs: list[Path], options: CompileOptions, url: str, client_args: dict
+) -> tuple[CompileResult, str]:
     """``validate --prometheus``: compile with the histograms' live bucket bounds, then check the SLIs' data.
     Returns the result and what the check found, for the closing line."""
     import dataclasses
 
-    import httpx
-
-    from llmpath.live.promapi import PrometheusClient
+    from llmpath.live.promapi import PrometheusClient, redact
     from llmpath.live.slo_check import data_issues, live_buckets
 
     docs = _load(inputs, options, None)
     histograms = [slo.sli.histogram for doc in docs for slo in doc.slos if slo.sli.histogram]
-    # Connection errors, answers that are not Prometheus's, refused or malformed queries:
-    unreadable = (httpx.HTTPError, RuntimeError, KeyError, ValueError)
-    with PrometheusClient(url) as client:
+    # Connection errors and timeouts, answers that are not Prometheus's, refused or malformed queries:
+    unreadable = _UNREADABLE
+    try:
+        client = PrometheusClient(url, **client_args)
+    except unreadable as exc:
+        _prometheus_failed(url, exc)
+    url = redact(url)
+    with client:
         try:
             live = live_buckets(client, histograms)
         except unreadable as exc:
@@ -333,6 +363,8 @@ def _validate_live(inputs: list[Path], options: CompileOptions, url: str) -> tup
             no_data = data_issues(client, result.slos, lambda slo, field: specs[slo.source, slo.id].where(field))
         except unreadable as exc:
             _prometheus_failed(url, exc)
+    for warning in client.warnings:
+        _err(f"Prometheus {url} warned: {warning}")
     if options.strict and no_data:
         _fail([str(i.as_error()) for i in no_data])
     for issue in no_data:
@@ -341,8 +373,11 @@ def _validate_live(inputs: list[Path], options: CompileOptions, url: str) -> tup
     return result, f"; Prometheus {url}: {len(live)} histogram(s) with live buckets, {data}"
 
 
-def _prometheus_failed(url: str, exc: Exception) -> NoReturn:
-    _err(f"llmpath slo validate: cannot read Prometheus at {url}: {type(exc).__name__}: {exc}")
+def _prometheus_failed(url: str, exc: Exception, command: str = "validate") -> NoReturn:
+    from llmpath.live.promapi import PrometheusError, redact
+
+    why = str(exc) if isinstance(exc, PrometheusError) else f"{type(exc).__name__}: {exc}"
+    _err(f"llmpath slo {command}: cannot read Prometheus at {redact(url)}: {why}")
     raise typer.Exit(2) from None
 
 
@@ -393,43 +428,67 @@ def status(
     owner: str | None = typer.Option(None, "--owner", help="Only the SLOs this team owns (e.g. serving)."),
     firing: bool = typer.Option(False, "--firing", help="Only the SLOs (and groups) with a firing alert."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable JSON instead of a table."),
+    timeout: float = typer.Option(10.0, "--timeout", envvar="LLMPATH_PROMETHEUS_TIMEOUT", min=0.1, help=_TIMEOUT_HELP),
+    bearer_token_file: Path | None = typer.Option(None, "--bearer-token-file", help=_TOKEN_HELP),
 ) -> None:
     """Every SLO Prometheus evaluates: SLI, burn rate and error budget left per group (route), firing alerts with
-    their owners and runbooks. Reads the compiled rules' series, not spec files."""
+    their owners and runbooks. Reads the compiled rules' series, not spec files. Exits 2 when the answer is not
+    known: Prometheus unreadable, no SLO rules, or an SLO whose recording rules have no series."""
     import dataclasses
     import json
 
-    import httpx
+    from llmpath.live.promapi import PrometheusClient, redact
+    from llmpath.live.slo_status import FiringAlert, slo_services, slo_status
+
+    services: list[str] = []
+    unknown: list[tuple[str, FiringAlert]] = []
+    url = redact(prometheus)
+    try:
+        with PrometheusClient(prometheus.rstrip("/"), timeout=timeout, token=_token(bearer_token_file)) as client:
+            rows = slo_status(client, service=service, unknown=unknown)
+            if not rows and service is not None:
+                services = slo_services(client)
+    except _UNREADABLE as exc:
+        _prometheus_failed(prometheus, exc, "status")
+    for warning in client.warnings:
+        _err(f"llmpath slo status: Prometheus {url} warned: {warning} (the numbers may be partial)")
+    for slo_id, alert in unknown:
+        _err(f"llmpath slo status: {alert.name} ({alert.severity}) fires for SLO {slo_id!r}, which no sloth_slo_info "
+             f"series in {url} describes (its recording rules are not loaded)")  # fmt: skip
+    if not rows and not services:
+        _err(f"llmpath slo status: no SLO rules evaluated by {url} (sloth_slo_info has no series)")
+        raise typer.Exit(2)
+    everything = bool(rows)
+    blind = sorted({r.slo_id for r in rows if not r.recorded})
+    rows = [r for r in rows if (owner is None or r.owner == owner) and (not firing or r.alerts)]
+    if as_json:
+        typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, allow_nan=False))
+    else:
+        _print_status(rows, everything, f"no SLO has service {service!r}; services with SLOs in {url}: "
+                      f"{', '.join(services)}", owner, firing)  # fmt: skip
+    for slo_id in blind:
+        _err(f"llmpath slo status: SLO {slo_id!r} has no recorded series in {url} (slo:sli_error:ratio_rate*, "
+             "slo:current_burn_rate:ratio, slo:period_error_budget_remaining:ratio): its recording rules are not "
+             "loaded or not evaluated; its state is unknown")  # fmt: skip
+    if blind or unknown:
+        raise typer.Exit(2)
+
+
+def _print_status(rows: list[SloRow], everything: bool, no_service: str, owner: str | None, firing: bool) -> None:
+    """The status table and firing lines, or why no row is shown."""
     from rich.console import Console
 
     from llmpath.cli.tables import print_table
-    from llmpath.live.promapi import PrometheusClient
-    from llmpath.live.slo_status import firing_lines, slo_services, slo_status, status_table
+    from llmpath.live.slo_status import firing_lines, status_table
 
-    services: list[str] = []
-    try:
-        with PrometheusClient(prometheus.rstrip("/")) as client:
-            rows = slo_status(client, service=service)
-            if not rows and service is not None:
-                services = slo_services(client)
-    except (httpx.HTTPError, RuntimeError, KeyError, ValueError) as exc:
-        _err(f"llmpath slo status: cannot read SLOs from Prometheus at {prometheus}: {type(exc).__name__}: {exc}")
-        raise typer.Exit(2) from None
-    everything = bool(rows)
-    rows = [r for r in rows if (owner is None or r.owner == owner) and (not firing or r.alerts)]
-    if as_json:
-        typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
-        return
     console = Console()
     if not rows:
         if everything:
             wanted = [f"owned by {owner!r}"] if owner else []
             wanted += ["with a firing alert"] if firing else []
             console.print(f"no SLO {' and '.join(wanted)}")
-        elif services:
-            console.print(f"no SLO has service {service!r}; services with SLOs in {prometheus}: {', '.join(services)}")
         else:
-            console.print(f"no SLO rules evaluated by {prometheus} (sloth_slo_info has no series)")
+            console.print(no_service)
         return
     print_table(console, status_table(rows))
     for line in firing_lines(rows):

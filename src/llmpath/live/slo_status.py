@@ -38,8 +38,8 @@ class SloRow:
     stage: str
     owner: str
     group: dict[str, str]
-    #: Objective in percent (99.9).
-    objective: float
+    #: Objective in percent (99.9; None when ``sloth_slo_info`` has no number).
+    objective: float | None
     #: Share of good events over ``window`` (None without traffic).
     sli: float | None
     window: str | None
@@ -48,10 +48,16 @@ class SloRow:
     #: Share of the period's error budget left (below 0: the objective is missed for this period).
     budget_remaining: float | None
     alerts: list[FiringAlert] = field(default_factory=list)
+    #: Whether Prometheus has any of the SLO's recorded series (SLI, burn rate, budget): False when its recording
+    #: rules are not loaded or not evaluated, so every number above is unknown rather than healthy.
+    recorded: bool = True
 
 
-def slo_status(client: PrometheusClient, *, service: str | None = None) -> list[SloRow]:
-    """Every SLO Prometheus evaluates (of ``service`` only, if given), sorted by service, SLO and group."""
+def slo_status(
+    client: PrometheusClient, *, service: str | None = None, unknown: list[tuple[str, FiringAlert]] | None = None
+) -> list[SloRow]:
+    """Every SLO Prometheus evaluates (of ``service`` only, if given), sorted by service, SLO and group.
+    Firing alerts of an SLO that ``sloth_slo_info`` does not describe go to ``unknown`` (sloth_id, alert)."""
     only = f"sloth_service={json.dumps(service)}" if service else ""
     info = {r["metric"]["sloth_id"]: r["metric"] for r in client.query(f"sloth_slo_info{{{only}}}")}
     series = {
@@ -66,11 +72,17 @@ def slo_status(client: PrometheusClient, *, service: str | None = None) -> list[
     firing: dict[tuple[str, Group], list[FiringAlert]] = defaultdict(list)
     for alert in client.alerts():
         labels = alert["labels"]
-        if alert.get("state") != "firing" or labels.get("sloth_id") not in info:
+        if alert.get("state") != "firing" or "sloth_id" not in labels:
             continue
         severity = labels.get("sloth_severity", labels.get("severity", ""))
-        runbook = alert.get("annotations", {}).get("runbook_url")
-        firing[_key(labels, grouping)].append(FiringAlert(labels["alertname"], severity, runbook))
+        runbook = (alert.get("annotations") or {}).get("runbook_url")
+        found = FiringAlert(labels.get("alertname", "?"), severity, runbook)
+        if labels["sloth_id"] not in info:
+            if unknown is not None and (service is None or labels.get("sloth_service") in (None, service)):
+                unknown.append((labels["sloth_id"], found))
+            continue
+        firing[_key(labels, grouping)].append(found)
+    recorded = {_key(r["metric"], grouping)[0] for r in [*ratios, *(r for res in series.values() for r in res)]}
 
     rows: list[SloRow] = []
     for slo_id, meta in info.items():
@@ -85,12 +97,13 @@ def slo_status(client: PrometheusClient, *, service: str | None = None) -> list[
                     stage=meta.get("stage", "-"),
                     owner=meta.get("owner", "-"),
                     group=dict(group),
-                    objective=float(meta.get("sloth_objective", "nan")),
+                    objective=_objective(meta.get("sloth_objective")),
                     sli=None if error is None else 1.0 - error,
                     window=window,
                     burn_rate=burn.get((slo_id, group)),
                     budget_remaining=budget.get((slo_id, group)),
                     alerts=sorted(firing.get((slo_id, group), []), key=lambda a: (a.severity, a.name)),
+                    recorded=slo_id in recorded,
                 )
             )
     return sorted(rows, key=lambda r: (r.service, r.slo, sorted(r.group.items())))
@@ -119,6 +132,14 @@ def _key(labels: dict[str, str], grouping: dict[str, frozenset[str]]) -> tuple[s
     """(SLO id, group) of a series or alert: only the SLO's grouping labels count."""
     names = grouping.get(labels.get("sloth_id", ""), frozenset())
     return labels.get("sloth_id", ""), tuple(sorted((k, v) for k, v in labels.items() if k in names))
+
+
+def _objective(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else math.nan
+    except ValueError:
+        return None
+    return None if math.isnan(value) or math.isinf(value) else value
 
 
 def _value(result: dict[str, Any]) -> float | None:
@@ -163,7 +184,7 @@ def status_table(rows: list[SloRow]) -> Table:
     previous = None
     for r in rows:
         name = r.slo if len(services) == 1 else f"{r.service}/{r.slo}"
-        firing = "+".join(sorted({a.severity for a in r.alerts})) or "–"
+        firing = "+".join(sorted({a.severity for a in r.alerts})) or ("–" if r.recorded else "[red]no data[/]")
         budget = "–" if r.budget_remaining is None else (
             "[red]exhausted[/]" if r.budget_remaining <= 0 else pct(r.budget_remaining))  # fmt: skip
         group = r.group.get(group_header) if len(keys) == 1 else ",".join(f"{k}={v}" for k, v in r.group.items())
@@ -171,7 +192,7 @@ def status_table(rows: list[SloRow]) -> Table:
             name if name != previous else "",
             r.stage if name != previous else "",
             group or "–",
-            f"{r.objective:g}%",
+            "?" if r.objective is None else f"{r.objective:g}%",
             "–" if r.sli is None else pct(r.sli),
             "–" if r.burn_rate is None else f"{r.burn_rate:.2f}×",
             budget,
