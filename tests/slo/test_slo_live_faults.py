@@ -296,3 +296,29 @@ def test_validate_has_the_timeout_and_hides_credentials(
     assert time.monotonic() - started < 4.5
     assert_clean_failure(proc, "timeout: no answer within 0.5s")
     assert "s3cr3t-pw" not in proc.stderr + proc.stdout
+
+
+def test_missing_rules_of_another_teams_slo_do_not_fail_my_view(llmpath_bin: str, prom: tuple[str, Behaviour]) -> None:
+    url, behaviour = prom
+    behaviour.series = {"sloth_slo_info": HEALTHY["sloth_slo_info"]}
+    proc = status(llmpath_bin, url, "--owner", "platform")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "no SLO owned by 'platform'"
+
+
+def test_thousands_of_groups(llmpath_bin: str, prom: tuple[str, Behaviour]) -> None:
+    url, behaviour = prom
+    routes = [f"r{i}" for i in range(3000)]
+    behaviour.series = {
+        "sloth_slo_info": HEALTHY["sloth_slo_info"],
+        **{
+            name: [({**metric, "route": r}, value) for r in routes]
+            for name, [(metric, value)] in HEALTHY.items()
+            if name != "sloth_slo_info"
+        },
+    }
+    started = time.monotonic()
+    proc = status(llmpath_bin, url, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(strict_json(proc.stdout)) == 3000
+    assert time.monotonic() - started < 20

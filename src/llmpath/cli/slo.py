@@ -459,8 +459,9 @@ def status(
         _err(f"llmpath slo status: no SLO rules evaluated by {url} (sloth_slo_info has no series)")
         raise typer.Exit(2)
     everything = bool(rows)
-    blind = sorted({r.slo_id for r in rows if not r.recorded})
-    rows = [r for r in rows if (owner is None or r.owner == owner) and (not firing or r.alerts)]
+    rows = [r for r in rows if owner is None or r.owner == owner]
+    blind = sorted({r.slo_id for r in rows if not r.recorded})  # unknown state: named even with --firing
+    rows = [r for r in rows if not firing or r.alerts]
     if as_json:
         typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, allow_nan=False))
     else:
