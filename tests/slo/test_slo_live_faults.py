@@ -156,7 +156,7 @@ def test_a_slow_prometheus_times_out_as_configured(llmpath_bin: str, prom: tuple
     started = time.monotonic()
     proc = status(llmpath_bin, url, "--timeout", "0.5", "--json")
     assert time.monotonic() - started < 4.5
-    assert_clean_failure(proc, f"cannot read Prometheus at {url}: timeout: no answer within 0.5s")
+    assert_clean_failure(proc, f"Prometheus at {url}: timeout: no answer within 0.5s")
     assert proc.stdout == ""
 
 
@@ -192,7 +192,7 @@ def test_an_oddly_shaped_answer_is_an_error_not_a_traceback(
 
 
 def test_a_malformed_url_is_an_error_not_a_traceback(llmpath_bin: str) -> None:
-    assert_clean_failure(status(llmpath_bin, "http://[::1"), "cannot read Prometheus at http://[::1")
+    assert_clean_failure(status(llmpath_bin, "http://[::1"), "cannot read SLOs from Prometheus at http://[::1")
 
 
 def test_basic_auth_from_the_url_is_sent_and_never_printed(llmpath_bin: str, prom: tuple[str, Behaviour]) -> None:

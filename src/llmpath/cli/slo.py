@@ -377,7 +377,8 @@ def _prometheus_failed(url: str, exc: Exception, command: str = "validate") -> N
     from llmpath.live.promapi import PrometheusError, redact
 
     why = str(exc) if isinstance(exc, PrometheusError) else f"{type(exc).__name__}: {exc}"
-    _err(f"llmpath slo {command}: cannot read Prometheus at {redact(url)}: {why}")
+    what = "SLOs from Prometheus" if command == "status" else "Prometheus"
+    _err(f"llmpath slo {command}: cannot read {what} at {redact(url)}: {why}")
     raise typer.Exit(2) from None
 
 
