@@ -46,6 +46,10 @@ class Behaviour:
 
     series: dict[str, list[tuple[dict[str, str], str]]] = field(default_factory=lambda: dict(HEALTHY))
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    #: The recording rules /api/v1/rules lists (the SLO's, by default).
+    rules: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"type": "recording", "name": "slo:sli_error:ratio_rate5m", "labels": SLO}]
+    )
     fault: Callable[[str, dict[str, str]], tuple[int, str, bytes] | None] | None = None
     delay: float = 0.0
     prefix: str = ""
@@ -81,6 +85,8 @@ class _FakePrometheus(BaseHTTPRequestHandler):
             }
         elif path == "/api/v1/alerts":
             data = {"alerts": b.alerts}
+        elif path == "/api/v1/rules":
+            data = {"groups": [{"name": "sloth-slo-sli-recordings-api-availability", "rules": b.rules}]}
         else:
             return self._send(404, "text/plain", b"404 page not found\n")
         body: dict[str, Any] = {"status": "success", "data": data}
@@ -247,6 +253,7 @@ def test_a_nan_objective_keeps_json_valid(llmpath_bin: str, prom: tuple[str, Beh
 def test_missing_recording_rules_are_unknown_not_healthy(llmpath_bin: str, prom: tuple[str, Behaviour]) -> None:
     url, behaviour = prom
     behaviour.series = {"sloth_slo_info": HEALTHY["sloth_slo_info"]}
+    behaviour.rules = []
     as_json = status(llmpath_bin, url, "--json")
     assert_clean_failure(as_json, "SLO 'api-availability' has no recorded series", "recording rules are not loaded")
     (row,) = strict_json(as_json.stdout)
@@ -254,6 +261,19 @@ def test_missing_recording_rules_are_unknown_not_healthy(llmpath_bin: str, prom:
     table = status(llmpath_bin, url)
     assert_clean_failure(table)
     assert "no data" in table.stdout
+
+
+def test_loaded_rules_without_series_say_no_data(llmpath_bin: str, prom: tuple[str, Behaviour]) -> None:
+    """No traffic yet (or unscraped SLI metrics): the rules are loaded but record nothing. Not healthy either: the
+    table says no data and stderr says why, but the answer (nothing to measure) is known."""
+    url, behaviour = prom
+    behaviour.series = {"sloth_slo_info": HEALTHY["sloth_slo_info"]}
+    table = status(llmpath_bin, url)
+    assert table.returncode == 0, table.stderr
+    assert "no data" in table.stdout
+    assert "SLO 'api-availability' has no data" in table.stderr and "recording rules are loaded" in table.stderr
+    (row,) = strict_json(status(llmpath_bin, url, "--json").stdout)
+    assert (row["recorded"], row["rules_loaded"], row["burn_rate"]) == (False, True, None)
 
 
 def test_no_slo_rules_at_all_is_not_an_answer(llmpath_bin: str, prom: tuple[str, Behaviour]) -> None:
@@ -301,6 +321,7 @@ def test_validate_has_the_timeout_and_hides_credentials(
 def test_missing_rules_of_another_teams_slo_do_not_fail_my_view(llmpath_bin: str, prom: tuple[str, Behaviour]) -> None:
     url, behaviour = prom
     behaviour.series = {"sloth_slo_info": HEALTHY["sloth_slo_info"]}
+    behaviour.rules = []
     proc = status(llmpath_bin, url, "--owner", "platform")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "no SLO owned by 'platform'"

@@ -461,17 +461,21 @@ def status(
         raise typer.Exit(2)
     everything = bool(rows)
     rows = [r for r in rows if owner is None or r.owner == owner]
-    blind = sorted({r.slo_id for r in rows if not r.recorded})  # unknown state: named even with --firing
+    blind = sorted({r.slo_id for r in rows if not r.rules_loaded})  # unknown state: named even with --firing
+    idle = sorted({r.slo_id for r in rows if r.rules_loaded and not r.recorded})
     rows = [r for r in rows if not firing or r.alerts]
     if as_json:
         typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, allow_nan=False))
     else:
         _print_status(rows, everything, f"no SLO has service {service!r}; services with SLOs in {url}: "
                       f"{', '.join(services)}", owner, firing)  # fmt: skip
+    for slo_id in idle:
+        _err(f"llmpath slo status: SLO {slo_id!r} has no data in {url}: its recording rules are loaded but record "
+             "no series (no traffic yet, or its SLI metrics are not scraped)")  # fmt: skip
     for slo_id in blind:
         _err(f"llmpath slo status: SLO {slo_id!r} has no recorded series in {url} (slo:sli_error:ratio_rate*, "
-             "slo:current_burn_rate:ratio, slo:period_error_budget_remaining:ratio): its recording rules are not "
-             "loaded or not evaluated; its state is unknown")  # fmt: skip
+             "slo:current_burn_rate:ratio, slo:period_error_budget_remaining:ratio) and no such recording rules "
+             "loaded: its recording rules are not loaded; its state is unknown")  # fmt: skip
     if blind or unknown:
         raise typer.Exit(2)
 

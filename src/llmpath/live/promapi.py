@@ -104,7 +104,12 @@ class PrometheusClient:
         return alerts
 
     def rule_groups(self) -> list[dict[str, Any]]:
-        return self._get("/api/v1/rules")["groups"]
+        groups = self._get("/api/v1/rules").get("groups")
+        if not isinstance(groups, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("rules", []), list) for g in groups
+        ):
+            raise PrometheusError(f"{self.base_url}/api/v1/rules: an answer without a list of rule groups")
+        return groups
 
     def targets_up(self) -> dict[str, bool]:
         """scrapeUrl → whether the last scrape succeeded."""

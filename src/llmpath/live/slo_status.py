@@ -51,6 +51,9 @@ class SloRow:
     #: Whether Prometheus has any of the SLO's recorded series (SLI, burn rate, budget): False when its recording
     #: rules are not loaded or not evaluated, so every number above is unknown rather than healthy.
     recorded: bool = True
+    #: Whether Prometheus has the SLO's recording rules loaded (only looked up when ``recorded`` is False: loaded
+    #: rules without series mean no traffic or unscraped metrics; unloaded ones mean the state is unknown).
+    rules_loaded: bool = True
 
 
 def slo_status(
@@ -83,6 +86,7 @@ def slo_status(
             continue
         firing[_key(labels, grouping)].append(found)
     recorded = {_key(r["metric"], grouping)[0] for r in [*ratios, *(r for res in series.values() for r in res)]}
+    loaded = _loaded_rules(client) if set(info) - recorded else set()
 
     rows: list[SloRow] = []
     for slo_id, meta in info.items():
@@ -104,9 +108,21 @@ def slo_status(
                     budget_remaining=budget.get((slo_id, group)),
                     alerts=sorted(firing.get((slo_id, group), []), key=lambda a: (a.severity, a.name)),
                     recorded=slo_id in recorded,
+                    rules_loaded=slo_id in recorded or slo_id in loaded,
                 )
             )
     return sorted(rows, key=lambda r: (r.service, r.slo, sorted(r.group.items())))
+
+
+def _loaded_rules(client: PrometheusClient) -> set[str]:
+    """The sloth_id of every SLO with a loaded SLI recording rule (``slo:sli_error:ratio_rate<window>``; the
+    metadata group's ``slo:*`` rules say nothing about the SLI's)."""
+    return {
+        str((rule.get("labels") or {}).get("sloth_id"))
+        for group in client.rule_groups()
+        for rule in group.get("rules", [])
+        if rule.get("type") == "recording" and str(rule.get("name", "")).startswith("slo:sli_error:ratio_rate")
+    }
 
 
 def slo_services(client: PrometheusClient) -> list[str]:
