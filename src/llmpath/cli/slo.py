@@ -433,8 +433,8 @@ def status(
     bearer_token_file: Path | None = typer.Option(None, "--bearer-token-file", help=_TOKEN_HELP),
 ) -> None:
     """Every SLO Prometheus evaluates: SLI, burn rate and error budget left per group (route), firing alerts with
-    their owners and runbooks. Reads the compiled rules' series, not spec files. Exits 2 when the answer is not
-    known: Prometheus unreadable, no SLO rules, or an SLO whose recording rules have no series."""
+    their owners and runbooks. Reads the compiled rules' series, not spec files. Exits 2 when the answer is unknown
+    (Prometheus unreadable, no SLO rules, SLI recording rules not loaded, alerts of an SLO it does not describe)."""
     import dataclasses
     import json
 
