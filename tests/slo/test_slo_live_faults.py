@@ -343,3 +343,18 @@ def test_thousands_of_groups(llmpath_bin: str, prom: tuple[str, Behaviour]) -> N
     assert proc.returncode == 0, proc.stderr
     assert len(strict_json(proc.stdout)) == 3000
     assert time.monotonic() - started < 20
+
+
+def test_label_values_that_look_like_markup_are_printed_as_they_are(
+    llmpath_bin: str, prom: tuple[str, Behaviour]
+) -> None:
+    """Label values are Prometheus's text: a route `[/]` or a runbook `[bold]x` is printed, not read as markup."""
+    url, behaviour = prom
+    labels = {**SLO, "route": "[/]"}
+    behaviour.series = {**HEALTHY, "slo:current_burn_rate:ratio": [({"__name__": "x", **labels}, "2")]}
+    behaviour.alerts = [{"labels": {"alertname": "Burn[/]", "sloth_severity": "[/]page", **labels}, "state": "firing",
+                         "annotations": {"runbook_url": "[bold]runbook"}}]  # fmt: skip
+    proc = status(llmpath_bin, url)
+    assert proc.returncode == 0, proc.stderr
+    assert "[/]" in proc.stdout
+    assert "firing Burn[/] ([/]page) route=[/]: stage route, owner serving — runbook [bold]runbook" in proc.stdout

@@ -483,6 +483,7 @@ def status(
 def _print_status(rows: list[SloRow], everything: bool, no_service: str, owner: str | None, firing: bool) -> None:
     """The status table and firing lines, or why no row is shown."""
     from rich.console import Console
+    from rich.markup import escape
 
     from llmpath.cli.tables import print_table
     from llmpath.live.slo_status import firing_lines, status_table
@@ -492,9 +493,9 @@ def _print_status(rows: list[SloRow], everything: bool, no_service: str, owner: 
         if everything:
             wanted = [f"owned by {owner!r}"] if owner else []
             wanted += ["with a firing alert"] if firing else []
-            console.print(f"no SLO {' and '.join(wanted)}")
+            console.print(escape(f"no SLO {' and '.join(wanted)}"))
         else:
-            console.print(no_service)
+            console.print(escape(no_service))
         return
     print_table(console, status_table(rows))
     for line in firing_lines(rows):

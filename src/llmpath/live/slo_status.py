@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from promql_parser import parse_duration
+from rich.markup import escape
 from rich.table import Table
 
 from llmpath.live.promapi import PrometheusClient
@@ -200,14 +201,14 @@ def status_table(rows: list[SloRow]) -> Table:
     previous = None
     for r in rows:
         name = r.slo if len(services) == 1 else f"{r.service}/{r.slo}"
-        firing = "+".join(sorted({a.severity for a in r.alerts})) or ("–" if r.recorded else "[red]no data[/]")
+        firing = escape("+".join(sorted({a.severity for a in r.alerts}))) or ("–" if r.recorded else "[red]no data[/]")
         budget = "–" if r.budget_remaining is None else (
             "[red]exhausted[/]" if r.budget_remaining <= 0 else pct(r.budget_remaining))  # fmt: skip
         group = r.group.get(group_header) if len(keys) == 1 else ",".join(f"{k}={v}" for k, v in r.group.items())
-        out.add_row(
-            name if name != previous else "",
-            r.stage if name != previous else "",
-            group or "–",
+        out.add_row(  # label values are Prometheus's text, not rich markup (a route "[/]" must not crash)
+            escape(name) if name != previous else "",
+            escape(r.stage) if name != previous else "",
+            escape(group or "–"),
             "?" if r.objective is None else f"{r.objective:g}%",
             "–" if r.sli is None else pct(r.sli),
             "–" if r.burn_rate is None else f"{r.burn_rate:.2f}×",
@@ -219,12 +220,13 @@ def status_table(rows: list[SloRow]) -> Table:
 
 
 def firing_lines(rows: list[SloRow]) -> list[str]:
-    """One line per firing alert: name, severity, group, owning stage and team, runbook."""
+    """One line per firing alert: name, severity, group, owning stage and team, runbook (escaped for rich
+    markup: the values are Prometheus's text)."""
     lines = []
     for r in rows:
         group = " ".join(f"{k}={v}" for k, v in sorted(r.group.items()))
         for a in r.alerts:
             where = f" {group}" if group else ""
             runbook = f" — runbook {a.runbook_url}" if a.runbook_url else ""
-            lines.append(f"{a.name} ({a.severity}){where}: stage {r.stage}, owner {r.owner}{runbook}")
+            lines.append(escape(f"{a.name} ({a.severity}){where}: stage {r.stage}, owner {r.owner}{runbook}"))
     return lines
