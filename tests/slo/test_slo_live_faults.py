@@ -358,3 +358,19 @@ def test_label_values_that_look_like_markup_are_printed_as_they_are(
     assert proc.returncode == 0, proc.stderr
     assert "[/]" in proc.stdout
     assert "firing Burn[/] ([/]page) route=[/]: stage route, owner serving — runbook [bold]runbook" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://oncall:pw@prom:9090/x", "https://oncall:***@prom:9090/x"),
+        ("https://oncall:p/w@prom:9090", "https://oncall:***@prom:9090"),
+        ("https://oncall:p@w@prom:9090", "https://oncall:***@prom:9090"),
+        ("https://tok123@prom", "https://***@prom"),
+        ("http://prom:9090/prefix/", "http://prom:9090/prefix/"),
+    ],
+)
+def test_urls_in_messages_never_show_a_secret(url: str, shown: str) -> None:
+    from llmpath.live.promapi import redact
+
+    assert redact(url) == shown

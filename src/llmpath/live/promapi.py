@@ -17,13 +17,15 @@ class PrometheusError(RuntimeError):
 
 
 def redact(url: str) -> str:
-    """``url`` without the password of its userinfo (``https://user:***@host``), for messages."""
+    """``url`` with the secret of its userinfo masked (``https://user:***@host``; a userinfo without ``:`` may be a
+    token: ``https://***@host``), for messages. Everything up to the last ``@`` counts, so an unencoded ``/`` or
+    ``@`` in a password is masked too."""
     scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if not sep or not at or ":" not in userinfo:
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at:
         return url
-    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user + ':' if colon and '/' not in user else ''}***@{host}"
 
 
 class PrometheusClient:
