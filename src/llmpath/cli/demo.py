@@ -18,7 +18,7 @@ def demo(
     """Start two embedded engines, the gateway and Prometheus on loopback, drive a shared-prefix workload,
     and print per-stage timings, cache hit rates, tokens and SLO status."""
     from llmpath.demo.run import DemoOptions, run_demo
-    from llmpath.demo.supervisor import ProcessFailed
+    from llmpath.demo.supervisor import ChildDied, Interrupted, ProcessFailed
 
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -35,6 +35,9 @@ def demo(
     )
     try:
         run_demo(opts)
-    except ProcessFailed as exc:
+    except Interrupted as exc:  # every child is stopped by now
+        typer.echo(f"interrupted ({exc}): stopped the demo's processes; logs in {workdir / 'logs'}", err=True)
+        raise typer.Exit(128 + exc.signum) from None
+    except (ProcessFailed, ChildDied) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from llmpath.demo.prometheus import PrometheusServer
 from llmpath.demo.routes import DEMO_ROUTES
 from llmpath.demo.stack import Stack, StackConfig, start_stack
+from llmpath.demo.supervisor import Interrupted, stop_signals
 from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload, warm_up
 from llmpath.instrumentation.usage import read_jsonl
 from llmpath.ledger import LedgerSummary, summarize
@@ -46,7 +45,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary
             console.width = max(console.width, REPORT_WIDTH)
     started = time.perf_counter()
     cfg = StackConfig(workdir=opts.workdir, preset=opts.preset, on_step=lambda msg: console.print(f"[dim]• {msg}[/]"))
-    with start_stack(cfg) as stack:
+    with stop_signals(), start_stack(cfg) as stack:
         for skipped in stack.skipped:
             console.print(f"[yellow]skipped:[/] {skipped}")
         spec = WorkloadSpec(
@@ -147,9 +146,11 @@ def print_report(console: Console, summary: LedgerSummary, slo_rows: list[SloRow
 
 
 def _serve_until_interrupted(console: Console) -> None:
+    """Serve until Ctrl-C, SIGTERM or SIGHUP (the documented way to end: exit status 0); a child that dies
+    meanwhile still ends the demo with an error (:class:`ChildDied` propagates)."""
     console.print("[bold]serving until Ctrl-C[/] (run with --once to exit after the report)")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    console.print("stopping…")
+    try:
+        while True:
+            time.sleep(3600)
+    except Interrupted:
+        console.print("stopping…")

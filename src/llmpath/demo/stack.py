@@ -157,6 +157,7 @@ def start_stack(cfg: StackConfig) -> Iterator[Stack]:
     ledger.unlink(missing_ok=True)
     cli = llmpath_command()
     with Supervisor(cfg.workdir / "logs") as sup:
+        sup.watch()
         engine_urls = []
         for i in range(cfg.engines):
             cfg.on_step(f"starting engine-{i} ({cfg.preset} preset)")

@@ -11,8 +11,9 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,32 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class ProcessFailed(RuntimeError):
     """A child process exited or never became ready; the message ends with the tail of its log."""
+
+
+class Stopped(KeyboardInterrupt):
+    """Raised in the main thread inside :func:`stop_signals` to unwind everything and stop the children.
+
+    A ``KeyboardInterrupt`` because ``asyncio.run`` and ``subprocess.run`` treat exactly that as "stop now":
+    the event loop re-raises it instead of storing it on a task, and ``subprocess.run`` kills its child.
+    """
+
+
+class Interrupted(Stopped):
+    """SIGINT, SIGTERM or SIGHUP arrived."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class ChildDied(Stopped):
+    """A supervised process exited while nobody was stopping it; the message ends with the tail of its log."""
+
+
+#: Signals that mean "stop": Ctrl-C, ``kill``, and the terminal closing.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: Sent by the watchdog thread to the main thread when a child dies.
+_CHILD_DIED_SIGNAL = signal.SIGUSR1
 
 
 @dataclass
@@ -61,6 +88,8 @@ class Supervisor:
 
     log_dir: Path
     processes: list[ManagedProcess] = field(default_factory=list)
+    #: Set once stopping starts: exits after that are expected.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -114,14 +143,79 @@ class Supervisor:
 
     def stop_all(self) -> None:
         """Stop every process, most recently started first."""
-        for proc in reversed(self.processes):
-            self.stop(proc)
+        self.stopping.set()
+        # A signal during cleanup waits until it is done (then raises as usual) instead of cutting it short.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for proc in reversed(self.processes):
+                self.stop(proc)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+    def watch(self, poll_s: float = 0.2) -> None:
+        """Start a thread that reports the first child to exit before stopping began: inside
+        :func:`stop_signals`, :class:`ChildDied` is then raised in the main thread."""
+
+        def run() -> None:
+            while not self.stopping.wait(poll_s):
+                died = next((p for p in list(self.processes) if p.popen.poll() is not None), None)
+                if died is not None and not self.stopping.is_set():
+                    _report_death(
+                        f"{died.name} (pid {died.pid}) {describe_exit(died.popen.returncode)}; "
+                        f"stopping the rest. Its log ({died.log_path}) ends:\n{died.log_tail()}"
+                    )
+                    return
+
+        threading.Thread(target=run, name="supervisor-watchdog", daemon=True).start()
 
     def logs(self) -> str:
         """The tail of every process's log, for failure reports."""
         return "\n".join(
             f"----- {p.name} (pid {p.pid}, rc {p.popen.returncode}) -----\n{p.log_tail()}" for p in self.processes
         )
+
+
+_deaths: list[str] = []
+_guarding = threading.Event()
+
+
+def _report_death(message: str) -> None:
+    if _guarding.is_set():
+        _deaths.append(message)
+        signal.pthread_kill(threading.main_thread().ident or 0, _CHILD_DIED_SIGNAL)  # interrupts a blocking call
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[None]:
+    """Within this block (main thread only), SIGINT/SIGTERM/SIGHUP raise :class:`Interrupted` and a watched child's
+    exit raises :class:`ChildDied`, so every ``with`` block unwinds and stops its children. Only the first is
+    raised: a second Ctrl-C does not cut the cleanup short."""
+    fired = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if fired.is_set():
+            return
+        fired.set()
+        if signum == _CHILD_DIED_SIGNAL:
+            raise ChildDied(_deaths[0] if _deaths else "a child process exited")
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (*STOP_SIGNALS, _CHILD_DIED_SIGNAL)}
+    _deaths.clear()
+    _guarding.set()
+    try:
+        yield
+    finally:
+        _guarding.clear()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exited with code 1`` or ``was killed by SIGKILL``."""
+    if returncode is not None and returncode < 0:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    return f"exited with code {returncode}"
 
 
 def wait_ready(proc: ManagedProcess, url: str, timeout: float) -> None:

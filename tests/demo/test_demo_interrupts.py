@@ -1,0 +1,154 @@
+"""``llmpath demo`` stopped by a signal or by a child dying: every child gone, a clear exit status, no traceback.
+
+Driven as a user would (the real CLI as a subprocess, real signals); Prometheus is kept off PATH so that each test
+only waits for two tiny engines and the gateway.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+QUICK = ["--preset", "tiny", "--conversations", "40", "--concurrency", "2", "--duration", "60"]
+
+
+def children_of(pid: int) -> set[int]:
+    """PIDs whose parent is ``pid`` (the supervisor's children run in their own sessions, still its children)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running (not gone, not a zombie)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(what: Callable[[], bool], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+class Demo:
+    def __init__(self, llmpath_bin: str, cwd: Path, *args: str) -> None:
+        env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no prometheus: faster
+        self.workdir = cwd / "build"
+        self.out = cwd / "out.txt"
+        self.err = cwd / "err.txt"
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [llmpath_bin, "demo", *QUICK, "--workdir", "build", *args], cwd=cwd, env=env, stdout=out, stderr=err
+            )
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def children(self) -> set[int]:
+        return children_of(self.proc.pid)
+
+    def engines_up(self) -> bool:
+        assert self.proc.poll() is None, self.stdout() + self.stderr()
+        return "starting the gateway" in self.stdout()
+
+    def workload_running(self) -> bool:
+        assert self.proc.poll() is None, self.stdout() + self.stderr()
+        ledger = self.workdir / "usage.jsonl"
+        return ledger.exists() and len(ledger.read_text().splitlines()) >= 2
+
+    def serving(self) -> bool:
+        assert self.proc.poll() is None, self.stdout() + self.stderr()
+        return "serving until Ctrl-C" in self.stdout()
+
+    def finish(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout=timeout)
+
+
+@pytest.fixture
+def demo(llmpath_bin: str, tmp_path: Path) -> Iterator[Callable[..., Demo]]:
+    started: list[Demo] = []
+
+    def start(*args: str) -> Demo:
+        started.append(Demo(llmpath_bin, tmp_path, *args))
+        return started[-1]
+
+    yield start
+    for d in started:  # a failing test must not leave a demo (and its engines) behind
+        pids = d.children()
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()
+        for pid in pids:
+            if alive(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("phase", "sig"),
+    [
+        ("engines_up", signal.SIGINT),
+        ("workload_running", signal.SIGINT),
+        ("workload_running", signal.SIGTERM),
+        ("workload_running", signal.SIGHUP),
+    ],
+)
+def test_a_signal_stops_every_child_and_exits_128_plus_signal(demo, phase: str, sig: signal.Signals) -> None:
+    d = demo("--once")
+    wait_for(getattr(d, phase))
+    pids = d.children()
+    assert pids  # the engines (and the gateway) are running
+    d.proc.send_signal(sig)
+    rc = d.finish()
+    err = d.stderr()
+    assert rc == 128 + sig, d.stdout() + err
+    assert "Traceback" not in err and f"interrupted ({sig.name})" in err
+    assert [pid for pid in pids if alive(pid)] == []
+    assert (d.workdir / "logs" / "engine-0.log").exists()  # logs stay for a look at what happened
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_serving_after_the_report_stops_everything_and_exits_0(demo) -> None:
+    d = demo()
+    wait_for(d.serving)
+    pids = d.children()
+    assert len(pids) == 3  # two engines and the gateway
+    d.proc.send_signal(signal.SIGINT)
+    assert d.finish() == 0, d.stderr()
+    assert "stopping" in d.stdout() and "Traceback" not in d.stderr()
+    assert [pid for pid in pids if alive(pid)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["workload_running", "serving"])
+def test_an_engine_killed_mid_run_ends_the_demo_with_a_clear_error(demo, phase: str) -> None:
+    d = demo()
+    wait_for(getattr(d, phase))
+    pids = d.children()
+    victim = next(pid for pid in pids if b"engine" in Path(f"/proc/{pid}/cmdline").read_bytes())
+    os.kill(victim, signal.SIGKILL)
+    rc = d.finish()
+    err = d.stderr()
+    assert rc == 1, d.stdout() + err
+    assert f"(pid {victim}) was killed by SIGKILL" in err and "Traceback" not in err
+    assert [pid for pid in pids if alive(pid)] == []
