@@ -152,3 +152,19 @@ def test_an_engine_killed_mid_run_ends_the_demo_with_a_clear_error(demo, phase: 
     assert rc == 1, d.stdout() + err
     assert f"(pid {victim}) was killed by SIGKILL" in err and "Traceback" not in err
     assert [pid for pid in pids if alive(pid)] == []
+
+
+def test_a_work_folder_it_cannot_write_into_is_a_one_line_error(llmpath_bin: str, tmp_path: Path) -> None:
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "rules").write_text("a file where the rules folder goes")
+    proc = subprocess.run(
+        [llmpath_bin, "demo", *QUICK, "--once", "--workdir", "build"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: llmpath slo compile failed") and "Traceback" not in proc.stderr
+    assert "rules" in proc.stderr

@@ -41,3 +41,6 @@ def demo(
     except (ProcessFailed, ChildDied) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    except (OSError, RuntimeError) as exc:  # a read-only or full work folder, a failing compile step
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
