@@ -168,3 +168,21 @@ def test_a_work_folder_it_cannot_write_into_is_a_one_line_error(llmpath_bin: str
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: llmpath slo compile failed") and "Traceback" not in proc.stderr
     assert "rules" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_second_demo_in_the_same_work_folder_refuses_to_start(demo, llmpath_bin: str, tmp_path: Path) -> None:
+    first = demo("--once")
+    wait_for(first.engines_up)
+    second = subprocess.run(
+        [llmpath_bin, "demo", *QUICK, "--once", "--workdir", "build"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert f"another llmpath demo (pid {first.proc.pid}) is using build" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.proc.poll() is None and (first.workdir / "logs" / "engine-0.log").stat().st_size > 0

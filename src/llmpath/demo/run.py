@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +49,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary
             console.width = max(console.width, REPORT_WIDTH)
     started = time.perf_counter()
     cfg = StackConfig(workdir=opts.workdir, preset=opts.preset, on_step=lambda msg: console.print(f"[dim]• {msg}[/]"))
-    with stop_signals(), start_stack(cfg) as stack:
+    with workdir_lock(opts.workdir), stop_signals(), start_stack(cfg) as stack:
         for skipped in stack.skipped:
             console.print(f"[yellow]skipped:[/] {skipped}")
         spec = WorkloadSpec(
@@ -67,6 +71,29 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary
         if not opts.once:
             _serve_until_interrupted(console)
     return summary
+
+
+class WorkdirBusy(RuntimeError):
+    """Another demo is running in the same work folder."""
+
+
+@contextmanager
+def workdir_lock(workdir: Path) -> Iterator[None]:
+    """Hold ``workdir/.demo.lock`` for the whole run: a second demo there would clobber the ledger, the logs and
+    Prometheus's data (the lock goes with the process, however it ends)."""
+    with (workdir / ".demo.lock").open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "?"
+            raise WorkdirBusy(
+                f"another llmpath demo (pid {owner}) is using {workdir}; stop it, or pass another --workdir"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def _drive(stack: Stack, spec: WorkloadSpec, duration_s: float, console: Console) -> None:
