@@ -48,8 +48,8 @@ def wait_for(what: Callable[[], bool], timeout: float = 120.0) -> None:
 
 
 class Demo:
-    def __init__(self, llmpath_bin: str, cwd: Path, *args: str) -> None:
-        env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no prometheus: faster
+    def __init__(self, llmpath_bin: str, cwd: Path, *args: str, keep_path: bool = False) -> None:
+        env = dict(os.environ) if keep_path else {**os.environ, "PATH": str(Path(sys.executable).parent)}
         self.workdir = cwd / "build"
         self.out = cwd / "out.txt"
         self.err = cwd / "err.txt"
@@ -88,8 +88,9 @@ class Demo:
 def demo(llmpath_bin: str, tmp_path: Path) -> Iterator[Callable[..., Demo]]:
     started: list[Demo] = []
 
-    def start(*args: str) -> Demo:
-        started.append(Demo(llmpath_bin, tmp_path, *args))
+    def start(*args: str, keep_path: bool = False) -> Demo:
+        """Without Prometheus on PATH (faster) unless ``keep_path``."""
+        started.append(Demo(llmpath_bin, tmp_path, *args, keep_path=keep_path))
         return started[-1]
 
     yield start
@@ -186,3 +187,21 @@ def test_a_second_demo_in_the_same_work_folder_refuses_to_start(demo, llmpath_bi
     assert f"another llmpath demo (pid {first.proc.pid}) is using build" in second.stderr
     assert "Traceback" not in second.stderr
     assert first.proc.poll() is None and (first.workdir / "logs" / "engine-0.log").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_prometheus_killed_mid_run_ends_the_demo_with_a_clear_error(
+    demo, require_binary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prometheus = require_binary("prometheus")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{Path(prometheus).parent}")
+    d = demo(keep_path=True)
+    wait_for(d.workload_running)
+    pids = d.children()
+    victim = next(pid for pid in pids if Path(f"/proc/{pid}/exe").resolve() == Path(prometheus).resolve())
+    os.kill(victim, signal.SIGKILL)
+    rc = d.finish()
+    err = d.stderr()
+    assert rc == 1, d.stdout() + err
+    assert f"prometheus (pid {victim}) was killed by SIGKILL" in err and "Traceback" not in err
+    assert [pid for pid in pids if alive(pid)] == []

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -26,6 +27,8 @@ from llmpath.live.slo_status import SloRow, slo_status, status_table
 
 #: How long the warm-up waits for Prometheus to scrape its requests.
 WARM_UP_SCRAPE_TIMEOUT_S = 30.0
+#: How long a failed request waits for the watchdog to name a child that died (it polls every 0.2 s).
+WATCHDOG_GRACE_S = 1.0
 #: Columns the report needs without truncating a cell.
 REPORT_WIDTH = 110
 
@@ -49,28 +52,47 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary
             console.width = max(console.width, REPORT_WIDTH)
     started = time.perf_counter()
     cfg = StackConfig(workdir=opts.workdir, preset=opts.preset, on_step=lambda msg: console.print(f"[dim]• {msg}[/]"))
-    with workdir_lock(opts.workdir), stop_signals(), start_stack(cfg) as stack:
-        for skipped in stack.skipped:
-            console.print(f"[yellow]skipped:[/] {skipped}")
-        spec = WorkloadSpec(
-            routes=[r.name for r in DEMO_ROUTES],
-            tenants=stack.tenants,
-            conversations=opts.conversations,
-            concurrency=opts.concurrency,
-            max_tokens=opts.max_tokens,
-        )
-        if stack.prometheus is not None:
-            _warm_up(stack, stack.prometheus, spec, console)
-        _drive(stack, spec, opts.duration_s, console)
-        if stack.prometheus is not None:
-            _wait_for_rules(stack.prometheus, cfg)
-        summary = summarize(read_jsonl(stack.ledger_path))
-        slo_rows = _slo_rows(stack)
-        print_report(console, summary, slo_rows, stack)
-        console.print(f"[dim]demo took {time.perf_counter() - started:.0f} s[/]")
-        if not opts.once:
-            _serve_until_interrupted(console)
+    with workdir_lock(opts.workdir), stop_signals(), start_stack(cfg) as stack, _lost_contact_is_an_error():
+        return _run(opts, cfg, stack, console, started)
+
+
+def _run(opts: DemoOptions, cfg: StackConfig, stack: Stack, console: Console, started: float) -> LedgerSummary:
+    for skipped in stack.skipped:
+        console.print(f"[yellow]skipped:[/] {skipped}")
+    spec = WorkloadSpec(
+        routes=[r.name for r in DEMO_ROUTES],
+        tenants=stack.tenants,
+        conversations=opts.conversations,
+        concurrency=opts.concurrency,
+        max_tokens=opts.max_tokens,
+    )
+    if stack.prometheus is not None:
+        _warm_up(stack, stack.prometheus, spec, console)
+    _drive(stack, spec, opts.duration_s, console)
+    if stack.prometheus is not None:
+        _wait_for_rules(stack.prometheus, cfg)
+    summary = summarize(read_jsonl(stack.ledger_path))
+    slo_rows = _slo_rows(stack)
+    print_report(console, summary, slo_rows, stack)
+    console.print(f"[dim]demo took {time.perf_counter() - started:.0f} s[/]")
+    if not opts.once:
+        _serve_until_interrupted(console)
     return summary
+
+
+@contextmanager
+def _lost_contact_is_an_error() -> Iterator[None]:
+    """A request to a child that just died: give the supervisor's watchdog the moment it needs to say which child
+    (:class:`ChildDied` interrupts the sleep); otherwise a one-line error instead of a traceback."""
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        time.sleep(WATCHDOG_GRACE_S)
+        raise LostContact(f"lost contact with a demo server ({type(exc).__name__}: {exc})") from None
+
+
+class LostContact(RuntimeError):
+    """A request to one of the demo's servers failed at the transport level."""
 
 
 class WorkdirBusy(RuntimeError):
