@@ -205,3 +205,18 @@ def test_prometheus_killed_mid_run_ends_the_demo_with_a_clear_error(
     assert rc == 1, d.stdout() + err
     assert f"prometheus (pid {victim}) was killed by SIGKILL" in err and "Traceback" not in err
     assert [pid for pid in pids if alive(pid)] == []
+
+
+@pytest.mark.slow
+def test_a_previous_runs_prometheus_data_does_not_count_in_this_run(
+    demo, require_binary, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    prometheus = require_binary("prometheus")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}:{Path(prometheus).parent}")
+    stale = tmp_path / "build" / "prometheus" / "data" / "01STALEBLOCK"
+    stale.mkdir(parents=True)
+    d = demo("--once", keep_path=True)
+    wait_for(lambda: "waiting for Prometheus's first scrape" in d.stdout())
+    assert not stale.exists()
+    d.proc.send_signal(signal.SIGINT)
+    assert d.finish() == 130

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -201,6 +202,8 @@ def _start_monitoring(cfg: StackConfig, stack: Stack) -> None:
                 stack.supervisor, cfg.workdir / "alertmanager", alertmanager_config(cfg.alert_receivers)
             )
     cfg.on_step("starting Prometheus")
+    # A previous run's samples would count in this run's SLIs and budgets: start with empty storage.
+    shutil.rmtree(cfg.workdir / "prometheus" / "data", ignore_errors=True)
     prom_port = free_port()
     targets = [
         ScrapeTarget("prometheus", f"127.0.0.1:{prom_port}"),  # its own rule-evaluation and scrape health
