@@ -177,12 +177,16 @@ class Supervisor:
 
 _deaths: list[str] = []
 _guarding = threading.Event()
+#: Held while the watchdog signals the main thread and while the handlers are restored: a SIGUSR1 that arrived
+#: after ``stop_signals`` had put back the default action would kill the demo.
+_guard_lock = threading.Lock()
 
 
 def _report_death(message: str) -> None:
-    if _guarding.is_set():
-        _deaths.append(message)
-        signal.pthread_kill(threading.main_thread().ident or 0, _CHILD_DIED_SIGNAL)  # interrupts a blocking call
+    with _guard_lock:
+        if _guarding.is_set():
+            _deaths.append(message)
+            signal.pthread_kill(threading.main_thread().ident or 0, _CHILD_DIED_SIGNAL)  # interrupts a blocking call
 
 
 @contextlib.contextmanager
@@ -206,9 +210,10 @@ def stop_signals() -> Iterator[None]:
     try:
         yield
     finally:
-        _guarding.clear()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        with _guard_lock:
+            _guarding.clear()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def describe_exit(returncode: int | None) -> str:
