@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import time
@@ -18,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from llmpath.demo.prometheus import PrometheusServer
 from llmpath.demo.routes import DEMO_ROUTES
 from llmpath.demo.stack import Stack, StackConfig, start_stack
-from llmpath.demo.supervisor import Interrupted, stop_signals
+from llmpath.demo.supervisor import Interrupted, run_async, stop_signals
 from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload, warm_up
 from llmpath.instrumentation.usage import read_jsonl
 from llmpath.ledger import LedgerSummary, summarize
@@ -130,7 +129,7 @@ def _drive(stack: Stack, spec: WorkloadSpec, duration_s: float, console: Console
             errors += res.status != 200
             progress.update(task, advance=1, errors=errors)
 
-        result = asyncio.run(run_workload(stack.gateway_url, spec, on_request=on_request, deadline_s=duration_s))
+        result = run_async(run_workload(stack.gateway_url, spec, on_request=on_request, deadline_s=duration_s))
     console.print(
         f"sent {len(result.requests)} requests in {result.wall_s:.1f} s "
         f"({len(result.requests) / max(result.wall_s, 1e-9):.1f} req/s), {result.failures} failed"
@@ -140,7 +139,7 @@ def _drive(stack: Stack, spec: WorkloadSpec, duration_s: float, console: Console
 def _warm_up(stack: Stack, prometheus: PrometheusServer, spec: WorkloadSpec, console: Console) -> None:
     """Create every route/tenant series and wait until Prometheus has scraped them (see ``warm_up``)."""
     console.print("[dim]• warming up: one request per route and tenant, scraped before the load[/]")
-    results = asyncio.run(warm_up(stack.gateway_url, spec))
+    results = run_async(warm_up(stack.gateway_url, spec))
     if failed := [r for r in results if r.status != 200]:
         console.print(f"[yellow]warm-up: {len(failed)} of {len(results)} requests failed ({failed[0].error})")
     deadline = time.monotonic() + WARM_UP_SCRAPE_TIMEOUT_S

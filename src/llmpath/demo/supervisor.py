@@ -6,6 +6,7 @@ die with it), logs to a file, and is stopped with SIGTERM then SIGKILL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -13,9 +14,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
@@ -175,6 +177,7 @@ class Supervisor:
         )
 
 
+T = TypeVar("T")
 _deaths: list[str] = []
 _guarding = threading.Event()
 #: Held while the watchdog signals the main thread and while the handlers are restored: a SIGUSR1 that arrived
@@ -214,6 +217,44 @@ def stop_signals() -> Iterator[None]:
             _guarding.clear()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(coro)`` for code inside :func:`stop_signals`. A stop signal (or a watched child's death) that
+    arrives while the loop runs cancels the coroutine, whose tasks end cleanly, and is raised again once the loop
+    has closed, as :func:`stop_signals` raises it. (Raised by a handler amid the loop's work, it left tasks half
+    run: asyncio printed "Task was destroyed but it is pending!" with a traceback.)"""
+    caught: list[int] = []
+
+    async def main() -> T | None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        signals = (*STOP_SIGNALS, _CHILD_DIED_SIGNAL)
+        previous = {sig: signal.getsignal(sig) for sig in signals}
+
+        def on_signal(signum: int) -> None:
+            if not caught:
+                caught.append(signum)
+                task.cancel()
+
+        for sig in signals:
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            return await coro
+        except asyncio.CancelledError:
+            if caught:
+                return None
+            raise
+        finally:
+            for sig in signals:  # asyncio puts back the default action: put back stop_signals' handlers instead
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, previous[sig])
+
+    result = asyncio.run(main())
+    if caught:
+        signal.raise_signal(caught[0])  # stop_signals' handler raises Interrupted (or ChildDied) right here
+    return result  # type: ignore[return-value]  # None only when a signal was caught
 
 
 def describe_exit(returncode: int | None) -> str:
