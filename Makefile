@@ -7,9 +7,9 @@ PARTS := instrumentation backends gateway slo dashboards runbooks
 STAMP := $(VENV)/.llmpath-installed
 # Test files run on this many pytest-xdist workers, each file whole on one worker (its module fixtures start once).
 # Most of the suite waits on real processes (engines, Prometheus, promtool), so two workers nearly halve it on 2
-# cores; `make test PYTEST_WORKERS=0` runs it in one process. Tests marked `solo` (alerts on the real latency of
-# live engines, which the other worker's load would raise) run afterwards, alone. Exit status 5 (nothing selected,
-# as when PYTEST_ARGS picks files of one kind only) fails only when neither run selected a test.
+# cores; `make test PYTEST_WORKERS=0` runs it in one process. mypy and the other Pythons' instrumentation suites run
+# beside it at the lowest priority; tests marked `solo` (alerts on the real latency of live engines, which the other
+# worker's load would raise) run afterwards, alone (scripts/test.sh).
 PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test lint regen clean
@@ -27,13 +27,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	scripts/system-deps.sh test
-	$(BIN)/ruff check .
-	$(BIN)/mypy
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not solo" $(PYTEST_ARGS); parallel=$$?; \
-	$(BIN)/python -m pytest -m solo $(PYTEST_ARGS); solo=$$?; \
-	for status in $$parallel $$solo; do [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit 1; done; \
-	[ $$parallel -ne 5 ] || [ $$solo -ne 5 ] || { echo "make test: no test selected"; exit 1; }
-	scripts/compat.sh
+	VENV=$(VENV) PYTEST_WORKERS=$(PYTEST_WORKERS) scripts/test.sh $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
