@@ -17,11 +17,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from llmpath.demo.prometheus import PrometheusServer
 from llmpath.demo.routes import DEMO_ROUTES
 from llmpath.demo.stack import Stack, StackConfig, start_stack
-from llmpath.demo.supervisor import Interrupted, run_async, stop_signals
+from llmpath.demo.supervisor import Interrupted, Supervisor, run_async, stop_signals
 from llmpath.demo.workload import WorkloadSpec, planned_requests, run_workload, warm_up
 from llmpath.instrumentation.usage import read_jsonl
 from llmpath.ledger import LedgerSummary, summarize
 from llmpath.ledger.render import cache_table, headline, stage_table, tenant_table
+from llmpath.live.promapi import PrometheusError
 from llmpath.live.slo_status import SloRow, slo_status, status_table
 
 #: How long the warm-up waits for Prometheus to scrape its requests.
@@ -51,7 +52,12 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> LedgerSummary
             console.width = max(console.width, REPORT_WIDTH)
     started = time.perf_counter()
     cfg = StackConfig(workdir=opts.workdir, preset=opts.preset, on_step=lambda msg: console.print(f"[dim]• {msg}[/]"))
-    with workdir_lock(opts.workdir), stop_signals(), start_stack(cfg) as stack, _lost_contact_is_an_error():
+    with (
+        workdir_lock(opts.workdir),
+        stop_signals(),
+        start_stack(cfg) as stack,
+        _lost_contact_is_an_error(stack.supervisor),
+    ):
         return _run(opts, cfg, stack, console, started)
 
 
@@ -80,12 +86,13 @@ def _run(opts: DemoOptions, cfg: StackConfig, stack: Stack, console: Console, st
 
 
 @contextmanager
-def _lost_contact_is_an_error() -> Iterator[None]:
-    """A request to a child that just died: give the supervisor's watchdog the moment it needs to say which child
-    (:class:`ChildDied` interrupts the sleep); otherwise a one-line error instead of a traceback."""
+def _lost_contact_is_an_error(supervisor: Supervisor) -> Iterator[None]:
+    """A request to a child that just died: the child is named (:class:`ChildDied`, raised from the report, or from
+    the watchdog's while this waits for it); otherwise a one-line error instead of a traceback."""
     try:
         yield
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, PrometheusError) as exc:  # the Prometheus client words its transport errors itself
+        supervisor.report_dead_child()
         time.sleep(WATCHDOG_GRACE_S)
         raise LostContact(f"lost contact with a demo server ({type(exc).__name__}: {exc})") from None
 

@@ -160,15 +160,22 @@ class Supervisor:
 
         def run() -> None:
             while not self.stopping.wait(poll_s):
-                died = next((p for p in list(self.processes) if p.popen.poll() is not None), None)
-                if died is not None and not self.stopping.is_set():
-                    _report_death(
-                        f"{died.name} (pid {died.pid}) {describe_exit(died.popen.returncode)}; "
-                        f"stopping the rest. Its log ({died.log_path}) ends:\n{died.log_tail()}"
-                    )
+                if self.report_dead_child():
                     return
 
         threading.Thread(target=run, name="supervisor-watchdog", daemon=True).start()
+
+    def report_dead_child(self) -> bool:
+        """Report a child that has exited before stopping began, as the watchdog does (call it at once when a
+        request to a child failed: the watchdog may not have looked yet); whether there was one."""
+        died = next((p for p in list(self.processes) if p.popen.poll() is not None), None)
+        if died is None or self.stopping.is_set():
+            return False
+        _report_death(
+            f"{died.name} (pid {died.pid}) {describe_exit(died.popen.returncode)}; "
+            f"stopping the rest. Its log ({died.log_path}) ends:\n{died.log_tail()}"
+        )
+        return True
 
     def logs(self) -> str:
         """The tail of every process's log, for failure reports."""
