@@ -154,17 +154,22 @@ def test_an_engine_killed_mid_run_ends_the_demo_with_a_clear_error(demo, phase: 
     assert [pid for pid in pids if alive(pid)] == []
 
 
-def test_a_work_folder_it_cannot_write_into_is_a_one_line_error(llmpath_bin: str, tmp_path: Path) -> None:
-    (tmp_path / "build").mkdir()
-    (tmp_path / "build" / "rules").write_text("a file where the rules folder goes")
-    proc = subprocess.run(
+def quick_demo(llmpath_bin: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A short ``llmpath demo --once`` in ``cwd/build``, run to its end."""
+    return subprocess.run(
         [llmpath_bin, "demo", *QUICK, "--once", "--workdir", "build"],
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_a_work_folder_it_cannot_write_into_is_a_one_line_error(llmpath_bin: str, tmp_path: Path) -> None:
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "rules").write_text("a file where the rules folder goes")
+    proc = quick_demo(llmpath_bin, tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stderr.startswith("error: llmpath slo compile failed") and "Traceback" not in proc.stderr
     assert "rules" in proc.stderr
@@ -174,14 +179,7 @@ def test_a_work_folder_it_cannot_write_into_is_a_one_line_error(llmpath_bin: str
 def test_a_second_demo_in_the_same_work_folder_refuses_to_start(demo, llmpath_bin: str, tmp_path: Path) -> None:
     first = demo("--once")
     wait_for(first.engines_up)
-    second = subprocess.run(
-        [llmpath_bin, "demo", *QUICK, "--once", "--workdir", "build"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    second = quick_demo(llmpath_bin, tmp_path)
     assert second.returncode == 1, second.stdout + second.stderr
     assert f"another llmpath demo (pid {first.proc.pid}) is using build" in second.stderr
     assert "Traceback" not in second.stderr

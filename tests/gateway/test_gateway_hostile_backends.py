@@ -559,6 +559,21 @@ async def test_a_byte_order_mark_before_the_stream_is_not_part_of_it(split: bool
         assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "Hello"
 
 
+async def assert_timed_out(gw: Served, resp: Any, after_first: bool) -> None:
+    """The read timeout ended the request: a 504 ``backend_timeout`` before the first byte, the SSE error event and
+    ``[DONE]`` after it; the ledger and ``llmpath_requests_total`` say 504 and the slots are released."""
+    if after_first:
+        assert resp.status_code == 200
+        events = sse_events(resp.text)
+        assert events[-2]["error"]["code"] == "backend_timeout" and events[-1] == "[DONE]"
+    else:
+        assert resp.status_code == 504 and resp.json()["error"]["code"] == "backend_timeout"
+    [record] = gw.records()
+    assert record.status_code == 504
+    assert (await requests_by_code(gw)).get("504") == 1
+    await assert_released(gw)
+
+
 @pytest.mark.parametrize("after_first", [False, True])
 async def test_a_backend_that_hangs_after_its_headers_is_ended_by_the_read_timeout(after_first: bool) -> None:
     """200 and its headers, then silence (before or after the first event): ``timeouts.read_s`` ends it — a 504
@@ -572,16 +587,7 @@ async def test_a_backend_that_hangs_after_its_headers_is_ended_by_the_read_timeo
 
     async with RawBackend(hang) as backend, serving_gateway(backend.url, limits={"timeouts": {"read_s": 0.5}}) as gw:
         resp = await gw.chat(stream=True)
-        if after_first:
-            assert resp.status_code == 200
-            events = sse_events(resp.text)
-            assert events[-2]["error"]["code"] == "backend_timeout" and events[-1] == "[DONE]"
-        else:
-            assert resp.status_code == 504 and resp.json()["error"]["code"] == "backend_timeout"
-        [record] = gw.records()
-        assert record.status_code == 504
-        assert (await requests_by_code(gw)).get("504") == 1
-        await assert_released(gw)
+        await assert_timed_out(gw, resp, after_first)
 
 
 @pytest.mark.parametrize("after_first", [False, True])
@@ -601,16 +607,7 @@ async def test_a_backend_sending_only_keepalive_comments_is_ended_by_the_read_ti
         serving_gateway(backend.url, limits={"timeouts": {"read_s": 0.5}}) as gw,
     ):
         resp = await asyncio.wait_for(gw.chat(stream=True), 10)
-        if after_first:
-            assert resp.status_code == 200
-            events = sse_events(resp.text)
-            assert events[-2]["error"]["code"] == "backend_timeout" and events[-1] == "[DONE]"
-        else:
-            assert resp.status_code == 504 and resp.json()["error"]["code"] == "backend_timeout"
-        [record] = gw.records()
-        assert record.status_code == 504
-        assert (await requests_by_code(gw)).get("504") == 1
-        await assert_released(gw)
+        await assert_timed_out(gw, resp, after_first)
 
 
 async def test_a_json_answer_past_the_limit_is_a_502_not_memory(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from llmpath.cli import app
 from llmpath.slo import CompileOptions, SpecError, compile_slos, load_specs
 from llmpath.slo.gotemplate import prometheus_template_error
+from tests.slo.test_slo_bad_input import SLOTH_GOOD
 
 LLMPATH = """\
 version: llmpath/v1
@@ -37,24 +38,16 @@ slos:
         long_window: 10m
 """
 
-SLOTH = """\
-version: "prometheus/v1"
-service: svc
-slos:
-  - name: availability
-    objective: 99.9
-    sli:
-      events:
-        error_query: sum(rate(http_requests_total{code=~"5.."}[{{.window}}]))
-        total_query: sum(rate(http_requests_total[{{.window}}]))
-    alerting:
-      name: SvcAvailability
+SLOTH = (
+    SLOTH_GOOD
+    + """\
       annotations:
         summary: high
       page_alert:
         labels:
           severity: pageteam
 """
+)
 
 
 def _edit(base: str, old: str, new: str) -> str:
