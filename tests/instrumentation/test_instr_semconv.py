@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -15,12 +18,14 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import trace
 from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
 from llmpath.instrumentation import fail_request, instrument_app, model_call_span, record_usage
+from llmpath.instrumentation.genai import GenAIMetrics
 from tests.instrumentation.conftest import Meters, metric_points
 
 
@@ -307,3 +312,61 @@ async def test_no_http_duration_from_llmpath_when_the_fastapi_instrumentor_is_on
         finally:
             FastAPIInstrumentor.uninstrument_app(app)
             meters.shutdown()
+
+
+GLOBAL_METER_PROVIDER_LATER = r"""
+import asyncio, json
+import httpx
+from fastapi import FastAPI
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from prometheus_client import CollectorRegistry
+from llmpath.instrumentation import instrument_app, model_call_span, record_usage
+
+app = FastAPI()
+
+@app.post("/v1/chat/completions")
+async def chat() -> dict:
+    with model_call_span("tiny") as call:
+        call.set_usage(input_tokens=3, output_tokens=1)
+    record_usage(input_tokens=3, cached_tokens=0, output_tokens=1, model="tiny")
+    return {}
+
+instrument_app(app, registry=CollectorRegistry())  # no meter_provider: the global one, not set yet
+
+async def requests(n):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw") as c:
+        for _ in range(n):
+            assert (await c.post("/v1/chat/completions")).status_code == 200
+
+asyncio.run(requests(2))  # nothing to record into yet
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+asyncio.run(requests(3))
+counts = {}
+for rm in reader.get_metrics_data().resource_metrics:
+    for sm in rm.scope_metrics:
+        for m in sm.metrics:
+            counts[m.name] = sum(getattr(p, "count", 0) for p in m.data.data_points)
+print(json.dumps(counts))
+"""
+
+
+def test_global_meter_provider_set_after_instrumenting_gets_the_later_requests() -> None:
+    """With no ``meter_provider``, the OTel metrics go to the global provider as soon as the application sets it,
+    even after ``instrument_app``; requests before that record nothing (the API's stand-in is a no-op)."""
+    run = subprocess.run(
+        [sys.executable, "-c", GLOBAL_METER_PROVIDER_LATER], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert run.returncode == 0, run.stderr
+    counts = json.loads(run.stdout.strip().splitlines()[-1])
+    assert counts["gen_ai.server.request.duration"] == 3
+    assert counts["http.server.request.duration"] == 3
+    assert counts["gen_ai.client.operation.duration"] == 3
+    assert counts["gen_ai.client.token.usage"] == 6  # input and output, per call
+
+
+def test_genai_metrics_enabled_only_with_a_recording_provider() -> None:
+    assert GenAIMetrics(MeterProvider()).enabled()
+    assert not GenAIMetrics(NoOpMeterProvider()).enabled()

@@ -1,7 +1,8 @@
 """OTel semantic-convention metrics through the OTel metrics API: GenAI (v1.41 names) and the HTTP server's
 ``http.server.request.duration``.
 
-With no MeterProvider configured the API's instruments are no-ops, so this costs next to nothing.
+With no MeterProvider configured the API's instruments are no-ops, and :meth:`GenAIMetrics.enabled` lets callers skip
+building their attributes too.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry import metrics
+
+try:  # the API's stand-in until a MeterProvider is set globally (its instruments record nothing meanwhile)
+    from opentelemetry.metrics._internal import _ProxyMeterProvider
+except ImportError:  # pragma: no cover - another API version: always record
+    _ProxyMeterProvider = None  # type: ignore[assignment,misc]
 
 from llmpath.instrumentation.catalog import (
     GENAI_CLIENT_OPERATION_DURATION,
@@ -45,6 +51,10 @@ class GenAIMetrics:
 
     def __init__(self, meter_provider: metrics.MeterProvider | None = None, version: str = "") -> None:
         meter = metrics.get_meter("llmpath.instrumentation", version, meter_provider=meter_provider)
+        #: A real provider records for good (a global one cannot be unset); ``None``: the global one, not set yet.
+        self._live: bool | None = (
+            None if meter_provider is None else not isinstance(meter_provider, metrics.NoOpMeterProvider)
+        )
 
         def histogram(name: str, unit: str, description: str, buckets: tuple[float, ...]) -> metrics.Histogram:
             return meter.create_histogram(
@@ -78,6 +88,17 @@ class GenAIMetrics:
         self.http_server_duration = histogram(
             HTTP_SERVER_REQUEST_DURATION, "s", "Duration of HTTP server requests.", HTTP_DURATION_BUCKETS
         )
+
+    def enabled(self) -> bool:
+        """Whether a recording can have an effect: false for a no-op provider, and for the global one until the
+        application sets it (an unset global provider's instruments record nothing)."""
+        live = self._live
+        if live is None:
+            provider = metrics.get_meter_provider()
+            if _ProxyMeterProvider is not None and isinstance(provider, _ProxyMeterProvider):
+                return False
+            live = self._live = not isinstance(provider, metrics.NoOpMeterProvider)
+        return live
 
     def record_server(
         self,

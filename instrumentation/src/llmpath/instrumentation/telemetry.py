@@ -326,6 +326,15 @@ class Instrumentation:
         self.metrics.observe_request(
             self.guard, route, model, req.tenant, code, duration, ttft, tpot, sums, usage, exemplar
         )
+        if self.usage:
+            self._emit_usage(req, route, model, stages, ttft, duration, code, unattributed, tpot)
+        if self.genai.enabled():
+            self._record_otel_metrics(req, model, duration, ttft, tpot)
+
+    def _record_otel_metrics(
+        self, req: RequestTelemetry, model: str, duration: float, ttft: float | None, tpot: float | None
+    ) -> None:
+        """The GenAI server metrics and ``http.server.request.duration`` of a finished request."""
         error = _error_type(req)
         if req.model is not None:
             self.genai.record_server(
@@ -341,8 +350,6 @@ class Instrumentation:
             )
         if req.owns_span and not self.outer_http_instrumentation:  # else the outer instrumentation records it
             self.genai.record_http_server(_http_metric_attributes(req, error), duration)
-        if self.usage:
-            self._emit_usage(req, route, model, stages, ttft, duration, code, unattributed, tpot)
 
     def _emit_usage(
         self,
