@@ -12,10 +12,12 @@ from typing import Any
 
 from opentelemetry import metrics
 
-try:  # the API's stand-in until a MeterProvider is set globally (its instruments record nothing meanwhile)
-    from opentelemetry.metrics._internal import _ProxyMeterProvider
-except ImportError:  # pragma: no cover - another API version: always record
-    _ProxyMeterProvider = None  # type: ignore[assignment,misc]
+try:  # where the API keeps the global MeterProvider (None until one is set: its stand-in records nothing)
+    from opentelemetry.metrics import _internal as _metrics_api
+
+    _metrics_api._METER_PROVIDER  # noqa: B018  # checked here: another API version records always
+except (ImportError, AttributeError):  # pragma: no cover
+    _metrics_api = None  # type: ignore[assignment]
 
 from llmpath.instrumentation.catalog import (
     GENAI_CLIENT_OPERATION_DURATION,
@@ -94,10 +96,9 @@ class GenAIMetrics:
         application sets it (an unset global provider's instruments record nothing)."""
         live = self._live
         if live is None:
-            provider = metrics.get_meter_provider()
-            if _ProxyMeterProvider is not None and isinstance(provider, _ProxyMeterProvider):
-                return False
-            live = self._live = not isinstance(provider, metrics.NoOpMeterProvider)
+            if _metrics_api is not None and _metrics_api._METER_PROVIDER is None:
+                return False  # not set yet (OTEL_PYTHON_METER_PROVIDER would have set it when the meter was made)
+            live = self._live = not isinstance(metrics.get_meter_provider(), metrics.NoOpMeterProvider)
         return live
 
     def record_server(

@@ -56,7 +56,7 @@ class LLMPathMiddleware:
         if path == instr.metrics_path:
             await serve_metrics(instr.registry, scope, send)
             return
-        if instr.is_excluded(path) or CURRENT.get() is not None:
+        if path in instr.excluded_exact or instr.is_excluded(path) or CURRENT.get() is not None:
             await self.app(scope, receive, send)
             return
 

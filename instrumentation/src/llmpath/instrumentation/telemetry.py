@@ -50,7 +50,7 @@ from llmpath.instrumentation.guard import DEFAULT_MAX_LABEL_VALUES, CardinalityG
 from llmpath.instrumentation.metrics import metrics_for
 from llmpath.instrumentation.request import CLIENT_CLOSED_REQUEST, RequestTelemetry, StageInterval
 from llmpath.instrumentation.routes import RouteTemplates
-from llmpath.instrumentation.spans import SdkSpanEmitter, SdkTracer
+from llmpath.instrumentation.spans import SdkSpanEmitter, SdkTracer, detach
 from llmpath.instrumentation.tracing import ASGI_GETTER, INSTRUMENTATION_NAME
 from llmpath.instrumentation.usage import (
     SinkLike,
@@ -190,14 +190,15 @@ class Instrumentation:
         req.path = path = scope.get("path", "")
         method = _method_attribute(method)
 
-        current = trace.get_current_span()
-        current_ctx = current.get_span_context()
+        current_context = context.get_current()  # passed on explicitly: each lookup of the current one costs
+        current = trace.get_current_span(current_context)
+        span_context = current.get_span_context()
         token = None
-        if current_ctx.is_valid and not current_ctx.is_remote and _is_server_span(current):
+        if span_context.is_valid and not span_context.is_remote and _is_server_span(current):
             span = current  # opentelemetry-instrumentation-fastapi (or another outer middleware) made it
             span.set_attribute(ATTR_REQUEST_ID, req.request_id)
         else:
-            parent = propagate.extract(headers, getter=ASGI_GETTER) if traced else None
+            parent = propagate.extract(headers, getter=ASGI_GETTER) if traced else current_context
             span = self.tracer.start_span(
                 _server_span_name(method, None),
                 context=parent,
@@ -210,15 +211,17 @@ class Instrumentation:
                 },
                 start_time=start_ns,
             )
-            if not span.get_span_context().is_valid and parent is not None:
+            span_context = span.get_span_context()
+            if not span_context.is_valid and traced:
                 span = trace.get_current_span(parent)  # no SDK: pass the caller's trace context through
+                span_context = span.get_span_context()
             else:
                 req.owns_span = True
                 if span.is_recording():
                     span.set_attributes(_connection_attributes(scope, headers, req.method))
             token = context.attach(trace.set_span_in_context(span, parent))
         req.span = span
-        req.trace_id_int = span.get_span_context().trace_id
+        req.trace_id_int = span_context.trace_id
         if span.is_recording():  # sampled (a NonRecordingSpan otherwise)
             req.sampled = True
             req.emitter = emitter = self._span_emitter()
@@ -365,7 +368,8 @@ class Instrumentation:
     ) -> None:
         n_in, n_cached, n_out = req.usage or _NO_USAGE
         start = req.start
-        head = (req.request_id, req.trace_id, req.start_ns / 1e9, req.tenant, route, model, n_in, n_cached, n_out)
+        trace_id = format(req.trace_id_int, "032x") if req.trace_id_int else None  # RequestTelemetry.trace_id
+        head = (req.request_id, trace_id, req.start_ns / 1e9, req.tenant, route, model, n_in, n_cached, n_out)
         tail = (ttft, duration, code, unattributed, tpot, req.error)
         if not self.usage.needs_records:  # JSON-lines sinks only: serialise straight from the request
             self.usage.emit_line(usage_line(*head, stages, start, *tail, req.extra), req.request_id)
@@ -383,7 +387,7 @@ class Instrumentation:
             logger.exception("llmpath: ending the spans of request %s failed", req.request_id)
         finally:
             if token is not None:
-                context.detach(token)  # type: ignore[arg-type]
+                detach(token)
 
     def _end_spans(self, req: RequestTelemetry) -> None:
         route = req.route
