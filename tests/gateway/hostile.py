@@ -179,9 +179,14 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serving_gateway(
-    *urls: str, kind: str = "sglang", backend_factory: BackendFactory | None = None, **sections: Any
+    *urls: str,
+    kind: str = "sglang",
+    backend_factory: BackendFactory | None = None,
+    tracer_provider: Any = None,
+    **sections: Any,
 ) -> AsyncIterator[Served]:
-    """The gateway (no auth) in front of ``urls``, served by uvicorn on loopback, with a client for it."""
+    """The gateway (no auth) in front of ``urls``, served by uvicorn on loopback, with a client for it; its spans go
+    to ``tracer_provider`` when given."""
     limits = sections.pop("limits", {})
     config = load_config(
         None,
@@ -193,7 +198,12 @@ async def serving_gateway(
             **sections,
         },
     )
-    app = create_app(config, registry=CollectorRegistry(), backend_factory=backend_factory or default_backend_factory)
+    app = create_app(
+        config,
+        registry=CollectorRegistry(),
+        backend_factory=backend_factory or default_backend_factory,
+        tracer_provider=tracer_provider,
+    )
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error", lifespan="on"))
     task = asyncio.get_running_loop().create_task(server.serve())
     while not server.started:

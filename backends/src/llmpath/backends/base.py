@@ -69,6 +69,8 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    #: Of ``completion_tokens``, those a reasoning model spent thinking (``completion_tokens_details``).
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -95,10 +97,13 @@ class FirstToken:
 
 @dataclass(slots=True)
 class TokenDelta:
-    """New output text (a delta, never cumulative) and the number of tokens it covers."""
+    """New output text (a delta, never cumulative) and the number of tokens it covers. ``reasoning`` is new text of
+    a reasoning model's thinking, which servers with a reasoning parser stream apart from the answer (OpenAI-
+    compatible ``reasoning_content`` or ``reasoning``); a delta may carry either or both."""
 
     text: str
     num_tokens: int = 1
+    reasoning: str = ""
 
 
 @dataclass(slots=True)

@@ -93,7 +93,9 @@ def _usage(obj: Any) -> Usage | None:
         return None
     details = obj.get("prompt_tokens_details")
     cached = token_count(details.get("cached_tokens")) if isinstance(details, dict) else None
-    return Usage(prompt, completion, min(cached or 0, prompt))
+    details = obj.get("completion_tokens_details")
+    reasoning = token_count(details.get("reasoning_tokens")) if isinstance(details, dict) else None
+    return Usage(prompt, completion, min(cached or 0, prompt), min(reasoning or 0, completion))
 
 
 class OpenAIBackend:
@@ -148,17 +150,17 @@ class OpenAIBackend:
                     for choice in _choices(chunk):
                         if choice.get("finish_reason") == "abort":  # SGLang's OpenAI routes: output cut short
                             raise BackendAborted()
-                        text = _choice_text(choice, chat)
-                        if first_at is None and (text or choice.get("finish_reason")):
+                        text, reasoning = _choice_text(choice, chat)
+                        if first_at is None and (text or reasoning or choice.get("finish_reason")):
                             first_at = time.monotonic()
                             yield Scheduled(0.0, TimingSource.GATEWAY)
                             yield FirstToken(first_at - started, usage.prompt_tokens if usage else 0,
                                              usage.cached_tokens if usage else 0, TimingSource.GATEWAY)  # fmt: skip
-                        if text:
+                        if text or reasoning:
                             # A non-streamed answer covers all tokens; a stream chunk is one token in practice.
                             n = usage.completion_tokens if usage and not streamed_answer else 1
                             streamed += n
-                            yield TokenDelta(text, n)
+                            yield TokenDelta(text, n, reasoning)
                         if choice.get("finish_reason"):  # unknown reasons (TGI's "eos_token", ...) are a stop
                             reason = choice["finish_reason"]
                             finish = _FINISH.get(reason, "stop") if isinstance(reason, str) else "stop"
@@ -202,15 +204,30 @@ def _choices(chunk: dict[str, Any]) -> list[dict[str, Any]]:
     return choices
 
 
-def _choice_text(choice: dict[str, Any], chat: bool) -> str:
+#: Where servers with a reasoning parser put a reasoning model's thinking: ``reasoning_content`` (DeepSeek, SGLang,
+#: vLLM before its rename) or ``reasoning`` (vLLM since, OpenAI's gpt-oss guidance).
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+def _choice_text(choice: dict[str, Any], chat: bool) -> tuple[str, str]:
+    """A choice's new answer text and new reasoning text (``""`` for none)."""
+    reasoning = None
     if chat:
         part = choice.get("delta") or choice.get("message") or {}
-        text = part.get("content") if isinstance(part, dict) else None
+        if not isinstance(part, dict):
+            return "", ""
+        text = part.get("content")
+        for field in REASONING_FIELDS:
+            reasoning = part.get(field)
+            if reasoning:
+                break
     else:
         text = choice.get("text")
     if text is not None and not isinstance(text, str):
         raise BackendProtocolError(f"a choice's text is a {type(text).__name__}, not a string")
-    return text or ""
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise BackendProtocolError(f"a choice's reasoning is a {type(reasoning).__name__}, not a string")
+    return text or "", reasoning or ""
 
 
 async def _single(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:

@@ -178,8 +178,9 @@ class GenerateStreamParser:
                 e2e_seconds=now - self.started,
                 source=TimingSource.GATEWAY,
             )
-        prompt = _required_count(meta, "prompt_tokens")
-        usage = Usage(prompt, _required_count(meta, "completion_tokens"), _cached(meta, prompt))
+        prompt, completion = _required_count(meta, "prompt_tokens"), _required_count(meta, "completion_tokens")
+        reasoning = min(token_count(meta.get("reasoning_tokens")) or 0, completion)  # 0 without a reasoning parser
+        usage = Usage(prompt, completion, _cached(meta, prompt), reasoning)
         return Done(usage, kind if kind in ("stop", "length") else "stop", timings)
 
 

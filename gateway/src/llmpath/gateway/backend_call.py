@@ -218,8 +218,8 @@ class BackendCallResponse(Response):
                     if first:
                         mark_first_token()
                     call.mark_chunk()  # every chunk the backend streamed, sent on or not
-                    if event.text or first:
-                        chunk = fmt.chunk(event.text, first=first)
+                    if event.text or event.reasoning or first:
+                        chunk = fmt.chunk(event.text, first=first, reasoning=event.reasoning)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                         first = False
                 elif isinstance(event, Done):
@@ -253,7 +253,8 @@ class BackendCallResponse(Response):
                 elif isinstance(event, Done):
                     _check_complete(event)
                     usage = tracker.done(event)
-                    body = self.p.fmt.full(tracker.text(), openai_finish_reason(event.finish_reason), usage)
+                    finish = openai_finish_reason(event.finish_reason)
+                    body = self.p.fmt.full(tracker.text(), finish, usage, tracker.reasoning())
                     self._finished = True
                     await self._send_json(send, 200, body)
                     await _drain(events)
@@ -366,6 +367,7 @@ class _Tracker:
     __slots__ = (
         "_backend_queued_at",
         "_chunks",
+        "_reasoning",
         "_first",
         "_first_token_at",
         "_gateway",
@@ -388,6 +390,7 @@ class _Tracker:
         #: When the backend's queue took the request, on the gateway clock (backend-timed requests only).
         self._backend_queued_at: float | None = None
         self._chunks: list[str] = []
+        self._reasoning: list[str] = []
 
     def event(self, event: BackendEvent) -> None:
         if isinstance(event, Scheduled):
@@ -400,9 +403,16 @@ class _Tracker:
             self._first_token_at = perf_counter()
         self._output_tokens += event.num_tokens
         self._chunks.append(event.text)
+        if event.reasoning:
+            self._reasoning.append(event.reasoning)
 
     def text(self) -> str:
+        """The answer so far."""
         return "".join(self._chunks)
+
+    def reasoning(self) -> str:
+        """A reasoning model's thinking so far, as the backend streamed it apart from the answer."""
+        return "".join(self._reasoning)
 
     def _first_token(self, event: FirstToken) -> None:
         self._first = event
@@ -431,11 +441,12 @@ class _Tracker:
         if not event.usage_reported:
             # The output as the prompt is estimated (UTF-8 bytes / chars_per_token), at least a token per chunk
             # streamed: one body (a server that ignored ``stream``) counts as one chunk, however long.
-            text_tokens = -(-len(self.text().encode()) // self._gateway.config.tokenizer.chars_per_token)
+            generated = len(self.text().encode()) + len(self.reasoning().encode())
+            text_tokens = -(-generated // self._gateway.config.tokenizer.chars_per_token)
             output = int(max(usage.completion_tokens, self._output_tokens, text_tokens))
             usage = Usage(p.key.prompt_tokens, output, 0)
             annotate_request(input_tokens_estimated=True, output_tokens_estimated=True)
-        self._account(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens)
+        self._account(usage.prompt_tokens, usage.cached_tokens, usage.completion_tokens, usage.reasoning_tokens)
         dispatch = event.timings.dispatch_seconds
         if dispatch is not None and self._backend_queued_at is not None:
             # Only known at the end (SGLang reports it with the final output), placed just before the backend queue.
@@ -472,7 +483,7 @@ class _Tracker:
             self._gateway.record_prediction(self._p, first.prompt_tokens)
         annotate_request(usage_partial=True)
 
-    def _account(self, prompt: int, cached: int, output: int) -> None:
+    def _account(self, prompt: int, cached: int, output: int, reasoning: int = 0) -> None:
         """The end of the request: its decode stage up to now, and its tokens in the usage record, the model-call
         span and the tenant's token budget (once, whichever of :meth:`done` and :meth:`settle` comes first)."""
         self._settled = True
@@ -489,7 +500,11 @@ class _Tracker:
             model=p.backend_model,
             tenant=p.principal.tenant,
         )
-        self.call.set_usage(input_tokens=prompt, output_tokens=output, cached_tokens=cached)
+        self.call.set_usage(
+            input_tokens=prompt, output_tokens=output, cached_tokens=cached, reasoning_tokens=reasoning or None
+        )
+        if reasoning:
+            annotate_request(reasoning_tokens=reasoning)  # of output_tokens
 
 
 def _check_complete(done: Done) -> None:

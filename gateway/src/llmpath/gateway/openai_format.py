@@ -24,13 +24,21 @@ def sse(obj: Any) -> bytes:
     return b"data: " + _dumps(obj) + b"\n\n"
 
 
+#: The field of a chat message or delta that carries a reasoning model's thinking, whatever the backend called it
+#: (DeepSeek's and SGLang's name, which LiteLLM also gives vLLM's ``reasoning``).
+REASONING_FIELD = "reasoning_content"
+
+
 def usage_dict(usage: Usage) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
+    if usage.reasoning_tokens:
+        out["completion_tokens_details"] = {"reasoning_tokens": usage.reasoning_tokens}
+    return out
 
 
 def openai_finish_reason(reason: str) -> str:
@@ -53,16 +61,18 @@ class ResponseFormat:
         # '{"id":…,"model":…' + ',"choices":[{"index":0,' — the part every chunk shares.
         self._chunk_head = b"data: " + _dumps(head)[:-1] + b',"choices":[{"index":0,'
 
-    def chunk(self, text: str, *, first: bool = False, finish_reason: str | None = None) -> bytes:
-        """A streamed chunk with new ``text`` (the first chat chunk also carries the assistant role)."""
+    def chunk(self, text: str, *, first: bool = False, finish_reason: str | None = None, reasoning: str = "") -> bytes:
+        """A streamed chunk with new ``text`` (the first chat chunk also carries the assistant role) and, from a
+        reasoning model, new ``reasoning`` (chat only: text completions have no field for it)."""
         if self.kind == "chat":
+            fields = []
             if first:
-                delta = b'{"role":"assistant","content":' + _dumps(text) + b"}"
-            elif text:
-                delta = b'{"content":' + _dumps(text) + b"}"
-            else:
-                delta = b"{}"
-            body = b'"delta":' + delta
+                fields.append(b'"role":"assistant"')
+            if first or text:
+                fields.append(b'"content":' + _dumps(text))
+            if reasoning:
+                fields.append(b'"' + REASONING_FIELD.encode() + b'":' + _dumps(reasoning))
+            body = b'"delta":{' + b",".join(fields) + b"}"
         else:
             body = b'"text":' + _dumps(text)
         reason = _dumps(finish_reason)
@@ -81,12 +91,15 @@ class ResponseFormat:
             }
         )
 
-    def full(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        """The non-streamed response body."""
+    def full(self, text: str, finish_reason: str, usage: Usage, reasoning: str = "") -> dict[str, Any]:
+        """The non-streamed response body (a chat message has ``reasoning_content`` when the model reasoned)."""
         if self.kind == "chat":
+            message = {"role": "assistant", "content": text}
+            if reasoning:
+                message[REASONING_FIELD] = reasoning
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }

@@ -109,6 +109,10 @@ class ChatMessageIn(_Request):
     content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
     tool_call_id: str | None = None
+    #: An earlier answer's thinking, sent back with it (the gateway answers with ``reasoning_content``; vLLM names it
+    #: ``reasoning``): accepted and not passed on, as reasoning models' chat templates drop earlier turns' thinking.
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     #: The OpenAI SDK sends an earlier answer back with these as null (``message.model_dump()``).
     UNSUPPORTED = {"refusal": (), "tool_calls": ([],), "function_call": (), "audio": (), "annotations": ([],)}
