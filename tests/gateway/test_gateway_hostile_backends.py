@@ -412,6 +412,39 @@ async def test_answers_that_break_the_protocol_eject_the_backend() -> None:
         await assert_released(gw)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_answers_that_break_the_protocol_midway_eject_the_backend(stream: bool) -> None:
+    """Every answer starts well and breaks after its first output (a text that is a number): each counts as a
+    failure once the first event came too, so the backend is ejected after ``eject_after_failures`` of them (it was
+    never: the good first event counted as a success and reset the count every time); a whole answer in between
+    resets the count."""
+    broken = sglang_chunks()
+    broken[1]["text"] = 12
+    answers = iter([broken, sglang_chunks(), broken, broken])
+
+    async def answer(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+        await sglang_answer(next(answers))(writer, request)
+
+    async with (
+        RawBackend(answer) as backend,
+        serving_gateway(backend.url, health={"interval_s": 60, "eject_after_failures": 2}) as gw,
+    ):
+        state = gw.app.gateway.pool.states["b0"]
+        failures = []
+        for good in (False, True, False, False):
+            resp = await gw.chat(stream=stream)
+            if stream:  # the 200 was sent with the first output: a broken answer ends with an error event
+                assert resp.status_code == 200 and ('"error"' not in resp.text) is good, resp.text
+            else:
+                assert resp.status_code == (200 if good else 502), resp.text
+            await assert_released(gw)
+            failures.append(state.consecutive_failures)
+        assert failures == [1, 0, 1, 2]
+        resp = await gw.chat(stream=stream)
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_backend"
+        assert backend.posts == 4
+
+
 async def test_an_error_answer_whose_body_never_ends_is_a_502_at_once() -> None:
     """A 500 whose body announces a megabyte and stalls after a few bytes (a proxy that died mid-answer): the
     status is the answer, so the client gets 502 ``backend_error`` within the error body's 2 s, not a 504 after the

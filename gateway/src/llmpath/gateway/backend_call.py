@@ -71,6 +71,8 @@ class BackendCallResponse(Response):
         self._finished = False
         self._disconnected = False
         self._started = False
+        #: The backend answering, once its first event came.
+        self._backend: str | None = None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         main = asyncio.current_task()
@@ -182,18 +184,29 @@ class BackendCallResponse(Response):
                 await events.aclose()
                 call.set_error(type(exc).__name__)
                 scope.close()
-                # Consecutive 5xx answers and answers that break the protocol eject, like outlier detection.
-                if isinstance(exc, BackendServerError):
-                    gw.pool.report_failure(state.name, f"answered {exc.upstream_status}")
-                elif isinstance(exc, BackendProtocolError):
-                    gw.pool.report_failure(state.name, "answered outside its protocol")
+                self._report_failure(state.name, exc)
                 raise _api_error(exc, p.kind) from None
             except BaseException as exc:
                 await events.aclose()
                 scope.__exit__(type(exc), exc, exc.__traceback__)
                 raise
-            gw.pool.report_success(state.name)
+            self._backend = state.name  # its success is reported with the whole answer (_report_success)
             return scope, call, events
+
+    def _report_failure(self, backend: str, exc: BackendError) -> None:
+        """Consecutive 5xx answers and answers that break the protocol eject, like outlier detection — before the
+        first event or in the middle of the answer alike (a connection lost mid-answer too: the process died)."""
+        if isinstance(exc, BackendServerError):
+            self.gateway.pool.report_failure(backend, f"answered {exc.upstream_status}")
+        elif isinstance(exc, BackendProtocolError):
+            self.gateway.pool.report_failure(backend, "answered outside its protocol")
+        elif isinstance(exc, BackendUnreachable) and self._backend is not None:
+            self.gateway.pool.report_failure(backend, "connection lost mid-answer")
+
+    def _report_success(self) -> None:
+        """A whole answer (a success at its first event would hide failures that come later in every answer)."""
+        if self._backend is not None:
+            self.gateway.pool.report_success(self._backend)
 
     async def _stream(self, send: Any, tracker: _Tracker, events: AsyncIterator[BackendEvent]) -> None:
         p, fmt, call = self.p, self.p.fmt, tracker.call
@@ -224,6 +237,7 @@ class BackendCallResponse(Response):
                         first = False
                 elif isinstance(event, Done):
                     _check_complete(event)
+                    self._report_success()
                     usage = tracker.done(event)
                     tail = fmt.chunk("", first=first, finish_reason=openai_finish_reason(event.finish_reason))
                     if p.include_usage:
@@ -236,6 +250,8 @@ class BackendCallResponse(Response):
                     tracker.event(event)
             raise BackendError("the backend stream ended without a final event")
         except BackendError as exc:
+            if self._backend is not None:
+                self._report_failure(self._backend, exc)
             error = _api_error(exc, p.kind, mid_response=True)
             call.set_error(type(exc).__name__)
             annotate_request(stream_error=error.code or type(exc).__name__)
@@ -252,6 +268,7 @@ class BackendCallResponse(Response):
                     tracker.delta(event)
                 elif isinstance(event, Done):
                     _check_complete(event)
+                    self._report_success()
                     usage = tracker.done(event)
                     finish = openai_finish_reason(event.finish_reason)
                     body = self.p.fmt.full(tracker.text(), finish, usage, tracker.reasoning())
@@ -263,6 +280,8 @@ class BackendCallResponse(Response):
                     tracker.event(event)
             raise BackendError("the backend stream ended without a final event")
         except BackendError as exc:
+            if self._backend is not None:
+                self._report_failure(self._backend, exc)
             call.set_error(type(exc).__name__)
             tracker.settle()  # the tokens generated so far, before the answer closes the usage record
             await self._send_error(send, _api_error(exc, self.p.kind, mid_response=True))
