@@ -1,5 +1,6 @@
 """`llmpath slo status` against a real Prometheus evaluating compiled rules while their alerts fire: one row per
-SLO group (route), however many labels its alerts carry; an unknown --service names the services that exist."""
+SLO group (route), however many labels its alerts carry; an unknown --service is an unknown answer (exit 2) naming the
+services that exist."""
 
 from __future__ import annotations
 
@@ -146,11 +147,13 @@ def test_status_cli_names_the_services_when_none_matches(prometheus_url: str, ll
         cmd = [llmpath_bin, "slo", "status", "--prometheus", prometheus_url, *args]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "200"})
 
-    nope = status("--service", "nope")
-    assert nope.returncode == 0, nope.stderr
-    assert " ".join(nope.stdout.split()) == (
-        f"no SLO has service 'nope'; services with SLOs in {prometheus_url}: labelled, myservice"
-    )
+    for as_json in ((), ("--json",)):  # a typo is no "nothing firing": exit 2, nothing on stdout (it said [], 0)
+        nope = status("--service", "nope", *as_json)
+        assert (nope.returncode, nope.stdout) == (2, ""), nope.stderr
+        assert " ".join(nope.stderr.split()) == (
+            f"llmpath slo status: no SLO has service 'nope'; services with SLOs in {prometheus_url}: labelled, "
+            "myservice"
+        )
     firing = status("--service", "myservice", "--firing")
     assert firing.returncode == 0, firing.stderr
     lines = firing.stdout.splitlines()

@@ -434,7 +434,8 @@ def status(
 ) -> None:
     """Every SLO Prometheus evaluates: SLI, burn rate and error budget left per group (route), firing alerts with
     their owners and runbooks. Reads the compiled rules' series, not spec files. Exits 2 when the answer is unknown
-    (Prometheus unreadable, no SLO rules, SLI recording rules not loaded, alerts of an SLO it does not describe)."""
+    (Prometheus unreadable, no SLO rules, none of ``--service``, SLI recording rules not loaded, alerts of an SLO it
+    does not describe)."""
     import dataclasses
     import json
 
@@ -459,7 +460,9 @@ def status(
     if not rows and not services:
         _err(f"llmpath slo status: no SLO rules evaluated by {url} (sloth_slo_info has no series)")
         raise typer.Exit(2)
-    everything = bool(rows)
+    if not rows:  # a service Prometheus has no SLO of (a typo, or rules not loaded): its state is unknown
+        _err(f"llmpath slo status: no SLO has service {service!r}; services with SLOs in {url}: {', '.join(services)}")
+        raise typer.Exit(2)
     rows = [r for r in rows if owner is None or r.owner == owner]
     blind = sorted({r.slo_id for r in rows if not r.rules_loaded})  # unknown state: named even with --firing
     idle = sorted({r.slo_id for r in rows if r.rules_loaded and not r.recorded})
@@ -467,8 +470,7 @@ def status(
     if as_json:
         typer.echo(json.dumps([dataclasses.asdict(r) for r in rows], indent=2, allow_nan=False))
     else:
-        _print_status(rows, everything, f"no SLO has service {service!r}; services with SLOs in {url}: "
-                      f"{', '.join(services)}", owner, firing)  # fmt: skip
+        _print_status(rows, owner, firing)
     for slo_id in idle:
         _err(f"llmpath slo status: SLO {slo_id!r} has no data in {url}: its recording rules are loaded but record "
              "no series (no traffic yet, or its SLI metrics are not scraped)")  # fmt: skip
@@ -480,7 +482,7 @@ def status(
         raise typer.Exit(2)
 
 
-def _print_status(rows: list[SloRow], everything: bool, no_service: str, owner: str | None, firing: bool) -> None:
+def _print_status(rows: list[SloRow], owner: str | None, firing: bool) -> None:
     """The status table and firing lines, or why no row is shown."""
     from rich.console import Console
     from rich.markup import escape
@@ -490,12 +492,9 @@ def _print_status(rows: list[SloRow], everything: bool, no_service: str, owner: 
 
     console = Console()
     if not rows:
-        if everything:
-            wanted = [f"owned by {owner!r}"] if owner else []
-            wanted += ["with a firing alert"] if firing else []
-            console.print(escape(f"no SLO {' and '.join(wanted)}"))
-        else:
-            console.print(escape(no_service))
+        wanted = [f"owned by {owner!r}"] if owner else []
+        wanted += ["with a firing alert"] if firing else []
+        console.print(escape(f"no SLO {' and '.join(wanted)}"))
         return
     print_table(console, status_table(rows))
     for line in firing_lines(rows):
