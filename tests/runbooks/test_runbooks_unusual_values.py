@@ -14,9 +14,10 @@ from markdown_it.common.utils import escapeHtml
 from llmpath.dashboards import build_dashboards, panel_directory
 from llmpath.dashboards.checks import selectors
 from llmpath.dashboards.specs import SpecOptions, compile_specs, recording_rule_names, slo_views
-from llmpath.instrumentation.catalog import STAGES, stable_panel_id
+from llmpath.instrumentation.catalog import STAGES, Stage, stable_panel_id
 from llmpath.runbooks import build_runbooks
 from llmpath.runbooks.pages import _with_window
+from llmpath.runbooks.render import RunbookError
 
 PROMQL_BLOCK = re.compile(r"```promql\n(.*?)\n```", re.DOTALL)
 #: A route value that closes the quote and the braces if written into a selector unescaped, and one whose
@@ -185,3 +186,32 @@ def test_an_objective_with_seven_digits_is_shown_as_written(tmp_path: Path) -> N
     assert "**99.99999%** over **30d**" in text
     assert "the objective (99.99999%) is missed" in text
     assert "100%" not in text
+
+
+def test_a_custom_stage_meaning_with_markdown_syntax_stays_literal_in_the_short_version(tmp_path: Path) -> None:
+    """A custom stage's meaning (from the operator's catalog) is text: ``*``, ``_``, ``<tag>`` and ``[x](y)`` in it
+    render as written in the "Short version" paragraph, not as emphasis, HTML or a link (they did)."""
+    meaning = "Guard *checks* the <prompt> for __secrets__ [see](http://x)."
+    stages = STAGES.with_stage(Stage("guard", meaning, "safety"), after="validate")
+    spec = tmp_path / "odd.yaml"
+    text = SPEC.format(route="'/v1/chat'", description="d", owner="ml")
+    spec.write_text(text.replace("stage: prefill", "stage: guard"))
+    compiled = compile_specs(SpecOptions(inputs=(spec,), stages=stages))
+    text = build_runbooks(compiled.slos, stages=stages)[compiled.slos[0].alerts[0].runbook_file]
+    [short] = [line for line in text.splitlines() if line.startswith("**Short version:**")]
+    [inline] = MarkdownIt("commonmark").parseInline(short)
+    children = inline.children or []
+    assert not [t.type for t in children if t.type not in ("text", "strong_open", "strong_close", "code_inline")]
+    assert "".join(t.content for t in children if t.type in ("text", "code_inline")).endswith(meaning)
+
+
+def test_alert_names_differing_only_in_case_are_refused(tmp_path: Path) -> None:
+    """``WeirdAvail.md`` and ``weirdAvail.md`` are one file on macOS and Windows: one runbook would overwrite the
+    other, so the build names both alerts and stops (it wrote both)."""
+    spec = tmp_path / "odd.yaml"
+    one = SPEC.format(route="'/v1/chat'", description="d", owner="ml")
+    two = one.split("slos:\n", 1)[1].replace("name: ttft", "name: ttft-again").replace("OddTTFT", "oddTTFT")
+    spec.write_text(one + two)
+    compiled = compile_specs(SpecOptions(inputs=(spec,)))
+    with pytest.raises(RunbookError, match=r"alert oddTTFT .*also the runbook of alert OddTTFT .*'OddTTFT-page.md': the same file"):
+        build_runbooks(compiled.slos)

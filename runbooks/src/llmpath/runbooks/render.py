@@ -82,17 +82,21 @@ def build_runbooks(
     files: dict[str, str] = {}
     rows: list[IndexRow] = []
     sources: list[str] = []
-    owners: dict[str, str] = {}
+    owners: dict[str, tuple[str, str]] = {}  # file name, case-folded → (file name, its alert)
     for slo in slos:
         sources.append(source_name(slo.source))
         for alert in slo.alerts:
             name = alert.runbook_file
             where = f"{slo.source}: alert {alert.name} ({alert.severity}) of SLO {slo.id}: runbook_file {name!r}"
-            if "/" in name or "\\" in name or not name.endswith(".md") or name == INDEX:
+            if "/" in name or "\\" in name or not name.endswith(".md") or name.casefold() == INDEX.casefold():
                 raise RunbookError(f"{where} must be a plain .md file name other than {INDEX}")
-            if name in files:
-                raise RunbookError(f"{where} is also the runbook of {owners[name]}; give the alerts distinct names")
-            owners[name] = f"alert {alert.name} ({alert.severity}) of SLO {slo.id} in {slo.source}"
+            # Case-insensitive file systems (macOS, Windows) would make WeirdAvail.md and weirdAvail.md one file.
+            taken = owners.get(name.casefold())
+            if taken is not None:
+                file, owner = taken
+                same = "" if file == name else f" ({file!r}: the same file where letter case is ignored, as on macOS)"
+                raise RunbookError(f"{where} is also the runbook of {owner}{same}; give the alerts distinct names")
+            owners[name.casefold()] = (name, f"alert {alert.name} ({alert.severity}) of SLO {slo.id} in {slo.source}")
             page = build_page(alert, slo, knowledge, grafana_url, slo.alerts, panel_titles, stages, catalog_source)
             files[name] = render_page(page)
             rows.append(IndexRow(alert.name, alert.severity, slo.id, page.stage, page.owner, name))
