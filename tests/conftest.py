@@ -7,17 +7,15 @@ import json
 import shutil
 import signal
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmpath.demo.supervisor import Supervisor, free_port
+from tests.loopback import Answer, Loopback
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 
@@ -110,34 +108,18 @@ class PostRecorder:
     the stand-in for webhook receivers (Alertmanager's), Grafana's API, PagerDuty and Slack."""
 
     def __init__(self) -> None:
-        self._posts: list[Post] = []
-        self._lock = threading.Lock()
-        recorder = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                post = Post(self.path, self.headers["Authorization"], body, time.monotonic())
-                with recorder._lock:
-                    recorder._posts.append(post)
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"ok")
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self._endpoint = Loopback(lambda _: Answer(200, b"ok"), methods=("POST",))
 
     def url(self, path: str) -> str:
         """The address of ``path`` on this endpoint."""
-        return f"http://127.0.0.1:{self.server.server_address[1]}/{path}"
+        return f"{self._endpoint.url}/{path}"
 
     def posts(self) -> list[Post]:
         """What was posted so far, in order."""
-        with self._lock:
-            return list(self._posts)
+        return [
+            Post(r.path, r.headers.get("authorization"), json.loads(r.body), r.received)
+            for r in self._endpoint.requests()
+        ]
 
     def close(self) -> None:
-        self.server.shutdown()
+        self._endpoint.close()

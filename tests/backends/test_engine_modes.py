@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from llmpath.backends import (
     BackendRequest,
@@ -23,6 +22,7 @@ from llmpath.backends import (
     TokenDelta,
 )
 from tests.backends.conftest import wait_loads
+from tests.loopback import Answer, Loopback
 
 pytestmark = pytest.mark.slow
 
@@ -31,37 +31,21 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 
 
-class OtlpReceiver:
-    """A loopback OTLP/HTTP trace receiver collecting decoded spans."""
-
-    def __init__(self) -> None:
-        self.spans: list = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server API
-                msg = ExportTraceServiceRequest()
-                msg.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
-                for rs in msg.resource_spans:
-                    for ss in rs.scope_spans:
-                        receiver.spans.extend(ss.spans)
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1/traces"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture(scope="module")
-def otlp() -> Iterator[OtlpReceiver]:
-    rec = OtlpReceiver()
-    yield rec
-    rec.server.shutdown()
+def otlp() -> Iterator[Loopback]:
+    """A loopback OTLP/HTTP trace receiver (the requests it received)."""
+    with Loopback(lambda _: Answer(200, headers={"Content-Type": "application/x-protobuf"}), methods=("POST",)) as rec:
+        yield rec
+
+
+def received_spans(receiver: Loopback) -> list[Span]:
+    """The spans of every export ``receiver`` received so far."""
+    spans: list[Span] = []
+    for request in receiver.requests():
+        msg = ExportTraceServiceRequest()
+        msg.ParseFromString(request.body)
+        spans.extend(span for rs in msg.resource_spans for ss in rs.scope_spans for span in ss.spans)
+    return spans
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +56,9 @@ def faulty(engine_factory):
 
 
 @pytest.fixture(scope="module")
-def plain(engine_factory, otlp: OtlpReceiver):
+def plain(engine_factory, otlp: Loopback):
     """Like a stock SGLang: no --enable-metrics, incremental streaming, no cache report; exports traces."""
-    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{otlp.url}/v1/traces", "OTEL_BSP_SCHEDULE_DELAY": "50"}
     return engine_factory("--disable-metrics", "--incremental-streaming-output", "--disable-cache-report",
                           name="plain", env=env)  # fmt: skip
 
@@ -217,7 +201,7 @@ async def test_backend_uses_the_gateway_clock_and_incremental_text(plain, faulty
     assert sum(ev.num_tokens for ev in plain_events if isinstance(ev, TokenDelta)) == 12
 
 
-async def test_engine_spans_join_the_callers_trace(plain, otlp: OtlpReceiver) -> None:
+async def test_engine_spans_join_the_callers_trace(plain, otlp: Loopback) -> None:
     backend = SGLangBackend(plain.url)
     request = BackendRequest("traced-request-1", "m", prompt="trace me", trace_headers={"traceparent": TRACEPARENT})
     try:
@@ -226,7 +210,7 @@ async def test_engine_spans_join_the_callers_trace(plain, otlp: OtlpReceiver) ->
         await backend.aclose()
     mine: list = []
     for _ in range(100):
-        mine = [s for s in otlp.spans if s.trace_id.hex() == TRACE_ID]
+        mine = [s for s in received_spans(otlp) if s.trace_id.hex() == TRACE_ID]
         if len(mine) >= 4:
             break
         await asyncio.sleep(0.05)

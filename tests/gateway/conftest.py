@@ -7,6 +7,7 @@ Processes are started with the ``llmpath`` CLI under the project's process super
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -15,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import yaml
 
 from llmpath.demo.supervisor import Supervisor, free_port, wait_ready
 from llmpath.gateway.config import hash_key
+from tests.loopback import Answer, Loopback, Request
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 
@@ -209,48 +210,34 @@ class OtlpCollector:
                                 attrs = tuple(sorted((a.key, _any_value(a.value)) for a in point.attributes))
                                 histograms[(metric.name, attrs)] = (point.count, point.sum)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                if self.path == "/v1/metrics":
-                    keep_metrics(body)
-                    self.send_response(200)
-                    self.send_header("content-type", "application/x-protobuf")
-                    self.send_header("content-length", "0")
-                    self.end_headers()
-                    return
-                req = ExportTraceServiceRequest()
-                req.ParseFromString(body)
-                with lock:
-                    for rs in req.resource_spans:
-                        service = next(
-                            (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), ""
-                        )
-                        for ss in rs.scope_spans:
-                            for sp in ss.spans:
-                                spans.append(
-                                    {
-                                        "service": service,
-                                        "name": sp.name,
-                                        "trace_id": sp.trace_id.hex(),
-                                        "span_id": sp.span_id.hex(),
-                                        "parent_id": sp.parent_span_id.hex(),
-                                        "kind": sp.kind,
-                                        "attributes": {a.key: _any_value(a.value) for a in sp.attributes},
-                                    }
-                                )
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", "0")
-                self.end_headers()
+        def keep_spans(body: bytes) -> None:
+            req = ExportTraceServiceRequest()
+            req.ParseFromString(body)
+            with lock:
+                for rs in req.resource_spans:
+                    service = next(
+                        (a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), ""
+                    )
+                    for ss in rs.scope_spans:
+                        for sp in ss.spans:
+                            spans.append(
+                                {
+                                    "service": service,
+                                    "name": sp.name,
+                                    "trace_id": sp.trace_id.hex(),
+                                    "span_id": sp.span_id.hex(),
+                                    "parent_id": sp.parent_span_id.hex(),
+                                    "kind": sp.kind,
+                                    "attributes": {a.key: _any_value(a.value) for a in sp.attributes},
+                                }
+                            )
 
-            def log_message(self, *args: Any) -> None:
-                pass
+        def keep(request: Request) -> Answer:
+            (keep_metrics if request.path == "/v1/metrics" else keep_spans)(request.body)
+            return Answer(200, headers={"content-type": "application/x-protobuf"})
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self._thread.start()
+        self._endpoint = Loopback(keep, methods=("POST",))
+        self.url = self._endpoint.url
 
     def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], timeout: float = 15) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
@@ -293,8 +280,7 @@ class OtlpCollector:
         raise AssertionError(f"histograms never matched; got {sorted(self.histogram_snapshot())}")
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self._endpoint.close()
 
 
 def _any_value(value: Any) -> Any:
@@ -401,31 +387,13 @@ def chromium(stack: Stack) -> Chromium:
 @pytest.fixture
 def answering() -> Iterator[Callable[..., str]]:
     """``start(status, body, headers)``: servers answering every POST so; returns their URLs."""
-    servers: list[ThreadingHTTPServer] = []
+    with contextlib.ExitStack() as servers:
 
-    def start(status: int, body: bytes, headers: dict[str, str] | None = None) -> str:
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                self.rfile.read(int(self.headers.get("content-length", 0)))
-                self.send_response(status)
-                for name, value in {"content-type": "application/json", **(headers or {})}.items():
-                    self.send_header(name, value)
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        def start(status: int, body: bytes, headers: dict[str, str] | None = None) -> str:
+            answer = Answer(status, body, {"content-type": "application/json", **(headers or {})})
+            return servers.enter_context(Loopback(lambda _: answer, methods=("POST",))).url
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+        yield start
 
 
 class FakeClock:

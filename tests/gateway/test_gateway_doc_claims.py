@@ -14,12 +14,10 @@ import json
 import logging
 import re
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import httpx
 import pytest
@@ -43,6 +41,7 @@ from llmpath.gateway.config import (
 from llmpath.gateway.pool import BackendPool, BackendState
 from llmpath.ledger.reading import read_ledger
 from tests.gateway.conftest import FakeClock
+from tests.loopback import Answer, Loopback
 
 DOC = Path(__file__).parents[2] / "docs" / "gateway.md"
 KEY, ADMIN, LIMITED = "sk-doc-user-4e1a", "sk-doc-admin-9b2c", "sk-doc-limited-7d3f"
@@ -286,34 +285,14 @@ async def test_a_reload_applies_limits_to_the_next_request_and_refills_rate_buck
 # ---- Health and ejection -----------------------------------------------------------------------------------------
 
 
-class _Switchable(BaseHTTPRequestHandler):
-    """Answers every GET with ``status[0]`` and counts the requests."""
-
-    status: ClassVar[list[int]] = [200]
-    hits: ClassVar[list[int]] = [0]
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self.hits[0] += 1
-        self.send_response(self.status[0])
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 async def test_ejection_after_consecutive_failures_of_any_kind_until_one_passing_probe() -> None:
     """Probes and request failures count together; a passing probe ends the run; an ejected backend is not probed
     for ``eject_for_s``; then one passing probe reinstates it."""
     from llmpath.backends import create_backend
 
-    class Health(_Switchable):  # its own counters
-        status: ClassVar[list[int]] = [200]
-        hits: ClassVar[list[int]] = [0]
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}"
+    status = [200]  # what its health endpoint answers
+    health = Loopback(lambda _: Answer(status[0]))
+    url = health.url
     config = BackendConfig.model_validate({"url": url, "name": "e0"})
     state = BackendState(create_backend("sglang", url, name="e0"), config, "e0", 1.0)
     clock = FakeClock()
@@ -326,23 +305,22 @@ async def test_ejection_after_consecutive_failures_of_any_kind_until_one_passing
         assert state.consecutive_failures == 0
         pool.report_failure("e0", "answered 500")
         pool.report_failure("e0", "answered 401")
-        Health.status[0] = 503
+        status[0] = 503
         assert not await pool.check(state)  # the third in a row: ejected
         ejected_at = clock.now
         assert not state.available(clock()) and pool.status()[0]["ejected_for_s"] == 30
         assert pool.candidates() == [] and not pool.ready()
 
-        Health.status[0] = 200
-        hits = Health.hits[0]
+        status[0] = 200
+        hits = len(health.requests())
         clock.now = ejected_at + 29.9
-        assert not await pool.check(state) and Health.hits[0] == hits  # still out: not even probed
+        assert not await pool.check(state) and len(health.requests()) == hits  # still out: not even probed
         clock.now = ejected_at + 30
-        assert await pool.check(state) and Health.hits[0] == hits + 1  # one passing probe reinstates it
+        assert await pool.check(state) and len(health.requests()) == hits + 1  # one passing probe reinstates it
         assert state.available(clock()) and state.consecutive_failures == 0 and state.last_error is None
     finally:
         await pool.stop()
-        server.shutdown()
-        server.server_close()
+        health.close()
 
 
 @pytest.mark.parametrize("status", [401, 403, 407])

@@ -4,9 +4,7 @@ closed port, a server answering 503 and one that never answers, over loopback.""
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -14,27 +12,14 @@ from prometheus_client import CollectorRegistry
 
 from llmpath.gateway.app import create_app
 from llmpath.gateway.config import load_config
+from tests.loopback import Answer, Loopback
 
 
 @pytest.fixture
 def unhealthy_url() -> Iterator[str]:
     """A server whose health endpoints answer 503."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            self.send_response(503)
-            self.send_header("content-length", "0")
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with Loopback(lambda _: Answer(503)) as server:
+        yield server.url
 
 
 @pytest.fixture
@@ -74,29 +59,14 @@ async def test_readyz_says_why_each_backend_is_down(kind: str, free_port, unheal
     await app.gateway.pool.stop()
 
 
-class _Switchable(BaseHTTPRequestHandler):
-    """Health endpoints answering ``status[0]`` (set by the test)."""
-
-    status = [503]
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        self.send_response(self.status[0])
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 async def test_a_backend_failing_its_first_probe_is_not_used_until_one_passes(caplog) -> None:
     """Starting against an engine still loading: not ready, 503 at once; one passing probe brings it in. Once seen
     healthy, a failed probe alone does not take it out (``eject_after_failures`` consecutive failures do)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Switchable)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    status = _Switchable.status = [503]
+    status = [503]  # what its health endpoints answer (set by the test)
+    server = Loopback(lambda _: Answer(status[0]))
     config = load_config(
         None,
-        {"backends": [{"url": f"http://127.0.0.1:{server.server_address[1]}", "name": "loading"}],
+        {"backends": [{"url": server.url, "name": "loading"}],
          "health": {"eject_after_failures": 3}, "insecure_no_auth": True},
     )  # fmt: skip
     app = create_app(config, registry=CollectorRegistry())
@@ -123,5 +93,4 @@ async def test_a_backend_failing_its_first_probe_is_not_used_until_one_passes(ca
             assert ready.json()["backends"][0]["consecutive_failures"] == 1
     finally:
         await app.gateway.pool.stop()
-        server.shutdown()
-        server.server_close()
+        server.close()

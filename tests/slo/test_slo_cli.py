@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import yaml
 
 from llmpath.live.promapi import PrometheusClient
 from llmpath.slo import CompileOptions, compile_slos, default_spec_path, load_specs
+from tests.loopback import Answer, Loopback, Request
 
 TESTDATA = "test/integration/prometheus/testdata"
 REPO = Path(__file__).resolve().parents[2]
@@ -158,37 +157,23 @@ def test_status_says_when_prometheus_cannot_be_read(llmpath_bin, free_port):
     assert f"cannot read SLOs from Prometheus at {url}: ConnectError" in proc.stderr
 
 
-class _NotPrometheus(BaseHTTPRequestHandler):
+def _not_prometheus(request: Request) -> Answer:
     """A web server that is not Prometheus (a 404 page), or one that answers with Prometheus's error JSON."""
-
-    def do_GET(self) -> None:
-        if self.path.startswith("/bad/"):
-            status, kind, body = 400, "application/json", b'{"status":"error","errorType":"bad_data","error":"no"}'
-        else:
-            status, kind, body = 404, "text/html", b"<html>Not Found</html>"
-        self.send_response(status)
-        self.send_header("content-type", kind)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
+    if request.path.startswith("/bad/"):
+        status, kind, body = 400, "application/json", b'{"status":"error","errorType":"bad_data","error":"no"}'
+    else:
+        status, kind, body = 404, "text/html", b"<html>Not Found</html>"
+    return Answer(status, body, {"content-type": kind})
 
 
 def test_status_says_when_the_url_is_not_prometheus_or_prometheus_refuses():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotPrometheus)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
+    with Loopback(_not_prometheus) as server:
         not_prometheus = r"/api/v1/query: HTTP 404, not a Prometheus API response"
-        with PrometheusClient(base) as client, pytest.raises(RuntimeError, match=not_prometheus):
+        with PrometheusClient(server.url) as client, pytest.raises(RuntimeError, match=not_prometheus):
             client.query("up")
         refused = r"/bad/api/v1/alerts: HTTP 400, bad_data: no"
-        with PrometheusClient(base + "/bad") as client, pytest.raises(RuntimeError, match=refused):
+        with PrometheusClient(server.url + "/bad") as client, pytest.raises(RuntimeError, match=refused):
             client.alerts()
-    finally:
-        server.shutdown()
 
 
 def test_tests_of_specs_in_subfolders_find_their_rule_files(tmp_path, llmpath_bin, sloth_dir, require_binary):

@@ -10,11 +10,9 @@ import base64
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -23,6 +21,7 @@ import pytest
 import yaml
 
 from llmpath.demo.supervisor import free_port
+from tests.loopback import Answer, Loopback, Request
 
 INFO = {"__name__": "sloth_slo_info", "sloth_id": "api-availability", "sloth_service": "api", "sloth_slo":
         "availability", "sloth_objective": "99.9", "owner": "serving", "stage": "route"}  # fmt: skip
@@ -55,23 +54,24 @@ class Behaviour:
     prefix: str = ""
     warnings: list[str] = field(default_factory=list)
     auth: str | None = None
-    seen_auth: list[str] = field(default_factory=list)
 
 
-class _FakePrometheus(BaseHTTPRequestHandler):
+class _FakePrometheus:
+    """Prometheus's HTTP API, answering as its current ``behaviour`` says."""
+
     behaviour = Behaviour()
 
-    def do_GET(self) -> None:
-        b = self.behaviour
-        url = urlparse(self.path)
+    @classmethod
+    def answer(cls, request: Request) -> Answer:
+        b = cls.behaviour
+        url = urlparse(request.path)
         params = {k: v[0] for k, v in parse_qs(url.query).items()}
-        b.seen_auth.append(self.headers.get("authorization", ""))
         time.sleep(b.delay)
-        if b.auth is not None and self.headers.get("authorization") != b.auth:
-            return self._send(401, "text/plain", b"Unauthorized\n")
+        if b.auth is not None and request.headers.get("authorization") != b.auth:
+            return _answer(401, "text/plain", b"Unauthorized\n")
         path = url.path.removeprefix(b.prefix)
         if b.fault is not None and (answer := b.fault(path, params)) is not None:
-            return self._send(*answer)
+            return _answer(*answer)
         if path == "/api/v1/query":
             query = params["query"]
             name = query.split("{")[0]
@@ -88,32 +88,21 @@ class _FakePrometheus(BaseHTTPRequestHandler):
         elif path == "/api/v1/rules":
             data = {"groups": [{"name": "sloth-slo-sli-recordings-api-availability", "rules": b.rules}]}
         else:
-            return self._send(404, "text/plain", b"404 page not found\n")
+            return _answer(404, "text/plain", b"404 page not found\n")
         body: dict[str, Any] = {"status": "success", "data": data}
         if b.warnings:
             body["warnings"] = b.warnings
-        return self._send(200, "application/json", json.dumps(body).encode())
+        return _answer(200, "application/json", json.dumps(body).encode())
 
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("content-type", content_type)
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
-    def log_message(self, *args: object) -> None:
-        pass
+def _answer(status: int, content_type: str, body: bytes) -> Answer:
+    return Answer(status, body, {"content-type": content_type})
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FakePrometheus)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with Loopback(_FakePrometheus.answer) as httpd:
+        yield httpd.url
 
 
 @pytest.fixture

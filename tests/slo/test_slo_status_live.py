@@ -7,10 +7,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from llmpath.demo.supervisor import Supervisor
 from llmpath.live.promapi import PrometheusClient
 from llmpath.live.slo_status import slo_status
 from llmpath.slo import CompileOptions, compile_slos, load_specs
+from tests.loopback import Answer, Loopback, Request
 
 pytestmark = pytest.mark.slow
 
@@ -47,14 +46,13 @@ slos:
 """
 
 
-class _Exporter(BaseHTTPRequestHandler):
+def _exporter() -> Callable[[Request], Answer]:
     """Counters that grow ten times a second: route chat fails half its requests, docs-qa none; Sloth's
     getting-started service (scraped as job myservice) fails a fifth."""
-
     started = time.monotonic()
 
-    def do_GET(self) -> None:
-        n = int((time.monotonic() - self.started) * 10)
+    def scrape(_: Request) -> Answer:
+        n = int((time.monotonic() - started) * 10)
         body = (
             "# TYPE llmpath_requests_total counter\n"
             f'llmpath_requests_total{{route="chat",code="200"}} {n * 10}\n'
@@ -64,14 +62,9 @@ class _Exporter(BaseHTTPRequestHandler):
             f'http_request_duration_seconds_count{{code="200"}} {n * 8}\n'
             f'http_request_duration_seconds_count{{code="500"}} {n * 2}\n'
         ).encode()
-        self.send_response(200)
-        self.send_header("content-type", "text/plain; version=0.0.4")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        return Answer(200, body, {"content-type": "text/plain; version=0.0.4"})
 
-    def log_message(self, *args: object) -> None:
-        pass
+    return scrape
 
 
 @pytest.fixture(scope="module")
@@ -88,26 +81,19 @@ def prometheus_url(tmp_path_factory: pytest.TempPathFactory, sloth_dir: Path) ->
     for name, text in result.files.items():
         (work / name).write_text(text)
         rule_files.append(work / name)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Exporter)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with Supervisor(work / "logs") as supervisor:
-            # The job label is the one Sloth's getting-started SLI selects.
-            target = ScrapeTarget("myservice", f"127.0.0.1:{server.server_address[1]}")
-            config = prometheus_config([target], rule_files, scrape_interval="1s", evaluation_interval="1s")
-            prometheus = start_prometheus(supervisor, work / "prometheus", config)
-            with prometheus.client() as client:
-                deadline = time.monotonic() + 90
-                firing = {
-                    (a, s) for a in ("LabelledAvailability", "MyServiceHighErrorRate") for s in ("page", "ticket")
-                }
-                # The metadata groups run apart from the alert groups: wait for their budget series too.
-                while _firing(client) != firing or len(client.query(BUDGET)) < 3:
-                    assert time.monotonic() < deadline, f"alerts never fired: {client.alerts()}"
-                    time.sleep(0.5)
-            yield prometheus.url
-    finally:
-        server.shutdown()
+    with Loopback(_exporter()) as exporter, Supervisor(work / "logs") as supervisor:
+        # The job label is the one Sloth's getting-started SLI selects.
+        target = ScrapeTarget("myservice", exporter.url.removeprefix("http://"))
+        config = prometheus_config([target], rule_files, scrape_interval="1s", evaluation_interval="1s")
+        prometheus = start_prometheus(supervisor, work / "prometheus", config)
+        with prometheus.client() as client:
+            deadline = time.monotonic() + 90
+            firing = {(a, s) for a in ("LabelledAvailability", "MyServiceHighErrorRate") for s in ("page", "ticket")}
+            # The metadata groups run apart from the alert groups: wait for their budget series too.
+            while _firing(client) != firing or len(client.query(BUDGET)) < 3:
+                assert time.monotonic() < deadline, f"alerts never fired: {client.alerts()}"
+                time.sleep(0.5)
+        yield prometheus.url
 
 
 def _firing(client: PrometheusClient) -> set[tuple[str, str]]:
