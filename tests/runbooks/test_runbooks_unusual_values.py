@@ -213,5 +213,6 @@ def test_alert_names_differing_only_in_case_are_refused(tmp_path: Path) -> None:
     two = one.split("slos:\n", 1)[1].replace("name: ttft", "name: ttft-again").replace("OddTTFT", "oddTTFT")
     spec.write_text(one + two)
     compiled = compile_specs(SpecOptions(inputs=(spec,)))
-    with pytest.raises(RunbookError, match=r"alert oddTTFT .*also the runbook of alert OddTTFT .*'OddTTFT-page.md': the same file"):
+    refusal = r"alert oddTTFT .*also the runbook of alert OddTTFT .*'OddTTFT-page.md': the same file"
+    with pytest.raises(RunbookError, match=refusal):
         build_runbooks(compiled.slos)
