@@ -357,6 +357,13 @@ def test_label_values_that_look_like_markup_are_printed_as_they_are(
         ("https://oncall:p@w@prom:9090", "https://oncall:***@prom:9090"),
         ("https://tok123@prom", "https://***@prom"),
         ("http://prom:9090/prefix/", "http://prom:9090/prefix/"),
+        # A credential in the query string (a proxy's ?access_token=, a presigned URL): its value; nothing else.
+        ("https://prom/api?access_token=abc&x=1", "https://prom/api?access_token=***&x=1"),
+        (
+            "https://p:pw@prom/?X-Amz-Signature=s&API_KEY=k&query=up",
+            "https://p:***@prom/?X-Amz-Signature=***&API_KEY=***&query=up",
+        ),
+        ("https://prom/?next=a@b", "https://prom/?next=a@b"),  # an @ in the query is no userinfo
     ],
 )
 def test_urls_in_messages_never_show_a_secret(url: str, shown: str) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from datetime import datetime
@@ -16,16 +17,25 @@ class PrometheusError(RuntimeError):
     (and never carries a credential)."""
 
 
+#: Query parameters that carry a credential (``?access_token=``, ``?api_key=``, a presigned URL's ``X-Amz-Signature``).
+_SECRET_PARAM = re.compile(r"token|key|secret|pass|auth|sig|credential", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """``url`` with the secret of its userinfo masked (``https://user:***@host``; a userinfo without ``:`` may be a
-    token: ``https://***@host``), for messages. Everything up to the last ``@`` counts, so an unencoded ``/`` or
-    ``@`` in a password is masked too."""
+    """``url`` with its secrets masked, for messages: the secret of its userinfo (``https://user:***@host``; a
+    userinfo without ``:`` may be a token: ``https://***@host``) and the values of query parameters named like a
+    credential (``?access_token=***``). Everything before the query up to the last ``@`` counts as userinfo, so an
+    unencoded ``/`` or ``@`` in a password is masked too."""
+    url, question, query = url.partition("?")
+    if question:
+        params = (p.partition("=") for p in query.split("&"))
+        query = "&".join(f"{k}{eq}***" if eq and _SECRET_PARAM.search(k) else f"{k}{eq}{v}" for k, eq, v in params)
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}://{user + ':' if colon and '/' not in user else ''}***@{host}"
+    if sep and at:
+        user, colon, _ = userinfo.partition(":")
+        url = f"{scheme}://{user + ':' if colon and '/' not in user else ''}***@{host}"
+    return url + question + query
 
 
 class PrometheusClient:
