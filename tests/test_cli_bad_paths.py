@@ -41,6 +41,15 @@ def test_a_demo_work_folder_that_cannot_be_created(llmpath_bin: str, tmp_path: P
     assert taken.read_text() == "keep me\n"
 
 
+def test_a_demo_preset_that_does_not_exist_is_refused_before_anything_starts(llmpath_bin: str, tmp_path: Path) -> None:
+    """It was said by the engines once they tried to start (about 5 s), with the work folder already made."""
+    workdir = tmp_path / "build"
+    out = llmpath(llmpath_bin, "demo", "--once", "--preset", "huge", "--workdir", workdir)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == "error: --preset: unknown preset 'huge'; known presets: tiny, small, llama-8b"
+    assert not workdir.exists()
+
+
 def test_option_files_that_are_not_utf8(llmpath_bin: str, tmp_path: Path) -> None:
     """A Latin-1 catalog or price file was a UnicodeDecodeError traceback."""
     latin = tmp_path / "latin.toml"

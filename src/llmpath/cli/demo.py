@@ -17,9 +17,15 @@ def demo(
 ) -> None:
     """Start two embedded engines, the gateway and Prometheus on loopback, drive a shared-prefix workload,
     and print per-stage timings, cache hit rates, tokens and SLO status."""
+    from llmpath.backends.engine.presets import preset as engine_preset
     from llmpath.demo.run import DemoOptions, run_demo
     from llmpath.demo.supervisor import ChildDied, Interrupted, ProcessFailed
 
+    try:  # before anything starts (the engines said it only after starting up)
+        engine_preset(preset)
+    except ValueError as exc:
+        typer.echo(f"error: --preset: {exc}", err=True)
+        raise typer.Exit(2) from None
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file there or in its path, no permission
