@@ -92,6 +92,19 @@ def test_summary_reads_both_formats_together(llmpath_bin: str, ledgers: tuple[Pa
     )  # the 500 is left out of the cache figures
 
 
+def test_one_ledger_given_twice_is_refused(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:
+    """As ``usage.jsonl`` and ``./usage.jsonl``, or through a link: its requests counted twice (13 became 23)."""
+    jsonl, db = ledgers
+    link = jsonl.with_name("link.jsonl")
+    link.symlink_to(jsonl)
+    for again in (jsonl.parent / "." / jsonl.name, link):
+        out = usage(llmpath_bin, "summary", jsonl, db, again, "--json")
+        assert (out.returncode, out.stdout) == (2, ""), out.stderr
+        assert out.stderr.strip() == (
+            f"llmpath usage: {again}: the same file as {jsonl}, given before: its records would count twice"
+        )
+
+
 def test_throttled_requests_are_counted_per_tenant(llmpath_bin: str, tmp_path: Path) -> None:
     ledger = tmp_path / "usage.jsonl"
     sink = JsonlUsageSink(ledger)

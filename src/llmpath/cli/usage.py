@@ -66,7 +66,21 @@ def _records(
             status_filter(status)
         except ValueError:
             raise _fail(f"--status {status!r}: use a status code (503) or a class (5xx)") from None
+    _refuse_repeated(ledgers)
     return _read(ledgers, cutoff, route, tenant, model, status)
+
+
+def _refuse_repeated(ledgers: list[Path]) -> None:
+    """One file given twice (as ``a.jsonl`` and ``./a.jsonl``, or through a link) would count its records twice."""
+    seen: dict[tuple[int, int], Path] = {}
+    for path in ledgers:
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # said when it is read
+        first = seen.setdefault((st.st_dev, st.st_ino), path)
+        if first is not path:
+            raise _fail(f"{path}: the same file as {first}, given before: its records would count twice")
 
 
 def _read(
