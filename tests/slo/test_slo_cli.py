@@ -91,6 +91,7 @@ def test_compile_to_a_single_file_and_format_operator(tmp_path, llmpath_bin):
     target = tmp_path / "deploy" / "slos.yaml"
     proc = _run(llmpath_bin, "compile", default_spec_path(), "-o", target, "--format", "prometheus-operator")
     assert proc.returncode == 0, proc.stderr
+    assert f"compiled 7 SLOs into {target}" in proc.stderr  # a file, not a folder ("into 1 rule file(s) under")
     doc = yaml.safe_load(target.read_text())
     assert doc["kind"] == "PrometheusRule" and doc["apiVersion"] == "monitoring.coreos.com/v1"
     assert doc["metadata"] == {

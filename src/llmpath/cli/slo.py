@@ -281,11 +281,14 @@ def compile_cmd(
     written = [folder / name for name in files]
     _refuse_to_replace_inputs(docs, written)
     _write_or_fail(folder, files, out)
-    _err(
-        f"compiled {len(result.slos)} SLOs into {len(result.files)} rule file(s)"
-        + (f" and {len(result.test_files)} promtool test file(s)" if result.test_files else "")
-        + f" under {out}"
-    )
+    if single_file:
+        _err(f"compiled {len(result.slos)} SLOs into {out}")
+    else:
+        _err(
+            f"compiled {len(result.slos)} SLOs into {len(result.files)} rule file(s)"
+            + (f" and {len(result.test_files)} promtool test file(s)" if result.test_files else "")
+            + f" under {out}"
+        )
     for path in written:
         typer.echo(str(path))
 
