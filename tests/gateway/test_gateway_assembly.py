@@ -9,6 +9,7 @@ import pytest
 
 from llmpath.backends.base import ChatMessage
 from llmpath.backends.chat_template import render_chatml
+from llmpath.backends.template_budget import DEFAULT_LIMITS, BudgetedSandbox, RenderBudgetExceeded, render_within
 from llmpath.gateway.assembly import (
     AssemblyError,
     FolderRetriever,
@@ -192,3 +193,120 @@ def test_a_chat_template_refusing_the_messages_is_the_clients_error() -> None:
     # a route that adds a system message itself could never serve a request: refused at startup
     with pytest.raises(AssemblyError, match=r"system_prompt: tokenizer.chat_template refuses .* \(system, user\)"):
         RouteAssembler(RouteConfig(name="prompted", system_prompt="Be brief."), render_chat=strict)
+
+
+STEPS = (
+    "template exceeded its render budget (1,000,000 steps: loop iterations, range() items, lookups, operators, "
+    "filters and calls)"
+)
+CHARS = "template exceeded its render budget (32,000,000 characters of output and of the strings and lists it builds)"
+BITS = "template exceeded its render budget (a number over 65,536 bits)"
+NESTED_RANGES = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("template", "reason"),
+    [
+        (NESTED_RANGES, STEPS),  # 10**10 iterations
+        ("{% set r = range(100000) %}{% for i in r %}{% for c in 'x' * 100000 %}{% endfor %}{% endfor %}", STEPS),
+        ("{% macro m(n) %}{% if n %}{{ m(n - 1) }}{{ m(n - 1) }}{% endif %}{% endmacro %}{{ m(40) }}", STEPS),
+        ("{% for i in range(100000) %}{{ loop.index }}{{ tenant.upper() }}{% endfor %}" * 10, STEPS),
+        ("{{ 'x' * 10**9 }}", CHARS),
+        ("{{ [0] * 10**9 }}", CHARS),
+        ("{{ 9 ** (9 ** 9) }}", BITS),  # Jinja's ** is left-associative: 9**9**9 is (9**9)**9, a small number
+        ("{{ 2 ** 1000000000 }}", BITS),
+        ("{% set ns = namespace(n=3) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}", BITS),
+        ("{% for i in range(100000) %}" + "x" * 400 + "{% endfor %}", CHARS),  # 40,000,000 characters of output
+        ("{% set s %}{% for i in range(100000) %}" + "x" * 400 + "{% endfor %}{% endset %}", CHARS),  # captured
+        ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", CHARS),
+        ("{% set ns = namespace(s='x') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", CHARS),
+        ("{{ 'x'.ljust(10**9) }}", CHARS),
+        ("{{ '{:>1000000000}'.format(tenant) }}", CHARS),
+        ("{{ '%*s' % (10**9, tenant) }}", CHARS),
+        ("{{ ('x' * 1000)|replace('x', 'y' * 100000) }}", CHARS),
+        ("{{ ('a\\n' * 1000)|indent(10**6) }}", CHARS),
+        ("{{ tenant|center(10**9) }}", CHARS),
+        ("{{ [1]|batch(10**9, 0)|list }}", CHARS),
+        ("{{ lipsum(10**6) }}", CHARS),
+    ],
+)
+def test_runaway_templates_fail_fast_with_the_budgets_reason(template: str, reason: str) -> None:
+    """Loops, recursion, repetition, powers, output and the ways of making long strings each stop at the render
+    budget (Jinja's sandbox alone ran them for hours or until memory ran out): an AssemblyError at construction
+    naming the field, the limit and the template's line (none for the output, counted as it is joined)."""
+    with pytest.raises(AssemblyError) as err:
+        RouteAssembler(RouteConfig(name="runaway", system_prompt=template))
+    assert err.value.field == "system_prompt"
+    assert err.value.reason in (reason, f"{reason} at line 1 of the template")
+
+
+def test_a_template_over_its_budget_for_one_tenant_fails_each_request() -> None:
+    """The render budget is per render: the same error each time, and other tenants' renders are unaffected."""
+    within = "{% for i in range(100000) %}{% endfor %}" * 4
+    template = "{% if tenant|length == 4 %}" + NESTED_RANGES + "{% endif %}" + within
+    asm = RouteAssembler(RouteConfig(name="sp", system_prompt=template))
+    for _ in range(2):
+        with pytest.raises(AssemblyError) as err:
+            asm.assemble_chat([ChatMessage("user", "hi")], tenant="acme")
+        assert str(err.value) == f"route 'sp': system_prompt: {STEPS} at line 1 of the template"
+    for _ in range(2):  # 800,000 steps each (a range's items, and the loop's): within the budget
+        assert asm.assemble_completion("p", tenant="tenant").prompt == "p"
+
+
+def test_chat_templates_render_within_a_budget_too() -> None:
+    """The tokenizer's chat template: refused at construction when it runs away on the route's messages; at run
+    time a 500 (AssemblyError) whose reason names the limit, not the messages."""
+    runaway = load_renderer("{% for m in messages %}" + NESTED_RANGES + "{{ m['content'] }}{% endfor %}")
+    with pytest.raises(AssemblyError) as err:
+        RouteAssembler(RouteConfig(name="plain"), render_chat=runaway)
+    steps = STEPS.replace("1,000,000", "1,001,000")  # one message adds 1,000 steps
+    assert err.value.reason == f"tokenizer.chat_template, given the messages this route builds (user): {steps}"
+    on_demand = load_renderer("{% for m in messages %}{% if 'BOOM' in m['content'] %}{{ m['content'] * 10**9 }}"
+                              "{% endif %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}")  # fmt: skip
+    asm = RouteAssembler(RouteConfig(name="plain"), render_chat=on_demand)
+    assert asm.assemble_chat([ChatMessage("user", "hi")], tenant="t").cache_text == "[user] hi\n"
+    with pytest.raises(AssemblyError) as err:
+        asm.assemble_chat([ChatMessage("user", "SECRET-BOOM")], tenant="t")
+    assert err.value.field == "tokenizer.chat_template" and "SECRET" not in str(err.value)
+    assert err.value.reason.startswith("the chat template failed to render: template exceeded its render budget (32,0")
+    assert err.value.reason.endswith(" at line 1 of the template")
+
+
+def test_the_budget_grows_with_the_conversation() -> None:
+    """A chat template over 20,000 messages takes more than the 1,000,000 steps a render starts with (a loop item,
+    lookups and two calls per message): each message adds 1,000."""
+    template = "{% for m in messages %}{{ m['role'].upper() }}: {{ m['content'].strip() }}\n{% endfor %}"
+    messages = [{"role": "user", "content": f" {i} "} for i in range(20_000)]
+    with pytest.raises(RenderBudgetExceeded):
+        render_within(BudgetedSandbox().from_string(template), DEFAULT_LIMITS, messages=messages)
+    assert load_renderer(template)(messages) == "".join(f"USER: {i}\n" for i in range(20_000))
+
+
+def test_valid_templates_with_loops_render_as_in_jinjas_sandbox(corpus: Path) -> None:
+    """Loops over the retrieved documents, loop variables, filters, macros, ``~``, ``%``, ``format`` and ranges: the
+    budgeted sandbox renders exactly what Jinja's own sandbox renders."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    context = (
+        "{% macro cite(d) %}[{{ d.source }}] {{ d.text|trim|replace('\\n', ' ') }}{% endmacro %}"
+        "Context for {{ query|upper }} ({{ documents|length }} documents):\n"
+        "{% for d in documents %}{{ loop.index }}. {{ cite(d) }} ({{ '%.2f'|format(d.score) }}, "
+        "{{ '{:>6}'.format(d.score|round(1)) ~ '|' }}){% if not loop.last %}\n{% endif %}{% endfor %}\n"
+        "{% for i in range(3) %}{{ '-' * (i + 1) + '>' }}{{ [i] * 2 }}{% endfor %}"
+        "{{ 2 ** 10 }} {{ '%s/%d' % (route, 7) }}"
+    )
+    route = RouteConfig(name="docs", retriever=RetrieverConfig(path=corpus, top_k=2), context_template=context)
+    out = RouteAssembler(route).assemble_chat([ChatMessage("user", "refunds and shipping?")], tenant="t")
+    assert out.messages is not None and len(out.documents) == 2
+    jinja = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    variables = {"documents": out.documents, "query": "refunds and shipping?", "route": "docs", "model": None}
+    expected = jinja.from_string(context).render(**variables)
+    assert expected == (
+        "Context for REFUNDS AND SHIPPING? (2 documents):\n"
+        "1. [refunds.md] # Refunds  Refunds are issued within 14 days of purchase.  Contact billing for refund "
+        "questions. (0.91,    0.9|)\n"
+        "2. [sub/shipping.txt] Shipping takes 3 to 5 business days.  We ship worldwide. (0.74,    0.7|)\n"
+        "->[0, 0]-->[1, 1]--->[2, 2]1024 docs/7"
+    )
+    assert out.messages[0].content == expected

@@ -76,6 +76,35 @@ def test_chat_template_problems_are_config_errors_in_check_config_and_serve(llmp
             assert expected in result.stderr and "Traceback" not in result.stderr
 
 
+def test_runaway_templates_are_config_errors_in_check_config_and_serve(llmpath_bin: str, tmp_path: Path) -> None:
+    """Templates that would run for hours (nested ranges) or take all the memory (a billion characters) are
+    rendered once at load within their render budget: exit code 2 naming the file, each field, its line and the
+    limit, at once and without a traceback, from both."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(
+        f"backends: [{{url: 'http://127.0.0.1:9'}}]\napi_keys: [{{sha256: {hash_key('k')}, tenant: t}}]\n"
+        "routes:\n"
+        "  - name: loops\n"
+        "    system_prompt: '{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}'\n"
+        "  - name: memory\n"
+        "    system_prompt: \"{{ 'x' * 10**9 }}\"\n"
+        "tokenizer: {chat_template: \"{% for m in messages %}{{ m['content'] * 10**9 }}{% endfor %}\"}\n"
+    )
+    budget = "template exceeded its render budget"
+    for args in (["check-config", str(path)], ["serve", "--config", str(path)]):
+        result = run(llmpath_bin, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.splitlines() == [
+            f"error: {path}: invalid configuration (3 problem(s)):",
+            "  tokenizer.chat_template (line 8): the template fails to render a single user message: "
+            f"{budget} (32,000,088 characters of output and of the strings and lists it builds)",
+            f"  routes[0].system_prompt (line 5): {budget} (1,000,000 steps: loop iterations, range() items, lookups, "
+            "operators, filters and calls) at line 1 of the template",
+            f"  routes[1].system_prompt (line 7): {budget} (32,000,000 characters of output and of the strings and "
+            "lists it builds) at line 1 of the template",
+        ]
+
+
 def test_check_config_reports_what_serve_would_refuse(llmpath_bin: str, tmp_path: Path) -> None:
     """No backends and no keys: serve refuses to start, so check-config fails too, unless the same flags or
     environment that serve would get supply them."""

@@ -80,6 +80,41 @@ async def test_a_route_template_failing_at_run_time_is_a_clean_500(caplog: pytes
     assert [rec.status_code for rec in app.state.waterfall.recent()] == [500, 500]
 
 
+async def test_a_template_over_its_render_budget_is_a_clean_500(caplog: pytest.LogCaptureFixture) -> None:
+    """A system prompt that loops 10**10 times for 4-letter tenants, a chat template that repeats a message a billion
+    times when it holds BOOM: each request stops at the render budget, a 500 ``assembly_failed`` logged with the
+    route, the field and the limit, never the prompt."""
+    runaway = "{% if tenant|length == 4 %}{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}" \
+        "{% endfor %}{% endif %}"  # fmt: skip
+    chat = "{% for m in messages %}{% if 'BOOM' in m['content'] %}{{ m['content'] * 10**9 }}{% endif %}" \
+        "[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"  # fmt: skip
+    app = make_app(
+        routes=[{"name": "sp", "model": "m", "system_prompt": runaway}, {"name": "plain", "model": "p"}],
+        tokenizer={"chat_template": chat},
+    )
+    caplog.set_level(logging.INFO, logger="llmpath")
+    async with client(app) as c:
+        responses = [
+            await c.post("/v1/completions", json={"model": "sp", "prompt": "SECRET-PROMPT-1"}, headers=auth()),
+            await c.post(
+                "/v1/chat/completions",
+                json={"model": "plain", "messages": [{"role": "user", "content": "SECRET-BOOM"}]},
+                headers=auth(),
+            ),
+        ]
+    for r in responses:
+        assert r.status_code == 500 and r.json()["error"]["code"] == "assembly_failed"
+    errors = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert errors == [
+        "prompt assembly failed: route 'sp': system_prompt: template exceeded its render budget (1,000,000 steps: "
+        "loop iterations, range() items, lookups, operators, filters and calls) at line 1 of the template",
+        "prompt assembly failed: route 'plain': tokenizer.chat_template: the chat template failed to render: template "
+        "exceeded its render budget (32,000,120 characters of output and of the strings and lists it builds) at line "
+        "1 of the template",  # 32,000,000 and 8 for each character of the messages (user, SECRET-BOOM)
+    ]
+    assert "SECRET" not in caplog.text
+
+
 async def test_a_chat_template_refusing_the_messages_is_a_400_naming_messages(caplog) -> None:
     app = make_app(routes=[{"name": "plain", "model": "m"}], tokenizer={"chat_template": STRICT})
     caplog.set_level(logging.INFO, logger="llmpath")

@@ -35,10 +35,12 @@ class ChatTemplateRejected(ValueError):
 
 
 def jinja_template(source: str, **special_tokens: str) -> Callable[[Messages], str]:
-    """A renderer for a Hugging Face Jinja chat template (needs ``jinja2``), in Jinja's immutable sandbox; the
-    template's ``raise_exception`` raises :class:`ChatTemplateRejected`, a syntax error ``TemplateSyntaxError``."""
+    """A renderer for a Hugging Face Jinja chat template (needs ``jinja2``), in Jinja's immutable sandbox with a
+    render budget (:mod:`llmpath.backends.template_budget`, grown with the messages' number and length); the
+    template's ``raise_exception`` raises :class:`ChatTemplateRejected`, a syntax error ``TemplateSyntaxError``, a
+    render over its budget ``RenderBudgetExceeded``."""
     try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        from llmpath.backends.template_budget import DEFAULT_LIMITS, BudgetedSandbox, render_within
     except ImportError:
         raise ValueError("a Jinja chat template needs the 'jinja2' package: pip install jinja2") from None
 
@@ -48,7 +50,7 @@ def jinja_template(source: str, **special_tokens: str) -> Callable[[Messages], s
     # What transformers' apply_chat_template gives templates, so that a checkpoint's template renders the same text
     # (and so the same prefix for the caches): {% break %}/{% continue %}, {% generation %} blocks (training-mask
     # markers, rendered as their body), strftime_now(), and a tojson that keeps non-ASCII and HTML characters.
-    env = ImmutableSandboxedEnvironment(
+    env = BudgetedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _generation_blocks()]
     )
     env.globals["raise_exception"] = raise_exception
@@ -57,7 +59,10 @@ def jinja_template(source: str, **special_tokens: str) -> Callable[[Messages], s
     template = env.from_string(source)
 
     def render(messages: Messages) -> str:
-        return template.render(messages=list(messages), add_generation_prompt=True, **special_tokens)
+        messages = list(messages)
+        chars = sum(len(v) for m in messages for v in m.values() if isinstance(v, str))
+        limits = DEFAULT_LIMITS.plus(items=len(messages), chars=chars)
+        return render_within(template, limits, messages=messages, add_generation_prompt=True, **special_tokens)
 
     return render
 

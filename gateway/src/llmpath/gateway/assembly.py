@@ -5,6 +5,11 @@ prompts cache-friendly: the stable system prompt first, the client's conversatio
 context (which changes with every question) as a system message just before the last user message, so that
 everything before it stays a reusable prefix.
 
+Templates render in :class:`~llmpath.backends.template_budget.BudgetedSandbox`: Jinja's immutable sandbox with a
+budget for each render (1,000,000 steps of loops, lookups and calls; 32,000,000 characters of output and of the
+strings it builds; integers of at most 65,536 bits; the context template gets more for long documents and
+queries), so that a runaway template fails with an :class:`AssemblyError` instead of hanging the gateway.
+
 The :class:`Retriever` protocol has one built-in implementation, :class:`FolderRetriever`: BM25 over
 paragraph chunks of the text files in a local folder, reloaded when the files change.
 """
@@ -21,10 +26,16 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from jinja2 import StrictUndefined, Template, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmpath.backends.base import ChatMessage
 from llmpath.backends.chat_template import Messages, render_chatml
+from llmpath.backends.template_budget import (
+    DEFAULT_LIMITS,
+    BudgetedSandbox,
+    RenderBudgetExceeded,
+    RenderLimits,
+    render_within,
+)
 from llmpath.gateway.chat_template import ChatTemplateRejected
 from llmpath.gateway.config import RetrieverConfig, RouteConfig
 
@@ -214,16 +225,16 @@ class Assembled:
 
 
 class RouteAssembler:
-    """Renders one route's templates (compiled once, sandboxed) and calls its retriever.
+    """Renders one route's templates (compiled once, sandboxed, each render within a budget) and calls its retriever.
 
     Every template is rendered once at construction with sample values, and the chat template with the messages
-    the route adds, so that a broken route fails at startup (:class:`AssemblyError`). At run time any exception
-    while rendering becomes an :class:`AssemblyError` (a 500) whose reason carries no prompt text, except the chat
-    template's ``raise_exception(...)``, which is :class:`MessagesRejected` (a 400). ``load_retriever=False``
-    checks the templates without indexing the retriever's folder.
+    the route adds, so that a broken route fails at startup (:class:`AssemblyError`), as does one over its render
+    budget. At run time any exception while rendering becomes an :class:`AssemblyError` (a 500) whose reason
+    carries no prompt text, except the chat template's ``raise_exception(...)``, which is :class:`MessagesRejected`
+    (a 400). ``load_retriever=False`` checks the templates without indexing the retriever's folder.
     """
 
-    _env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+    _env = BudgetedSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
     def __init__(
         self,
@@ -301,8 +312,11 @@ class RouteAssembler:
             render_messages(self.render_chat, sample)
         except Exception as exc:  # reported as the route's configuration problem
             roles = ", ".join(m.role for m in sample)
-            what = exc if isinstance(exc, ChatTemplateRejected) else f"{type(exc).__name__}: {exc}"
-            reason = f"tokenizer.chat_template refuses the messages this route builds ({roles}): {what}"
+            if isinstance(exc, RenderBudgetExceeded):
+                reason = f"tokenizer.chat_template, given the messages this route builds ({roles}): {exc}"
+            else:
+                what = exc if isinstance(exc, ChatTemplateRejected) else f"{type(exc).__name__}: {exc}"
+                reason = f"tokenizer.chat_template refuses the messages this route builds ({roles}): {what}"
             raise AssemblyError(self.route.name, blame or "tokenizer.chat_template", reason) from None
 
     def _compile(self, field: str, source: str) -> Template:
@@ -334,12 +348,24 @@ class RouteAssembler:
             "route": self.route.name,
             "model": self.route.backend_model,
         }
+        # Long documents and queries take a longer render: the budget grows with them.
+        limits = DEFAULT_LIMITS.plus(items=len(documents), chars=len(query) + sum(len(d.text) for d in documents))
         # The query is prompt text, and an exception's message may quote it: shown only for the sample values.
-        return self._render(self._context, "context_template", variables, with_message=sample)
+        return self._render(self._context, "context_template", variables, with_message=sample, limits=limits)
 
-    def _render(self, template: Template, field: str, variables: Mapping[str, object], *, with_message: bool) -> str:
+    def _render(
+        self,
+        template: Template,
+        field: str,
+        variables: Mapping[str, object],
+        *,
+        with_message: bool,
+        limits: RenderLimits = DEFAULT_LIMITS,
+    ) -> str:
         try:
-            return template.render(**variables)
+            return render_within(template, limits, **variables)
+        except RenderBudgetExceeded as exc:  # its reason names the limit it went over
+            raise AssemblyError(self.route.name, field, _describe(exc)) from None
         except Exception as exc:  # any failure of a configured template is the gateway's 500
             reason = f"template failed to render: {_describe(exc, with_message=with_message)}"
             raise AssemblyError(self.route.name, field, reason) from None
@@ -347,7 +373,7 @@ class RouteAssembler:
 
 def _describe(exc: BaseException, *, with_message: bool = False) -> str:
     """The exception's type and the template line it came from (and its message when it cannot hold prompt
-    text)."""
+    text); for a render over its budget, the budget's reason (which names a limit, never a value) and the line."""
     line = None
     tb = exc.__traceback__
     while tb is not None:  # Jinja rewrites tracebacks so that template frames are "<template>" at the template line
@@ -355,6 +381,8 @@ def _describe(exc: BaseException, *, with_message: bool = False) -> str:
             line = tb.tb_lineno
         tb = tb.tb_next
     where = f" at line {line} of the template" if line is not None else ""
+    if isinstance(exc, RenderBudgetExceeded):
+        return f"{exc}{where}"
     message = f": {exc}" if with_message and str(exc) else ""
     return f"{type(exc).__name__}{where}{message}"
 

@@ -5,7 +5,8 @@ The value is ``chatml``, a Jinja chat template (text containing ``{{``, ``{%`` o
 template that renders every prompt as the word itself). The renderer is the backends'
 :func:`~llmpath.backends.chat_template.jinja_template`, whose ``raise_exception(...)`` raises
 :class:`ChatTemplateRejected`, so that a template refusing the client's messages (a 400) is told apart from a
-broken one (a 500).
+broken one (a 500); it renders within a render budget (:mod:`llmpath.backends.template_budget`), so that a runaway
+template fails instead of hanging the gateway.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from llmpath.backends.chat_template import (
     read_tokenizer_config,
     render_chatml,
 )
+from llmpath.backends.template_budget import RenderBudgetExceeded
 
 #: The built-in template names (the embedded engine's ChatML).
 NAMES = ("chatml",)
@@ -61,11 +63,14 @@ def load_renderer(spec: str, base: Path | None = None) -> Callable[[Messages], s
 
 
 def check_renders(render: Callable[[Messages], str]) -> str | None:
-    """Why ``render`` cannot render one user message (the least any chat needs), or None when it can."""
+    """Why ``render`` cannot render one user message (the least any chat needs), or None when it can (a template
+    over its render budget says which limit it went over)."""
     try:
         render([{"role": "user", "content": "example"}])
     except ChatTemplateRejected as exc:
         return f"the template refuses a single user message: {exc}"
+    except RenderBudgetExceeded as exc:
+        return f"the template fails to render a single user message: {exc}"
     except Exception as exc:  # any failure of a user-supplied template is a configuration problem
         return f"the template fails to render a single user message: {type(exc).__name__}: {exc}"
     return None
