@@ -16,6 +16,7 @@ from llmpath.backends.base import BackendEvent, BackendRequest
 from llmpath.backends.sglang import SGLangBackend
 from llmpath.gateway.config import BackendConfig, GatewayConfig
 from tests.gateway.hostile import (
+    Answer,
     RawBackend,
     RawRequest,
     Served,
@@ -412,18 +413,35 @@ async def test_answers_that_break_the_protocol_eject_the_backend() -> None:
         await assert_released(gw)
 
 
+def broken_midway(kind: str) -> Answer:
+    """A stream whose first output is fine and which then breaks as ``kind`` says."""
+    first = sse(sglang_chunks()[0])
+    if kind == "protocol":  # the next output's text is a number
+        bad = sglang_chunks()
+        bad[1]["text"] = 12
+        return sglang_answer(bad)
+    if kind == "5xx":  # an error event of an internal error
+        return sse_answer([first, sse({"error": {"message": "boom", "code": 500}}), b"data: [DONE]\n\n"])
+
+    async def cut(writer: asyncio.StreamWriter, request: RawRequest) -> None:  # the process died mid-answer
+        writer.write(head(chunked=True) + chunk(first))
+        await writer.drain()
+        writer.transport.abort()
+
+    return cut
+
+
 @pytest.mark.parametrize("stream", [False, True])
-async def test_answers_that_break_the_protocol_midway_eject_the_backend(stream: bool) -> None:
-    """Every answer starts well and breaks after its first output (a text that is a number): each counts as a
-    failure once the first event came too, so the backend is ejected after ``eject_after_failures`` of them (it was
-    never: the good first event counted as a success and reset the count every time); a whole answer in between
-    resets the count."""
-    broken = sglang_chunks()
-    broken[1]["text"] = 12
-    answers = iter([broken, sglang_chunks(), broken, broken])
+@pytest.mark.parametrize("kind", ["protocol", "5xx", "connection"])
+async def test_answers_that_break_midway_eject_the_backend(kind: str, stream: bool) -> None:
+    """Every answer starts well and breaks after its first output (malformed, an internal error event, the
+    connection lost): each counts as a failure once the first event came too, so the backend is ejected after
+    ``eject_after_failures`` of them (it was never: the good first event counted as a success and reset the count
+    every time); a whole answer in between resets the count."""
+    answers = iter([broken_midway(kind), sglang_answer(sglang_chunks()), broken_midway(kind), broken_midway(kind)])
 
     async def answer(writer: asyncio.StreamWriter, request: RawRequest) -> None:
-        await sglang_answer(next(answers))(writer, request)
+        await next(answers)(writer, request)
 
     async with (
         RawBackend(answer) as backend,
@@ -443,6 +461,41 @@ async def test_answers_that_break_the_protocol_midway_eject_the_backend(stream: 
         resp = await gw.chat(stream=stream)
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_backend"
         assert backend.posts == 4
+
+
+async def test_an_answer_that_ends_after_its_backend_was_ejected_does_not_reinstate_it() -> None:
+    """A long answer (a reasoning model thinking) still streaming when its backend is ejected by others' failures:
+    its end resets nothing — the backend stays out, with the reason, until a probe passes (it came back at once,
+    without a probe, and /readyz lost the reason)."""
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_good(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+        outputs = sglang_chunks()
+        writer.write(head(chunked=True) + chunk(sse(outputs[0])))
+        await writer.drain()
+        started.set()
+        await release.wait()
+        writer.write(chunk(sse(outputs[1])) + chunk(b"data: [DONE]\n\n") + chunk(b""))
+
+    answers = iter([slow_good, broken_midway("protocol"), broken_midway("protocol")])
+
+    async def answer(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+        await next(answers)(writer, request)
+
+    async with (
+        RawBackend(answer) as backend,
+        serving_gateway(backend.url, health={"interval_s": 60, "eject_after_failures": 2}) as gw,
+    ):
+        state = gw.app.gateway.pool.states["b0"]
+        slow = asyncio.ensure_future(gw.chat(stream=True))
+        await started.wait()
+        for _ in range(2):
+            assert (await gw.chat()).status_code == 502
+        assert not state.healthy and state.consecutive_failures == 2
+        release.set()
+        assert (await slow).status_code == 200
+        assert not state.healthy and state.consecutive_failures == 2
+        assert state.last_error == "answered outside its protocol"
 
 
 async def test_an_error_answer_whose_body_never_ends_is_a_502_at_once() -> None:

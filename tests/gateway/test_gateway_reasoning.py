@@ -115,6 +115,20 @@ async def test_a_non_streamed_answer_has_its_thinking_in_the_message(field: str)
         assert record.ttft_s is not None and record.ttft_s < record.duration_s - PAUSE_S * 0.75
 
 
+async def test_a_server_sending_both_names_has_its_thinking_passed_on_once() -> None:
+    """vLLM's transition releases send the thinking under both names: it is passed on once, not twice."""
+    events = [
+        delta_chunk({"role": "assistant", "reasoning_content": "Hm.", "reasoning": "Hm."}),
+        delta_chunk({"content": "Hi", "reasoning_content": None, "reasoning": None}, "stop", USAGE),
+        b"data: [DONE]\n\n",
+    ]
+    async with RawBackend(sse_answer(events)) as backend, serving_gateway(backend.url, kind="openai") as gw:
+        message = (await gw.chat()).json()["choices"][0]["message"]
+        assert message == {"role": "assistant", "content": "Hi", "reasoning_content": "Hm."}
+        deltas = [e["choices"][0]["delta"] for e in sse_events((await gw.chat(stream=True)).text)[:-1]]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == "Hm."
+
+
 async def test_thinking_cut_by_max_tokens_is_an_answer_without_content() -> None:
     """All the tokens went to thinking (``finish_reason: length``): a complete answer, its thinking and an empty
     content — not an error, not a response without a first token."""

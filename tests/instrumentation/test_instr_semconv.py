@@ -340,11 +340,13 @@ async def requests(n):
         for _ in range(n):
             assert (await c.post("/v1/chat/completions")).status_code == 200
 
+genai = app.state.llmpath.genai
 asyncio.run(requests(2))  # nothing to record into yet
+before = genai.enabled()
 reader = InMemoryMetricReader()
 metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
 asyncio.run(requests(3))
-counts = {}
+counts = {"enabled_before": before, "enabled_after": genai.enabled()}
 for rm in reader.get_metrics_data().resource_metrics:
     for sm in rm.scope_metrics:
         for m in sm.metrics:
@@ -361,6 +363,7 @@ def test_global_meter_provider_set_after_instrumenting_gets_the_later_requests()
     )
     assert run.returncode == 0, run.stderr
     counts = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (counts["enabled_before"], counts["enabled_after"]) == (False, True)  # no attributes built meanwhile
     assert counts["gen_ai.server.request.duration"] == 3
     assert counts["http.server.request.duration"] == 3
     assert counts["gen_ai.client.operation.duration"] == 3

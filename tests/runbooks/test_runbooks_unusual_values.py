@@ -205,14 +205,20 @@ def test_a_custom_stage_meaning_with_markdown_syntax_stays_literal_in_the_short_
     assert "".join(t.content for t in children if t.type in ("text", "code_inline")).endswith(meaning)
 
 
-def test_alert_names_differing_only_in_case_are_refused(tmp_path: Path) -> None:
-    """``WeirdAvail.md`` and ``weirdAvail.md`` are one file on macOS and Windows: one runbook would overwrite the
-    other, so the build names both alerts and stops (it wrote both)."""
+def test_alert_names_differing_only_in_case_get_runbook_files_of_their_own(tmp_path: Path) -> None:
+    """``OddTTFT-page.md`` and ``oddTTFT-page.md`` are one file on macOS and Windows: the compiler qualifies them
+    with their SLOs as it does names that are the same (one runbook overwrote the other); names that still differ
+    only in case (SLOs whose ids do too) are refused by the runbook build, naming both."""
     spec = tmp_path / "odd.yaml"
     one = SPEC.format(route="'/v1/chat'", description="d", owner="ml")
     two = one.split("slos:\n", 1)[1].replace("name: ttft", "name: ttft-again").replace("OddTTFT", "oddTTFT")
     spec.write_text(one + two)
     compiled = compile_specs(SpecOptions(inputs=(spec,)))
-    refusal = r"alert oddTTFT .*also the runbook of alert OddTTFT .*'OddTTFT-page.md': the same file"
+    names = [a.runbook_file for slo in compiled.slos for a in slo.alerts]
+    assert len({n.casefold() for n in names}) == len(names) == 4
+    assert set(build_runbooks(compiled.slos)) == {*names, "README.md"}
+    spec.write_text(one + two.replace("name: ttft-again", "name: TTFT"))
+    compiled = compile_specs(SpecOptions(inputs=(spec,)))
+    refusal = r"alert oddTTFT .*also the runbook of alert OddTTFT .*'OddTTFT-odd-ttft-page.md': the same file"
     with pytest.raises(RunbookError, match=refusal):
         build_runbooks(compiled.slos)

@@ -190,6 +190,14 @@ def test_a_malformed_url_is_an_error_not_a_traceback(llmpath_bin: str) -> None:
     assert_clean_failure(status(llmpath_bin, "http://[::1"), "cannot read SLOs from Prometheus at http://[::1")
 
 
+def test_a_url_with_a_query_is_refused_without_printing_its_credential(llmpath_bin: str) -> None:
+    """``?access_token=`` (a proxy's way) never worked: the HTTP client dropped the query and the API path with it,
+    so every query went to the proxy's root. It is refused, naming the way to pass a token, and not printed."""
+    proc = status(llmpath_bin, "http://127.0.0.1:9/prom?access_token=SECRET-TOKEN")
+    assert_clean_failure(proc, "http://127.0.0.1:9/prom?access_token=*** has a query or fragment")
+    assert "--bearer-token-file" in proc.stderr and "SECRET-TOKEN" not in proc.stderr + proc.stdout
+
+
 def test_basic_auth_from_the_url_is_sent_and_never_printed(llmpath_bin: str, prom: tuple[str, Behaviour]) -> None:
     url, behaviour = prom
     behaviour.auth = "Basic " + base64.b64encode(b"oncall:s3cr3t-pw").decode()
@@ -363,7 +371,11 @@ def test_label_values_that_look_like_markup_are_printed_as_they_are(
             "https://p:pw@prom/?X-Amz-Signature=s&API_KEY=k&query=up",
             "https://p:***@prom/?X-Amz-Signature=***&API_KEY=***&query=up",
         ),
-        ("https://prom/?next=a@b", "https://prom/?next=a@b"),  # an @ in the query is no userinfo
+        # Up to the last @ is userinfo: a password with ?, / or @ in it is masked whole.
+        ("http://oncall:s3cr?et@127.0.0.1:9", "http://oncall:***@127.0.0.1:9"),
+        ("https://user:p@ss?w0rd@prom", "https://user:***@prom"),
+        ("https://tok?en@prom", "https://***@prom"),
+        ("https://prom/?next=a@b", "https://***@b"),  # an @ in a query masks more than it needs: never less
     ],
 )
 def test_urls_in_messages_never_show_a_secret(url: str, shown: str) -> None:

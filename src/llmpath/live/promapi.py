@@ -23,19 +23,21 @@ _SECRET_PARAM = re.compile(r"token|key|secret|pass|auth|sig|credential", re.IGNO
 
 def redact(url: str) -> str:
     """``url`` with its secrets masked, for messages: the secret of its userinfo (``https://user:***@host``; a
-    userinfo without ``:`` may be a token: ``https://***@host``) and the values of query parameters named like a
-    credential (``?access_token=***``). Everything before the query up to the last ``@`` counts as userinfo, so an
-    unencoded ``/`` or ``@`` in a password is masked too."""
-    url, question, query = url.partition("?")
-    if question:
-        params = (p.partition("=") for p in query.split("&"))
-        query = "&".join(f"{k}{eq}***" if eq and _SECRET_PARAM.search(k) else f"{k}{eq}{v}" for k, eq, v in params)
+    userinfo without ``:`` may be a token: ``https://***@host``) and, after the host, the values of query parameters
+    named like a credential (``?access_token=***``). Everything up to the last ``@`` counts as userinfo, so an
+    unencoded ``/``, ``?`` or ``@`` in a password is masked too (an ``@`` in a query masks more than it needs)."""
     scheme, sep, rest = url.partition("://")
     userinfo, at, host = rest.rpartition("@")
     if sep and at:
         user, colon, _ = userinfo.partition(":")
-        url = f"{scheme}://{user + ':' if colon and '/' not in user else ''}***@{host}"
-    return url + question + query
+        head = f"{scheme}://{user + ':' if colon and '/' not in user and '?' not in user else ''}***@"
+    else:
+        head, host = "", url
+    host, question, query = host.partition("?")
+    if question:
+        params = (p.partition("=") for p in query.split("&"))
+        query = "&".join(f"{k}{eq}***" if eq and _SECRET_PARAM.search(k) else f"{k}{eq}{v}" for k, eq, v in params)
+    return head + host + question + query
 
 
 class PrometheusClient:
@@ -51,6 +53,11 @@ class PrometheusClient:
         self.timeout = timeout
         self.warnings: list[str] = []
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if "?" in base_url.rpartition("@")[2] or "#" in base_url.rpartition("@")[2]:  # httpx would drop it, path too
+            raise PrometheusError(
+                f"{self.base_url} has a query or fragment: give the Prometheus base URL alone (a token with "
+                "--bearer-token-file or LLMPATH_PROMETHEUS_TOKEN)"
+            )
         try:
             self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
         except (httpx.InvalidURL, TypeError, ValueError) as exc:

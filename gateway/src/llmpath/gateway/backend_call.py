@@ -184,29 +184,31 @@ class BackendCallResponse(Response):
                 await events.aclose()
                 call.set_error(type(exc).__name__)
                 scope.close()
-                self._report_failure(state.name, exc)
+                self._report_failure(state.name, exc, mid_answer=False)
                 raise _api_error(exc, p.kind) from None
             except BaseException as exc:
                 await events.aclose()
                 scope.__exit__(type(exc), exc, exc.__traceback__)
                 raise
-            self._backend = state.name  # its success is reported with the whole answer (_report_success)
+            self._backend = state.name  # its success is reported with the whole answer (_report_answer)
             return scope, call, events
 
-    def _report_failure(self, backend: str, exc: BackendError) -> None:
+    def _report_failure(self, backend: str, exc: BackendError, *, mid_answer: bool) -> None:
         """Consecutive 5xx answers and answers that break the protocol eject, like outlier detection — before the
-        first event or in the middle of the answer alike (a connection lost mid-answer too: the process died)."""
+        first event or in the middle of the answer alike; so does a connection lost mid-answer (the process died;
+        before the first event it is retried elsewhere and counted by :meth:`_connect`)."""
         if isinstance(exc, BackendServerError):
             self.gateway.pool.report_failure(backend, f"answered {exc.upstream_status}")
         elif isinstance(exc, BackendProtocolError):
             self.gateway.pool.report_failure(backend, "answered outside its protocol")
-        elif isinstance(exc, BackendUnreachable) and self._backend is not None:
+        elif isinstance(exc, BackendUnreachable) and mid_answer:
             self.gateway.pool.report_failure(backend, "connection lost mid-answer")
 
-    def _report_success(self) -> None:
-        """A whole answer (a success at its first event would hide failures that come later in every answer)."""
-        if self._backend is not None:
-            self.gateway.pool.report_success(self._backend)
+    def _report_answer(self) -> None:
+        """A whole answer resets the backend's failure count (its first event would hide failures that come later
+        in every answer)."""
+        assert self._backend is not None  # set when the first event came
+        self.gateway.pool.report_answer(self._backend)
 
     async def _stream(self, send: Any, tracker: _Tracker, events: AsyncIterator[BackendEvent]) -> None:
         p, fmt, call = self.p, self.p.fmt, tracker.call
@@ -237,7 +239,7 @@ class BackendCallResponse(Response):
                         first = False
                 elif isinstance(event, Done):
                     _check_complete(event)
-                    self._report_success()
+                    self._report_answer()
                     usage = tracker.done(event)
                     tail = fmt.chunk("", first=first, finish_reason=openai_finish_reason(event.finish_reason))
                     if p.include_usage:
@@ -250,8 +252,8 @@ class BackendCallResponse(Response):
                     tracker.event(event)
             raise BackendError("the backend stream ended without a final event")
         except BackendError as exc:
-            if self._backend is not None:
-                self._report_failure(self._backend, exc)
+            assert self._backend is not None  # set when the first event came
+            self._report_failure(self._backend, exc, mid_answer=True)
             error = _api_error(exc, p.kind, mid_response=True)
             call.set_error(type(exc).__name__)
             annotate_request(stream_error=error.code or type(exc).__name__)
@@ -268,7 +270,7 @@ class BackendCallResponse(Response):
                     tracker.delta(event)
                 elif isinstance(event, Done):
                     _check_complete(event)
-                    self._report_success()
+                    self._report_answer()
                     usage = tracker.done(event)
                     finish = openai_finish_reason(event.finish_reason)
                     body = self.p.fmt.full(tracker.text(), finish, usage, tracker.reasoning())
@@ -280,8 +282,8 @@ class BackendCallResponse(Response):
                     tracker.event(event)
             raise BackendError("the backend stream ended without a final event")
         except BackendError as exc:
-            if self._backend is not None:
-                self._report_failure(self._backend, exc)
+            assert self._backend is not None  # set when the first event came
+            self._report_failure(self._backend, exc, mid_answer=True)
             call.set_error(type(exc).__name__)
             tracker.settle()  # the tokens generated so far, before the answer closes the usage record
             await self._send_error(send, _api_error(exc, self.p.kind, mid_response=True))

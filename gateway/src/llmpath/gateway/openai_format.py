@@ -27,6 +27,7 @@ def sse(obj: Any) -> bytes:
 #: The field of a chat message or delta that carries a reasoning model's thinking, whatever the backend called it
 #: (DeepSeek's and SGLang's name, which LiteLLM also gives vLLM's ``reasoning``).
 REASONING_FIELD = "reasoning_content"
+_REASONING_KEY = b'"' + REASONING_FIELD.encode() + b'":'
 
 
 def usage_dict(usage: Usage) -> dict[str, Any]:
@@ -65,14 +66,15 @@ class ResponseFormat:
         """A streamed chunk with new ``text`` (the first chat chunk also carries the assistant role) and, from a
         reasoning model, new ``reasoning`` (chat only: text completions have no field for it)."""
         if self.kind == "chat":
-            fields = []
             if first:
-                fields.append(b'"role":"assistant"')
-            if first or text:
-                fields.append(b'"content":' + _dumps(text))
+                delta = b'{"role":"assistant","content":' + _dumps(text)
+            elif text:
+                delta = b'{"content":' + _dumps(text)
+            else:
+                delta = b"{"
             if reasoning:
-                fields.append(b'"' + REASONING_FIELD.encode() + b'":' + _dumps(reasoning))
-            body = b'"delta":{' + b",".join(fields) + b"}"
+                delta += (b"," if len(delta) > 1 else b"") + _REASONING_KEY + _dumps(reasoning)
+            body = b'"delta":' + delta + b"}"
         else:
             body = b'"text":' + _dumps(text)
         reason = _dumps(finish_reason)

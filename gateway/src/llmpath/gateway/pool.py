@@ -109,7 +109,18 @@ class BackendPool:
         if self.on_inflight is not None:
             self.on_inflight(state)
 
+    def report_answer(self, name: str) -> None:
+        """A complete answer: the failures counted toward ejecting a backend in service start again from zero. It
+        never reinstates an ejected backend (one still answering a long stream when it was ejected): only a passing
+        probe does."""
+        state = self.states[name]
+        if state.consecutive_failures and state.healthy:
+            state.consecutive_failures = 0
+            state.last_error = None
+            self._changed(state)
+
     def report_success(self, name: str) -> None:
+        """A passing probe: the backend is healthy (reinstated if it was ejected or never seen healthy)."""
         state = self.states[name]
         if state.consecutive_failures or not state.healthy:
             state.consecutive_failures = 0

@@ -288,7 +288,7 @@ class Instrumentation:
         return self.tracer.start_span(span_name, start_time=req.epoch_ns(t0), attributes=attrs)
 
     def finish(self, req: RequestTelemetry) -> None:
-        """Record the finished request: Prometheus and GenAI metrics, then the usage record.
+        """Record the finished request: Prometheus metrics, the usage record, then the OTel (GenAI, HTTP) metrics.
 
         Runs once, before the response's last message is sent, so that a completed response is always in the
         ledger. Never raises.

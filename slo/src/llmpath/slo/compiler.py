@@ -296,21 +296,23 @@ def _runbook_files(compiled: list[Compiled]) -> dict[tuple[str, int], str]:
     """File name per (SLO id, alert rule index): ``<alert>-<severity>.md``, qualified by SLO id on collisions.
 
     llmpath specs cannot give two alerts of one SLO the same name and severity (validation); alerts that SLO
-    plugins add to Sloth-format SLOs might, and get ``-2``, ``-3``… so that every alert keeps its own runbook.
+    plugins add to Sloth-format SLOs might, and get ``-2``, ``-3``… so that every alert keeps its own runbook. Names
+    are compared ignoring letter case: ``WeirdAvail.md`` and ``weirdAvail.md`` are one file on macOS and Windows.
     """
     owners: dict[str, set[str]] = defaultdict(set)
     for item in compiled:
         for rule in alert_rules_of(item.rules):
-            owners[f"{rule.alert}-{severity_of(rule)}"].add(item.slo.id)
+            owners[f"{rule.alert}-{severity_of(rule)}".casefold()].add(item.slo.id)
     out = {}
     for item in compiled:
-        used: Counter[tuple[str, str]] = Counter()
+        used: Counter[str] = Counter()
         for i, rule in enumerate(alert_rules_of(item.rules)):
             severity = severity_of(rule)
             alert = rule.alert or ""
-            prefix = alert if len(owners[f"{alert}-{severity}"]) == 1 else f"{alert}-{item.slo.id}"
-            used[prefix, severity] += 1
-            tail = f"-{severity}" + (f"-{used[prefix, severity]}" if used[prefix, severity] > 1 else "")
+            prefix = alert if len(owners[f"{alert}-{severity}".casefold()]) == 1 else f"{alert}-{item.slo.id}"
+            key = f"{prefix}-{severity}".casefold()
+            used[key] += 1
+            tail = f"-{severity}" + (f"-{used[key]}" if used[key] > 1 else "")
             out[(item.slo.id, i)] = bounded_file_name(_FILE_SAFE.sub("_", prefix), _FILE_SAFE.sub("_", tail) + ".md")
     return out
 
