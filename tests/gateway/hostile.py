@@ -146,6 +146,16 @@ def sse_answer(events: list[bytes], *, status: int = 200, headers: dict[str, str
     return answer
 
 
+def in_turn(*answers: Answer) -> Answer:
+    """An answer that is each of ``answers`` in turn, one a request."""
+    remaining = iter(answers)
+
+    async def answer(writer: asyncio.StreamWriter, request: RawRequest) -> None:
+        await next(remaining)(writer, request)
+
+    return answer
+
+
 def sglang_answer(outputs: list[dict[str, Any]], *, done: bool = True) -> Answer:
     return sse_answer([*(sse(o) for o in outputs), *([b"data: [DONE]\n\n"] if done else [])])
 

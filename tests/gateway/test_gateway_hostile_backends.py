@@ -22,6 +22,7 @@ from tests.gateway.hostile import (
     Served,
     chunk,
     head,
+    in_turn,
     meta,
     serving_gateway,
     sglang_answer,
@@ -85,11 +86,7 @@ async def test_a_token_count_that_is_no_count_is_a_502_before_the_first_byte(str
     and ``llmpath_requests_total`` say 502, no token is counted, the slot is released and the gateway serves on.
     (It was a 500 with ``TypeError``/``ValueError``, ``1e300`` a 500 after counting 1e300 input tokens, a negative
     count a stream cut without its error event, ``True`` one prompt token.)"""
-    answers = iter([sglang_answer(with_meta(prompt_tokens=value)), sglang_answer(sglang_chunks())])
-
-    async def answer(writer: asyncio.StreamWriter, request: RawRequest) -> None:
-        await next(answers)(writer, request)
-
+    answer = in_turn(sglang_answer(with_meta(prompt_tokens=value)), sglang_answer(sglang_chunks()))
     async with RawBackend(answer) as backend, serving_gateway(backend.url) as gw:
         resp = await gw.chat(stream=stream)
         assert resp.status_code == 502, resp.text
@@ -438,11 +435,7 @@ async def test_answers_that_break_midway_eject_the_backend(kind: str, stream: bo
     connection lost): each counts as a failure once the first event came too, so the backend is ejected after
     ``eject_after_failures`` of them (it was never: the good first event counted as a success and reset the count
     every time); a whole answer in between resets the count."""
-    answers = iter([broken_midway(kind), sglang_answer(sglang_chunks()), broken_midway(kind), broken_midway(kind)])
-
-    async def answer(writer: asyncio.StreamWriter, request: RawRequest) -> None:
-        await next(answers)(writer, request)
-
+    answer = in_turn(broken_midway(kind), sglang_answer(sglang_chunks()), broken_midway(kind), broken_midway(kind))
     async with (
         RawBackend(answer) as backend,
         serving_gateway(backend.url, health={"interval_s": 60, "eject_after_failures": 2}) as gw,
@@ -477,13 +470,8 @@ async def test_an_answer_that_ends_after_its_backend_was_ejected_does_not_reinst
         await release.wait()
         writer.write(chunk(sse(outputs[1])) + chunk(b"data: [DONE]\n\n") + chunk(b""))
 
-    answers = iter([slow_good, broken_midway("protocol"), broken_midway("protocol")])
-
-    async def answer(writer: asyncio.StreamWriter, request: RawRequest) -> None:
-        await next(answers)(writer, request)
-
     async with (
-        RawBackend(answer) as backend,
+        RawBackend(in_turn(slow_good, broken_midway("protocol"), broken_midway("protocol"))) as backend,
         serving_gateway(backend.url, health={"interval_s": 60, "eject_after_failures": 2}) as gw,
     ):
         state = gw.app.gateway.pool.states["b0"]
