@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from llmpath.backends.base import BackendEvent, BackendRequest
+from llmpath.backends.base import BackendEvent, BackendRequest, Done
 from llmpath.backends.sglang import SGLangBackend
 from llmpath.gateway.config import BackendConfig, GatewayConfig
 from tests.gateway.hostile import (
@@ -304,6 +304,38 @@ async def test_an_adapter_exception_is_a_backend_error_not_a_500(after: int, cap
     [line] = [r.getMessage() for r in caplog.records if "backend adapter failed" in r.getMessage()]
     assert "(KeyError)" in line and "in generate" in line  # where it was raised ...
     assert FailingAfterFirst.quoted not in line  # ... not its message, which may quote the backend's answer
+
+
+class EndingWithoutDone(SGLangBackend):
+    """The real SGLang backend, except that its adapter stops before the final event (``Done``): a custom backend
+    breaking the Backend interface's ``Scheduled → FirstToken → TokenDelta* → Done``."""
+
+    async def generate(self, request: BackendRequest) -> AsyncIterator[BackendEvent]:
+        async for event in super().generate(request):
+            if isinstance(event, Done):
+                return
+            yield event
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_adapter_that_ends_without_its_final_event_breaks_the_protocol(stream: bool) -> None:
+    """A 502 ``backend_error`` (streamed: the error event, recorded as ``BackendProtocolError``), counted toward
+    ejection like any answer outside the protocol (it was a plain ``BackendError`` that counted for nothing)."""
+
+    def factory(config: BackendConfig, gateway: GatewayConfig) -> SGLangBackend:
+        return EndingWithoutDone(config.base_url, name=config.display_name, read_timeout=2)
+
+    async with (
+        RawBackend(sglang_answer(sglang_chunks())) as backend,
+        serving_gateway(backend.url, backend_factory=factory) as gw,
+    ):
+        resp = await gw.chat(stream=stream)
+        error = sse_events(resp.text)[-2]["error"] if stream else resp.json()["error"]
+        assert error["code"] == "backend_error", resp.text
+        [record] = gw.records()
+        assert (record.status_code, record.error) == (502, "BackendProtocolError" if stream else "backend_error")
+        assert gw.app.gateway.pool.states["b0"].consecutive_failures == 1
+        await assert_released(gw)
 
 
 # ---- timings ------------------------------------------------------------------------------------------------------

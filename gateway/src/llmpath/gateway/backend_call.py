@@ -250,7 +250,7 @@ class BackendCallResponse(Response):
                     return
                 else:
                     tracker.event(event)
-            raise BackendError("the backend stream ended without a final event")
+            raise BackendProtocolError("the backend stream ended without a final event")
         except BackendError as exc:
             assert self._backend is not None  # set when the first event came
             self._report_failure(self._backend, exc, mid_answer=True)
@@ -280,7 +280,7 @@ class BackendCallResponse(Response):
                     return
                 else:
                     tracker.event(event)
-            raise BackendError("the backend stream ended without a final event")
+            raise BackendProtocolError("the backend stream ended without a final event")
         except BackendError as exc:
             assert self._backend is not None  # set when the first event came
             self._report_failure(self._backend, exc, mid_answer=True)
