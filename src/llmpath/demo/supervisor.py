@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,12 +22,37 @@ from typing import Any, TypeVar
 
 import httpx
 
+#: The lowest port :func:`free_port` picks when it can pick below the kernel's ephemeral range.
+LOWEST_PICKED_PORT = 10_000
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that was free a moment ago."""
+    """A TCP port on ``host`` that was free a moment ago, for a child to bind.
+
+    Picked at random below the kernel's ephemeral port range where that is known (Linux): a port from ``bind(0)`` is
+    one the kernel may hand to the next ``bind(0)`` or outgoing connection of any process before the child binds it
+    — and then another server answers the child's readiness check while the child fails to start."""
+    low = _ephemeral_low()
+    if low is not None and low - LOWEST_PICKED_PORT >= 1000:
+        for _ in range(100):
+            port = random.randrange(LOWEST_PICKED_PORT, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def _ephemeral_low() -> int | None:
+    """The first port of the kernel's ephemeral range (``net.ipv4.ip_local_port_range``), if known."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class ProcessFailed(RuntimeError):
