@@ -56,8 +56,7 @@ class LLMPathMiddleware:
         if path == instr.metrics_path:
             await serve_metrics(instr.registry, scope, send)
             return
-        prefixes = instr.excluded_prefixes  # Instrumentation.is_excluded, inlined on the per-request path
-        if path in instr.excluded_exact or (prefixes and path.startswith(prefixes)) or CURRENT.get() is not None:
+        if instr.is_excluded(path) or CURRENT.get() is not None:
             await self.app(scope, receive, send)
             return
 

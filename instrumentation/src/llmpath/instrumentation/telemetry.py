@@ -368,8 +368,7 @@ class Instrumentation:
     ) -> None:
         n_in, n_cached, n_out = req.usage or _NO_USAGE
         start = req.start
-        trace_id = format(req.trace_id_int, "032x") if req.trace_id_int else None  # RequestTelemetry.trace_id
-        head = (req.request_id, trace_id, req.start_ns / 1e9, req.tenant, route, model, n_in, n_cached, n_out)
+        head = (req.request_id, req.trace_id, req.start_ns / 1e9, req.tenant, route, model, n_in, n_cached, n_out)
         tail = (ttft, duration, code, unattributed, tpot, req.error)
         if not self.usage.needs_records:  # JSON-lines sinks only: serialise straight from the request
             self.usage.emit_line(usage_line(*head, stages, start, *tail, req.extra), req.request_id)

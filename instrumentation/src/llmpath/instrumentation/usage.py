@@ -151,6 +151,10 @@ def _line_template(shape: tuple[tuple[str, str], ...]) -> str:
     return template
 
 
+def _fixed6(value: float | None) -> str:
+    return "null" if value is None else format(value, ".6f")
+
+
 def usage_line(
     request_id: str,
     trace_id: str | None,
@@ -199,13 +203,13 @@ def usage_line(
             append(s - origin)
             append(e - s)
     values += (
-        "null" if ttft_s is None else format(ttft_s, ".6f"),
+        _fixed6(ttft_s),
         duration_s,
         status_code,
-        "null" if unattributed_s is None else format(unattributed_s, ".6f"),
-        "null" if tpot_s is None else format(tpot_s, ".6f"),
+        _fixed6(unattributed_s),
+        _fixed6(tpot_s),
         "null" if error is None else enc(error),
-        extra_json(extra) if extra else "{}",
+        extra_json(extra),
     )
     return (template % tuple(values)).encode()
 
@@ -637,13 +641,7 @@ class UsageDispatcher:
     def emit_line(self, line: bytes, request_id: str) -> None:
         """Write a serialised record (with its newline) to the line sinks."""
         for name, write_line in self._line_sinks:
-            try:  # _call, inlined on the per-request path
-                write_line(line)
-            except Exception as exc:
-                self._failed(name, exc, request_id)
-            else:
-                if self._failing and name in self._failing:
-                    self._succeeded(name)
+            self._call(name, write_line, line, request_id)
 
     def _call(self, name: str, write: Callable[[Any], Any], item: Any, request_id: str) -> None:
         try:
