@@ -6,7 +6,6 @@ children are cached per label combination, which the cardinality guard keeps bou
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -41,6 +40,12 @@ from llmpath.instrumentation.exposition import multiprocess_dir
 from llmpath.instrumentation.guard import CardinalityGuard
 
 Exemplar = ExemplarTag | None
+#: One finished request's observations, as :meth:`PrometheusMetrics.observe_request` defers them: the guard, the
+#: requests counter's child, the ``{route, model}`` children, duration, TTFT, TPOT, stage sums, the token counters'
+#: children with the counts, and the exemplar.
+_Observations = tuple[
+    CardinalityGuard, Any, "_RouteModel", float, float | None, float | None, Mapping[str, float], Any, Exemplar
+]
 
 
 def _help(name: str) -> str:
@@ -111,8 +116,7 @@ class PrometheusMetrics:
         self.latency_buckets = tuple(latency_buckets)
         self.tpot_buckets = tuple(tpot_buckets)
         reg = registry
-        self._compact = CompactFamilies(reg) if multiprocess_dir() is None else None
-        self._batch: Any = self._compact.batch() if self._compact is not None else contextlib.nullcontext()
+        self._compact = CompactFamilies(reg, fold=self._fold) if multiprocess_dir() is None else None
         self.requests = self._counter(REQUESTS_TOTAL)
         self.request_duration = self._histogram(REQUEST_DURATION, self.latency_buckets)
         self.stage_duration = self._histogram(STAGE_DURATION, self.latency_buckets)
@@ -186,21 +190,31 @@ class PrometheusMetrics:
         usage: Sequence[int] | None,
         exemplar: Exemplar,
     ) -> None:
-        """All of a finished request's observations (label values pass the cardinality guard here), under one
-        lock acquisition."""
+        """All of a finished request's observations (label values pass the cardinality guard here). In
+        single-process mode they are deferred: folded a few dozen requests at a time, and before any scrape
+        (:meth:`~llmpath.instrumentation.compact.CompactFamilies.defer`)."""
         rm = self._rm.get((route, model))
         if rm is None:
             rm = self._admit(guard, route, model, ttft, tpot, bool(stage_sums), usage)
         tokens = None
         if usage is not None:
             tenant = tenant or UNKNOWN_LABEL_VALUE
-            tokens = rm.tenants.get(tenant)
-            if tokens is None:
-                tokens = self._admit_tenant(guard, rm, tenant)
+            children = rm.tenants.get(tenant)
+            if children is None:
+                children = self._admit_tenant(guard, rm, tenant)
+            tokens = (children, tuple(usage))  # the counts now: a later record_usage() is in no record
         counter = rm.codes.get(code)
         if counter is None:
             counter = rm.codes[code] = self.bind(self.requests, rm.route, rm.model, str(code))
-        with self._batch:
+        observations = (guard, counter, rm, duration, ttft, tpot, stage_sums, tokens, exemplar)
+        if self._compact is not None:
+            self._compact.defer(observations)
+        else:  # multiprocess: another process reads the values at once
+            self._fold([observations])
+
+    def _fold(self, requests: list[_Observations]) -> None:
+        """Add finished requests' observations to their children (under the compact families' lock)."""
+        for guard, counter, rm, duration, ttft, tpot, stage_sums, tokens, exemplar in requests:
             counter.add(1)
             rm.duration.add(duration, exemplar)
             if ttft is not None:
@@ -209,8 +223,8 @@ class PrometheusMetrics:
                 rm.tpot.add(tpot, exemplar)
             if stage_sums:
                 self._observe_stages(guard, rm, stage_sums, exemplar)
-            if tokens is not None and usage is not None:  # tokens: set whenever usage is
-                for child, n in zip(tokens, usage, strict=True):
+            if tokens is not None:
+                for child, n in zip(*tokens, strict=True):
                     if n:
                         child.add(n)
 
