@@ -30,6 +30,7 @@ from llmpath.instrumentation.catalog import (
     TOKEN_TYPES,
     TOKENS_TOTAL,
     TPOT_BUCKETS,
+    UNATTRIBUTED,
     UNKNOWN_LABEL_VALUE,
     USAGE_RECORD_FAILURES_TOTAL,
     MetricSpec,
@@ -41,10 +42,19 @@ from llmpath.instrumentation.guard import CardinalityGuard
 
 Exemplar = ExemplarTag | None
 #: One finished request's observations, as :meth:`PrometheusMetrics.observe_request` defers them: the guard, the
-#: requests counter's child, the ``{route, model}`` children, duration, TTFT, TPOT, stage sums, the token counters'
-#: children with the counts, and the exemplar.
+#: requests counter's child, the ``{route, model}`` children, duration, TTFT, TPOT, the stage intervals, the
+#: unattributed time, the token counters' children with the counts, and the exemplar.
 _Observations = tuple[
-    CardinalityGuard, Any, "_RouteModel", float, float | None, float | None, Mapping[str, float], Any, Exemplar
+    CardinalityGuard,
+    Any,
+    "_RouteModel",
+    float,
+    float | None,
+    float | None,
+    Sequence[tuple[str, float, float, str]],
+    float | None,
+    Any,
+    Exemplar,
 ]
 
 
@@ -186,7 +196,8 @@ class PrometheusMetrics:
         duration: float,
         ttft: float | None,
         tpot: float | None,
-        stage_sums: Mapping[str, float],
+        stages: Sequence[tuple[str, float, float, str]],
+        unattributed: float | None,
         usage: Sequence[int] | None,
         exemplar: Exemplar,
     ) -> None:
@@ -195,7 +206,7 @@ class PrometheusMetrics:
         (:meth:`~llmpath.instrumentation.compact.CompactFamilies.defer`)."""
         rm = self._rm.get((route, model))
         if rm is None:
-            rm = self._admit(guard, route, model, ttft, tpot, bool(stage_sums), usage)
+            rm = self._admit(guard, route, model, ttft, tpot, bool(stages) or unattributed is not None, usage)
         tokens = None
         if usage is not None:
             tenant = tenant or UNKNOWN_LABEL_VALUE
@@ -206,7 +217,7 @@ class PrometheusMetrics:
         counter = rm.codes.get(code)
         if counter is None:
             counter = rm.codes[code] = self.bind(self.requests, rm.route, rm.model, str(code))
-        observations = (guard, counter, rm, duration, ttft, tpot, stage_sums, tokens, exemplar)
+        observations = (guard, counter, rm, duration, ttft, tpot, stages, unattributed, tokens, exemplar)
         if self._compact is not None:
             self._compact.defer(observations)
         else:  # multiprocess: another process reads the values at once
@@ -214,15 +225,21 @@ class PrometheusMetrics:
 
     def _fold(self, requests: list[_Observations]) -> None:
         """Add finished requests' observations to their children (under the compact families' lock)."""
-        for guard, counter, rm, duration, ttft, tpot, stage_sums, tokens, exemplar in requests:
+        for guard, counter, rm, duration, ttft, tpot, stages, unattributed, tokens, exemplar in requests:
             counter.add(1)
             rm.duration.add(duration, exemplar)
             if ttft is not None:
                 rm.ttft.add(ttft, exemplar)
             if tpot is not None:
                 rm.tpot.add(tpot, exemplar)
-            if stage_sums:
-                self._observe_stages(guard, rm, stage_sums, exemplar)
+            if stages or unattributed is not None:
+                sums: dict[str, float] = {}
+                get = sums.get
+                for name, s, e, _ in stages:  # a stage run several times is one observation of its total
+                    sums[name] = get(name, 0.0) + (e - s)
+                if unattributed is not None:
+                    sums[UNATTRIBUTED] = unattributed
+                self._observe_stages(guard, rm, sums, exemplar)
             if tokens is not None:
                 for child, n in zip(*tokens, strict=True):
                     if n:

@@ -310,14 +310,12 @@ class Instrumentation:
         ft = req.first_token
         stages = req.stages
         stages.sort(key=_BY_START)
-        sums, covered = _sum_and_cover(stages, start, ft)
         ttft = unattributed = None
         if ft is not None:
             ttft = ft - start
-            unattributed = ttft - covered
+            unattributed = ttft - _covered(stages, start, ft)
             if unattributed < 0.0:
                 unattributed = 0.0
-            sums[UNATTRIBUTED] = unattributed
         usage = req.usage
         tpot = None
         if usage is not None and ft is not None and usage[2] > 1:
@@ -327,7 +325,7 @@ class Instrumentation:
         code = req.status_code
         exemplar = ({"trace_id": format(req.trace_id_int, "032x")}, time()) if req.sampled and self.exemplars else None
         self.metrics.observe_request(
-            self.guard, route, model, req.tenant, code, duration, ttft, tpot, sums, usage, exemplar
+            self.guard, route, model, req.tenant, code, duration, ttft, tpot, stages, unattributed, usage, exemplar
         )
         if self.usage:
             self._emit_usage(req, route, model, stages, ttft, duration, code, unattributed, tpot)
@@ -537,21 +535,11 @@ def _is_server_span(span: trace.Span) -> bool:
     return kind is SpanKind.SERVER or (kind is None and not span.is_recording())
 
 
-def _sum_and_cover(stages: Sequence[StageInterval], lo: float, hi: float | None) -> tuple[dict[str, float], float]:
-    """Per-stage totals, and the length of the union of the intervals clipped to ``[lo, hi]`` (0 without ``hi``).
-
-    ``stages`` must be sorted by start.
-    """
-    sums: dict[str, float] = {}
-    get = sums.get
-    if hi is None:
-        for name, s, e, _ in stages:
-            sums[name] = get(name, 0.0) + (e - s)
-        return sums, 0.0
+def _covered(stages: Sequence[StageInterval], lo: float, hi: float) -> float:
+    """The length of the union of the intervals clipped to ``[lo, hi]``. ``stages`` must be sorted by start."""
     covered = 0.0
     cur_s = cur_e = lo
-    for name, s, e, _ in stages:
-        sums[name] = get(name, 0.0) + (e - s)
+    for _, s, e, _ in stages:
         if s < lo:
             s = lo
         if e > hi:
@@ -563,4 +551,4 @@ def _sum_and_cover(stages: Sequence[StageInterval], lo: float, hi: float | None)
             cur_s, cur_e = s, e
         elif e > cur_e:
             cur_e = e
-    return sums, covered + (cur_e - cur_s)
+    return covered + (cur_e - cur_s)
