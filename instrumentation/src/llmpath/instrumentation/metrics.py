@@ -305,7 +305,7 @@ class PrometheusMetrics:
     ) -> None:
         by_stage = rm.stages
         route = rm.route
-        totals: list[float] | None = None
+        totals: list[float | None] | None = None  # per group: None while none of its stages ran
         for name, seconds in stage_sums.items():
             bound = by_stage.get(name)
             if bound is None:
@@ -313,9 +313,10 @@ class PrometheusMetrics:
             bound[0].add(seconds, exemplar)
             if bound[1]:
                 if totals is None:
-                    totals = [0.0] * len(self.groups)
+                    totals = [None] * len(self.groups)
                 for i in bound[1]:
-                    totals[i] += seconds
+                    total = totals[i]
+                    totals[i] = seconds if total is None else total + seconds
         if totals is not None:
             if route is OVERFLOW_LABEL_VALUE:
                 self.overflow.labels(STAGE_GROUP_DURATION, "route").inc()
@@ -324,9 +325,9 @@ class PrometheusMetrics:
                 children = self._group[route] = tuple(
                     self.bind(self.group_duration, g.name, route) for g in self.groups
                 )
-            for child, seconds, group in zip(children, totals, self.groups, strict=True):
-                if seconds or any(st in stage_sums for st in group.stages):
-                    child.add(seconds, exemplar)
+            for child, total in zip(children, totals, strict=True):
+                if total is not None:
+                    child.add(total, exemplar)
 
     def _bind_stage(
         self, guard: CardinalityGuard, route: str, name: str, by_stage: dict[str, tuple[Any, tuple[int, ...]]]
