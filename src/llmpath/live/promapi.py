@@ -53,7 +53,8 @@ class PrometheusClient:
         self.timeout = timeout
         self.warnings: list[str] = []
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        if "?" in base_url.rpartition("@")[2] or "#" in base_url.rpartition("@")[2]:  # httpx would drop it, path too
+        after_userinfo = base_url.rpartition("@")[2]
+        if "?" in after_userinfo or "#" in after_userinfo:  # httpx would drop it, and the path with it
             raise PrometheusError(
                 f"{self.base_url} has a query or fragment: give the Prometheus base URL alone (a token with "
                 "--bearer-token-file or LLMPATH_PROMETHEUS_TOKEN)"
