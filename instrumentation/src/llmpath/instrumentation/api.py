@@ -99,11 +99,20 @@ class StageScope:
 
     def _enter_another(self, req: RequestTelemetry) -> StageScope:
         """This object is already running: time this run with a fresh scope, which ``__exit__`` will find."""
-        run = StageScope(self.name, **(self._base or {}))
+        run = self._fresh()
         run.__enter__()
         if self._others is None:
             self._others = {}
         self._others.setdefault(req, []).append(run)
+        return run
+
+    def _fresh(self) -> StageScope:
+        """A new scope of this stage with the same attributes (already clean: not cleaned again)."""
+        run = StageScope.__new__(StageScope)
+        run.name = self.name
+        run._base = run.attributes = self._base  # copied before a run changes its own (_enter_sampled)
+        run._req = None
+        run._others = None
         return run
 
     def _exit_another(
@@ -202,14 +211,14 @@ class StageScope:
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
-                with StageScope(name, **(attributes or {})):
+                with self._fresh():
                     return await fn(*args, **kwargs)
 
             return async_wrapper  # type: ignore[return-value]
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with StageScope(name, **(attributes or {})):
+            with self._fresh():
                 return fn(*args, **kwargs)
 
         return wrapper  # type: ignore[return-value]

@@ -140,12 +140,11 @@ class ModelCallSpan:
             req.operation = self.operation
             tracer = req.instrumentation.tracer if req.sampled else None
             genai = req.instrumentation.genai
-            self._genai = genai if genai.enabled() else None
             self._metric_model = req.instrumentation.guard.admit("model", self.model)  # bounded like the labels
         else:
             tracer = trace.get_tracer(INSTRUMENTATION_NAME)
             genai = _fallback_genai()
-            self._genai = genai if genai.enabled() else None
+        self._genai = genai if genai.enabled() else None
         if tracer is not None:
             span = tracer.start_span(
                 f"{self.operation} {self.model}", kind=SpanKind.CLIENT, attributes=self._attributes
