@@ -118,6 +118,29 @@ def test_throttled_requests_are_counted_per_tenant(llmpath_bin: str, tmp_path: P
     assert rows["total"] == ["5", "3", "1"]
 
 
+def test_reasoning_tokens_are_totalled_per_tenant(llmpath_bin: str, tmp_path: Path) -> None:
+    ledger = tmp_path / "usage.jsonl"
+    sink = JsonlUsageSink(ledger)
+    for i, (tenant, thinking) in enumerate([("acme", 7), ("acme", 2), ("beta", None), ("beta", "9"), ("beta", True)]):
+        r = record(i, ttft=0.1, tenant=tenant)
+        if thinking is not None:
+            r.extra["reasoning_tokens"] = thinking  # a string or a bool (another writer's ledger) is no count
+        sink.write(r)
+    sink.close()
+    s = as_json(usage(llmpath_bin, "summary", ledger, "--json"))
+    assert s["reasoning_tokens"] == 9 and s["tokens"]["output"] == 50
+    assert [(t["tenant"], t["reasoning_tokens"]) for t in s["tenants"]] == [("acme", 9), ("beta", 0)]
+    out = usage(llmpath_bin, "summary", ledger)
+    assert out.returncode == 0, out.stderr
+    assert "of which reasoning" in out.stdout
+    rows = {line.split()[0]: line.split()[4:] for line in out.stdout.splitlines() if line.strip()}
+    assert rows["acme"] == ["200", "60", "20", "9"]  # input, cached, output, of which reasoning
+    assert rows["total"] == ["500", "120", "50", "9"]
+    plain = tmp_path / "plain.jsonl"
+    JsonlUsageSink(plain).write(record(1, ttft=0.1))
+    assert "reasoning" not in usage(llmpath_bin, "summary", plain).stdout  # no column without a reasoning model
+
+
 def test_summary_tables(llmpath_bin: str, ledgers: tuple[Path, Path]) -> None:
     out = usage(llmpath_bin, "summary", *ledgers)
     assert out.returncode == 0, out.stderr

@@ -135,16 +135,20 @@ def money(amount: float) -> str:
 
 
 def tenant_table(summary: LedgerSummary) -> Table:
-    """Per tenant: requests, throttled (429) and failed (5xx) ones, tokens by type; with the totals."""
+    """Per tenant: requests, throttled (429) and failed (5xx) ones, tokens by type (and, when a reasoning model
+    answered, how many output tokens were its thinking); with the totals."""
     columns = {"tenant": "left", "requests": "right", "429": "right", "5xx": "right"}
-    out = table("By tenant", {**columns, **dict.fromkeys(TOKEN_TYPES, "right")})
+    thinking = summary.reasoning_tokens > 0
+    extra = {"of which reasoning": "right"} if thinking else {}
+    out = table("By tenant", {**columns, **dict.fromkeys(TOKEN_TYPES, "right"), **extra})
     for t in summary.tenants:
         out.add_row(
             plain(t.tenant), f"{t.requests:,}", f"{t.throttled:,}", f"{t.server_errors:,}",
-            *(f"{t.tokens[k]:,}" for k in TOKEN_TYPES),
+            *(f"{t.tokens[k]:,}" for k in TOKEN_TYPES), *([f"{t.reasoning_tokens:,}"] if thinking else []),
         )  # fmt: skip
     totals = [summary.requests, sum(t.throttled for t in summary.tenants), summary.errors]
     totals += [summary.tokens[k] for k in TOKEN_TYPES]
+    totals += [summary.reasoning_tokens] if thinking else []
     out.add_row("[bold]total", *(f"[bold]{n:,}" for n in totals))
     return out
 

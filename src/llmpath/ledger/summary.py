@@ -66,6 +66,8 @@ class TenantRow:
     throttled: int
     server_errors: int
     tokens: dict[str, int]
+    #: The output tokens that were a reasoning model's thinking (the records' ``extra.reasoning_tokens``).
+    reasoning_tokens: int = 0
 
 
 @dataclass
@@ -134,6 +136,8 @@ class LedgerSummary:
     last_time: float = 0.0
     #: With a price file: cost and cache savings.
     cost: CostSummary | None = None
+    #: Of ``tokens["output"]``, those that were a reasoning model's thinking (``extra.reasoning_tokens``).
+    reasoning_tokens: int = 0
 
 
 def stage_totals(record: UsageRecord) -> dict[str, float]:
@@ -144,6 +148,13 @@ def stage_totals(record: UsageRecord) -> dict[str, float]:
     if record.unattributed_s is not None:
         totals[UNATTRIBUTED] += record.unattributed_s
     return totals
+
+
+def reasoning_tokens(record: UsageRecord) -> int:
+    """The request's output tokens that were thinking (``extra.reasoning_tokens``, which the gateway writes for a
+    reasoning model); 0 without one, or with a value that is not a count (a ledger written by other code)."""
+    value = record.extra.get("reasoning_tokens")
+    return value if type(value) is int and value > 0 else 0
 
 
 def untracked_s(record: UsageRecord) -> float:
@@ -274,6 +285,7 @@ class _Accumulator:
         row.server_errors += r.status_code >= 500
         for kind, value in zip(TOKEN_TYPES, (r.input_tokens, r.cached_tokens, r.output_tokens), strict=True):
             row.tokens[kind] += value
+        row.reasoning_tokens += reasoning_tokens(r)
 
     def _timings(self, r: UsageRecord, ttft: float) -> None:
         for st in r.stages:
@@ -336,6 +348,7 @@ class _Accumulator:
             first_time=self.first_time if requests else 0.0,
             last_time=self.last_time if requests else 0.0,
             cost=self.costs.result() if self.costs is not None else None,
+            reasoning_tokens=sum(t.reasoning_tokens for t in tenants),
         )
 
 
