@@ -1,16 +1,19 @@
 """A small HTTP server on 127.0.0.1 for the tests: the stand-in for a backend, Prometheus, an exporter, a webhook
 receiver or an OTLP collector. A test gives a function from each :class:`Request` to its :class:`Answer`; the server
-records the requests, and closing it waits for the requests being answered and closes its socket.
+records the requests, and closing it waits for the requests being answered and closes its socket. :func:`black_hole`
+is the opposite: an address no connection can be made to in time.
 
 ``tests/gateway/hostile.py`` and the backends' ``LoopbackServer`` are raw asyncio servers instead: they control the
 bytes on the wire (broken framing, hangs, keep-alive), which this one leaves to :mod:`http.server`."""
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -127,3 +130,24 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: a test's output is its own."""
+
+
+@contextmanager
+def black_hole() -> Iterator[str]:
+    """The URL of a listening socket whose accept queue is full: the kernel drops further SYNs, so a connection is
+    never made (a host that vanished behind a firewall, as seen from a client)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(0)
+        filling = []
+        for _ in range(4):
+            conn = socket.socket()
+            conn.setblocking(False)
+            conn.connect_ex(sock.getsockname())
+            filling.append(conn)
+        time.sleep(0.1)  # the first handshake completes and fills the queue
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            for conn in filling:
+                conn.close()

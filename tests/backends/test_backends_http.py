@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from llmpath.backends import (
     create_backend,
 )
 from llmpath.backends._http import MAX_EVENT_BYTES
+from tests.loopback import black_hole
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -78,22 +77,13 @@ async def test_a_connection_not_made_in_time_is_unreachable_not_a_timeout(kind: 
     """A host that drops the SYNs (here: a listener whose accept queue is full): ``connect_timeout`` passes and
     nothing was sent, so it is a connection that failed (retried elsewhere, counted toward ejection), not a backend
     that was silent too long."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(0)
-        filling = [socket.socket() for _ in range(4)]
-        for conn in filling:
-            conn.setblocking(False)
-            conn.connect_ex(listener.getsockname())
-        await asyncio.sleep(0.1)  # the first handshake fills the queue
-        backend = create_backend(kind, f"http://127.0.0.1:{listener.getsockname()[1]}", connect_timeout=0.2)
+    with black_hole() as url:
+        backend = create_backend(kind, url, connect_timeout=0.2)
         try:
             with pytest.raises(BackendUnreachable, match="no connection within the connect timeout"):
                 [ev async for ev in backend.generate(request(prompt=None, messages=[ChatMessage("user", "?")]))]
         finally:
             await backend.aclose()
-            for conn in filling:
-                conn.close()
 
 
 async def test_connection_closed_before_the_answer_is_unreachable(loopback) -> None:

@@ -13,8 +13,6 @@ import asyncio
 import json
 import logging
 import re
-import socket
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ from llmpath.gateway.pool import BackendPool, BackendState
 from llmpath.ledger.reading import read_ledger
 from tests.gateway.conftest import FakeClock
 from tests.loopback import Answer, Loopback
+from tests.loopback import black_hole as unreachable
 
 DOC = Path(__file__).parents[2] / "docs" / "gateway.md"
 KEY, ADMIN, LIMITED = "sk-doc-user-4e1a", "sk-doc-admin-9b2c", "sk-doc-limited-7d3f"
@@ -365,23 +364,9 @@ async def test_a_busy_backends_503_is_retried_but_does_not_count_toward_ejection
 
 @pytest.fixture
 def black_hole() -> Iterator[str]:
-    """The URL of a listening socket whose accept queue is full: the kernel drops further SYNs, so a connection is
-    never made (a host that vanished behind a firewall, as seen from the gateway)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(0)
-        filling = []
-        for _ in range(4):
-            conn = socket.socket()
-            conn.setblocking(False)
-            conn.connect_ex(sock.getsockname())
-            filling.append(conn)
-        time.sleep(0.1)  # the first handshake completes and fills the queue
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            for conn in filling:
-                conn.close()
+    """The URL of a host that drops the SYNs (:func:`tests.loopback.black_hole`)."""
+    with unreachable() as url:
+        yield url
 
 
 async def test_a_lone_backend_that_cannot_be_connected_to_in_time_is_a_503_and_a_failure(black_hole, caplog) -> None:
