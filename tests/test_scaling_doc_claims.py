@@ -22,7 +22,7 @@ import pytest
 
 from llmpath.demo.supervisor import Supervisor
 from tests.backends.conftest import LoopbackServer
-from tests.gateway.conftest import GatewayProc, OtlpCollector, Stack
+from tests.gateway.stack import GatewayProc, OtlpCollector, Stack
 
 REPLY = (Path(__file__).parent / "backends" / "fixtures" / "generate_stream_metrics.sse").read_bytes()
 WORKERS = 8

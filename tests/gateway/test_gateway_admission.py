@@ -15,7 +15,7 @@ from llmpath.gateway.admission import (
     openai_duration,
 )
 from llmpath.gateway.config import RateConfig, TokenRateConfig
-from tests.gateway.conftest import FakeClock
+from tests.gateway.stack import FakeClock
 
 
 async def test_fifo_queue_and_queue_full() -> None:

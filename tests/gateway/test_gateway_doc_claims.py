@@ -38,7 +38,7 @@ from llmpath.gateway.config import (
 )
 from llmpath.gateway.pool import BackendPool, BackendState
 from llmpath.ledger.reading import read_ledger
-from tests.gateway.conftest import FakeClock
+from tests.gateway.stack import FakeClock
 from tests.loopback import Answer, Loopback
 from tests.loopback import black_hole as unreachable
 

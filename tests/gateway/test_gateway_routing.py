@@ -16,7 +16,7 @@ from llmpath.gateway.routing import (
     Tokenization,
     block_hashes,
 )
-from tests.gateway.conftest import FakeClock
+from tests.gateway.stack import FakeClock
 
 
 def test_block_hashes_chain_and_share_prefixes() -> None:

@@ -15,8 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from llmpath.gateway.prompt_cache import CacheMode, PromptCache
 from llmpath.gateway.routing import PrefixIndex, Tokenization, block_hashes
-
-from .conftest import FakeClock
+from tests.gateway.stack import FakeClock
 
 TTL_S = 10.0
 BACKENDS = ["a", "b", "c"]

@@ -26,7 +26,7 @@ from llmpath.gateway.config import GatewayConfig, PromptCacheConfig, RouteConfig
 from llmpath.gateway.prompt_cache import CacheKey, CacheMode, CacheResult, PromptCache
 from llmpath.gateway.reload import apply_config
 from llmpath.gateway.routing import Candidate, PrefixIndex, Router, RouteReason, Tokenization
-from tests.gateway.conftest import FakeClock
+from tests.gateway.stack import FakeClock
 
 DOC = Path(__file__).parents[2] / "docs" / "prompt-caching.md"
 SYSTEM = "S" * 256  # 16 blocks of 16 bytes at 1 byte per token
