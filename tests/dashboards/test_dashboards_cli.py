@@ -71,7 +71,7 @@ def test_runbook_base_url_links_each_burn_rate_panel_to_its_alerts_runbooks(llmp
     plain_json = json.loads((tmp_path / "b" / "llmpath-slos.json").read_text())
     assert not any(p.get("links") for p in plain_json["panels"])
     relative = _run(llmpath_bin, "dashboards", "build", "-o", str(tmp_path / "c"), "--runbook-base-url", "runbooks")
-    assert relative.returncode == 2 and "absolute http(s) URL" in relative.stderr
+    assert relative.returncode == 2 and "absolute http(s) URL" in " ".join(relative.stderr.replace("│", " ").split())
     assert not (tmp_path / "c").exists()
 
 

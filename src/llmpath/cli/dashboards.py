@@ -10,6 +10,7 @@ import typer
 
 from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
 from llmpath.cli.slo import BUCKETS_HELP, PLUGINS_HELP, load_plugins, parse_buckets, spec_failure
+from llmpath.cli.urls import check_http_url
 
 if TYPE_CHECKING:
     from llmpath.instrumentation import StageCatalog
@@ -122,9 +123,7 @@ def build(
     from llmpath.dashboards.build import DashboardError, build_dashboards, is_generated, render_all
     from llmpath.dashboards.specs import recording_rule_names, slo_views
 
-    if runbook_base_url is not None and not runbook_base_url.startswith(("http://", "https://")):
-        raise fail(f"--runbook-base-url {runbook_base_url!r}: must be an absolute http(s) URL (Grafana opens panel "
-                   "links from its own pages)", 2)  # fmt: skip
+    check_http_url(runbook_base_url, "--runbook-base-url")  # Grafana opens panel links from its own pages
     specs = SpecArgs(slo, period, windows, buckets, plugins, catalog)
     stages = specs.stages()
     result = specs.compile(stages, runbook_base_url=runbook_base_url)

@@ -9,6 +9,7 @@ import typer
 from llmpath.cli.catalog import CATALOG_HELP
 from llmpath.cli.dashboards import CHECK_HELP, PERIOD_HELP, SLO_HELP, WINDOWS_HELP, SpecArgs, fail, sync
 from llmpath.cli.slo import BUCKETS_HELP, PLUGINS_HELP
+from llmpath.cli.urls import check_http_url
 
 app = typer.Typer(help="Generate per-alert runbooks.", no_args_is_help=True)
 
@@ -23,7 +24,7 @@ def build(
     period: str | None = typer.Option(None, "--period", "-p", help=PERIOD_HELP),
     windows: list[Path] = typer.Option([], "--windows", "-w", help=WINDOWS_HELP),
     dashboard_base_url: str | None = typer.Option(
-        None, "--dashboard-base-url", help=f"Grafana URL for dashboard links (default: {DEFAULT_GRAFANA_URL})."
+        None, "--dashboard-base-url", help=f"Grafana URL for dashboard links, http(s) (default: {DEFAULT_GRAFANA_URL})."
     ),
     buckets: list[str] = typer.Option([], "--buckets", help=BUCKETS_HELP),
     plugins: list[str] = typer.Option([], "--plugins", help=PLUGINS_HELP),
@@ -35,6 +36,7 @@ def build(
     from llmpath.dashboards.specs import recording_rule_names, slo_views
     from llmpath.runbooks import KnowledgeError, RunbookError, build_runbooks, is_generated
 
+    check_http_url(dashboard_base_url, "--dashboard-base-url")
     specs = SpecArgs(slo, period, windows, buckets, plugins, catalog)
     stages = specs.stages()
     result = specs.compile(stages, dashboard_base_url=dashboard_base_url)

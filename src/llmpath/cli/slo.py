@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, NoReturn
 import typer
 
 from llmpath.cli.catalog import CATALOG_HELP, catalog_or_exit
+from llmpath.cli.urls import check_base_url_or_path, check_http_url
 
 if TYPE_CHECKING:
     from llmpath.live.slo_status import SloRow
@@ -220,12 +221,14 @@ def compile_cmd(
     tests: bool = typer.Option(False, "--tests", help="Also write promtool test files (OUT/tests/<slo>.test.yaml)."),
     strict: bool = typer.Option(False, "--strict", help="Treat warnings (unknown keys, …) as errors."),
     runbook_base_url: str | None = typer.Option(
-        None, "--runbook-base-url", help="runbook_url base (default for llmpath specs: runbooks/generated)."
+        None,
+        "--runbook-base-url",
+        help="runbook_url base: an http(s) URL or a relative path (default for llmpath specs: runbooks/generated).",
     ),
     dashboard_base_url: str | None = typer.Option(
         None,
         "--dashboard-base-url",
-        help="Grafana base for dashboard_url (default for llmpath specs: http://localhost:3000).",
+        help="Grafana base for dashboard_url, an http(s) URL (default for llmpath specs: http://localhost:3000).",
     ),
     plugins: list[str] = typer.Option([], "--plugins", help=PLUGINS_HELP),
     ignore_duplicates: bool = typer.Option(False, "--ignore-duplicates", help=_DUPLICATES_HELP),
@@ -247,6 +250,8 @@ def compile_cmd(
         raise typer.BadParameter(f"{out} is a folder", param_hint="--out")
     if out != "-" and not single_file and target.exists() and not target.is_dir():
         raise typer.BadParameter(f"{out} exists and is not a folder", param_hint="--out")
+    check_base_url_or_path(runbook_base_url, "--runbook-base-url")
+    check_http_url(dashboard_base_url, "--dashboard-base-url")
     sli_plugins, slo_plugins = load_plugins(plugins)
     options = CompileOptions(
         period=period,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from llmpath.backends.engine.presets import GPU_ONLY_PRESETS, preset
 
@@ -98,6 +99,27 @@ class EngineArgs:
             raise ValueError("--threads must be at least 1")
         if self.model_path is not None and not self.model_path.is_dir():
             raise ValueError(f"--model {self.model_path}: not a directory")
+        endpoint = self.otlp_traces_endpoint
+        if endpoint is not None and (problem := otlp_endpoint_problem(endpoint)) is not None:
+            raise ValueError(f"--otlp-traces-endpoint {endpoint!r}: {problem}")
+
+
+def otlp_endpoint_problem(endpoint: str) -> str | None:
+    """Why ``endpoint`` is not an OTLP/HTTP endpoint the engine can export to (``http(s)://host[:port][/path]``, or
+    SGLang's ``host:port``); ``None`` if it is."""
+    if not endpoint or any(c.isspace() for c in endpoint):
+        return "give http(s)://host:port[/v1/traces] or host:port, without spaces"
+    if "://" in endpoint and not endpoint.startswith(("http://", "https://")):
+        return "the engine exports OTLP over HTTP: use http:// or https:// (or host:port)"
+    url = endpoint if "://" in endpoint else f"http://{endpoint}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises on a port that is not a number
+    except ValueError as exc:
+        return f"not a valid URL ({exc})"
+    if not parts.hostname:
+        return "no host"
+    return None
 
 
 def _cuda_available() -> bool:

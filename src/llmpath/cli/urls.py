@@ -1,0 +1,43 @@
+"""Checks of the URLs given on the command line, so that a typo is refused up front instead of ending up in every
+generated link (or in an exporter that fails at its first export)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import typer
+
+
+def http_url_problem(url: str, *, base: bool = True) -> str | None:
+    """Why ``url`` is not an absolute http(s) URL with a host (``base``: nor a base that links are appended to, which
+    has no query or fragment); ``None`` if it is."""
+    if not url or url != url.strip() or any(c.isspace() or ord(c) < 32 for c in url):
+        return "must be an absolute http(s) URL without spaces"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # raises on a port that is not a number
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an absolute http(s) URL with a host (e.g. https://grafana.example.com)"
+    if base and (parts.query or parts.fragment):
+        return "must have no query or fragment (links are made by appending paths to it)"
+    return None
+
+
+def check_http_url(url: str | None, option: str, *, base: bool = True) -> str | None:
+    """``url`` unchanged if ``None`` or an absolute http(s) URL (:func:`http_url_problem`); else a usage error
+    naming ``option`` (exit status 2)."""
+    if url is not None and (problem := http_url_problem(url, base=base)) is not None:
+        raise typer.BadParameter(f"{url!r} {problem}", param_hint=option)
+    return url
+
+
+def check_base_url_or_path(url: str | None, option: str) -> str | None:
+    """Like :func:`check_http_url`, but a relative path (``runbooks/generated``: no scheme, no host) passes too."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if not parts.scheme and not parts.netloc and url.strip() == url and url and not any(c.isspace() for c in url):
+        return url
+    return check_http_url(url, option)
