@@ -27,6 +27,7 @@ BAD_BASE_URLS = [
     ("https://g.example.com/?orgId=1", "no query or fragment"),
     ("https://g.example.com:99999", "Port out of range"),
     ("https://g.example.com/a b", "without spaces"),
+    ("file://server/share/runbooks", "absolute http(s) URL with a host"),  # only a local folder's file:/// URL
 ]
 
 
@@ -64,6 +65,10 @@ def test_good_urls_are_used_as_given(llmpath_bin: str, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     rules = (tmp_path / "rules" / "llm-api.yaml").read_text()
     assert "runbook_url: runbooks/generated/" in rules and "dashboard_url: https://grafana.example.com/g/d/" in rules
+    local = tmp_path / "runbooks"
+    out = llmpath(llmpath_bin, "slo", "compile", SPEC, "-o", tmp_path / "r2", "--runbook-base-url", local.as_uri())
+    assert out.returncode == 0, out.stderr  # the demo links its alerts to the runbooks it built
+    assert f"runbook_url: {local.as_uri()}/" in (tmp_path / "r2" / "llm-api.yaml").read_text()
     built = llmpath(llmpath_bin, "runbooks", "build", "-o", tmp_path / "rb", "--dashboard-base-url", "http://g:3000")
     assert built.returncode == 0, built.stderr
     assert "http://g:3000/d/" in "".join(p.read_text() for p in (tmp_path / "rb").glob("*.md"))

@@ -34,10 +34,15 @@ def check_http_url(url: str | None, option: str, *, base: bool = True) -> str | 
 
 
 def check_base_url_or_path(url: str | None, option: str) -> str | None:
-    """Like :func:`check_http_url`, but a relative path (``runbooks/generated``: no scheme, no host) passes too."""
-    if url is None:
-        return None
-    parts = urlsplit(url)
-    if not parts.scheme and not parts.netloc and url.strip() == url and url and not any(c.isspace() for c in url):
+    """Like :func:`check_http_url`, but a relative path (``runbooks/generated``: no scheme, no host) and a local
+    folder's ``file:///`` URL (the demo's runbooks) pass too."""
+    if url is None or (url and not any(c.isspace() for c in url) and _is_path_or_file_url(url)):
         return url
     return check_http_url(url, option)
+
+
+def _is_path_or_file_url(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return parts.path.startswith("/") and parts.netloc in ("", "localhost")
+    return not parts.scheme and not parts.netloc
