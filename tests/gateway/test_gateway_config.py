@@ -101,6 +101,16 @@ def test_overrides_merge_into_sections(tmp_path: Path) -> None:
             "backends[1].url (line 3): two backends are named 'a:1' (also backends[0])",
         ),
         ("routes:\n  - name: r\n  - name: r\n", "routes[1].name (line 3): route 'r' is defined twice (also routes[0])"),
+        ("backends:\n  - {url: 'http://a:1', name: ''}\n", "backends[0].name (line 2): Value error, must be 1-128"),
+        (
+            'backends:\n  - {url: "http://a:1", name: "gpu-a\\n"}\n',  # a newline would break log lines
+            "backends[0].name (line 2): Value error, must be 1-128 characters",
+        ),
+        ('routes:\n  - {name: "chat\\n"}\n', "routes[0].name (line 2): Value error, must be 1-128 characters"),
+        (
+            f'api_keys:\n  - {{sha256: {hash_key("k")}, tenant: "acme\\n"}}\n',
+            "api_keys[0].tenant (line 2): Value error, must be 1-128 characters",
+        ),
         (
             f"api_keys:\n  - {{sha256: {hash_key('k')}, tenant: a}}\n  - {{sha256: {hash_key('k')}, tenant: b}}\n",
             "api_keys[1].sha256 (line 3): the same key hash as api_keys[0]",

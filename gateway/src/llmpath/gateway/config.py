@@ -31,7 +31,7 @@ from yarl import URL
 
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _EMPTY_KEY_SHA256 = hashlib.sha256(b"").hexdigest()
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -118,6 +118,17 @@ class BackendConfig(_Strict):
     name: str | None = None
     #: Name of the environment variable holding the bearer key the gateway sends to this backend, if any.
     api_key_env: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _backend_name(cls, value: str | None) -> str | None:
+        # It labels metrics and spans and is shown in logs and on the waterfall page; leave it out for host:port.
+        if value is not None and not _NAME_RE.fullmatch(value):
+            raise ValueError(
+                "must be 1-128 characters of letters, digits and . _ : / - (starting alphanumeric); "
+                "leave it out to name the backend host:port"
+            )
+        return value
 
     @property
     def display_name(self) -> str:
@@ -215,7 +226,7 @@ class RouteConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _route_name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise ValueError("must be 1-128 characters of letters, digits and . _ : / - (starting alphanumeric)")
         return value
 
@@ -284,7 +295,7 @@ class ApiKeyConfig(_Strict):
     @field_validator("tenant")
     @classmethod
     def _tenant_name(cls, value: str) -> str:
-        if not _NAME_RE.match(value):
+        if not _NAME_RE.fullmatch(value):
             raise ValueError("must be 1-128 characters of letters, digits and . _ : / - (starting alphanumeric)")
         return value
 
