@@ -1,7 +1,8 @@
 """A backend that aborts a request itself (SGLang's ``finish_reason`` ``abort``: an operator's ``/abort_request``,
 ``abort_all`` around a weight update) cut its output short: that is no answer. Before anything reached the client
-the request is retried on another backend; after that the client gets an error (an error event in a stream that
-has begun), not a ``finish_reason`` that says the answer is complete. Real engines behind a real gateway."""
+(a complete answer, or a stream before its first event) the request is retried on another backend; after that the
+client gets an error (an error event in a stream that has begun), not a ``finish_reason`` that says the answer is
+complete. Real engines behind a real gateway."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def gw(stack, keys):
         "routing": {"policy": "least_load", "max_retries": 1},
         "health": {"interval_s": 60},
         "api_keys": keys.config(),
+        "usage": {"ledger": str(stack.tmp / "abort-usage.jsonl")},
     }
     return stack.start_gateway("gateway", config)
 
@@ -112,20 +114,54 @@ def test_a_request_aborted_before_its_first_token_is_retried_on_the_other_backen
     assert "aborted the request; retrying on" in gw.log.read_text()
 
 
-def test_a_complete_answer_aborted_mid_generation_is_a_502_not_a_cut_answer(gw, stack, keys) -> None:
-    # The gateway streams from the backend whatever the client asked: past the first event, a failure is final.
+def records(gw) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in gw.ledger.read_text().splitlines()]
+
+
+def test_a_complete_answer_aborted_mid_generation_is_retried_on_the_other_backend(gw, stack, keys) -> None:
+    # Nothing reached the client (it waits for one JSON body): the gateway can still answer it from elsewhere.
     for engine in stack.engines:
         set_fault(engine.url, decode_slowdown=300)  # a few hundred milliseconds a token
+    before, seen = codes(gw), len(records(gw))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        call = pool.submit(chat, gw, keys, stream=False, max_tokens=4)
+        aborting, other = engine_holding(stack, "running")
+        other_served = served(other)
+        time.sleep(0.5)  # a token or two generated: the engine ends the request with them and finish_reason abort
+        abort_all(aborting)
+        resp = call.result(timeout=30)
+    assert resp.status_code == 200, resp.text
+    answer = resp.json()
+    assert answer["choices"][0]["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 4
+    assert served(other) == other_served + 1  # the answer came from the other engine
+    after = codes(gw)
+    assert {c: after[c] - before[c] for c in after} == {"200": 1, "502": 0, "503": 0}
+    assert "aborted the request; retrying on" in gw.log.read_text()
+    (record,) = records(gw)[seen:]
+    # The answer's tokens only (not the aborted attempt's), and its first token: after the abort, not before it.
+    assert (record["output_tokens"], record["status_code"]) == (4, 200)
+    assert record["ttft_s"] > 0.5
+    other_name = next(e.name for e in stack.engines if e.url == other)
+    assert (record["extra"]["backend"], record["extra"]["retries"]) == (other_name, 1)
+
+
+def test_a_complete_answer_aborted_on_every_backend_is_a_502_not_a_cut_answer(gw, stack, keys) -> None:
+    for engine in stack.engines:
+        set_fault(engine.url, decode_slowdown=300)
     before = codes(gw)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         call = pool.submit(chat, gw, keys, stream=False, max_tokens=8)
-        aborting, _ = engine_holding(stack, "running")
-        time.sleep(0.5)  # a token or two generated: the engine ends the request with them and finish_reason abort
-        abort_all(aborting)
+        first, second = engine_holding(stack, "running")
+        time.sleep(0.5)
+        abort_all(first)
+        engine_holding(stack, "running")  # retried on the other one (routing.max_retries: 1) ...
+        time.sleep(0.5)
+        abort_all(second)  # ... which aborts it too: no retry is left
         resp = call.result(timeout=30)
     assert resp.status_code == 502 and resp.json()["error"]["code"] == "backend_error", resp.text
     after = codes(gw)
     assert {c: after[c] - before[c] for c in after} == {"200": 0, "502": 1, "503": 0}
+    assert "aborted the request; no retries left" in gw.log.read_text()
 
 
 def test_a_stream_aborted_after_its_first_token_ends_with_an_error_not_a_stop(gw, stack, keys) -> None:

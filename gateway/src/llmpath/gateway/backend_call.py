@@ -1,5 +1,6 @@
 """The backend call of an admitted request, as an ASGI response: connect (retrying elsewhere when the connection
-fails before the first event), then relay the backend's events to the client as SSE chunks or one JSON body, turning
+fails before the first event, and, for a complete answer, when the backend goes away or aborts it before anything
+reached the client), then relay the backend's events to the client as SSE chunks or one JSON body, turning
 them into the ``prefill``, ``decode`` and backend ``schedule`` stages, the model-call span and the usage record.
 It runs in the endpoint's task, so the model-call span and the trace context stay intact to the last byte.
 """
@@ -107,26 +108,30 @@ class BackendCallResponse(Response):
             self.gateway.release(self.p)
 
     async def _run(self, send: Any) -> None:
-        try:
-            scope, call, events = await self._connect()
-        except APIError as exc:
-            await self._send_error(send, exc)
-            return
-        tracker = _Tracker(self.gateway, self.p, call)
-        with scope:  # the model-call span, current from connect to the last event
+        while True:
             try:
-                if self.p.stream:
-                    await self._stream(send, tracker, events)
-                else:
-                    await self._complete(send, tracker, events)
-            finally:
-                tracker.settle()  # cut short (client gone, shutdown, backend error): account for what was generated
-                await events.aclose()
+                scope, call, events = await self._connect()
+            except APIError as exc:
+                await self._send_error(send, exc)
+                return
+            tracker = _Tracker(self.gateway, self.p, call)
+            retried = False
+            with scope:  # the model-call span, current from connect to the last event
+                try:
+                    if self.p.stream:
+                        await self._stream(send, tracker, events)
+                    else:
+                        retried = await self._complete(send, tracker, events)
+                finally:
+                    if not retried:  # cut short (client gone, shutdown, backend error): account for what was made
+                        tracker.settle()
+                    await events.aclose()
+            if not retried:
+                return
 
     async def _connect(self) -> tuple[contextlib.ExitStack, ModelCallSpan, _Prefetched]:
         """Open the backend stream and wait for its first event; retry elsewhere on connection failure."""
         gw, p = self.gateway, self.p
-        retries = gw.config.routing.max_retries
         retry_after = 0.0
         while True:
             state = gw.pool[p.decision.backend]
@@ -151,34 +156,14 @@ class BackendCallResponse(Response):
                 await events.aclose()
                 call.set_error("unavailable")
                 scope.close()
-                p.tried.append(state.name)
-                # Unreachable (no answer at all) counts toward ejection and is worth a WARNING; a busy backend's
-                # 503 is frequent under overload, and in its own metrics.
-                unreachable = isinstance(exc, BackendUnreachable)
-                if unreachable:
-                    reason, level = f"connection failed: {type(exc.__cause__).__name__}", logging.WARNING
-                elif isinstance(exc, BackendAborted):  # an operator's abort, a weight update: worth a line
-                    reason, level = "aborted the request", logging.INFO
-                else:
-                    reason, level = "busy", logging.DEBUG
-                if unreachable:
-                    gw.pool.report_failure(state.name, reason)
-                gw.release_backend(p)
+                if isinstance(exc, BackendUnreachable):  # no answer at all: counts toward ejection
+                    gw.pool.report_failure(state.name, f"connection failed: {type(exc.__cause__).__name__}")
                 if exc.retry_after is not None:  # a busy backend's own Retry-After (429/503): the longest one
                     retry_after = max(retry_after, exc.retry_after)
-                if len(p.tried) > retries:
-                    log.log(level, "backend %s: %s; no retries left (routing.max_retries)", state.name, reason)
-                    error = errors.no_backend("Every backend tried failed; retry later.")
+                error = self._route_elsewhere(state.name, exc)
+                if error is not None:  # no retries left, or no other backend: a busy one's own wait, if longer
                     error.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
                     raise error from None
-                try:
-                    with stage("route") as st:
-                        gw.route_request(p, st, retry=True)
-                except APIError as error:
-                    log.log(level, "backend %s: %s; no other backend to try", state.name, reason)
-                    error.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))  # a busy one's own wait
-                    raise
-                log.log(level, "backend %s: %s; retrying on %s", state.name, reason, p.decision.backend)
                 continue
             except BackendError as exc:
                 await events.aclose()
@@ -192,6 +177,34 @@ class BackendCallResponse(Response):
                 raise
             self._backend = state.name  # its success is reported with the whole answer (_report_answer)
             return scope, call, events
+
+    def _route_elsewhere(self, backend: str, exc: BackendUnavailable, *, mid_answer: bool = False) -> APIError | None:
+        """After ``backend`` failed ``exc`` (nothing reached the client): route the request to another backend
+        within ``routing.max_retries``; the client's error when no retry is left or no other backend can take it."""
+        gw, p = self.gateway, self.p
+        p.tried.append(backend)
+        # A connection that failed is worth a WARNING, an operator's abort (a weight update) a line; a busy
+        # backend's 503 is frequent under overload, and in its own metrics.
+        if isinstance(exc, BackendUnreachable):
+            cause = type(exc.__cause__).__name__
+            reason = f"connection lost mid-answer: {cause}" if mid_answer else f"connection failed: {cause}"
+            level = logging.WARNING
+        elif isinstance(exc, BackendAborted):
+            reason, level = "aborted the request", logging.INFO
+        else:
+            reason, level = "busy", logging.DEBUG
+        gw.release_backend(p)
+        if len(p.tried) > gw.config.routing.max_retries:
+            log.log(level, "backend %s: %s; no retries left (routing.max_retries)", backend, reason)
+            return errors.no_backend("Every backend tried failed; retry later.")
+        try:
+            with stage("route") as st:
+                gw.route_request(p, st, retry=True)
+        except APIError as error:
+            log.log(level, "backend %s: %s; no other backend to try", backend, reason)
+            return error
+        log.log(level, "backend %s: %s; retrying on %s", backend, reason, p.decision.backend)
+        return None
 
     def _report_failure(self, backend: str, exc: BackendError, *, mid_answer: bool) -> None:
         """Consecutive 5xx answers and answers that break the protocol eject, like outlier detection — before the
@@ -262,7 +275,9 @@ class BackendCallResponse(Response):
             self._finished = True
             await send({"type": "http.response.body", "body": error.sse_event() + SSE_DONE, "more_body": False})
 
-    async def _complete(self, send: Any, tracker: _Tracker, events: AsyncIterator[BackendEvent]) -> None:
+    async def _complete(self, send: Any, tracker: _Tracker, events: AsyncIterator[BackendEvent]) -> bool:
+        """Collect the answer and send it as one JSON body; ``True`` when the backend went away or aborted the
+        request and it was routed to another backend instead (nothing was sent: the caller tries again)."""
         call = tracker.call
         try:
             async for event in events:
@@ -277,7 +292,7 @@ class BackendCallResponse(Response):
                     self._finished = True
                     await self._send_json(send, 200, body)
                     await _drain(events)
-                    return
+                    return False
                 else:
                     tracker.event(event)
             raise BackendProtocolError("the backend stream ended without a final event")
@@ -285,8 +300,17 @@ class BackendCallResponse(Response):
             assert self._backend is not None  # set when the first event came
             self._report_failure(self._backend, exc, mid_answer=True)
             call.set_error(type(exc).__name__)
+            # Nothing reached the client yet: a backend that went away or aborted the request (an operator's abort,
+            # a weight update) is retried elsewhere, as before its first event. The failed attempt's tokens are
+            # not the client's (its time stays in the stages it ran: schedule, prefill).
+            if (
+                isinstance(exc, BackendUnavailable)
+                and self._route_elsewhere(self._backend, exc, mid_answer=True) is None
+            ):
+                return True
             tracker.settle()  # the tokens generated so far, before the answer closes the usage record
             await self._send_error(send, _api_error(exc, self.p.kind, mid_response=True))
+            return False
 
     async def _end_early(self, send: Any, exc: APIError) -> None:
         """End a response cut short: the error as JSON if nothing was sent yet, as an SSE error event in a stream
@@ -438,8 +462,6 @@ class _Tracker:
     def _first_token(self, event: FirstToken) -> None:
         self._first = event
         now = self._first_token_at = perf_counter()
-        if not self._p.stream:
-            mark_first_token(now)
         prefill = max(0.0, event.prefill_seconds)
         record_stage("prefill", prefill, end=now, source=event.source.value)
         queued = self._scheduled
@@ -509,6 +531,9 @@ class _Tracker:
         span and the tenant's token budget (once, whichever of :meth:`done` and :meth:`settle` comes first)."""
         self._settled = True
         p = self._p
+        if self._first is not None and not p.stream:
+            # A complete answer's first token (marked now, not when it came: a retried attempt's does not count).
+            mark_first_token(self._first_token_at)
         if self._first_token_at is not None:
             now = perf_counter()
             record_stage("decode", now - self._first_token_at, end=now, source="gateway")
