@@ -6,6 +6,8 @@ import json
 import logging
 import sqlite3
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -421,3 +423,38 @@ def test_a_write_cut_short_by_a_full_disk_does_not_glue_records_together(tmp_pat
     assert calls[2].startswith(b"\n{") and calls[0].startswith(b"{")
     assert [r.request_id for r in read_jsonl(path)] == ["r0", "r2"]
     assert f"{path}:2: a damaged usage record (a write cut short, or corrupted): skipped" in caplog.text
+
+
+def test_a_sqlite_ledger_read_started_in_one_thread_can_end_in_another(tmp_path: Path) -> None:
+    """A reader left unfinished (``usage show`` stops at its match) is closed by whichever thread finalises it."""
+    path = tmp_path / "usage.db"
+    sink = SqliteUsageSink(path)
+    for i in range(3):
+        sink.write(sample_record(request_id=f"r{i}"))
+    sink.close()
+    records = read_sqlite(path)
+    first: list[UsageRecord] = []
+    done = threading.Event()
+
+    def start() -> None:
+        first.append(next(records))
+        done.wait(10)  # alive while the other thread closes it (an ended thread's id may be reused)
+
+    started = threading.Thread(target=start)
+    started.start()
+    while not first and started.is_alive():
+        time.sleep(0.01)
+    closing_errors: list[BaseException] = []
+
+    def close() -> None:
+        try:
+            records.close()
+        except BaseException as exc:  # noqa: BLE001  # the assertion below says which
+            closing_errors.append(exc)
+
+    ended = threading.Thread(target=close)
+    ended.start()
+    ended.join()
+    done.set()
+    started.join()
+    assert first[0].request_id == "r0" and not closing_errors, closing_errors

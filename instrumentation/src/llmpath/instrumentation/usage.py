@@ -15,7 +15,7 @@ import re
 import sqlite3
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from operator import itemgetter
@@ -389,11 +389,13 @@ def _open_text(path: str | os.PathLike[str]) -> IO[str]:
     return gzip.open(path, "rt", encoding="utf-8") if compressed else Path(path).open(encoding="utf-8")
 
 
-def read_sqlite(path: str | os.PathLike[str], since: float | None = None) -> Iterator[UsageRecord]:
+def read_sqlite(path: str | os.PathLike[str], since: float | None = None) -> Generator[UsageRecord, None, None]:
     """Records of a SQLite ledger (:class:`SqliteUsageSink`), in insertion order, opened read-only (``since``:
     only records that started then or later)."""
     uri = f"{Path(path).resolve().as_uri()}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True)
+    # Read-only and private to this generator, which may be resumed, closed or garbage-collected in another thread
+    # than the one that started it (an async caller's worker threads): closing it there must work.
+    conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
     try:
         where, args = ("WHERE time >= ?", (since,)) if since is not None else ("", ())
         cur = conn.execute(f"SELECT id, {', '.join(_COLUMNS)} FROM usage {where} ORDER BY id", args)
