@@ -154,8 +154,11 @@ def test_a_complete_answer_aborted_on_every_backend_is_a_502_not_a_cut_answer(gw
         first, second = engine_holding(stack, "running")
         time.sleep(0.5)
         abort_all(first)
-        engine_holding(stack, "running")  # retried on the other one (routing.max_retries: 1) ...
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while loads(second)["num_running_reqs"] != 1:  # retried on the other one (routing.max_retries: 1) ...
+            assert time.monotonic() < deadline, "the request was not retried on the other engine"
+            time.sleep(0.02)
+        time.sleep(0.8)  # its first tokens came (an abort before them would be a retry before the first event)
         abort_all(second)  # ... which aborts it too: no retry is left
         resp = call.result(timeout=30)
     assert resp.status_code == 502 and resp.json()["error"]["code"] == "backend_error", resp.text

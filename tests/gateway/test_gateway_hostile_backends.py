@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from llmpath.backends.base import BackendEvent, BackendRequest, Done
 from llmpath.backends.sglang import SGLangBackend
@@ -486,6 +490,43 @@ async def test_answers_that_break_midway_eject_the_backend(kind: str, stream: bo
         resp = await gw.chat(stream=stream)
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "no_backend"
         assert backend.posts == 4
+
+
+async def test_a_complete_answer_whose_connection_is_lost_midway_is_retried_elsewhere() -> None:
+    """Nothing reached the client of a non-streamed request: the gateway answers it from the other backend. The
+    lost connection still counts against its backend; the trace shows it as a retry before the first event does —
+    a failed model-call span, then a second ``route`` stage and model-call span, all children of the request."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    answers = in_turn(broken_midway("connection"), sglang_answer(sglang_chunks(("Hi", " there"))))  # shared
+    async with (
+        RawBackend(answers) as one,
+        RawBackend(answers) as other,
+        serving_gateway(
+            one.url, other.url, tracer_provider=provider, routing={"max_retries": 1}, health={"interval_s": 60}
+        ) as gw,
+    ):
+        resp = await gw.chat()
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["choices"][0]["message"]["content"] == "Hi there"
+        assert resp.json()["usage"]["completion_tokens"] == 2  # the answer's, not the lost attempt's too
+        assert (one.posts, other.posts) == (1, 1)
+        (record,) = gw.records()
+        lost = "b0" if record.extra["backend"] == "b1" else "b1"
+        assert record.extra["retries"] == 1
+        assert gw.app.gateway.pool.states[lost].consecutive_failures == 1
+        await assert_released(gw)
+    spans = exporter.get_finished_spans()
+    (server,) = [s for s in spans if s.kind is SpanKind.SERVER]
+    calls = [s for s in spans if s.name == "chat m"]
+    routes = [s for s in spans if s.name == "llmpath.route"]
+    assert [c.status.is_ok for c in sorted(calls, key=lambda c: c.start_time or 0)] == [False, True]
+    request = server.context.span_id
+    parents: dict[str, set[int | None]] = {}
+    for s in (*routes, *calls):
+        parents.setdefault(s.name, set()).add(s.parent.span_id if s.parent is not None else None)
+    assert len(routes) == 2 and parents == {"llmpath.route": {request}, "chat m": {request}}
 
 
 async def test_an_answer_that_ends_after_its_backend_was_ejected_does_not_reinstate_it() -> None:

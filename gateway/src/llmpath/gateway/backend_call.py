@@ -17,6 +17,7 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from opentelemetry import context as otel_context
 from starlette.responses import Response
 
 from llmpath.backends.base import (
@@ -74,6 +75,8 @@ class BackendCallResponse(Response):
         self._started = False
         #: The backend answering, once its first event came.
         self._backend: str | None = None
+        #: The OTel context of the request, outside the model-call spans (set when the call starts).
+        self._request_context: otel_context.Context = otel_context.Context()
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         main = asyncio.current_task()
@@ -108,6 +111,7 @@ class BackendCallResponse(Response):
             self.gateway.release(self.p)
 
     async def _run(self, send: Any) -> None:
+        self._request_context = otel_context.get_current()  # the request's, outside every model-call span
         while True:
             try:
                 scope, call, events = await self._connect()
@@ -197,12 +201,18 @@ class BackendCallResponse(Response):
         if len(p.tried) > gw.config.routing.max_retries:
             log.log(level, "backend %s: %s; no retries left (routing.max_retries)", backend, reason)
             return errors.no_backend("Every backend tried failed; retry later.")
+        # Mid-answer the failed model-call span is still current: the retry's route stage is the request's, as
+        # before the first event (sibling of the model-call spans, not a child of the failed one).
+        token = otel_context.attach(self._request_context) if mid_answer else None
         try:
             with stage("route") as st:
                 gw.route_request(p, st, retry=True)
         except APIError as error:
             log.log(level, "backend %s: %s; no other backend to try", backend, reason)
             return error
+        finally:
+            if token is not None:
+                otel_context.detach(token)
         log.log(level, "backend %s: %s; retrying on %s", backend, reason, p.decision.backend)
         return None
 
