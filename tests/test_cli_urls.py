@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from llmpath.backends.engine.args import otlp_endpoint_problem
+from llmpath.backends.engine.tracing import otlp_traces_url
 from llmpath.slo import default_spec_path
 
 SPEC = default_spec_path()
@@ -93,3 +94,15 @@ def test_an_otlp_endpoint_the_engine_cannot_export_to_is_refused(llmpath_bin: st
 @pytest.mark.parametrize("endpoint", ["localhost:4317", "collector:4318", "http://c:4318/v1/traces", "https://c/otlp"])
 def test_otlp_endpoints_in_either_form_are_accepted(endpoint: str) -> None:
     assert otlp_endpoint_problem(endpoint) is None
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "url"),
+    [
+        ("localhost:4318", "http://localhost:4318/v1/traces"),
+        ("https://c/otlp/", "https://c/otlp/v1/traces"),
+        ("http://c:4318/v1/traces", "http://c:4318/v1/traces"),
+    ],
+)
+def test_the_endpoint_checked_is_the_url_the_engine_exports_to(endpoint: str, url: str) -> None:
+    assert otlp_traces_url(endpoint) == url

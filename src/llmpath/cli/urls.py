@@ -8,10 +8,10 @@ from urllib.parse import urlsplit
 import typer
 
 
-def http_url_problem(url: str, *, base: bool = True) -> str | None:
-    """Why ``url`` is not an absolute http(s) URL with a host (``base``: nor a base that links are appended to, which
-    has no query or fragment); ``None`` if it is."""
-    if not url or url != url.strip() or any(c.isspace() or ord(c) < 32 for c in url):
+def http_url_problem(url: str) -> str | None:
+    """Why ``url`` is not an absolute http(s) URL with a host and without query or fragment (links are made by
+    appending paths to it); ``None`` if it is."""
+    if not url or any(c.isspace() or ord(c) < 32 for c in url):
         return "must be an absolute http(s) URL without spaces"
     try:
         parts = urlsplit(url)
@@ -20,25 +20,23 @@ def http_url_problem(url: str, *, base: bool = True) -> str | None:
         return f"is not a valid URL ({exc})"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an absolute http(s) URL with a host (e.g. https://grafana.example.com)"
-    if base and (parts.query or parts.fragment):
+    if parts.query or parts.fragment:
         return "must have no query or fragment (links are made by appending paths to it)"
     return None
 
 
-def check_http_url(url: str | None, option: str, *, base: bool = True) -> str | None:
-    """``url`` unchanged if ``None`` or an absolute http(s) URL (:func:`http_url_problem`); else a usage error
-    naming ``option`` (exit status 2)."""
-    if url is not None and (problem := http_url_problem(url, base=base)) is not None:
+def check_http_url(url: str | None, option: str) -> None:
+    """A usage error naming ``option`` (exit status 2) unless ``url`` is ``None`` or passes :func:`http_url_problem`."""
+    if url is not None and (problem := http_url_problem(url)) is not None:
         raise typer.BadParameter(f"{url!r} {problem}", param_hint=option)
-    return url
 
 
-def check_base_url_or_path(url: str | None, option: str) -> str | None:
+def check_base_url_or_path(url: str | None, option: str) -> None:
     """Like :func:`check_http_url`, but a relative path (``runbooks/generated``: no scheme, no host) and a local
     folder's ``file:///`` URL (the demo's runbooks) pass too."""
     if url is None or (url and not any(c.isspace() for c in url) and _is_path_or_file_url(url)):
-        return url
-    return check_http_url(url, option)
+        return
+    check_http_url(url, option)
 
 
 def _is_path_or_file_url(url: str) -> bool:

@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from llmpath.backends.engine.presets import GPU_ONLY_PRESETS, preset
+from llmpath.backends.engine.tracing import otlp_traces_url
 
 #: The ``--dtype`` names (torch's dtype names).
 DTYPES = ("float32", "bfloat16", "float16")
@@ -111,9 +112,8 @@ def otlp_endpoint_problem(endpoint: str) -> str | None:
         return "give http(s)://host:port[/v1/traces] or host:port, without spaces"
     if "://" in endpoint and not endpoint.startswith(("http://", "https://")):
         return "the engine exports OTLP over HTTP: use http:// or https:// (or host:port)"
-    url = endpoint if "://" in endpoint else f"http://{endpoint}"
     try:
-        parts = urlsplit(url)
+        parts = urlsplit(otlp_traces_url(endpoint))  # the URL the exporter will use
         parts.port  # noqa: B018  # raises on a port that is not a number
     except ValueError as exc:
         return f"not a valid URL ({exc})"

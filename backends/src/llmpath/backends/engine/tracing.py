@@ -32,6 +32,13 @@ def extract_context(headers: Mapping[str, str]) -> Context | None:
     return ctx if trace.get_current_span(ctx).get_span_context().is_valid else None
 
 
+def otlp_traces_url(endpoint: str) -> str:
+    """The OTLP/HTTP traces URL of ``--otlp-traces-endpoint``: SGLang's ``host:port`` gets ``http://``, and a URL
+    without the ``/v1/traces`` path gets it."""
+    url = endpoint if endpoint.startswith(("http://", "https://")) else f"http://{endpoint}"
+    return url if url.rstrip("/").endswith("/v1/traces") else url.rstrip("/") + "/v1/traces"
+
+
 def setup_tracer(service_name: str, endpoint: str | None) -> Tracer | None:
     """A tracer exporting OTLP/HTTP spans when an endpoint is configured, else ``None`` (tracing off).
 
@@ -45,11 +52,7 @@ def setup_tracer(service_name: str, endpoint: str | None) -> Tracer | None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    if endpoint and not endpoint.startswith(("http://", "https://")):
-        endpoint = f"http://{endpoint}"
-    if endpoint and not endpoint.rstrip("/").endswith("/v1/traces"):
-        endpoint = endpoint.rstrip("/") + "/v1/traces"
-    exporter = OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()
+    exporter = OTLPSpanExporter(endpoint=otlp_traces_url(endpoint)) if endpoint else OTLPSpanExporter()
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name)})
     provider = TracerProvider(resource=resource)
     provider.add_span_processor(BatchSpanProcessor(exporter))
