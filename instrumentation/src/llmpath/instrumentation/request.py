@@ -114,7 +114,7 @@ class RequestTelemetry:
     @property
     def trace_id(self) -> str | None:
         """The W3C trace id (32 hex digits), or ``None`` when no tracing is configured and no parent came in."""
-        return format(self.trace_id_int, "032x") if self.trace_id_int else None
+        return self.trace_id_int.to_bytes(16).hex() if self.trace_id_int else None
 
     @property
     def start_time(self) -> float:

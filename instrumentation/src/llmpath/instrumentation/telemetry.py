@@ -184,7 +184,7 @@ class Instrumentation:
                     request_id = value.decode("latin-1")
             elif key in fields:
                 traced = True
-        req = RequestTelemetry(self, request_id or format(getrandbits(128), "032x"), start, start_ns)
+        req = RequestTelemetry(self, request_id or getrandbits(128).to_bytes(16).hex(), start, start_ns)
         req.scope = scope
         req.method = method = scope.get("method", "GET")
         req.path = path = scope.get("path", "")
@@ -221,7 +221,7 @@ class Instrumentation:
                     span.set_attributes(_connection_attributes(scope, headers, req.method))
             token = context.attach(trace.set_span_in_context(span, parent))
         req.span = span
-        req.trace_id_int = span_context.trace_id
+        req.trace_id_int = span_context.trace_id if span_context.is_valid else 0  # 128 bits when valid
         if span.is_recording():  # sampled (a NonRecordingSpan otherwise)
             req.sampled = True
             req.emitter = emitter = self._span_emitter()
@@ -323,7 +323,9 @@ class Instrumentation:
         route = req.route
         model = req.model or UNKNOWN_LABEL_VALUE
         code = req.status_code
-        exemplar = ({"trace_id": format(req.trace_id_int, "032x")}, time()) if req.sampled and self.exemplars else None
+        exemplar = None
+        if req.sampled and self.exemplars:
+            exemplar = ({"trace_id": req.trace_id_int.to_bytes(16).hex()}, time())
         self.metrics.observe_request(
             self.guard, route, model, req.tenant, code, duration, ttft, tpot, stages, unattributed, usage, exemplar
         )

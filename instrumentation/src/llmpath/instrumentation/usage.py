@@ -151,10 +151,6 @@ def _line_template(shape: tuple[tuple[str, str], ...]) -> str:
     return template
 
 
-def _fixed6(value: float | None) -> str:
-    return "null" if value is None else format(value, ".6f")
-
-
 def usage_line(
     request_id: str,
     trace_id: str | None,
@@ -203,11 +199,11 @@ def usage_line(
             append(s - origin)
             append(e - s)
     values += (
-        _fixed6(ttft_s),
+        "null" if ttft_s is None else format(ttft_s, ".6f"),
         duration_s,
         status_code,
-        _fixed6(unattributed_s),
-        _fixed6(tpot_s),
+        "null" if unattributed_s is None else format(unattributed_s, ".6f"),
+        "null" if tpot_s is None else format(tpot_s, ".6f"),
         "null" if error is None else enc(error),
         extra_json(extra),
     )
