@@ -7,9 +7,9 @@ PARTS := instrumentation backends gateway slo dashboards runbooks
 STAMP := $(VENV)/.llmpath-installed
 # Test files run on this many pytest-xdist workers, each file whole on one worker (its module fixtures start once).
 # Most of the suite waits on real processes (engines, Prometheus, promtool), so two workers nearly halve it on 2
-# cores; `make test PYTEST_WORKERS=0` runs it in one process. mypy and the other Pythons' instrumentation suites run
-# beside it at the lowest priority; tests marked `solo` (alerts on the real latency of live engines, which the other
-# worker's load would raise) run afterwards, alone (scripts/test.sh).
+# cores; `make test PYTEST_WORKERS=0` runs it in one process. Tests marked `solo` (alerts on the real latency of live
+# engines, which the other worker's load would raise) run afterwards without the workers, with mypy and the other
+# Pythons' instrumentation suites beside them at the lowest priority (scripts/test.sh).
 PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test lint regen clean
