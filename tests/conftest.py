@@ -1,21 +1,18 @@
-"""Shared fixtures: free loopback ports, real child processes that are always stopped by PID, and a loopback
-endpoint recording what is posted to it."""
+"""Shared fixtures: free loopback ports, system binaries, the ``llmpath`` CLI, real child processes that are always
+stopped by PID, and the default spec's compiled SLOs and dashboards."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from llmpath.demo.supervisor import Supervisor, free_port
-from tests.loopback import Answer, Loopback
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 
@@ -90,36 +87,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
-
-
-@dataclass(frozen=True)
-class Post:
-    """One JSON body posted to a :class:`PostRecorder`."""
-
-    path: str
-    authorization: str | None
-    body: Any
-    #: ``time.monotonic()`` when it arrived.
-    received: float
-
-
-class PostRecorder:
-    """An HTTP endpoint on loopback keeping each JSON body posted to it, with its path and ``Authorization`` header:
-    the stand-in for webhook receivers (Alertmanager's), Grafana's API, PagerDuty and Slack."""
-
-    def __init__(self) -> None:
-        self._endpoint = Loopback(lambda _: Answer(200, b"ok"), methods=("POST",))
-
-    def url(self, path: str) -> str:
-        """The address of ``path`` on this endpoint."""
-        return f"{self._endpoint.url}/{path}"
-
-    def posts(self) -> list[Post]:
-        """What was posted so far, in order."""
-        return [
-            Post(r.path, r.headers.get("authorization"), json.loads(r.body), r.received)
-            for r in self._endpoint.requests()
-        ]
-
-    def close(self) -> None:
-        self._endpoint.close()

@@ -3,11 +3,14 @@ receiver or an OTLP collector. A test gives a function from each :class:`Request
 records the requests, and closing it waits for the requests being answered and closes its socket. :func:`black_hole`
 is the opposite: an address no connection can be made to in time.
 
-``tests/gateway/hostile.py`` and the backends' ``LoopbackServer`` are raw asyncio servers instead: they control the
+:class:`PostRecorder` is such a server keeping the JSON bodies posted to it (webhook receivers, Grafana's API).
+
+``tests/gateway/hostile.py`` and ``tests/backends/canned_server.py`` are raw asyncio servers instead: they control the
 bytes on the wire (broken framing, hangs, keep-alive), which this one leaves to :mod:`http.server`."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 import threading
@@ -151,3 +154,36 @@ def black_hole() -> Iterator[str]:
         finally:
             for conn in filling:
                 conn.close()
+
+
+@dataclass(frozen=True)
+class Post:
+    """One JSON body posted to a :class:`PostRecorder`."""
+
+    path: str
+    authorization: str | None
+    body: Any
+    #: ``time.monotonic()`` when it arrived.
+    received: float
+
+
+class PostRecorder:
+    """An HTTP endpoint on loopback keeping each JSON body posted to it, with its path and ``Authorization`` header:
+    the stand-in for webhook receivers (Alertmanager's), Grafana's API, PagerDuty and Slack."""
+
+    def __init__(self) -> None:
+        self._endpoint = Loopback(lambda _: Answer(200, b"ok"), methods=("POST",))
+
+    def url(self, path: str) -> str:
+        """The address of ``path`` on this endpoint."""
+        return f"{self._endpoint.url}/{path}"
+
+    def posts(self) -> list[Post]:
+        """What was posted so far, in order."""
+        return [
+            Post(r.path, r.headers.get("authorization"), json.loads(r.body), r.received)
+            for r in self._endpoint.requests()
+        ]
+
+    def close(self) -> None:
+        self._endpoint.close()

@@ -22,7 +22,7 @@ import yaml
 from llmpath.demo.prometheus import find_alertmanager, find_prometheus, start_alertmanager, start_prometheus
 from llmpath.demo.supervisor import Supervisor, free_port
 from llmpath.slo.promtool_tests import render_template
-from tests.conftest import PostRecorder
+from tests.loopback import PostRecorder
 
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "deploy.md"

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from llmpath.demo.supervisor import Supervisor
-from tests.backends.conftest import LoopbackServer
+from tests.backends.canned_server import LoopbackServer
 from tests.gateway.stack import GatewayProc, OtlpCollector, Stack
 
 REPLY = (Path(__file__).parent / "backends" / "fixtures" / "generate_stream_metrics.sse").read_bytes()

@@ -28,7 +28,7 @@ from llmpath.backends import (
     SGLangBackend,
 )
 from llmpath.backends.engine.metrics import DEFAULT_BUCKETS, parse_buckets
-from tests.backends.conftest import wait_loads
+from tests.backends.engine_loads import wait_loads
 from tests.backends.test_engine_http import metric
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.backends.conftest import wait_loads
+from tests.backends.engine_loads import wait_loads
 
 pytestmark = pytest.mark.slow
 

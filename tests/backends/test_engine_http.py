@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.backends.conftest import wait_loads
+from tests.backends.engine_loads import wait_loads
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from llmpath.backends import (
     TimingSource,
     TokenDelta,
 )
-from tests.backends.conftest import wait_loads
+from tests.backends.engine_loads import wait_loads
 from tests.loopback import Answer, Loopback
 
 pytestmark = pytest.mark.slow

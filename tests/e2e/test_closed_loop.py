@@ -32,7 +32,7 @@ from llmpath.demo.stack import Stack, StackConfig, start_stack
 from llmpath.demo.workload import WorkloadSpec, run_workload
 from llmpath.instrumentation.usage import read_jsonl
 from llmpath.live.promapi import PrometheusClient
-from tests.conftest import PostRecorder
+from tests.loopback import PostRecorder
 
 LLMPATH = str(Path(sys.executable).parent / "llmpath")
 
