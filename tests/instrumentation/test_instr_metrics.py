@@ -203,6 +203,23 @@ async def test_cardinality_cap_overflows_to_other_and_counts(make_harness):
     assert h.records[-1].route == "e"  # the ledger keeps the real values
 
 
+async def test_a_scrape_of_the_overflow_counter_alone_counts_the_requests_not_folded_yet(make_harness):
+    # Finished requests' observations are folded in batches; the fold counts a stage group's overflowed route.
+    h = make_harness(max_label_values={"route": 1})
+    async with h.client() as c:
+        for name in ("a", "b", "c"):
+            await c.get(f"/labelled/{name}")
+        only = (await c.get("/metrics?name[]=llmpath_label_overflow_total")).text
+    samples = {
+        (s.labels["metric"], s.labels["label"]): s.value
+        for family in text_string_to_metric_families(only)
+        for s in family.samples
+        if s.name == "llmpath_label_overflow_total"
+    }
+    assert samples[("llmpath_stage_group_duration_seconds", "route")] == 2
+    assert samples[("llmpath_requests_total", "route")] == 2
+
+
 async def test_unmatched_paths_share_one_route_label(harness):
     async with harness.client() as c:
         for i in range(5):

@@ -134,9 +134,9 @@ class PrometheusMetrics:
         self.ttft = self._histogram(TIME_TO_FIRST_TOKEN, self.latency_buckets)
         self.tpot = self._histogram(TIME_PER_OUTPUT_TOKEN, self.tpot_buckets)
         self.tokens = self._counter(TOKENS_TOTAL)
-        self.overflow = Counter(
-            LABEL_OVERFLOW_TOTAL, _help(LABEL_OVERFLOW_TOTAL), _labels(LABEL_OVERFLOW_TOTAL), registry=reg
-        )
+        #: Compact too (single-process mode): collecting it folds the deferred requests first, whose fold counts the
+        #: overflow of stage names and of stage groups' routes, so a scrape of this family alone is current.
+        self.overflow = self._counter(LABEL_OVERFLOW_TOTAL)
         self.usage_failures = Counter(
             USAGE_RECORD_FAILURES_TOTAL,
             _help(USAGE_RECORD_FAILURES_TOTAL),
@@ -319,7 +319,7 @@ class PrometheusMetrics:
                     totals[i] = seconds if total is None else total + seconds
         if totals is not None:
             if route is OVERFLOW_LABEL_VALUE:
-                self.overflow.labels(STAGE_GROUP_DURATION, "route").inc()
+                self.bind(self.overflow, STAGE_GROUP_DURATION, "route").add(1)  # in the fold: the lock is held
             children = self._group.get(route)
             if children is None:
                 children = self._group[route] = tuple(
@@ -336,7 +336,7 @@ class PrometheusMetrics:
         groups = tuple(i for i, g in enumerate(self.groups) if name in g.stages)
         bound = (self.bind(self.stage_duration, g_name, route), groups)
         if g_name is OVERFLOW_LABEL_VALUE:
-            self.overflow.labels(STAGE_DURATION, "stage").inc()  # not cached: counted on every observation
+            self.bind(self.overflow, STAGE_DURATION, "stage").add(1)  # not cached: counted on every observation
         else:
             by_stage[name] = bound
         return bound
