@@ -182,6 +182,26 @@ async def test_first_non_empty_body_chunk_is_the_first_token(harness):
     assert rec.tpot_s == pytest.approx((rec.duration_s - rec.ttft_s) / 3, rel=1e-6)
 
 
+async def test_a_head_response_has_no_first_token(make_harness):
+    # An app answering HEAD with the GET body (as Starlette's routes do), which the server does not send: no token
+    # reached anyone.
+    app = FastAPI()
+
+    @app.api_route("/page", methods=["GET", "HEAD"])
+    async def page() -> dict[str, bool]:
+        return {"ok": True}
+
+    h = make_harness(app=app)
+    async with h.client() as c:
+        head = await c.head("/page")
+        get = await c.get("/page")
+    assert head.status_code == get.status_code == 200
+    head_rec, get_rec = h.records
+    assert head_rec.ttft_s is None and head_rec.unattributed_s is None
+    assert get_rec.ttft_s is not None
+    assert h.value("llmpath_time_to_first_token_seconds_count", route="/page", model="unknown") == 1
+
+
 async def test_cardinality_cap_overflows_to_other_and_counts(make_harness):
     h = make_harness(max_label_values={"route": 3, "model": 2, "tenant": 2})
     async with h.client() as c:

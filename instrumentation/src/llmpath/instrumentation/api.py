@@ -290,7 +290,7 @@ def record_stage(
 def mark_first_token(at: float | None = None) -> None:
     """The first token was sent (``at``: a ``time.perf_counter()`` value, default now). Only the first call
     counts; without any call the first non-empty body chunk of a 2xx response is the first token (an error
-    response has none: no TTFT, TPOT or ``unattributed`` observation)."""
+    response, or one to ``HEAD``, has none: no TTFT, TPOT or ``unattributed`` observation)."""
     req = CURRENT.get()
     if req is not None and req.first_token is None:
         first = perf_counter() if at is None else float(at)

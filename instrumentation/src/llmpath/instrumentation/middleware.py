@@ -76,8 +76,10 @@ class LLMPathMiddleware:
             kind = message["type"]
             if kind == "http.response.body":
                 # An error body (401, 429, ...) is not a token: only a 2xx body counts as the first token
-                # (mark_first_token() counts whatever the status).
-                if req.first_token is None and message.get("body") and 200 <= req.status_code < 300:
+                # (mark_first_token() counts whatever the status); nor is the body of a HEAD response, which the
+                # server does not send.
+                first = req.first_token is None and message.get("body") and 200 <= req.status_code < 300
+                if first and req.method != "HEAD":
                     req.first_token = perf_counter()
                 if not message.get("more_body", False):
                     if disconnected:  # a framework that saw the client leave may still end the response normally
