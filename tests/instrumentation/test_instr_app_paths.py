@@ -99,6 +99,42 @@ async def test_stages_after_the_response_are_not_recorded(make_harness: Any, fas
     assert h.value("llmpath_requests_total", route="/bg", model="unknown", code="200") == 2
 
 
+async def test_a_stage_ending_after_its_request_still_ends_its_span(make_harness: Any, fast_spans: bool) -> None:
+    """A task the request started runs a stage that ends after the response was sent and the request's spans were
+    ended: the stage span is ended (exported) then, under the request's SERVER span; the stage is in no metric or
+    record (they were written with the response)."""
+    app = FastAPI()
+    h = make_harness(app=app, fast_spans=fast_spans)
+    started, release = asyncio.Event(), asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+
+    async def slow() -> None:
+        with stage("decode"):
+            started.set()
+            await release.wait()
+
+    @app.get("/spawn")
+    async def spawn() -> dict[str, int]:
+        tasks.append(asyncio.create_task(slow()))
+        await started.wait()
+        return {"ok": 1}
+
+    async with h.client() as c:
+        assert (await c.get("/spawn")).status_code == 200
+        assert [s.name for s in h.spans()] == ["GET /spawn"]  # the stage still runs
+        release.set()
+        await asyncio.gather(*tasks)
+    spans = {s.name: s for s in h.spans()}
+    assert set(spans) == {"GET /spawn", "llmpath.decode"}
+    server, decode = spans["GET /spawn"], spans["llmpath.decode"]
+    assert decode.parent is not None and decode.parent.span_id == server.context.span_id
+    assert decode.context.trace_id == server.context.trace_id
+    assert decode.end_time is not None and server.end_time is not None and decode.end_time > server.end_time
+    assert decode.attributes is not None and decode.attributes["llmpath.route.name"] == "/spawn"
+    assert [s.name for s in h.records[0].stages] == []
+    assert h.value("llmpath_stage_duration_seconds_count", stage="decode", route="/spawn") == 0
+
+
 async def test_sync_endpoint_and_sync_streamed_body(
     make_harness: Any, fast_spans: bool, caplog: pytest.LogCaptureFixture
 ) -> None:

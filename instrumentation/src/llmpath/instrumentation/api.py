@@ -153,14 +153,17 @@ class StageScope:
             stage = (self.name, ctx, self._parent, self.attributes, self._t0, t1, error)
             req.pending_stages.append(stage)  # type: ignore[union-attr]
             self._ctx = None
-            return
-        span = self._span
-        if span is not None:
+        else:
+            span = self._span
+            if span is None:
+                return
             if error is not None:
                 span.set_attribute("error.type", error)
                 span.set_status(Status(StatusCode.ERROR, error))
             req.pending_spans.append((span, t1))  # type: ignore[union-attr]  # ended with the request
             self._span = None
+        if req.spans_ended:  # a stage of a task that outlived its request: its span ends now
+            req.instrumentation.end_stage_spans(req)
 
     async def __aenter__(self) -> StageScope:
         return self.__enter__()

@@ -57,6 +57,7 @@ class RequestTelemetry:
         "sampled",
         "scope",
         "span",
+        "spans_ended",
         "stage_error",
         "stages",
         "start",
@@ -102,6 +103,8 @@ class RequestTelemetry:
         #: The status actually sent (``status_code`` becomes 499 when the client leaves mid-stream).
         self.response_status: int | None = None
         self.finished = False
+        #: The request's spans were ended (sampled): a stage span ending later is ended at once.
+        self.spans_ended = False
         self.error: str | None = None
         #: The class name and ``status_code`` (if any) of the latest exception that escaped a stage.
         self.stage_error: tuple[str, Any] | None = None

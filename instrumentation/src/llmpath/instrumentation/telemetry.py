@@ -389,11 +389,19 @@ class Instrumentation:
                 detach(token)
 
     def _end_spans(self, req: RequestTelemetry) -> None:
+        self.end_stage_spans(req)
+        req.spans_ended = True
+        if req.owns_span and req.span is not None:
+            req.span.end()  # now: the server span covers sending the last message
+
+    def end_stage_spans(self, req: RequestTelemetry) -> None:
+        """End (or, on the SDK fast path, emit) the finished stage spans a sampled request holds, and forget them:
+        at the request's end, and at once for a stage that ends after it (a task that outlived the request)."""
         route = req.route
-        emitter = req.emitter
-        if emitter is not None:
+        pending_stages, emitter = req.pending_stages, req.emitter
+        if pending_stages and emitter is not None:  # the SDK fast path's
             epoch_ns = req.epoch_ns
-            for name, ctx, parent, attributes, t0, t1, error in req.pending_stages or ():
+            for name, ctx, parent, attributes, t0, t1, error in pending_stages:
                 span_name, common = self._stage_span_shape(name)
                 attrs = {**common, ATTR_ROUTE: route}
                 if attributes:
@@ -401,11 +409,13 @@ class Instrumentation:
                 if error is not None:
                     attrs["error.type"] = error
                 emitter.emit(span_name, ctx, parent, attrs, epoch_ns(t0), epoch_ns(t1), error)
-        for span, t1 in req.pending_spans or ():
-            span.set_attribute(ATTR_ROUTE, route)
-            span.end(end_time=req.epoch_ns(t1))
-        if req.owns_span and req.span is not None:
-            req.span.end()  # now: the server span covers sending the last message
+            pending_stages.clear()
+        pending_spans = req.pending_spans
+        if pending_spans:
+            for span, t1 in pending_spans:
+                span.set_attribute(ATTR_ROUTE, route)
+                span.end(end_time=req.epoch_ns(t1))
+            pending_spans.clear()
 
     def _stage_span_shape(self, name: str) -> tuple[str, dict[str, Any]]:
         """A stage span's name and the attributes every span of that stage has (cached per stage name; the timing
