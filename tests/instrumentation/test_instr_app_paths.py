@@ -13,6 +13,7 @@ import httpx
 import pytest
 from fastapi import BackgroundTasks, Depends, FastAPI
 from fastapi.responses import StreamingResponse
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.trace import StatusCode
 
 import llmpath.instrumentation.api as api_module
@@ -99,14 +100,21 @@ async def test_stages_after_the_response_are_not_recorded(make_harness: Any, fas
     assert h.value("llmpath_requests_total", route="/bg", model="unknown", code="200") == 2
 
 
-async def test_a_stage_ending_after_its_request_still_ends_its_span(make_harness: Any, fast_spans: bool) -> None:
-    """A task the request started runs a stage that ends after the response was sent and the request's spans were
-    ended: the stage span is ended (exported) then, under the request's SERVER span; the stage is in no metric or
-    record (they were written with the response)."""
+class _FailingOnEnd(SpanProcessor):
+    """A span processor whose ``on_end`` raises for the spans of one stage."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.name == self.name:
+            raise RuntimeError("exporter bug")
+
+
+def _late_stage_app(tasks: list[asyncio.Task[None]], release: asyncio.Event) -> FastAPI:
+    """``GET /spawn`` starts a task whose ``decode`` stage lasts until ``release`` is set, and answers meanwhile."""
     app = FastAPI()
-    h = make_harness(app=app, fast_spans=fast_spans)
-    started, release = asyncio.Event(), asyncio.Event()
-    tasks: list[asyncio.Task[None]] = []
+    started = asyncio.Event()
 
     async def slow() -> None:
         with stage("decode"):
@@ -118,6 +126,17 @@ async def test_a_stage_ending_after_its_request_still_ends_its_span(make_harness
         tasks.append(asyncio.create_task(slow()))
         await started.wait()
         return {"ok": 1}
+
+    return app
+
+
+async def test_a_stage_ending_after_its_request_still_ends_its_span(make_harness: Any, fast_spans: bool) -> None:
+    """A task the request started runs a stage that ends after the response was sent and the request's spans were
+    ended: the stage span is ended (exported) then, under the request's SERVER span; the stage is in no metric or
+    record (they were written with the response)."""
+    release = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    h = make_harness(app=_late_stage_app(tasks, release), fast_spans=fast_spans)
 
     async with h.client() as c:
         assert (await c.get("/spawn")).status_code == 200
@@ -133,6 +152,23 @@ async def test_a_stage_ending_after_its_request_still_ends_its_span(make_harness
     assert decode.attributes is not None and decode.attributes["llmpath.route.name"] == "/spawn"
     assert [s.name for s in h.records[0].stages] == []
     assert h.value("llmpath_stage_duration_seconds_count", stage="decode", route="/spawn") == 0
+
+
+async def test_a_late_stage_span_that_fails_to_end_does_not_break_the_task(
+    make_harness: Any, fast_spans: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ending a late stage's span raises (a span processor's bug): the task's ``with stage(...)`` exits normally and
+    the failure is logged, as at the request's end."""
+    release = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    h = make_harness(app=_late_stage_app(tasks, release), fast_spans=fast_spans)
+    h.provider.add_span_processor(_FailingOnEnd("llmpath.decode"))
+    with caplog.at_level(logging.ERROR, logger="llmpath.instrumentation"):
+        async with h.client() as c:
+            assert (await c.get("/spawn")).status_code == 200
+            release.set()
+            await asyncio.gather(*tasks)  # raises if the task failed
+    assert any("ending a stage span of request" in r.getMessage() for r in caplog.records)
 
 
 async def test_sync_endpoint_and_sync_streamed_body(

@@ -163,7 +163,10 @@ class StageScope:
             req.pending_spans.append((span, t1))  # type: ignore[union-attr]  # ended with the request
             self._span = None
         if req.spans_ended:  # a stage of a task that outlived its request: its span ends now
-            req.instrumentation.end_stage_spans(req)
+            try:
+                req.instrumentation.end_stage_spans(req)
+            except Exception:  # as at the request's end: the app's code goes on
+                logger.exception("llmpath: ending a stage span of request %s failed", req.request_id)
 
     async def __aenter__(self) -> StageScope:
         return self.__enter__()
