@@ -56,6 +56,33 @@ async def test_a_stream_that_raises_after_its_200_counts_as_a_500(make_harness: 
     assert span.status.status_code is StatusCode.ERROR
 
 
+async def test_a_background_task_that_raises_leaves_an_event_on_the_server_span(make_harness: Any) -> None:
+    """A background task raises after the complete 200: the SERVER span gets an ``exception`` event with the class
+    only (the message may quote a prompt); its status, the metrics and the record keep the 200 that was sent."""
+    app = FastAPI()
+    h = make_harness(app=app)
+
+    def fail() -> None:
+        raise RuntimeError("prompt text that must never be recorded")
+
+    @app.get("/bg-fail")
+    async def bg_fail(tasks: BackgroundTasks) -> dict[str, int]:
+        tasks.add_task(fail)
+        return {"ok": 1}
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+        assert (await c.get("/bg-fail")).status_code == 200
+    span = h.span("GET /bg-fail")
+    assert [(e.name, dict(e.attributes or {})) for e in span.events] == [
+        ("exception", {"exception.type": "RuntimeError"})
+    ]
+    assert span.status.status_code is not StatusCode.ERROR and "error.type" not in (span.attributes or {})
+    [rec] = h.records
+    assert (rec.status_code, rec.error) == (200, None)
+    assert h.value("llmpath_requests_total", route="/bg-fail", model="unknown", code="200") == 1
+
+
 async def test_stages_after_the_response_are_not_recorded(make_harness: Any, fast_spans: bool) -> None:
     """A FastAPI background task (run after the response, inside the same ASGI call) and a task that outlives the
     request call ``stage``/``record_stage``/``record_usage``/``mark_first_token``: nothing raises, the record

@@ -123,6 +123,8 @@ class LLMPathMiddleware:
             if not req.finished:
                 _classify_failure(req, exc, bool(disconnected))
                 instr.finish(req)
+            elif isinstance(exc, Exception):  # work after the complete response failed (a background task)
+                instr.note_failure_after_response(req, exc)
             raise
         else:
             if not req.finished:

@@ -377,6 +377,17 @@ class Instrumentation:
         timeline = [new(StageTiming, (name, s - start, e - s, source)) for name, s, e, source in stages]
         self.usage.emit(UsageRecord(*head, timeline, *tail, req.extra or {}))
 
+    def note_failure_after_response(self, req: RequestTelemetry, exc: Exception) -> None:
+        """An exception escaped the app after the response was complete (a background task): the SERVER span gets
+        an ``exception`` event with its class (no message: it may quote a prompt); its status, the metrics and the
+        record keep the response that was sent. An outer instrumentation that made the span records it itself."""
+        span = req.span
+        if req.owns_span and span is not None and span.is_recording():
+            try:
+                span.add_event("exception", {"exception.type": type(exc).__qualname__})
+            except Exception:
+                logger.exception("llmpath: recording a failure after request %s failed", req.request_id)
+
     def close(self, req: RequestTelemetry, token: object | None) -> None:
         """End the request's spans (after the response is sent) and restore the context."""
         try:
