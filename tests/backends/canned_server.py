@@ -8,6 +8,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.raw_http import RawRequest, read_request
+
 
 @dataclass
 class Reply:
@@ -25,14 +27,6 @@ class Reply:
     cut: bool = False
 
 
-@dataclass
-class SeenRequest:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-
 class LoopbackServer:
     """A real HTTP/1.1 server on loopback with keep-alive that replays canned answers, counting the TCP
     connections it accepts (to show that clients reuse them) and recording the requests."""
@@ -40,7 +34,7 @@ class LoopbackServer:
     def __init__(self) -> None:
         self.replies: dict[str, Reply] = {}
         self.connections = 0
-        self.requests: list[SeenRequest] = []
+        self.requests: list[RawRequest] = []
         self.url = ""
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -65,12 +59,9 @@ class LoopbackServer:
         self._writers.add(writer)
         try:
             while True:
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                method, target, _ = head[0].split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in head[1:] if h)}
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                self.requests.append(SeenRequest(method, target, headers, body))
-                reply = self.replies.get(target, Reply(b"not found", status=404, chunked=False))
+                request = await read_request(reader)
+                self.requests.append(request)
+                reply = self.replies.get(request.path, Reply(b"not found", status=404, chunked=False))
                 if reply.close:
                     return
                 if reply.hang:

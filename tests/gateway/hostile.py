@@ -20,18 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from llmpath.gateway.app import BackendFactory, HotPath, create_app, default_backend_factory
 from llmpath.gateway.config import load_config
-
-
-@dataclass
-class RawRequest:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
+from tests.raw_http import RawRequest, read_request
 
 Answer = Callable[[asyncio.StreamWriter, RawRequest], Awaitable[None]]
 
@@ -68,16 +57,13 @@ class RawBackend:
         self.open_connections += 1
         try:
             while True:
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                method, path, _ = head[0].split(" ", 2)
-                headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in head[1:] if h)}
-                body = await reader.readexactly(int(headers.get("content-length", "0")))
-                if method == "GET":
+                request = await read_request(reader)
+                if request.method == "GET":
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
                     await writer.drain()
                     continue
                 self.posts += 1
-                await self.answer(writer, RawRequest(method, path, headers, body))
+                await self.answer(writer, request)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
