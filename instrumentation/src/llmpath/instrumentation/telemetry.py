@@ -323,9 +323,8 @@ class Instrumentation:
         route = req.route
         model = req.model or UNKNOWN_LABEL_VALUE
         code = req.status_code
-        exemplar = None
-        if req.sampled and self.exemplars:
-            exemplar = ({"trace_id": req.trace_id_int.to_bytes(16).hex()}, time())
+        trace_id = req.trace_id if req.sampled and self.exemplars else None
+        exemplar = None if trace_id is None else ({"trace_id": trace_id}, time())
         self.metrics.observe_request(
             self.guard, route, model, req.tenant, code, duration, ttft, tpot, stages, unattributed, usage, exemplar
         )
